@@ -1,0 +1,108 @@
+"""Builds the aiohttp application: the route table, shared state and its setup/teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from config.models import Settings
+from gateway import mock_provider
+from gateway.attribution import Sequencer
+from gateway.cost import load_cost_map
+from gateway.middleware import error_middleware
+from gateway.recorder import Recorder
+from gateway.router import Router
+from gateway.routes_openai import add_routes as add_openai_routes
+from gateway.routes_ops import add_routes as add_ops_routes
+from gateway.state import GATEWAY, Gateway
+from gateway.upstream import OpenAICompatible, Provider
+from store.queries import rollout_cursor
+from store.reader import Reader
+from store.writer import StoreWriter
+
+log = logging.getLogger("spangate")
+
+BUILTIN_PROVIDERS = frozenset({"openai", "mock"})
+WRITER_CLOSE_TIMEOUT = 60.0
+
+
+def check_providers(settings: Settings) -> None:
+    for group in settings.models:
+        for deployment in group.deployments:
+            if deployment.provider not in BUILTIN_PROVIDERS:
+                raise ValueError(
+                    f"model group {group.name!r}: provider {deployment.provider!r} is not "
+                    f"supported yet (use one of {sorted(BUILTIN_PROVIDERS)})"
+                )
+
+
+def create_app(settings: Settings, db_path: str | Path) -> web.Application:
+    """The whole gateway as an aiohttp app; nothing starts until the app does."""
+    check_providers(settings)
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
+    )
+    writer = StoreWriter(
+        db_path,
+        queue_size=settings.recorder.queue_size,
+        batch_size=settings.recorder.batch_size,
+        flush_interval=settings.recorder.flush_interval,
+    )
+    reader = Reader(db_path)
+
+    async def lookup(rollout_id: str) -> tuple[int, str | None]:
+        return await reader.run(rollout_cursor, rollout_id)
+
+    gw = Gateway(
+        settings=settings,
+        router=Router(settings),
+        recorder=Recorder(),
+        writer=writer,
+        reader=reader,
+        sequencer=Sequencer(lookup),
+    )
+    app[GATEWAY] = gw
+    # Teardown runs in reverse: the upstream session closes first, the writer drains last.
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_recording)
+    app.cleanup_ctx.append(_upstreams)
+    add_openai_routes(app)
+    add_ops_routes(app)
+    return app
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    loop = asyncio.get_running_loop()
+    # Opening runs migrations and replays the journal: file I/O, so off the loop.
+    await loop.run_in_executor(None, gw.writer.start)
+    cost_map = await loop.run_in_executor(None, load_cost_map)
+    gw.price_all(cost_map)
+    yield
+    await loop.run_in_executor(None, gw.writer.close, WRITER_CLOSE_TIMEOUT)
+    await loop.run_in_executor(None, gw.reader.close)
+
+
+async def _recording(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    unsubscribe = gw.recorder.subscribe(gw.writer.put)
+    yield
+    unsubscribe()
+
+
+async def _upstreams(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+    providers: dict[str, Provider] = {
+        "openai": OpenAICompatible(session),
+        "mock": mock_provider.send,
+    }
+    gw.providers.update(providers)
+    yield
+    await session.close()

@@ -1,0 +1,158 @@
+"""Who a call belongs to: rollout, attempt, agent, tags, metadata and the caller's trace.
+
+Also hands out per-rollout sequence numbers, so the order of calls never depends on clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.errors import InvalidRequest
+
+MAX_ID_LENGTH = 256
+MAX_TAGS = 64
+MAX_META_HEADERS = 64
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@+=~-]+$")
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+META_PREFIX = "x-meta-"
+
+
+@dataclass(slots=True)
+class Attribution:
+    rollout_id: str | None = None
+    attempt_id: str | None = None
+    agent_id: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    trace_id: str | None = None
+    parent_span_id: str | None = None
+
+
+def _check_id(value: str, what: str) -> str:
+    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.match(value):
+        raise InvalidRequest(
+            f"{what} must be 1-{MAX_ID_LENGTH} characters of letters, digits and ._:@+=~-",
+            param=what,
+            code="invalid_id",
+        )
+    return value
+
+
+def parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
+    """The W3C trace id and parent span id, or (None, None) for a missing or invalid header."""
+    if not value:
+        return None, None
+    match = _TRACEPARENT.match(value.strip().lower())
+    if not match or match.group(1) == "ff":
+        return None, None
+    trace_id, parent = match.group(2), match.group(3)
+    if trace_id == "0" * 32 or parent == "0" * 16:
+        return None, None
+    return trace_id, parent
+
+
+def read_attribution(match_info: Mapping[str, str], headers: Mapping[str, str]) -> Attribution:
+    """Path prefixes win over headers; both are checked the same way."""
+    rollout = match_info.get("rollout_id") or headers.get("x-rollout-id") or None
+    attempt = match_info.get("attempt_id") or headers.get("x-attempt-id") or None
+    if rollout is not None:
+        _check_id(rollout, "rollout_id")
+    if attempt is not None:
+        if rollout is None:
+            raise InvalidRequest(
+                "an attempt id needs a rollout id (X-Rollout-Id or /rollout/{id}/...)",
+                param="attempt_id",
+                code="rollout_required",
+            )
+        _check_id(attempt, "attempt_id")
+    agent = headers.get("x-agent-id") or None
+    if agent is not None:
+        _check_id(agent, "agent_id")
+    tags = [t.strip() for t in headers.get("x-tags", "").split(",") if t.strip()][:MAX_TAGS]
+    metadata: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.lower().startswith(META_PREFIX) and len(metadata) < MAX_META_HEADERS:
+            metadata[name[len(META_PREFIX) :].lower()] = value
+    trace_id, parent = parse_traceparent(headers.get("traceparent"))
+    return Attribution(rollout, attempt, agent, tags, metadata, trace_id, parent)
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+DEFAULT_ATTEMPT_ID = "1"
+
+
+@dataclass(slots=True)
+class _RolloutCursor:
+    seq: int
+    attempt_id: str | None
+
+
+CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
+
+
+class Sequencer:
+    """Next sequence number and current attempt per rollout, kept in memory.
+
+    The first time this process sees a rollout it asks the store where the rollout
+    left off (off the loop), so numbers keep rising across restarts.
+    """
+
+    def __init__(self, lookup: CursorLookup, *, capacity: int = 100_000) -> None:
+        self._lookup = lookup
+        self._capacity = capacity
+        self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[_RolloutCursor]] = {}
+
+    async def _cursor(self, rollout_id: str) -> _RolloutCursor:
+        cursor = self._cursors.get(rollout_id)
+        if cursor is not None:
+            self._cursors.move_to_end(rollout_id)
+            return cursor
+        pending = self._loading.get(rollout_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_RolloutCursor] = asyncio.get_running_loop().create_future()
+        self._loading[rollout_id] = future
+        try:
+            seq, attempt = await self._lookup(rollout_id)
+            cursor = _RolloutCursor(seq, attempt)
+            self._cursors[rollout_id] = cursor
+            if len(self._cursors) > self._capacity:
+                self._cursors.popitem(last=False)
+            future.set_result(cursor)
+        except BaseException as exc:
+            future.set_exception(exc)
+            # Mark it retrieved: a lookup failure is re-raised to this caller, not lost.
+            future.exception()
+            raise
+        finally:
+            del self._loading[rollout_id]
+        return cursor
+
+    async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
+        """The call's sequence number and attempt (the latest one when none is named)."""
+        cursor = await self._cursor(rollout_id)
+        cursor.seq += 1
+        if attempt_id is not None:
+            cursor.attempt_id = attempt_id
+        elif cursor.attempt_id is None:
+            cursor.attempt_id = DEFAULT_ATTEMPT_ID
+        return cursor.seq, cursor.attempt_id
+
+    def set_attempt(self, rollout_id: str, attempt_id: str) -> None:
+        """A new attempt was opened through the API: later unnamed calls join it."""
+        cursor = self._cursors.get(rollout_id)
+        if cursor is not None:
+            cursor.attempt_id = attempt_id

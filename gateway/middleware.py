@@ -1,0 +1,57 @@
+"""The one place errors become responses: every failure answers in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from gateway.errors import GatewayError, error_response, from_store_error
+from store.errors import StoreError
+
+log = logging.getLogger("spangate.http")
+
+# aiohttp's own HTTP errors (unknown route, wrong method, body too large) -> OpenAI types.
+_HTTP_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+}
+
+
+def _from_http(exc: web.HTTPException, request: web.Request) -> GatewayError:
+    kind, code = _HTTP_TYPES.get(exc.status, ("invalid_request_error", None))
+    if exc.status == 404:
+        message = f"no route for {request.method} {request.path}"
+    elif exc.status == 405:
+        message = f"{request.method} is not allowed on {request.path}"
+    elif exc.status == 413:
+        message = f"request body too large: {exc.text or ''}".strip()
+    else:
+        message = exc.text or exc.reason
+    error = GatewayError(message, code=code)
+    error.status = exc.status
+    error.type = kind
+    return error
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except StoreError as exc:
+        return error_response(from_store_error(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(_from_http(exc, request), headers=allow)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(GatewayError("internal gateway error; see the gateway log"))

@@ -1,0 +1,379 @@
+"""The OpenAI-compatible routes: parse once, forward, answer unchanged, record a span."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from config.models import Deployment, ModelGroup
+from gateway.attribution import Attribution, new_span_id, new_trace_id, read_attribution
+from gateway.cost import cost_usd
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    RolloutRequired,
+    UpstreamError,
+    UpstreamProtocolError,
+    error_response,
+)
+from gateway.spans import error_fields, reply_fields, request_attributes
+from gateway.state import GATEWAY, Gateway
+from gateway.streaming import (
+    SSESplitter,
+    loads_or_none,
+    new_assembler,
+    parse_event,
+    strip_usage_null,
+)
+from gateway.upstream import UpstreamRequest, UpstreamResponse
+
+# Path after `/v1` -> operation name (gen_ai.operation.name).
+OPERATIONS = {
+    "chat/completions": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "responses",
+}
+STREAMABLE = frozenset({"chat", "text_completion", "responses"})
+# Operations whose streams report usage only when asked through stream_options.
+USAGE_ON_REQUEST = frozenset({"chat", "text_completion"})
+PREFIXES = ("", "/rollout/{rollout_id}", "/rollout/{rollout_id}/attempt/{attempt_id}")
+_DONE = b"[DONE]"
+
+
+def parse_payload(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; expected a JSON object")
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    if "stream" in payload and not isinstance(payload["stream"], bool | None):
+        raise InvalidRequest("`stream` must be a boolean", param="stream")
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("`stream_options` must be an object", param="stream_options")
+    return payload
+
+
+def upstream_body(
+    raw: bytes, payload: dict[str, Any], model: str, operation: str, stream: bool
+) -> tuple[bytes, dict[str, Any], bool]:
+    """The body to send upstream, and whether we asked for usage the client did not."""
+    changes: dict[str, Any] = {}
+    if payload["model"] != model:
+        changes["model"] = model
+    options = payload.get("stream_options") or {}
+    inject = stream and operation in USAGE_ON_REQUEST and not options.get("include_usage")
+    if inject:
+        changes["stream_options"] = {**options, "include_usage": True}
+    if not changes:
+        return raw, payload, False
+    changed = {**payload, **changes}
+    return orjson.dumps(changed), changed, inject
+
+
+def _has_token(operation: str, obj: dict[str, Any]) -> bool:
+    if operation == "responses":
+        return str(obj.get("type", "")).endswith(".delta")
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") if operation == "chat" else choice
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("tool_calls") or delta.get("text")
+        ):
+            return True
+    return False
+
+
+@dataclass(slots=True)
+class Call:
+    """One call's span while it is being built; `publish()` hands it to the recorder once."""
+
+    gw: Gateway
+    operation: str
+    attribution: Attribution
+    raw_request: bytes
+    payload: dict[str, Any]
+    group: ModelGroup
+    t0: int
+    start_ns: int
+    span_id: str = field(default_factory=new_span_id)
+    trace_id: str = ""
+    seq: int | None = None
+    attempt_id: str | None = None
+    deployment: Deployment | None = None
+    stream: bool = False
+    sent_ns: int | None = None
+    upstream_done_ns: int | None = None
+    first_token_ns: int | None = None
+    processing_ns: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    published: bool = False
+
+    def elapsed_ms(self, until: int | None = None) -> float:
+        return ((until or time.perf_counter_ns()) - self.t0) / 1e6
+
+    def overhead_ms(self, now: int | None = None) -> float:
+        now = now or time.perf_counter_ns()
+        before = (self.sent_ns or now) - self.t0
+        after = now - self.upstream_done_ns if self.upstream_done_ns else 0
+        return (before + after + self.processing_ns) / 1e6
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "X-Span-Id": self.span_id,
+            "X-Trace-Id": self.trace_id,
+            "X-Gateway-Overhead-Ms": f"{self.overhead_ms():.3f}",
+            "X-Upstream-Retries": "0",
+        }
+        if self.attribution.rollout_id:
+            headers["X-Rollout-Id"] = self.attribution.rollout_id
+        if self.attempt_id:
+            headers["X-Attempt-Id"] = self.attempt_id
+        return headers
+
+    def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:
+        self.fields.update(
+            status="error", http_status=http_status, error_type=error_type, error_message=message
+        )
+
+    def publish(self, response_body: Any = None) -> None:
+        if self.published:
+            return
+        self.published = True
+        now = time.perf_counter_ns()
+        fields = self.fields
+        attribution = self.attribution
+        deployment = self.deployment
+        prices = self.gw.prices_for(deployment) if deployment else None
+        attributes = request_attributes(self.payload)
+        if attribution.agent_id:
+            attributes["gen_ai.agent.id"] = attribution.agent_id
+        if attribution.metadata:
+            attributes["metadata"] = attribution.metadata
+        store_bodies = self.gw.settings.recorder.store_bodies
+        duration_ns = now - self.t0
+        record = {
+            "span_id": self.span_id,
+            "trace_id": self.trace_id,
+            "parent_span_id": attribution.parent_span_id,
+            "rollout_id": attribution.rollout_id,
+            "attempt_id": self.attempt_id,
+            "seq": self.seq,
+            "name": f"{self.operation} {self.payload.get('model')}",
+            "operation": self.operation,
+            "provider": deployment.provider if deployment else None,
+            "deployment": deployment.label if deployment else None,
+            "model_group": self.group.name,
+            "request_model": self.payload.get("model"),
+            "status": fields.get("status", "ok"),
+            "http_status": fields.get("http_status"),
+            "error_type": fields.get("error_type"),
+            "error_message": fields.get("error_message"),
+            "stream": int(self.stream),
+            "start_ns": self.start_ns,
+            "end_ns": self.start_ns + duration_ns,
+            "duration_ms": duration_ns / 1e6,
+            "ttft_ms": (self.first_token_ns - self.t0) / 1e6 if self.first_token_ns else None,
+            "upstream_ms": (
+                ((self.upstream_done_ns or now) - self.sent_ns) / 1e6 if self.sent_ns else None
+            ),
+            "overhead_ms": self.overhead_ms(now),
+            "retries": 0,
+            "request_body": self.raw_request if store_bodies else None,
+            "response_body": response_body if store_bodies else None,
+            "attributes": attributes,
+            "tags": attribution.tags,
+            "agent": attribution.agent_id,
+            "metadata": attribution.metadata,
+            "response_id": fields.get("response_id"),
+            "response_model": fields.get("response_model"),
+            "input_tokens": fields.get("input_tokens"),
+            "output_tokens": fields.get("output_tokens"),
+            "cached_tokens": fields.get("cached_tokens"),
+            "reasoning_tokens": fields.get("reasoning_tokens"),
+            "finish_reasons": fields.get("finish_reasons"),
+            "tool_calls": fields.get("tool_calls"),
+        }
+        record["cost_usd"] = cost_usd(
+            prices, record["input_tokens"], record["output_tokens"], record["cached_tokens"]
+        )
+        self.gw.recorder.publish(record)
+
+
+async def _answer_plain(call: Call, response: UpstreamResponse) -> web.Response:
+    body = response.body or b""
+    parsed = loads_or_none(body)
+    call.fields["http_status"] = response.status
+    if response.ok:
+        if not isinstance(parsed, dict):
+            raise UpstreamProtocolError(
+                f"upstream {call.deployment.label if call.deployment else ''} answered "
+                f"{response.status} with a body that is not a JSON object"
+            )
+        call.fields.update(reply_fields(call.operation, parsed))
+    else:
+        kind, message = error_fields(parsed)
+        call.fail(response.status, kind or f"http_{response.status}", message)
+    call.publish(body)
+    return web.Response(
+        status=response.status, body=body, headers={**response.headers, **call.headers()}
+    )
+
+
+async def _answer_stream(
+    request: web.Request, call: Call, response: UpstreamResponse, injected: bool
+) -> web.StreamResponse:
+    assert response.chunks is not None
+    out = web.StreamResponse(status=response.status, headers={**response.headers, **call.headers()})
+    call.fields["http_status"] = response.status
+    await out.prepare(request)
+    splitter = SSESplitter()
+    assembler = new_assembler(call.operation)
+    held: list[bytes] = []
+    operation = call.operation
+    try:
+        async for chunk in response.chunks:
+            for raw_event in splitter.feed(chunk):
+                mark = time.perf_counter_ns()
+                _, data = parse_event(raw_event)
+                if data == _DONE:
+                    # Held back until the span is published, so a client that acts on
+                    # [DONE] (say, posts a reward) always finds the span.
+                    held.append(raw_event)
+                    continue
+                obj = loads_or_none(data)
+                forward = True
+                if isinstance(obj, dict):
+                    assembler.add(obj)
+                    if injected and "usage" in obj:
+                        if obj["usage"] is None:
+                            raw_event = strip_usage_null(raw_event)
+                        elif obj.get("choices") == []:
+                            forward = False
+                    if isinstance(obj.get("error"), dict):
+                        kind, message = error_fields(obj)
+                        call.fail(502, kind or "upstream_stream_error", message)
+                call.processing_ns += time.perf_counter_ns() - mark
+                if not forward:
+                    continue
+                await out.write(raw_event)
+                if (
+                    call.first_token_ns is None
+                    and isinstance(obj, dict)
+                    and _has_token(operation, obj)
+                ):
+                    call.first_token_ns = time.perf_counter_ns()
+        rest = splitter.rest()
+        if rest.strip():
+            await out.write(rest)
+        call.upstream_done_ns = time.perf_counter_ns()
+    except UpstreamError as exc:
+        call.upstream_done_ns = time.perf_counter_ns()
+        call.fail(exc.status, exc.code or exc.type, exc.message)
+        call.publish(assembler.result())
+        await out.write(b"data: " + orjson.dumps(exc.body()) + b"\n\n")
+        return out
+    except ConnectionError as exc:
+        call.fail(499, "client_disconnected", f"the client went away mid-stream: {exc}")
+        call.publish(assembler.result())
+        return out
+    finally:
+        await response.chunks.aclose()
+    result = assembler.result()
+    call.fields.update({k: v for k, v in reply_fields(operation, result).items() if v is not None})
+    call.publish(result)
+    for raw_event in held:
+        await out.write(raw_event)
+    await out.write_eof()
+    return out
+
+
+async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    t0, start_ns = time.perf_counter_ns(), time.time_ns()
+    attribution = read_attribution(request.match_info, request.headers)
+    if gw.settings.require_rollout and attribution.rollout_id is None:
+        raise RolloutRequired(
+            "this gateway requires a rollout: call /rollout/{id}/v1/... or send X-Rollout-Id"
+        )
+    raw = await request.read()
+    payload = parse_payload(raw)
+    stream = operation in STREAMABLE and payload.get("stream") is True
+    try:
+        group = gw.router.group(payload["model"])
+    except GatewayError as exc:
+        group = ModelGroup.model_construct(name=payload["model"], deployments=[], fallbacks=[])
+        call = Call(gw, operation, attribution, raw, payload, group, t0, start_ns, stream=stream)
+        return await _record_failure(call, exc)
+    call = Call(gw, operation, attribution, raw, payload, group, t0, start_ns, stream=stream)
+    call.trace_id = attribution.trace_id or new_trace_id()
+    if attribution.rollout_id is not None:
+        call.seq, call.attempt_id = await gw.sequencer.next(
+            attribution.rollout_id, attribution.attempt_id
+        )
+    try:
+        deployment = gw.router.pick(group)
+        call.deployment = deployment
+        body, sent_payload, injected = upstream_body(
+            raw, payload, deployment.model, operation, stream
+        )
+        upstream_request = UpstreamRequest(
+            operation, body, sent_payload, stream, deployment, request.headers
+        )
+        call.sent_ns = time.perf_counter_ns()
+        response = await gw.providers[deployment.provider](upstream_request)
+        if response.chunks is None:
+            call.upstream_done_ns = time.perf_counter_ns()
+            return await _answer_plain(call, response)
+        return await _answer_stream(request, call, response, injected)
+    except GatewayError as exc:
+        if call.upstream_done_ns is None and call.sent_ns is not None:
+            call.upstream_done_ns = time.perf_counter_ns()
+        return await _record_failure(call, exc)
+    finally:
+        call.publish()
+
+
+async def _record_failure(call: Call, exc: GatewayError) -> web.Response:
+    if not call.trace_id:
+        call.trace_id = call.attribution.trace_id or new_trace_id()
+    call.fail(exc.status, exc.code or exc.type, exc.message)
+    call.publish(exc.body())
+    return error_response(exc, headers=call.headers())
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "spangate"}
+        for name in gw.router.groups
+    ]
+    return web.json_response(
+        {"object": "list", "data": data}, dumps=lambda o: orjson.dumps(o).decode()
+    )
+
+
+def _handler(operation: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await proxy(request, operation)
+
+    handler.__name__ = f"proxy_{operation}"
+    return handler
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in PREFIXES:
+        for path, operation in OPERATIONS.items():
+            app.router.add_post(f"{prefix}/v1/{path}", _handler(operation))
+        app.router.add_get(f"{prefix}/v1/models", list_models)

@@ -1,0 +1,36 @@
+"""Operations routes: liveness and readiness for orchestrators."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.state import GATEWAY
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    problems = []
+    if not gw.writer.healthy:
+        problems.append(f"store not writable: {gw.writer.last_error}")
+    if not gw.settings.models:
+        problems.append("no model groups configured")
+    body = {
+        "status": "ready" if not problems else "not_ready",
+        "problems": problems,
+        "recorder": {
+            "queue_depth": gw.writer.depth,
+            "written": gw.writer.written,
+            "spilled": gw.writer.spilled,
+            "replayed": gw.writer.replayed,
+        },
+    }
+    return web.json_response(body, status=200 if not problems else 503)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)

@@ -1,0 +1,116 @@
+"""What a span records about a model's answer: usage, finish reasons, tool calls, ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Request parameters copied into span attributes under OpenTelemetry GenAI names.
+REQUEST_ATTRIBUTES = {
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "max_tokens": "gen_ai.request.max_tokens",
+    "max_completion_tokens": "gen_ai.request.max_tokens",
+    "max_output_tokens": "gen_ai.request.max_tokens",
+    "frequency_penalty": "gen_ai.request.frequency_penalty",
+    "presence_penalty": "gen_ai.request.presence_penalty",
+    "seed": "gen_ai.request.seed",
+    "n": "gen_ai.request.choice.count",
+}
+
+
+def request_attributes(payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: payload[key]
+        for key, name in REQUEST_ATTRIBUTES.items()
+        if key in payload and isinstance(payload[key], int | float | str)
+    }
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def usage_of(operation: str, usage: Any) -> tuple[int | None, int | None, int | None, int | None]:
+    """(input, output, cached input, reasoning output) tokens from an OpenAI usage object."""
+    if not isinstance(usage, dict):
+        return None, None, None, None
+    if operation == "responses":
+        given = _int(usage.get("input_tokens"))
+        taken = _int(usage.get("output_tokens"))
+        cached = (usage.get("input_tokens_details") or {}).get("cached_tokens")
+        reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
+    else:
+        given = _int(usage.get("prompt_tokens"))
+        taken = _int(usage.get("completion_tokens"))
+        if taken is None and operation == "embeddings":
+            taken = 0
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+    return given, taken, _int(cached), _int(reasoning)
+
+
+def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
+    if operation == "responses":
+        details = body.get("incomplete_details") or {}
+        reason = details.get("reason") if isinstance(details, dict) else None
+        status = body.get("status")
+        return [reason or status] if (reason or status) else []
+    return [
+        choice["finish_reason"]
+        for choice in body.get("choices") or ()
+        if isinstance(choice, dict) and choice.get("finish_reason")
+    ]
+
+
+def tool_calls_of(operation: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every tool call the answer made, as `{id, name, arguments}` (arguments as sent)."""
+    calls: list[dict[str, Any]] = []
+    if operation == "chat":
+        for choice in body.get("choices") or ():
+            message = (choice or {}).get("message") or {}
+            for call in message.get("tool_calls") or ():
+                function = (call or {}).get("function") or {}
+                calls.append(
+                    {
+                        "id": call.get("id"),
+                        "name": function.get("name"),
+                        "arguments": function.get("arguments"),
+                    }
+                )
+    elif operation == "responses":
+        for item in body.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                calls.append(
+                    {
+                        "id": item.get("call_id"),
+                        "name": item.get("name"),
+                        "arguments": item.get("arguments"),
+                    }
+                )
+    return calls or None
+
+
+def reply_fields(operation: str, body: Any) -> dict[str, Any]:
+    """The span fields read off a complete (or assembled) answer."""
+    if not isinstance(body, dict):
+        return {}
+    given, taken, cached, reasoning = usage_of(operation, body.get("usage"))
+    return {
+        "response_id": body.get("id") if isinstance(body.get("id"), str) else None,
+        "response_model": body.get("model") if isinstance(body.get("model"), str) else None,
+        "input_tokens": given,
+        "output_tokens": taken,
+        "cached_tokens": cached,
+        "reasoning_tokens": reasoning,
+        "finish_reasons": finish_reasons_of(operation, body) or None,
+        "tool_calls": tool_calls_of(operation, body),
+    }
+
+
+def error_fields(body: Any) -> tuple[str | None, str | None]:
+    """(type, message) of an OpenAI-shaped error body."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        kind = error.get("type") or error.get("code")
+        return (str(kind) if kind else None, str(error.get("message") or "") or None)
+    return None, None

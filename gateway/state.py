@@ -1,0 +1,40 @@
+"""The objects one running gateway shares across requests, kept on the app under one AppKey."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from config.models import Deployment, Settings
+from gateway.attribution import Sequencer
+from gateway.cost import Prices, deployment_prices
+from gateway.recorder import Recorder
+from gateway.router import Router
+from gateway.upstream import Provider
+from store.reader import Reader
+from store.writer import StoreWriter
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    router: Router
+    recorder: Recorder
+    writer: StoreWriter
+    reader: Reader
+    sequencer: Sequencer
+    providers: dict[str, Provider] = field(default_factory=dict)
+    prices: dict[int, tuple[float, float, float | None] | None] = field(default_factory=dict)
+
+    def price_all(self, cost_map: Prices) -> None:
+        """Look every deployment's prices up once, so a call's cost is two multiplications."""
+        for group in self.settings.models:
+            for deployment in group.deployments:
+                self.prices[id(deployment)] = deployment_prices(deployment, cost_map)
+
+    def prices_for(self, deployment: Deployment) -> tuple[float, float, float | None] | None:
+        return self.prices.get(id(deployment))
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

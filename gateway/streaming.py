@@ -1,0 +1,220 @@
+"""Server-sent events: split an upstream byte stream into events, and assemble the record.
+
+The gateway forwards each event as soon as it is whole and, beside it, folds the
+chunks into the object the client would have got without `stream: true`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+
+
+class SSESplitter:
+    """Cuts a byte stream into whole events (each ending in a blank line), bytes untouched."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events: list[bytes] = []
+        start = 0
+        while True:
+            lf = buffer.find(b"\n\n", start)
+            crlf = buffer.find(b"\r\n\r\n", start)
+            if lf < 0 and crlf < 0:
+                break
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                end = crlf + 4
+            else:
+                end = lf + 2
+            events.append(buffer[start:end])
+            start = end
+        self._buffer = buffer[start:]
+        return events
+
+    def rest(self) -> bytes:
+        """Bytes after the last whole event (a stream that ended without a blank line)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+
+def parse_event(raw: bytes) -> tuple[str | None, bytes]:
+    """The `event:` name and the joined `data:` payload of one raw event."""
+    name: str | None = None
+    data: list[bytes] = []
+    for line in raw.splitlines():
+        if line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", errors="replace")
+    return name, b"\n".join(data)
+
+
+def strip_usage_null(raw: bytes) -> bytes:
+    """Remove the `"usage":null` an upstream adds to chunks only because we asked for usage."""
+    return _USAGE_NULL.sub(b"", raw)
+
+
+class ChatAssembler:
+    """Folds `chat.completion.chunk` events into one `chat.completion` object."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.chunks = 0
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
+            if chunk.get(key) is not None and key not in self.meta:
+                self.meta[key] = chunk[key]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            index = choice.get("index", 0)
+            slot = self.choices.setdefault(
+                index,
+                {"role": None, "content": [], "refusal": [], "tool_calls": {}, "finish": None},
+            )
+            delta = choice.get("delta") or {}
+            if delta.get("role"):
+                slot["role"] = delta["role"]
+            if delta.get("content"):
+                slot["content"].append(delta["content"])
+            if delta.get("refusal"):
+                slot["refusal"].append(delta["refusal"])
+            for call in delta.get("tool_calls") or ():
+                target = slot["tool_calls"].setdefault(
+                    call.get("index", 0),
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                if call.get("id"):
+                    target["id"] = call["id"]
+                if call.get("type"):
+                    target["type"] = call["type"]
+                function = call.get("function") or {}
+                if function.get("name"):
+                    target["function"]["name"] += function["name"]
+                if function.get("arguments"):
+                    target["function"]["arguments"] += function["arguments"]
+            if choice.get("finish_reason"):
+                slot["finish"] = choice["finish_reason"]
+            if choice.get("logprobs") is not None:
+                slot.setdefault("logprobs", []).append(choice["logprobs"])
+
+    def result(self) -> dict[str, Any]:
+        choices = []
+        for index in sorted(self.choices):
+            slot = self.choices[index]
+            message: dict[str, Any] = {
+                "role": slot["role"] or "assistant",
+                "content": "".join(slot["content"]) if slot["content"] else None,
+            }
+            if slot["refusal"]:
+                message["refusal"] = "".join(slot["refusal"])
+            if slot["tool_calls"]:
+                message["tool_calls"] = [slot["tool_calls"][i] for i in sorted(slot["tool_calls"])]
+            choices.append({"index": index, "message": message, "finish_reason": slot["finish"]})
+        return {
+            "id": self.meta.get("id"),
+            "object": "chat.completion",
+            "created": self.meta.get("created"),
+            "model": self.meta.get("model"),
+            **(
+                {"system_fingerprint": self.meta["system_fingerprint"]}
+                if "system_fingerprint" in self.meta
+                else {}
+            ),
+            "choices": choices,
+            "usage": self.usage,
+        }
+
+
+class CompletionAssembler:
+    """Folds legacy `text_completion` chunks into one completion object."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, Any] = {}
+        self.texts: dict[int, list[str]] = {}
+        self.finish: dict[int, str | None] = {}
+        self.usage: dict[str, Any] | None = None
+        self.chunks = 0
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if chunk.get(key) is not None and key not in self.meta:
+                self.meta[key] = chunk[key]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            index = choice.get("index", 0)
+            self.texts.setdefault(index, []).append(choice.get("text") or "")
+            if choice.get("finish_reason"):
+                self.finish[index] = choice["finish_reason"]
+            else:
+                self.finish.setdefault(index, None)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "id": self.meta.get("id"),
+            "object": "text_completion",
+            "created": self.meta.get("created"),
+            "model": self.meta.get("model"),
+            "choices": [
+                {"index": i, "text": "".join(self.texts[i]), "finish_reason": self.finish.get(i)}
+                for i in sorted(self.texts)
+            ],
+            "usage": self.usage,
+        }
+
+
+class ResponsesAssembler:
+    """Keeps the final response object of a Responses API event stream."""
+
+    def __init__(self) -> None:
+        self.response: dict[str, Any] | None = None
+        self.text: list[str] = []
+        self.chunks = 0
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.chunks += 1
+        kind = event.get("type", "")
+        if kind == "response.output_text.delta":
+            self.text.append(event.get("delta") or "")
+        response = event.get("response")
+        if isinstance(response, dict):
+            self.response = response
+            if response.get("usage"):
+                self.usage = response["usage"]
+
+    def result(self) -> dict[str, Any]:
+        if self.response is not None:
+            return self.response
+        return {"object": "response", "output_text": "".join(self.text), "status": "incomplete"}
+
+
+Assembler = ChatAssembler | CompletionAssembler | ResponsesAssembler
+
+
+def new_assembler(operation: str) -> Assembler:
+    if operation == "chat":
+        return ChatAssembler()
+    if operation == "text_completion":
+        return CompletionAssembler()
+    return ResponsesAssembler()
+
+
+def loads_or_none(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None

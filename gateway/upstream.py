@@ -1,0 +1,153 @@
+"""The seam to model providers: one `send(request) -> UpstreamResponse` per provider kind.
+
+OpenAI-compatible upstreams get the client's body forwarded as-is through one shared
+aiohttp session; aiohttp's exceptions become `UpstreamError`s here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from config.models import Deployment
+from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+
+# Headers that describe one hop, or that aiohttp recomputes, never pass through.
+_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+        "set-cookie",
+    }
+)
+# Client headers an upstream may need besides the body; everything else stays here.
+_FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project", "openai-beta")
+
+OPERATION_PATHS = {
+    "chat": "/chat/completions",
+    "text_completion": "/completions",
+    "embeddings": "/embeddings",
+    "responses": "/responses",
+}
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """One call to send: the body is already final (model rewritten if needed)."""
+
+    operation: str
+    body: bytes
+    payload: dict[str, Any]
+    stream: bool
+    deployment: Deployment
+    client_headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """What came back: headers at once, then either the whole body or its chunks."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    release: Callable[[], None] = lambda: None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class Provider(Protocol):
+    """A way to reach a model; the mock is just another one."""
+
+    def __call__(self, request: UpstreamRequest) -> Awaitable[UpstreamResponse]: ...
+
+
+def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
+
+
+def upstream_headers(request: UpstreamRequest) -> dict[str, str]:
+    """Headers for the upstream: its own key if configured, else the client's (never stored)."""
+    headers = {"Content-Type": "application/json"}
+    key = request.deployment.api_key
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    elif "authorization" in request.client_headers:
+        headers["Authorization"] = request.client_headers["authorization"]
+    for name in _FORWARDED_CLIENT_HEADERS:
+        if name in request.client_headers:
+            headers[name] = request.client_headers[name]
+    if request.stream:
+        headers["Accept"] = "text/event-stream"
+    return headers
+
+
+async def _iter_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except TimeoutError as exc:
+        raise UpstreamTimeout("upstream stream timed out") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise UpstreamProtocolError(f"upstream stream broke: {exc}") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnreachable(f"upstream stream failed: {exc}") from exc
+    finally:
+        response.release()
+
+
+class OpenAICompatible:
+    """Any OpenAI-compatible API (OpenAI, vLLM, Ollama, OpenRouter, ...) over a shared session."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
+        deployment = request.deployment
+        url = (deployment.api_base or "").rstrip("/") + OPERATION_PATHS[request.operation]
+        timeout = aiohttp.ClientTimeout(
+            total=deployment.timeout, sock_connect=deployment.connect_timeout
+        )
+        try:
+            response = await self.session.post(
+                url, data=request.body, headers=upstream_headers(request), timeout=timeout
+            )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {deployment.label} did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(f"upstream {deployment.label} unreachable: {exc}") from exc
+        headers = forwardable_headers(response.headers)
+        streaming = request.stream and response.content_type == "text/event-stream"
+        if streaming and 200 <= response.status < 300:
+            return UpstreamResponse(
+                response.status, headers, chunks=_iter_chunks(response), release=response.release
+            )
+        try:
+            body = await response.read()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"upstream {deployment.label} timed out sending its body"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(
+                f"upstream {deployment.label} failed mid-body: {exc}"
+            ) from exc
+        finally:
+            response.release()
+        return UpstreamResponse(response.status, headers, body=body)

@@ -1,0 +1,23 @@
+"""spangate's store: the SQLite schema, the batched writer and the read queries."""
+
+from store.errors import Conflict, InvalidTransition, NotFound, StoreError
+from store.journal import Journal, journal_path_for
+from store.schema import ROLLOUT_STATUSES, SPAN_COLUMNS, TERMINAL_STATUSES, connect, migrations
+from store.writer import StoreWriter, insert_spans, normalize_span
+
+__all__ = [
+    "ROLLOUT_STATUSES",
+    "SPAN_COLUMNS",
+    "TERMINAL_STATUSES",
+    "Conflict",
+    "InvalidTransition",
+    "Journal",
+    "NotFound",
+    "StoreError",
+    "StoreWriter",
+    "connect",
+    "insert_spans",
+    "journal_path_for",
+    "migrations",
+    "normalize_span",
+]

@@ -1,0 +1,25 @@
+"""Errors the store raises; they know nothing of HTTP (the gateway maps them to statuses).
+
+- StoreError
+  - NotFound: the named row does not exist.
+  - InvalidTransition: a status change the state machine forbids.
+  - Conflict: a write clashes with what is already stored.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base for every error the store raises on purpose."""
+
+
+class NotFound(StoreError):
+    """The named row does not exist."""
+
+
+class InvalidTransition(StoreError):
+    """A status change the state machine forbids (a terminal rollout is final)."""
+
+
+class Conflict(StoreError):
+    """A write clashes with what is already stored (same id, different content)."""
