@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8400
@@ -14,10 +16,70 @@ DEFAULT_QUEUE_SIZE = 50_000
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 0.2
 DEFAULT_MOCK_LATENCY = 0.0
+DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
+DEFAULT_RETRY_ATTEMPTS = 3
+DEFAULT_BACKOFF_INITIAL = 0.5
+DEFAULT_BACKOFF_MAX = 8.0
+DEFAULT_BACKOFF_JITTER = 0.5
+DEFAULT_RETRY_AFTER_CAP = 30.0
+DEFAULT_RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504)
+DEFAULT_FAIL_MAX = 5
+DEFAULT_RESET_TIMEOUT = 30.0
+DEFAULT_RATE_LIMIT_WAIT = 5.0
+DEFAULT_MAX_TOKENS_ESTIMATE = 256
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Timeouts(_Strict):
+    """Seconds allowed for each phase of one upstream call."""
+
+    connect: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0, description="To open the connection.")
+    first_token: float = Field(
+        DEFAULT_FIRST_TOKEN_TIMEOUT,
+        gt=0,
+        description="Streams: until the first chunk arrives (retries are still possible).",
+    )
+    total: float = Field(DEFAULT_UPSTREAM_TIMEOUT, gt=0, description="For the whole call.")
+
+
+class Backoff(_Strict):
+    """Exponential backoff between tries: initial * 2^n, capped, plus random jitter."""
+
+    initial: float = Field(DEFAULT_BACKOFF_INITIAL, ge=0, description="First wait, seconds.")
+    max: float = Field(DEFAULT_BACKOFF_MAX, ge=0, description="Longest wait, seconds.")
+    jitter: float = Field(
+        DEFAULT_BACKOFF_JITTER, ge=0, description="Up to this many seconds added at random."
+    )
+
+
+class RetryPolicy(_Strict):
+    """When and how a failed upstream try is repeated (never after a byte reached the client)."""
+
+    attempts: int = Field(
+        DEFAULT_RETRY_ATTEMPTS, ge=1, description="Tries per model group, the first included."
+    )
+    backoff: Backoff = Field(default_factory=Backoff, description="Waits between tries.")
+    on_status: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_STATUSES),
+        description="Upstream statuses worth another try (connection errors always are).",
+    )
+    retry_after_cap: float = Field(
+        DEFAULT_RETRY_AFTER_CAP,
+        ge=0,
+        description="Longest upstream `Retry-After` honoured; longer ones give up on the group.",
+    )
+
+
+class BreakerPolicy(_Strict):
+    """A circuit breaker per deployment (pybreaker)."""
+
+    fail_max: int = Field(DEFAULT_FAIL_MAX, ge=1, description="Failures in a row that open it.")
+    reset_timeout: float = Field(
+        DEFAULT_RESET_TIMEOUT, gt=0, description="Seconds open before one probe is let through."
+    )
 
 
 class Deployment(_Strict):
@@ -42,11 +104,9 @@ class Deployment(_Strict):
     weight: float = Field(1.0, gt=0, description="Relative share of traffic in the group.")
     rpm: int | None = Field(None, gt=0, description="Requests per minute allowed.")
     tpm: int | None = Field(None, gt=0, description="Tokens per minute allowed.")
-    timeout: float = Field(
-        DEFAULT_UPSTREAM_TIMEOUT, gt=0, description="Total seconds allowed for one upstream call."
-    )
-    connect_timeout: float = Field(
-        DEFAULT_CONNECT_TIMEOUT, gt=0, description="Seconds allowed to connect to the upstream."
+    timeout: Timeouts = Field(
+        default_factory=Timeouts,
+        description="`{connect, first_token, total}` seconds; a single number sets `total`.",
     )
     input_cost_per_token: float | None = Field(
         None, ge=0, description="USD per input token; overrides litellm's cost map."
@@ -59,6 +119,11 @@ class Deployment(_Strict):
         ge=0,
         description="`mock` only: seconds the fake model waits before answering.",
     )
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _number_is_total(cls, value: Any) -> Any:
+        return {"total": value} if isinstance(value, int | float) else value
 
     @model_validator(mode="after")
     def _openai_needs_base(self) -> Deployment:
@@ -79,6 +144,14 @@ class ModelGroup(_Strict):
     deployments: list[Deployment] = Field(..., min_length=1, description="Upstreams for the group.")
     fallbacks: list[str] = Field(
         default_factory=list, description="Other model groups to try, in order."
+    )
+    routing: Literal["weighted", "least-busy"] = Field(
+        "weighted",
+        description="`weighted` random by `weight`, or `least-busy` (fewest calls in flight).",
+    )
+    retries: RetryPolicy | None = Field(None, description="Overrides the global `retries`.")
+    circuit_breaker: BreakerPolicy | None = Field(
+        None, description="Overrides the global `circuit_breaker`."
     )
 
 
@@ -125,6 +198,21 @@ class Settings(_Strict):
     recorder: RecorderSettings = Field(
         default_factory=RecorderSettings, description="Span recording."
     )
+    retries: RetryPolicy = Field(default_factory=RetryPolicy, description="Default retry policy.")
+    circuit_breaker: BreakerPolicy = Field(
+        default_factory=BreakerPolicy, description="Default circuit breaker per deployment."
+    )
+    rate_limit_wait: float = Field(
+        DEFAULT_RATE_LIMIT_WAIT,
+        ge=0,
+        description="Seconds a call may wait for a deployment's rpm/tpm budget before a 429.",
+    )
+
+    def retry_policy(self, group: ModelGroup) -> RetryPolicy:
+        return group.retries or self.retries
+
+    def breaker_policy(self, group: ModelGroup) -> BreakerPolicy:
+        return group.circuit_breaker or self.circuit_breaker
 
     @model_validator(mode="after")
     def _check_groups(self) -> Settings:

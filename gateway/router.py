@@ -1,16 +1,25 @@
-"""Which deployment serves a call: model group lookup and weighted choice."""
+"""Which deployment serves a call: model group lookup, fallbacks, and choice among healthy ones."""
 
 from __future__ import annotations
 
 import random
 
-from config.models import Deployment, ModelGroup, Settings
+from config.models import ModelGroup, Settings
 from gateway.errors import ModelNotFound
+from gateway.resilience import Guard
 
 
 class Router:
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.groups: dict[str, ModelGroup] = {group.name: group for group in settings.models}
+        self.guards: dict[str, list[Guard]] = {
+            group.name: [
+                Guard(deployment, settings.breaker_policy(group))
+                for deployment in group.deployments
+            ]
+            for group in settings.models
+        }
 
     def group(self, model: str) -> ModelGroup:
         found = self.groups.get(model)
@@ -22,8 +31,34 @@ class Router:
             )
         return found
 
-    def pick(self, group: ModelGroup) -> Deployment:
-        deployments = group.deployments
-        if len(deployments) == 1:
-            return deployments[0]
-        return random.choices(deployments, weights=[d.weight for d in deployments])[0]
+    def chain(self, group: ModelGroup) -> list[ModelGroup]:
+        """The group, then its fallbacks in order (each once)."""
+        seen = {group.name}
+        chain = [group]
+        for name in group.fallbacks:
+            if name not in seen:
+                seen.add(name)
+                chain.append(self.groups[name])
+        return chain
+
+    def pick(self, group: ModelGroup) -> Guard | None:
+        """A deployment whose breaker lets a call through, by the group's routing; None if none."""
+        candidates = [g for g in self.guards[group.name] if g.available()]
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        if group.routing == "least-busy":
+            fewest = min(g.in_flight for g in candidates)
+            candidates = [g for g in candidates if g.in_flight == fewest]
+            if len(candidates) == 1:
+                return candidates[0]
+        return random.choices(candidates, weights=[g.deployment.weight for g in candidates])[0]
+
+    def reopens_in(self, groups: list[ModelGroup]) -> float:
+        """Seconds until any deployment of these groups may take a call again."""
+        waits = [g.reopens_in() for group in groups for g in self.guards[group.name]]
+        return min(waits) if waits else 0.0
+
+    def usable(self, group: ModelGroup) -> bool:
+        return any(g.available() for g in self.guards[group.name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from config.models import Deployment, ModelGroup
+from config.models import Deployment
 from gateway.attribution import Attribution, new_span_id, new_trace_id, read_attribution
 from gateway.cost import cost_usd
 from gateway.errors import (
@@ -18,9 +19,9 @@ from gateway.errors import (
     InvalidRequest,
     RolloutRequired,
     UpstreamError,
-    UpstreamProtocolError,
     error_response,
 )
+from gateway.forward import Job, Outcome, forward, new_job
 from gateway.spans import error_fields, reply_fields, request_attributes
 from gateway.state import GATEWAY, Gateway
 from gateway.streaming import (
@@ -30,7 +31,6 @@ from gateway.streaming import (
     parse_event,
     strip_usage_null,
 )
-from gateway.upstream import UpstreamRequest, UpstreamResponse
 
 # Path after `/v1` -> operation name (gen_ai.operation.name).
 OPERATIONS = {
@@ -40,8 +40,6 @@ OPERATIONS = {
     "responses": "responses",
 }
 STREAMABLE = frozenset({"chat", "text_completion", "responses"})
-# Operations whose streams report usage only when asked through stream_options.
-USAGE_ON_REQUEST = frozenset({"chat", "text_completion"})
 PREFIXES = ("", "/rollout/{rollout_id}", "/rollout/{rollout_id}/attempt/{attempt_id}")
 _DONE = b"[DONE]"
 
@@ -66,23 +64,6 @@ def parse_payload(raw: bytes) -> dict[str, Any]:
     return payload
 
 
-def upstream_body(
-    raw: bytes, payload: dict[str, Any], model: str, operation: str, stream: bool
-) -> tuple[bytes, dict[str, Any], bool]:
-    """The body to send upstream, and whether we asked for usage the client did not."""
-    changes: dict[str, Any] = {}
-    if payload["model"] != model:
-        changes["model"] = model
-    options = payload.get("stream_options") or {}
-    inject = stream and operation in USAGE_ON_REQUEST and not options.get("include_usage")
-    if inject:
-        changes["stream_options"] = {**options, "include_usage": True}
-    if not changes:
-        return raw, payload, False
-    changed = {**payload, **changes}
-    return orjson.dumps(changed), changed, inject
-
-
 def _has_token(operation: str, obj: dict[str, Any]) -> bool:
     if operation == "responses":
         return str(obj.get("type", "")).endswith(".delta")
@@ -104,42 +85,52 @@ class Call:
     attribution: Attribution
     raw_request: bytes
     payload: dict[str, Any]
-    group: ModelGroup
+    group_name: str
     t0: int
     start_ns: int
+    stream: bool = False
     span_id: str = field(default_factory=new_span_id)
     trace_id: str = ""
     seq: int | None = None
     attempt_id: str | None = None
-    deployment: Deployment | None = None
-    stream: bool = False
-    sent_ns: int | None = None
+    job: Job | None = None
+    outcome: Outcome | None = None
     upstream_done_ns: int | None = None
     first_token_ns: int | None = None
     processing_ns: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     published: bool = False
 
-    def elapsed_ms(self, until: int | None = None) -> float:
-        return ((until or time.perf_counter_ns()) - self.t0) / 1e6
+    @property
+    def deployment(self) -> Deployment | None:
+        return self.outcome.guard.deployment if self.outcome else None
 
     def overhead_ms(self, now: int | None = None) -> float:
+        """Time spent in the gateway itself: not upstream, not backoff, not rate-limit waits."""
         now = now or time.perf_counter_ns()
-        before = (self.sent_ns or now) - self.t0
-        after = now - self.upstream_done_ns if self.upstream_done_ns else 0
-        return (before + after + self.processing_ns) / 1e6
+        job = self.job
+        if job is None or job.sent_ns is None:
+            return (now - self.t0) / 1e6
+        waited_ms = job.limiter_wait * 1000 + sum(
+            t.get("duration_ms", 0.0) + t.get("wait_ms", 0.0) for t in job.tries[:-1]
+        )
+        before = (job.sent_ns - self.t0) / 1e6 - waited_ms
+        after = (now - self.upstream_done_ns) / 1e6 if self.upstream_done_ns else 0.0
+        return max(before, 0.0) + after + self.processing_ns / 1e6
 
     def headers(self) -> dict[str, str]:
         headers = {
             "X-Span-Id": self.span_id,
             "X-Trace-Id": self.trace_id,
             "X-Gateway-Overhead-Ms": f"{self.overhead_ms():.3f}",
-            "X-Upstream-Retries": "0",
+            "X-Upstream-Retries": str(self.job.retries if self.job else 0),
         }
         if self.attribution.rollout_id:
             headers["X-Rollout-Id"] = self.attribution.rollout_id
         if self.attempt_id:
             headers["X-Attempt-Id"] = self.attempt_id
+        if self.outcome is not None:
+            headers.update(self.outcome.guard.ratelimit_headers())
         return headers
 
     def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:
@@ -155,14 +146,20 @@ class Call:
         fields = self.fields
         attribution = self.attribution
         deployment = self.deployment
-        prices = self.gw.prices_for(deployment) if deployment else None
+        job = self.job
         attributes = request_attributes(self.payload)
         if attribution.agent_id:
             attributes["gen_ai.agent.id"] = attribution.agent_id
         if attribution.metadata:
             attributes["metadata"] = attribution.metadata
+        if job is not None and job.tries:
+            attributes["spangate.tries"] = job.tries
+            attributes["spangate.limiter_wait_ms"] = round(job.limiter_wait * 1000, 3)
+            if job.fallback:
+                attributes["spangate.fallback"] = job.fallback
         store_bodies = self.gw.settings.recorder.store_bodies
         duration_ns = now - self.t0
+        sent_ns = job.sent_ns if job else None
         record = {
             "span_id": self.span_id,
             "trace_id": self.trace_id,
@@ -174,7 +171,7 @@ class Call:
             "operation": self.operation,
             "provider": deployment.provider if deployment else None,
             "deployment": deployment.label if deployment else None,
-            "model_group": self.group.name,
+            "model_group": self.outcome.group.name if self.outcome else self.group_name,
             "request_model": self.payload.get("model"),
             "status": fields.get("status", "ok"),
             "http_status": fields.get("http_status"),
@@ -185,11 +182,9 @@ class Call:
             "end_ns": self.start_ns + duration_ns,
             "duration_ms": duration_ns / 1e6,
             "ttft_ms": (self.first_token_ns - self.t0) / 1e6 if self.first_token_ns else None,
-            "upstream_ms": (
-                ((self.upstream_done_ns or now) - self.sent_ns) / 1e6 if self.sent_ns else None
-            ),
+            "upstream_ms": ((self.upstream_done_ns or now) - sent_ns) / 1e6 if sent_ns else None,
             "overhead_ms": self.overhead_ms(now),
-            "retries": 0,
+            "retries": job.retries if job else 0,
             "request_body": self.raw_request if store_bodies else None,
             "response_body": response_body if store_bodies else None,
             "attributes": attributes,
@@ -205,25 +200,30 @@ class Call:
             "finish_reasons": fields.get("finish_reasons"),
             "tool_calls": fields.get("tool_calls"),
         }
-        record["cost_usd"] = cost_usd(
-            prices, record["input_tokens"], record["output_tokens"], record["cached_tokens"]
-        )
+        if deployment is not None:
+            record["cost_usd"] = cost_usd(
+                self.gw.prices_for(deployment),
+                record["input_tokens"],
+                record["output_tokens"],
+                record["cached_tokens"],
+            )
+            if job is not None and record["input_tokens"] is not None:
+                self.outcome.guard.correct_tokens(  # type: ignore[union-attr]
+                    job.tokens, (record["input_tokens"] or 0) + (record["output_tokens"] or 0)
+                )
+        else:
+            record["cost_usd"] = None
         self.gw.recorder.publish(record)
 
 
-async def _answer_plain(call: Call, response: UpstreamResponse) -> web.Response:
+async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
+    response = outcome.response
     body = response.body or b""
-    parsed = loads_or_none(body)
     call.fields["http_status"] = response.status
     if response.ok:
-        if not isinstance(parsed, dict):
-            raise UpstreamProtocolError(
-                f"upstream {call.deployment.label if call.deployment else ''} answered "
-                f"{response.status} with a body that is not a JSON object"
-            )
-        call.fields.update(reply_fields(call.operation, parsed))
+        call.fields.update(reply_fields(call.operation, outcome.parsed))
     else:
-        kind, message = error_fields(parsed)
+        kind, message = error_fields(outcome.parsed)
         call.fail(response.status, kind or f"http_{response.status}", message)
     call.publish(body)
     return web.Response(
@@ -231,9 +231,8 @@ async def _answer_plain(call: Call, response: UpstreamResponse) -> web.Response:
     )
 
 
-async def _answer_stream(
-    request: web.Request, call: Call, response: UpstreamResponse, injected: bool
-) -> web.StreamResponse:
+async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> web.StreamResponse:
+    response, injected = outcome.response, outcome.injected_usage
     assert response.chunks is not None
     out = web.StreamResponse(status=response.status, headers={**response.headers, **call.headers()})
     call.fields["http_status"] = response.status
@@ -310,47 +309,32 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
     raw = await request.read()
     payload = parse_payload(raw)
     stream = operation in STREAMABLE and payload.get("stream") is True
-    try:
-        group = gw.router.group(payload["model"])
-    except GatewayError as exc:
-        group = ModelGroup.model_construct(name=payload["model"], deployments=[], fallbacks=[])
-        call = Call(gw, operation, attribution, raw, payload, group, t0, start_ns, stream=stream)
-        return await _record_failure(call, exc)
-    call = Call(gw, operation, attribution, raw, payload, group, t0, start_ns, stream=stream)
+    call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
     call.trace_id = attribution.trace_id or new_trace_id()
-    if attribution.rollout_id is not None:
-        call.seq, call.attempt_id = await gw.sequencer.next(
-            attribution.rollout_id, attribution.attempt_id
-        )
     try:
-        deployment = gw.router.pick(group)
-        call.deployment = deployment
-        body, sent_payload, injected = upstream_body(
-            raw, payload, deployment.model, operation, stream
-        )
-        upstream_request = UpstreamRequest(
-            operation, body, sent_payload, stream, deployment, request.headers
-        )
-        call.sent_ns = time.perf_counter_ns()
-        response = await gw.providers[deployment.provider](upstream_request)
-        if response.chunks is None:
+        if attribution.rollout_id is not None:
+            call.seq, call.attempt_id = await gw.sequencer.next(
+                attribution.rollout_id, attribution.attempt_id
+            )
+        group = gw.router.group(payload["model"])
+        call.job = new_job(gw, operation, raw, payload, stream, group, request.headers)
+        call.outcome = outcome = await forward(gw, call.job)
+        if outcome.response.chunks is None:
             call.upstream_done_ns = time.perf_counter_ns()
-            return await _answer_plain(call, response)
-        return await _answer_stream(request, call, response, injected)
+            return await _answer_plain(call, outcome)
+        return await _answer_stream(request, call, outcome)
     except GatewayError as exc:
-        if call.upstream_done_ns is None and call.sent_ns is not None:
+        if call.upstream_done_ns is None:
             call.upstream_done_ns = time.perf_counter_ns()
-        return await _record_failure(call, exc)
+        call.fail(exc.status, exc.code or exc.type, exc.message)
+        call.publish(exc.body())
+        headers = call.headers()
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        return error_response(exc, headers=headers)
     finally:
         call.publish()
-
-
-async def _record_failure(call: Call, exc: GatewayError) -> web.Response:
-    if not call.trace_id:
-        call.trace_id = call.attribution.trace_id or new_trace_id()
-    call.fail(exc.status, exc.code or exc.type, exc.message)
-    call.publish(exc.body())
-    return error_response(exc, headers=call.headers())
 
 
 async def list_models(request: web.Request) -> web.Response:

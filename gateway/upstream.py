@@ -122,7 +122,7 @@ class OpenAICompatible:
         deployment = request.deployment
         url = (deployment.api_base or "").rstrip("/") + OPERATION_PATHS[request.operation]
         timeout = aiohttp.ClientTimeout(
-            total=deployment.timeout, sock_connect=deployment.connect_timeout
+            total=deployment.timeout.total, sock_connect=deployment.timeout.connect
         )
         try:
             response = await self.session.post(

@@ -173,6 +173,11 @@ class FakeProviderState:
             self.requests.clear()
             self._faults.clear()
 
+    def snapshot(self) -> list[RecordedRequest]:
+        """A copy of the requests so far, safe to iterate while the server keeps recording."""
+        with self._cond:
+            return list(self.requests)
+
     def requests_to(self, path: str) -> list[RecordedRequest]:
         with self._cond:
             return [r for r in self.requests if r.path == path]
@@ -1078,9 +1083,7 @@ async def _control_reset(request: web.Request) -> web.Response:
 
 async def _control_requests(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    with state._cond:
-        snapshot = [r.to_dict() for r in state.requests]
-    return _json_response(snapshot)
+    return _json_response([r.to_dict() for r in state.snapshot()])
 
 
 def create_app(state: FakeProviderState | None = None) -> web.Application:

@@ -1,0 +1,354 @@
+"""Sending one call upstream, in layers: fallbacks, then retries, then a single try.
+
+`forward()` → `_with_fallbacks()` → `_with_retries()` → `_send_once()`. Everything
+here happens before the first byte goes to the client, which is why a stream's
+first chunk is awaited (under the first-token timeout) before `forward()` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pybreaker
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, ModelGroup, RetryPolicy
+from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from gateway.resilience import Guard, RateLimited, Unavailable, estimate_tokens
+from gateway.state import Gateway
+from gateway.upstream import UpstreamRequest, UpstreamResponse
+
+# Operations whose streams report usage only when asked through stream_options.
+USAGE_ON_REQUEST = frozenset({"chat", "text_completion"})
+CONTEXT_WINDOW_CODES = frozenset({"context_length_exceeded", "context_window_exceeded"})
+CONTEXT_WINDOW_PHRASES = ("maximum context length", "context window", "prompt is too long")
+
+
+def counts_against_breaker(status: int) -> bool:
+    """Statuses that say the deployment is unwell, as opposed to the request being wrong."""
+    return status >= 500 or status in (408, 429)
+
+
+def parse_retry_after(headers: dict[str, str]) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if "retry-after-ms" in lowered:
+        try:
+            return max(float(lowered["retry-after-ms"]) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        return max(when.timestamp() - time.time(), 0.0) if when else None
+
+
+def upstream_body(
+    raw: bytes, payload: dict[str, Any], model: str, operation: str, stream: bool
+) -> tuple[bytes, dict[str, Any], bool]:
+    """The body to send upstream, and whether we asked for usage the client did not."""
+    changes: dict[str, Any] = {}
+    if payload["model"] != model:
+        changes["model"] = model
+    options = payload.get("stream_options") or {}
+    inject = stream and operation in USAGE_ON_REQUEST and not options.get("include_usage")
+    if inject:
+        changes["stream_options"] = {**options, "include_usage": True}
+    if not changes:
+        return raw, payload, False
+    changed = {**payload, **changes}
+    return orjson.dumps(changed), changed, inject
+
+
+class UpstreamStatus(Exception):
+    """The upstream answered, but with a status worth another try or another group."""
+
+    def __init__(self, outcome: Outcome, retry_after: float | None = None) -> None:
+        super().__init__(f"upstream answered {outcome.response.status}")
+        self.outcome = outcome
+        self.retry_after = retry_after
+
+
+class ContextWindowExceeded(UpstreamStatus):
+    """The prompt does not fit this model; a fallback group may have a larger window."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The answer to pass on, and who gave it."""
+
+    response: UpstreamResponse
+    guard: Guard
+    group: ModelGroup
+    parsed: Any = None
+    injected_usage: bool = False
+
+
+@dataclass
+class Job:
+    """One client call and everything that happened while forwarding it."""
+
+    operation: str
+    raw: bytes
+    payload: dict[str, Any]
+    stream: bool
+    group: ModelGroup
+    client_headers: Any
+    tokens: int = 0
+    tries: list[dict[str, Any]] = field(default_factory=list)
+    limiter_wait: float = 0.0
+    fallback: str | None = None
+    sent_ns: int | None = None
+    next_wait: float = 0.0
+
+    @property
+    def retries(self) -> int:
+        return max(len(self.tries) - 1, 0)
+
+
+def new_job(
+    gw: Gateway,
+    operation: str,
+    raw: bytes,
+    payload: dict[str, Any],
+    stream: bool,
+    group: ModelGroup,
+    client_headers: Any,
+) -> Job:
+    reply_cap = 0 if operation == "embeddings" else DEFAULT_MAX_TOKENS_ESTIMATE
+    return Job(
+        operation,
+        raw,
+        payload,
+        stream,
+        group,
+        client_headers,
+        tokens=estimate_tokens(payload, reply_cap),
+    )
+
+
+async def forward(gw: Gateway, job: Job) -> Outcome:
+    """The upstream answer for `job`, after whatever retries and fallbacks it took."""
+    return await _with_fallbacks(gw, job)
+
+
+async def _with_fallbacks(gw: Gateway, job: Job) -> Outcome:
+    chain = gw.router.chain(job.group)
+    answered: UpstreamStatus | None = None
+    failure: GatewayError | None = None
+    for index, group in enumerate(chain):
+        if index:
+            job.fallback = group.name
+        try:
+            return await _with_retries(gw, job, group)
+        except UpstreamStatus as exc:
+            answered = exc
+        except (Unavailable, RateLimited, UpstreamError) as exc:
+            failure = exc
+    if answered is not None:
+        # An upstream's own answer tells the client more than our summary of it.
+        return answered.outcome
+    if isinstance(failure, Unavailable):
+        raise Unavailable(
+            f"every deployment of {job.group.name!r} and its fallbacks is failing; "
+            "circuit breakers are open",
+            retry_after=max(gw.router.reopens_in(chain), 1.0),
+        )
+    assert failure is not None
+    raise failure
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ContextWindowExceeded):
+        return False
+    return isinstance(exc, UpstreamStatus | UpstreamError)
+
+
+def _waits(policy: RetryPolicy) -> Any:
+    backoff = wait_exponential_jitter(
+        multiplier=policy.backoff.initial, max=policy.backoff.max, jitter=policy.backoff.jitter
+    )
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(retry_after, policy.retry_after_cap)
+        return backoff(state)
+
+    return wait
+
+
+def _stops(policy: RetryPolicy) -> Any:
+    attempts = stop_after_attempt(policy.attempts)
+
+    def stop(state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        # An upstream that asks for a longer pause than we allow: try the next group now.
+        if retry_after is not None and retry_after > policy.retry_after_cap:
+            return True
+        return attempts(state)
+
+    return stop
+
+
+async def _with_retries(gw: Gateway, job: Job, group: ModelGroup) -> Outcome:
+    policy = gw.settings.retry_policy(group)
+
+    def note_wait(state: RetryCallState) -> None:
+        job.next_wait = state.next_action.sleep if state.next_action else 0.0
+
+    retrying = AsyncRetrying(
+        stop=_stops(policy),
+        wait=_waits(policy),
+        retry=retry_if_exception(_retryable),
+        before_sleep=note_wait,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await _send_once(gw, job, group, policy)
+    raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+
+async def _peek(chunks: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:
+    """Wait for the first chunk now (so a silent upstream can still be retried), then replay it."""
+    try:
+        first = await asyncio.wait_for(anext(chunks), timeout)
+    except StopAsyncIteration:
+        first = b""
+    except TimeoutError as exc:
+        await chunks.aclose()
+        raise UpstreamTimeout(f"no first token within {timeout:g}s") from exc
+
+    async def replay() -> AsyncIterator[bytes]:
+        try:
+            if first:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    return replay()
+
+
+class _Failed(Exception):
+    """Raised inside the breaker so pybreaker counts an upstream answer as a failure."""
+
+    def __init__(self, response: UpstreamResponse) -> None:
+        self.response = response
+
+
+def _context_window_exceeded(status: int, parsed: Any) -> bool:
+    if status not in (400, 413, 422) or not isinstance(parsed, dict):
+        return False
+    error = parsed.get("error")
+    if not isinstance(error, dict):
+        return False
+    if error.get("code") in CONTEXT_WINDOW_CODES:
+        return True
+    message = str(error.get("message") or "").lower()
+    return any(phrase in message for phrase in CONTEXT_WINDOW_PHRASES)
+
+
+async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPolicy) -> Outcome:
+    guard = gw.router.pick(group)
+    if guard is None or not guard.claim_probe():
+        raise Unavailable(
+            f"no deployment of {group.name!r} is taking calls (circuit breakers open)",
+            retry_after=max(gw.router.reopens_in([group]), 1.0),
+        )
+    deployment = guard.deployment
+    record: dict[str, Any] = {
+        "deployment": deployment.label,
+        "group": group.name,
+        "wait_ms": round(job.next_wait * 1000, 3),
+        "status": None,
+        "error": None,
+    }
+    job.next_wait = 0.0
+    job.tries.append(record)
+    started = time.perf_counter()
+    try:
+        waited = await guard.acquire(job.tokens, gw.settings.rate_limit_wait)
+        job.limiter_wait += waited
+        record["limiter_wait_ms"] = round(waited * 1000, 3)
+        body, payload, injected = upstream_body(
+            job.raw, job.payload, deployment.model, job.operation, job.stream
+        )
+        request = UpstreamRequest(
+            job.operation, body, payload, job.stream, deployment, job.client_headers
+        )
+        provider = gw.providers[deployment.provider]
+        guard.in_flight += 1
+        started = time.perf_counter()
+        job.sent_ns = time.perf_counter_ns()
+        try:
+            with guard.breaker.calling():
+                response = await provider(request)
+                if counts_against_breaker(response.status):
+                    raise _Failed(response)
+                parsed = None
+                if response.chunks is not None:
+                    response.chunks = await _peek(response.chunks, deployment.timeout.first_token)
+                elif response.ok:
+                    parsed = _json_object(response.body or b"", deployment.label)
+        finally:
+            guard.in_flight -= 1
+    except _Failed as failed:
+        response = failed.response
+        record["status"] = response.status
+        outcome = Outcome(response, guard, group, _loads(response.body))
+        if response.status in policy.on_status:
+            raise UpstreamStatus(outcome, parse_retry_after(response.headers)) from None
+        return outcome
+    except pybreaker.CircuitBreakerError as exc:
+        record["error"] = "circuit_open"
+        raise Unavailable(str(exc), retry_after=max(guard.reopens_in(), 1.0)) from exc
+    except GatewayError as exc:
+        record["status"] = exc.status
+        record["error"] = exc.code or exc.type
+        raise
+    finally:
+        record["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        if guard.probing:
+            guard.probing = False
+    record["status"] = response.status
+    outcome = Outcome(response, guard, group, parsed, injected)
+    if not response.ok and response.chunks is None:
+        outcome.parsed = _loads(response.body)
+        if _context_window_exceeded(response.status, outcome.parsed):
+            raise ContextWindowExceeded(outcome)
+    return outcome
+
+
+def _loads(body: bytes | None) -> Any:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _json_object(body: bytes, label: str) -> dict[str, Any]:
+    parsed = _loads(body)
+    if not isinstance(parsed, dict):
+        raise UpstreamProtocolError(f"upstream {label} answered with a body that is not JSON")
+    return parsed

@@ -1,0 +1,182 @@
+"""Per-deployment protection: a pybreaker circuit breaker and aiolimiter rpm/tpm buckets.
+
+The pieces are the libraries'; this file only decides when a deployment may take a
+call, lets one probe through a half-open breaker, and turns a long wait into a 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pybreaker
+from aiolimiter import AsyncLimiter
+
+from config.models import BreakerPolicy, Deployment
+from gateway.errors import GatewayError
+
+MINUTE = 60.0
+
+
+class RateLimited(GatewayError):
+    """The deployment's rpm/tpm budget stayed exhausted for longer than `rate_limit_wait`."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, kind: str = "requests") -> None:
+        super().__init__(message)
+        self.type = kind
+        self.retry_after = retry_after
+
+
+class Unavailable(GatewayError):
+    """Every deployment of the group (and of its fallbacks) has an open breaker."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_healthy_deployment"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _OpenedAt(pybreaker.CircuitBreakerListener):
+    """Remembers when the breaker opened, on the monotonic clock, to compute Retry-After."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        if new_state.name == pybreaker.STATE_OPEN:
+            self.guard.opened_at = time.monotonic()
+
+
+@dataclass(eq=False)
+class Guard:
+    """The breaker, limiters and live counters of one deployment."""
+
+    deployment: Deployment
+    policy: BreakerPolicy
+    breaker: pybreaker.CircuitBreaker = field(init=False)
+    rpm: AsyncLimiter | None = field(init=False, default=None)
+    tpm: AsyncLimiter | None = field(init=False, default=None)
+    in_flight: int = 0
+    probing: bool = False
+    opened_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=self.policy.fail_max,
+            reset_timeout=self.policy.reset_timeout,
+            throw_new_error_on_trip=False,
+            listeners=[_OpenedAt(self)],
+            name=self.deployment.label,
+        )
+        if self.deployment.rpm:
+            self.rpm = AsyncLimiter(self.deployment.rpm, MINUTE)
+        if self.deployment.tpm:
+            self.tpm = AsyncLimiter(self.deployment.tpm, MINUTE)
+
+    @property
+    def state(self) -> str:
+        return str(self.breaker.current_state)
+
+    def reopens_in(self) -> float:
+        """Seconds until an open breaker lets a probe through (0 when it already would)."""
+        if self.state == pybreaker.STATE_CLOSED:
+            return 0.0
+        return max(0.0, self.opened_at + self.policy.reset_timeout - time.monotonic())
+
+    def available(self) -> bool:
+        state = self.state
+        if state == pybreaker.STATE_CLOSED:
+            return True
+        if self.probing:
+            return False
+        return state == pybreaker.STATE_HALF_OPEN or self.reopens_in() <= 0
+
+    def claim_probe(self) -> bool:
+        """Take the single probe slot when the breaker is not closed; False if taken."""
+        if self.state == pybreaker.STATE_CLOSED:
+            return True
+        if self.probing:
+            return False
+        self.probing = True
+        return True
+
+    async def acquire(self, tokens: int, max_wait: float) -> float:
+        """Wait for rpm/tpm budget, at most `max_wait` seconds in all; the seconds waited."""
+        started = time.perf_counter()
+        for limiter, amount, kind in (
+            (self.rpm, 1, "requests"),
+            (self.tpm, tokens, "tokens"),
+        ):
+            if limiter is None:
+                continue
+            amount = min(amount, limiter.max_rate)
+            if limiter.has_capacity(amount):
+                await limiter.acquire(amount)
+                continue
+            remaining = max_wait - (time.perf_counter() - started)
+            try:
+                await asyncio.wait_for(limiter.acquire(amount), max(remaining, 0.0))
+            except TimeoutError:
+                per_second = limiter.max_rate / limiter.time_period
+                retry_after = max(1.0, math.ceil(amount / per_second))
+                raise RateLimited(
+                    f"rate limit of {self.deployment.label} reached "
+                    f"({int(limiter.max_rate)} {kind} per minute); retry after {retry_after:.0f}s",
+                    retry_after=retry_after,
+                    kind=kind,
+                ) from None
+        return time.perf_counter() - started
+
+    def correct_tokens(self, estimated: int, actual: int) -> None:
+        """Settle the token bucket with what the call really used instead of the estimate."""
+        if self.tpm is None or actual == estimated:
+            return
+        # aiolimiter has no public way to return or add capacity; its bucket level is the
+        # one place the correction can go without a second, home-made limiter.
+        limiter = self.tpm
+        limiter._leak()
+        limiter._level = min(max(limiter._level + (actual - estimated), 0.0), limiter.max_rate)
+
+    def ratelimit_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for limiter, kind in ((self.rpm, "requests"), (self.tpm, "tokens")):
+            if limiter is None:
+                continue
+            limiter._leak()
+            remaining = max(0, int(limiter.max_rate - limiter._level))
+            headers[f"x-ratelimit-limit-{kind}"] = str(int(limiter.max_rate))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+        return headers
+
+
+def estimate_tokens(payload: dict[str, Any], default_max_tokens: int) -> int:
+    """Rough tokens a call will use before it is made: prompt characters / 4 plus the reply cap."""
+    chars = 0
+    for key in ("messages", "input", "prompt"):
+        value = payload.get(key)
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    content = item.get("content")
+                    chars += len(content) if isinstance(content, str) else len(str(content or ""))
+                else:
+                    chars += len(str(item))
+    cap = (
+        payload.get("max_completion_tokens")
+        or payload.get("max_tokens")
+        or payload.get("max_output_tokens")
+    )
+    reply = cap if isinstance(cap, int) and cap > 0 else default_max_tokens
+    return chars // 4 + 1 + reply

@@ -1,0 +1,87 @@
+"""Shared fixtures: a real fake provider, the real gateway in front of it, and its database."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_provider import FakeProviderThread  # noqa: E402
+from servers import GatewayThread  # noqa: E402
+
+from config.loader import parse_settings  # noqa: E402
+from config.models import Settings  # noqa: E402
+
+UPSTREAM_MODEL = "upstream-model"
+
+
+@pytest.fixture(scope="session")
+def fake_provider_server() -> Iterator[FakeProviderThread]:
+    server = FakeProviderThread().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_provider(fake_provider_server: FakeProviderThread) -> FakeProviderThread:
+    """The fake upstream, with its recorded requests and planned faults cleared."""
+    fake_provider_server.state.reset()
+    fake_provider_server.state.latency = 0.0
+    return fake_provider_server
+
+
+def gateway_settings(provider_url: str, **overrides: Any) -> Settings:
+    """`gpt-test` goes to the fake provider (as `upstream-model`); `mock` is the built-in one."""
+    data: dict[str, Any] = {
+        "models": [
+            {
+                "name": "gpt-test",
+                "deployments": [
+                    {
+                        "provider": "openai",
+                        "model": UPSTREAM_MODEL,
+                        "api_base": provider_url,
+                        "api_key": "sk-upstream-secret",
+                    }
+                ],
+            },
+            {"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]},
+        ]
+    }
+    data.update(overrides)
+    return parse_settings(data, env={})
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "spangate.db"
+
+
+@pytest.fixture
+def make_gateway(
+    fake_provider: FakeProviderThread, db_path: Path
+) -> Iterator[Callable[..., GatewayThread]]:
+    """Start a gateway with settings overrides (or a whole `settings=`); stopped at teardown."""
+    started: list[GatewayThread] = []
+
+    def make(*, settings: Settings | None = None, **overrides: Any) -> GatewayThread:
+        chosen = settings or gateway_settings(fake_provider.url, **overrides)
+        gateway = GatewayThread(chosen, db_path).start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in reversed(started):
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., GatewayThread]) -> GatewayThread:
+    return make_gateway()

@@ -1,0 +1,124 @@
+"""Real servers for tests: the gateway on a loopback port in its own thread, and polling helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from config.models import Settings
+from gateway.app import create_app
+from gateway.state import GATEWAY, Gateway
+from store.queries import decode_row
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], *, timeout: float = 5.0, interval: float = 0.01, what: str = ""
+) -> T:
+    """Poll until `predicate()` is truthy and return it; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)  # poll
+
+
+class GatewayThread:
+    """`create_app` served by a real AppRunner on 127.0.0.1:0, in a daemon thread."""
+
+    def __init__(self, settings: Settings, db_path: str | Path) -> None:
+        self.settings = settings
+        self.db_path = Path(db_path)
+        self.loop = asyncio.new_event_loop()
+        self.app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def gw(self) -> Gateway:
+        assert self.app is not None
+        return self.app[GATEWAY]
+
+    def url(self, rollout: str | None = None, attempt: str | None = None) -> str:
+        """The `base_url` an OpenAI client uses, with the rollout prefix when given."""
+        prefix = ""
+        if rollout is not None:
+            prefix = f"/rollout/{rollout}"
+            if attempt is not None:
+                prefix += f"/attempt/{attempt}"
+        return f"{self.base}{prefix}/v1"
+
+    def start(self) -> GatewayThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=30)
+        return self
+
+    async def _start(self) -> None:
+        self.app = create_app(self.settings, self.db_path)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=60)
+            self._runner = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every published span has been written (or spilled)."""
+        gw = self.gw
+        wait_until(
+            lambda: gw.writer.written + gw.writer.spilled >= gw.recorder.published
+            and gw.writer.depth == 0,
+            timeout=timeout,
+            what="the writer to catch up",
+        )
+
+    def spans(self, **where: Any) -> list[dict[str, Any]]:
+        self.flush()
+        return read_spans(self.db_path, **where)
+
+
+def read_spans(db_path: str | Path, **where: Any) -> list[dict[str, Any]]:
+    """Span rows (JSON columns decoded), filtered by equality on columns, in seq/start order."""
+    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        clause = " and ".join(f"{k} = ?" for k in where) or "1"
+        rows = conn.execute(
+            f"select * from spans where {clause} order by rollout_id, seq, start_ns",
+            list(where.values()),
+        ).fetchall()
+        return [decode_row(dict(r)) for r in rows]
+    finally:
+        conn.close()
+
+
+def read_rows(db_path: str | Path, sql: str, *params: Any) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(sql, params).fetchall()]
+    finally:
+        conn.close()
