@@ -14,6 +14,7 @@ from config.models import Settings
 from gateway import mock_provider
 from gateway.attribution import Sequencer
 from gateway.cost import load_cost_map
+from gateway.metrics import METRICS, Metrics
 from gateway.middleware import error_middleware
 from gateway.recorder import Recorder
 from gateway.router import Router
@@ -67,6 +68,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         sequencer=Sequencer(lookup),
     )
     app[GATEWAY] = gw
+    app[METRICS] = Metrics(gw)
     # Teardown runs in reverse: the upstream session closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_recording)
@@ -90,9 +92,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 async def _recording(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
-    unsubscribe = gw.recorder.subscribe(gw.writer.put)
+    unsubscribe_writer = gw.recorder.subscribe(gw.writer.put)
+    unsubscribe_metrics = gw.recorder.subscribe(app[METRICS].observe)
     yield
-    unsubscribe()
+    unsubscribe_metrics()
+    unsubscribe_writer()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

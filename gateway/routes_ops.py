@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.metrics import metrics_view
 from gateway.state import GATEWAY
 
 
@@ -18,6 +19,9 @@ async def ready(request: web.Request) -> web.Response:
         problems.append(f"store not writable: {gw.writer.last_error}")
     if not gw.settings.models:
         problems.append("no model groups configured")
+    for group in gw.settings.models:
+        if not gw.router.usable(group):
+            problems.append(f"model group {group.name!r} has no usable deployment (breakers open)")
     body = {
         "status": "ready" if not problems else "not_ready",
         "problems": problems,
@@ -34,3 +38,4 @@ async def ready(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
+    app.router.add_get("/metrics", metrics_view)

@@ -89,8 +89,10 @@ class GatewayThread:
         """Wait until every published span has been written (or spilled)."""
         gw = self.gw
         wait_until(
-            lambda: gw.writer.written + gw.writer.spilled >= gw.recorder.published
-            and gw.writer.depth == 0,
+            lambda: (
+                gw.writer.written + gw.writer.spilled >= gw.recorder.published
+                and gw.writer.depth == 0
+            ),
             timeout=timeout,
             what="the writer to catch up",
         )

@@ -1,0 +1,172 @@
+"""Prometheus metrics: a recorder subscriber for per-call numbers, read-outs for live state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.state import Gateway
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class _LiveState(Collector):
+    """Values read at scrape time: breaker states, queue depth, writer counters."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gw
+        breaker = GaugeMetricFamily(
+            "spangate_circuit_breaker_state",
+            "Circuit breaker per deployment: 0 closed, 1 half-open, 2 open.",
+            labels=["model_group", "deployment"],
+        )
+        in_flight = GaugeMetricFamily(
+            "spangate_upstream_in_flight",
+            "Calls in flight per deployment.",
+            labels=["model_group", "deployment"],
+        )
+        for group, guards in gw.router.guards.items():
+            for guard in guards:
+                labels = [group, guard.deployment.label]
+                breaker.add_metric(labels, BREAKER_STATES.get(guard.state, 2))
+                in_flight.add_metric(labels, guard.in_flight)
+        yield breaker
+        yield in_flight
+        yield GaugeMetricFamily(
+            "spangate_recorder_queue_depth", "Spans waiting for the writer.", value=gw.writer.depth
+        )
+        for name, help_text, value in (
+            ("spans_written", "Spans written to the store.", gw.writer.written),
+            ("spans_spilled", "Spans spilled to the journal.", gw.writer.spilled),
+            ("spans_replayed", "Spans replayed from the journal.", gw.writer.replayed),
+        ):
+            family = GaugeMetricFamily(f"spangate_{name}", help_text)
+            family.add_metric([], value)
+            yield family
+        yield GaugeMetricFamily(
+            "spangate_store_healthy", "1 when the store takes writes.", value=int(gw.writer.healthy)
+        )
+
+
+class Metrics:
+    """Every metric of one gateway, in its own registry (no process-wide state)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_group", "deployment", "status"]
+        self.requests = Counter(
+            "spangate_requests",
+            "Calls by model group, deployment and status.",
+            labels,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "spangate_request_duration_seconds",
+            "Total call latency.",
+            ["model_group"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream = Histogram(
+            "spangate_upstream_duration_seconds",
+            "Upstream latency of the answering try.",
+            ["model_group", "deployment"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.overhead = Histogram(
+            "spangate_gateway_overhead_seconds",
+            "Time spent in the gateway itself.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "spangate_time_to_first_token_seconds",
+            "Streams: time to the first token.",
+            ["model_group"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "spangate_tokens",
+            "Tokens by model group and kind (input, output, cached, reasoning).",
+            ["model_group", "kind"],
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "spangate_cost_usd",
+            "Cost in USD by model group.",
+            ["model_group"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "spangate_upstream_retries",
+            "Upstream tries beyond the first.",
+            ["model_group"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "spangate_fallbacks",
+            "Calls answered by a fallback group.",
+            ["model_group", "fallback"],
+            registry=self.registry,
+        )
+        self.limiter_wait = Histogram(
+            "spangate_rate_limit_wait_seconds",
+            "Time calls waited for rpm/tpm budget.",
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10),
+            registry=self.registry,
+        )
+        self.registry.register(_LiveState(gw))
+
+    def observe(self, span: dict[str, Any]) -> None:
+        """Recorder subscriber: a handful of in-memory increments per span."""
+        group = span.get("model_group") or ""
+        deployment = span.get("deployment") or ""
+        self.requests.labels(group, deployment, span["status"]).inc()
+        self.latency.labels(group).observe(span["duration_ms"] / 1000)
+        if span.get("upstream_ms") is not None:
+            self.upstream.labels(group, deployment).observe(span["upstream_ms"] / 1000)
+        if span.get("overhead_ms") is not None:
+            self.overhead.observe(span["overhead_ms"] / 1000)
+        if span.get("ttft_ms") is not None:
+            self.ttft.labels(group).observe(span["ttft_ms"] / 1000)
+        for kind in ("input", "output", "cached", "reasoning"):
+            value = span.get(f"{kind}_tokens")
+            if value:
+                self.tokens.labels(group, kind).inc(value)
+        if span.get("cost_usd"):
+            self.cost.labels(group).inc(span["cost_usd"])
+        if span.get("retries"):
+            self.retries.labels(group).inc(span["retries"])
+        attributes = span.get("attributes") or {}
+        if attributes.get("spangate.fallback"):
+            self.fallbacks.labels(
+                span.get("request_model") or "", attributes["spangate.fallback"]
+            ).inc()
+        if attributes.get("spangate.limiter_wait_ms"):
+            self.limiter_wait.observe(attributes["spangate.limiter_wait_ms"] / 1000)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
