@@ -2,22 +2,34 @@
 
 from config.loader import DEFAULT_CONFIG_FILE, ConfigError, load_settings, parse_settings
 from config.models import (
+    ApiKey,
+    AuthSettings,
+    Backoff,
+    BreakerPolicy,
     Deployment,
     ModelGroup,
     RecorderSettings,
+    RetryPolicy,
     ServerSettings,
     Settings,
+    Timeouts,
     default_settings,
 )
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
+    "ApiKey",
+    "AuthSettings",
+    "Backoff",
+    "BreakerPolicy",
     "ConfigError",
     "Deployment",
     "ModelGroup",
     "RecorderSettings",
+    "RetryPolicy",
     "ServerSettings",
     "Settings",
+    "Timeouts",
     "default_settings",
     "load_settings",
     "parse_settings",

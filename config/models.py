@@ -187,6 +187,34 @@ class RecorderSettings(_Strict):
     store_bodies: bool = Field(True, description="Store request and response bodies on spans.")
 
 
+Scope = Literal["proxy", "read", "write", "admin"]
+
+
+class ApiKey(_Strict):
+    """A key clients send as `Authorization: Bearer <key>` (or as their OpenAI `api_key`)."""
+
+    key: str = Field(
+        ..., min_length=8, description="The secret; use `${ENV_VAR}` to keep it out of the file."
+    )
+    name: str = Field("", description="Who holds the key, for logs.")
+    scopes: list[Scope] = Field(
+        default_factory=lambda: ["proxy", "read", "write"],
+        description="`proxy` (OpenAI routes), `read` (GET /api, /metrics), `write` (POST/PATCH /api), `admin` (all).",
+    )
+
+
+class AuthSettings(_Strict):
+    """Who may call the gateway."""
+
+    keys: list[ApiKey] = Field(
+        default_factory=list, description="Accepted keys; none means no authentication."
+    )
+    allow_unauthenticated_remote: bool = Field(
+        False,
+        description="Serve on a non-loopback address without keys (otherwise refused at start).",
+    )
+
+
 class Settings(_Strict):
     """The whole `spangate.yaml`."""
 
@@ -202,6 +230,7 @@ class Settings(_Strict):
     circuit_breaker: BreakerPolicy = Field(
         default_factory=BreakerPolicy, description="Default circuit breaker per deployment."
     )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and scopes.")
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,
         ge=0,

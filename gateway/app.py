@@ -13,11 +13,14 @@ from aiohttp import web
 from config.models import Settings
 from gateway import mock_provider
 from gateway.attribution import Sequencer
+from gateway.auth import auth_middleware
 from gateway.cost import load_cost_map
 from gateway.metrics import METRICS, Metrics
 from gateway.middleware import error_middleware
+from gateway.openapi import openapi_view
 from gateway.recorder import Recorder
 from gateway.router import Router
+from gateway.routes_api import add_routes as add_api_routes
 from gateway.routes_openai import add_routes as add_openai_routes
 from gateway.routes_ops import add_routes as add_ops_routes
 from gateway.state import GATEWAY, Gateway
@@ -45,9 +48,10 @@ def check_providers(settings: Settings) -> None:
 def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     """The whole gateway as an aiohttp app; nothing starts until the app does."""
     check_providers(settings)
-    app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
-    )
+    middlewares = [error_middleware]
+    if settings.auth.keys:
+        middlewares.append(auth_middleware(settings.auth.keys))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
     writer = StoreWriter(
         db_path,
         queue_size=settings.recorder.queue_size,
@@ -75,6 +79,8 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app.cleanup_ctx.append(_upstreams)
     add_openai_routes(app)
     add_ops_routes(app)
+    add_api_routes(app)
+    app.router.add_get("/openapi.json", openapi_view)
     return app
 
 

@@ -36,6 +36,17 @@ def json_option(fn: F) -> F:
     )(fn)
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @click.group()
 @click.version_option(package_name="spangate")
 def cli() -> None:
@@ -79,6 +90,23 @@ def serve(
         settings.server.port = port
     from gateway.app import check_providers
     from gateway.server import run
+
+    if not settings.auth.keys:
+        if (
+            not _is_loopback(settings.server.host)
+            and not settings.auth.allow_unauthenticated_remote
+        ):
+            raise click.ClickException(
+                f"refusing to serve on {settings.server.host} without API keys: anyone who can "
+                "reach it could use your providers. Add `auth.keys` to the config, or set "
+                "`auth.allow_unauthenticated_remote: true` if something in front of spangate "
+                "authenticates."
+            )
+        click.echo(
+            "spangate: no API keys configured; serving without authentication "
+            f"(only reachable on {settings.server.host})",
+            err=True,
+        )
 
     try:
         check_providers(settings)
@@ -246,3 +274,129 @@ def show(rollout_id: str, as_json: bool, db: str) -> None:
         return
     for line in cli_render.rollout_tree(rollout):
         click.echo(line)
+
+
+def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from store.export import parse_since
+
+    if value is None:
+        return None
+    try:
+        return parse_since(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+
+@cli.command("export")
+@click.option(
+    "--rollout",
+    "rollout_ids",
+    multiple=True,
+    metavar="R",
+    help="Only this rollout (repeat for several).",
+)
+@click.option(
+    "--since",
+    "since_ns",
+    metavar="T",
+    callback=_time_option,
+    help="Rollouts created at or after T: ISO 8601 (2026-11-22T08:00:00, local time "
+    "unless it has Z or an offset) or a duration ago (30m, 1h, 7d).",
+)
+@click.option(
+    "--until",
+    "until_ns",
+    metavar="T",
+    callback=_time_option,
+    help="Rollouts created before T (same forms as --since).",
+)
+@click.option("--status", default=None, help="Only rollouts in this status.")
+@click.option("--agent", default=None, help="Only rollouts of this agent.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "triplets"]),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: one rollout per line; triplets: one prompt/completion/reward per call.",
+)
+@click.option(
+    "--reward-name",
+    default=None,
+    metavar="N",
+    help="With --format triplets: the reward name that counts (default reward).",
+)
+@click.option(
+    "--output",
+    "-o",
+    default="-",
+    show_default=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="File to write (replaced only once the export is complete); - is stdout.",
+)
+@db_option
+def export_command(
+    rollout_ids: tuple[str, ...],
+    since_ns: int | None,
+    until_ns: int | None,
+    status: str | None,
+    agent: str | None,
+    fmt: str,
+    reward_name: str | None,
+    output: str,
+    db: str,
+) -> None:
+    """Export rollouts for training or analysis, as JSON lines.
+
+    jsonl gives each rollout with its attempts, their calls (request and response
+    bodies) and rewards. triplets gives one line per chat/responses/completion call:
+    prompt, tools, completion and a reward, the call's own reward, else its attempt's
+    final one, else its attempt's latest, else the rollout's final one.
+
+    Example:
+
+    \b
+        spangate export --since 7d --status succeeded -o rollouts.jsonl
+        spangate export --format triplets --reward-name accuracy | jq .reward
+    """
+    from store.export import (
+        DEFAULT_REWARD_NAME,
+        iter_rollouts,
+        iter_triplets,
+        missing_rollouts,
+        write_jsonl,
+    )
+    from store.schema import ROLLOUT_STATUSES
+
+    if status is not None and status not in ROLLOUT_STATUSES:
+        raise click.BadParameter(
+            f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
+        )
+    if reward_name is not None and fmt != "triplets":
+        raise click.UsageError("--reward-name applies only to --format triplets")
+    if since_ns is not None and until_ns is not None and since_ns >= until_ns:
+        raise click.BadParameter("must be later than --since", param_hint="--until")
+    filters: dict[str, Any] = {
+        "rollout_ids": list(rollout_ids) or None,
+        "since_ns": since_ns,
+        "until_ns": until_ns,
+        "status": status,
+        "agent": agent,
+    }
+    with read_db(db) as conn:
+        missing = missing_rollouts(conn, rollout_ids) if rollout_ids else []
+        if missing:
+            raise click.ClickException(f"rollout not found: {', '.join(missing)}")
+        if fmt == "triplets":
+            items = iter_triplets(conn, reward_name=reward_name or DEFAULT_REWARD_NAME, **filters)
+            unit = "calls"
+        else:
+            items = iter_rollouts(conn, **filters)
+            unit = "rollouts"
+        # atomic: a failed export leaves an existing file as it was, not half-written.
+        with click.open_file(output, "wb", atomic=output != "-") as fp:
+            count = write_jsonl(items, fp)
+    if count == 0:
+        click.echo(f"no {unit} match; nothing exported", err=True)
+    elif output != "-":
+        click.echo(f"exported {count} {unit} to {output}", err=True)

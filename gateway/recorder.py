@@ -16,6 +16,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._rollout_subscribers: list[Subscriber] = []
         self.published = 0
         self.subscriber_errors = 0
 
@@ -32,3 +33,16 @@ class Recorder:
                 # One broken subscriber must not cost the others (or the store) the span.
                 self.subscriber_errors += 1
                 log.exception("span subscriber %r failed", subscriber)
+
+    def subscribe_rollouts(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Rollout status changes (the online judge listens for terminal ones)."""
+        self._rollout_subscribers.append(subscriber)
+        return lambda: self._rollout_subscribers.remove(subscriber)
+
+    def publish_rollout(self, rollout: dict[str, Any]) -> None:
+        for subscriber in self._rollout_subscribers:
+            try:
+                subscriber(rollout)
+            except Exception:
+                self.subscriber_errors += 1
+                log.exception("rollout subscriber %r failed", subscriber)

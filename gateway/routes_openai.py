@@ -13,6 +13,7 @@ from aiohttp import web
 
 from config.models import Deployment
 from gateway.attribution import Attribution, new_span_id, new_trace_id, read_attribution
+from gateway.auth import forwarded_client_headers
 from gateway.cost import cost_usd
 from gateway.errors import (
     GatewayError,
@@ -317,7 +318,9 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
                 attribution.rollout_id, attribution.attempt_id
             )
         group = gw.router.group(payload["model"])
-        call.job = new_job(gw, operation, raw, payload, stream, group, request.headers)
+        call.job = new_job(
+            gw, operation, raw, payload, stream, group, forwarded_client_headers(request)
+        )
         call.outcome = outcome = await forward(gw, call.job)
         if outcome.response.chunks is None:
             call.upstream_done_ns = time.perf_counter_ns()

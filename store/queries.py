@@ -63,6 +63,7 @@ order by created_ns
 
 JSON_COLUMNS = frozenset(
     {
+        "input",
         "metadata",
         "tags",
         "finish_reasons",

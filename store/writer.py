@@ -173,6 +173,7 @@ class StoreWriter:
         self.healthy = True
         self.last_error: str | None = None
         self._next_replay = 0.0
+        self._commit_hooks: list[Callable[[], None]] = []
 
     # -- lifecycle --------------------------------------------------------
 
@@ -212,6 +213,11 @@ class StoreWriter:
             return
         self._queue.put(record)
 
+    def on_commit(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call `hook()` on the writer thread after each batch is committed; returns an undo."""
+        self._commit_hooks.append(hook)
+        return lambda: self._commit_hooks.remove(hook)
+
     async def execute(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(db)` on the writer thread after everything queued before it; await it."""
         loop = asyncio.get_running_loop()
@@ -248,9 +254,17 @@ class StoreWriter:
                 else:
                     spans.append(item)
             self._write_spans(spans)
+            self._notify()
             self._maybe_replay()
             if stopping and self._queue.empty():
                 return
+
+    def _notify(self) -> None:
+        for hook in list(self._commit_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("commit hook %r failed", hook)
 
     def _write_spans(self, spans: list[dict[str, Any]]) -> None:
         if not spans:

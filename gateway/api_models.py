@@ -1,0 +1,213 @@
+"""Request and response shapes of the `/api` routes; they validate input and feed /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RolloutStatus = Literal["running", "succeeded", "failed", "cancelled", "timeout"]
+ID_PATTERN = r"^[A-Za-z0-9._:@+=~-]{1,256}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- requests -------------------------------------------------------------
+
+
+class RolloutCreate(_Body):
+    id: str | None = Field(
+        None, pattern=ID_PATTERN, description="Client-chosen id; generated if absent."
+    )
+    input: Any = Field(None, description="The task given to the agent (any JSON).")
+    agent: str | None = Field(None, max_length=256, description="Which agent runs it.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form metadata.")
+    tags: list[str] = Field(
+        default_factory=list, max_length=64, description="Labels for filtering."
+    )
+
+
+class RolloutUpdate(_Body):
+    status: RolloutStatus | None = Field(None, description="New status; terminal ones are final.")
+    metadata: dict[str, Any] | None = Field(None, description="Merged into the stored metadata.")
+    tags: list[str] | None = Field(None, max_length=64, description="Replaces the stored tags.")
+
+
+class AttemptCreate(_Body):
+    id: str | None = Field(
+        None, pattern=ID_PATTERN, description="Attempt id; defaults to its number."
+    )
+
+
+class AttemptUpdate(_Body):
+    status: RolloutStatus = Field(..., description="New status; terminal ones are final.")
+
+
+class RewardCreate(_Body):
+    id: str | None = Field(
+        None, pattern=ID_PATTERN, description="Client-given id: makes the post idempotent."
+    )
+    rollout_id: str | None = Field(None, description="Target a rollout (or scope an attempt).")
+    attempt_id: str | None = Field(None, description="Target an attempt (needs rollout_id).")
+    span_id: str | None = Field(None, description="Target one recorded call by its span id.")
+    response_id: str | None = Field(
+        None, description="Target one call by the provider's response id (the `id` the client got)."
+    )
+    name: str = Field("reward", min_length=1, max_length=128, description="Which reward.")
+    value: float = Field(..., allow_inf_nan=False, description="The reward value.")
+    dimensions: dict[str, float] = Field(
+        default_factory=dict, description='Per-dimension scores, e.g. {"accuracy": 0.9}.'
+    )
+    final: bool = Field(False, description="The outcome of the rollout or attempt, not a step.")
+    source: str = Field("user", max_length=128, description="`user`, `agent`, `judge:<name>`...")
+    comment: str | None = Field(None, max_length=10_000, description="Free text.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Any structured detail.")
+    tags: list[str] = Field(default_factory=list, max_length=64, description="Labels.")
+
+    @model_validator(mode="after")
+    def _has_target(self) -> RewardCreate:
+        if not (self.rollout_id or self.span_id or self.response_id):
+            raise ValueError("a reward needs a target: rollout_id, span_id or response_id")
+        if self.attempt_id and not self.rollout_id:
+            raise ValueError("attempt_id needs rollout_id")
+        return self
+
+
+class RolloutQuery(_Body):
+    status: RolloutStatus | None = None
+    agent: str | None = None
+    tag: str | None = None
+    since: str | None = Field(None, description="ISO 8601 time or a duration ago (`1h`, `7d`).")
+    until: str | None = Field(None, description="ISO 8601 time or a duration ago.")
+    cursor: str | None = None
+    limit: int = Field(50, ge=1, le=1000)
+
+
+class SpanQuery(_Body):
+    rollout_id: str | None = None
+    attempt_id: str | None = None
+    model: str | None = None
+    status: Literal["ok", "error"] | None = None
+    tag: str | None = None
+    since: str | None = None
+    until: str | None = None
+    cursor: str | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class RewardQuery(_Body):
+    rollout_id: str | None = None
+    attempt_id: str | None = None
+    span_id: str | None = None
+    name: str | None = None
+    source: str | None = None
+    cursor: str | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class StatsQuery(_Body):
+    since: str | None = None
+
+
+# -- responses ------------------------------------------------------------
+
+
+class Rollout(_Out):
+    id: str
+    status: RolloutStatus
+    agent: str | None
+    input: Any
+    metadata: dict[str, Any]
+    tags: list[str]
+    created_ns: int
+    updated_ns: int
+    ended_ns: int | None
+
+
+class Attempt(_Out):
+    rollout_id: str
+    id: str
+    number: int
+    status: RolloutStatus
+    created_ns: int
+    updated_ns: int
+    ended_ns: int | None
+
+
+class Span(_Out):
+    span_id: str
+    trace_id: str
+    parent_span_id: str | None
+    rollout_id: str | None
+    attempt_id: str | None
+    seq: int | None
+    name: str
+    operation: str
+    status: Literal["ok", "error"]
+    http_status: int | None
+    start_ns: int
+    end_ns: int
+    duration_ms: float
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: float | None
+
+
+class Reward(_Out):
+    id: str
+    rollout_id: str | None
+    attempt_id: str | None
+    span_id: str | None
+    name: str
+    value: float
+    dimensions: dict[str, Any]
+    final: bool
+    source: str
+    comment: str | None
+    details: dict[str, Any]
+    tags: list[str]
+    created_ns: int
+
+
+class RolloutPage(_Out):
+    data: list[Rollout]
+    next_cursor: str | None
+
+
+class SpanPage(_Out):
+    data: list[Span]
+    next_cursor: str | None
+
+
+class RewardPage(_Out):
+    data: list[Reward]
+    next_cursor: str | None
+
+
+class RolloutDetail(Rollout):
+    attempts: list[dict[str, Any]]
+    rewards: list[Reward]
+    summary: dict[str, Any]
+
+
+class Stats(_Out):
+    totals: dict[str, Any]
+    by_model: list[dict[str, Any]]
+    rollouts_by_status: dict[str, int]
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class Error(_Out):
+    error: ErrorDetail

@@ -1,0 +1,418 @@
+"""Export recorded rollouts for training and analysis: whole rollouts (attempts, calls,
+rewards) as JSON objects, or one prompt/completion/reward triplet per call."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any
+
+import orjson
+from sqlite_utils import Database
+
+from store.errors import NotFound
+from store.queries import decode_row
+
+ROLLOUT_BATCH = 200
+DEFAULT_REWARD_NAME = "reward"
+# Operations whose request/answer pair is a prompt and a completion; embeddings are not.
+TRIPLET_OPERATIONS = frozenset({"chat", "responses", "text_completion"})
+
+TRIPLET_REWARD_RULE = """\
+Each call's reward is the first of, counting only rewards with the chosen name
+(default "reward"), and taking the latest (created_ns, then insertion order) when
+several match:
+  1. span:          a reward on the call itself (span_id = the call);
+  2. attempt_final: the final reward of the call's attempt (final = 1, no span_id);
+  3. attempt:       any reward of the call's attempt (no span_id);
+  4. rollout_final: the final reward of the rollout (final = 1, no attempt_id, no span_id);
+  5. none:          reward and reward_source are null.
+A reward on one call never counts for another call of the same attempt."""
+
+# Keyset paging on (created_ns, rowid): stable under concurrent inserts and ties in time,
+# and served by the rollouts_created index (which carries the rowid).
+ROLLOUTS_PAGE_SQL = """
+select rowid as _rowid, *
+from rollouts
+where (created_ns, rowid) > (:after_created_ns, :after_rowid)
+  and (:rollout_ids is null or id in (select value from json_each(:rollout_ids)))
+  and (:since_ns is null or created_ns >= :since_ns)
+  and (:until_ns is null or created_ns < :until_ns)
+  and (:status is null or status = :status)
+  and (:agent is null or agent = :agent)
+order by created_ns, rowid
+limit :limit
+"""
+
+# Spans of one page, grouped by the page's order (json_each's key) and in seq order within
+# a rollout, so the cursor can be consumed one rollout at a time.
+BATCH_SPANS_SQL = """
+select s.*
+from json_each(:rollout_ids) as batch
+join spans s on s.rollout_id = batch.value
+order by batch.key, s.seq, s.start_ns, s.span_id
+"""
+
+BATCH_ATTEMPTS_SQL = """
+select *
+from attempts
+where rollout_id in (select value from json_each(:rollout_ids))
+order by rollout_id, number
+"""
+
+BATCH_REWARDS_SQL = """
+select rowid as _rowid, *
+from rewards
+where rollout_id in (select value from json_each(:rollout_ids))
+order by created_ns, rowid
+"""
+
+EXISTING_ROLLOUTS_SQL = """
+select id from rollouts
+where id in (select value from json_each(:rollout_ids))
+"""
+
+# Decoded like the other JSON columns; the rollouts API stores `input` as JSON text.
+_ROLLOUT_JSON_COLUMNS = ("input",)
+
+Row = dict[str, Any]
+
+
+# -- time arguments ------------------------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_since(text: str, *, now_ns: int | None = None) -> int:
+    """A point in time as ns since the epoch, from ISO 8601 or a duration ago.
+
+    `2026-11-22`, `2026-11-22T08:00:00`, `2026-11-22 08:00:00+02:00`, `...Z`: a time
+    without an offset is local time, as the CLI prints times. `30s`, `30m`, `1h`, `7d`,
+    `2w`: that long before `now_ns` (default: now). Raises ValueError otherwise.
+    """
+    value = text.strip()
+    match = _DURATION.match(value.lower())
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        now = now_ns if now_ns is not None else _ns(datetime.now(UTC))
+        return now - int(amount * _UNIT_SECONDS[unit] * 1_000_000_000)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: give ISO 8601 (2026-11-22, 2026-11-22T08:00:00, "
+            "optionally with Z or +02:00) or a duration ago (30m, 1h, 7d)"
+        ) from None
+    return _ns(moment)
+
+
+def _ns(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # naive means local time
+    # Integer arithmetic: a float timestamp would lose the last digits of the ns value.
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+# -- rollouts --------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """One rollout as read: its row, attempts, calls in seq order and rewards (all decoded)."""
+
+    rollout: Row
+    attempts: list[Row]
+    calls: list[Row]
+    rewards: list[Row]
+
+
+def _rows(db: Database, sql: str, params: dict[str, Any]) -> Iterator[Row]:
+    cursor = db.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    for row in cursor:
+        yield dict(zip(names, row, strict=True))
+
+
+def _decode(row: Row) -> Row:
+    out = decode_row(row)
+    out.pop("_rowid", None)
+    return out
+
+
+def _decode_rollout(row: Row) -> Row:
+    out = _decode(row)
+    for key in _ROLLOUT_JSON_COLUMNS:
+        if isinstance(out.get(key), str):
+            with contextlib.suppress(orjson.JSONDecodeError):  # plain text stays text
+                out[key] = orjson.loads(out[key])
+    return out
+
+
+def _ids_json(rollout_ids: Sequence[str]) -> str:
+    # A bare string is a Sequence[str] too; taken as a list of characters it would match nothing.
+    if isinstance(rollout_ids, str):
+        raise TypeError("rollout_ids must be a list of ids, not a string")
+    return orjson.dumps(list(rollout_ids)).decode()
+
+
+def _iter_parts(
+    db: Database,
+    *,
+    rollout_ids: Sequence[str] | None,
+    since_ns: int | None,
+    until_ns: int | None,
+    status: str | None,
+    agent: str | None,
+    batch_size: int,
+) -> Iterator[_Part]:
+    params: dict[str, Any] = {
+        "rollout_ids": _ids_json(rollout_ids) if rollout_ids is not None else None,
+        "since_ns": since_ns,
+        "until_ns": until_ns,
+        "status": status,
+        "agent": agent,
+        "limit": batch_size,
+        "after_created_ns": -1,
+        "after_rowid": 0,
+    }
+    while True:
+        page = list(_rows(db, ROLLOUTS_PAGE_SQL, params))
+        if not page:
+            return
+        yield from _iter_page(db, page)
+        if len(page) < batch_size:
+            return
+        params["after_created_ns"] = page[-1]["created_ns"]
+        params["after_rowid"] = page[-1]["_rowid"]
+
+
+def _iter_page(db: Database, page: list[Row]) -> Iterator[_Part]:
+    ids = orjson.dumps([r["id"] for r in page]).decode()
+    spans = _rows(db, BATCH_SPANS_SQL, {"rollout_ids": ids})
+    # Spans are read first: attempts and rewards are committed with or before the spans that
+    # name them, so reading those second never misses an attempt a span points to.
+    pending = next(spans, None)
+    attempts: dict[str, list[Row]] = {}
+    for row in _rows(db, BATCH_ATTEMPTS_SQL, {"rollout_ids": ids}):
+        attempts.setdefault(row["rollout_id"], []).append(_decode(row))
+    rewards: dict[str, list[Row]] = {}
+    for row in _rows(db, BATCH_REWARDS_SQL, {"rollout_ids": ids}):
+        rewards.setdefault(row["rollout_id"], []).append(_decode(row))
+    for rollout in page:
+        rid = rollout["id"]
+        calls: list[Row] = []
+        while pending is not None and pending["rollout_id"] == rid:
+            calls.append(decode_row(pending))
+            pending = next(spans, None)
+        yield _Part(_decode_rollout(rollout), attempts.get(rid, []), calls, rewards.get(rid, []))
+
+
+def _nest(part: _Part) -> Row:
+    rollout = dict(part.rollout)
+    attempts = {a["id"]: {**a, "calls": [], "rewards": []} for a in part.attempts}
+    unattributed: list[Row] = []
+    for call in part.calls:
+        owner = attempts.get(call["attempt_id"])
+        (owner["calls"] if owner else unattributed).append(call)
+    rollout_rewards: list[Row] = []
+    for reward in part.rewards:
+        owner = attempts.get(reward["attempt_id"])
+        # Rewards on calls outside any attempt stay at the rollout level (they keep span_id).
+        (owner["rewards"] if owner else rollout_rewards).append(reward)
+    rollout["attempts"] = list(attempts.values())
+    rollout["rewards"] = rollout_rewards
+    rollout["unattributed_calls"] = unattributed
+    return rollout
+
+
+def iter_rollouts(
+    db: Database,
+    *,
+    rollout_ids: Sequence[str] | None = None,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    status: str | None = None,
+    agent: str | None = None,
+    batch_size: int = ROLLOUT_BATCH,
+) -> Iterator[Row]:
+    """Each matching rollout as one JSON-ready object, oldest first, read page by page.
+
+    Filters combine with AND: `rollout_ids` (any of), `since_ns` <= created_ns < `until_ns`,
+    `status`, `agent`. An object holds the rollout's columns (JSON ones decoded) and
+    `attempts` (by number, each with `calls` in seq order, bodies decoded, and `rewards` on
+    the attempt or its calls), `rewards` (those not tied to an attempt) and
+    `unattributed_calls` (calls without an attempt). Rewards are oldest first. Calls that
+    belong to no rollout are not exported.
+    """
+    for part in _iter_parts(
+        db,
+        rollout_ids=rollout_ids,
+        since_ns=since_ns,
+        until_ns=until_ns,
+        status=status,
+        agent=agent,
+        batch_size=batch_size,
+    ):
+        yield _nest(part)
+
+
+def export_rollout(db: Database, rollout_id: str) -> Row:
+    """One rollout shaped as `iter_rollouts` shapes it; NotFound if there is none."""
+    for rollout in iter_rollouts(db, rollout_ids=[rollout_id]):
+        return rollout
+    raise NotFound(f"rollout {rollout_id!r} not found")
+
+
+def missing_rollouts(db: Database, rollout_ids: Sequence[str]) -> list[str]:
+    """The ids among `rollout_ids` that name no rollout, in the order given."""
+    ids = _ids_json(rollout_ids)
+    found = {row["id"] for row in _rows(db, EXISTING_ROLLOUTS_SQL, {"rollout_ids": ids})}
+    return [rid for rid in dict.fromkeys(rollout_ids) if rid not in found]
+
+
+# -- triplets --------------------------------------------------------------------------
+
+
+def _prompt(operation: str, request: Any) -> Any:
+    if not isinstance(request, dict):
+        return None
+    key = {"chat": "messages", "responses": "input", "text_completion": "prompt"}[operation]
+    return request.get(key)
+
+
+def _completion(operation: str, response: Any) -> Any:
+    if not isinstance(response, dict):
+        return None
+    if operation == "responses":
+        if "output" in response:
+            return response["output"]
+        if response.get("output_text"):
+            # A stream that ended before `response.completed` keeps only the text deltas.
+            return [
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": response["output_text"]}],
+                }
+            ]
+        return None
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    if operation == "chat":
+        return choices[0].get("message")
+    return choices[0].get("text")
+
+
+class _RewardIndex:
+    """A rollout's rewards of one name, sorted by level as the triplet rule needs them."""
+
+    def __init__(self, rewards: Iterable[Row], name: str) -> None:
+        self.by_span: dict[str, Row] = {}
+        self.by_attempt: dict[str, Row] = {}
+        self.final_by_attempt: dict[str, Row] = {}
+        self.rollout_final: Row | None = None
+        # Rewards arrive oldest first, so a later one simply overwrites an earlier one.
+        for reward in rewards:
+            if reward["name"] != name:
+                continue
+            if reward["span_id"] is not None:
+                self.by_span[reward["span_id"]] = reward
+            elif reward["attempt_id"] is not None:
+                self.by_attempt[reward["attempt_id"]] = reward
+                if reward["final"]:
+                    self.final_by_attempt[reward["attempt_id"]] = reward
+            elif reward["final"]:
+                self.rollout_final = reward
+
+    def pick(self, span_id: str, attempt_id: str | None) -> tuple[Row | None, str | None]:
+        if span_id in self.by_span:
+            return self.by_span[span_id], "span"
+        if attempt_id is not None:
+            if attempt_id in self.final_by_attempt:
+                return self.final_by_attempt[attempt_id], "attempt_final"
+            if attempt_id in self.by_attempt:
+                return self.by_attempt[attempt_id], "attempt"
+        if self.rollout_final is not None:
+            return self.rollout_final, "rollout_final"
+        return None, None
+
+
+def _triplet(call: Row, rewards: _RewardIndex) -> Row:
+    operation = call["operation"]
+    request = call["request_body"]
+    reward, source = rewards.pick(call["span_id"], call["attempt_id"])
+    reasons = call["finish_reasons"]
+    return {
+        "rollout_id": call["rollout_id"],
+        "attempt_id": call["attempt_id"],
+        "span_id": call["span_id"],
+        "seq": call["seq"],
+        "operation": operation,
+        "model": call["response_model"] or call["request_model"],
+        "instructions": request.get("instructions") if isinstance(request, dict) else None,
+        "prompt": _prompt(operation, request),
+        "tools": (request.get("tools") or None) if isinstance(request, dict) else None,
+        "completion": _completion(operation, call["response_body"]),
+        "reward": float(reward["value"]) if reward else None,
+        "reward_source": source,
+        "reward_name": reward["name"] if reward else None,
+        "reward_id": reward["id"] if reward else None,
+        "finish_reason": reasons[0] if isinstance(reasons, list) and reasons else None,
+        "usage": {"input_tokens": call["input_tokens"], "output_tokens": call["output_tokens"]},
+        "status": call["status"],
+    }
+
+
+def iter_triplets(
+    db: Database,
+    *,
+    rollout_ids: Sequence[str] | None = None,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    status: str | None = None,
+    agent: str | None = None,
+    reward_name: str = DEFAULT_REWARD_NAME,
+    batch_size: int = ROLLOUT_BATCH,
+) -> Iterator[Row]:
+    """One object per chat, responses or text-completion call of the matching rollouts.
+
+    Filters are those of `iter_rollouts` (they select rollouts). Calls come rollout by
+    rollout, in seq order; embeddings are skipped, failed calls are kept (`status`
+    "error", `completion` null). `prompt` is the request's `messages` (chat), `input`
+    (responses; `instructions` beside it) or `prompt` (completions); `completion` is
+    `choices[0].message`, the response's `output` items, or `choices[0].text`.
+
+    The reward (TRIPLET_REWARD_RULE) counts only rewards named `reward_name` and takes, the
+    latest first: the call's own reward ("span"); else its attempt's final reward
+    ("attempt_final"); else its attempt's latest reward ("attempt"); else the rollout's
+    final reward ("rollout_final"); else null. A reward on one call never counts for
+    another call of the same attempt.
+    """
+    for part in _iter_parts(
+        db,
+        rollout_ids=rollout_ids,
+        since_ns=since_ns,
+        until_ns=until_ns,
+        status=status,
+        agent=agent,
+        batch_size=batch_size,
+    ):
+        rewards = _RewardIndex(part.rewards, reward_name)
+        for call in part.calls:
+            if call["operation"] in TRIPLET_OPERATIONS:
+                yield _triplet(call, rewards)
+
+
+def write_jsonl(items: Iterable[Any], fp: IO[bytes]) -> int:
+    """Write each item as one JSON line to a binary file; returns how many were written."""
+    count = 0
+    for item in items:
+        fp.write(orjson.dumps(item, option=orjson.OPT_APPEND_NEWLINE))
+        count += 1
+    return count

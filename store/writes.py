@@ -1,0 +1,314 @@
+"""Writes the API makes (rollouts, attempts, rewards); each runs on the writer thread.
+
+Every function takes the writer's `Database` first, so the gateway can hand it to
+`StoreWriter.execute()` and the write lands after every span queued before it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from sqlite_utils import Database
+
+from store.errors import Conflict, InvalidTransition, NotFound
+from store.queries import decode_row
+from store.schema import TERMINAL_STATUSES
+
+REWARD_FIELDS = (
+    "rollout_id",
+    "attempt_id",
+    "span_id",
+    "name",
+    "value",
+    "dimensions",
+    "final",
+    "source",
+    "comment",
+    "details",
+    "tags",
+)
+
+
+def _json(value: Any, empty: str) -> str:
+    return empty if value is None else orjson.dumps(value).decode()
+
+
+def _one(db: Database, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    cursor = db.execute(sql, params)
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return decode_row(dict(zip([d[0] for d in cursor.description], row, strict=True)))
+
+
+def get_rollout_row(db: Database, rollout_id: str) -> dict[str, Any]:
+    row = _one(db, "select * from rollouts where id = :id", {"id": rollout_id})
+    if row is None:
+        raise NotFound(f"rollout {rollout_id!r} not found")
+    return row
+
+
+def get_attempt_row(db: Database, rollout_id: str, attempt_id: str) -> dict[str, Any]:
+    row = _one(
+        db,
+        "select * from attempts where rollout_id = :rollout_id and id = :id",
+        {"rollout_id": rollout_id, "id": attempt_id},
+    )
+    if row is None:
+        raise NotFound(f"attempt {attempt_id!r} of rollout {rollout_id!r} not found")
+    return row
+
+
+def create_rollout(
+    db: Database,
+    *,
+    rollout_id: str | None = None,
+    input: Any = None,
+    agent: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """A new rollout, or the existing one (filling fields it lacks); `(row, created)`."""
+    rollout_id = rollout_id or f"ro-{uuid.uuid4().hex[:16]}"
+    now = time.time_ns()
+    existing = _one(db, "select * from rollouts where id = :id", {"id": rollout_id})
+    if existing is None:
+        db.execute(
+            """
+            insert into rollouts (id, status, agent, input, metadata, tags, created_ns, updated_ns)
+            values (:id, 'running', :agent, :input, :metadata, :tags, :now, :now)
+            """,
+            {
+                "id": rollout_id,
+                "agent": agent,
+                "input": None if input is None else orjson.dumps(input).decode(),
+                "metadata": _json(metadata, "{}"),
+                "tags": _json(tags, "[]"),
+                "now": now,
+            },
+        )
+        return get_rollout_row(db, rollout_id), True
+    # A rollout first seen through a call has no input yet; a create call may supply it.
+    clashes = [
+        name
+        for name, given, stored in (
+            ("agent", agent, existing.get("agent")),
+            ("input", input, _decoded_input(existing.get("input"))),
+        )
+        if given is not None and stored is not None and given != stored
+    ]
+    if clashes:
+        raise Conflict(f"rollout {rollout_id!r} already exists with a different {clashes[0]}")
+    db.execute(
+        """
+        update rollouts set
+          agent = coalesce(agent, :agent),
+          input = coalesce(input, :input),
+          metadata = :metadata,
+          tags = :tags,
+          updated_ns = :now
+        where id = :id
+        """,
+        {
+            "id": rollout_id,
+            "agent": agent,
+            "input": None if input is None else orjson.dumps(input).decode(),
+            "metadata": _json({**(existing.get("metadata") or {}), **(metadata or {})}, "{}"),
+            "tags": _json(sorted({*(existing.get("tags") or []), *(tags or [])}), "[]"),
+            "now": now,
+        },
+    )
+    return get_rollout_row(db, rollout_id), False
+
+
+def _decoded_input(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
+def update_rollout(
+    db: Database,
+    rollout_id: str,
+    *,
+    status: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
+) -> dict[str, Any]:
+    """Change status (running → a terminal state, which is final), metadata or tags."""
+    row = get_rollout_row(db, rollout_id)
+    now = time.time_ns()
+    if status is not None and status != row["status"]:
+        if row["status"] in TERMINAL_STATUSES:
+            raise InvalidTransition(
+                f"rollout {rollout_id!r} is {row['status']}, a final status; "
+                f"it cannot become {status}"
+            )
+        if status == "running":
+            raise InvalidTransition(f"rollout {rollout_id!r} is already running")
+    new_status = status or row["status"]
+    ended = row["ended_ns"]
+    if new_status in TERMINAL_STATUSES and ended is None:
+        ended = now
+    db.execute(
+        """
+        update rollouts set
+          status = :status,
+          metadata = :metadata,
+          tags = :tags,
+          updated_ns = :now,
+          ended_ns = :ended
+        where id = :id
+        """,
+        {
+            "id": rollout_id,
+            "status": new_status,
+            "metadata": _json({**(row.get("metadata") or {}), **(metadata or {})}, "{}"),
+            "tags": _json(tags if tags is not None else row.get("tags"), "[]"),
+            "now": now,
+            "ended": ended,
+        },
+    )
+    if new_status in TERMINAL_STATUSES:
+        # Attempts still running end with their rollout.
+        db.execute(
+            """
+            update attempts set status = :status, ended_ns = :now, updated_ns = :now
+            where rollout_id = :id and status = 'running'
+            """,
+            {"id": rollout_id, "status": new_status, "now": now},
+        )
+    return get_rollout_row(db, rollout_id)
+
+
+def create_attempt(
+    db: Database, rollout_id: str, *, attempt_id: str | None = None
+) -> dict[str, Any]:
+    """The next attempt of a rollout; its id defaults to its number."""
+    rollout = get_rollout_row(db, rollout_id)
+    if rollout["status"] in TERMINAL_STATUSES:
+        raise InvalidTransition(f"rollout {rollout_id!r} is {rollout['status']}; no new attempts")
+    number = db.execute(
+        "select coalesce(max(number), 0) + 1 from attempts where rollout_id = :id",
+        {"id": rollout_id},
+    ).fetchone()[0]
+    attempt_id = attempt_id or str(number)
+    if _one(
+        db,
+        "select id from attempts where rollout_id = :rollout_id and id = :id",
+        {"rollout_id": rollout_id, "id": attempt_id},
+    ):
+        raise Conflict(f"attempt {attempt_id!r} of rollout {rollout_id!r} already exists")
+    now = time.time_ns()
+    db.execute(
+        """
+        insert into attempts (rollout_id, id, number, status, created_ns, updated_ns)
+        values (:rollout_id, :id, :number, 'running', :now, :now)
+        """,
+        {"rollout_id": rollout_id, "id": attempt_id, "number": number, "now": now},
+    )
+    return get_attempt_row(db, rollout_id, attempt_id)
+
+
+def update_attempt(
+    db: Database, rollout_id: str, attempt_id: str, *, status: str
+) -> dict[str, Any]:
+    row = get_attempt_row(db, rollout_id, attempt_id)
+    if status != row["status"] and row["status"] in TERMINAL_STATUSES:
+        raise InvalidTransition(
+            f"attempt {attempt_id!r} is {row['status']}, a final status; it cannot become {status}"
+        )
+    now = time.time_ns()
+    ended = now if status in TERMINAL_STATUSES and row["ended_ns"] is None else row["ended_ns"]
+    db.execute(
+        """
+        update attempts set status = :status, updated_ns = :now, ended_ns = :ended
+        where rollout_id = :rollout_id and id = :id
+        """,
+        {"rollout_id": rollout_id, "id": attempt_id, "status": status, "now": now, "ended": ended},
+    )
+    return get_attempt_row(db, rollout_id, attempt_id)
+
+
+def _resolve_target(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
+    """Fill rollout/attempt/span ids from whichever target the reward names."""
+    target = {k: reward.get(k) for k in ("rollout_id", "attempt_id", "span_id")}
+    response_id = reward.get("response_id")
+    if response_id and not target["span_id"]:
+        span = _one(
+            db,
+            "select span_id from spans where response_id = :rid order by start_ns desc limit 1",
+            {"rid": response_id},
+        )
+        if span is None:
+            raise NotFound(f"no recorded call has response id {response_id!r}")
+        target["span_id"] = span["span_id"]
+    if target["span_id"]:
+        span = _one(
+            db,
+            "select rollout_id, attempt_id from spans where span_id = :id",
+            {"id": target["span_id"]},
+        )
+        if span is None:
+            raise NotFound(f"span {target['span_id']!r} not found")
+        for key in ("rollout_id", "attempt_id"):
+            if target[key] and span[key] and target[key] != span[key]:
+                raise Conflict(f"span {target['span_id']!r} belongs to {key} {span[key]!r}")
+            target[key] = span[key]
+        return target
+    if target["attempt_id"]:
+        get_attempt_row(db, target["rollout_id"], target["attempt_id"])
+    elif target["rollout_id"]:
+        get_rollout_row(db, target["rollout_id"])
+    return target
+
+
+def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Store a reward; a client-given id makes it idempotent. `(row, created)`."""
+    row: dict[str, Any] = {**_resolve_target(db, reward)}
+    row.update(
+        name=reward.get("name") or "reward",
+        value=float(reward["value"]),
+        dimensions=reward.get("dimensions") or {},
+        final=bool(reward.get("final", False)),
+        source=reward.get("source") or "user",
+        comment=reward.get("comment"),
+        details=reward.get("details") or {},
+        tags=reward.get("tags") or [],
+    )
+    reward_id = reward.get("id")
+    if reward_id:
+        stored = _one(db, "select * from rewards where id = :id", {"id": reward_id})
+        if stored is not None:
+            stored["final"] = bool(stored["final"])
+            if any(stored.get(k) != row.get(k) for k in REWARD_FIELDS):
+                raise Conflict(f"reward {reward_id!r} already exists with a different body")
+            return stored, False
+    reward_id = reward_id or f"rw-{uuid.uuid4().hex[:16]}"
+    db.execute(
+        """
+        insert into rewards (id, rollout_id, attempt_id, span_id, name, value, dimensions,
+                             final, source, comment, details, tags, created_ns)
+        values (:id, :rollout_id, :attempt_id, :span_id, :name, :value, :dimensions,
+                :final, :source, :comment, :details, :tags, :created_ns)
+        """,
+        {
+            **row,
+            "id": reward_id,
+            "dimensions": _json(row["dimensions"], "{}"),
+            "details": _json(row["details"], "{}"),
+            "tags": _json(row["tags"], "[]"),
+            "final": int(row["final"]),
+            "created_ns": time.time_ns(),
+        },
+    )
+    stored = _one(db, "select * from rewards where id = :id", {"id": reward_id})
+    assert stored is not None
+    stored["final"] = bool(stored["final"])
+    return stored, True
