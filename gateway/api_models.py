@@ -111,6 +111,13 @@ class RewardQuery(_Body):
     limit: int = Field(100, ge=1, le=1000)
 
 
+class ExportQuery(_Body):
+    format: Literal["jsonl", "triplets"] = Field(
+        "jsonl", description="Whole tree or a line per call."
+    )
+    reward_name: str = Field("reward", description="Which reward the triplets carry.")
+
+
 class StatsQuery(_Body):
     since: str | None = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import struct
@@ -113,25 +114,30 @@ def load_litellm() -> ModuleType:
             litellm.disable_aiohttp_transport = True
             # Otherwise every error prints a "Provider List" banner to stdout.
             litellm.suppress_debug_info = True
-            _warm_up(litellm)
+            _warm_up()
             _litellm = litellm
     return _litellm
 
 
-def _warm_up(litellm: ModuleType) -> None:
-    """Build litellm's response models now, where pydantic's one-off warning can be silenced.
+def _warm_up() -> None:
+    """Finish building litellm's response models now, where pydantic's warning can be silenced.
 
-    pydantic warns (UserWarning) about a `ReadOnly` TypedDict in litellm's types the first
-    time those models are built, which would otherwise happen inside the first call.
+    litellm defers its pydantic schemas to the first use, and building them warns (UserWarning)
+    about a `ReadOnly` TypedDict; inside a call that warning would surface in the gateway's
+    worker threads (and fail tests that turn warnings into errors). Takes about 50 ms.
     """
-    from litellm.types.utils import ModelResponse, TextCompletionResponse
+    import pydantic
+    from litellm.types import utils as types
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*`ReadOnly` qualifier", category=UserWarning)
-        ModelResponse()
-        ModelResponse(stream=True)
-        TextCompletionResponse()
-        litellm.EmbeddingResponse()
+        for model in vars(types).values():
+            if (
+                isinstance(model, type)
+                and issubclass(model, pydantic.BaseModel)
+                and model.__module__ == types.__name__
+            ):
+                model.model_rebuild()
 
 
 def litellm_loaded() -> bool:
@@ -428,7 +434,8 @@ def _no_answer(exc: BaseException, label: str, api_key: str | None) -> UpstreamE
         return UpstreamTimeout(f"upstream {label} did not answer in time")
     for e in chain:
         if isinstance(e, httpx.TransportError | aiohttp.ClientError | ConnectionError):
-            return UpstreamUnreachable(f"upstream {label} unreachable: {type(e).__name__}: {e}")
+            detail = _redact(f"{type(e).__name__}: {e}", api_key)
+            return UpstreamUnreachable(f"upstream {label} unreachable: {detail}")
     if isinstance(exc, litellm.APIConnectionError):
         # litellm's catch-all: also what it raises when it cannot parse the provider's answer.
         message = _redact(_clean(str(exc)), api_key)
@@ -518,10 +525,6 @@ class LiteLLMProvider:
         self.drop_params = drop_params
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
-        if _litellm is None:
-            # The gateway preloads at startup; if it did not, never stall the loop importing.
-            await asyncio.to_thread(load_litellm)
-        litellm = load_litellm()
         deployment = request.deployment
         if request.operation == "responses":
             raise InvalidRequest(
@@ -530,8 +533,12 @@ class LiteLLMProvider:
             )
         if request.operation not in ("chat", "text_completion", "embeddings"):
             raise InvalidRequest(f"operation {request.operation!r} is not supported")
+        if _litellm is None:
+            # The gateway preloads at startup; if it did not, never stall the loop importing.
+            await asyncio.to_thread(load_litellm)
+        litellm = load_litellm()
         api_key = _api_key(request)
-        kwargs = self._arguments(litellm, request, api_key)
+        kwargs = self._arguments(request, api_key)
         call = {
             "chat": litellm.acompletion,
             "text_completion": litellm.atext_completion,
@@ -576,9 +583,7 @@ class LiteLLMProvider:
         shape = chat_completion if request.operation == "chat" else text_completion
         return UpstreamResponse(200, dict(_JSON_HEADERS), body=orjson.dumps(shape(_dump(result))))
 
-    def _arguments(
-        self, litellm: ModuleType, request: UpstreamRequest, api_key: str | None
-    ) -> dict[str, Any]:
+    def _arguments(self, request: UpstreamRequest, api_key: str | None) -> dict[str, Any]:
         import httpx
 
         deployment = request.deployment
@@ -618,11 +623,10 @@ class LiteLLMProvider:
 
         # litellm runs its success/failure bookkeeping as tasks on our loop; let them finish
         # briefly, then stop the worker so none is left pending when the loop closes.
-        try:
+        # RuntimeError: the worker's queue belongs to an earlier loop (tests run one per test).
+        with contextlib.suppress(TimeoutError, RuntimeError):
             async with asyncio.timeout(1.0):
                 await GLOBAL_LOGGING_WORKER.flush()
-        except TimeoutError:
-            pass
         await GLOBAL_LOGGING_WORKER.stop()
         await _litellm.close_litellm_async_clients()
 
@@ -690,6 +694,11 @@ async def _stream(
                 )
         raise failure from exc
     finally:
-        close = getattr(stream, "aclose", None)
+        # Release the upstream connection however the stream ended (client gone included).
+        # A text-completion wrapper has no aclose of its own; the chat stream inside it does.
+        inner = getattr(stream, "completion_stream", None)
+        close = getattr(stream, "aclose", None) or getattr(inner, "aclose", None)
         if close is not None:
-            await close()
+            # Never let a failing close hide the error the stream is ending with.
+            with contextlib.suppress(Exception):
+                await close()

@@ -50,7 +50,8 @@ def _operation(route: ApiRoute, components: dict[str, Any]) -> dict[str, Any]:
     if route.response is not None:
         content = {"application/json": {"schema": _schema(route.response, components)}}
     else:
-        content = {"text/event-stream": {"schema": {"type": "string"}}}
+        media = "text/event-stream" if route.path.endswith("/stream") else "application/x-ndjson"
+        content = {media: {"schema": {"type": "string"}}}
     responses: dict[str, Any] = {str(route.status): {"description": "OK", "content": content}}
     if route.status == 201:
         # Creating what already exists (same id) answers 200 with the stored object.

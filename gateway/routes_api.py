@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from gateway import api_models as m
 from gateway.errors import BodyTooLarge, InvalidRequest, ValidationFailed
 from gateway.state import GATEWAY, Gateway
-from store import listing, writes
+from store import export, listing, writes
 from store.listing import BadCursor
 from store.queries import get_rollout
 
@@ -179,6 +179,28 @@ async def update_attempt(request: web.Request) -> web.Response:
     return json(row)
 
 
+async def export_rollout_view(request: web.Request) -> web.Response:
+    """One rollout for training: `jsonl` (the whole tree) or `triplets` (a line per call)."""
+    gw = request.app[GATEWAY]
+    q = query_of(request, m.ExportQuery)
+    rollout_id = request.match_info["rollout_id"]
+    if q.format == "triplets":
+
+        def triplets(db: Any) -> list[dict[str, Any]]:
+            export.export_rollout(db, rollout_id)  # 404 for an unknown rollout
+            return list(
+                export.iter_triplets(db, rollout_ids=[rollout_id], reward_name=q.reward_name)
+            )
+
+        lines = await read(gw, triplets)
+    else:
+        lines = [await read(gw, export.export_rollout, rollout_id)]
+    return web.Response(
+        body=b"".join(orjson.dumps(line) + b"\n" for line in lines),
+        content_type="application/x-ndjson",
+    )
+
+
 # -- spans ----------------------------------------------------------------
 
 
@@ -335,6 +357,7 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("POST", "/api/rollouts/{rollout_id}/attempts", create_attempt, "Open a new attempt", "write", m.AttemptCreate, None, m.Attempt, 201, (404, 409, 422)),
     ApiRoute("PATCH", "/api/rollouts/{rollout_id}/attempts/{attempt_id}", update_attempt, "Change an attempt's status", "write", m.AttemptUpdate, None, m.Attempt, 200, (404, 409, 422)),
     ApiRoute("POST", "/api/rollouts/{rollout_id}/rewards", create_reward, "Reward a rollout (or one of its attempts or calls)", "write", m.RewardCreate, None, m.Reward, 201, (404, 409, 422)),
+    ApiRoute("GET", "/api/rollouts/{rollout_id}/export", export_rollout_view, "A rollout for training, as JSON lines (jsonl or triplets)", "read", None, m.ExportQuery, None, 200, (404, 422)),
     ApiRoute("GET", "/api/spans", list_spans, "List recorded calls in write order", "read", None, m.SpanQuery, m.SpanPage, 200, (422,)),
     ApiRoute("GET", "/api/spans/stream", stream_spans, "Live calls as server-sent events", "read", None, m.SpanQuery, None, 200, (422,)),
     ApiRoute("GET", "/api/spans/{span_id}", get_span, "One call with its request and response bodies", "read", None, None, m.Span, 200, (404,)),

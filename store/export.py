@@ -3,7 +3,6 @@ rewards) as JSON objects, or one prompt/completion/reward triplet per call."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,9 +21,9 @@ DEFAULT_REWARD_NAME = "reward"
 TRIPLET_OPERATIONS = frozenset({"chat", "responses", "text_completion"})
 
 TRIPLET_REWARD_RULE = """\
-Each call's reward is the first of, counting only rewards with the chosen name
-(default "reward"), and taking the latest (created_ns, then insertion order) when
-several match:
+A call's reward is the first found of the following, counting only rewards with the
+chosen name (default "reward") and taking the latest (by created_ns, then insertion
+order) where several qualify:
   1. span:          a reward on the call itself (span_id = the call);
   2. attempt_final: the final reward of the call's attempt (final = 1, no span_id);
   3. attempt:       any reward of the call's attempt (no span_id);
@@ -32,8 +31,9 @@ several match:
   5. none:          reward and reward_source are null.
 A reward on one call never counts for another call of the same attempt."""
 
-# Keyset paging on (created_ns, rowid): stable under concurrent inserts and ties in time,
-# and served by the rollouts_created index (which carries the rowid).
+# Keyset paging on (created_ns, rowid): the rowid breaks ties in time, so no rollout is
+# skipped or repeated between pages, and the rollouts_created index (which holds the rowid)
+# serves it.
 ROLLOUTS_PAGE_SQL = """
 select rowid as _rowid, *
 from rollouts
@@ -74,9 +74,6 @@ EXISTING_ROLLOUTS_SQL = """
 select id from rollouts
 where id in (select value from json_each(:rollout_ids))
 """
-
-# Decoded like the other JSON columns; the rollouts API stores `input` as JSON text.
-_ROLLOUT_JSON_COLUMNS = ("input",)
 
 Row = dict[str, Any]
 
@@ -144,15 +141,6 @@ def _decode(row: Row) -> Row:
     return out
 
 
-def _decode_rollout(row: Row) -> Row:
-    out = _decode(row)
-    for key in _ROLLOUT_JSON_COLUMNS:
-        if isinstance(out.get(key), str):
-            with contextlib.suppress(orjson.JSONDecodeError):  # plain text stays text
-                out[key] = orjson.loads(out[key])
-    return out
-
-
 def _ids_json(rollout_ids: Sequence[str]) -> str:
     # A bare string is a Sequence[str] too; taken as a list of characters it would match nothing.
     if isinstance(rollout_ids, str):
@@ -209,7 +197,7 @@ def _iter_page(db: Database, page: list[Row]) -> Iterator[_Part]:
         while pending is not None and pending["rollout_id"] == rid:
             calls.append(decode_row(pending))
             pending = next(spans, None)
-        yield _Part(_decode_rollout(rollout), attempts.get(rid, []), calls, rewards.get(rid, []))
+        yield _Part(_decode(rollout), attempts.get(rid, []), calls, rewards.get(rid, []))
 
 
 def _nest(part: _Part) -> Row:

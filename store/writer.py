@@ -90,16 +90,19 @@ def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> 
             continue
         end = record["end_ns"]
         seen = rollouts.get(rid)
-        if seen is None or end > seen["end_ns"]:
+        if seen is None:
             rollouts[rid] = {
-                "start_ns": min(record["start_ns"], seen["start_ns"])
-                if seen
-                else record["start_ns"],
+                "start_ns": record["start_ns"],
                 "end_ns": end,
-                "agent": (seen or {}).get("agent") or record.get("agent"),
-                "metadata": (seen or {}).get("metadata") or record.get("metadata"),
-                "tags": (seen or {}).get("tags") or record.get("tags"),
+                "agent": record.get("agent"),
+                "metadata": record.get("metadata"),
+                "tags": record.get("tags"),
             }
+        else:
+            seen["start_ns"] = min(seen["start_ns"], record["start_ns"])
+            seen["end_ns"] = max(seen["end_ns"], end)
+            for key in ("agent", "metadata", "tags"):
+                seen[key] = seen[key] or record.get(key)
         aid = record.get("attempt_id")
         if aid:
             attempts[(rid, aid)] = max(attempts.get((rid, aid), 0), end)
