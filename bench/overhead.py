@@ -9,12 +9,17 @@ p50/p99 latency, throughput and the difference, and checks that every request th
 generator sent produced exactly one span.
 
 CPU placement on a 2-core machine (when taskset exists, `--pin on`, the default): the gateway
-gets core 0 to itself; the load generator and the fake provider share core 1.
+gets core 0 to itself; the load generator and the fake provider share core 1. CPU time of each
+process and of everything else on the machine is read from /proc for every run, so a run that
+other work disturbed says so (`--quiet-wait` waits for a calm machine first; `--nice -10`
+raises our processes' priority when there is none).
 
     /work/venv/bin/python bench/overhead.py [--concurrency 1,16,64] [--duration 10]
         [--latency 0.02] [--warmup 2] [--loadgen auto|wrk|aiohttp] [--pin on|off]
+        [--nice N] [--quiet-wait S] [--profile] [--spangate CMD] [--out-dir DIR]
 
-Results: bench/results/overhead.csv and bench/results/overhead.md.
+Results: bench/results/overhead.csv and bench/results/overhead.md (and, with --profile,
+py-spy stacks and a summary per concurrency).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -56,6 +62,7 @@ BODY = json.dumps(
 GATEWAY_CPU = "0"
 LOADGEN_CPU = "1"  # shared by the load generator and the fake provider
 
+QUIET_THRESHOLD = 0.10  # share of all cores other processes may use before we start
 TARGET_ADDED_P50_MS_AT_1 = 1.0
 TARGET_RATIO_AT_64 = 0.60
 
@@ -112,6 +119,18 @@ T = TypeVar("T")
 
 
 @dataclass
+class CpuUsage:
+    """CPU seconds spent during one measured run, by whom; `foreign` is everything else the
+    machine did meanwhile (other sessions' tests, say), which distorts the numbers."""
+
+    wall_s: float
+    gateway_s: float
+    provider_s: float
+    loadgen_s: float
+    foreign_s: float
+
+
+@dataclass
 class LoadResult:
     """One load-generator run, as reported by wrk's done() hook or the aiohttp fallback."""
 
@@ -126,6 +145,7 @@ class LoadResult:
     mean_us: float
     max_us: float
     errors_timeout: int = 0
+    cpu: CpuUsage | None = None
 
     @property
     def rps(self) -> float:
@@ -164,6 +184,10 @@ class Options:
     provider_script: Path
     out_dir: Path
     spangate: str  # command line that runs the spangate CLI
+    quiet_wait: float  # seconds to wait at most for an idle machine before starting
+    nice: int = 0  # niceness for everything we start; negative (root) shields from other work
+    profile: bool = False  # py-spy the gateway during its runs
+    busy_before: float = 0.0  # share of all cores other work used just before the runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +223,96 @@ def http_get_json(url: str) -> tuple[int, Any] | None:
         return None
 
 
-def pinned(cmd: list[str], cpu: str, pin: bool) -> list[str]:
-    return ["taskset", "-c", cpu, *cmd] if pin else cmd
+# With kernel autogroups (sched_autogroup_enabled=1) plain `nice` only ranks processes within
+# one session's group; other sessions' groups still get an equal share. So a --nice run starts
+# each child in its own session (Popen start_new_session) and gives that group the niceness.
+_AUTOGROUP_NICE = 'echo "$0" > /proc/self/autogroup 2>/dev/null; exec "$@"'
+
+
+def placed(cmd: list[str], cpu: str, opts: Options) -> list[str]:
+    """Prefix cmd with its CPU pinning and scheduling priority, as the options ask."""
+    if opts.pin:
+        cmd = ["taskset", "-c", cpu, *cmd]
+    if opts.nice:
+        cmd = ["sh", "-c", _AUTOGROUP_NICE, str(opts.nice), "nice", "-n", str(opts.nice), *cmd]
+    return cmd
+
+
+def spawn_options(opts: Options) -> dict[str, Any]:
+    """Popen keyword arguments that go with placed()."""
+    return {"start_new_session": bool(opts.nice), "stdin": subprocess.DEVNULL}
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU accounting from /proc (Linux)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of one process, all its threads."""
+    try:
+        after_comm = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(after_comm[11]) + int(after_comm[12])) / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent on anything but idle, iowait and steal."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in first[:7])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy_share(window: float = 1.0) -> float:
+    """How busy all cores were over the next `window` seconds, 0..1."""
+    before, start = machine_busy_s(), time.monotonic()
+    time.sleep(window)
+    elapsed = time.monotonic() - start
+    return (machine_busy_s() - before) / (elapsed * (os.cpu_count() or 1))
+
+
+def wait_for_quiet(max_wait: float, threshold: float) -> float:
+    """Wait (bounded) until other work on this shared machine leaves the cores idle, so it
+    does not distort the numbers; returns the last busy share seen."""
+    deadline = time.monotonic() + max_wait
+    busy = machine_busy_share()
+    while busy > threshold and time.monotonic() < deadline:
+        print(f"  machine {busy:.0%} busy with other work; waiting for it to calm down", flush=True)
+        busy = machine_busy_share(2.0)
+    return busy
+
+
+@dataclass
+class CpuWatch:
+    """Snapshots the CPU counters of the processes under test."""
+
+    gateway_pid: int
+    provider_pid: int
+
+    def sample(self) -> tuple[float, ...]:
+        return (
+            time.monotonic(),
+            process_cpu_s(self.gateway_pid),
+            process_cpu_s(self.provider_pid),
+            children_cpu_s(),
+            machine_busy_s(),
+        )
+
+    @staticmethod
+    def usage(before: tuple[float, ...], after: tuple[float, ...]) -> CpuUsage:
+        wall, gateway, provider, loadgen, busy = (b - a for a, b in zip(before, after, strict=True))
+        foreign = max(0.0, busy - gateway - provider - loadgen)
+        return CpuUsage(wall, gateway, provider, loadgen, foreign)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,10 +320,12 @@ def pinned(cmd: list[str], cpu: str, pin: bool) -> list[str]:
 
 
 @contextlib.contextmanager
-def managed_process(cmd: list[str], log_path: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+def managed_process(
+    cmd: list[str], log_path: Path, name: str, **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start cmd with output to log_path; on exit SIGTERM it, then SIGKILL if it lingers."""
     with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
     try:
         yield proc
     finally:
@@ -236,15 +350,17 @@ def ensure_alive(proc: subprocess.Popen[bytes], name: str, log_path: Path) -> No
         raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
 
 
-def start_provider(opts: Options, tmp: Path, stack: contextlib.ExitStack) -> str:
-    """Start the fake provider; return its /v1 base URL once it answers."""
+def start_provider(
+    opts: Options, tmp: Path, stack: contextlib.ExitStack
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start the fake provider; return its /v1 base URL, once it answers, and its process."""
     wait_for(f"{opts.provider_script} to exist", lambda: opts.provider_script.exists() or None, 60)
     port = free_port()
     cmd = [sys.executable, str(opts.provider_script), "--host", HOST, "--port", str(port)]
     cmd += ["--latency", str(opts.latency)]
     log_path = tmp / "provider.log"
     proc = stack.enter_context(
-        managed_process(pinned(cmd, LOADGEN_CPU, opts.pin), log_path, "provider")
+        managed_process(placed(cmd, LOADGEN_CPU, opts), log_path, "provider", **spawn_options(opts))
     )
     base = f"http://{HOST}:{port}/v1"
 
@@ -254,7 +370,7 @@ def start_provider(opts: Options, tmp: Path, stack: contextlib.ExitStack) -> str
         return True if answer and answer[0] == 200 else None
 
     wait_for("the fake provider", probe, 30)
-    return base
+    return base, proc
 
 
 def write_gateway_config(tmp: Path, provider_base: str) -> Path:
@@ -300,11 +416,11 @@ def start_gateway(opts: Options, tmp: Path, provider_base: str) -> Gateway:
     log_path = tmp / "gateway.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            pinned(cmd, GATEWAY_CPU, opts.pin),
+            placed(cmd, GATEWAY_CPU, opts),
             stdout=log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
             cwd=tmp,
+            **spawn_options(opts),
         )
     gw = Gateway(proc, f"http://{HOST}:{port}", db, log_path)
     try:
@@ -328,12 +444,19 @@ def loadgen_command(
     else:
         cmd = [sys.executable, str(AIO_LOADGEN), "--url", url, "--concurrency", str(concurrency)]
         cmd += ["--duration", str(seconds), "--body", BODY]
-    return pinned(cmd, LOADGEN_CPU, opts.pin)
+    return placed(cmd, LOADGEN_CPU, opts)
 
 
 def run_load(opts: Options, url: str, concurrency: int, seconds: int, lua: Path) -> LoadResult:
     cmd = loadgen_command(opts, url, concurrency, seconds, lua)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+        **spawn_options(opts),
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             return LoadResult(**json.loads(line.removeprefix("BENCH_JSON ")))
@@ -359,10 +482,102 @@ def preflight(url: str, what: str) -> None:
         raise RuntimeError(f"{what} answered 200 without choices")
 
 
-def measure(opts: Options, url: str, warmup_url: str, concurrency: int, lua: Path) -> LoadResult:
+@dataclass
+class Target:
+    """What one measurement needs: where to send load and whose CPU to watch."""
+
+    opts: Options
+    lua: Path
+    watch: CpuWatch
+
+
+def measure(target: Target, url: str, warmup_url: str, concurrency: int) -> LoadResult:
+    opts = target.opts
     if opts.warmup > 0:
-        run_load(opts, warmup_url, concurrency, opts.warmup, lua)
-    return run_load(opts, url, concurrency, opts.duration, lua)
+        run_load(opts, warmup_url, concurrency, opts.warmup, target.lua)
+    before = target.watch.sample()
+    result = run_load(opts, url, concurrency, opts.duration, target.lua)
+    result.cpu = CpuWatch.usage(before, target.watch.sample())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional profile of the gateway (py-spy) during a measured run
+
+
+def py_spy_path() -> str | None:
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+@contextlib.contextmanager
+def profiled(opts: Options, pid: int, concurrency: int) -> Iterator[None]:
+    """Sample the gateway with py-spy while the body runs (it shares the load generator's core,
+    so it costs the run a little) and write raw stacks plus a summary next to the results."""
+    tool = py_spy_path() if opts.profile else None
+    if tool is None:
+        yield
+        return
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    raw = opts.out_dir / f"overhead-profile-c{concurrency}.collapsed"
+    cmd = [tool, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--threads"]
+    cmd += ["--format", "raw", "--output", str(raw)]
+    proc = subprocess.Popen(
+        placed(cmd, LOADGEN_CPU, opts), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if raw.exists():
+        summary = summarize_profile(raw.read_text())
+        raw.with_suffix(".txt").write_text(summary)
+
+
+def _leaf_file(frame: str) -> str:
+    inside = frame.rpartition("(")[2].rstrip(")")
+    return inside.rpartition(":")[0] or frame
+
+
+def summarize_profile(collapsed: str, top: int = 25) -> str:
+    """Self time by source file and by function, and inclusive time of our own functions."""
+    total = 0
+    by_file: dict[str, int] = {}
+    by_frame: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")[1:]  # the first entry names the thread
+        total += count
+        leaf = frames[-1] if frames else stack
+        by_file[_leaf_file(leaf)] = by_file.get(_leaf_file(leaf), 0) + count
+        by_frame[leaf] = by_frame.get(leaf, 0) + count
+        for frame in {f for f in frames if "gateway/" in f or "store/" in f}:
+            inclusive[frame] = inclusive.get(frame, 0) + count
+
+    def block(title: str, counts: dict[str, int]) -> list[str]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [title, *(f"{n / total:7.1%}  {name}" for name, n in ranked), ""]
+
+    if not total:
+        return "no samples\n"
+    return "\n".join(
+        [
+            f"{total} samples (all threads, 250 Hz)",
+            "",
+            *block("self time by file", by_file),
+            *block("self time by function (line)", by_frame),
+            *block("inclusive time of gateway/ and store/ frames", inclusive),
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +594,8 @@ def count_spans(db: Path, rollout: str) -> int:
 
 
 def span_overhead_p50(db: Path, rollout: str) -> float | None:
+    if not db.exists():
+        return None
     uri = f"file:{db}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
         values = [
@@ -415,13 +632,14 @@ def wait_flushed(gw: Gateway, rollout: str, expected: int, timeout: float = 20.0
 # The benchmark
 
 
-def bench_one(opts: Options, provider_base: str, gw: Gateway, concurrency: int, lua: Path) -> Row:
+def bench_one(target: Target, provider_base: str, gw: Gateway, concurrency: int) -> Row:
     direct_url = provider_base + "/chat/completions"
-    direct = measure(opts, direct_url, direct_url, concurrency, lua)
+    direct = measure(target, direct_url, direct_url, concurrency)
     rollout = f"bench-{concurrency}"
     gw_url = f"{gw.root}/rollout/{rollout}/attempt/1/v1/chat/completions"
     warm_url = f"{gw.root}/rollout/bench-warmup-{concurrency}/attempt/1/v1/chat/completions"
-    gateway = measure(opts, gw_url, warm_url, concurrency, lua)
+    with profiled(target.opts, gw.proc.pid, concurrency):
+        gateway = measure(target, gw_url, warm_url, concurrency)
     row = Row(concurrency, direct, gateway, rollout)
     row.spans_after_flush = wait_flushed(gw, rollout, gateway.sent)
     print(
@@ -442,23 +660,26 @@ def run_benchmark(opts: Options) -> tuple[list[Row], int | None]:
         tmp = Path(tmp_name)
         lua = tmp / "chat.lua"
         lua.write_text(WRK_LUA % {"body": BODY})
-        provider_base = start_provider(opts, tmp, stack)
+        provider_base, provider = start_provider(opts, tmp, stack)
         gw = start_gateway(opts, tmp, provider_base)
+        target = Target(opts, lua, CpuWatch(gw.proc.pid, provider.pid))
         try:
             preflight(provider_base + "/chat/completions", "the fake provider")
             preflight(f"{gw.root}/rollout/bench-preflight/v1/chat/completions", "the gateway")
             for concurrency in opts.concurrency:
-                rows.append(bench_one(opts, provider_base, gw, concurrency, lua))
+                rows.append(bench_one(target, provider_base, gw, concurrency))
         finally:
             gw_rc = stop_process(gw.proc, "gateway", timeout=60)
         for row in rows:
             row.spans_after_stop = count_spans(gw.db, row.rollout)
             row.span_overhead_p50_ms = span_overhead_p50(gw.db, row.rollout)
-        keep_logs(tmp, opts.out_dir)
+        if gw_rc != 0 or any(r.gateway.errors_status or r.gateway.errors_socket for r in rows):
+            keep_logs(tmp, opts.out_dir)
     return rows, gw_rc
 
 
 def keep_logs(tmp: Path, out_dir: Path) -> None:
+    """Something went wrong: keep the servers' output next to the results."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("gateway.log", "provider.log"):
         src = tmp / name
@@ -539,6 +760,65 @@ def span_rows(rows: list[Row]) -> list[list[str]]:
     ]
 
 
+def gateway_cpu_per_request_us(row: Row) -> float:
+    cpu = row.gateway.cpu
+    return cpu.gateway_s / row.gateway.requests * 1e6 if cpu and row.gateway.requests else 0.0
+
+
+def share(seconds: float, cpu: CpuUsage | None, cores: int = 1) -> str:
+    """CPU seconds as a percentage of `cores` cores over the run's wall time."""
+    return f"{seconds / (cpu.wall_s * cores):.0%}" if cpu and cpu.wall_s else "-"
+
+
+CPU_HEADER = [
+    "concurrency",
+    "gateway CPU µs/request",
+    "gateway core busy",
+    "provider core busy (gw run)",
+    "loadgen core busy (gw run)",
+    "provider core busy (direct)",
+    "foreign CPU, direct run",
+    "foreign CPU, gateway run",
+]
+
+
+def cpu_rows(rows: list[Row]) -> list[list[str]]:
+    machine = os.cpu_count() or 1
+    out = []
+    for r in rows:
+        g, d = r.gateway.cpu, r.direct.cpu
+        out.append(
+            [
+                str(r.concurrency),
+                f"{gateway_cpu_per_request_us(r):.0f}",
+                share(g.gateway_s, g) if g else "-",
+                share(g.provider_s, g) if g else "-",
+                share(g.loadgen_s, g) if g else "-",
+                share(d.provider_s, d) if d else "-",
+                share(d.foreign_s, d, machine) if d else "-",
+                share(g.foreign_s, g, machine) if g else "-",
+            ]
+        )
+    return out
+
+
+def noise_lines(rows: list[Row]) -> list[str]:
+    """Warn about runs during which other processes used a noticeable share of the machine."""
+    machine = os.cpu_count() or 1
+    noisy = []
+    for r in rows:
+        for label, cpu in (("direct", r.direct.cpu), ("gateway", r.gateway.cpu)):
+            if cpu and cpu.wall_s and cpu.foreign_s / (cpu.wall_s * machine) > QUIET_THRESHOLD:
+                noisy.append(f"c={r.concurrency} {label} ({share(cpu.foreign_s, cpu, machine)})")
+    if not noisy:
+        return []
+    return [
+        "WARNING: other processes competed for the cores during: "
+        + ", ".join(noisy)
+        + "; treat those numbers as pessimistic and re-run on a quiet machine."
+    ]
+
+
 def target_lines(rows: list[Row]) -> list[str]:
     by_c = {r.concurrency: r for r in rows}
     lines = []
@@ -580,7 +860,10 @@ def print_table(title: str, header: list[str], body: list[list[str]]) -> None:
         table.add_column(name, justify="right")
     for row in body:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a pipe or file: do not squeeze the columns to 80
+    console.print(table)
 
 
 def cpu_model() -> str:
@@ -604,6 +887,20 @@ def display_path(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def source_version() -> str:
+    """The commit of the tree the gateway ran from, and whether it had uncommitted changes."""
+    head = tool_version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = tool_version(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "gateway", "store", "config"]
+    )
+    return f"{head} + uncommitted changes" if dirty not in ("", "unknown") else head
+
+
+def command_line() -> str:
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH",) if os.environ.get(k)]
+    return " ".join([*env, shlex.join([sys.executable, *sys.argv])])
+
+
 def machine_info(opts: Options) -> dict[str, str]:
     placement = (
         f"gateway on core {GATEWAY_CPU}; load generator and fake provider share core {LOADGEN_CPU}"
@@ -616,13 +913,18 @@ def machine_info(opts: Options) -> dict[str, str]:
         "cpu": cpu_model(),
         "python": sys.version.split()[0],
         "aiohttp": importlib.metadata.version("aiohttp"),
+        "spangate source": source_version()
+        if opts.spangate == default_spangate()
+        else f"custom command: {opts.spangate}",
         "load generator": tool_version(["wrk", "--version"])
         if opts.loadgen == "wrk"
         else "bench/_aio_loadgen.py (aiohttp, closed loop)",
         "cpu placement": placement,
+        "scheduling": f"nice {opts.nice}" if opts.nice else "default priority",
         "fake provider": f"{display_path(opts.provider_script)}, latency {opts.latency * 1000:g} ms",
         "per run": f"{opts.warmup} s warm-up + {opts.duration} s measured",
-        "command": shlex.join([Path(sys.executable).as_posix(), *sys.argv]),
+        "machine busy with other work just before": f"{opts.busy_before:.0%} of all cores",
+        "command": command_line(),
     }
 
 
@@ -639,8 +941,12 @@ def csv_record(row: Row) -> dict[str, Any]:
         "span_overhead_p50_ms": row.span_overhead_p50_ms,
     }
     for prefix, result in (("direct", row.direct), ("gateway", row.gateway)):
-        record.update({f"{prefix}_{k}": v for k, v in asdict(result).items()})
+        fields = asdict(result)
+        cpu = fields.pop("cpu") or {}
+        record.update({f"{prefix}_{k}": v for k, v in fields.items()})
         record[f"{prefix}_rps"] = round(result.rps, 1)
+        record.update({f"{prefix}_cpu_{k}": round(v, 3) for k, v in cpu.items()})
+    record["gateway_cpu_us_per_request"] = round(gateway_cpu_per_request_us(row), 1)
     return record
 
 
@@ -664,6 +970,7 @@ def write_markdown(path: Path, rows: list[Row], info: dict[str, str], gw_rc: int
         "## Targets",
         "",
         *[f"- {line}" for line in target_lines(rows)],
+        *["", *noise_lines(rows)],
         "",
         "## Spans recorded vs requests sent (gateway runs)",
         "",
@@ -673,6 +980,14 @@ def write_markdown(path: Path, rows: list[Row], info: dict[str, str], gw_rc: int
         f"SIGTERM (exit code {gw_rc}).",
         "",
         markdown_table(SPAN_HEADER, span_rows(rows)),
+        "",
+        "## CPU during the measured runs",
+        "",
+        "Busy shares are of one core over the run's wall time (from /proc). *Foreign* is CPU "
+        "used by other processes on the machine during the run, as a share of all cores: "
+        "when it is not near 0%, other work competed for the cores and the numbers are noisy.",
+        "",
+        markdown_table(CPU_HEADER, cpu_rows(rows)),
         "",
         "## Machine and run",
         "",
@@ -686,7 +1001,8 @@ def report(opts: Options, rows: list[Row], gw_rc: int | None) -> None:
     info = machine_info(opts)
     print_table("spangate overhead", TABLE_HEADER, table_rows(rows))
     print_table("spans recorded vs requests sent", SPAN_HEADER, span_rows(rows))
-    for line in target_lines(rows):
+    print_table("CPU during the measured runs", CPU_HEADER, cpu_rows(rows))
+    for line in [*target_lines(rows), *noise_lines(rows)]:
         print(line)
     for key, value in info.items():
         print(f"{key}: {value}")
@@ -711,6 +1027,24 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--provider-script", type=Path, default=DEFAULT_PROVIDER)
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the processes under test; e.g. -10 (needs root) keeps other "
+        "work on a shared machine from distorting the numbers",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the gateway with py-spy during its runs (bench/results/overhead-profile-*)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60,
+        help="wait up to this many seconds for other work to leave the machine (0: don't)",
+    )
+    parser.add_argument(
         "--spangate", default=default_spangate(), help="command that runs the spangate CLI"
     )
     args = parser.parse_args(argv)
@@ -728,6 +1062,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         provider_script=args.provider_script.resolve(),
         out_dir=args.out_dir,
         spangate=args.spangate,
+        quiet_wait=args.quiet_wait,
+        nice=args.nice,
+        profile=args.profile,
     )
 
 
@@ -738,6 +1075,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     opts = parse_args(argv)
+    if opts.quiet_wait > 0:
+        opts.busy_before = wait_for_quiet(opts.quiet_wait, QUIET_THRESHOLD)
     print(
         f"load generator: {opts.loadgen}; pinning: {'on' if opts.pin else 'off'}; "
         f"concurrency {opts.concurrency}; {opts.warmup}+{opts.duration} s per run",

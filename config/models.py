@@ -215,6 +215,45 @@ class AuthSettings(_Strict):
     )
 
 
+class OnlineJudging(_Strict):
+    """Judge rollouts as they finish, in the background."""
+
+    judge: str = Field("rules", description="`rules`, `llm`, or the name of a custom rubric.")
+    sample: float = Field(1.0, ge=0, le=1, description="Share of finished rollouts judged.")
+    on: list[Literal["succeeded", "failed", "cancelled", "timeout"]] = Field(
+        default_factory=lambda: ["succeeded", "failed"],
+        description="Terminal statuses that trigger judging.",
+    )
+    queue_size: int = Field(
+        1000, gt=0, description="Rollouts waiting; past this they are skipped (and counted)."
+    )
+    concurrency: int = Field(2, gt=0, description="Rollouts judged at once.")
+
+
+class JudgeSettings(_Strict):
+    """Judges that score whole rollouts from their trace."""
+
+    model: str | None = Field(
+        None, description="Model group the `llm` judge asks (one of `models`); needed for `llm`."
+    )
+    gateway_url: str | None = Field(
+        None,
+        description="Gateway the judge's own calls go through (recorded under a judge rollout); "
+        "default: this gateway.",
+    )
+    api_key: str | None = Field(None, description="Gateway key for the judge's own calls.")
+    budget_tokens: int = Field(
+        6000, gt=500, description="Most tokens of trajectory shown to the `llm` judge."
+    )
+    max_invalid_retries: int = Field(
+        2, ge=0, description="Times an invalid verdict is asked for again before giving up."
+    )
+    rubrics: dict[str, str] = Field(
+        default_factory=dict, description="Custom rubrics: name -> YAML file path."
+    )
+    online: OnlineJudging | None = Field(None, description="Judge rollouts as they finish.")
+
+
 class Settings(_Strict):
     """The whole `spangate.yaml`."""
 
@@ -231,6 +270,7 @@ class Settings(_Strict):
         default_factory=BreakerPolicy, description="Default circuit breaker per deployment."
     )
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and scopes.")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings, description="Rollout judges.")
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,
         ge=0,

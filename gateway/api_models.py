@@ -101,6 +101,12 @@ class SpanQuery(_Body):
     limit: int = Field(100, ge=1, le=1000)
 
 
+class SpanStreamQuery(SpanQuery):
+    after: int | None = Field(
+        None, ge=0, description="Resume after this event id (same as the Last-Event-ID header)."
+    )
+
+
 class RewardQuery(_Body):
     rollout_id: str | None = None
     attempt_id: str | None = None
@@ -116,6 +122,19 @@ class ExportQuery(_Body):
         "jsonl", description="Whole tree or a line per call."
     )
     reward_name: str = Field("reward", description="Which reward the triplets carry.")
+
+
+class JudgeRunCreate(_Body):
+    judge: str = Field("rules", description="`rules`, `llm`, or a rubric named in the config.")
+    rollout_ids: list[str] | None = Field(None, max_length=10_000, description="Exactly these.")
+    since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `1h`).")
+    status: RolloutStatus | None = Field(None, description="Only rollouts with this status.")
+    agent: str | None = Field(None, description="Only this agent's rollouts.")
+    sample: float | None = Field(None, gt=0, le=1, description="Judge this share (stable choice).")
+    concurrency: int = Field(4, ge=1, le=64, description="Rollouts judged at once.")
+    force: bool = Field(
+        False, description="Judge again rollouts this judge version already judged."
+    )
 
 
 class StatsQuery(_Body):
@@ -207,6 +226,22 @@ class Stats(_Out):
     totals: dict[str, Any]
     by_model: list[dict[str, Any]]
     rollouts_by_status: dict[str, int]
+
+
+class JudgeRun(_Out):
+    id: str
+    status: Literal["running", "completed", "failed"]
+    judge: str
+    params: dict[str, Any]
+    total: int
+    judged: int
+    skipped: int
+    failed: int
+    results: list[dict[str, Any]]
+    error: str | None
+    created_ns: int
+    updated_ns: int
+    ended_ns: int | None
 
 
 class ErrorDetail(_Out):

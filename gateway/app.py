@@ -20,11 +20,15 @@ from gateway.middleware import error_middleware
 from gateway.openapi import openapi_view
 from gateway.recorder import Recorder
 from gateway.router import Router
+from gateway.routes_api import ROUTES as API_ROUTES
 from gateway.routes_api import add_routes as add_api_routes
+from gateway.routes_judge import JUDGE
+from gateway.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.routes_openai import add_routes as add_openai_routes
 from gateway.routes_ops import add_routes as add_ops_routes
 from gateway.state import GATEWAY, Gateway
 from gateway.upstream import OpenAICompatible, Provider
+from judge.service import JudgeService
 from store.queries import rollout_cursor
 from store.reader import Reader
 from store.writer import StoreWriter
@@ -73,13 +77,15 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     )
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
+    app[JUDGE] = JudgeService(settings.judge, db_path, lambda: gw.base_url)
     # Teardown runs in reverse: the upstream session closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_upstreams)
+    app.cleanup_ctx.append(_judging)
     add_openai_routes(app)
     add_ops_routes(app)
-    add_api_routes(app)
+    add_api_routes(app, API_ROUTES + JUDGE_ROUTES)
     app.router.add_get("/openapi.json", openapi_view)
     return app
 
@@ -103,6 +109,16 @@ async def _recording(app: web.Application) -> AsyncIterator[None]:
     yield
     unsubscribe_metrics()
     unsubscribe_writer()
+
+
+async def _judging(app: web.Application) -> AsyncIterator[None]:
+    service = app[JUDGE]
+    service.open()
+    unsubscribe = app[GATEWAY].recorder.subscribe_rollouts(service.on_rollout)
+    service.start_online()
+    yield
+    unsubscribe()
+    await service.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

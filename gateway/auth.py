@@ -12,7 +12,7 @@ from gateway.errors import AuthenticationFailed, GatewayError
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json"})
 # Set on the request when the gateway key came in `Authorization`, so it is never forwarded.
-KEY_IN_AUTHORIZATION = "spangate.key_in_authorization"
+KEY_IN_AUTHORIZATION = web.RequestKey("key_in_authorization", bool)
 
 
 class PermissionDenied(GatewayError):

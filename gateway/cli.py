@@ -173,23 +173,28 @@ def tail(
     from gateway import cli_render
     from store.queries import list_spans, max_span_rowid
 
+    columns = cli_render.TailColumns()
+
     def emit(span: dict[str, Any]) -> None:
         if as_json:
             click.echo(cli_render.span_json(span, bodies=bodies))
         else:
-            click.echo(cli_render.tail_line(span))
+            click.echo(columns.line(span))
 
-    with read_db(db) as conn:
-        # Taken first, so a call recorded while the backlog is read is printed once, by the loop.
-        last = max_span_rowid(conn)
-        backlog = list_spans(conn, rollout_id=rollout_id, limit=limit, newest_first=True)
-        for span in reversed([s for s in backlog if s["_rowid"] <= last]):
-            emit(span)
-        if not follow:
-            if not backlog and not as_json:
-                click.echo("no calls recorded yet", err=True)
-            return
-        try:
+    try:
+        with read_db(db) as conn:
+            # Taken first: a call recorded while the backlog is read is printed once, by the loop.
+            last = max_span_rowid(conn)
+            backlog = list_spans(conn, rollout_id=rollout_id, limit=limit, newest_first=True)
+            backlog = [s for s in reversed(backlog) if s["_rowid"] <= last]
+            columns.fit(backlog)
+            for span in backlog:
+                emit(span)
+            if not follow:
+                if not backlog and limit and not as_json:
+                    where = f" for rollout {rollout_id}" if rollout_id else " yet"
+                    click.echo(f"no calls recorded{where}", err=True)
+                return
             while True:
                 fresh = list_spans(
                     conn, rollout_id=rollout_id, after_rowid=last, limit=FOLLOW_BATCH
@@ -200,9 +205,9 @@ def tail(
                     last = fresh[-1]["_rowid"]
                 if len(fresh) < FOLLOW_BATCH:
                     time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt:
-            # Ctrl-C is how a follow ends: exit 0, no "Aborted!".
-            return
+    except KeyboardInterrupt:
+        # Ctrl-C (at any point, even mid-backlog) is how a follow ends: exit 0, not "Aborted!".
+        return
 
 
 @cli.command()

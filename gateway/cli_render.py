@@ -48,7 +48,7 @@ def cost(usd: float | None) -> str:
         return ""
     if 0 < usd < 0.000_000_5:
         # Six decimals would print a real (tiny) cost as $0.000000.
-        return f"${usd:.1e}"
+        return "$" + f"{usd:.12f}".rstrip("0")
     return f"${usd:.6f}"
 
 
@@ -210,19 +210,44 @@ def reply(span: dict[str, Any]) -> str:
 # -- tail ---------------------------------------------------------------------
 
 
-def tail_line(span: dict[str, Any]) -> str:
-    """One call on one line; fixed column widths so lines printed later (--follow) align."""
-    cells = [
-        click.style(clock(span.get("start_ns")), dim=True),
-        f"{who(span):<22}",
-        f"{model(span):<22}",
-        styled(f"{status(span):<9}", span.get("status")),
-        f"{millis(span.get('duration_ms')):>7}",
-        f"{tokens(span.get('input_tokens'), span.get('output_tokens')):>14}",
-        f"{cost(span.get('cost_usd')):>9}",
-        clip(reply(span)),
+# Starting widths of time, who, model, status, latency, tokens and cost; the reply comes last.
+TAIL_MIN_WIDTHS = (12, 14, 12, 5, 6, 10, 9)
+TAIL_RIGHT = frozenset({4, 5, 6})
+
+
+def _tail_cells(span: dict[str, Any]) -> list[str]:
+    return [
+        clock(span.get("start_ns")),
+        who(span),
+        model(span),
+        status(span),
+        millis(span.get("duration_ms")),
+        tokens(span.get("input_tokens"), span.get("output_tokens")),
+        cost(span.get("cost_usd")),
     ]
-    return "  ".join(cells).rstrip()
+
+
+class TailColumns:
+    """Column widths that only grow, so lines printed later by --follow stay aligned."""
+
+    def __init__(self) -> None:
+        self.widths = list(TAIL_MIN_WIDTHS)
+
+    def fit(self, spans: Iterable[dict[str, Any]]) -> None:
+        """Widen the columns for a batch up front, so the whole batch lines up."""
+        for span in spans:
+            for i, cell in enumerate(_tail_cells(span)):
+                self.widths[i] = max(self.widths[i], len(cell))
+
+    def line(self, span: dict[str, Any]) -> str:
+        self.fit([span])
+        cells = [
+            cell.rjust(width) if i in TAIL_RIGHT else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(_tail_cells(span), self.widths, strict=True))
+        ]
+        cells[0] = click.style(cells[0], dim=True)
+        cells[3] = styled(cells[3], span.get("status"))
+        return "  ".join([*cells, clip(reply(span))]).rstrip()
 
 
 def span_json(span: dict[str, Any], *, bodies: bool) -> str:
@@ -338,7 +363,7 @@ def _summary_line(summary: dict[str, Any]) -> str:
 
 
 def rollout_tree(rollout: dict[str, Any]) -> list[str]:
-    """A rollout from `store.queries.get_rollout`: header, attempts with their calls, rewards, summary."""
+    """A rollout from `get_rollout`: header, attempts and their calls, rewards, summary."""
     lines = [
         click.style(f"rollout {rollout['id']}", bold=True)
         + "  "

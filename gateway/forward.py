@@ -116,6 +116,8 @@ class Job:
     fallback: str | None = None
     sent_ns: int | None = None
     next_wait: float = 0.0
+    # The deployment of the latest try, so a call that failed everywhere still names it.
+    guard: Guard | None = None
 
     @property
     def retries(self) -> int:
@@ -228,15 +230,15 @@ async def _with_retries(gw: Gateway, job: Job, group: ModelGroup) -> Outcome:
     raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
 
 
-async def _peek(chunks: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:
+async def _peek(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Wait for the first chunk now (so a silent upstream can still be retried), then replay it."""
     try:
-        first = await asyncio.wait_for(anext(chunks), timeout)
+        first = await anext(chunks)
     except StopAsyncIteration:
         first = b""
-    except TimeoutError as exc:
+    except BaseException:
         await chunks.aclose()
-        raise UpstreamTimeout(f"no first token within {timeout:g}s") from exc
+        raise
 
     async def replay() -> AsyncIterator[bytes]:
         try:
@@ -248,6 +250,24 @@ async def _peek(chunks: AsyncIterator[bytes], timeout: float) -> AsyncIterator[b
             await chunks.aclose()
 
     return replay()
+
+
+async def _first_answer(
+    provider: Any, request: UpstreamRequest, first_token: float | None
+) -> UpstreamResponse:
+    """Headers, and for a stream its first chunk, under the first-token deadline.
+
+    One deadline in this task: a real upstream sends its headers when the first token is
+    ready, so the wait can fall on either side of them.
+    """
+    try:
+        async with asyncio.timeout(first_token):
+            response = await provider(request)
+            if response.chunks is not None and response.ok:
+                response.chunks = await _peek(response.chunks)
+            return response
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"no first token within {first_token:g}s") from exc
 
 
 class _Failed(Exception):
@@ -276,6 +296,7 @@ async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPoli
             f"no deployment of {group.name!r} is taking calls (circuit breakers open)",
             retry_after=max(gw.router.reopens_in([group]), 1.0),
         )
+    job.guard = guard
     deployment = guard.deployment
     record: dict[str, Any] = {
         "deployment": deployment.label,
@@ -303,13 +324,12 @@ async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPoli
         job.sent_ns = time.perf_counter_ns()
         try:
             with guard.breaker.calling():
-                response = await provider(request)
+                first_token = deployment.timeout.first_token if job.stream else None
+                response = await _first_answer(provider, request, first_token)
                 if counts_against_breaker(response.status):
                     raise _Failed(response)
                 parsed = None
-                if response.chunks is not None:
-                    response.chunks = await _peek(response.chunks, deployment.timeout.first_token)
-                elif response.ok:
+                if response.chunks is None and response.ok:
                     parsed = _json_object(response.body or b"", deployment.label)
         finally:
             guard.in_flight -= 1

@@ -14,7 +14,7 @@ import re
 import struct
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -142,6 +142,12 @@ def _warm_up() -> None:
 
 def litellm_loaded() -> bool:
     return _litellm is not None
+
+
+def is_litellm_provider(name: str) -> bool:
+    """Whether litellm knows the provider name (loads litellm: call it off the event loop)."""
+    names = {str(getattr(p, "value", p)) for p in load_litellm().provider_list}
+    return name in names
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -523,6 +529,8 @@ class LiteLLMProvider:
         # drop_params: an OpenAI parameter the provider lacks (say `seed` for Anthropic) is
         # left out instead of failing the call, so agents written for OpenAI keep working.
         self.drop_params = drop_params
+        # Calls given up on (timeout, client gone) that litellm is still finishing; see _start.
+        self._orphans: set[asyncio.Future[Any]] = set()
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         deployment = request.deployment
@@ -547,9 +555,7 @@ class LiteLLMProvider:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deployment.timeout.total
         try:
-            # litellm's own timeout covers each read; this bounds the whole call.
-            async with asyncio.timeout_at(deadline):
-                result = await call(**kwargs)
+            result = await self._start(call(**kwargs), deadline)
         except (GatewayError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -582,6 +588,35 @@ class LiteLLMProvider:
             )
         shape = chat_completion if request.operation == "chat" else text_completion
         return UpstreamResponse(200, dict(_JSON_HEADERS), body=orjson.dumps(shape(_dump(result))))
+
+    async def _start(self, call: Awaitable[Any], deadline: float) -> Any:
+        """Await litellm's call within the deadline, without ever cancelling it half-way.
+
+        litellm prepares each call in a worker thread, which hands back a coroutine; cancelling
+        while that thread runs drops the coroutine unawaited (a RuntimeWarning at GC). So a call
+        we stop waiting for is left to end on its own (litellm has the same timeout), and what
+        it returns is closed then.
+        """
+        task = asyncio.ensure_future(call)
+        try:
+            # litellm's own timeout covers each read; this bounds the whole call.
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(task)
+        except BaseException:
+            if not task.done():
+                self._orphans.add(task)
+                task.add_done_callback(self._orphan_done)
+            raise
+
+    def _orphan_done(self, task: asyncio.Future[Any]) -> None:
+        self._orphans.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return  # exception() also marks it retrieved, so asyncio does not log it
+        close = getattr(task.result(), "aclose", None)
+        if close is not None:
+            closing = asyncio.ensure_future(close())
+            self._orphans.add(closing)
+            closing.add_done_callback(self._orphans.discard)
 
     def _arguments(self, request: UpstreamRequest, api_key: str | None) -> dict[str, Any]:
         import httpx
@@ -617,6 +652,10 @@ class LiteLLMProvider:
 
     async def aclose(self) -> None:
         """Close litellm's cached HTTP clients and its logging worker (at gateway shutdown)."""
+        if self._orphans:
+            _, pending = await asyncio.wait(set(self._orphans), timeout=5.0)
+            for task in pending:
+                task.cancel()
         if _litellm is None:
             return
         from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER

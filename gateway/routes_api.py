@@ -28,6 +28,7 @@ MAX_API_BODY = 1024 * 1024
 SSE_KEEPALIVE_SECONDS = 15.0
 SSE_POLL_SECONDS = 1.0
 SSE_BATCH = 200
+MAX_NS = 2**63  # SQLite integers are signed 64-bit
 
 
 def dumps(value: Any) -> str:
@@ -83,9 +84,12 @@ def time_param(value: str | None, name: str) -> int | None:
     from store.export import parse_since
 
     try:
-        return parse_since(value)
-    except ValueError as exc:
+        moment = parse_since(value)
+    except (ValueError, OverflowError) as exc:
         raise ValidationFailed(f"{name}: {exc}", param=name) from exc
+    if not 0 <= moment < MAX_NS:
+        raise ValidationFailed(f"{name}: {value!r} is outside the storable time range", param=name)
+    return moment
 
 
 async def read(gw: Gateway, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -235,9 +239,9 @@ async def get_span(request: web.Request) -> web.Response:
 async def stream_spans(request: web.Request) -> web.StreamResponse:
     """Server-sent events, one `span` event per written span; resumable with Last-Event-ID."""
     gw = request.app[GATEWAY]
-    q = query_of(request, m.SpanQuery)
+    q = query_of(request, m.SpanStreamQuery)
     filters = _span_filters(q)
-    last = request.headers.get("Last-Event-ID") or request.query.get("after")
+    last = request.headers.get("Last-Event-ID") or (str(q.after) if q.after is not None else None)
     try:
         after = int(last) if last else None
     except ValueError as exc:
@@ -256,6 +260,9 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
     wake = asyncio.Event()
     loop = asyncio.get_running_loop()
     unsubscribe = gw.writer.on_commit(lambda: _wake_threadsafe(loop, wake))
+    closing = request.app[CLOSING]
+    streams = request.app[STREAMS]
+    streams.add(wake)
     last_write = time.monotonic()
     try:
         await response.write(b": connected\n\n")
@@ -267,6 +274,8 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
                 last_write = time.monotonic()
             if page.next_cursor:
                 continue
+            if closing.is_set():
+                break
             wake.clear()
             try:
                 await asyncio.wait_for(wake.wait(), SSE_POLL_SECONDS)
@@ -277,6 +286,7 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, asyncio.CancelledError):
         pass  # the subscriber went away; nothing of theirs to clean up but the hook below
     finally:
+        streams.discard(wake)
         unsubscribe()
     return response
 
@@ -359,7 +369,7 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("POST", "/api/rollouts/{rollout_id}/rewards", create_reward, "Reward a rollout (or one of its attempts or calls)", "write", m.RewardCreate, None, m.Reward, 201, (404, 409, 422)),
     ApiRoute("GET", "/api/rollouts/{rollout_id}/export", export_rollout_view, "A rollout for training, as JSON lines (jsonl or triplets)", "read", None, m.ExportQuery, None, 200, (404, 422)),
     ApiRoute("GET", "/api/spans", list_spans, "List recorded calls in write order", "read", None, m.SpanQuery, m.SpanPage, 200, (422,)),
-    ApiRoute("GET", "/api/spans/stream", stream_spans, "Live calls as server-sent events", "read", None, m.SpanQuery, None, 200, (422,)),
+    ApiRoute("GET", "/api/spans/stream", stream_spans, "Live calls as server-sent events", "read", None, m.SpanStreamQuery, None, 200, (422,)),
     ApiRoute("GET", "/api/spans/{span_id}", get_span, "One call with its request and response bodies", "read", None, None, m.Span, 200, (404,)),
     ApiRoute("POST", "/api/rewards", create_reward, "Record a reward for a rollout, attempt or call", "write", m.RewardCreate, None, m.Reward, 201, (404, 409, 422)),
     ApiRoute("GET", "/api/rewards", list_rewards, "List rewards", "read", None, m.RewardQuery, m.RewardPage, 200, (422,)),
@@ -367,6 +377,23 @@ ROUTES: tuple[ApiRoute, ...] = (
 )  # fmt: skip
 
 
-def add_routes(app: web.Application, routes: tuple[ApiRoute, ...] = ROUTES) -> None:
+# Set when the server shuts down, so long-lived event streams end instead of holding it up.
+CLOSING = web.AppKey("closing", asyncio.Event)
+
+
+async def _close_streams(app: web.Application) -> None:
+    app[CLOSING].set()
+    for stream_wake in list(app[STREAMS]):
+        stream_wake.set()
+
+
+STREAMS = web.AppKey("streams", set)
+
+
+def add_routes(app: web.Application, routes: tuple[ApiRoute, ...]) -> None:
+    if CLOSING not in app:
+        app[CLOSING] = asyncio.Event()
+        app[STREAMS] = set()
+        app.on_shutdown.append(_close_streams)
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)

@@ -104,7 +104,10 @@ class Call:
 
     @property
     def deployment(self) -> Deployment | None:
-        return self.outcome.guard.deployment if self.outcome else None
+        if self.outcome is not None:
+            return self.outcome.guard.deployment
+        guard = self.job.guard if self.job else None
+        return guard.deployment if guard else None
 
     def overhead_ms(self, now: int | None = None) -> float:
         """Time spent in the gateway itself: not upstream, not backoff, not rate-limit waits."""
@@ -112,8 +115,11 @@ class Call:
         job = self.job
         if job is None or job.sent_ns is None:
             return (now - self.t0) / 1e6
-        waited_ms = job.limiter_wait * 1000 + sum(
-            t.get("duration_ms", 0.0) + t.get("wait_ms", 0.0) for t in job.tries[:-1]
+        # Before the last send: rate-limit waits, every backoff pause, and earlier tries.
+        waited_ms = (
+            job.limiter_wait * 1000
+            + sum(t.get("wait_ms", 0.0) for t in job.tries)
+            + sum(t.get("duration_ms", 0.0) for t in job.tries[:-1])
         )
         before = (job.sent_ns - self.t0) / 1e6 - waited_ms
         after = (now - self.upstream_done_ns) / 1e6 if self.upstream_done_ns else 0.0
@@ -208,8 +214,8 @@ class Call:
                 record["output_tokens"],
                 record["cached_tokens"],
             )
-            if job is not None and record["input_tokens"] is not None:
-                self.outcome.guard.correct_tokens(  # type: ignore[union-attr]
+            if self.outcome is not None and job is not None and record["input_tokens"] is not None:
+                self.outcome.guard.correct_tokens(
                     job.tokens, (record["input_tokens"] or 0) + (record["output_tokens"] or 0)
                 )
         else:

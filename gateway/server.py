@@ -12,6 +12,7 @@ from aiohttp import web
 
 from config.models import Settings
 from gateway.app import create_app
+from gateway.state import GATEWAY
 
 log = logging.getLogger("spangate")
 
@@ -34,8 +35,9 @@ async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool 
         loop.add_signal_handler(signum, stop.set)
     try:
         await site.start()
+        host, port = settings.server.host, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        app[GATEWAY].base_url = f"http://{_connectable(host)}:{port}"
         if ready_message:
-            host, port = settings.server.host, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             names = ", ".join(group.name for group in settings.models)
             print(
                 f"spangate listening on http://{host}:{port}  (db: {db_path}; models: {names})",
@@ -51,6 +53,15 @@ async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool 
     finally:
         # Closes the listener, waits for in-flight handlers, then runs cleanup (writer drains last).
         await runner.cleanup()
+
+
+def _connectable(host: str) -> str:
+    """An address this process can call itself on."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def run(settings: Settings, db_path: str | Path) -> None:

@@ -26,6 +26,8 @@ class Gateway:
     sequencer: Sequencer
     providers: dict[str, Provider] = field(default_factory=dict)
     prices: dict[int, tuple[float, float, float | None] | None] = field(default_factory=dict)
+    # Where this gateway answers, once it listens (the judge calls itself through it).
+    base_url: str = ""
 
     def price_all(self, cost_map: Prices) -> None:
         """Look every deployment's prices up once, so a call's cost is two multiplications."""

@@ -157,6 +157,29 @@ def _initial(db: Database) -> None:
     db.execute("CREATE INDEX rewards_span ON rewards (span_id)")
 
 
+@migrations(name="002_judge_runs")
+def _judge_runs(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE judge_runs (
+            id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            judge TEXT NOT NULL,
+            params TEXT NOT NULL DEFAULT '{}',
+            total INTEGER NOT NULL DEFAULT 0,
+            judged INTEGER NOT NULL DEFAULT 0,
+            skipped INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            results TEXT NOT NULL DEFAULT '[]',
+            error TEXT,
+            created_ns INTEGER NOT NULL,
+            updated_ns INTEGER NOT NULL,
+            ended_ns INTEGER
+        )
+        """
+    )
+
+
 def connect(path: str | Path, *, read_only: bool = False) -> Database:
     """Open the database; writers get WAL mode and the schema, readers never write."""
     if read_only:

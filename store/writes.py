@@ -312,3 +312,51 @@ def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bo
     assert stored is not None
     stored["final"] = bool(stored["final"])
     return stored, True
+
+
+def replace_reward(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
+    """Store a reward under its id whatever was there before (a forced re-judgement)."""
+    if reward.get("id"):
+        db.execute("delete from rewards where id = :id", {"id": reward["id"]})
+    return add_reward(db, reward)[0]
+
+
+def save_judge_run(db: Database, run: dict[str, Any]) -> None:
+    """Insert or update a judge run's row (progress is saved as it goes)."""
+    now = time.time_ns()
+    db.execute(
+        """
+        insert into judge_runs (id, status, judge, params, total, judged, skipped, failed,
+                                results, error, created_ns, updated_ns, ended_ns)
+        values (:id, :status, :judge, :params, :total, :judged, :skipped, :failed,
+                :results, :error, :now, :now, :ended_ns)
+        on conflict (id) do update set
+          status = excluded.status, total = excluded.total, judged = excluded.judged,
+          skipped = excluded.skipped, failed = excluded.failed, results = excluded.results,
+          error = excluded.error, updated_ns = excluded.updated_ns, ended_ns = excluded.ended_ns
+        """,
+        {
+            "id": run["id"],
+            "status": run["status"],
+            "judge": run["judge"],
+            "params": _json(run.get("params"), "{}"),
+            "total": run.get("total", 0),
+            "judged": run.get("judged", 0),
+            "skipped": run.get("skipped", 0),
+            "failed": run.get("failed", 0),
+            "results": _json(run.get("results"), "[]"),
+            "error": run.get("error"),
+            "now": now,
+            "ended_ns": run.get("ended_ns"),
+        },
+    )
+
+
+def get_judge_run(db: Database, run_id: str) -> dict[str, Any]:
+    row = _one(db, "select * from judge_runs where id = :id", {"id": run_id})
+    if row is None:
+        raise NotFound(f"judge run {run_id!r} not found")
+    for key in ("params", "results"):
+        if isinstance(row.get(key), str):
+            row[key] = orjson.loads(row[key])
+    return row

@@ -13,11 +13,11 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_provider import FakeProviderThread  # noqa: E402
-from servers import GatewayThread  # noqa: E402
+from fake_provider import FakeProviderThread
+from servers import GatewayThread
 
-from config.loader import parse_settings  # noqa: E402
-from config.models import Settings  # noqa: E402
+from config.loader import parse_settings
+from config.models import Settings
 
 UPSTREAM_MODEL = "upstream-model"
 

@@ -76,6 +76,7 @@ class GatewayThread:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.app[GATEWAY].base_url = self.base
 
     def stop(self) -> None:
         if self._runner is not None:

@@ -291,8 +291,13 @@ def test_tail_prints_calls_oldest_first_with_their_details(db_path: Path) -> Non
     assert "$" not in lines[3]  # no cost recorded, so none shown
     assert "r-beta/default#1" in lines[5] and "[2 vectors]" in lines[5]
     assert lines[6].split()[1] == "-" and "Hello from responses" in lines[6]
-    assert [line.split()[1] for line in lines[:5]] == [f"r-alpha/a{a}#{s}" for a, s in
-        [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5)]]  # fmt: skip
+    assert [line.split()[1] for line in lines[:5]] == [
+        "r-alpha/a1#1",
+        "r-alpha/a1#2",
+        "r-alpha/a1#3",
+        "r-alpha/a2#4",
+        "r-alpha/a2#5",
+    ]
 
 
 def test_tail_limit_keeps_the_newest_calls(db_path: Path) -> None:
@@ -395,7 +400,7 @@ def _next_line(lines: queue.Queue[str | None], deadline: float) -> str:
 def test_tail_follow_shows_a_new_call_within_a_second(
     db_path: Path, follower: tuple[subprocess.Popen[str], queue.Queue[str | None]]
 ) -> None:
-    proc, lines = follower
+    _, lines = follower
     # The backlog line proves the follower is up (and past its import time) before we insert.
     assert "Hello from responses" in _next_line(lines, time.monotonic() + 10)
     new = _span(
@@ -543,3 +548,58 @@ def test_commands_have_help_with_an_example() -> None:
         result = run(name, "--help")
         assert result.exit_code == 0
         assert "Example:" in result.output and f"spangate {name}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("span", "preview"),
+    [
+        # Bodies not stored (recorder.store_bodies off): the tool_calls column still tells.
+        (
+            {
+                "operation": "chat",
+                "status": "ok",
+                "response_body": None,
+                "tool_calls": [{"id": "c1", "name": "search", "arguments": '{"q": "x"}'}],
+            },
+            '→ search({"q": "x"})',
+        ),
+        (
+            {
+                "operation": "responses",
+                "status": "ok",
+                "response_body": {
+                    "output": [
+                        {
+                            "type": "function_call",
+                            "call_id": "c1",
+                            "name": "lookup",
+                            "arguments": "{}",
+                        }
+                    ]
+                },
+            },
+            "→ lookup({})",
+        ),
+        (
+            {
+                "operation": "text_completion",
+                "status": "ok",
+                "response_body": {"choices": [{"index": 0, "text": "once upon"}]},
+            },
+            "once upon",
+        ),
+        (
+            {
+                "operation": "chat",
+                "status": "error",
+                "error_message": None,
+                "response_body": {"error": {"message": "upstream timed out"}},
+            },
+            "upstream timed out",
+        ),
+    ],
+)
+def test_reply_preview_covers_every_answer_shape(span: dict[str, Any], preview: str) -> None:
+    from gateway.cli_render import reply
+
+    assert reply(span) == preview

@@ -8,26 +8,24 @@ deployment's model name and key, never the client's.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from fake_provider import FakeProviderThread
-from servers import GatewayThread
+from servers import GatewayThread, read_rows
+
+from config.loader import parse_settings
+from store.queries import decode_row
 
 UPSTREAM_MODEL = "upstream-model"
 UPSTREAM_KEY = "sk-upstream-secret"
 CLIENT_KEY = "sk-client-key-for-tests"
 # Keys whose values the fake provider counts up per request, or sets from the clock.
 VOLATILE_KEYS = frozenset({"id", "call_id", "item_id", "created", "created_at"})
-
-# (rollout, attempt) for the three prefixes: /v1, /rollout/{rid}/v1, /rollout/{rid}/attempt/{aid}/v1
-PREFIXES = [
-    pytest.param(None, None, id="v1"),
-    pytest.param("task-7", None, id="rollout"),
-    pytest.param("task-7", "try-2", id="rollout-attempt"),
-]
 
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
@@ -63,6 +61,85 @@ def normalized(value: Any) -> Any:
     return value
 
 
+@pytest.fixture(scope="module")
+def shared_gateway(
+    fake_provider_server: FakeProviderThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayThread]:
+    """One gateway for the module: these tests only add spans, each under its own rollout."""
+    settings = parse_settings(
+        {
+            "models": [
+                {
+                    "name": "gpt-test",
+                    "deployments": [
+                        {
+                            "provider": "openai",
+                            "model": UPSTREAM_MODEL,
+                            "api_base": fake_provider_server.url,
+                            "api_key": UPSTREAM_KEY,
+                        }
+                    ],
+                },
+                {"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]},
+            ]
+        },
+        env={},
+    )
+    db_path = tmp_path_factory.mktemp("proxy") / "spangate.db"
+    gateway = GatewayThread(settings, db_path).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def gateway(shared_gateway: GatewayThread, fake_provider: FakeProviderThread) -> GatewayThread:
+    """The module's gateway, with the fake provider's requests and faults cleared."""
+    return shared_gateway
+
+
+class NewSpans:
+    """The spans a test recorded: those written after it started, in rollout/seq order."""
+
+    def __init__(self, gateway: GatewayThread) -> None:
+        gateway.flush()
+        self.gateway = gateway
+        self.mark = self._max_rowid(gateway.db_path)
+
+    @staticmethod
+    def _max_rowid(db_path: Path) -> int:
+        return int(read_rows(db_path, "select coalesce(max(rowid), 0) as m from spans")[0]["m"])
+
+    def __call__(self) -> list[dict[str, Any]]:
+        self.gateway.flush()
+        rows = read_rows(
+            self.gateway.db_path,
+            "select * from spans where rowid > ? order by rollout_id, seq, rowid",
+            self.mark,
+        )
+        return [decode_row(row) for row in rows]
+
+
+@pytest.fixture
+def recorded(gateway: GatewayThread) -> NewSpans:
+    return NewSpans(gateway)
+
+
+@pytest.fixture
+def rid() -> str:
+    """A rollout id of this test's own, so sequence numbers start at 1."""
+    return f"task-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["v1", "rollout", "rollout-attempt"])
+def prefix(request: pytest.FixtureRequest, rid: str) -> tuple[str | None, str | None]:
+    """(rollout, attempt) for /v1, /rollout/{rid}/v1 and /rollout/{rid}/attempt/{aid}/v1."""
+    return {
+        "v1": (None, None),
+        "rollout": (rid, None),
+        "rollout-attempt": (rid, "try-2"),
+    }[request.param]
+
+
 @pytest.fixture
 def direct(fake_provider: FakeProviderThread) -> Iterator[openai.OpenAI]:
     """A client talking to the fake provider directly: what the user would get without us."""
@@ -82,8 +159,8 @@ def expected_attempt(rollout: str | None, attempt: str | None) -> str | None:
     return attempt or "1"
 
 
-def only_span(gateway: GatewayThread) -> dict[str, Any]:
-    spans = gateway.spans()
+def only_span(recorded: NewSpans) -> dict[str, Any]:
+    spans = recorded()
     assert len(spans) == 1, f"expected one span, got {len(spans)}"
     return spans[0]
 
@@ -105,10 +182,13 @@ MESSAGES = [
 ]
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_chat_completion_equals_the_direct_reply_under_every_prefix(
-    gateway: GatewayThread, direct: openai.OpenAI, rollout: str | None, attempt: str | None
+    gateway: GatewayThread,
+    direct: openai.OpenAI,
+    recorded: NewSpans,
+    prefix: tuple[str | None, str | None],
 ) -> None:
+    rollout, attempt = prefix
     with gateway_client(gateway, rollout, attempt) as client:
         reply = client.chat.completions.create(model="gpt-test", messages=MESSAGES)
     expected = direct.chat.completions.create(model=UPSTREAM_MODEL, messages=MESSAGES)
@@ -117,15 +197,18 @@ def test_chat_completion_equals_the_direct_reply_under_every_prefix(
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage == expected.usage
     assert normalized(reply) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert_attributed(span, rollout, attempt, "chat", stream=False)
     assert span["response_id"] == reply.id
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_streamed_chat_completion_equals_the_direct_stream_under_every_prefix(
-    gateway: GatewayThread, direct: openai.OpenAI, rollout: str | None, attempt: str | None
+    gateway: GatewayThread,
+    direct: openai.OpenAI,
+    recorded: NewSpans,
+    prefix: tuple[str | None, str | None],
 ) -> None:
+    rollout, attempt = prefix
     with gateway_client(gateway, rollout, attempt) as client:
         chunks = list(
             client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
@@ -138,15 +221,18 @@ def test_streamed_chat_completion_equals_the_direct_stream_under_every_prefix(
     assert text == "echo: what is the capital of France"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert normalized(chunks) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert_attributed(span, rollout, attempt, "chat", stream=True)
     assert span["response_id"] == chunks[0].id
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_text_completion_equals_the_direct_reply_under_every_prefix(
-    gateway: GatewayThread, direct: openai.OpenAI, rollout: str | None, attempt: str | None
+    gateway: GatewayThread,
+    direct: openai.OpenAI,
+    recorded: NewSpans,
+    prefix: tuple[str | None, str | None],
 ) -> None:
+    rollout, attempt = prefix
     with gateway_client(gateway, rollout, attempt) as client:
         reply = client.completions.create(model="gpt-test", prompt="once upon a time", max_tokens=3)
     expected = direct.completions.create(
@@ -156,15 +242,18 @@ def test_text_completion_equals_the_direct_reply_under_every_prefix(
     assert reply.choices[0].text == "echo: once upon"
     assert reply.choices[0].finish_reason == "length"
     assert normalized(reply) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert_attributed(span, rollout, attempt, "text_completion", stream=False)
     assert span["output_tokens"] == reply.usage.completion_tokens
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_streamed_text_completion_equals_the_direct_stream_under_every_prefix(
-    gateway: GatewayThread, direct: openai.OpenAI, rollout: str | None, attempt: str | None
+    gateway: GatewayThread,
+    direct: openai.OpenAI,
+    recorded: NewSpans,
+    prefix: tuple[str | None, str | None],
 ) -> None:
+    rollout, attempt = prefix
     with gateway_client(gateway, rollout, attempt) as client:
         chunks = list(
             client.completions.create(model="gpt-test", prompt="once upon a time", stream=True)
@@ -175,15 +264,18 @@ def test_streamed_text_completion_equals_the_direct_stream_under_every_prefix(
 
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "echo: once upon a time"
     assert normalized(chunks) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert_attributed(span, rollout, attempt, "text_completion", stream=True)
     assert span["finish_reasons"] == ["stop"]
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_embeddings_equal_the_direct_vectors_under_every_prefix(
-    gateway: GatewayThread, direct: openai.OpenAI, rollout: str | None, attempt: str | None
+    gateway: GatewayThread,
+    direct: openai.OpenAI,
+    recorded: NewSpans,
+    prefix: tuple[str | None, str | None],
 ) -> None:
+    rollout, attempt = prefix
     inputs = ["the cat sat", "on the mat"]
     with gateway_client(gateway, rollout, attempt) as client:
         reply = client.embeddings.create(model="gpt-test", input=inputs)
@@ -193,15 +285,18 @@ def test_embeddings_equal_the_direct_vectors_under_every_prefix(
     assert [d.embedding for d in reply.data] == [d.embedding for d in expected.data]
     assert reply.usage == expected.usage
     assert normalized(reply) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert_attributed(span, rollout, attempt, "embeddings", stream=False)
     assert span["input_tokens"] == reply.usage.prompt_tokens
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_responses_api_equals_the_direct_reply_under_every_prefix(
-    gateway: GatewayThread, direct: openai.OpenAI, rollout: str | None, attempt: str | None
+    gateway: GatewayThread,
+    direct: openai.OpenAI,
+    recorded: NewSpans,
+    prefix: tuple[str | None, str | None],
 ) -> None:
+    rollout, attempt = prefix
     with gateway_client(gateway, rollout, attempt) as client:
         reply = client.responses.create(model="gpt-test", input="tell me a joke")
     expected = direct.responses.create(model=UPSTREAM_MODEL, input="tell me a joke")
@@ -209,15 +304,18 @@ def test_responses_api_equals_the_direct_reply_under_every_prefix(
     assert reply.output_text == "echo: tell me a joke"
     assert reply.usage == expected.usage
     assert normalized(reply) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert_attributed(span, rollout, attempt, "responses", stream=False)
     assert span["response_id"] == reply.id
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_streamed_responses_api_equals_the_direct_events_under_every_prefix(
-    gateway: GatewayThread, direct: openai.OpenAI, rollout: str | None, attempt: str | None
+    gateway: GatewayThread,
+    direct: openai.OpenAI,
+    recorded: NewSpans,
+    prefix: tuple[str | None, str | None],
 ) -> None:
+    rollout, attempt = prefix
     with gateway_client(gateway, rollout, attempt) as client:
         events = list(
             client.responses.create(model="gpt-test", input="tell me a joke", stream=True)
@@ -231,17 +329,17 @@ def test_streamed_responses_api_equals_the_direct_events_under_every_prefix(
     final = events[-1].response
     assert final.output_text == "echo: tell me a joke"
     assert normalized(events) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert_attributed(span, rollout, attempt, "responses", stream=True)
     assert span["response_id"] == final.id
     assert span["input_tokens"] == final.usage.input_tokens
     assert span["output_tokens"] == final.usage.output_tokens
 
 
-@pytest.mark.parametrize(("rollout", "attempt"), PREFIXES)
 def test_models_list_gives_the_configured_group_names_under_every_prefix(
-    gateway: GatewayThread, rollout: str | None, attempt: str | None
+    gateway: GatewayThread, prefix: tuple[str | None, str | None]
 ) -> None:
+    rollout, attempt = prefix
     with gateway_client(gateway, rollout, attempt) as client:
         models = client.models.list()
     assert [m.id for m in models.data] == ["gpt-test", "mock"]
@@ -249,10 +347,10 @@ def test_models_list_gives_the_configured_group_names_under_every_prefix(
 
 
 def test_chat_tool_call_reply_carries_the_direct_tool_call_with_json_arguments(
-    gateway: GatewayThread, direct: openai.OpenAI
+    gateway: GatewayThread, direct: openai.OpenAI, recorded: NewSpans, rid: str
 ) -> None:
     messages = [{"role": "user", "content": "weather in Paris?"}]
-    with gateway_client(gateway, "tools", "1") as client:
+    with gateway_client(gateway, rid, "1") as client:
         reply = client.chat.completions.create(
             model="gpt-test", messages=messages, tools=[WEATHER_TOOL]
         )
@@ -265,7 +363,7 @@ def test_chat_tool_call_reply_carries_the_direct_tool_call_with_json_arguments(
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == WEATHER_ARGUMENTS
     assert normalized(reply) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert span["tool_calls"] == [
         {"id": call.id, "name": "get_weather", "arguments": call.function.arguments}
     ]
@@ -273,11 +371,11 @@ def test_chat_tool_call_reply_carries_the_direct_tool_call_with_json_arguments(
 
 
 def test_streamed_tool_call_is_assembled_by_the_sdk_stream_helper(
-    gateway: GatewayThread, direct: openai.OpenAI
+    gateway: GatewayThread, direct: openai.OpenAI, rid: str
 ) -> None:
     messages = [{"role": "user", "content": "weather in Paris?"}]
     with (
-        gateway_client(gateway, "tools", "1") as client,
+        gateway_client(gateway, rid, "1") as client,
         client.chat.completions.stream(
             model="gpt-test", messages=messages, tools=[WEATHER_TOOL]
         ) as stream,
@@ -297,9 +395,9 @@ def test_streamed_tool_call_is_assembled_by_the_sdk_stream_helper(
 
 
 def test_stream_options_include_usage_passes_the_usage_chunk_through(
-    gateway: GatewayThread, direct: openai.OpenAI
+    gateway: GatewayThread, direct: openai.OpenAI, recorded: NewSpans, rid: str
 ) -> None:
-    with gateway_client(gateway, "usage", "1") as client:
+    with gateway_client(gateway, rid, "1") as client:
         chunks = list(
             client.chat.completions.create(
                 model="gpt-test",
@@ -323,15 +421,15 @@ def test_stream_options_include_usage_passes_the_usage_chunk_through(
     assert last.usage == expected[-1].usage
     assert all(c.usage is None for c in chunks[:-1])
     assert normalized(chunks) == normalized(expected)
-    span = only_span(gateway)
+    span = only_span(recorded)
     assert span["input_tokens"] == last.usage.prompt_tokens
     assert span["output_tokens"] == last.usage.completion_tokens
 
 
 def test_upstream_sees_its_own_model_name_and_key_never_the_clients(
-    gateway: GatewayThread, fake_provider: FakeProviderThread
+    gateway: GatewayThread, fake_provider: FakeProviderThread, rid: str
 ) -> None:
-    with gateway_client(gateway, "keys", "1") as client:
+    with gateway_client(gateway, rid, "1") as client:
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-test", messages=MESSAGES, temperature=0.25
         )
@@ -361,10 +459,10 @@ def test_upstream_sees_its_own_model_name_and_key_never_the_clients(
 
 
 def test_mock_model_answers_plain_streamed_and_with_tool_calls_offline(
-    gateway: GatewayThread, fake_provider: FakeProviderThread
+    gateway: GatewayThread, fake_provider: FakeProviderThread, recorded: NewSpans, rid: str
 ) -> None:
     messages = [{"role": "user", "content": "hello mock"}]
-    with gateway_client(gateway, "mocked", "1") as client:
+    with gateway_client(gateway, rid, "1") as client:
         plain = client.chat.completions.create(model="mock", messages=messages)
         chunks = list(
             client.chat.completions.create(
@@ -390,6 +488,6 @@ def test_mock_model_answers_plain_streamed_and_with_tool_calls_offline(
     assert call.function.name == "get_weather"
     assert set(json.loads(call.function.arguments)) == {"city", "unit"}
     assert fake_provider.state.snapshot() == []
-    spans = gateway.spans(rollout_id="mocked")
+    spans = recorded()
     assert [s["provider"] for s in spans] == ["mock", "mock", "mock"]
     assert [s["seq"] for s in spans] == [1, 2, 3]

@@ -95,7 +95,7 @@ def test_sigterm_under_load_keeps_every_acknowledged_call(
 
     def worker(index: int) -> None:
         with httpx.Client(base_url=base, timeout=10) as client:
-            for n in range(CALLS // WORKERS):
+            for _ in range(CALLS // WORKERS):
                 try:
                     response = client.post(f"/rollout/load-{index}/v1/chat/completions", json=body)
                 except httpx.TransportError:

@@ -1,0 +1,43 @@
+"""`/api/judge/runs`: start a judge job in the gateway and follow its progress."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import api_models as m
+from gateway.errors import ValidationFailed
+from gateway.routes_api import ApiRoute, body_of, json, time_param
+from judge.jobs import Selection
+from judge.service import JudgeService
+
+JUDGE = web.AppKey("judge", JudgeService)
+
+
+async def start_judge_run(request: web.Request) -> web.Response:
+    service = request.app[JUDGE]
+    body = await body_of(request, m.JudgeRunCreate)
+    selection = Selection(
+        rollout_ids=body.rollout_ids,
+        since_ns=time_param(body.since, "since"),
+        status=body.status,
+        agent=body.agent,
+        sample=body.sample,
+    )
+    try:
+        run = await service.start_run(
+            body.judge, selection, concurrency=body.concurrency, force=body.force
+        )
+    except ValueError as exc:
+        raise ValidationFailed(str(exc), param="judge") from exc
+    return json(run, status=202)
+
+
+async def get_judge_run(request: web.Request) -> web.Response:
+    service = request.app[JUDGE]
+    return json(await service.get_run(request.match_info["run_id"]))
+
+
+ROUTES = (
+    ApiRoute("POST", "/api/judge/runs", start_judge_run, "Start judging rollouts in the background", "write", m.JudgeRunCreate, None, m.JudgeRun, 202, (422,)),
+    ApiRoute("GET", "/api/judge/runs/{run_id}", get_judge_run, "A judge run's progress and results", "read", None, None, m.JudgeRun, 200, (404,)),
+)  # fmt: skip

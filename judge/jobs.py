@@ -1,0 +1,264 @@
+"""Judge jobs: pick rollouts, judge each once per judge and rubric version, store verdicts.
+
+Each verdict is written as soon as it is made, under an id derived from the judge,
+rubric version and rollout, so an interrupted job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from config.models import JudgeSettings
+from judge.llm import JudgeClient, JudgeModelError, judge_llm
+from judge.rubric import DEFAULT_RUBRIC, Rubric, load_rubric
+from judge.rules import RULES_VERSION, Peers, judge_rules
+from judge.trajectory import Trajectory, load_trajectory
+from judge.verdict import Verdict, as_reward, reward_id
+from store.errors import NotFound
+from store.schema import connect
+from store.writes import add_reward, replace_reward
+
+JUDGE_AGENT_PREFIX = "judge-"
+
+SELECT_ROLLOUTS_SQL = """
+select id from rollouts
+where id not like 'judge-%'
+  and (agent is null or agent not like 'judge-%')
+  and (:since_ns is null or created_ns >= :since_ns)
+  and (:status is null or status = :status)
+  and (:agent is null or agent = :agent)
+order by created_ns, id
+"""
+
+PEERS_SQL = """
+select
+  coalesce(sum(s.input_tokens), 0) + coalesce(sum(s.output_tokens), 0) as tokens,
+  coalesce(sum(s.duration_ms), 0) as duration_ms
+from rollouts r join spans s on s.rollout_id = r.id
+where r.agent is :agent and r.id not like 'judge-%'
+group by r.id
+"""
+
+
+@dataclass
+class Selection:
+    rollout_ids: list[str] | None = None
+    since_ns: int | None = None
+    status: str | None = None
+    agent: str | None = None
+    sample: float | None = None
+
+
+def sampled(rollout_id: str, share: float | None) -> bool:
+    """A stable choice per rollout, so a rerun with the same share picks the same rollouts."""
+    if share is None or share >= 1:
+        return True
+    digest = hashlib.sha256(rollout_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+class JudgeStore:
+    """The judge's reads and writes, each on a worker thread with its own connection."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        self.db_path = Path(db_path)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._connections: list[Any] = []
+
+    def _db(self) -> Any:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = connect(self.db_path)
+            self._local.db = db
+            self._connections.append(db)
+        return db
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(lambda: fn(self._db(), *args))
+
+    async def select(self, selection: Selection) -> list[str]:
+        if selection.rollout_ids:
+            ids = list(dict.fromkeys(selection.rollout_ids))
+        else:
+
+            def query(db: Any) -> list[str]:
+                params = {
+                    "since_ns": selection.since_ns,
+                    "status": selection.status,
+                    "agent": selection.agent,
+                }
+                return [row[0] for row in db.execute(SELECT_ROLLOUTS_SQL, params).fetchall()]
+
+            ids = await self._run(query)
+        return [rid for rid in ids if sampled(rid, selection.sample)]
+
+    async def load(self, rollout_id: str) -> Trajectory:
+        return await self._run(load_trajectory, rollout_id)
+
+    async def judged(self, reward: str) -> bool:
+        def exists(db: Any) -> bool:
+            return db.execute("select 1 from rewards where id = ?", [reward]).fetchone() is not None
+
+        return await self._run(exists)
+
+    async def peers(self, agent: str | None) -> Peers:
+        def query(db: Any) -> Peers:
+            rows = db.execute(PEERS_SQL, {"agent": agent}).fetchall()
+            return Peers(tokens=[r[0] for r in rows], durations_ms=[r[1] for r in rows])
+
+        return await self._run(query)
+
+    async def save(self, verdict: Verdict, *, force: bool) -> dict[str, Any]:
+        reward = as_reward(verdict)
+
+        def write(db: Any) -> dict[str, Any]:
+            with self._write_lock:
+                if force:
+                    return replace_reward(db, reward)
+                return add_reward(db, reward)[0]
+
+        return await self._run(write)
+
+    def close(self) -> None:
+        # Connections are opened with check_same_thread=False, so any thread may close them.
+        for db in self._connections:
+            db.close()
+        self._connections.clear()
+
+
+JudgeFn = Callable[[Trajectory], Awaitable[Verdict]]
+
+
+@dataclass
+class Judge:
+    name: str
+    version: str
+    needs_model: bool
+    run: Callable[[Trajectory, JudgeStore], Awaitable[Verdict]]
+
+
+def make_judge(
+    name: str, settings: JudgeSettings, client_factory: Callable[[], JudgeClient] | None = None
+) -> Judge:
+    """`rules`, `llm` (the default rubric), or a rubric named in `judge.rubrics`."""
+    if name == "rules":
+
+        async def rules(t: Trajectory, store: JudgeStore) -> Verdict:
+            return judge_rules(t, await store.peers(t.agent))
+
+        return Judge("rules", RULES_VERSION, False, rules)
+    if name == "llm":
+        rubric: Rubric = DEFAULT_RUBRIC
+    elif name in settings.rubrics:
+        rubric = load_rubric(settings.rubrics[name], name=name)
+    else:
+        known = ", ".join(["rules", "llm", *settings.rubrics])
+        raise ValueError(f"unknown judge {name!r}; known: {known}")
+    if client_factory is None:
+        raise ValueError(f"judge {name!r} needs a judge model: set `judge.model` in the config")
+
+    async def llm(t: Trajectory, store: JudgeStore) -> Verdict:
+        return await judge_llm(
+            t,
+            rubric,
+            client_factory(),
+            budget_tokens=settings.budget_tokens,
+            max_invalid_retries=settings.max_invalid_retries,
+        )
+
+    return Judge(rubric.name, rubric.fingerprint(), True, llm)
+
+
+def client_factory(
+    settings: JudgeSettings, base_url: str, http: httpx.AsyncClient
+) -> Callable[[], JudgeClient] | None:
+    if not settings.model:
+        return None
+    client = JudgeClient(base_url, settings.model, http, settings.api_key)
+    return lambda: client
+
+
+@dataclass
+class Outcome:
+    rollout_id: str
+    status: str  # judged | skipped | failed
+    score: float | None = None
+    error: str | None = None
+    summary: str | None = None
+
+
+@dataclass
+class JobSummary:
+    judge: str
+    version: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def mean_score(self) -> float | None:
+        scores = [o.score for o in self.outcomes if o.score is not None and o.status == "judged"]
+        return sum(scores) / len(scores) if scores else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "judge": self.judge,
+            "version": self.version,
+            "judged": self.count("judged"),
+            "skipped": self.count("skipped"),
+            "failed": self.count("failed"),
+            "mean_score": self.mean_score,
+            "seconds": round(time.monotonic() - self.started, 3),
+            "results": [o.__dict__ for o in self.outcomes],
+        }
+
+
+async def judge_one(
+    judge: Judge, store: JudgeStore, rollout_id: str, *, force: bool = False
+) -> Outcome:
+    if not force and await store.judged(reward_id(judge.name, judge.version, rollout_id)):
+        return Outcome(rollout_id, "skipped")
+    try:
+        trajectory = await store.load(rollout_id)
+        verdict = await judge.run(trajectory, store)
+        await store.save(verdict, force=force)
+    except NotFound as exc:
+        return Outcome(rollout_id, "failed", error=str(exc))
+    except JudgeModelError as exc:
+        return Outcome(rollout_id, "failed", error=str(exc))
+    return Outcome(rollout_id, "judged", score=verdict.score, summary=verdict.summary)
+
+
+async def run_job(
+    judge: Judge,
+    store: JudgeStore,
+    rollout_ids: list[str],
+    *,
+    concurrency: int = 4,
+    force: bool = False,
+    on_result: Callable[[Outcome], None] | None = None,
+) -> JobSummary:
+    summary = JobSummary(judge.name, judge.version)
+    gate = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(rollout_id: str) -> None:
+        async with gate:
+            outcome = await judge_one(judge, store, rollout_id, force=force)
+        summary.outcomes.append(outcome)
+        if on_result is not None:
+            on_result(outcome)
+
+    await asyncio.gather(*(one(rid) for rid in rollout_ids))
+    return summary
