@@ -141,15 +141,26 @@ class Sequencer:
             del self._loading[rollout_id]
         return cursor
 
-    async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
-        """The call's sequence number and attempt (the latest one when none is named)."""
+    async def attempt_of(self, rollout_id: str, attempt_id: str | None) -> str:
+        """The call's attempt: the one named, else the rollout's latest (or the first)."""
         cursor = await self._cursor(rollout_id)
-        cursor.seq += 1
         if attempt_id is not None:
             cursor.attempt_id = attempt_id
         elif cursor.attempt_id is None:
             cursor.attempt_id = DEFAULT_ATTEMPT_ID
-        return cursor.seq, cursor.attempt_id
+        return cursor.attempt_id
+
+    def take(self, rollout_id: str, count: int = 1) -> int:
+        """The first of `count` consecutive sequence numbers (after `attempt_of`)."""
+        cursor = self._cursors[rollout_id]
+        first = cursor.seq + 1
+        cursor.seq += count
+        return first
+
+    async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
+        """The call's sequence number and attempt."""
+        attempt = await self.attempt_of(rollout_id, attempt_id)
+        return self.take(rollout_id), attempt
 
     def set_attempt(self, rollout_id: str, attempt_id: str) -> None:
         """A new attempt was opened through the API: later unnamed calls join it."""

@@ -107,6 +107,8 @@ def who(span: dict[str, Any]) -> str:
 
 
 def model(span: dict[str, Any]) -> str:
+    if span.get("operation") == "execute_tool":
+        return f"tool {span.get('name', '').removeprefix('execute_tool ')}"
     asked, answered = span.get("request_model"), span.get("response_model")
     if answered and answered != asked:
         return f"{asked or '?'} → {answered}"
@@ -194,6 +196,9 @@ def reply(span: dict[str, Any]) -> str:
         return _error_text(span)
     body = span.get("response_body")
     operation = span.get("operation")
+    if operation == "execute_tool":
+        result = body.get("content") if isinstance(body, dict) else body
+        return f"← {result or ''}"
     if isinstance(body, dict):
         if operation == "embeddings":
             data = body.get("data")

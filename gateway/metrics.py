@@ -133,10 +133,19 @@ class Metrics:
             buckets=(0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10),
             registry=self.registry,
         )
+        self.tools = Counter(
+            "spangate_tool_executions",
+            "Tool executions seen in conversations, by tool and status.",
+            ["tool", "status"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveState(gw))
 
     def observe(self, span: dict[str, Any]) -> None:
         """Recorder subscriber: a handful of in-memory increments per span."""
+        if span.get("operation") == "execute_tool":
+            self.tools.labels(span["name"].removeprefix("execute_tool "), span["status"]).inc()
+            return
         group = span.get("model_group") or ""
         deployment = span.get("deployment") or ""
         self.requests.labels(group, deployment, span["status"]).inc()

@@ -32,6 +32,7 @@ from gateway.streaming import (
     parse_event,
     strip_usage_null,
 )
+from gateway.tool_spans import tool_span
 
 # Path after `/v1` -> operation name (gen_ai.operation.name).
 OPERATIONS = {
@@ -221,6 +222,8 @@ class Call:
         else:
             record["cost_usd"] = None
         self.gw.recorder.publish(record)
+        if record["tool_calls"]:
+            self.gw.tools.note(record)
 
 
 async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
@@ -320,9 +323,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
     call.trace_id = attribution.trace_id or new_trace_id()
     try:
         if attribution.rollout_id is not None:
-            call.seq, call.attempt_id = await gw.sequencer.next(
-                attribution.rollout_id, attribution.attempt_id
-            )
+            await _number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
         group = gw.router.group(payload["model"])
         call.job = new_job(
             gw, operation, raw, payload, stream, group, forwarded_client_headers(request)
@@ -344,6 +345,25 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         return error_response(exc, headers=headers)
     finally:
         call.publish()
+
+
+async def _number_call(gw: Gateway, call: Call, rollout_id: str, attempt_id: str | None) -> None:
+    """Give the call its seq, after the tool executions whose results it carries."""
+    call.attempt_id = attempt = await gw.sequencer.attempt_of(rollout_id, attempt_id)
+    executed = gw.tools.resolve(rollout_id, attempt, call.payload)
+    first = gw.sequencer.take(rollout_id, len(executed) + 1)
+    for offset, (tool, result) in enumerate(executed):
+        gw.recorder.publish(
+            tool_span(
+                tool,
+                result,
+                rollout_id=rollout_id,
+                attempt_id=attempt,
+                seq=first + offset,
+                now_ns=call.start_ns,
+            )
+        )
+    call.seq = first + len(executed)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ from gateway.attribution import Sequencer
 from gateway.cost import Prices, deployment_prices
 from gateway.recorder import Recorder
 from gateway.router import Router
+from gateway.tool_spans import ToolTracker
 from gateway.upstream import Provider
 from store.reader import Reader
 from store.writer import StoreWriter
@@ -24,6 +25,7 @@ class Gateway:
     writer: StoreWriter
     reader: Reader
     sequencer: Sequencer
+    tools: ToolTracker = field(default_factory=ToolTracker)
     providers: dict[str, Provider] = field(default_factory=dict)
     prices: dict[int, tuple[float, float, float | None] | None] = field(default_factory=dict)
     # Where this gateway answers, once it listens (the judge calls itself through it).
