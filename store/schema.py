@@ -180,16 +180,35 @@ def _judge_runs(db: Database) -> None:
     )
 
 
+@migrations(name="003_guidelines")
+def _guidelines(db: Database) -> None:
+    # Versioned Markdown guidelines per agent, written by `spangate patterns guidelines`.
+    db.execute(
+        """
+        CREATE TABLE guidelines (
+            agent TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            content TEXT NOT NULL,
+            findings TEXT NOT NULL DEFAULT '[]',
+            note TEXT,
+            created_ns INTEGER NOT NULL,
+            PRIMARY KEY (agent, version)
+        )
+        """
+    )
+
+
 def connect(path: str | Path, *, read_only: bool = False) -> Database:
     """Open the database; writers get WAL mode and the schema, readers never write."""
     if read_only:
         uri = f"file:{Path(path).resolve()}?mode=ro"
         conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
-        return Database(conn)
+        # Plugins are never used here, and scanning entry points costs ~50 ms per start.
+        return Database(conn, execute_plugins=False)
     conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
-    db = Database(conn)
+    db = Database(conn, execute_plugins=False)
     db.enable_wal()
     # NORMAL keeps committed rows across a process kill; only a power loss can cost the tail.
     conn.execute("PRAGMA synchronous = NORMAL")
