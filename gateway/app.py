@@ -15,6 +15,7 @@ from gateway import mock_provider
 from gateway.attribution import Sequencer
 from gateway.auth import auth_middleware
 from gateway.cost import load_cost_map
+from gateway.litellm_provider import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.metrics import METRICS, Metrics
 from gateway.middleware import error_middleware
 from gateway.openapi import openapi_view
@@ -40,13 +41,19 @@ WRITER_CLOSE_TIMEOUT = 60.0
 
 
 def check_providers(settings: Settings) -> None:
+    """Cheap checks before start; litellm provider names are checked once litellm is loaded."""
     for group in settings.models:
         for deployment in group.deployments:
-            if deployment.provider not in BUILTIN_PROVIDERS:
-                raise ValueError(
-                    f"model group {group.name!r}: provider {deployment.provider!r} is not "
-                    f"supported yet (use one of {sorted(BUILTIN_PROVIDERS)})"
-                )
+            name = deployment.provider
+            if (
+                name not in BUILTIN_PROVIDERS
+                and not name.replace("_", "").replace("-", "").isalnum()
+            ):
+                raise ValueError(f"model group {group.name!r}: {name!r} is not a provider name")
+
+
+def litellm_providers(settings: Settings) -> set[str]:
+    return {d.provider for g in settings.models for d in g.deployments} - BUILTIN_PROVIDERS
 
 
 def create_app(settings: Settings, db_path: str | Path) -> web.Application:
@@ -129,6 +136,21 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
         "openai": OpenAICompatible(session),
         "mock": mock_provider.send,
     }
+    translated = None
+    wanted = litellm_providers(gw.settings)
+    if wanted:
+        # Imported at start, on a thread: seconds of import never land on a request.
+        await asyncio.to_thread(load_litellm)
+        unknown = sorted(name for name in wanted if not is_litellm_provider(name))
+        if unknown:
+            await session.close()
+            raise ValueError(
+                f"unknown providers {unknown}: not `openai`, `mock` or a litellm provider"
+            )
+        translated = LiteLLMProvider()
+        providers.update(dict.fromkeys(wanted, translated))
     gw.providers.update(providers)
     yield
+    if translated is not None:
+        await translated.aclose()
     await session.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +37,16 @@ def json_option(fn: F) -> F:
     )(fn)
 
 
+def key_option(fn: F) -> F:
+    return click.option(
+        "--key",
+        default=None,
+        envvar="SPANGATE_KEY",
+        metavar="KEY",
+        help="With --url: the gateway API key, sent as a Bearer token (or $SPANGATE_KEY).",
+    )(fn)
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -47,7 +58,35 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@click.group()
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null, so the final flush cannot fail too."""
+    import os
+
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+class SpangateGroup(click.Group):
+    """The command group, plus a quiet exit when the reader of our output goes away.
+
+    `spangate tail --json | head -1`: head exits, the next write raises BrokenPipeError,
+    and the command ends with the status a SIGPIPE would give (141), not a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_stdout()
+            ctx.exit(BROKEN_PIPE_EXIT)
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what the shell reports for `yes | head -1`
+
+
+@click.group(cls=SpangateGroup)
 @click.version_option(package_name="spangate")
 def cli() -> None:
     """spangate: an OpenAI-compatible gateway that records every call an agent makes."""
@@ -114,6 +153,8 @@ def serve(
         raise click.ClickException(str(exc)) from exc
     try:
         run(settings, db)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(
             f"cannot serve on {settings.server.host}:{settings.server.port}: {exc}"
@@ -156,20 +197,54 @@ def read_db(path: str) -> Iterator[Database]:
 @json_option
 @click.option("--bodies", is_flag=True, help="With --json: include request and response bodies.")
 @db_option
+@click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    help="Follow a running gateway over HTTP (its /api/spans stream) instead of the file.",
+)
+@key_option
 def tail(
-    rollout_id: str | None, follow: bool, limit: int, as_json: bool, bodies: bool, db: str
+    rollout_id: str | None,
+    follow: bool,
+    limit: int,
+    as_json: bool,
+    bodies: bool,
+    db: str,
+    url: str | None,
+    key: str | None,
 ) -> None:
     """Print the latest calls, oldest first, one line each.
 
     Each line: time, rollout/attempt#seq, model, status, latency, tokens in/out,
-    cost and the start of the reply.
+    cost and the start of the reply. With --url the calls come from a running
+    gateway (possibly on another machine) instead of the database file; a
+    dropped connection is resumed where it stopped.
 
     Example:
 
     \b
         spangate tail --rollout r-42 --follow
         spangate tail -n 100 --json | jq .cost_usd
+        spangate tail --url http://gpu-box:8400 --key $SPANGATE_KEY -f
     """
+    if url is not None:
+        from gateway.cli_remote import tail_remote
+
+        try:
+            tail_remote(
+                url,
+                key,
+                rollout_id=rollout_id,
+                follow=follow,
+                limit=limit,
+                as_json=as_json,
+                bodies=bodies,
+            )
+        except KeyboardInterrupt:
+            return
+        return
+
     from gateway import cli_render
     from store.queries import list_spans, max_span_rowid
 
@@ -279,6 +354,169 @@ def show(rollout_id: str, as_json: bool, db: str) -> None:
         return
     for line in cli_render.rollout_tree(rollout):
         click.echo(line)
+
+
+def _dimensions(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, float]:
+    import math
+
+    parsed: dict[str, float] = {}
+    for item in values:
+        name, sep, number = item.partition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            value = math.nan
+        if not sep or not name.strip() or not math.isfinite(value):
+            raise click.BadParameter(
+                f"{item!r} is not NAME=NUMBER (e.g. accuracy=0.9)", ctx=ctx, param=param
+            )
+        parsed[name.strip()] = value
+    return parsed
+
+
+def _reward_line(row: dict[str, Any], created: bool) -> str:
+    target = [f"rollout {row.get('rollout_id') or '-'}"]
+    if row.get("attempt_id"):
+        target.append(f"attempt {row['attempt_id']}")
+    if row.get("span_id"):
+        target.append(f"span {row['span_id']}")
+    final = " (final)" if row.get("final") else ""
+    verb = "stored" if created else "already stored"
+    return (
+        f"{verb} {row['id']}: {row['name']} = {row['value']:g}{final} on "
+        f"{' / '.join(target)} · source {row.get('source') or 'user'}"
+    )
+
+
+@cli.command()
+@click.argument("rollout_id", metavar="ROLLOUT")
+@click.option("--value", required=True, type=float, help="The reward value.")
+@click.option(
+    "--name", default="reward", show_default=True, help="Which reward (e.g. accuracy, pass)."
+)
+@click.option("--final", is_flag=True, help="The outcome of the rollout or attempt, not a step.")
+@click.option("--attempt", "attempt_id", default=None, metavar="A", help="Reward this attempt.")
+@click.option("--span", "span_id", default=None, metavar="S", help="Reward one call by span id.")
+@click.option(
+    "--response-id",
+    default=None,
+    metavar="R",
+    help="Reward one call by the provider's response id (the `id` the client got back).",
+)
+@click.option(
+    "--dimension",
+    "-d",
+    "dimensions",
+    multiple=True,
+    metavar="K=V",
+    callback=_dimensions,
+    help="A per-dimension score (repeatable): -d accuracy=0.9 -d style=0.5.",
+)
+@click.option("--comment", default=None, help="Free text.")
+@click.option("--source", default="user", show_default=True, help="user, agent, judge:<name>…")
+@click.option(
+    "--id",
+    "reward_id",
+    default=None,
+    metavar="ID",
+    help="Your id for the reward: the same command twice stores it once.",
+)
+@json_option
+@db_option
+@click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    help="Post to a running gateway (POST /api/rewards) instead of writing the file.",
+)
+@key_option
+def reward(
+    rollout_id: str,
+    value: float,
+    name: str,
+    final: bool,
+    attempt_id: str | None,
+    span_id: str | None,
+    response_id: str | None,
+    dimensions: dict[str, float],
+    comment: str | None,
+    source: str,
+    reward_id: str | None,
+    as_json: bool,
+    db: str,
+    url: str | None,
+    key: str | None,
+) -> None:
+    """Record a reward for a rollout, one of its attempts, or one call.
+
+    Without --url it is written straight into the database file (safe while
+    `spangate serve` runs); with --url it is posted to the gateway.
+
+    Example:
+
+    \b
+        spangate reward r-42 --value 1 --final
+        spangate reward r-42 --value 0.3 --name accuracy --span 3fa85f6457d1c0de
+        spangate reward r-42 --value 0.9 -d accuracy=1 -d style=0.8 --id r-42-grade
+        spangate reward r-42 --value 1 --url http://127.0.0.1:8400 --key $SPANGATE_KEY
+    """
+    from pydantic import ValidationError
+
+    from gateway import cli_render
+    from gateway.api_models import RewardCreate
+
+    given = {
+        "id": reward_id,
+        "rollout_id": rollout_id,
+        "attempt_id": attempt_id,
+        "span_id": span_id,
+        "response_id": response_id,
+        "name": name,
+        "value": value,
+        "dimensions": dimensions,
+        "final": final,
+        "source": source,
+        "comment": comment,
+    }
+    try:
+        body = RewardCreate.model_validate(given).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "reward"
+        raise click.ClickException(f"{where}: {first['msg']}") from exc
+    if url is not None:
+        from gateway.cli_remote import post_reward
+
+        row, created = post_reward(url, key, body)
+    else:
+        row, created = _write_reward(db, body)
+    click.echo(cli_render.json_line(row) if as_json else _reward_line(row, created))
+
+
+def _write_reward(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The reward written straight into the file: SQLite (WAL) lets a second writer in."""
+    import sqlite3
+
+    from store.errors import StoreError
+    from store.schema import connect
+    from store.writes import add_reward
+
+    if not Path(path).is_file():
+        raise click.ClickException(f"no database at {path}; run `spangate serve` first")
+    try:
+        conn = connect(path)
+    except sqlite3.DatabaseError as exc:
+        raise click.ClickException(f"cannot open {path}: {exc}") from exc
+    try:
+        return add_reward(conn, body)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except sqlite3.DatabaseError as exc:
+        raise click.ClickException(f"cannot write to {path}: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -405,3 +643,9 @@ def export_command(
         click.echo(f"no {unit} match; nothing exported", err=True)
     elif output != "-":
         click.echo(f"exported {count} {unit} to {output}", err=True)
+
+
+# The judge commands live in their own module; registered last, as it imports from this one.
+from gateway.cli_judge import judge  # noqa: E402
+
+cli.add_command(judge)

@@ -1,7 +1,5 @@
-"""Providers that do not speak OpenAI (anthropic, gemini, bedrock, cohere, ...) through litellm.
-
-litellm translates the request and the answer; this module imports it lazily, keeps it off the
-network, and turns whatever it returns or raises back into OpenAI's wire format and our errors.
+"""Non-OpenAI providers (anthropic, gemini, bedrock, ...) via litellm, imported lazily, with
+answers and failures turned back into OpenAI's wire format and the gateway's errors.
 """
 
 from __future__ import annotations

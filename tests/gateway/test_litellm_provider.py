@@ -414,10 +414,11 @@ async def test_streamed_tool_call_assembles_to_json_arguments(
 async def test_rate_limit_keeps_status_retry_after_and_openai_error_shape(
     provider: LiteLLMProvider, upstream: respx.MockRouter
 ) -> None:
-    upstream.post(MESSAGES_URL).mock(
+    route = upstream.post(MESSAGES_URL).mock(
         return_value=anthropic_error(429, "rate_limit_error", "slow down", **{"retry-after": "7"})
     )
     response = await provider(make_request(chat()))
+    assert route.call_count == 1  # litellm does not retry: the gateway's policy decides
     assert response.status == 429
     assert response.headers["retry-after"] == "7"
     assert body_of(response) == {

@@ -1,0 +1,323 @@
+"""HTTP helpers for CLI commands that talk to a running gateway: `tail --url` and `reward --url`.
+
+The gateway's API is the only contract: spans are listed with `GET /api/spans` and followed
+over `GET /api/spans/stream` (server-sent events, resumed with `Last-Event-ID`).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+import httpx
+import orjson
+
+# The API pages at most this many spans per request.
+PAGE_LIMIT = 1000
+# `GET /api/spans` lists oldest first and has no "newest first": to find the last N calls,
+# page through a recent window (relative to the gateway's clock) and widen it to the whole
+# history only if the window holds fewer than N. One hour is far longer than any call can
+# last (upstream timeouts), so no call written among the last N started before the window.
+BACKLOG_WINDOWS: tuple[str | None, ...] = ("1h", None)
+# --follow replays the stream from this long before the newest call already printed, so a
+# call in flight while the backlog was read (started earlier, written later) is not missed;
+# everything up to the last printed call is skipped, so nothing is printed twice.
+IN_FLIGHT_MARGIN_NS = 3600 * 1_000_000_000
+CONNECT_TIMEOUT = 10.0
+# The stream sends a keepalive comment after 15 s of silence; three missed means it is dead.
+STREAM_READ_TIMEOUT = 45.0
+REQUEST_TIMEOUT = 30.0
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+# Statuses worth reconnecting after; others (401, 403, 404, 422...) will not get better.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class RemoteError(click.ClickException):
+    """The gateway answered with an error, or could not be reached."""
+
+
+def normalize_url(url: str) -> str:
+    """The gateway's base URL: scheme added if missing, no trailing slash, no `/v1` or `/api`."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    for suffix in ("/v1", "/api"):
+        if url.endswith(suffix):
+            url = url[: -len(suffix)]
+    return url
+
+
+def make_client(
+    url: str, key: str | None, *, read_timeout: float = REQUEST_TIMEOUT
+) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT, read=read_timeout)
+    return httpx.Client(base_url=normalize_url(url), headers=headers, timeout=timeout)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The message of an API error (`{"error": {"message": ...}}`), else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = str(body["error"].get("message") or "")
+    else:
+        message = response.text[:300]
+    return f"{response.status_code} {response.reason_phrase}: {message}".rstrip(": ")
+
+
+def _check(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        response.read()
+        raise RemoteError(f"{response.request.url.path}: {error_message(response)}")
+
+
+def _unreachable(client: httpx.Client, exc: httpx.HTTPError) -> RemoteError:
+    return RemoteError(f"cannot reach the gateway at {client.base_url}: {exc}")
+
+
+def get_json(client: httpx.Client, path: str, params: dict[str, Any] | None = None) -> Any:
+    try:
+        response = client.get(
+            path, params={k: v for k, v in (params or {}).items() if v is not None}
+        )
+    except httpx.HTTPError as exc:
+        raise _unreachable(client, exc) from exc
+    _check(response)
+    return response.json()
+
+
+# -- rewards ------------------------------------------------------------------
+
+
+def post_reward(url: str, key: str | None, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """`POST /api/rewards`; `(stored reward, created)` (an idempotent repeat is not created)."""
+    with make_client(url, key) as client:
+        try:
+            response = client.post("/api/rewards", json=body)
+        except httpx.HTTPError as exc:
+            raise _unreachable(client, exc) from exc
+        if response.status_code >= 400:
+            raise RemoteError(error_message(response))
+        return response.json(), response.status_code == 201
+
+
+# -- spans --------------------------------------------------------------------
+
+
+def latest_spans(
+    client: httpx.Client, *, rollout_id: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """The last `limit` spans in write order (without bodies), paging through `GET /api/spans`."""
+    if limit <= 0:
+        return []
+    for window in BACKLOG_WINDOWS:
+        kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit)
+        seen = 0
+        cursor: str | None = None
+        while True:
+            page = get_json(
+                client,
+                "/api/spans",
+                {"rollout_id": rollout_id, "since": window, "limit": PAGE_LIMIT, "cursor": cursor},
+            )
+            kept.extend(page["data"])
+            seen += len(page["data"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        if seen >= limit:
+            break
+    return list(kept)
+
+
+def with_bodies(client: httpx.Client, span: dict[str, Any]) -> dict[str, Any]:
+    """The span with its request and response bodies (`GET /api/spans/{id}`); as given on error."""
+    try:
+        response = client.get(f"/api/spans/{span['span_id']}")
+    except httpx.HTTPError:
+        return span
+    if response.status_code != 200:
+        return span
+    return {**span, **response.json()}
+
+
+@dataclass
+class Event:
+    """One server-sent event."""
+
+    id: str | None = None
+    event: str = "message"
+    data: list[str] = field(default_factory=list)
+
+
+def parse_events(lines: Iterator[str]) -> Iterator[Event]:
+    """SSE framing: `field: value` lines, a blank line ends an event, `:` lines are comments."""
+    current = Event()
+    dirty = False
+    for line in lines:
+        if line == "":
+            if dirty:
+                yield current
+            current, dirty = Event(), False
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "id":
+            current.id = value
+        elif name == "event":
+            current.event = value
+        elif name == "data":
+            current.data.append(value)
+        else:
+            continue
+        dirty = True
+
+
+def iso(ns: int) -> str:
+    """A gateway timestamp (ns since the epoch) as ISO 8601 UTC, which `since=` accepts."""
+    return datetime.fromtimestamp(ns // 1000 / 1e6, UTC).isoformat()
+
+
+@dataclass
+class Follow:
+    """Where a follower resumes: after the event `last_id`, or (first connection) after a span.
+
+    With `skip_until` set, events are read but not yielded until that span's own event has
+    passed: the stream replays from `since` so nothing written after the backlog is missed.
+    """
+
+    rollout_id: str | None = None
+    since_ns: int | None = None
+    skip_until: str | None = None
+    last_id: str | None = None
+
+    @classmethod
+    def after(cls, backlog: list[dict[str, Any]], rollout_id: str | None) -> Follow:
+        if not backlog:
+            # No call matches yet: every one the stream shows from the beginning is new.
+            return cls(rollout_id=rollout_id, last_id="0")
+        newest_start = max(span["start_ns"] for span in backlog)
+        last = backlog[-1]
+        return cls(
+            rollout_id=rollout_id,
+            since_ns=min(last["start_ns"], newest_start - IN_FLIGHT_MARGIN_NS),
+            skip_until=last["span_id"],
+            last_id="0",
+        )
+
+
+def follow_spans(
+    client: httpx.Client,
+    position: Follow,
+    *,
+    on_reconnect: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[dict[str, Any]]:
+    """New spans from `GET /api/spans/stream`, forever; a dropped connection is resumed with
+    `Last-Event-ID` after a bounded backoff, so nothing is missed or repeated."""
+    params = {"rollout_id": position.rollout_id}
+    if position.since_ns is not None:
+        params["since"] = iso(position.since_ns)
+    delay = BACKOFF_INITIAL
+    while True:
+        headers = {"Accept": "text/event-stream"}
+        if position.last_id is not None:
+            headers["Last-Event-ID"] = position.last_id
+        problem: str
+        try:
+            with client.stream(
+                "GET",
+                "/api/spans/stream",
+                params={k: v for k, v in params.items() if v is not None},
+                headers=headers,
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    if response.status_code not in RETRY_STATUSES:
+                        raise RemoteError(f"/api/spans/stream: {error_message(response)}")
+                    problem = error_message(response)
+                else:
+                    delay = BACKOFF_INITIAL
+                    for event in parse_events(response.iter_lines()):
+                        if event.event != "span" or not event.data:
+                            continue
+                        try:
+                            span = orjson.loads("\n".join(event.data))
+                        except orjson.JSONDecodeError as exc:
+                            raise RemoteError(f"/api/spans/stream sent a bad event: {exc}") from exc
+                        if event.id is not None:
+                            position.last_id = event.id
+                        if position.skip_until is not None:
+                            if span.get("span_id") == position.skip_until:
+                                position.skip_until = None
+                            continue
+                        yield span
+                    problem = "the gateway closed the stream"
+        except httpx.HTTPError as exc:
+            problem = str(exc) or type(exc).__name__
+        if on_reconnect is not None:
+            on_reconnect(problem)
+        sleep(delay)
+        delay = min(delay * 2, BACKOFF_MAX)
+
+
+# -- the tail command ---------------------------------------------------------
+
+
+def tail_remote(
+    url: str,
+    key: str | None,
+    *,
+    rollout_id: str | None,
+    follow: bool,
+    limit: int,
+    as_json: bool,
+    bodies: bool,
+) -> None:
+    """`spangate tail --url`: the last `limit` calls of a running gateway, then (with
+    `follow`) every new one as it is recorded."""
+    from gateway import cli_render
+
+    columns = cli_render.TailColumns()
+    # Lines show the start of the reply, which only the full span has.
+    hydrate = bodies or not as_json
+
+    def show(span: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(cli_render.span_json(span, bodies=bodies))
+        else:
+            click.echo(columns.line(span))
+
+    with make_client(url, key) as client:
+        # With --follow, one call is read even for `-n 0`: it anchors where the stream resumes.
+        anchor = latest_spans(client, rollout_id=rollout_id, limit=max(limit, 1 if follow else 0))
+        backlog = anchor[-limit:] if limit else []
+        if hydrate:
+            backlog = [with_bodies(client, span) for span in backlog]
+        columns.fit(backlog)
+        for span in backlog:
+            show(span)
+        if not follow:
+            if not backlog and limit and not as_json:
+                where = f" for rollout {rollout_id}" if rollout_id else " yet"
+                click.echo(f"no calls recorded{where}", err=True)
+            return
+
+    def reconnecting(problem: str) -> None:
+        click.echo(f"spangate: stream interrupted ({problem}); reconnecting", err=True)
+
+    with make_client(url, key, read_timeout=STREAM_READ_TIMEOUT) as client:
+        position = Follow.after(anchor, rollout_id)
+        for span in follow_spans(client, position, on_reconnect=reconnecting):
+            show(with_bodies(client, span) if hydrate else span)
