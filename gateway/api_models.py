@@ -72,10 +72,10 @@ class RewardCreate(_Body):
 
     @model_validator(mode="after")
     def _has_target(self) -> RewardCreate:
-        if not (self.rollout_id or self.span_id or self.response_id):
-            raise ValueError("a reward needs a target: rollout_id, span_id or response_id")
         if self.attempt_id and not self.rollout_id:
             raise ValueError("attempt_id needs rollout_id")
+        if not (self.rollout_id or self.span_id or self.response_id):
+            raise ValueError("a reward needs a target: rollout_id, span_id or response_id")
         return self
 
 

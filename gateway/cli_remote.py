@@ -147,7 +147,9 @@ def with_bodies(client: httpx.Client, span: dict[str, Any]) -> dict[str, Any]:
         return span
     if response.status_code != 200:
         return span
-    return {**span, **response.json()}
+    full: dict[str, Any] = response.json()
+    # In the stored column order, as the local `tail --bodies` prints it.
+    return {**full, **{key: value for key, value in span.items() if key not in full}}
 
 
 @dataclass
@@ -221,15 +223,19 @@ def follow_spans(
     client: httpx.Client,
     position: Follow,
     *,
-    on_reconnect: Callable[[str], None] | None = None,
+    notify: Callable[[str], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[dict[str, Any]]:
     """New spans from `GET /api/spans/stream`, forever; a dropped connection is resumed with
-    `Last-Event-ID` after a bounded backoff, so nothing is missed or repeated."""
+    `Last-Event-ID` after a bounded backoff, so nothing is missed or repeated.
+
+    `notify` hears once when the stream is lost and once when it is back.
+    """
     params = {"rollout_id": position.rollout_id}
     if position.since_ns is not None:
         params["since"] = iso(position.since_ns)
     delay = BACKOFF_INITIAL
+    lost_at: float | None = None
     while True:
         headers = {"Accept": "text/event-stream"}
         if position.last_id is not None:
@@ -249,27 +255,38 @@ def follow_spans(
                     problem = error_message(response)
                 else:
                     delay = BACKOFF_INITIAL
-                    for event in parse_events(response.iter_lines()):
-                        if event.event != "span" or not event.data:
-                            continue
-                        try:
-                            span = orjson.loads("\n".join(event.data))
-                        except orjson.JSONDecodeError as exc:
-                            raise RemoteError(f"/api/spans/stream sent a bad event: {exc}") from exc
-                        if event.id is not None:
-                            position.last_id = event.id
-                        if position.skip_until is not None:
-                            if span.get("span_id") == position.skip_until:
-                                position.skip_until = None
-                            continue
-                        yield span
+                    if lost_at is not None:
+                        if notify is not None:
+                            notify(f"reconnected after {time.monotonic() - lost_at:.1f}s")
+                        lost_at = None
+                    yield from _spans_of(response, position)
                     problem = "the gateway closed the stream"
         except httpx.HTTPError as exc:
             problem = str(exc) or type(exc).__name__
-        if on_reconnect is not None:
-            on_reconnect(problem)
+        if lost_at is None:
+            lost_at = time.monotonic()
+            if notify is not None:
+                notify(f"stream interrupted ({problem}); reconnecting")
         sleep(delay)
         delay = min(delay * 2, BACKOFF_MAX)
+
+
+def _spans_of(response: httpx.Response, position: Follow) -> Iterator[dict[str, Any]]:
+    """The spans of one connection's events, advancing `position` past each event read."""
+    for event in parse_events(response.iter_lines()):
+        if event.event != "span" or not event.data:
+            continue
+        try:
+            span: dict[str, Any] = orjson.loads("\n".join(event.data))
+        except orjson.JSONDecodeError as exc:
+            raise RemoteError(f"/api/spans/stream sent a bad event: {exc}") from exc
+        if event.id is not None:
+            position.last_id = event.id
+        if position.skip_until is not None:
+            if span.get("span_id") == position.skip_until:
+                position.skip_until = None
+            continue
+        yield span
 
 
 # -- the tail command ---------------------------------------------------------
@@ -314,10 +331,10 @@ def tail_remote(
                 click.echo(f"no calls recorded{where}", err=True)
             return
 
-    def reconnecting(problem: str) -> None:
-        click.echo(f"spangate: stream interrupted ({problem}); reconnecting", err=True)
+    def notify(message: str) -> None:
+        click.echo(f"spangate: {message}", err=True)
 
     with make_client(url, key, read_timeout=STREAM_READ_TIMEOUT) as client:
         position = Follow.after(anchor, rollout_id)
-        for span in follow_spans(client, position, on_reconnect=reconnecting):
+        for span in follow_spans(client, position, notify=notify):
             show(with_bodies(client, span) if hydrate else span)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import pybreaker
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -110,7 +109,8 @@ class Job:
     stream: bool
     group: ModelGroup
     client_headers: Any
-    tokens: int = 0
+    # Estimated tokens, for deployments with a tpm limit; computed when first needed.
+    tokens: int | None = None
     tries: list[dict[str, Any]] = field(default_factory=list)
     limiter_wait: float = 0.0
     fallback: str | None = None
@@ -119,30 +119,15 @@ class Job:
     # The deployment of the latest try, so a call that failed everywhere still names it.
     guard: Guard | None = None
 
+    def estimated_tokens(self) -> int:
+        if self.tokens is None:
+            reply_cap = 0 if self.operation == "embeddings" else DEFAULT_MAX_TOKENS_ESTIMATE
+            self.tokens = estimate_tokens(self.payload, reply_cap)
+        return self.tokens
+
     @property
     def retries(self) -> int:
         return max(len(self.tries) - 1, 0)
-
-
-def new_job(
-    gw: Gateway,
-    operation: str,
-    raw: bytes,
-    payload: dict[str, Any],
-    stream: bool,
-    group: ModelGroup,
-    client_headers: Any,
-) -> Job:
-    reply_cap = 0 if operation == "embeddings" else DEFAULT_MAX_TOKENS_ESTIMATE
-    return Job(
-        operation,
-        raw,
-        payload,
-        stream,
-        group,
-        client_headers,
-        tokens=estimate_tokens(payload, reply_cap),
-    )
 
 
 async def forward(gw: Gateway, job: Job) -> Outcome:
@@ -217,6 +202,13 @@ async def _with_retries(gw: Gateway, job: Job, group: ModelGroup) -> Outcome:
     def note_wait(state: RetryCallState) -> None:
         job.next_wait = state.next_action.sleep if state.next_action else 0.0
 
+    # Most calls succeed at once: they skip building tenacity's machinery altogether.
+    try:
+        return await _send_once(gw, job, group, policy)
+    except Exception as exc:
+        if policy.attempts <= 1 or not _retryable(exc):
+            raise
+        first_failure: BaseException | None = exc
     retrying = AsyncRetrying(
         stop=_stops(policy),
         wait=_waits(policy),
@@ -226,6 +218,11 @@ async def _with_retries(gw: Gateway, job: Job, group: ModelGroup) -> Outcome:
     )
     async for attempt in retrying:
         with attempt:
+            if first_failure is not None:
+                # Tenacity's first attempt is the failure already seen, so its stop and wait
+                # rules (Retry-After, backoff) decide the pause before the real second try.
+                failure, first_failure = first_failure, None
+                raise failure
             return await _send_once(gw, job, group, policy)
     raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
 
@@ -309,7 +306,8 @@ async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPoli
     job.tries.append(record)
     started = time.perf_counter()
     try:
-        waited = await guard.acquire(job.tokens, gw.settings.rate_limit_wait)
+        tokens = job.estimated_tokens() if guard.tpm is not None else 0
+        waited = await guard.acquire(tokens, gw.settings.rate_limit_wait)
         job.limiter_wait += waited
         record["limiter_wait_ms"] = round(waited * 1000, 3)
         body, payload, injected = upstream_body(
@@ -323,14 +321,19 @@ async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPoli
         started = time.perf_counter()
         job.sent_ns = time.perf_counter_ns()
         try:
-            with guard.breaker.calling():
-                first_token = deployment.timeout.first_token if job.stream else None
-                response = await _first_answer(provider, request, first_token)
-                if counts_against_breaker(response.status):
-                    raise _Failed(response)
-                parsed = None
-                if response.chunks is None and response.ok:
-                    parsed = _json_object(response.body or b"", deployment.label)
+            first_token = deployment.timeout.first_token if job.stream else None
+            response = await _first_answer(provider, request, first_token)
+            if counts_against_breaker(response.status):
+                raise _Failed(response)
+            parsed = None
+            if response.chunks is None and response.ok:
+                parsed = _json_object(response.body or b"", deployment.label)
+        except Exception as exc:
+            # A cancelled call (the client left) says nothing about the deployment.
+            guard.failed(exc)
+            raise
+        else:
+            guard.succeeded()
         finally:
             guard.in_flight -= 1
     except _Failed as failed:
@@ -340,9 +343,6 @@ async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPoli
         if response.status in policy.on_status:
             raise UpstreamStatus(outcome, parse_retry_after(response.headers)) from None
         return outcome
-    except pybreaker.CircuitBreakerError as exc:
-        record["error"] = "circuit_open"
-        raise Unavailable(str(exc), retry_after=max(guard.reopens_in(), 1.0)) from exc
     except GatewayError as exc:
         record["status"] = exc.status
         record["error"] = exc.code or exc.type

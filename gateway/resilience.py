@@ -7,6 +7,7 @@ call, lets one probe through a half-open breaker, and turns a long wait into a 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,18 @@ class Guard:
             return False
         return state == pybreaker.STATE_HALF_OPEN or self.reopens_in() <= 0
 
+    def succeeded(self) -> None:
+        """Tell the breaker a call went well; a no-op for a closed breaker with no failures."""
+        breaker = self.breaker
+        if breaker.current_state != pybreaker.STATE_CLOSED or breaker.fail_counter:
+            breaker.call(_nothing)
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a failure on the breaker (which may open it)."""
+        # pybreaker re-raises what it counted; the caller is raising it already.
+        with contextlib.suppress(Exception):
+            self.breaker.call(_reraise, exc)
+
     def claim_probe(self) -> bool:
         """Take the single probe slot when the breaker is not closed; False if taken."""
         if self.state == pybreaker.STATE_CLOSED:
@@ -157,6 +170,14 @@ class Guard:
             headers[f"x-ratelimit-limit-{kind}"] = str(int(limiter.max_rate))
             headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
         return headers
+
+
+def _nothing() -> None:
+    return None
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 def estimate_tokens(payload: dict[str, Any], default_max_tokens: int) -> int:

@@ -266,7 +266,7 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
     last_write = time.monotonic()
     try:
         await response.write(b": connected\n\n")
-        while True:
+        while request.transport is not None and not request.transport.is_closing():
             page = await read(gw, listing.list_spans, after_rowid=after, limit=SSE_BATCH, **filters)
             for row in page.data:
                 after = row.pop("_rowid")
@@ -283,7 +283,7 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
                 if time.monotonic() - last_write > SSE_KEEPALIVE_SECONDS:
                     await response.write(b": keepalive\n\n")
                     last_write = time.monotonic()
-    except (ConnectionError, asyncio.CancelledError):
+    except ConnectionError:
         pass  # the subscriber went away; nothing of theirs to clean up but the hook below
     finally:
         streams.discard(wake)

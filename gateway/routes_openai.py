@@ -22,7 +22,7 @@ from gateway.errors import (
     UpstreamError,
     error_response,
 )
-from gateway.forward import Job, Outcome, forward, new_job
+from gateway.forward import Job, Outcome, forward
 from gateway.spans import error_fields, reply_fields, request_attributes
 from gateway.state import GATEWAY, Gateway
 from gateway.streaming import (
@@ -215,9 +215,11 @@ class Call:
                 record["output_tokens"],
                 record["cached_tokens"],
             )
-            if self.outcome is not None and job is not None and record["input_tokens"] is not None:
-                self.outcome.guard.correct_tokens(
-                    job.tokens, (record["input_tokens"] or 0) + (record["output_tokens"] or 0)
+            guard = self.outcome.guard if self.outcome is not None else None
+            if guard is not None and guard.tpm is not None and job is not None:
+                guard.correct_tokens(
+                    job.estimated_tokens(),
+                    (record["input_tokens"] or 0) + (record["output_tokens"] or 0),
                 )
         else:
             record["cost_usd"] = None
@@ -325,9 +327,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         if attribution.rollout_id is not None:
             await _number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
         group = gw.router.group(payload["model"])
-        call.job = new_job(
-            gw, operation, raw, payload, stream, group, forwarded_client_headers(request)
-        )
+        call.job = Job(operation, raw, payload, stream, group, forwarded_client_headers(request))
         call.outcome = outcome = await forward(gw, call.job)
         if outcome.response.chunks is None:
             call.upstream_done_ns = time.perf_counter_ns()

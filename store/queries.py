@@ -136,6 +136,8 @@ def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
     attempts = [decode_row(a) for a in _rows(db, ATTEMPTS_SQL, params)]
     spans = [decode_row(s) for s in _rows(db, ROLLOUT_SPANS_SQL, params)]
     rewards = [decode_row(r) for r in _rows(db, ROLLOUT_REWARDS_SQL, params)]
+    for reward in rewards:
+        reward["final"] = bool(reward["final"])
     by_attempt: dict[str | None, list[dict[str, Any]]] = {}
     for span in spans:
         by_attempt.setdefault(span["attempt_id"], []).append(span)

@@ -240,12 +240,7 @@ class StoreWriter:
                     return
                 self._maybe_replay()
                 continue
-            items = [first]
-            while len(items) < self.batch_size:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            items = self._gather(first)
             spans: list[dict[str, Any]] = []
             for item in items:
                 if item is _STOP:
@@ -261,6 +256,31 @@ class StoreWriter:
             self._maybe_replay()
             if stopping and self._queue.empty():
                 return
+
+    def _gather(self, first: Any) -> list[Any]:
+        """A batch: more spans for up to `flush_interval`, fewer commits under load.
+
+        An awaited write (`execute`) or shutdown ends the wait at once, so API writes are
+        never held back by the linger.
+        """
+        items = [first]
+        if isinstance(first, _Task) or first is _STOP:
+            return items
+        deadline = time.monotonic() + self.flush_interval
+        while len(items) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            items.append(item)
+            if isinstance(item, _Task) or item is _STOP:
+                break
+        return items
 
     def _notify(self) -> None:
         for hook in list(self._commit_hooks):

@@ -327,7 +327,8 @@ def test_get_rollout_has_attempts_with_spans_in_seq_order_and_a_summary(
     assert seqs == [1, 2, 3, 4, 5]
     for span in a1["spans"] + a2["spans"]:
         assert "request_body" not in span and "response_body" not in span
-    assert [r["id"] for r in detail["rewards"]] == [reward.json()["id"]]
+    assert detail["rewards"] == [reward.json()]
+    assert detail["rewards"][0]["final"] is True  # a JSON boolean, not SQLite's 1
 
     stored = read_spans(gateway.db_path, rollout_id="g-1")
     summary = detail["summary"]

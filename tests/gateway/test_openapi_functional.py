@@ -10,14 +10,13 @@ schema (body, status code and content type).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import requests
 from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from hypothesis import HealthCheck, given, settings
@@ -27,6 +26,7 @@ from servers import GatewayThread
 from gateway.routes_api import ROUTES, ApiRoute
 
 schemathesis = pytest.importorskip("schemathesis")
+import requests  # noqa: E402  (schemathesis's HTTP client, installed with it)
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
@@ -135,7 +135,7 @@ def test_every_schema_reference_resolves(spec: dict[str, Any]) -> None:
 
 
 def test_openapi_needs_no_key_when_keys_are_configured(
-    make_gateway: Any,
+    make_gateway: Callable[..., GatewayThread],
 ) -> None:
     secured = make_gateway(auth={"keys": [{"key": "sk-gw-read-0001", "scopes": ["read"]}]})
     response = httpx.get(f"{secured.base}/openapi.json", timeout=10.0)
