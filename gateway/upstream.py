@@ -6,6 +6,7 @@ aiohttp session; aiohttp's exceptions become `UpstreamError`s here and nowhere e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -112,6 +113,11 @@ async def _iter_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]
         response.release()
 
 
+@functools.lru_cache(maxsize=256)
+def _client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect)
+
+
 class OpenAICompatible:
     """Any OpenAI-compatible API (OpenAI, vLLM, Ollama, OpenRouter, ...) over a shared session."""
 
@@ -121,9 +127,7 @@ class OpenAICompatible:
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         deployment = request.deployment
         url = (deployment.api_base or "").rstrip("/") + OPERATION_PATHS[request.operation]
-        timeout = aiohttp.ClientTimeout(
-            total=deployment.timeout.total, sock_connect=deployment.timeout.connect
-        )
+        timeout = _client_timeout(deployment.timeout.total, deployment.timeout.connect)
         try:
             response = await self.session.post(
                 url, data=request.body, headers=upstream_headers(request), timeout=timeout

@@ -177,6 +177,7 @@ class StoreWriter:
         self.last_error: str | None = None
         self._next_replay = 0.0
         self._commit_hooks: list[Callable[[], None]] = []
+        self._urgent = threading.Event()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -192,6 +193,7 @@ class StoreWriter:
         if self._thread is None:
             return
         self._queue.put(_STOP)
+        self._urgent.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("writer did not drain within %ss; the rest goes to the journal", timeout)
@@ -226,6 +228,7 @@ class StoreWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Task(fn, loop, future))
+        self._urgent.set()
         return await future
 
     # -- the thread -------------------------------------------------------
@@ -258,27 +261,24 @@ class StoreWriter:
                 return
 
     def _gather(self, first: Any) -> list[Any]:
-        """A batch: more spans for up to `flush_interval`, fewer commits under load.
+        """A batch: whatever arrives within `flush_interval` of the first span, up to `batch_size`.
 
-        An awaited write (`execute`) or shutdown ends the wait at once, so API writes are
-        never held back by the linger.
+        The thread sleeps through the interval instead of waking per span, which would hand
+        the GIL back and forth with the event loop on every call. An awaited write
+        (`execute`) or shutdown cuts the sleep short, so API writes are not held back.
         """
+        if (
+            not isinstance(first, _Task)
+            and first is not _STOP
+            and self._queue.qsize() < self.batch_size
+        ):
+            self._urgent.wait(self.flush_interval)
+        self._urgent.clear()
         items = [first]
-        if isinstance(first, _Task) or first is _STOP:
-            return items
-        deadline = time.monotonic() + self.flush_interval
         while len(items) < self.batch_size:
-            remaining = deadline - time.monotonic()
             try:
-                item = (
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else self._queue.get_nowait()
-                )
+                items.append(self._queue.get_nowait())
             except queue.Empty:
-                break
-            items.append(item)
-            if isinstance(item, _Task) or item is _STOP:
                 break
         return items
 
