@@ -253,3 +253,138 @@ class ErrorDetail(_Out):
 
 class Error(_Out):
     error: ErrorDetail
+
+
+# -- patterns and guidelines ----------------------------------------------
+
+
+class PatternsQuery(_Body):
+    since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `7d`).")
+    agent: str | None = Field(None, description="Only this agent's rollouts.")
+    min_support: int = Field(
+        5,
+        ge=1,
+        le=1_000_000_000,
+        description="Test a feature shown by at least this many attempts.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, le=1, description="Report findings with a Benjamini-Hochberg q at most this."
+    )
+    reward_name: str = Field(
+        "reward", min_length=1, max_length=128, description="The reward that decides success."
+    )
+    success_threshold: float = Field(
+        0.5, allow_inf_nan=False, description="Success is a reward at least this."
+    )
+
+
+class LeaderboardQuery(_Body):
+    since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `7d`).")
+    agent: str | None = Field(None, description="Only this agent's rollouts.")
+    reward_name: str = Field(
+        "reward", min_length=1, max_length=128, description="The reward that decides success."
+    )
+    success_threshold: float = Field(
+        0.5, allow_inf_nan=False, description="Success is a reward at least this."
+    )
+
+
+class Evidence(_Out):
+    rollout_id: str
+    attempt_id: str
+    span_id: str
+
+
+class Finding(_Out):
+    kind: Literal["success_pattern", "failure_pattern"]
+    feature: str = Field(
+        description="`tools:a → b`, `tool_error:x`, `error:type`, `finish:reason`."
+    )
+    description: str
+    support: int = Field(description="Attempts that show the feature.")
+    effect: float = Field(description="Success rate with the feature minus without it.")
+    odds_ratio: float | None = Field(description="Sample odds ratio; null when infinite.")
+    ci_low: float
+    ci_high: float
+    p_value: float = Field(description="Fisher's exact test, two-sided.")
+    q_value: float = Field(description="Benjamini-Hochberg across every feature tested.")
+    rate_with: float
+    rate_without: float
+    evidence: list[Evidence]
+
+
+class ToolStats(_Out):
+    tool: str
+    calls: int
+    attempts: int
+    executions: int = Field(description="`execute_tool` spans seen for the tool.")
+    error_rate: float | None
+    median_duration_ms: float | None
+    reward_with: float | None
+    reward_without: float | None
+    p_value: float | None = Field(description="Mann-Whitney U, reward with versus without.")
+
+
+class LeaderboardRow(_Out):
+    model: str | None = Field(None, description="Set in the by-model board.")
+    agent: str | None = Field(None, description="Set in the by-agent board.")
+    rollouts: int
+    attempts: int
+    success_rate: float | None
+    mean_reward: float | None
+    reward_ci_low: float | None
+    reward_ci_high: float | None
+    mean_cost_usd: float | None
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+    cost_per_reward_point: float | None
+
+
+class Leaderboards(_Out):
+    models: list[LeaderboardRow]
+    agents: list[LeaderboardRow]
+
+
+class Outlier(_Out):
+    rollout_id: str
+    agent: str
+    measure: Literal["slowest", "most_expensive"]
+    value: float
+    agent_median: float
+    ratio: float
+
+
+class Patterns(_Out):
+    attempts: int
+    with_outcome: int
+    success_patterns: list[Finding]
+    failure_patterns: list[Finding]
+    tools: list[ToolStats]
+    leaderboards: Leaderboards
+    outliers: list[Outlier]
+    tests_run: int
+    alpha: float
+    min_support: int
+
+
+class GuidelineVersion(_Out):
+    agent: str
+    version: int
+    note: str | None
+    created_ns: int
+    chars: int
+
+
+class Guideline(_Out):
+    agent: str
+    version: int
+    content: str = Field(description="Markdown; never applied to any prompt automatically.")
+    findings: list[dict[str, Any]]
+    note: str | None
+    created_ns: int
+
+
+class Guidelines(_Out):
+    agent: str
+    versions: list[GuidelineVersion]
+    latest: Guideline | None

@@ -27,6 +27,7 @@ from gateway.routes_judge import JUDGE
 from gateway.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.routes_openai import add_routes as add_openai_routes
 from gateway.routes_ops import add_routes as add_ops_routes
+from gateway.routes_patterns import ROUTES as PATTERN_ROUTES
 from gateway.state import GATEWAY, Gateway
 from gateway.upstream import OpenAICompatible, Provider
 from judge.service import JudgeService
@@ -92,7 +93,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app.cleanup_ctx.append(_judging)
     add_openai_routes(app)
     add_ops_routes(app)
-    add_api_routes(app, API_ROUTES + JUDGE_ROUTES)
+    add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES)
     app.router.add_get("/openapi.json", openapi_view)
     return app
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,14 @@ import click
 from gateway.cli import _time_option, db_option, json_option
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from config.models import Settings
     from judge.calibrate import Agreement
     from judge.jobs import JobSummary, Judge, JudgeStore, Outcome
-    from judge.llm import JudgeClient
+    from judge.llm import JudgeClient, PairwiseResult
+    from judge.rubric import Rubric
+    from judge.trajectory import Trajectory
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT
 # Fewer labelled rollouts than this and the reading says the numbers are still noisy.
@@ -52,14 +57,16 @@ def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def judge_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def judge_option(
+    default: str, help: str = "rules, llm, or a rubric named in `judge.rubrics`."
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
         "--judge",
         "judge_name",
         default=default,
         show_default=True,
         metavar="NAME",
-        help="rules, llm, or a rubric named in `judge.rubrics`.",
+        help=help,
     )
 
 
@@ -196,7 +203,7 @@ class JobRun:
     force: bool
     counts: Counter[str] = field(default_factory=Counter)
 
-    def run(self, select: Callable[[JudgeStore], Any]) -> JobSummary:
+    def run(self, select: Callable[[JudgeStore], Awaitable[list[str]]]) -> JobSummary:
         """Judge the rollouts `select(store)` picks; Ctrl-C keeps what was written, exits 130."""
         from rich.console import Console
         from rich.progress import (
@@ -231,11 +238,14 @@ class JobRun:
             store.close()
 
     async def _job(
-        self, store: JudgeStore, select: Callable[[JudgeStore], Any], progress: Any
+        self,
+        store: JudgeStore,
+        select: Callable[[JudgeStore], Awaitable[list[str]]],
+        progress: Progress,
     ) -> JobSummary:
         from judge.jobs import run_job
 
-        ids: list[str] = await select(store)
+        ids = await select(store)
         task = progress.add_task("judge", total=len(ids), judge=self.judge.name, tally="")
 
         def record(outcome: Outcome) -> None:
@@ -262,7 +272,7 @@ class JobRun:
             return await job()
 
 
-def _asyncio() -> Any:
+def _asyncio() -> types.ModuleType:
     import asyncio  # here, not at the top: it costs ~30 ms on every `spangate` start
 
     return asyncio
@@ -747,7 +757,7 @@ def calibrate_command(
     is_flag=True,
     help="Compare two attempts of one rollout: ROLLOUT ATTEMPT_A ATTEMPT_B.",
 )
-@judge_option("llm")
+@judge_option("llm", help="llm, or a rubric named in `judge.rubrics`: its criteria are weighed.")
 @config_option
 @db_option
 @gateway_url_option
@@ -775,7 +785,7 @@ def compare_command(
     from gateway import cli_render
     from gateway.cli import read_db
     from judge.rubric import DEFAULT_RUBRIC, load_rubric
-    from judge.trajectory import Trajectory, load_trajectory
+    from judge.trajectory import load_trajectory
     from store.errors import NotFound
 
     wanted = 3 if attempts else 2
@@ -848,8 +858,13 @@ def compare_command(
 
 
 async def _compare(
-    model: JudgeModel, db: str, gateway_url: str | None, a: Any, b: Any, rubric: Any
-) -> Any:
+    model: JudgeModel,
+    db: str,
+    gateway_url: str | None,
+    a: Trajectory,
+    b: Trajectory,
+    rubric: Rubric,
+) -> PairwiseResult:
     from judge.llm import JudgeModelError, compare
 
     async with model.connected(db, gateway_url):

@@ -119,8 +119,9 @@ def latest_spans(
     """The last `limit` spans in write order (without bodies), paging through `GET /api/spans`."""
     if limit <= 0:
         return []
+    kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit)
     for window in BACKLOG_WINDOWS:
-        kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit)
+        kept.clear()
         seen = 0
         cursor: str | None = None
         while True:
@@ -134,9 +135,14 @@ def latest_spans(
             cursor = page.get("next_cursor")
             if not cursor:
                 break
-        if seen >= limit:
+        if seen >= limit or window is None or not _any_before(client, rollout_id, window):
             break
     return list(kept)
+
+
+def _any_before(client: httpx.Client, rollout_id: str | None, moment: str) -> bool:
+    page = get_json(client, "/api/spans", {"rollout_id": rollout_id, "until": moment, "limit": 1})
+    return bool(page["data"])
 
 
 def with_bodies(client: httpx.Client, span: dict[str, Any]) -> dict[str, Any]:

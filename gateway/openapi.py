@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from gateway import api_models as m
 from gateway.routes_api import ROUTES, ApiRoute
 from gateway.routes_judge import ROUTES as JUDGE_ROUTES
+from gateway.routes_patterns import ROUTES as PATTERN_ROUTES
 
 _PATH_PARAM = re.compile(r"{([^}]+)}")
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -77,7 +78,9 @@ def _operation(route: ApiRoute, components: dict[str, Any]) -> dict[str, Any]:
     return operation
 
 
-def build_spec(routes: tuple[ApiRoute, ...] = ROUTES + JUDGE_ROUTES) -> dict[str, Any]:
+def build_spec(
+    routes: tuple[ApiRoute, ...] = ROUTES + JUDGE_ROUTES + PATTERN_ROUTES,
+) -> dict[str, Any]:
     components: dict[str, Any] = {}
     _schema(m.Error, components)
     paths: dict[str, dict[str, Any]] = {}

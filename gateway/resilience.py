@@ -116,10 +116,16 @@ class Guard:
 
     def claim_probe(self) -> bool:
         """Take the single probe slot when the breaker is not closed; False if taken."""
-        if self.state == pybreaker.STATE_CLOSED:
+        state = self.state
+        if state == pybreaker.STATE_CLOSED:
             return True
         if self.probing:
             return False
+        if state == pybreaker.STATE_OPEN:
+            if self.reopens_in() > 0:
+                return False
+            # The probe runs half-open, so metrics and /health/ready show it as it happens.
+            self.breaker.half_open()
         self.probing = True
         return True
 

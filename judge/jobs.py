@@ -180,12 +180,22 @@ def make_judge(
 
 
 def client_factory(
-    settings: JudgeSettings, base_url: str, http: httpx.AsyncClient
+    settings: JudgeSettings, base_url: str | Callable[[], str], http: httpx.AsyncClient
 ) -> Callable[[], JudgeClient] | None:
+    """Clients for the judge model; `judge.gateway_url` wins over the given address.
+
+    The address may be a callable: a gateway judging online knows its own address only
+    once it listens, after the judge is set up.
+    """
     if not settings.model:
         return None
-    client = JudgeClient(base_url, settings.model, http, settings.api_key)
-    return lambda: client
+    model, key = settings.model, settings.api_key
+
+    def make() -> JudgeClient:
+        url = settings.gateway_url or (base_url() if callable(base_url) else base_url)
+        return JudgeClient(url, model, http, key)
+
+    return make
 
 
 @dataclass

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
-from scipy.stats import false_discovery_control, fisher_exact, mannwhitneyu
+from scipy.special import gammaln
+from scipy.stats import false_discovery_control, mannwhitneyu
 from scipy.stats import t as student_t
 from sqlite_utils import Database
 
@@ -24,6 +26,8 @@ DEFAULT_SUCCESS_THRESHOLD = 0.5
 MAX_NGRAM = 3
 EVIDENCE_LIMIT = 5
 OUTLIER_RATIO = 3.0
+# Relative slack when comparing table probabilities in log space (R's fisher.test uses 1e-7).
+FISHER_TIE_SLACK = 1e-7
 
 ATTEMPTS_SQL = """
 select a.rollout_id, a.id as attempt_id, r.agent, r.status, r.created_ns
@@ -203,6 +207,41 @@ def _rate_ci(a: int, n1: int, c: int, n2: int) -> tuple[float, float, float]:
     return diff, diff - 1.96 * se, diff + 1.96 * se
 
 
+def fisher_two_sided(
+    with_wins: Sequence[int], supports: Sequence[int], wins: int, total: int
+) -> list[float]:
+    """Two-sided Fisher's exact p-values of many 2x2 tables that share their column totals.
+
+    Table i: `with_wins[i]` successes among the `supports[i]` attempts showing a feature, out
+    of `wins` successes among `total` attempts. The rule is scipy's `fisher_exact`: the
+    probability of every table no more likely than the observed one. Computing it with one
+    hypergeometric pmf per distinct support (sorted, cumulated, then searched) instead of a
+    search per table is what keeps thousands of features fast: one `fisher_exact` call
+    costs about a millisecond.
+    """
+    losses = total - wins
+    log_fact = gammaln(np.arange(total + 1, dtype=np.float64) + 1.0)
+    p_values = np.ones(len(supports))
+    by_support: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(supports):
+        by_support[n].append(i)
+    for n, members in by_support.items():
+        low, high = max(0, n - losses), min(n, wins)
+        x = np.arange(low, high + 1)
+        log_pmf = (
+            log_fact[wins] - log_fact[x] - log_fact[wins - x]
+            + log_fact[losses] - log_fact[n - x] - log_fact[losses - n + x]
+            - (log_fact[total] - log_fact[n] - log_fact[total - n])
+        )  # fmt: skip
+        order = np.sort(log_pmf)
+        tail = np.cumsum(np.exp(order))
+        observed = log_pmf[np.asarray([with_wins[i] for i in members]) - low]
+        # Tables as likely as the observed one count too; the slack absorbs rounding in log space.
+        reach = np.searchsorted(order, observed + FISHER_TIE_SLACK, side="right")
+        p_values[members] = tail[reach - 1]
+    return np.minimum(p_values, 1.0).tolist()
+
+
 def differences(
     attempts: list[AttemptData],
     *,
@@ -215,54 +254,71 @@ def differences(
     losses = len(judged) - wins
     if not wins or not losses:
         return []
-    holders: dict[str, list[AttemptData]] = defaultdict(list)
+    support: Counter[str] = Counter()
+    won: Counter[str] = Counter()
     for attempt in judged:
-        for feature in attempt.features:
-            holders[feature].append(attempt)
-    tested: list[tuple[str, list[AttemptData], int, int, float, float | None]] = []
-    for feature, having in holders.items():
-        if len(having) < min_support or len(having) == len(judged):
-            continue
-        a = sum(1 for h in having if h.success)
-        b = len(having) - a
-        c, d = wins - a, losses - b
-        odds, p = fisher_exact([[a, b], [c, d]])
-        tested.append((feature, having, a, b, float(p), None if math.isinf(odds) else float(odds)))
+        support.update(attempt.features.keys())
+        if attempt.success:
+            won.update(attempt.features.keys())
+    # A feature every attempt shows says nothing; one shown by few cannot be told from chance.
+    tested = [f for f, n in support.items() if min_support <= n < len(judged)]
     if not tested:
         return []
-    q_values = false_discovery_control([t[4] for t in tested])
+    p_values = fisher_two_sided(
+        [won[f] for f in tested], [support[f] for f in tested], wins, len(judged)
+    )
+    q_values = false_discovery_control(p_values)
     findings = []
-    for (feature, having, a, b, p, odds), q in zip(tested, q_values, strict=True):
+    for feature, p, q in zip(tested, p_values, q_values, strict=True):
         if q > alpha:
             continue
-        n_without = len(judged) - len(having)
-        diff, low, high = _rate_ci(a, a + b, wins - a, n_without)
+        having = support[feature]
+        a, b = won[feature], having - won[feature]
+        c, d = wins - a, losses - b
+        odds = a * d / (b * c) if b and c else None  # as fisher_exact's, None for infinite
+        n_without = len(judged) - having
+        diff, low, high = _rate_ci(a, having, c, n_without)
         helps = diff > 0
-        kind = "success_pattern" if helps else "failure_pattern"
-        evidence = [
-            {"rollout_id": h.rollout_id, "attempt_id": h.attempt_id, "span_id": h.features[feature]}
-            for h in having
-            if bool(h.success) == helps
-        ][:EVIDENCE_LIMIT]
         findings.append(
             Finding(
-                kind=kind,
+                kind="success_pattern" if helps else "failure_pattern",
                 feature=feature,
                 description=_describe(feature, helps),
-                support=len(having),
+                support=having,
                 effect=round(diff, 4),
                 odds_ratio=None if odds is None else round(odds, 4),
                 ci_low=round(low, 4),
                 ci_high=round(high, 4),
                 p_value=p,
                 q_value=float(q),
-                rate_with=round(a / (a + b), 4),
-                rate_without=round((wins - a) / n_without, 4) if n_without else 0.0,
-                evidence=evidence,
+                rate_with=round(a / having, 4),
+                rate_without=round(c / n_without, 4) if n_without else 0.0,
+                evidence=[],
             )
         )
+    _attach_evidence(judged, findings)
     findings.sort(key=lambda f: (f.q_value, -abs(f.effect)))
     return findings
+
+
+def _attach_evidence(judged: list[AttemptData], findings: list[Finding]) -> None:
+    """The first few attempts that show each finding with its outcome (one pass, early exit)."""
+    wanted = {f.feature: f for f in findings}
+    for attempt in judged:
+        if not wanted:
+            return
+        for feature in wanted.keys() & attempt.features.keys():
+            finding = wanted[feature]
+            if bool(attempt.success) == (finding.kind == "success_pattern"):
+                finding.evidence.append(
+                    {
+                        "rollout_id": attempt.rollout_id,
+                        "attempt_id": attempt.attempt_id,
+                        "span_id": attempt.features[feature],
+                    }
+                )
+                if len(finding.evidence) >= EVIDENCE_LIMIT:
+                    del wanted[feature]
 
 
 def _mean_ci(values: list[float]) -> tuple[float | None, float | None, float | None]:
@@ -292,34 +348,46 @@ def tool_effectiveness(
 ) -> list[dict[str, Any]]:
     """Per tool: calls, error rate, median duration, and reward with it versus without."""
     calls: Counter[str] = Counter()
+    using: Counter[str] = Counter()
     executions: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    # One pass builds, per tool, the positions of the rewarded attempts that use it; the
+    # "without" sample is then a mask over one array rather than a scan per tool.
+    rewards: list[float] = []
+    rewarded_users: dict[str, list[int]] = defaultdict(list)
     for attempt in attempts:
         calls.update(attempt.tools)
+        distinct = set(attempt.tools)
+        using.update(distinct)
+        if attempt.reward is not None:
+            for tool in distinct:
+                rewarded_users[tool].append(len(rewards))
+            rewards.append(attempt.reward)
         for tool, status, duration, _ in attempt.executions:
             executions[tool].append((status, duration))
+    values = np.asarray(rewards, dtype=np.float64)
     rows = []
-    rewarded = [a for a in attempts if a.reward is not None]
     for tool, count in calls.most_common():
-        users = [a.reward for a in rewarded if tool in a.tools]
-        others = [a.reward for a in rewarded if tool not in a.tools]
-        if len(users) + len(others) and count < min_support:
+        if rewards and count < min_support:
             continue
+        mask = np.zeros(len(values), dtype=bool)
+        mask[rewarded_users.get(tool, [])] = True
+        users, others = values[mask], values[~mask]
         runs = executions.get(tool, [])
         p_value = None
-        if len(users) >= 2 and len(others) >= 2 and len(set(users) | set(others)) > 1:
-            p_value = float(mannwhitneyu(users, others).pvalue)  # type: ignore[arg-type]
+        if len(users) >= 2 and len(others) >= 2 and np.ptp(values) > 0:
+            p_value = float(mannwhitneyu(users, others).pvalue)
         rows.append(
             {
                 "tool": tool,
                 "calls": count,
-                "attempts": sum(1 for a in attempts if tool in a.tools),
+                "attempts": using[tool],
                 "executions": len(runs),
                 "error_rate": round(sum(s == "error" for s, _ in runs) / len(runs), 4)
                 if runs
                 else None,
                 "median_duration_ms": statistics.median(d for _, d in runs) if runs else None,
-                "reward_with": round(statistics.fmean(users), 4) if users else None,  # type: ignore[arg-type]
-                "reward_without": round(statistics.fmean(others), 4) if others else None,  # type: ignore[arg-type]
+                "reward_with": round(float(users.mean()), 4) if len(users) else None,
+                "reward_without": round(float(others.mean()), 4) if len(others) else None,
                 "p_value": p_value,
             }
         )
@@ -351,7 +419,8 @@ def _board(groups: dict[str, list[AttemptData]], by: str) -> list[dict[str, Any]
                 "cost_per_reward_point": (sum(costs) / total_reward) if total_reward > 0 else None,
             }
         )
-    rows.sort(key=lambda r: (-(r["mean_reward"] or -1e9), r[by]))
+    # Best mean reward first; no reward at all last (a mean of 0 is a reward, not a missing one).
+    rows.sort(key=lambda r: (r["mean_reward"] is None, -(r["mean_reward"] or 0.0), r[by]))
     return rows
 
 
@@ -434,8 +503,15 @@ def analyse(
 
 
 def _tests_run(attempts: Iterable[AttemptData], min_support: int) -> int:
+    """How many features `differences` tested: the same rules, so the count matches its BH."""
     counts: Counter[str] = Counter()
+    judged = wins = 0
     for attempt in attempts:
         if attempt.success is not None:
-            counts.update(attempt.features)
-    return sum(1 for c in counts.values() if c >= min_support)
+            judged += 1
+            wins += attempt.success
+            # The keys: `update(mapping)` would add the mapping's values (span ids).
+            counts.update(attempt.features.keys())
+    if not wins or wins == judged:
+        return 0
+    return sum(1 for c in counts.values() if min_support <= c < judged)

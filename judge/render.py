@@ -65,7 +65,26 @@ def render(t: Trajectory, budget_tokens: int) -> str:
         text = _render(t, limit, budget)
         if len(text) <= budget:
             return text
-    return _render(t, MESSAGE_LIMITS[-1], budget)[:budget]
+    return _squeeze(_render(t, MESSAGE_LIMITS[-1], budget), budget)
+
+
+def _squeeze(text: str, budget: int) -> str:
+    """Last resort: cut lines from the middle, never the task (top) or final answer (bottom)."""
+    lines = text.split("\n")
+    head, tail = lines[:2], lines[-1:]
+    middle = lines[2:-1]
+    room = budget - len("\n".join(head + tail)) - 80
+    kept_front: list[str] = []
+    kept_back: list[str] = []
+    while middle and room > 0:
+        line = middle.pop(0) if len(kept_front) <= len(kept_back) else middle.pop()
+        if len(line) + 1 > room:
+            break
+        room -= len(line) + 1
+        (kept_front if len(kept_front) <= len(kept_back) else kept_back).append(line)
+    omitted = f"[… {len(middle)} lines omitted to fit the budget …]"
+    squeezed = "\n".join(head + kept_front + [omitted] + kept_back[::-1] + tail)
+    return squeezed[:budget] if len(squeezed) > budget else squeezed
 
 
 def _render(t: Trajectory, limit: int, budget: int) -> str:

@@ -31,6 +31,7 @@ from store.schema import TERMINAL_STATUSES
 from store.writes import get_judge_run, save_judge_run
 
 log = logging.getLogger("spangate.judge")
+PROGRESS_EVERY_SECONDS = 0.5
 
 
 class JudgeService:
@@ -53,7 +54,7 @@ class JudgeService:
     def judge(self, name: str) -> Judge:
         assert self.http is not None, "JudgeService.open() first"
         return make_judge(
-            name, self.settings, client_factory(self.settings, self.base_url(), self.http)
+            name, self.settings, client_factory(self.settings, self.base_url, self.http)
         )
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -96,12 +97,20 @@ class JudgeService:
         try:
             ids = await self.store.select(selection)
             run["total"] = len(ids)
+            await self.store._run(save_judge_run, dict(run))
             counts = {"judged": 0, "skipped": 0, "failed": 0}
             results: list[dict[str, Any]] = []
+            saved_at = time.monotonic()
 
             def record(outcome: Outcome) -> None:
+                nonlocal saved_at
                 counts[outcome.status] += 1
                 results.append(outcome.__dict__)
+                # Progress is saved every so often, so GET /api/judge/runs/{id} shows it.
+                if time.monotonic() - saved_at >= PROGRESS_EVERY_SECONDS:
+                    saved_at = time.monotonic()
+                    snapshot = {**run, **counts, "results": list(results)}
+                    self._spawn(self.store._run(save_judge_run, snapshot))
 
             summary = await run_job(
                 judge, self.store, ids, concurrency=concurrency, force=force, on_result=record
