@@ -43,6 +43,16 @@ def _check_id(value: str, what: str) -> str:
     return value
 
 
+def clean_text(value: str) -> str:
+    """Header text as valid UTF-8: aiohttp keeps undecodable bytes as lone surrogates,
+    which no JSON encoder or SQLite will take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
 def parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
     """The W3C trace id and parent span id, or (None, None) for a missing or invalid header."""
     if not value:
@@ -73,11 +83,13 @@ def read_attribution(match_info: Mapping[str, str], headers: Mapping[str, str]) 
     agent = headers.get("x-agent-id") or None
     if agent is not None:
         _check_id(agent, "agent_id")
-    tags = [t.strip() for t in headers.get("x-tags", "").split(",") if t.strip()][:MAX_TAGS]
+    tags = [clean_text(t.strip()) for t in headers.get("x-tags", "").split(",") if t.strip()][
+        :MAX_TAGS
+    ]
     metadata: dict[str, str] = {}
     for name, value in headers.items():
         if name.lower().startswith(META_PREFIX) and len(metadata) < MAX_META_HEADERS:
-            metadata[name[len(META_PREFIX) :].lower()] = value
+            metadata[clean_text(name[len(META_PREFIX) :].lower())] = clean_text(value)
     trace_id, parent = parse_traceparent(headers.get("traceparent"))
     return Attribution(rollout, attempt, agent, tags, metadata, trace_id, parent)
 

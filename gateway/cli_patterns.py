@@ -1,7 +1,6 @@
-"""`spangate patterns`: what successful and failed rollouts do differently, and guidelines from it.
+"""`spangate patterns`: what successful and failed rollouts do differently, and guidelines.
 
-Registered on the `spangate` group by gateway/cli.py. scipy (through judge.patterns) is imported
-inside the command bodies, so `spangate --help` stays fast.
+scipy (through judge.patterns) loads inside the command bodies, so `spangate --help` stays fast.
 """
 
 from __future__ import annotations
@@ -24,8 +23,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_MIN_SUPPORT = 5
 DEFAULT_ALPHA = 0.05
 DEFAULT_SUCCESS_THRESHOLD = 0.5
-DESCRIPTION_CHARS = 60
+DESCRIPTION_CHARS = 72
 MAX_NS = 2**63  # SQLite integers are signed 64-bit
+FINDING_SECTIONS = (
+    ("Success patterns", "success_patterns"),
+    ("Failure patterns", "failure_patterns"),
+)
+BOARD_SECTIONS = (
+    ("Leaderboard by model", "models", "model"),
+    ("Leaderboard by agent", "agents", "agent"),
+)
 NOT_APPLIED = (
     "Nothing is applied to any prompt: read it, and copy what you agree with into the "
     "agent's prompt yourself."
@@ -233,13 +240,13 @@ def report(result: dict[str, Any]) -> list[str]:
             "no attempt has an outcome yet: post rewards (spangate reward, POST /api/rewards) "
             "or mark rollouts succeeded/failed"
         )
-    for title, key in (("Success patterns", "success_patterns"), ("Failure patterns", "failure_patterns")):  # fmt: skip
+    for title, key in FINDING_SECTIONS:
         lines += _heading(title)
         found = result[key]
         lines += findings_table(found) if found else [f"none at q ≤ {q}"]
     lines += _heading("Tool effectiveness")
     lines += tools_table(result["tools"]) if result["tools"] else ["no tool calls recorded"]
-    for title, key, by in (("Leaderboard by model", "models", "model"), ("Leaderboard by agent", "agents", "agent")):  # fmt: skip
+    for title, key, by in BOARD_SECTIONS:
         lines += _heading(title)
         rows = result["leaderboards"][key]
         lines += leaderboard_table(rows, by) if rows else ["no calls recorded"]

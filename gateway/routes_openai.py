@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +36,8 @@ from gateway.streaming import (
 )
 from gateway.tool_spans import tool_span
 
+log = logging.getLogger("spangate.proxy")
+
 # Path after `/v1` -> operation name (gen_ai.operation.name).
 OPERATIONS = {
     "chat/completions": "chat",
@@ -46,7 +50,47 @@ PREFIXES = ("", "/rollout/{rollout_id}", "/rollout/{rollout_id}/attempt/{attempt
 _DONE = b"[DONE]"
 
 
-def parse_payload(raw: bytes) -> dict[str, Any]:
+def _check_fields(operation: str, payload: dict[str, Any]) -> None:
+    """The fields each operation cannot do without, checked as OpenAI checks them."""
+    if operation == "chat":
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("`messages` must be a non-empty array", param="messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidRequest(
+                    f"`messages[{index}]` must be an object with a string `role`",
+                    param=f"messages[{index}]",
+                )
+        _check_tools(payload.get("tools"))
+        return
+    field = {"text_completion": "prompt", "embeddings": "input", "responses": "input"}.get(
+        operation
+    )
+    if field is None:
+        return
+    value = payload.get(field)
+    if not isinstance(value, str | list) or (operation == "embeddings" and not value):
+        raise InvalidRequest(f"`{field}` must be a string or an array", param=field)
+
+
+def _check_tools(tools: Any) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise InvalidRequest("`tools` must be an array", param="tools")
+    for index, tool in enumerate(tools):
+        kind = tool.get("type", "function") if isinstance(tool, dict) else None
+        function = tool.get("function") if isinstance(tool, dict) else None
+        named = isinstance(function, dict) and isinstance(function.get("name"), str)
+        if not isinstance(kind, str) or (kind == "function" and not named):
+            raise InvalidRequest(
+                f"`tools[{index}]` must be an object with a `function` that has a `name`",
+                param=f"tools[{index}]",
+            )
+
+
+def parse_payload(raw: bytes, operation: str | None = None) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
@@ -63,6 +107,8 @@ def parse_payload(raw: bytes) -> dict[str, Any]:
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("`stream_options` must be an object", param="stream_options")
+    if operation is not None:
+        _check_fields(operation, payload)
     return payload
 
 
@@ -299,6 +345,16 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         call.fail(499, "client_disconnected", f"the client went away mid-stream: {exc}")
         call.publish(assembler.result())
         return out
+    except Exception as exc:
+        # Headers are gone already: a 500 now would corrupt the stream, so end it with an
+        # error event the SDK raises, and keep the record.
+        log.exception("stream from %s failed in the gateway", call.deployment)
+        error = GatewayError(f"the gateway could not relay this stream: {type(exc).__name__}")
+        call.fail(500, "gateway_error", str(exc))
+        call.publish(assembler.result())
+        with contextlib.suppress(ConnectionError):
+            await out.write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
+        return out
     finally:
         await response.chunks.aclose()
     result = assembler.result()
@@ -319,7 +375,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
             "this gateway requires a rollout: call /rollout/{id}/v1/... or send X-Rollout-Id"
         )
     raw = await request.read()
-    payload = parse_payload(raw)
+    payload = parse_payload(raw, operation)
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
     call.trace_id = attribution.trace_id or new_trace_id()

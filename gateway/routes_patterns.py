@@ -1,7 +1,6 @@
-"""`/api/patterns`, `/api/leaderboard` and `/api/guidelines/{agent}`: the pattern findings over HTTP.
+"""`/api/patterns`, `/api/leaderboard`, `/api/guidelines/{agent}`: the findings over HTTP.
 
-An analysis reads every span in range, so it runs on the read threads; judge.patterns (and so
-scipy) is imported there on first use, not when the gateway starts.
+Analyses run on the read threads, and import judge.patterns (scipy) there on first use.
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _detail(usage: dict[str, Any], group: str, key: str) -> Any:
+    details = usage.get(group)
+    return details.get(key) if isinstance(details, dict) else None
+
+
 def usage_of(operation: str, usage: Any) -> tuple[int | None, int | None, int | None, int | None]:
     """(input, output, cached input, reasoning output) tokens from an OpenAI usage object."""
     if not isinstance(usage, dict):
@@ -37,16 +42,21 @@ def usage_of(operation: str, usage: Any) -> tuple[int | None, int | None, int | 
     if operation == "responses":
         given = _int(usage.get("input_tokens"))
         taken = _int(usage.get("output_tokens"))
-        cached = (usage.get("input_tokens_details") or {}).get("cached_tokens")
-        reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
+        cached = _detail(usage, "input_tokens_details", "cached_tokens")
+        reasoning = _detail(usage, "output_tokens_details", "reasoning_tokens")
     else:
         given = _int(usage.get("prompt_tokens"))
         taken = _int(usage.get("completion_tokens"))
         if taken is None and operation == "embeddings":
             taken = 0
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+        cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
+        reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
     return given, taken, _int(cached), _int(reasoning)
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The objects in a list an upstream sent; anything else is ignored, never trusted."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
@@ -54,11 +64,12 @@ def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
         details = body.get("incomplete_details") or {}
         reason = details.get("reason") if isinstance(details, dict) else None
         status = body.get("status")
-        return [reason or status] if (reason or status) else []
+        found = reason or status
+        return [str(found)] if found else []
     return [
-        choice["finish_reason"]
-        for choice in body.get("choices") or ()
-        if isinstance(choice, dict) and choice.get("finish_reason")
+        str(choice["finish_reason"])
+        for choice in _dicts(body.get("choices"))
+        if choice.get("finish_reason")
     ]
 
 
@@ -66,10 +77,12 @@ def tool_calls_of(operation: str, body: dict[str, Any]) -> list[dict[str, Any]] 
     """Every tool call the answer made, as `{id, name, arguments}` (arguments as sent)."""
     calls: list[dict[str, Any]] = []
     if operation == "chat":
-        for choice in body.get("choices") or ():
-            message = (choice or {}).get("message") or {}
-            for call in message.get("tool_calls") or ():
-                function = (call or {}).get("function") or {}
+        for choice in _dicts(body.get("choices")):
+            message = choice.get("message")
+            if not isinstance(message, dict):
+                continue
+            for call in _dicts(message.get("tool_calls")):
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
                 calls.append(
                     {
                         "id": call.get("id"),
@@ -78,8 +91,8 @@ def tool_calls_of(operation: str, body: dict[str, Any]) -> list[dict[str, Any]] 
                     }
                 )
     elif operation == "responses":
-        for item in body.get("output") or ():
-            if isinstance(item, dict) and item.get("type") == "function_call":
+        for item in _dicts(body.get("output")):
+            if item.get("type") == "function_call":
                 calls.append(
                     {
                         "id": item.get("call_id"),

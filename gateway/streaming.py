@@ -61,6 +61,11 @@ def strip_usage_null(raw: bytes) -> bytes:
     return _USAGE_NULL.sub(b"", raw)
 
 
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The objects in a list an upstream sent; anything else is skipped, never trusted."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
 class ChatAssembler:
     """Folds `chat.completion.chunk` events into one `chat.completion` object."""
 
@@ -75,34 +80,35 @@ class ChatAssembler:
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
             if chunk.get(key) is not None and key not in self.meta:
                 self.meta[key] = chunk[key]
-        if chunk.get("usage"):
+        if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            index = choice.get("index", 0)
+        for choice in _dicts(chunk.get("choices")):
+            index = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
             slot = self.choices.setdefault(
                 index,
                 {"role": None, "content": [], "refusal": [], "tool_calls": {}, "finish": None},
             )
-            delta = choice.get("delta") or {}
-            if delta.get("role"):
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            if isinstance(delta.get("role"), str):
                 slot["role"] = delta["role"]
-            if delta.get("content"):
+            if isinstance(delta.get("content"), str):
                 slot["content"].append(delta["content"])
-            if delta.get("refusal"):
+            if isinstance(delta.get("refusal"), str):
                 slot["refusal"].append(delta["refusal"])
-            for call in delta.get("tool_calls") or ():
+            for call in _dicts(delta.get("tool_calls")):
+                position = call.get("index", 0) if isinstance(call.get("index", 0), int) else 0
                 target = slot["tool_calls"].setdefault(
-                    call.get("index", 0),
+                    position,
                     {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
                 )
                 if call.get("id"):
                     target["id"] = call["id"]
                 if call.get("type"):
                     target["type"] = call["type"]
-                function = call.get("function") or {}
-                if function.get("name"):
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                if isinstance(function.get("name"), str):
                     target["function"]["name"] += function["name"]
-                if function.get("arguments"):
+                if isinstance(function.get("arguments"), str):
                     target["function"]["arguments"] += function["arguments"]
             if choice.get("finish_reason"):
                 slot["finish"] = choice["finish_reason"]
@@ -152,11 +158,12 @@ class CompletionAssembler:
         for key in ("id", "created", "model", "system_fingerprint"):
             if chunk.get(key) is not None and key not in self.meta:
                 self.meta[key] = chunk[key]
-        if chunk.get("usage"):
+        if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            index = choice.get("index", 0)
-            self.texts.setdefault(index, []).append(choice.get("text") or "")
+        for choice in _dicts(chunk.get("choices")):
+            index = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
+            text = choice.get("text")
+            self.texts.setdefault(index, []).append(text if isinstance(text, str) else "")
             if choice.get("finish_reason"):
                 self.finish[index] = choice["finish_reason"]
             else:
@@ -188,8 +195,8 @@ class ResponsesAssembler:
     def add(self, event: dict[str, Any]) -> None:
         self.chunks += 1
         kind = event.get("type", "")
-        if kind == "response.output_text.delta":
-            self.text.append(event.get("delta") or "")
+        if kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+            self.text.append(event["delta"])
         response = event.get("response")
         if isinstance(response, dict):
             self.response = response

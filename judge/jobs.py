@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -23,10 +24,11 @@ from judge.rubric import DEFAULT_RUBRIC, Rubric, load_rubric
 from judge.rules import RULES_VERSION, Peers, judge_rules
 from judge.trajectory import Trajectory, load_trajectory
 from judge.verdict import Verdict, as_reward, reward_id
-from store.errors import NotFound
+from store.errors import Conflict, NotFound
 from store.schema import connect
 from store.writes import add_reward, replace_reward
 
+log = logging.getLogger("spangate.judge")
 JUDGE_AGENT_PREFIX = "judge-"
 
 SELECT_ROLLOUTS_SQL = """
@@ -244,10 +246,15 @@ async def judge_one(
         trajectory = await store.load(rollout_id)
         verdict = await judge.run(trajectory, store)
         await store.save(verdict, force=force)
-    except NotFound as exc:
+    except Conflict:
+        # Judged meanwhile by someone else (online judging racing a job): nothing to redo.
+        return Outcome(rollout_id, "skipped")
+    except (NotFound, JudgeModelError) as exc:
         return Outcome(rollout_id, "failed", error=str(exc))
-    except JudgeModelError as exc:
-        return Outcome(rollout_id, "failed", error=str(exc))
+    except Exception as exc:
+        # One broken rollout must not sink the others in the job.
+        log.exception("judging %s failed", rollout_id)
+        return Outcome(rollout_id, "failed", error=f"{type(exc).__name__}: {exc}")
     return Outcome(rollout_id, "judged", score=verdict.score, summary=verdict.summary)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +16,27 @@ import orjson
 log = logging.getLogger("spangate.journal")
 
 
-def journal_path_for(db_path: str | Path) -> Path:
-    """The journal lives beside the database so a restart finds it."""
-    return Path(f"{db_path}.spill.jsonl")
+def journal_path_for(db_path: str | Path, pid: int | None = None) -> Path:
+    """The journal lives beside the database so a restart finds it.
+
+    Each process spills to its own file (`<db>.spill.<pid>.jsonl`), so two processes on
+    one database (a gateway and a judge job) never replay each other's live journal; the
+    plain `<db>.spill.jsonl` is still read at start.
+    """
+    return Path(f"{db_path}.spill.jsonl" if pid is None else f"{db_path}.spill.{pid}.jsonl")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_OWNER = re.compile(r"\.spill\.(\d+)\.jsonl")
 
 
 class Journal:
@@ -60,6 +80,27 @@ class Journal:
 
     def leftover_replays(self) -> list[Path]:
         return sorted(self.path.parent.glob(f"{self.path.name}.*.replay"))
+
+    def claim_orphans(self, db_path: str | Path) -> None:
+        """Take over journals left by processes that are gone (and the shared legacy file).
+
+        A rename is atomic, so when two processes start together only one gets each file.
+        """
+        db_path = Path(db_path)
+        counter = itertools.count()
+        for path in sorted(db_path.parent.glob(f"{db_path.name}.spill*")):
+            if path == self.path or path.name.startswith(f"{self.path.name}."):
+                continue
+            owner = _OWNER.search(path.name)
+            if owner and _alive(int(owner.group(1))):
+                continue
+            target = self.path.with_name(
+                f"{self.path.name}.orphan{next(counter)}.{os.getpid()}.replay"
+            )
+            try:
+                path.rename(target)
+            except FileNotFoundError:
+                continue  # another process claimed it first
 
     def close(self) -> None:
         with self._lock:

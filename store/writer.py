@@ -9,7 +9,9 @@ writes again (and at every start).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -54,11 +56,25 @@ ON CONFLICT (rollout_id, id) DO UPDATE SET updated_ns = max(attempts.updated_ns,
 
 
 def _json_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _valid_utf8(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", errors="replace")
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        # Lone surrogates (or other values orjson refuses): escaped rather than lost.
+        return json.dumps(value, ensure_ascii=True, default=str)
+
+
+def _valid_utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 def normalize_span(record: dict[str, Any]) -> dict[str, Any]:
@@ -166,13 +182,14 @@ class StoreWriter:
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self.journal = Journal(journal_path or journal_path_for(db_path))
+        self.journal = Journal(journal_path or journal_path_for(db_path, os.getpid()))
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._db: Any = None
         self.written = 0
         self.spilled = 0
         self.replayed = 0
+        self.dropped = 0
         self.healthy = True
         self.last_error: str | None = None
         self._next_replay = 0.0
@@ -184,6 +201,7 @@ class StoreWriter:
     def start(self) -> None:
         """Open the database (running migrations), replay any journal, start the thread."""
         self._db = connect(self.db_path)
+        self.journal.claim_orphans(self.db_path)
         self._replay_journal()
         self._thread = threading.Thread(target=self._run, name="spangate-writer", daemon=True)
         self._thread.start()
@@ -299,7 +317,23 @@ class StoreWriter:
             self.journal.append([normalize_span(s) for s in spans])
             self.spilled += len(spans)
             return
+        except Exception:
+            # A record the store cannot take must not stop the thread (or cost the others).
+            log.exception(
+                "a batch of %d spans could not be written; writing one by one", len(spans)
+            )
+            self._write_one_by_one(spans)
+            return
         self.written += len(spans)
+
+    def _write_one_by_one(self, spans: list[dict[str, Any]]) -> None:
+        for span in spans:
+            try:
+                insert_spans(self._db.conn, [normalize_span(span)])
+                self.written += 1
+            except Exception:
+                self.dropped += 1
+                log.exception("span %s could not be stored", span.get("span_id"))
 
     def _run_task(self, task: _Task) -> None:
         try:

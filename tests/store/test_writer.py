@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -63,11 +64,11 @@ def test_past_the_queue_bound_spans_spill_and_replay_on_next_start(tmp_path: Pat
     for seq in range(1, 11):
         writer.put(span(seq=seq))
     assert writer.spilled == 7
-    assert journal_path_for(db).exists()
+    assert writer.journal.path.exists()
     writer.start()  # replays the journal, then drains the 3 queued
     writer.close(timeout=10)
     assert count(db) == 10
-    assert not journal_path_for(db).exists()
+    assert not writer.journal.path.exists()
 
 
 def test_a_torn_last_journal_line_is_skipped_and_the_rest_replayed(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_a_torn_last_journal_line_is_skipped_and_the_rest_replayed(tmp_path: Pat
     for seq in range(1, 4):
         first.put(span(seq=seq))
     first.journal.close()
-    with open(journal_path_for(db), "ab") as f:
+    with open(first.journal.path, "ab") as f:
         f.write(b'{"span_id": "torn')  # killed mid-write
     second = StoreWriter(db)
     second.start()
@@ -91,11 +92,32 @@ def test_replaying_the_same_journal_twice_does_not_duplicate(tmp_path: Path) -> 
     for record in records:
         writer.put(record)
     writer.journal.close()
-    copy = journal_path_for(db).read_bytes()
+    copy = writer.journal.path.read_bytes()
     writer.start()
     writer.close(timeout=10)
+    # As if a process that has since died had left the same records behind.
     journal_path_for(db).write_bytes(copy)
     again = StoreWriter(db)
     again.start()
     again.close(timeout=10)
     assert count(db) == 4
+
+
+def test_a_live_process_journal_is_left_alone_and_a_dead_ones_is_replayed(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    donor = StoreWriter(db, queue_size=1)
+    for seq in range(1, 4):
+        donor.put(span(seq=seq))
+    donor.journal.close()
+    records = donor.journal.path.read_bytes()
+    live = journal_path_for(db, os.getppid())  # our parent is alive
+    dead = journal_path_for(db, 2**22 + 12345)  # above pid_max: no such process
+    live.write_bytes(records)
+    dead.write_bytes(records)
+    donor.journal.path.unlink()
+    writer = StoreWriter(db)
+    writer.start()
+    writer.close(timeout=10)
+    assert count(db) == 2
+    assert live.exists()
+    assert not dead.exists()

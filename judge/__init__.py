@@ -1,0 +1,1 @@
+"""Judges that score whole rollouts from their trace, judge jobs, and pattern mining."""

@@ -1,0 +1,467 @@
+"""Judge jobs over a real database: selection, idempotence, resuming after an interruption,
+sampling, and the service that runs judges inside a gateway.
+
+A verdict is stored as soon as it is made under an id derived from (judge, rubric version,
+rollout), so a rerun skips what is done and an interrupted job picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import respx
+from judge_builders import (
+    DEFAULT_CRITERIA,
+    AgentRun,
+    completion_body,
+    load,
+    seed,
+    set_status,
+    verdict_json,
+)
+from servers import read_rows
+
+from config.models import JudgeSettings
+from judge.jobs import (
+    Judge,
+    JudgeStore,
+    Selection,
+    client_factory,
+    judge_one,
+    make_judge,
+    run_job,
+    sampled,
+)
+from judge.rules import RULES_VERSION
+from judge.service import JudgeService
+from judge.trajectory import Trajectory
+from judge.verdict import reward_id
+from store.schema import connect
+from store.writes import add_reward
+
+IDS = [f"r{n}" for n in range(1, 6)]
+
+
+def five_rollouts(db_path: Path) -> list[str]:
+    """Five rollouts of one agent, one of them with an upstream error it never recovered from."""
+    runs = []
+    for index, rid in enumerate(IDS):
+        run = AgentRun(rid)
+        run.ok("Working on it.", input_tokens=10 * (index + 1))
+        if index == 4:
+            run.error()
+        else:
+            run.ok("Done.")
+        runs.append(run)
+    seed(db_path, *runs)
+    return IDS
+
+
+def judge_rewards(db_path: Path, source: str = "judge:rules") -> list[dict[str, Any]]:
+    return read_rows(db_path, "select * from rewards where source = ? order by rollout_id", source)
+
+
+@pytest_asyncio.fixture
+async def store(db_path: Path) -> AsyncIterator[JudgeStore]:
+    judge_store = JudgeStore(db_path)
+    yield judge_store
+    judge_store.close()
+
+
+@pytest.fixture
+def rules() -> Judge:
+    return make_judge("rules", JudgeSettings())
+
+
+@pytest.mark.asyncio
+async def test_a_job_judges_every_rollout_once_and_a_rerun_skips_them(
+    db_path: Path, store: JudgeStore, rules: Judge
+) -> None:
+    ids = five_rollouts(db_path)
+    seen: list[str] = []
+
+    first = await run_job(rules, store, ids, on_result=lambda o: seen.append(o.rollout_id))
+    second = await run_job(rules, store, ids)
+
+    assert (first.count("judged"), first.count("skipped"), first.count("failed")) == (5, 0, 0)
+    assert sorted(seen) == ids
+    assert (second.count("judged"), second.count("skipped")) == (0, 5)
+    rewards = judge_rewards(db_path)
+    assert [r["rollout_id"] for r in rewards] == ids
+    assert {r["id"] for r in rewards} == {reward_id("rules", RULES_VERSION, rid) for rid in ids}
+    by_rollout = {r["rollout_id"]: r for r in rewards}
+    assert by_rollout["r5"]["value"] < by_rollout["r1"]["value"]
+    summary = first.as_dict()
+    assert summary["judged"] == 5 and summary["judge"] == "rules"
+    assert summary["mean_score"] == pytest.approx(sum(r["value"] for r in rewards) / 5, abs=1e-4)
+
+
+@pytest.mark.asyncio
+async def test_force_judges_again_and_replaces_the_stored_verdict(
+    db_path: Path, store: JudgeStore, rules: Judge
+) -> None:
+    five_rollouts(db_path)
+    await run_job(rules, store, ["r1"])
+    before = judge_rewards(db_path)[0]["value"]
+    later = AgentRun("r1", first_seq=10)
+    later.error()  # the rollout gets worse after it was judged
+    seed(db_path, later)
+
+    unforced = await run_job(rules, store, ["r1"])
+    forced = await run_job(rules, store, ["r1"], force=True)
+
+    assert unforced.count("skipped") == 1
+    assert forced.count("judged") == 1
+    (after,) = judge_rewards(db_path)
+    assert after["value"] < before
+
+
+@pytest.mark.asyncio
+async def test_a_job_over_some_rollouts_then_all_judges_only_the_rest(
+    db_path: Path, store: JudgeStore, rules: Judge
+) -> None:
+    ids = five_rollouts(db_path)
+
+    await run_job(rules, store, ids[:3])
+    resumed = await run_job(rules, store, ids)
+
+    assert (resumed.count("skipped"), resumed.count("judged")) == (3, 2)
+    assert {o.rollout_id for o in resumed.outcomes if o.status == "judged"} == {"r4", "r5"}
+    assert len(judge_rewards(db_path)) == 5
+
+
+@pytest.mark.asyncio
+async def test_an_interrupted_job_resumes_where_it_stopped(
+    db_path: Path, store: JudgeStore, rules: Judge
+) -> None:
+    ids = five_rollouts(db_path)
+    stalled = asyncio.Event()
+
+    async def stalls_on_the_third(t: Trajectory, judge_store: JudgeStore) -> Any:
+        if t.rollout_id == ids[2]:
+            stalled.set()
+            await asyncio.Event().wait()  # never answers: the job is killed here
+        return await rules.run(t, judge_store)
+
+    stalling = Judge(rules.name, rules.version, rules.needs_model, stalls_on_the_third)
+    job = asyncio.create_task(run_job(stalling, store, ids, concurrency=1))
+    await asyncio.wait_for(stalled.wait(), timeout=10)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert [r["rollout_id"] for r in judge_rewards(db_path)] == ids[:2]
+
+    resumed = await run_job(rules, store, ids)
+
+    assert (resumed.count("skipped"), resumed.count("judged")) == (2, 3)
+    assert [r["rollout_id"] for r in judge_rewards(db_path)] == ids
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_rollout_is_a_failed_outcome_not_a_crash(
+    db_path: Path, store: JudgeStore, rules: Judge
+) -> None:
+    five_rollouts(db_path)
+
+    summary = await run_job(rules, store, ["r1", "no-such-rollout"])
+
+    outcome = {o.rollout_id: o for o in summary.outcomes}
+    assert outcome["r1"].status == "judged"
+    assert outcome["no-such-rollout"].status == "failed"
+    assert "not found" in (outcome["no-such-rollout"].error or "")
+
+
+_ROLLOUTS = [
+    ("mine-1", "agent-a"),
+    ("mine-2", "agent-a"),
+    ("theirs", "agent-b"),
+    ("anonymous", None),
+    ("judge-llm-mine-1", "judge-llm"),
+    ("odd-name", "judge-rules"),
+]
+
+
+def _one_call(rollout_id: str, agent: str | None) -> AgentRun:
+    run = AgentRun(rollout_id, agent=agent)
+    run.ok("Done.")
+    return run
+
+
+@pytest.mark.asyncio
+async def test_selection_filters_and_never_picks_the_judges_own_rollouts(
+    db_path: Path, store: JudgeStore
+) -> None:
+    seed(db_path, *(_one_call(rid, agent) for rid, agent in _ROLLOUTS))
+    set_status(db_path, "mine-2", "failed")
+
+    everything = await store.select(Selection())
+    failed = await store.select(Selection(status="failed"))
+    agent_a = await store.select(Selection(agent="agent-a"))
+    explicit = await store.select(Selection(rollout_ids=["theirs", "mine-1", "theirs"]))
+
+    assert sorted(everything) == ["anonymous", "mine-1", "mine-2", "theirs"]
+    assert failed == ["mine-2"]
+    assert sorted(agent_a) == ["mine-1", "mine-2"]
+    assert explicit == ["theirs", "mine-1"]
+
+
+def test_sampling_is_stable_nested_and_roughly_proportional() -> None:
+    ids = [f"rollout-{n}" for n in range(4000)]
+
+    third = [rid for rid in ids if sampled(rid, 0.3)]
+    again = [rid for rid in ids if sampled(rid, 0.3)]
+    two_thirds = {rid for rid in ids if sampled(rid, 0.6)}
+
+    assert third == again
+    assert 0.27 < len(third) / len(ids) < 0.33
+    assert set(third) <= two_thirds
+    assert all(sampled(rid, None) and sampled(rid, 1.0) for rid in ids[:50])
+    assert not any(sampled(rid, 0.0) for rid in ids)
+    # The choice depends on the id alone (no process-seeded hash), so another run agrees.
+    digest = hashlib.sha256(b"rollout-7").digest()
+    assert sampled("rollout-7", 0.3) == (int.from_bytes(digest[:8], "big") / 2**64 < 0.3)
+
+
+@pytest.mark.asyncio
+async def test_selection_applies_the_sample_share(db_path: Path, store: JudgeStore) -> None:
+    seed(db_path, *(_one_call(f"s{n}", "agent-a") for n in range(40)))
+
+    picked = await store.select(Selection(sample=0.5))
+
+    assert sorted(picked) == sorted(f"s{n}" for n in range(40) if sampled(f"s{n}", 0.5))
+    assert 0 < len(picked) < 40
+
+
+@pytest.mark.asyncio
+async def test_rules_efficiency_compares_with_the_same_agents_rollouts_only(
+    db_path: Path, store: JudgeStore, rules: Judge
+) -> None:
+    runs = []
+    for rid, agent, tokens in [
+        ("lean", "agent-a", 20),
+        ("mid-1", "agent-a", 200),
+        ("mid-2", "agent-a", 300),
+        ("heavy", "agent-a", 4000),
+        ("other-agent-huge", "agent-b", 100_000),
+    ]:
+        run = AgentRun(rid, agent=agent)
+        run.ok("Done.", input_tokens=tokens, output_tokens=0)
+        runs.append(run)
+    seed(db_path, *runs)
+
+    await run_job(rules, store, ["lean", "heavy", "other-agent-huge"])
+
+    efficiency = {
+        r["rollout_id"]: json.loads(r["dimensions"])["token_efficiency"]
+        for r in judge_rewards(db_path)
+    }
+    # Ranked among agent-a's four rollouts (itself included): the leanest scores 1, the
+    # heaviest uses more than three quarters of them.
+    assert efficiency["lean"] == 1.0
+    assert efficiency["heavy"] == 0.25
+    # agent-b has too few rollouts of its own; agent-a's small ones do not make it look wasteful.
+    assert efficiency["other-agent-huge"] == 1.0
+
+
+@pytest.mark.asyncio
+async def test_judges_see_user_rewards_but_not_other_judges_verdicts(
+    db_path: Path, store: JudgeStore, rules: Judge
+) -> None:
+    five_rollouts(db_path)
+    await run_job(rules, store, ["r1"])
+    db = connect(db_path)
+    try:
+        add_reward(db, {"rollout_id": "r1", "value": 1.0, "source": "user"})
+    finally:
+        db.close()
+
+    t = load(db_path, "r1")
+
+    assert [(r["source"], r["value"]) for r in t.rewards] == [("user", 1.0)]
+    assert len(read_rows(db_path, "select id from rewards")) == 2
+
+
+def test_an_unknown_judge_or_an_llm_judge_without_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown judge 'vibes'; known: rules, llm"):
+        make_judge("vibes", JudgeSettings())
+    with pytest.raises(ValueError, match=r"set `judge.model`"):
+        make_judge("llm", JudgeSettings())
+
+
+# -- the llm judge in jobs ------------------------------------------------------------------
+
+JUDGE_ROUTE = re.compile(r"^/rollout/judge-(?P<judge>[^/]+?)-(?P<rollout>r\d)/v1/chat/completions$")
+
+
+def judge_model(request: httpx.Request) -> httpx.Response:
+    """Answers a valid verdict, except about rollout r3, where it never produces valid JSON."""
+    match = JUDGE_ROUTE.match(request.url.path)
+    assert match is not None, request.url.path
+    if match["rollout"] == "r3":
+        return httpx.Response(200, json=completion_body("I think it went fine."))
+    return httpx.Response(
+        200, json=completion_body(verdict_json(dict.fromkeys(DEFAULT_CRITERIA, 0.9)))
+    )
+
+
+@pytest.fixture
+def gateway() -> Iterator[respx.MockRouter]:
+    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        yield router
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+@pytest.mark.asyncio
+async def test_an_llm_job_stores_valid_verdicts_and_reports_invalid_ones(
+    db_path: Path, store: JudgeStore, gateway: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    route = gateway.post(url__startswith="http://gw.test/rollout/judge-llm-").mock(
+        side_effect=judge_model
+    )
+    ids = five_rollouts(db_path)
+    settings = JudgeSettings(model="judge-model", max_invalid_retries=1)
+    llm = make_judge("llm", settings, client_factory(settings, "http://gw.test", http))
+
+    summary = await run_job(llm, store, ids)
+
+    outcome = {o.rollout_id: o for o in summary.outcomes}
+    assert outcome["r3"].status == "failed"
+    assert "not valid JSON" in (outcome["r3"].error or "")
+    assert [o.status for rid, o in sorted(outcome.items()) if rid != "r3"] == ["judged"] * 4
+    assert route.call_count == 4 + 2  # r3 asked twice (one retry), the others once
+    rewards = judge_rewards(db_path, "judge:llm")
+    assert [r["rollout_id"] for r in rewards] == ["r1", "r2", "r4", "r5"]
+    assert all(r["value"] == pytest.approx(0.9) for r in rewards)
+    details = json.loads(rewards[0]["details"])
+    assert details["criteria"]["task_completion"]["explanation"] == "task_completion explained"
+
+    rerun = await run_job(llm, store, ids)
+
+    assert (rerun.count("skipped"), rerun.count("failed")) == (4, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_rubric_named_in_the_config_is_a_judge_of_its_own(
+    db_path: Path,
+    store: JudgeStore,
+    gateway: respx.MockRouter,
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+) -> None:
+    rubric = tmp_path / "brevity.yaml"
+    rubric.write_text(
+        "version: b-1\ncriteria:\n  - name: brevity\n    description: Was it short?\n",
+        encoding="utf-8",
+    )
+    route = gateway.post(url__startswith="http://gw.test/rollout/judge-brevity-").mock(
+        return_value=httpx.Response(200, json=completion_body(verdict_json({"brevity": 0.4})))
+    )
+    five_rollouts(db_path)
+    settings = JudgeSettings(model="judge-model", rubrics={"brevity": str(rubric)})
+    brevity = make_judge("brevity", settings, client_factory(settings, "http://gw.test", http))
+
+    summary = await run_job(brevity, store, ["r1"])
+
+    assert (brevity.name, brevity.version) == ("brevity", "b-1")
+    assert summary.count("judged") == 1 and route.called
+    (reward,) = judge_rewards(db_path, "judge:brevity")
+    assert reward["id"] == reward_id("brevity", "b-1", "r1")
+    assert reward["value"] == pytest.approx(0.4)
+
+
+# -- the service inside a gateway -----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_online_judging_queues_only_sampled_terminal_rollouts_and_never_blocks(
+    db_path: Path,
+) -> None:
+    settings = JudgeSettings(online={"judge": "rules", "on": ["succeeded"], "queue_size": 2})
+    service = JudgeService(settings, db_path, lambda: "http://gw.test")
+    try:
+        service.on_rollout({"id": "a", "status": "succeeded"})
+        service.on_rollout({"id": "b", "status": "failed"})  # not in `on`
+        service.on_rollout({"id": "c", "status": "running"})
+        service.on_rollout({"id": "d", "status": "succeeded"})
+        service.on_rollout({"id": "e", "status": "succeeded"})  # the queue is full
+
+        assert service.queue.qsize() == 2
+        assert [service.queue.get_nowait(), service.queue.get_nowait()] == ["a", "d"]
+        assert service.dropped == 1
+    finally:
+        await service.close()
+
+
+@pytest.mark.asyncio
+async def test_online_sample_zero_judges_nothing(db_path: Path) -> None:
+    service = JudgeService(
+        JudgeSettings(online={"judge": "rules", "sample": 0.0}), db_path, lambda: ""
+    )
+    try:
+        service.on_rollout({"id": "a", "status": "succeeded"})
+        assert service.queue.empty()
+    finally:
+        await service.close()
+
+
+@pytest.mark.asyncio
+async def test_the_online_llm_judge_calls_the_gateway_at_its_address_once_known(
+    db_path: Path, gateway: respx.MockRouter
+) -> None:
+    # The gateway starts its judging before it listens, and learns its own address after.
+    gateway.post(url__startswith="http://gw.test/rollout/judge-llm-").mock(side_effect=judge_model)
+    five_rollouts(db_path)
+    address = {"base_url": ""}
+    settings = JudgeSettings(model="judge-model", online={"judge": "llm"})
+    service = JudgeService(settings, db_path, lambda: address["base_url"])
+    service.open()
+    try:
+        service.start_online()
+        address["base_url"] = "http://gw.test"
+
+        service.on_rollout({"id": "r1", "status": "succeeded"})
+        await asyncio.wait_for(service.queue.join(), timeout=10)
+
+        assert [r["rollout_id"] for r in judge_rewards(db_path, "judge:llm")] == ["r1"]
+        assert service.online_judged == 1
+    finally:
+        await service.close()
+
+
+@pytest.mark.asyncio
+async def test_the_judge_calls_go_to_the_configured_gateway_url(
+    db_path: Path, gateway: respx.MockRouter
+) -> None:
+    configured = gateway.post(url__startswith="http://judging-gw.test/rollout/judge-llm-").mock(
+        return_value=httpx.Response(
+            200, json=completion_body(verdict_json(dict.fromkeys(DEFAULT_CRITERIA, 1.0)))
+        )
+    )
+    this_one = gateway.post(url__startswith="http://gw.test/").mock(
+        return_value=httpx.Response(500)
+    )
+    five_rollouts(db_path)
+    settings = JudgeSettings(model="judge-model", gateway_url="http://judging-gw.test")
+    service = JudgeService(settings, db_path, lambda: "http://gw.test")
+    service.open()
+    try:
+        outcome = await judge_one(service.judge("llm"), service.store, "r1")
+    finally:
+        await service.close()
+
+    assert (configured.call_count, this_one.call_count) == (1, 0)
+    assert outcome.status == "judged"
