@@ -645,7 +645,12 @@ def export_command(
         click.echo(f"exported {count} {unit} to {output}", err=True)
 
 
-# The judge commands live in their own module; registered last, as it imports from this one.
+# The judge and patterns commands live in their own modules; registered last, as they
+# import from this one.
 from gateway.cli_judge import judge  # noqa: E402
 
 cli.add_command(judge)
+
+from gateway.cli_patterns import patterns  # noqa: E402
+
+cli.add_command(patterns)

@@ -29,6 +29,8 @@ from store.schema import SPAN_COLUMNS
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 30.0
 CHAT_PATH = "/v1/chat/completions"
+# The upstream key in served configs: it must never show up in a log.
+UPSTREAM_KEY = "sk-reliability-upstream-key"
 DONE_LINE = "data: [DONE]"
 
 
@@ -46,7 +48,12 @@ def write_config(path: Path, groups: dict[str, str], **settings: Any) -> Path:
         {
             "name": name,
             "deployments": [
-                {"provider": "openai", "model": "upstream-model", "api_base": base, "api_key": "k"}
+                {
+                    "provider": "openai",
+                    "model": "upstream-model",
+                    "api_base": base,
+                    "api_key": UPSTREAM_KEY,
+                }
             ],
         }
         for name, base in groups.items()

@@ -18,6 +18,7 @@ from servers import read_rows, wait_until
 from .support import (
     CHAT_PATH,
     DONE_LINE,
+    UPSTREAM_KEY,
     Ledger,
     ServeFactory,
     chat_body,
@@ -90,6 +91,7 @@ def test_sigterm_under_load_records_every_acknowledged_call(
 
     assert code == 0, served.log()
     assert "Traceback" not in served.log(), served.log()
+    assert UPSTREAM_KEY not in served.log()
     stored = {row["span_id"] for row in read_rows(served.db, "select span_id from spans")}
     acknowledged = ledger.snapshot()
     missing = set(acknowledged) - stored
