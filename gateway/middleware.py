@@ -7,6 +7,7 @@ import logging
 from aiohttp import web
 
 from gateway.errors import GatewayError, error_response, from_store_error
+from gateway.state import GATEWAY
 from store.errors import StoreError
 
 log = logging.getLogger("spangate.http")
@@ -55,3 +56,17 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(GatewayError("internal gateway error; see the gateway log"))
+
+
+@web.middleware
+async def in_flight_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Count requests being handled, so a graceful stop knows when they are all done."""
+    gw = request.app[GATEWAY]
+    gw.in_flight += 1
+    gw.idle.clear()
+    try:
+        return await handler(request)
+    finally:
+        gw.in_flight -= 1
+        if not gw.in_flight:
+            gw.idle.set()

@@ -381,10 +381,16 @@ ROUTES: tuple[ApiRoute, ...] = (
 CLOSING = web.AppKey("closing", asyncio.Event)
 
 
+def close_streams(app: web.Application) -> None:
+    """End every live event stream (at shutdown: they would otherwise hold it up)."""
+    if CLOSING in app:
+        app[CLOSING].set()
+        for stream_wake in list(app[STREAMS]):
+            stream_wake.set()
+
+
 async def _close_streams(app: web.Application) -> None:
-    app[CLOSING].set()
-    for stream_wake in list(app[STREAMS]):
-        stream_wake.set()
+    close_streams(app)
 
 
 STREAMS = web.AppKey("streams", set)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from config.models import Settings
 from gateway.app import create_app
+from gateway.routes_api import close_streams
 from gateway.state import GATEWAY
 
 log = logging.getLogger("spangate")
@@ -50,9 +52,25 @@ async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool 
             file=sys.stderr,
             flush=True,
         )
+        await _finish_in_flight(app, site, settings.server.shutdown_timeout)
     finally:
         # Closes the listener, waits for in-flight handlers, then runs cleanup (writer drains last).
         await runner.cleanup()
+
+
+async def _finish_in_flight(app: web.Application, site: web.TCPSite, timeout: float) -> None:
+    """Stop accepting, then let calls already accepted finish, bodies still arriving included.
+
+    aiohttp's own shutdown stops reading from open connections at once, which would drop
+    a call whose body had not fully arrived; so the listener closes first and the calls
+    in flight get up to `timeout` before aiohttp's shutdown runs.
+    """
+    await site.stop()
+    close_streams(app)
+    gw = app[GATEWAY]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await gw.idle.wait()
 
 
 def _connectable(host: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -30,6 +31,12 @@ class Gateway:
     prices: dict[int, tuple[float, float, float | None] | None] = field(default_factory=dict)
     # Where this gateway answers, once it listens (the judge calls itself through it).
     base_url: str = ""
+    # Requests being handled, and an event set whenever there are none (graceful stop).
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def price_all(self, cost_map: Prices) -> None:
         """Look every deployment's prices up once, so a call's cost is two multiplications."""
