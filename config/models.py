@@ -99,6 +99,7 @@ class Deployment(_Strict):
     )
     api_key: str | None = Field(
         None,
+        repr=False,
         description="Key sent upstream as a Bearer token. Unset: the client's own "
         "`Authorization` header is forwarded (and never stored).",
     )
@@ -195,7 +196,10 @@ class ApiKey(_Strict):
     """A key clients send as `Authorization: Bearer <key>` (or as their OpenAI `api_key`)."""
 
     key: str = Field(
-        ..., min_length=8, description="The secret; use `${ENV_VAR}` to keep it out of the file."
+        ...,
+        min_length=8,
+        repr=False,
+        description="The secret; use `${ENV_VAR}` to keep it out of the file.",
     )
     name: str = Field("", description="Who holds the key, for logs.")
     scopes: list[Scope] = Field(
@@ -242,7 +246,9 @@ class JudgeSettings(_Strict):
         description="Gateway the judge's own calls go through (recorded under a judge rollout); "
         "default: this gateway.",
     )
-    api_key: str | None = Field(None, description="Gateway key for the judge's own calls.")
+    api_key: str | None = Field(
+        None, repr=False, description="Gateway key for the judge's own calls."
+    )
     budget_tokens: int = Field(
         6000, gt=500, description="Most tokens of trajectory shown to the `llm` judge."
     )

@@ -328,8 +328,9 @@ async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPoli
             parsed = None
             if response.chunks is None and response.ok:
                 parsed = _json_object(response.body or b"", deployment.label)
-        except Exception as exc:
-            # A cancelled call (the client left) says nothing about the deployment.
+        except (_Failed, UpstreamError, TimeoutError) as exc:
+            # Only what the upstream did counts against it: not a cancelled call (the client
+            # left), nor a request a provider could not even build.
             guard.failed(exc)
             raise
         else:

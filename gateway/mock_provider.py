@@ -62,10 +62,13 @@ def _reply_for(messages: list[Any]) -> str:
     return f"This is a mock answer to: {asked[:120]}"
 
 
-def _sample_value(schema: dict[str, Any]) -> Any:
+def _sample_value(schema: Any) -> Any:
+    # Schemas come from clients: anything malformed is treated as an empty schema.
+    schema = schema if isinstance(schema, dict) else {}
     kind = schema.get("type")
-    if schema.get("enum"):
-        return schema["enum"][0]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
     if kind == "integer":
         return 1
     if kind == "number":
@@ -79,10 +82,15 @@ def _sample_value(schema: dict[str, Any]) -> Any:
     return "example"
 
 
-def _sample_arguments(schema: dict[str, Any]) -> dict[str, Any]:
-    properties = schema.get("properties") or {}
-    required = schema.get("required") or list(properties)
-    return {name: _sample_value(properties.get(name) or {}) for name in required}
+def _sample_arguments(schema: Any) -> dict[str, Any]:
+    schema = schema if isinstance(schema, dict) else {}
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = (
+        schema.get("required") if isinstance(schema.get("required"), list) else list(properties)
+    )
+    return {
+        str(name): _sample_value(properties.get(name)) for name in required if isinstance(name, str)
+    }
 
 
 def _tool_call(payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -93,8 +101,9 @@ def _tool_call(payload: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
         return None
-    function = (tools[0] or {}).get("function") or {}
-    arguments = _sample_arguments(function.get("parameters") or {})
+    first = tools[0] if isinstance(tools, list) and isinstance(tools[0], dict) else {}
+    function = first.get("function") if isinstance(first.get("function"), dict) else {}
+    arguments = _sample_arguments(function.get("parameters"))
     return {
         "id": f"call_{hashlib.sha1(orjson.dumps(messages)).hexdigest()[:24]}",
         "type": "function",

@@ -83,6 +83,12 @@ def _check_tools(tools: Any) -> None:
         kind = tool.get("type", "function") if isinstance(tool, dict) else None
         function = tool.get("function") if isinstance(tool, dict) else None
         named = isinstance(function, dict) and isinstance(function.get("name"), str)
+        schema = function.get("parameters", {}) if isinstance(function, dict) else {}
+        if not isinstance(schema, dict):
+            raise InvalidRequest(
+                f"`tools[{index}].function.parameters` must be a JSON Schema object",
+                param=f"tools[{index}].function.parameters",
+            )
         if not isinstance(kind, str) or (kind == "function" and not named):
             raise InvalidRequest(
                 f"`tools[{index}]` must be an object with a `function` that has a `name`",
@@ -115,7 +121,10 @@ def parse_payload(raw: bytes, operation: str | None = None) -> dict[str, Any]:
 def _has_token(operation: str, obj: dict[str, Any]) -> bool:
     if operation == "responses":
         return str(obj.get("type", "")).endswith(".delta")
-    for choice in obj.get("choices") or ():
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
         delta = choice.get("delta") if operation == "chat" else choice
         if isinstance(delta, dict) and (
             delta.get("content") or delta.get("tool_calls") or delta.get("text")
@@ -348,7 +357,10 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     except Exception as exc:
         # Headers are gone already: a 500 now would corrupt the stream, so end it with an
         # error event the SDK raises, and keep the record.
-        log.exception("stream from %s failed in the gateway", call.deployment)
+        deployment = call.deployment
+        log.exception(
+            "stream from %s failed in the gateway", deployment.label if deployment else "?"
+        )
         error = GatewayError(f"the gateway could not relay this stream: {type(exc).__name__}")
         call.fail(500, "gateway_error", str(exc))
         call.publish(assembler.result())
