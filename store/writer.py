@@ -9,6 +9,7 @@ writes again (and at every start).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ JSON_SPAN_COLUMNS = frozenset(
     {"finish_reasons", "tool_calls", "request_body", "response_body", "attributes", "tags"}
 )
 REPLAY_RETRY_SECONDS = 1.0
+CHECKPOINT_SECONDS = 1.0
 
 _INSERT_SPAN = (
     f"INSERT OR IGNORE INTO spans ({', '.join(SPAN_COLUMNS)}) "
@@ -58,9 +60,12 @@ ON CONFLICT (rollout_id, id) DO UPDATE SET updated_ns = max(attempts.updated_ns,
 def _json_text(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, str):
+    kind = value.__class__
+    if kind is bytes:
+        return value.decode("utf-8", errors="replace")
+    if kind is str:
         return _valid_utf8(value)
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, bytearray | memoryview):
         return bytes(value).decode("utf-8", errors="replace")
     try:
         return orjson.dumps(value).decode()
@@ -89,11 +94,17 @@ def normalize_span(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _span_tuple(record: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(
-        _json_text(record.get(col)) if col in JSON_SPAN_COLUMNS else record.get(col)
-        for col in SPAN_COLUMNS
-    )
+_JSON_POSITIONS = tuple(i for i, col in enumerate(SPAN_COLUMNS) if col in JSON_SPAN_COLUMNS)
+
+
+def _span_row(record: dict[str, Any]) -> list[Any]:
+    # The hot loop of the writer: plain lookups, then the few JSON columns by position.
+    get = record.get
+    row = [get(col) for col in SPAN_COLUMNS]
+    for position in _JSON_POSITIONS:
+        if row[position] is not None:
+            row[position] = _json_text(row[position])
+    return row
 
 
 def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> None:
@@ -125,9 +136,9 @@ def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> 
     cur = db_conn.cursor()
     cur.execute("BEGIN")
     try:
-        for rid, info in rollouts.items():
-            cur.execute(
-                _ENSURE_ROLLOUT,
+        cur.executemany(
+            _ENSURE_ROLLOUT,
+            [
                 (
                     rid,
                     info["agent"],
@@ -135,11 +146,15 @@ def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> 
                     _json_text(info["tags"]) or "[]",
                     info["start_ns"],
                     info["end_ns"],
-                ),
-            )
-        for (rid, aid), end in attempts.items():
-            cur.execute(_ENSURE_ATTEMPT, {"rollout_id": rid, "id": aid, "now": end})
-        cur.executemany(_INSERT_SPAN, [_span_tuple(r) for r in records])
+                )
+                for rid, info in rollouts.items()
+            ],
+        )
+        cur.executemany(
+            _ENSURE_ATTEMPT,
+            [{"rollout_id": rid, "id": aid, "now": end} for (rid, aid), end in attempts.items()],
+        )
+        cur.executemany(_INSERT_SPAN, [_span_row(r) for r in records])
         cur.execute("COMMIT")
     except BaseException:
         if db_conn.in_transaction:
@@ -195,16 +210,39 @@ class StoreWriter:
         self._next_replay = 0.0
         self._commit_hooks: list[Callable[[], None]] = []
         self._urgent = threading.Event()
+        self._stopped = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> None:
-        """Open the database (running migrations), replay any journal, start the thread."""
+        """Open the database (running migrations), replay any journal, start the threads."""
         self._db = connect(self.db_path)
+        # Checkpoints (copying the WAL into the database file, with an fsync) run on their
+        # own thread and connection, so the writer never stops to do one.
+        self._db.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self.journal.claim_orphans(self.db_path)
         self._replay_journal()
         self._thread = threading.Thread(target=self._run, name="spangate-writer", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="spangate-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(str(self.db_path), check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            while not self._stopped.wait(CHECKPOINT_SECONDS):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
     def close(self, timeout: float | None = None) -> None:
         """Write everything queued, then stop. Whatever cannot be written stays journaled."""
@@ -217,6 +255,10 @@ class StoreWriter:
             log.error("writer did not drain within %ss; the rest goes to the journal", timeout)
             self._spill_queue()
         self._thread = None
+        self._stopped.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout)
+            self._checkpointer = None
         self.journal.close()
         if self._db is not None:
             self._db.close()
