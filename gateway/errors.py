@@ -90,6 +90,7 @@ class ConflictError(GatewayError):
 
     status = 409
     type = "conflict_error"
+    code = "conflict"
 
 
 class ValidationFailed(GatewayError):

@@ -69,6 +69,7 @@ class Metrics:
 
     def __init__(self, gw: Gateway) -> None:
         self.registry = CollectorRegistry()
+        self.groups = frozenset(g.name for g in gw.settings.models)
         labels = ["model_group", "deployment", "status"]
         self.requests = Counter(
             "spangate_requests",
@@ -147,6 +148,9 @@ class Metrics:
             self.tools.labels(span["name"].removeprefix("execute_tool "), span["status"]).inc()
             return
         group = span.get("model_group") or ""
+        if group not in self.groups:
+            # A model no group serves: one label for all, so clients cannot mint series.
+            group = "(unknown)"
         deployment = span.get("deployment") or ""
         self.requests.labels(group, deployment, span["status"]).inc()
         self.latency.labels(group).observe(span["duration_ms"] / 1000)

@@ -102,6 +102,10 @@ class Guard:
             return False
         return state == pybreaker.STATE_HALF_OPEN or self.reopens_in() <= 0
 
+    def has_budget(self) -> bool:
+        """Whether a call could start now without waiting on rpm/tpm."""
+        return all(limiter.has_capacity(1) for limiter in (self.rpm, self.tpm) if limiter)
+
     def succeeded(self) -> None:
         """Tell the breaker a call went well; a no-op for a closed breaker with no failures."""
         breaker = self.breaker

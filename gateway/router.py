@@ -46,6 +46,9 @@ class Router:
         candidates = [g for g in self.guards[group.name] if g.available()]
         if not candidates:
             return None
+        # A sibling with rate-limit budget left beats waiting on one without.
+        with_budget = [g for g in candidates if g.has_budget()]
+        candidates = with_budget or candidates
         if len(candidates) == 1:
             return candidates[0]
         if group.routing == "least-busy":

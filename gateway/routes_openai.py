@@ -193,7 +193,11 @@ class Call:
         if self.attempt_id:
             headers["X-Attempt-Id"] = self.attempt_id
         if self.outcome is not None:
-            headers.update(self.outcome.guard.ratelimit_headers())
+            # The upstream's own limits, when it sends them, are what the client should see.
+            ours = self.outcome.guard.ratelimit_headers()
+            if ours:
+                sent = {name.lower() for name in self.outcome.response.headers}
+                headers.update((k, v) for k, v in ours.items() if k not in sent)
         return headers
 
     def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:

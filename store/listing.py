@@ -20,8 +20,11 @@ MAX_PAGE = 1000
 
 ROLLOUT_SUMMARY_COLUMNS = """
   (select count(*) from attempts a where a.rollout_id = r.id) as attempts,
-  (select count(*) from spans s where s.rollout_id = r.id) as calls,
+  (select count(*) from spans s
+     where s.rollout_id = r.id and s.operation != 'execute_tool') as calls,
   (select count(*) from spans s where s.rollout_id = r.id and s.status = 'error') as errors,
+  (select count(*) from spans s
+     where s.rollout_id = r.id and s.operation = 'execute_tool') as tool_executions,
   (select coalesce(sum(s.input_tokens), 0) from spans s where s.rollout_id = r.id) as input_tokens,
   (select coalesce(sum(s.output_tokens), 0) from spans s where s.rollout_id = r.id) as output_tokens,
   (select sum(s.cost_usd) from spans s where s.rollout_id = r.id) as cost_usd
@@ -109,6 +112,7 @@ select
   avg(overhead_ms) as mean_overhead_ms
 from spans
 where start_ns >= :since_ns
+  and operation != 'execute_tool'
 group by 1
 order by calls desc
 """

@@ -30,8 +30,11 @@ ROLLOUTS_SQL = """
 select
   r.*,
   (select count(*) from attempts a where a.rollout_id = r.id) as attempts,
-  (select count(*) from spans s where s.rollout_id = r.id) as calls,
+  (select count(*) from spans s
+     where s.rollout_id = r.id and s.operation != 'execute_tool') as calls,
   (select count(*) from spans s where s.rollout_id = r.id and s.status = 'error') as errors,
+  (select count(*) from spans s
+     where s.rollout_id = r.id and s.operation = 'execute_tool') as tool_executions,
   (select coalesce(sum(s.input_tokens), 0) + coalesce(sum(s.output_tokens), 0)
      from spans s where s.rollout_id = r.id) as tokens,
   (select sum(s.cost_usd) from spans s where s.rollout_id = r.id) as cost_usd
@@ -147,7 +150,8 @@ def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
     rollout["unattempted_spans"] = [s for group in by_attempt.values() for s in group]
     rollout["rewards"] = rewards
     rollout["summary"] = {
-        "calls": len(spans),
+        "calls": sum(1 for s in spans if s["operation"] != "execute_tool"),
+        "tool_executions": sum(1 for s in spans if s["operation"] == "execute_tool"),
         "errors": sum(1 for s in spans if s["status"] == "error"),
         "input_tokens": sum(s["input_tokens"] or 0 for s in spans),
         "output_tokens": sum(s["output_tokens"] or 0 for s in spans),
