@@ -294,53 +294,48 @@ class StoreWriter:
     # -- the thread -------------------------------------------------------
 
     def _run(self) -> None:
+        """Wake every `flush_interval` (or at once for an awaited write or shutdown) and
+        write everything queued, `batch_size` rows a transaction.
+
+        The thread never blocks on the queue itself: a put would then wake it for every
+        span and hand the GIL back and forth with the event loop on every call.
+        """
         stopping = False
-        while True:
-            try:
-                first = self._queue.get(timeout=self.flush_interval)
-            except queue.Empty:
-                if stopping:
-                    return
-                self._maybe_replay()
-                continue
-            items = self._gather(first)
-            spans: list[dict[str, Any]] = []
-            for item in items:
-                if item is _STOP:
-                    stopping = True
-                elif isinstance(item, _Task):
-                    self._write_spans(spans)
-                    spans = []
-                    self._run_task(item)
-                else:
-                    spans.append(item)
-            self._write_spans(spans)
+        while not stopping:
+            self._urgent.wait(self.flush_interval)
+            self._urgent.clear()
+            while True:
+                items = self._drain()
+                if not items:
+                    break
+                stopping = self._process(items) or stopping
             self._notify()
             self._maybe_replay()
-            if stopping and self._queue.empty():
-                return
 
-    def _gather(self, first: Any) -> list[Any]:
-        """A batch: whatever arrives within `flush_interval` of the first span, up to `batch_size`.
-
-        The thread sleeps through the interval instead of waking per span, which would hand
-        the GIL back and forth with the event loop on every call. An awaited write
-        (`execute`) or shutdown cuts the sleep short, so API writes are not held back.
-        """
-        if (
-            not isinstance(first, _Task)
-            and first is not _STOP
-            and self._queue.qsize() < self.batch_size
-        ):
-            self._urgent.wait(self.flush_interval)
-        self._urgent.clear()
-        items = [first]
+    def _drain(self) -> list[Any]:
+        items: list[Any] = []
         while len(items) < self.batch_size:
             try:
                 items.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         return items
+
+    def _process(self, items: list[Any]) -> bool:
+        """Write spans in order, running awaited writes where they stand; True on stop."""
+        stopping = False
+        spans: list[dict[str, Any]] = []
+        for item in items:
+            if item is _STOP:
+                stopping = True
+            elif isinstance(item, _Task):
+                self._write_spans(spans)
+                spans = []
+                self._run_task(item)
+            else:
+                spans.append(item)
+        self._write_spans(spans)
+        return stopping
 
     def _notify(self) -> None:
         for hook in list(self._commit_hooks):
