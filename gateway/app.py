@@ -17,7 +17,7 @@ from gateway.auth import auth_middleware
 from gateway.cost import load_cost_map
 from gateway.litellm_provider import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.metrics import METRICS, Metrics
-from gateway.middleware import error_middleware, in_flight_middleware
+from gateway.middleware import error_middleware
 from gateway.openapi import openapi_view
 from gateway.recorder import Recorder
 from gateway.router import Router
@@ -60,7 +60,7 @@ def litellm_providers(settings: Settings) -> set[str]:
 def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     """The whole gateway as an aiohttp app; nothing starts until the app does."""
     check_providers(settings)
-    middlewares = [in_flight_middleware, error_middleware]
+    middlewares = [error_middleware]
     if settings.auth.keys:
         middlewares.append(auth_middleware(settings.auth.keys))
     app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)

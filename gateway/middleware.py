@@ -42,6 +42,11 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> GatewayError:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Render every failure in OpenAI's shape, and count requests being handled (so a
+    graceful stop knows when they are all done); one middleware, as each costs a layer."""
+    gw = request.app[GATEWAY]
+    gw.in_flight += 1
+    gw.idle.clear()
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -56,16 +61,6 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(GatewayError("internal gateway error; see the gateway log"))
-
-
-@web.middleware
-async def in_flight_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Count requests being handled, so a graceful stop knows when they are all done."""
-    gw = request.app[GATEWAY]
-    gw.in_flight += 1
-    gw.idle.clear()
-    try:
-        return await handler(request)
     finally:
         gw.in_flight -= 1
         if not gw.in_flight:

@@ -43,7 +43,11 @@ class Router:
 
     def pick(self, group: ModelGroup) -> Guard | None:
         """A deployment whose breaker lets a call through, by the group's routing; None if none."""
-        candidates = [g for g in self.guards[group.name] if g.available()]
+        guards = self.guards[group.name]
+        if len(guards) == 1:
+            # The common case, kept cheap: one deployment, no choice to make.
+            return guards[0] if guards[0].available() else None
+        candidates = [g for g in guards if g.available()]
         if not candidates:
             return None
         # A sibling with rate-limit budget left beats waiting on one without.
