@@ -39,6 +39,8 @@ log = logging.getLogger("spangate")
 
 BUILTIN_PROVIDERS = frozenset({"openai", "mock"})
 WRITER_CLOSE_TIMEOUT = 60.0
+# Rollouts whose next seq is kept in memory (~230 B each); older ones are looked up again.
+SEQUENCER_CAPACITY = 10_000
 
 
 def check_providers(settings: Settings) -> None:
@@ -81,7 +83,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         recorder=Recorder(),
         writer=writer,
         reader=reader,
-        sequencer=Sequencer(lookup),
+        sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY),
     )
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)

@@ -6,6 +6,7 @@ Also hands out per-rollout sequence numbers, so the order of calls never depends
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 from collections import OrderedDict
@@ -100,8 +101,14 @@ def new_trace_id() -> str:
     return f"{random.getrandbits(128) or 1:032x}"
 
 
+_SPAN_PREFIX = random.getrandbits(32) or 1
+_span_counter = itertools.count(random.getrandbits(16))
+
+
 def new_span_id() -> str:
-    return f"{random.getrandbits(64) or 1:016x}"
+    """A random per-process prefix and a counter: unique, and each new id sorts after the
+    last, so the store appends to its span-id index instead of touching a random page."""
+    return f"{_SPAN_PREFIX:08x}{next(_span_counter) & 0xFFFFFFFF:08x}"
 
 
 DEFAULT_ATTEMPT_ID = "1"

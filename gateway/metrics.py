@@ -69,6 +69,8 @@ class Metrics:
 
     def __init__(self, gw: Gateway) -> None:
         self.registry = CollectorRegistry()
+        # Label children looked up once per (group, deployment), not on every span.
+        self._series: dict[tuple[str, str], _GroupSeries] = {}
         self.groups = frozenset(g.name for g in gw.settings.models)
         labels = ["model_group", "deployment", "status"]
         self.requests = Counter(
@@ -152,18 +154,21 @@ class Metrics:
             # A model no group serves: one label for all, so clients cannot mint series.
             group = "(unknown)"
         deployment = span.get("deployment") or ""
-        self.requests.labels(group, deployment, span["status"]).inc()
-        self.latency.labels(group).observe(span["duration_ms"] / 1000)
+        series = self._series.get((group, deployment))
+        if series is None:
+            series = self._series[(group, deployment)] = _GroupSeries(self, group, deployment)
+        series.requests[span["status"]].inc()
+        series.latency.observe(span["duration_ms"] / 1000)
         if span.get("upstream_ms") is not None:
-            self.upstream.labels(group, deployment).observe(span["upstream_ms"] / 1000)
+            series.upstream.observe(span["upstream_ms"] / 1000)
         if span.get("overhead_ms") is not None:
             self.overhead.observe(span["overhead_ms"] / 1000)
         if span.get("ttft_ms") is not None:
-            self.ttft.labels(group).observe(span["ttft_ms"] / 1000)
-        for kind in ("input", "output", "cached", "reasoning"):
-            value = span.get(f"{kind}_tokens")
+            series.ttft.observe(span["ttft_ms"] / 1000)
+        for kind, counter in series.tokens.items():
+            value = span.get(kind)
             if value:
-                self.tokens.labels(group, kind).inc(value)
+                counter.inc(value)
         if span.get("cost_usd"):
             self.cost.labels(group).inc(span["cost_usd"])
         if span.get("retries"):
@@ -175,6 +180,22 @@ class Metrics:
             ).inc()
         if attributes.get("spangate.limiter_wait_ms"):
             self.limiter_wait.observe(attributes["spangate.limiter_wait_ms"] / 1000)
+
+
+class _GroupSeries:
+    """The labelled children of one model group and deployment."""
+
+    def __init__(self, metrics: Metrics, group: str, deployment: str) -> None:
+        self.requests = {
+            status: metrics.requests.labels(group, deployment, status) for status in ("ok", "error")
+        }
+        self.latency = metrics.latency.labels(group)
+        self.upstream = metrics.upstream.labels(group, deployment)
+        self.ttft = metrics.ttft.labels(group)
+        self.tokens = {
+            f"{kind}_tokens": metrics.tokens.labels(group, kind)
+            for kind in ("input", "output", "cached", "reasoning")
+        }
 
 
 METRICS = web.AppKey("metrics", Metrics)
