@@ -54,6 +54,7 @@ from _common import (
     start_provider,
     temp_dir,
     wait_drained,
+    wait_for,
     write_gateway_config,
     write_results,
 )
@@ -109,6 +110,9 @@ function done(summary, latency, requests)
     r = r + t:get("responses")
     b = b + t:get("bad")
   end
+  -- wrk calls request() once on the first thread to verify the script before the run
+  -- (script_verify_request); that request never reaches the socket.
+  s = s - 1
   io.write(string.format(
     'BENCH_JSON {"sent":%%d,"responses":%%d,"non_200":%%d,"socket_errors":%%d,'
     .. '"duration_us":%%d,"p50_us":%%.0f,"p99_us":%%.0f}\\n',
@@ -192,7 +196,18 @@ def run_segment(
 
 
 def sample_memory(gw: Gateway, label: str, requests: int) -> Sample:
-    recorder = wait_drained(gw)
+    """Memory once everything sent is recorded (queue empty and `written` caught up; a request
+    wrk abandoned at its stop still gets its span), so no batch in flight inflates it."""
+    wait_drained(gw)
+
+    def caught_up() -> dict[str, Any] | None:
+        recorder = wait_drained(gw)
+        return recorder if int(recorder.get("written", 0)) >= requests else None
+
+    try:
+        recorder = wait_for("the recorder to write every span", caught_up, 15, interval=0.1)
+    except TimeoutError:
+        recorder = wait_drained(gw)
     status = proc_status_kib(gw.proc.pid)
     return Sample(
         label,
@@ -317,7 +332,8 @@ def report(
             f"< {TARGET_GROWTH_MB:g} MB",
             f"{growth_mb:+.1f} MB",
             growth_mb < TARGET_GROWTH_MB,
-            f"{n_measured} requests after a {base.requests}-request warm-up; RssAnon "
+            f"{n_measured} requests after a {base.requests}-request warm-up; spans written = "
+            f"requests sent: {'yes' if last.spans_written == last.requests else 'NO'}; RssAnon "
             f"{anon_growth_mb:+.1f} MB; slope over the second half {slope:.1f} B/request",
         )
     ]

@@ -6,8 +6,9 @@
     at once, 20 calls each), then one thread calls `StoreWriter.put()` for all of them as fast
     as it can and the clock runs until the writer reports them written. Run twice: with a
     queue large enough for all (the writer's own speed, the target) and with the gateway's
-    default queue bound (50,000; what overflows spills to the journal and is replayed).
-    This process is pinned to one core, as the gateway is.
+    default queue bound (50,000; what overflows spills to the journal and is replayed), and
+    again into a database that already holds `--writer-prefill` spans (inserts into bigger
+    indexes cost more). This process is pinned to one core, as the gateway is.
 
 (b) Queries at 1M spans. Generates (once; cached in /tmp, reproducible from `--seed`) a
     database of `--db-spans` spans over `--db-rollouts` rollouts with `insert_spans` in big
@@ -19,7 +20,8 @@
     - GET /api/spans?rollout_id=X and GET /api/rollouts/X against `spangate serve` on that
       database (httpx, one request at a time).
 
-    /work/venv/bin/python bench/store.py [--writer-spans 200000] [--db-spans 1000000]
+    /work/venv/bin/python bench/store.py [--writer-spans 200000] [--writer-prefill 1000000]
+        [--db-spans 1000000]
         [--db-rollouts 50000] [--seed 7] [--queries 200] [--show-runs 20] [--db-cache DIR]
         [--skip-writer] [--skip-queries] [--profile]
 
@@ -70,6 +72,7 @@ from _common import (
 # the path so `import store` finds the package, not this script.
 sys.path.insert(0, str(REPO))
 
+from gateway.attribution import new_span_id
 from store.listing import LIST_SPANS_SQL, SPAN_FILTERS, _where, list_spans
 from store.queries import ROLLOUT_SPANS_SQL, get_rollout
 from store.schema import connect
@@ -191,7 +194,8 @@ def span_record(
     input_tokens, output_tokens = rng.randint(100, 3000), rng.randint(10, 800)
     stream = rng.random() < 0.5
     return {
-        "span_id": f"{rng.getrandbits(64):016x}",
+        # Ids as the gateway makes them (sequential within a process), not uniform random.
+        "span_id": new_span_id(),
         "trace_id": f"{rng.getrandbits(128):032x}",
         "parent_span_id": None,
         "rollout_id": rollout_id,
@@ -276,12 +280,13 @@ class WriterRun:
 
 
 def writer_run(
-    label: str, records: list[dict[str, Any]], queue_size: int, tmp: Path, timeout: float
+    label: str, records: list[dict[str, Any]], queue_size: int, db: Path, timeout: float
 ) -> WriterRun:
-    db = tmp / f"writer-{queue_size}.db"
     writer = StoreWriter(db, queue_size=queue_size)
     writer.start()
     n = len(records)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        before = int(conn.execute("select count(*) from spans").fetchone()[0])
     try:
         gc.collect()
         with BusyMeter(f"writer: {label}") as meter:
@@ -297,7 +302,7 @@ def writer_run(
     finally:
         writer.close(timeout=120)
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        in_db = int(conn.execute("select count(*) from spans").fetchone()[0])
+        in_db = int(conn.execute("select count(*) from spans").fetchone()[0]) - before
     return WriterRun(
         label,
         queue_size,
@@ -312,6 +317,46 @@ def writer_run(
     )
 
 
+def prefilled_db(path: Path, count: int, seed: int) -> Path:
+    """A database already holding `count` small spans (no bodies): what matters to the writer
+    is the size of the indexes its inserts land in. Loaded with the secondary indexes dropped
+    and re-created from their own DDL, so the schema is the product's."""
+    db = connect(path)
+    conn = db.conn
+    conn.execute("PRAGMA synchronous = OFF")
+    ddl = conn.execute(
+        "select name, sql from sqlite_master "
+        "where type = 'index' and tbl_name = 'spans' and sql is not null"
+    ).fetchall()
+    for name, _ in ddl:
+        conn.execute(f'DROP INDEX "{name}"')
+    rng = random.Random(seed)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "insert into spans (span_id, trace_id, rollout_id, attempt_id, seq, name, operation, "
+        "status, start_ns, end_ns, duration_ms, response_id) "
+        "values (?, ?, ?, '1', ?, 'chat gpt-4o-mini', 'chat', 'ok', ?, ?, 1.0, ?)",
+        (
+            (
+                f"{rng.getrandbits(64):016x}",
+                f"{rng.getrandbits(128):032x}",
+                f"p{i // CALLS_PER_ROLLOUT:06d}",
+                i % CALLS_PER_ROLLOUT + 1,
+                1_600_000_000_000_000_000 + i,
+                1_600_000_000_000_000_001 + i,
+                f"chatcmpl-{rng.getrandbits(96):024x}",
+            )
+            for i in range(count)
+        ),
+    )
+    conn.execute("COMMIT")
+    for _, sql in ddl:
+        conn.execute(sql)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    return path
+
+
 def bench_writer(opts: Options, tmp: Path) -> list[WriterRun]:
     print(f"building {opts.writer_spans} span records", flush=True)
     records = list(
@@ -323,21 +368,32 @@ def bench_writer(opts: Options, tmp: Path) -> list[WriterRun]:
             "w",
         )
     )
-    runs = []
+    plan: list[tuple[str, int, Path]] = [
+        ("queue holds all", len(records) + 1, tmp / "writer-a.db"),
+        ("gateway default queue (50,000)", 50_000, tmp / "writer-b.db"),
+    ]
+    if opts.writer_prefill:
+        print(f"pre-filling a database with {opts.writer_prefill:,} spans", flush=True)
+        plan.append(
+            (
+                f"queue holds all, {opts.writer_prefill:,} spans already stored",
+                len(records) + 1,
+                prefilled_db(tmp / "writer-c.db", opts.writer_prefill, opts.seed + 3),
+            )
+        )
+    runs: list[WriterRun] = []
     profile = (
         profile_pid(os.getpid(), opts.out_dir / "store-writer-profile.collapsed")
         if opts.profile
         else contextlib.nullcontext()
     )
     with profile:
-        for label, queue_size in (
-            ("queue holds all", len(records) + 1),
-            ("gateway default queue (50,000)", 50_000),
-        ):
+        for label, queue_size, db in plan:
             # Fresh dicts each run: the writer must not see records it already normalized.
             batch = [dict(r) for r in records] if runs else records
-            run = writer_run(label, batch, queue_size, tmp, opts.writer_timeout)
+            run = writer_run(label, batch, queue_size, db, opts.writer_timeout)
             runs.append(run)
+            db.unlink(missing_ok=True)
             print(
                 f"  {label}: {run.rate:,.0f} spans/s ({run.spans} in {run.total_s:.2f} s; "
                 f"put() loop {run.put_s:.2f} s; spilled {run.spilled}, in db {run.in_db})",
@@ -586,6 +642,7 @@ def bench_queries(opts: Options, db_path: Path, tmp: Path) -> tuple[list[Timing]
 @dataclass
 class Options:
     writer_spans: int
+    writer_prefill: int
     writer_timeout: float
     db_spans: int
     db_rollouts: int
@@ -605,6 +662,12 @@ class Options:
 def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writer-spans", type=int, default=200_000)
+    parser.add_argument(
+        "--writer-prefill",
+        type=int,
+        default=1_000_000,
+        help="also time the writer into a database already holding this many spans (0: skip)",
+    )
     parser.add_argument("--writer-timeout", type=float, default=300)
     parser.add_argument("--db-spans", type=int, default=1_000_000)
     parser.add_argument("--db-rollouts", type=int, default=50_000)
@@ -619,6 +682,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     return Options(
         writer_spans=args.writer_spans,
+        writer_prefill=args.writer_prefill,
         writer_timeout=args.writer_timeout,
         db_spans=args.db_spans,
         db_rollouts=args.db_rollouts,
@@ -689,7 +753,7 @@ def report(
                     "until written s",
                     "spilled",
                     "replayed",
-                    "rows in db",
+                    "rows added",
                 ],
                 [
                     [
@@ -706,7 +770,9 @@ def report(
                 ],
                 "One thread calls `StoreWriter.put()` for every record (pre-built, bodies as "
                 "bytes), the clock stops when `written + replayed` reaches the count. Writer "
-                "defaults: batch 500, flush interval 0.2 s. This process is pinned to one core.",
+                "defaults: batch 500, flush interval 0.2 s. This process is pinned to one core. "
+                "The third run writes into a database that already holds that many (small) "
+                "spans: the bigger its indexes, the more each insert costs.",
             )
         )
         main_run = writer_runs[0]
