@@ -54,7 +54,7 @@ def usage_of(operation: str, usage: Any) -> tuple[int | None, int | None, int | 
     return given, taken, _int(cached), _int(reasoning)
 
 
-def _dicts(value: Any) -> list[dict[str, Any]]:
+def objects_in(value: Any) -> list[dict[str, Any]]:
     """The objects in a list an upstream sent; anything else is ignored, never trusted."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
@@ -68,7 +68,7 @@ def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
         return [str(found)] if found else []
     return [
         str(choice["finish_reason"])
-        for choice in _dicts(body.get("choices"))
+        for choice in objects_in(body.get("choices"))
         if choice.get("finish_reason")
     ]
 
@@ -77,11 +77,11 @@ def tool_calls_of(operation: str, body: dict[str, Any]) -> list[dict[str, Any]] 
     """Every tool call the answer made, as `{id, name, arguments}` (arguments as sent)."""
     calls: list[dict[str, Any]] = []
     if operation == "chat":
-        for choice in _dicts(body.get("choices")):
+        for choice in objects_in(body.get("choices")):
             message = choice.get("message")
             if not isinstance(message, dict):
                 continue
-            for call in _dicts(message.get("tool_calls")):
+            for call in objects_in(message.get("tool_calls")):
                 function = call.get("function") if isinstance(call.get("function"), dict) else {}
                 calls.append(
                     {
@@ -91,7 +91,7 @@ def tool_calls_of(operation: str, body: dict[str, Any]) -> list[dict[str, Any]] 
                     }
                 )
     elif operation == "responses":
-        for item in _dicts(body.get("output")):
+        for item in objects_in(body.get("output")):
             if item.get("type") == "function_call":
                 calls.append(
                     {

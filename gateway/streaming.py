@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from gateway.spans import objects_in
+
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
 
 
@@ -61,11 +63,6 @@ def strip_usage_null(raw: bytes) -> bytes:
     return _USAGE_NULL.sub(b"", raw)
 
 
-def _dicts(value: Any) -> list[dict[str, Any]]:
-    """The objects in a list an upstream sent; anything else is skipped, never trusted."""
-    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
-
-
 class ChatAssembler:
     """Folds `chat.completion.chunk` events into one `chat.completion` object."""
 
@@ -82,7 +79,7 @@ class ChatAssembler:
                 self.meta[key] = chunk[key]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in _dicts(chunk.get("choices")):
+        for choice in objects_in(chunk.get("choices")):
             index = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
             slot = self.choices.setdefault(
                 index,
@@ -95,7 +92,7 @@ class ChatAssembler:
                 slot["content"].append(delta["content"])
             if isinstance(delta.get("refusal"), str):
                 slot["refusal"].append(delta["refusal"])
-            for call in _dicts(delta.get("tool_calls")):
+            for call in objects_in(delta.get("tool_calls")):
                 position = call.get("index", 0) if isinstance(call.get("index", 0), int) else 0
                 target = slot["tool_calls"].setdefault(
                     position,
@@ -160,7 +157,7 @@ class CompletionAssembler:
                 self.meta[key] = chunk[key]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in _dicts(chunk.get("choices")):
+        for choice in objects_in(chunk.get("choices")):
             index = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
             text = choice.get("text")
             self.texts.setdefault(index, []).append(text if isinstance(text, str) else "")
