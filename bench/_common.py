@@ -31,10 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from overhead import (
     BODY,
@@ -56,7 +56,9 @@ from overhead import (
     print_table,
     process_cpu_s,
     py_spy_path,
+    py_spy_recording,
     source_version,
+    start_upstream,
     stop_process,
     summarize_profile,
     wait_for,
@@ -84,8 +86,10 @@ __all__ = [
     "Section",
     "TargetCheck",
     "add_common_args",
+    "begin_run",
     "busy_rows",
     "command_line",
+    "common_options",
     "cpu_model",
     "cpu_pressure_s",
     "default_spangate",
@@ -115,6 +119,7 @@ __all__ = [
     "source_version",
     "start_gateway",
     "start_provider",
+    "start_upstream",
     "stop_process",
     "summarize_profile",
     "target_rows",
@@ -227,6 +232,40 @@ def add_common_args(parser: Any, *, quiet_wait: float = 30.0) -> None:
     parser.add_argument(
         "--spangate", default=default_spangate(), help="command that runs the spangate CLI"
     )
+
+
+def common_options(args: Any) -> dict[str, Any]:
+    """The Options fields the add_common_args flags fill: placement, quiet_wait, out_dir and
+    spangate (for `Options(..., **common_options(args))`)."""
+    return {
+        "placement": Placement.from_args(args.pin, args.nice),
+        "quiet_wait": args.quiet_wait,
+        "out_dir": args.out_dir,
+        "spangate": args.spangate,
+    }
+
+
+class RunOptions(Protocol):
+    @property
+    def placement(self) -> Placement: ...
+
+    @property
+    def quiet_wait(self) -> float: ...
+
+
+OptionsT = TypeVar("OptionsT", bound=RunOptions)
+
+
+def begin_run(
+    parse_args: Callable[[list[str] | None], OptionsT], argv: list[str] | None
+) -> tuple[OptionsT, float]:
+    """The start of every benchmark's main(): SIGTERM unwinds, the options are parsed, the
+    script re-runs itself niced if asked, and it waits (bounded) for a quiet machine. The
+    options and the machine's busy share just before the run."""
+    exit_on_sigterm()
+    opts = parse_args(argv)
+    run_niced(opts.placement.nice)
+    return opts, settle(QUIET_THRESHOLD, opts.quiet_wait)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,21 +450,14 @@ def start_provider(
     port = free_port()
     cmd = [sys.executable, str(provider_script), "--host", HOST, "--port", str(port)]
     cmd += ["--latency", str(latency)]
-    log_path = tmp / "provider.log"
-    proc = stack.enter_context(
-        managed_process(
-            placement.wrap(cmd, CLIENT_CPU), log_path, "provider", **placement.popen_kwargs()
-        )
+    return start_upstream(
+        placement.wrap(cmd, CLIENT_CPU),
+        port,
+        tmp / "provider.log",
+        ("provider", "fake provider"),
+        stack,
+        **placement.popen_kwargs(),
     )
-    base = f"http://{HOST}:{port}/v1"
-
-    def probe() -> bool | None:
-        ensure_alive(proc, "fake provider", log_path)
-        answer = http_get_json(base + "/models")
-        return True if answer and answer[0] == 200 else None
-
-    wait_for("the fake provider", probe, 30)
-    return base, proc
 
 
 def gateway_command(spangate: str, cfg: Path | None, db: Path, port: int) -> list[str]:
@@ -486,22 +518,8 @@ def profile_pid(pid: int, out: Path, *, rate: int = 250, cpu: int = CLIENT_CPU) 
         yield
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [tool, "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking", "--threads"]
-    cmd += ["--format", "raw", "--output", str(out)]
-    proc = subprocess.Popen(
-        Placement().wrap(cmd, cpu), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
+    with py_spy_recording(tool, pid, out, lambda c: Placement().wrap(c, cpu), rate=rate):
         yield
-    finally:
-        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if out.exists():
-        out.with_suffix(".txt").write_text(summarize_profile(out.read_text()))
 
 
 def read_only_count(db: Path, sql: str, params: Sequence[Any] = ()) -> int:

@@ -35,7 +35,6 @@ from typing import Any
 from _common import (
     BODY,
     CLIENT_CPU,
-    QUIET_THRESHOLD,
     Busy,
     BusyMeter,
     Gateway,
@@ -43,13 +42,12 @@ from _common import (
     Section,
     TargetCheck,
     add_common_args,
-    exit_on_sigterm,
+    begin_run,
+    common_options,
     machine_info,
     proc_status_kib,
     process_cpu_s,
     profile_pid,
-    run_niced,
-    settle,
     start_gateway,
     start_provider,
     temp_dir,
@@ -409,20 +407,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
         concurrency=args.concurrency,
         calls_per_rollout=args.calls_per_rollout,
         latency=args.latency,
-        placement=Placement.from_args(args.pin, args.nice),
-        quiet_wait=args.quiet_wait,
-        out_dir=args.out_dir,
-        spangate=args.spangate,
+        **common_options(args),
         profile=args.profile,
         segment_timeout=args.segment_timeout,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    exit_on_sigterm()
-    opts = parse_args(argv)
-    run_niced(opts.placement.nice)
-    busy_before = settle(QUIET_THRESHOLD, opts.quiet_wait)
+    opts, busy_before = begin_run(parse_args, argv)
     print(
         f"memory benchmark: {opts.warmup} warm-up + {opts.requests} requests, "
         f"{opts.concurrency} connections; {opts.placement.describe()}",

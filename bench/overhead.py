@@ -358,18 +358,37 @@ def start_provider(
     port = free_port()
     cmd = [sys.executable, str(opts.provider_script), "--host", HOST, "--port", str(port)]
     cmd += ["--latency", str(opts.latency)]
-    log_path = tmp / "provider.log"
-    proc = stack.enter_context(
-        managed_process(placed(cmd, LOADGEN_CPU, opts), log_path, "provider", **spawn_options(opts))
+    return start_upstream(
+        placed(cmd, LOADGEN_CPU, opts),
+        port,
+        tmp / "provider.log",
+        ("provider", "fake provider"),
+        stack,
+        **spawn_options(opts),
     )
+
+
+def start_upstream(
+    cmd: list[str],
+    port: int,
+    log_path: Path,
+    names: tuple[str, str],
+    stack: contextlib.ExitStack,
+    **popen_kwargs: Any,
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """An OpenAI-like upstream (cmd, already placed, listening on port); its /v1 base URL,
+    once GET /models answers, and its process. names: its name in managed_process and in
+    messages. The stack stops it when it unwinds."""
+    proc_name, label = names
+    proc = stack.enter_context(managed_process(cmd, log_path, proc_name, **popen_kwargs))
     base = f"http://{HOST}:{port}/v1"
 
     def probe() -> bool | None:
-        ensure_alive(proc, "fake provider", log_path)
+        ensure_alive(proc, label, log_path)
         answer = http_get_json(base + "/models")
         return True if answer and answer[0] == 200 else None
 
-    wait_for("the fake provider", probe, 30)
+    wait_for(f"the {label}", probe, 30)
     return base, proc
 
 
@@ -520,11 +539,24 @@ def profiled(opts: Options, pid: int, concurrency: int) -> Iterator[None]:
         return
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     raw = opts.out_dir / f"overhead-profile-c{concurrency}.collapsed"
-    cmd = [tool, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--threads"]
+    with py_spy_recording(tool, pid, raw, lambda c: placed(c, LOADGEN_CPU, opts)):
+        yield
+
+
+@contextlib.contextmanager
+def py_spy_recording(
+    tool: str,
+    pid: int,
+    raw: Path,
+    wrap: Callable[[list[str]], list[str]],
+    *,
+    rate: int = 250,
+) -> Iterator[None]:
+    """`py-spy record` the process (the command placed by wrap) while the block runs; raw
+    stacks to `raw`, a summary of them next to it (.txt)."""
+    cmd = [tool, "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking", "--threads"]
     cmd += ["--format", "raw", "--output", str(raw)]
-    proc = subprocess.Popen(
-        placed(cmd, LOADGEN_CPU, opts), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(wrap(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
     finally:
@@ -535,8 +567,7 @@ def profiled(opts: Options, pid: int, concurrency: int) -> Iterator[None]:
             proc.kill()
             proc.wait()
     if raw.exists():
-        summary = summarize_profile(raw.read_text())
-        raw.with_suffix(".txt").write_text(summary)
+        raw.with_suffix(".txt").write_text(summarize_profile(raw.read_text()))
 
 
 def _leaf_file(frame: str) -> str:

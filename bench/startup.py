@@ -31,21 +31,19 @@ from pathlib import Path
 from _common import (
     GATEWAY_CPU,
     HOST,
-    QUIET_THRESHOLD,
     Busy,
     BusyMeter,
     Placement,
     Section,
     TargetCheck,
     add_common_args,
+    begin_run,
+    common_options,
     default_spangate,
-    exit_on_sigterm,
     free_port,
     gateway_command,
     machine_info,
     percentile,
-    run_niced,
-    settle,
     stop_process,
     temp_dir,
     write_gateway_config,
@@ -360,18 +358,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         runs=args.runs,
         mock_runs=args.mock_runs,
         cli_runs=args.cli_runs,
-        placement=Placement.from_args(args.pin, args.nice),
-        quiet_wait=args.quiet_wait,
-        out_dir=args.out_dir,
-        spangate=args.spangate,
+        **common_options(args),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    exit_on_sigterm()
-    opts = parse_args(argv)
-    run_niced(opts.placement.nice)
-    busy_before = settle(QUIET_THRESHOLD, opts.quiet_wait)
+    opts, busy_before = begin_run(parse_args, argv)
     plain, mock, timings, imports, busy = run(opts)
     report(opts, plain, mock, timings, imports, busy, busy_before)
     return 0

@@ -48,7 +48,6 @@ from typing import Any
 
 from _common import (
     GATEWAY_CPU,
-    QUIET_THRESHOLD,
     REPO,
     Busy,
     BusyMeter,
@@ -56,12 +55,11 @@ from _common import (
     Section,
     TargetCheck,
     add_common_args,
-    exit_on_sigterm,
+    begin_run,
+    common_options,
     machine_info,
     percentile,
     profile_pid,
-    run_niced,
-    settle,
     start_gateway,
     temp_dir,
     write_gateway_config,
@@ -317,6 +315,17 @@ def writer_run(
     )
 
 
+def drop_span_indexes(conn: sqlite3.Connection) -> list[str]:
+    """Drop the secondary indexes of the spans table; the DDL that re-creates them."""
+    ddl = conn.execute(
+        "select name, sql from sqlite_master "
+        "where type = 'index' and tbl_name = 'spans' and sql is not null"
+    ).fetchall()
+    for name, _ in ddl:
+        conn.execute(f'DROP INDEX "{name}"')
+    return [sql for _, sql in ddl]
+
+
 def prefilled_db(path: Path, count: int, seed: int) -> Path:
     """A database already holding `count` small spans (no bodies): what matters to the writer
     is the size of the indexes its inserts land in. Loaded with the secondary indexes dropped
@@ -324,12 +333,7 @@ def prefilled_db(path: Path, count: int, seed: int) -> Path:
     db = connect(path)
     conn = db.conn
     conn.execute("PRAGMA synchronous = OFF")
-    ddl = conn.execute(
-        "select name, sql from sqlite_master "
-        "where type = 'index' and tbl_name = 'spans' and sql is not null"
-    ).fetchall()
-    for name, _ in ddl:
-        conn.execute(f'DROP INDEX "{name}"')
+    ddl = drop_span_indexes(conn)
     rng = random.Random(seed)
     conn.execute("BEGIN")
     conn.executemany(
@@ -350,7 +354,7 @@ def prefilled_db(path: Path, count: int, seed: int) -> Path:
         ),
     )
     conn.execute("COMMIT")
-    for _, sql in ddl:
+    for sql in ddl:
         conn.execute(sql)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
@@ -431,12 +435,7 @@ def ensure_db(opts: Options) -> tuple[Path, float | None]:
     # Loading with the secondary indexes in place would update random pages of them for every
     # row; dropping them first and re-creating them from their own DDL afterwards gives the
     # same schema in a fraction of the time.
-    index_ddl = conn.execute(
-        "select name, sql from sqlite_master "
-        "where type = 'index' and tbl_name = 'spans' and sql is not null"
-    ).fetchall()
-    for name, _ in index_ddl:
-        conn.execute(f'DROP INDEX "{name}"')
+    index_ddl = drop_span_indexes(conn)
     batch: list[dict[str, Any]] = []
     done = 0
     for record in spans(opts.seed, opts.db_spans, opts.db_rollouts, CONCURRENT_ROLLOUTS_DB, "ro-"):
@@ -450,7 +449,7 @@ def ensure_db(opts: Options) -> tuple[Path, float | None]:
     if batch:
         insert_spans(conn, batch)
     print(f"  indexing ({time.perf_counter() - start:.0f} s)", flush=True)
-    for _, sql in index_ddl:
+    for sql in index_ddl:
         conn.execute(sql)
     rng = random.Random(opts.seed + 1)
     conn.execute("BEGIN")
@@ -692,19 +691,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         db_cache=args.db_cache,
         skip_writer=args.skip_writer,
         skip_queries=args.skip_queries,
-        placement=Placement.from_args(args.pin, args.nice),
-        quiet_wait=args.quiet_wait,
-        out_dir=args.out_dir,
-        spangate=args.spangate,
+        **common_options(args),
         profile=args.profile,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    exit_on_sigterm()
-    opts = parse_args(argv)
-    run_niced(opts.placement.nice)
-    busy_before = settle(QUIET_THRESHOLD, opts.quiet_wait)
+    opts, busy_before = begin_run(parse_args, argv)
     busy: list[Busy] = []
     writer_runs: list[WriterRun] = []
     timings: list[Timing] = []

@@ -56,23 +56,19 @@ from _common import (
     Section,
     TargetCheck,
     add_common_args,
-    ensure_alive,
-    exit_on_sigterm,
+    begin_run,
+    common_options,
     free_port,
-    http_get_json,
     machine_info,
-    managed_process,
     percentile,
     process_cpu_s,
     profile_pid,
     read_only_values,
-    run_niced,
-    settle,
     start_gateway,
     start_provider,
+    start_upstream,
     temp_dir,
     wait_drained,
-    wait_for,
     write_results,
 )
 
@@ -275,24 +271,14 @@ def start_stamped_upstream(
     port = free_port()
     cmd = [sys.executable, str(STAMPED_UPSTREAM), "--host", HOST, "--port", str(port)]
     cmd += ["--chunks", str(opts.chunks), "--delay", str(opts.chunk_delay)]
-    log_path = tmp / "stamped.log"
-    proc = stack.enter_context(
-        managed_process(
-            opts.placement.wrap(cmd, CLIENT_CPU),
-            log_path,
-            "stamped upstream",
-            **opts.placement.popen_kwargs(),
-        )
+    return start_upstream(
+        opts.placement.wrap(cmd, CLIENT_CPU),
+        port,
+        tmp / "stamped.log",
+        ("stamped upstream", "stamped upstream"),
+        stack,
+        **opts.placement.popen_kwargs(),
     )
-    base = f"http://{HOST}:{port}/v1"
-
-    def probe() -> bool | None:
-        ensure_alive(proc, "stamped upstream", log_path)
-        answer = http_get_json(base + "/models")
-        return True if answer and answer[0] == 200 else None
-
-    wait_for("the stamped upstream", probe, 30)
-    return base, proc
 
 
 def write_config(tmp: Path, provider_base: str, stamped_base: str) -> Path:
@@ -552,19 +538,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         chunk_delay=args.chunk_delay,
         latency=args.latency,
         warmup=args.warmup,
-        placement=Placement.from_args(args.pin, args.nice),
-        quiet_wait=args.quiet_wait,
-        out_dir=args.out_dir,
-        spangate=args.spangate,
+        **common_options(args),
         profile=args.profile,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    exit_on_sigterm()
-    opts = parse_args(argv)
-    run_niced(opts.placement.nice)
-    busy_before = settle(QUIET_THRESHOLD, opts.quiet_wait)
+    opts, busy_before = begin_run(parse_args, argv)
     print(f"streaming benchmark on {HOST}; {opts.placement.describe()}", flush=True)
     outcome = run(opts)
     report(opts, outcome, busy_before)
