@@ -18,7 +18,9 @@ from config.models import Deployment
 log = logging.getLogger("spangate.cost")
 COST_MAP_FILE = "model_prices_and_context_window_backup.json"
 
-Prices = dict[str, tuple[float, float, float | None]]
+# USD per token: (input, output, cached input; None when cached input costs the same).
+Price = tuple[float, float, float | None]
+Prices = dict[str, Price]
 
 
 def load_cost_map() -> Prices:
@@ -49,9 +51,7 @@ def load_cost_map() -> Prices:
     return prices
 
 
-def deployment_prices(
-    deployment: Deployment, cost_map: Prices
-) -> tuple[float, float, float | None] | None:
+def deployment_prices(deployment: Deployment, cost_map: Prices) -> Price | None:
     """Config overrides first, then the map by `provider/model`, then by bare model name."""
     if deployment.input_cost_per_token is not None or deployment.output_cost_per_token is not None:
         return (
@@ -65,7 +65,7 @@ def deployment_prices(
 
 
 def cost_usd(
-    prices: tuple[float, float, float | None] | None,
+    prices: Price | None,
     input_tokens: int | None,
     output_tokens: int | None,
     cached_tokens: int | None,

@@ -64,14 +64,12 @@ def _check_fields(operation: str, payload: dict[str, Any]) -> None:
                 )
         _check_tools(payload.get("tools"))
         return
-    field = {"text_completion": "prompt", "embeddings": "input", "responses": "input"}.get(
-        operation
-    )
-    if field is None:
+    name = {"text_completion": "prompt", "embeddings": "input", "responses": "input"}.get(operation)
+    if name is None:
         return
-    value = payload.get(field)
+    value = payload.get(name)
     if not isinstance(value, str | list) or (operation == "embeddings" and not value):
-        raise InvalidRequest(f"`{field}` must be a string or an array", param=field)
+        raise InvalidRequest(f"`{name}` must be a string or an array", param=name)
 
 
 def _check_tools(tools: Any) -> None:

@@ -1,4 +1,4 @@
-"""Operations routes: liveness and readiness for orchestrators."""
+"""Operations routes: liveness and readiness for orchestrators, and the Prometheus scrape."""
 
 from __future__ import annotations
 

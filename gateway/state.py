@@ -9,7 +9,7 @@ from aiohttp import web
 
 from config.models import Deployment, Settings
 from gateway.attribution import Sequencer
-from gateway.cost import Prices, deployment_prices
+from gateway.cost import Price, Prices, deployment_prices
 from gateway.recorder import Recorder
 from gateway.router import Router
 from gateway.tool_spans import ToolTracker
@@ -28,7 +28,7 @@ class Gateway:
     sequencer: Sequencer
     tools: ToolTracker = field(default_factory=ToolTracker)
     providers: dict[str, Provider] = field(default_factory=dict)
-    prices: dict[int, tuple[float, float, float | None] | None] = field(default_factory=dict)
+    prices: dict[int, Price | None] = field(default_factory=dict)
     # Where this gateway answers, once it listens (the judge calls itself through it).
     base_url: str = ""
     # Requests being handled, and an event set whenever there are none (graceful stop).
@@ -44,7 +44,7 @@ class Gateway:
             for deployment in group.deployments:
                 self.prices[id(deployment)] = deployment_prices(deployment, cost_map)
 
-    def prices_for(self, deployment: Deployment) -> tuple[float, float, float | None] | None:
+    def prices_for(self, deployment: Deployment) -> Price | None:
         return self.prices.get(id(deployment))
 
 

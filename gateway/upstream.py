@@ -1,4 +1,4 @@
-"""The seam to model providers: one `send(request) -> UpstreamResponse` per provider kind.
+"""The seam to model providers: one callable `provider(request) -> UpstreamResponse` per kind.
 
 OpenAI-compatible upstreams get the client's body forwarded as-is through one shared
 aiohttp session; aiohttp's exceptions become `UpstreamError`s here and nowhere else.
@@ -7,7 +7,7 @@ aiohttp session; aiohttp's exceptions become `UpstreamError`s here and nowhere e
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,7 +66,6 @@ class UpstreamResponse:
     headers: dict[str, str]
     body: bytes | None = None
     chunks: AsyncIterator[bytes] | None = None
-    release: Callable[[], None] = lambda: None
 
     @property
     def ok(self) -> bool:
@@ -139,9 +138,7 @@ class OpenAICompatible:
         headers = forwardable_headers(response.headers)
         streaming = request.stream and response.content_type == "text/event-stream"
         if streaming and 200 <= response.status < 300:
-            return UpstreamResponse(
-                response.status, headers, chunks=_iter_chunks(response), release=response.release
-            )
+            return UpstreamResponse(response.status, headers, chunks=_iter_chunks(response))
         try:
             body = await response.read()
         except TimeoutError as exc:

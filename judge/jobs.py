@@ -29,7 +29,6 @@ from store.schema import connect
 from store.writes import add_reward, replace_reward
 
 log = logging.getLogger("spangate.judge")
-JUDGE_AGENT_PREFIX = "judge-"
 
 SELECT_ROLLOUTS_SQL = """
 select id from rollouts
@@ -136,9 +135,6 @@ class JudgeStore:
         for db in self._connections:
             db.close()
         self._connections.clear()
-
-
-JudgeFn = Callable[[Trajectory], Awaitable[Verdict]]
 
 
 @dataclass

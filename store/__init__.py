@@ -1,4 +1,7 @@
-"""spangate's store: the SQLite schema, the batched writer and the read queries."""
+"""spangate's store: the SQLite schema, the batched writer and its spill journal.
+
+Reads are imported from their modules (`store.queries`, `store.listing`, `store.export`).
+"""
 
 from store.errors import Conflict, InvalidTransition, NotFound, StoreError
 from store.journal import Journal, journal_path_for
