@@ -79,6 +79,9 @@ class GatewayThread:
         self.app[GATEWAY].base_url = self.base
 
     def stop(self) -> None:
+        """Stop serving; safe to call again (a test may stop a gateway its fixture also stops)."""
+        if self.loop.is_closed():
+            return
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=60)
             self._runner = None

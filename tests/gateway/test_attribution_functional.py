@@ -8,7 +8,7 @@ sequence number, also across a gateway restart.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,30 +47,12 @@ def settings_for(provider_url: str) -> Settings:
     )
 
 
-class Restarts:
-    """Gateways on one database that a test stops itself; the rest are stopped at teardown."""
-
-    def __init__(self, provider_url: str, db_path: Path) -> None:
-        self.settings = settings_for(provider_url)
-        self.db_path = db_path
-        self.running: list[GatewayThread] = []
-
-    def start(self) -> GatewayThread:
-        gateway = GatewayThread(self.settings, self.db_path).start()
-        self.running.append(gateway)
-        return gateway
-
-    def stop(self, gateway: GatewayThread) -> None:
-        self.running.remove(gateway)
-        gateway.stop()
-
-
 @pytest.fixture
-def restarts(fake_provider: FakeProviderThread, db_path: Path) -> Iterator[Restarts]:
-    manager = Restarts(fake_provider.url, db_path)
-    yield manager
-    for gateway in list(manager.running):
-        manager.stop(gateway)
+def restarted(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> Callable[[], GatewayThread]:
+    """A new gateway on the test's database each call; the fixture stops any still running."""
+    return lambda: make_gateway(settings=settings_for(fake_provider.url))
 
 
 def chat(base_url: str, **kwargs: Any) -> Any:
@@ -251,16 +233,16 @@ def test_sequence_numbers_follow_call_order_separately_per_rollout(
 
 
 def test_sequence_numbers_keep_rising_after_a_gateway_restart(
-    restarts: Restarts, db_path: Path
+    restarted: Callable[[], GatewayThread], db_path: Path
 ) -> None:
-    first = restarts.start()
+    first = restarted()
     chat(first.url("long", "1"))
     chat(first.url("long", "1"))
     chat(first.url("other", "1"))
     first.flush()
-    restarts.stop(first)
+    first.stop()
 
-    second = restarts.start()
+    second = restarted()
     _, reply = chat(second.url("long", "1"))
     chat(second.url("long"))
     chat(second.url("fresh", "1"))

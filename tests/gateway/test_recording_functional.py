@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -279,57 +279,41 @@ def test_no_key_is_ever_stored_in_any_row(
     assert "Bearer" not in text
 
 
-class Restarts:
-    """Gateways on one database that a test stops itself; the rest are stopped at teardown."""
-
-    def __init__(self, provider_url: str, db_path: Path) -> None:
-        self.settings = parse_settings(settings_dict(provider_url), env={})
-        self.db_path = db_path
-        self.running: list[GatewayThread] = []
-
-    def start(self) -> GatewayThread:
-        gateway = GatewayThread(self.settings, self.db_path).start()
-        self.running.append(gateway)
-        return gateway
-
-    def stop(self, gateway: GatewayThread) -> None:
-        self.running.remove(gateway)
-        gateway.stop()
-
-
 @pytest.fixture
-def restarts(fake_provider: FakeProviderThread, db_path: Path) -> Iterator[Restarts]:
-    manager = Restarts(fake_provider.url, db_path)
-    yield manager
-    for gateway in list(manager.running):
-        manager.stop(gateway)
+def restarted(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> Callable[[], GatewayThread]:
+    """A new gateway on the test's database each call; the fixture stops any still running."""
+    return lambda: make_gateway(settings=parse_settings(settings_dict(fake_provider.url), env={}))
 
 
-def test_spans_survive_a_restart(restarts: Restarts, db_path: Path) -> None:
-    first = restarts.start()
+def test_spans_survive_a_restart(restarted: Callable[[], GatewayThread], db_path: Path) -> None:
+    first = restarted()
     with client_for(first.url("durable", "1")) as client:
         ids = [
             client.chat.completions.create(model="gpt-test", messages=MESSAGES).id for _ in "abc"
         ]
     first.flush()
     before = read_spans(db_path, rollout_id="durable")
-    restarts.stop(first)
+    first.stop()
 
-    second = restarts.start()
+    second = restarted()
     after = second.spans(rollout_id="durable")
     assert [s["response_id"] for s in after] == ids
     assert after == before
 
 
-def test_stopping_the_gateway_writes_every_answered_call(restarts: Restarts, db_path: Path) -> None:
-    gateway = restarts.start()
+def test_stopping_the_gateway_writes_every_answered_call(
+    restarted: Callable[[], GatewayThread], db_path: Path
+) -> None:
+    gateway = restarted()
     with client_for(gateway.url("drain", "1")) as client:
         ids = [
             client.chat.completions.create(model="gpt-test", messages=MESSAGES).id
             for _ in range(30)
         ]
     # No flush: shutdown itself must drain what was answered.
-    restarts.stop(gateway)
+    gateway.stop()
 
     spans = read_spans(db_path, rollout_id="drain")
     assert [s["response_id"] for s in spans] == ids
