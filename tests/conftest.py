@@ -59,6 +59,18 @@ def gateway_settings(provider_url: str, **overrides: Any) -> Settings:
     return parse_settings(data, env={})
 
 
+@pytest.fixture(scope="module")
+def module_gateway(
+    fake_provider_server: FakeProviderThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayThread]:
+    """One gateway (default settings) for a whole module whose tests each use their own
+    rollouts; starting one per test would cost more than the tests."""
+    settings = gateway_settings(fake_provider_server.url)
+    gateway = GatewayThread(settings, tmp_path_factory.mktemp("module") / "spangate.db").start()
+    yield gateway
+    gateway.stop()
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "spangate.db"

@@ -18,7 +18,6 @@ import pytest
 from fake_provider import FakeProviderThread
 from servers import GatewayThread, read_rows
 
-from config.loader import parse_settings
 from store.queries import decode_row
 
 UPSTREAM_MODEL = "upstream-model"
@@ -61,40 +60,10 @@ def normalized(value: Any) -> Any:
     return value
 
 
-@pytest.fixture(scope="module")
-def shared_gateway(
-    fake_provider_server: FakeProviderThread, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayThread]:
-    """One gateway for the module: these tests only add spans, each under its own rollout."""
-    settings = parse_settings(
-        {
-            "models": [
-                {
-                    "name": "gpt-test",
-                    "deployments": [
-                        {
-                            "provider": "openai",
-                            "model": UPSTREAM_MODEL,
-                            "api_base": fake_provider_server.url,
-                            "api_key": UPSTREAM_KEY,
-                        }
-                    ],
-                },
-                {"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]},
-            ]
-        },
-        env={},
-    )
-    db_path = tmp_path_factory.mktemp("proxy") / "spangate.db"
-    gateway = GatewayThread(settings, db_path).start()
-    yield gateway
-    gateway.stop()
-
-
 @pytest.fixture
-def gateway(shared_gateway: GatewayThread, fake_provider: FakeProviderThread) -> GatewayThread:
+def gateway(module_gateway: GatewayThread, fake_provider: FakeProviderThread) -> GatewayThread:
     """The module's gateway, with the fake provider's requests and faults cleared."""
-    return shared_gateway
+    return module_gateway
 
 
 class NewSpans:

@@ -20,8 +20,6 @@ import pytest
 from fake_provider import FakeProviderThread
 from servers import GatewayThread
 
-from config.loader import parse_settings
-
 UPSTREAM_MODEL = "upstream-model"
 MESSAGES = [{"role": "user", "content": "stream me a few words please"}]
 WEATHER_TOOL: dict[str, Any] = {
@@ -83,38 +81,10 @@ def sse_data(raw: bytes) -> list[Any]:
     return out
 
 
-@pytest.fixture(scope="module")
-def shared_gateway(
-    fake_provider_server: FakeProviderThread, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayThread]:
-    """One gateway for the module: each test records under a rollout of its own."""
-    settings = parse_settings(
-        {
-            "models": [
-                {
-                    "name": "gpt-test",
-                    "deployments": [
-                        {
-                            "provider": "openai",
-                            "model": UPSTREAM_MODEL,
-                            "api_base": fake_provider_server.url,
-                            "api_key": "sk-upstream-secret",
-                        }
-                    ],
-                }
-            ]
-        },
-        env={},
-    )
-    gateway = GatewayThread(settings, tmp_path_factory.mktemp("streams") / "spangate.db").start()
-    yield gateway
-    gateway.stop()
-
-
 @pytest.fixture
-def gateway(shared_gateway: GatewayThread, fake_provider: FakeProviderThread) -> GatewayThread:
+def gateway(module_gateway: GatewayThread, fake_provider: FakeProviderThread) -> GatewayThread:
     """The module's gateway, with the fake provider's requests and faults cleared."""
-    return shared_gateway
+    return module_gateway
 
 
 @pytest.fixture
