@@ -70,11 +70,12 @@ from _common import (
 # the path so `import store` finds the package, not this script.
 sys.path.insert(0, str(REPO))
 
+from gateway.app import writer_for
 from gateway.attribution import new_span_id
 from store.listing import LIST_SPANS_SQL, SPAN_FILTERS, _where, list_spans
 from store.queries import ROLLOUT_SPANS_SQL, get_rollout
 from store.schema import connect
-from store.writer import StoreWriter, insert_spans
+from store.writer import insert_spans
 
 TARGET_SPANS_PER_S = 20_000
 TARGET_QUERY_MS = 20.0
@@ -280,7 +281,7 @@ class WriterRun:
 def writer_run(
     label: str, records: list[dict[str, Any]], queue_size: int, db: Path, timeout: float
 ) -> WriterRun:
-    writer = StoreWriter(db, queue_size=queue_size)
+    writer = writer_for(db, queue_size=queue_size)
     writer.start()
     n = len(records)
     with contextlib.closing(sqlite3.connect(db)) as conn:

@@ -15,6 +15,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_QUEUE_SIZE = 50_000
 DEFAULT_BATCH_SIZE = 2000
 DEFAULT_FLUSH_INTERVAL = 0.2
+DEFAULT_MAX_UNSAVED_SECONDS = 1.0
+DEFAULT_MEMORY_BUFFER = 200_000
+DEFAULT_STORE_BUSY_TIMEOUT = 0.25
 DEFAULT_MOCK_LATENCY = 0.0
 DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
 DEFAULT_RETRY_ATTEMPTS = 3
@@ -185,6 +188,28 @@ class RecorderSettings(_Strict):
         DEFAULT_FLUSH_INTERVAL,
         gt=0,
         description="Seconds the writer waits for more rows before committing a partial batch.",
+    )
+    max_unsaved_seconds: float = Field(
+        DEFAULT_MAX_UNSAVED_SECONDS,
+        gt=0,
+        description="Longest an answered call's span may wait in memory before it is in the "
+        "database or the journal: the most a process kill (SIGKILL) can lose.",
+    )
+    memory_buffer: int = Field(
+        DEFAULT_MEMORY_BUFFER,
+        ge=0,
+        description="Spans held in memory while neither the database nor the journal takes "
+        "writes (a full disk); past this they are lost and counted.",
+    )
+    busy_timeout: float = Field(
+        DEFAULT_STORE_BUSY_TIMEOUT,
+        gt=0,
+        description="Seconds the writer waits on a locked database before spilling to the journal.",
+    )
+    journal_dir: str | None = Field(
+        None,
+        description="Folder for the spill journal and dead-letter file (default: beside the "
+        "database); put it on another volume so a full database disk cannot stop both.",
     )
     store_bodies: bool = Field(True, description="Store request and response bodies on spans.")
 

@@ -6,11 +6,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from config.models import Settings
+from config.models import RecorderSettings, Settings
 from gateway import mock_provider
 from gateway.attribution import Sequencer
 from gateway.auth import auth_middleware
@@ -59,6 +60,23 @@ def litellm_providers(settings: Settings) -> set[str]:
     return {d.provider for g in settings.models for d in g.deployments} - BUILTIN_PROVIDERS
 
 
+def writer_for(
+    db_path: str | Path, recorder: RecorderSettings | None = None, **overrides: Any
+) -> StoreWriter:
+    """The store writer tuned by `recorder` settings (config holds every default)."""
+    recorder = (recorder or RecorderSettings()).model_copy(update=overrides)
+    return StoreWriter(
+        db_path,
+        queue_size=recorder.queue_size,
+        batch_size=recorder.batch_size,
+        flush_interval=recorder.flush_interval,
+        max_unsaved_seconds=recorder.max_unsaved_seconds,
+        memory_buffer=recorder.memory_buffer,
+        busy_timeout=recorder.busy_timeout,
+        journal_dir=recorder.journal_dir,
+    )
+
+
 def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     """The whole gateway as an aiohttp app; nothing starts until the app does."""
     check_providers(settings)
@@ -66,16 +84,13 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     if settings.auth.keys:
         middlewares.append(auth_middleware(settings.auth.keys))
     app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
-    writer = StoreWriter(
-        db_path,
-        queue_size=settings.recorder.queue_size,
-        batch_size=settings.recorder.batch_size,
-        flush_interval=settings.recorder.flush_interval,
-    )
+    writer = writer_for(db_path, settings.recorder)
     reader = Reader(db_path)
 
     async def lookup(rollout_id: str) -> tuple[int, str | None]:
-        return await reader.run(rollout_cursor, rollout_id)
+        seq, attempt = await reader.run(rollout_cursor, rollout_id)
+        # Spans still queued or journaled are not in the store yet but hold numbers.
+        return max(seq, writer.unsaved_seq(rollout_id)), attempt
 
     gw = Gateway(
         settings=settings,

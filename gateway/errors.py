@@ -9,6 +9,7 @@
     - ModelNotFound (404 invalid_request_error, code model_not_found)
   - ConflictError (409 conflict_error)
   - ValidationFailed (422 invalid_request_error)
+  - ServiceUnavailable (503 service_unavailable, code store_busy, Retry-After)
   - UpstreamError (502 upstream_error)
     - UpstreamUnreachable (502, code upstream_unreachable)
     - UpstreamTimeout (504, code upstream_timeout)
@@ -22,13 +23,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from store.errors import Conflict, InvalidTransition, NotFound, StoreError
+from store.errors import Conflict, InvalidTransition, NotFound, StoreBusy, StoreError
 
 
 class GatewayError(Exception):
     """Base for every error answered in OpenAI's error shape."""
 
     status = 500
+    headers: dict[str, str] | None = None
     type = "api_error"
     code: str | None = None
 
@@ -127,11 +129,21 @@ class UpstreamProtocolError(UpstreamError):
     code = "upstream_bad_response"
 
 
+class ServiceUnavailable(GatewayError):
+    """The store cannot take the write right now; the client may retry after a moment."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "store_busy"
+    headers = {"Retry-After": "1"}
+
+
 # Store errors know nothing of HTTP; this table gives each its answer.
 STORE_ERRORS: dict[type[StoreError], type[GatewayError]] = {
     NotFound: NotFoundError,
     InvalidTransition: ConflictError,
     Conflict: ConflictError,
+    StoreBusy: ServiceUnavailable,
 }
 
 
@@ -153,5 +165,5 @@ def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) 
         status=exc.status,
         body=orjson.dumps(exc.body()),
         content_type="application/json",
-        headers=headers,
+        headers=headers if headers is not None else exc.headers,
     )

@@ -55,12 +55,34 @@ class _LiveState(Collector):
             ("spans_written", "Spans written to the store.", gw.writer.written),
             ("spans_spilled", "Spans spilled to the journal.", gw.writer.spilled),
             ("spans_replayed", "Spans replayed from the journal.", gw.writer.replayed),
+            (
+                "spans_quarantined",
+                "Spans the store refused for good, kept in the dead-letter file.",
+                gw.writer.quarantined,
+            ),
+            (
+                "spans_lost",
+                "Spans lost: neither database, journal nor memory buffer could take them.",
+                gw.writer.lost,
+            ),
+            (
+                "spans_held",
+                "Spans held in memory while the journal is not writable.",
+                gw.writer.held,
+            ),
+            ("writer_faults", "Unexpected errors the writer survived.", gw.writer.faults),
+            ("writer_restarts", "Times the guard restarted the writer thread.", gw.writer.restarts),
         ):
             family = GaugeMetricFamily(f"spangate_{name}", help_text)
             family.add_metric([], value)
             yield family
         yield GaugeMetricFamily(
             "spangate_store_healthy", "1 when the store takes writes.", value=int(gw.writer.healthy)
+        )
+        yield GaugeMetricFamily(
+            "spangate_journal_healthy",
+            "1 when the spill journal takes writes.",
+            value=int(gw.writer.journal_error is None),
         )
 
 

@@ -14,9 +14,8 @@ async def live(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    problems = []
-    if not gw.writer.healthy:
-        problems.append(f"store not writable: {gw.writer.last_error}")
+    writer = gw.writer
+    problems = writer.problems()
     if not gw.settings.models:
         problems.append("no model groups configured")
     for group in gw.settings.models:
@@ -26,10 +25,18 @@ async def ready(request: web.Request) -> web.Response:
         "status": "ready" if not problems else "not_ready",
         "problems": problems,
         "recorder": {
-            "queue_depth": gw.writer.depth,
-            "written": gw.writer.written,
-            "spilled": gw.writer.spilled,
-            "replayed": gw.writer.replayed,
+            "queue_depth": writer.depth,
+            "written": writer.written,
+            "spilled": writer.spilled,
+            "replayed": writer.replayed,
+            "held_in_memory": writer.held,
+            "memory_buffer": writer.memory_buffer,
+            "quarantined": writer.quarantined,
+            "dead_letter_file": str(writer.dead_letters.path) if writer.quarantined else None,
+            "lost": writer.lost,
+            "writer_faults": writer.faults,
+            "writer_restarts": writer.restarts,
+            "max_unsaved_seconds": writer.max_unsaved_seconds,
         },
     }
     return web.json_response(body, status=200 if not problems else 503)

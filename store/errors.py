@@ -4,6 +4,7 @@
   - NotFound: the named row does not exist.
   - InvalidTransition: a status change the state machine forbids.
   - Conflict: a write clashes with what is already stored.
+  - StoreBusy: the store cannot take this write now (locked, full, stopping); try again.
 """
 
 from __future__ import annotations
@@ -23,3 +24,7 @@ class InvalidTransition(StoreError):
 
 class Conflict(StoreError):
     """A write clashes with what is already stored (same id, different content)."""
+
+
+class StoreBusy(StoreError):
+    """The store cannot take this write now (locked, full, or the writer is stopping)."""

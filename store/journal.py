@@ -1,13 +1,17 @@
-"""An append-only JSON-lines file that holds records the database could not take yet."""
+"""Append-only JSON-lines files for records the database could not take yet (the journal)
+and records it will never take (the dead-letter file, kept with the reason)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +20,26 @@ import orjson
 log = logging.getLogger("spangate.journal")
 
 
-def journal_path_for(db_path: str | Path, pid: int | None = None) -> Path:
-    """The journal lives beside the database so a restart finds it.
+def journal_path_for(
+    db_path: str | Path, pid: int | None = None, directory: str | Path | None = None
+) -> Path:
+    """Where a process spills: `<dir>/<db name>.spill.<pid>.jsonl`, beside the database
+    unless `directory` (`recorder.journal_dir`) puts it on another volume.
 
-    Each process spills to its own file (`<db>.spill.<pid>.jsonl`), so two processes on
-    one database (a gateway and a judge job) never replay each other's live journal; the
-    plain `<db>.spill.jsonl` is still read at start.
+    Each process spills to its own file, so two processes on one database (a gateway and a
+    judge job) never replay each other's live journal; the plain `<db>.spill.jsonl` is
+    still read at start.
     """
-    return Path(f"{db_path}.spill.jsonl" if pid is None else f"{db_path}.spill.{pid}.jsonl")
+    db_path = Path(db_path)
+    folder = Path(directory) if directory is not None else db_path.parent
+    name = f"{db_path.name}.spill.jsonl" if pid is None else f"{db_path.name}.spill.{pid}.jsonl"
+    return folder / name
+
+
+def dead_letter_path_for(db_path: str | Path, directory: str | Path | None = None) -> Path:
+    db_path = Path(db_path)
+    folder = Path(directory) if directory is not None else db_path.parent
+    return folder / f"{db_path.name}.deadletter.jsonl"
 
 
 def _alive(pid: int) -> bool:
@@ -40,7 +56,11 @@ _OWNER = re.compile(r"\.spill\.(\d+)\.jsonl")
 
 
 class Journal:
-    """Spilled records, one JSON object a line; safe to append from any thread."""
+    """Spilled records, one JSON object a line; safe to append from any thread.
+
+    `append` raises `OSError` when the file cannot be written (a full disk): the caller
+    decides what to hold instead.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -50,27 +70,46 @@ class Journal:
     def append(self, records: list[dict[str, Any]]) -> None:
         data = b"".join(orjson.dumps(record) + b"\n" for record in records)
         with self._lock:
-            if self._file is None:
-                self._file = open(self.path, "ab")  # noqa: SIM115 - held open across appends
-            self._file.write(data)
-            # Flushed to the OS at once so a process kill keeps it; fsync is left to the OS.
-            self._file.flush()
+            try:
+                if self._file is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = open(self.path, "ab")  # noqa: SIM115 - held open across appends
+                self._file.write(data)
+                # Flushed to the OS at once so a process kill keeps it; fsync is left to the OS.
+                self._file.flush()
+            except OSError:
+                # A half-written buffer must not be flushed later as a torn line in the
+                # middle of the file: drop the handle, the next append reopens it.
+                self._discard_file()
+                raise
+
+    def _discard_file(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                log.warning("journal %s: closing after a failed write failed too", self.path)
+            self._file = None
 
     def has_records(self) -> bool:
         with self._lock:
-            return self.path.exists() and self.path.stat().st_size > 0
+            try:
+                return self.path.stat().st_size > 0
+            except OSError:
+                return False
 
     def take(self) -> Path | None:
         """Move the current journal aside for replay; new spills start a fresh file."""
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            if not self.path.exists() or self.path.stat().st_size == 0:
+            self._discard_file()
+            try:
+                if self.path.stat().st_size == 0:
+                    return None
+            except FileNotFoundError:
                 return None
             taken = self.path.with_name(f"{self.path.name}.{os.getpid()}.replay")
             if taken.exists():
-                # A replay file left by a crash during replay: keep its records too.
+                # A replay file left by an earlier, unfinished replay: keep its records too.
                 with open(taken, "ab") as out, open(self.path, "rb") as src:
                     out.write(src.read())
                 self.path.unlink()
@@ -78,44 +117,97 @@ class Journal:
                 self.path.rename(taken)
             return taken
 
-    def leftover_replays(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f"{self.path.name}.*.replay"))
+    def pending_files(self) -> list[Path]:
+        """Every file waiting for replay (left over and current), each once, oldest first."""
+        paths = sorted(self.path.parent.glob(f"{self.path.name}.*.replay"))
+        taken = self.take()
+        if taken is not None and taken not in paths:
+            paths.append(taken)
+        return paths
 
     def claim_orphans(self, db_path: str | Path) -> None:
-        """Take over journals left by processes that are gone (and the shared legacy file).
+        """Take over journals left by processes that are gone (and the shared legacy file),
+        beside the database and in the journal's own folder.
 
         A rename is atomic, so when two processes start together only one gets each file.
         """
         db_path = Path(db_path)
         counter = itertools.count()
-        for path in sorted(db_path.parent.glob(f"{db_path.name}.spill*")):
-            if path == self.path or path.name.startswith(f"{self.path.name}."):
-                continue
-            owner = _OWNER.search(path.name)
-            if owner and _alive(int(owner.group(1))):
-                continue
-            target = self.path.with_name(
-                f"{self.path.name}.orphan{next(counter)}.{os.getpid()}.replay"
-            )
-            try:
-                path.rename(target)
-            except FileNotFoundError:
-                continue  # another process claimed it first
+        folders = {db_path.parent.resolve(), self.path.parent.resolve()}
+        for folder in sorted(folders):
+            for path in sorted(folder.glob(f"{db_path.name}.spill*")):
+                if path == self.path or path.name.startswith(f"{self.path.name}."):
+                    continue
+                owner = _OWNER.search(path.name)
+                if owner and _alive(int(owner.group(1))):
+                    continue
+                target = self.path.with_name(
+                    f"{self.path.name}.orphan{next(counter)}.{os.getpid()}.replay"
+                )
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    path.rename(target)
+                except FileNotFoundError:
+                    continue  # another process claimed it first
+                except OSError as exc:
+                    # Another volume: rename cannot cross it, so copy then remove.
+                    log.info("moving orphan journal %s across volumes (%s)", path, exc)
+                    target.write_bytes(path.read_bytes())
+                    path.unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._discard_file()
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every whole record in a journal file; a torn last line (killed mid-write) is skipped."""
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A journal line that is not a JSON object (torn by a kill, or corrupted)."""
+
+    number: int
+    text: bytes
+    reason: str
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any] | BadLine]:
+    """Every line of a journal file, as a record or as a `BadLine` to quarantine."""
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield orjson.loads(line)
-            except orjson.JSONDecodeError:
-                log.warning("journal %s line %d is not whole JSON, skipped", path, number)
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield BadLine(number, line, f"not JSON: {exc}")
+                continue
+            if isinstance(record, dict):
+                yield record
+            else:
+                yield BadLine(number, line, "not a JSON object")
+
+
+class DeadLetters:
+    """Records the store refused for good, one per line with the reason and when."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, record: Any, reason: str) -> bool:
+        """Keep the record; False when even that failed (counted as lost by the caller)."""
+        entry = {"time_ns": time.time_ns(), "reason": reason, "record": record}
+        try:
+            line = orjson.dumps(entry)
+        except TypeError:
+            line = json.dumps(entry, default=repr, ensure_ascii=True).encode()
+        with self._lock:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "ab") as f:
+                    f.write(line + b"\n")
+            except OSError as exc:
+                log.error("dead-letter file %s not writable (%s): record lost", self.path, exc)
+                return False
+            self.count += 1
+        return True

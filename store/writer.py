@@ -1,45 +1,54 @@
-"""The one thread that writes: spans arrive on a queue and are inserted in batches.
+"""The one thread that writes, and the guard that keeps it alive and the record safe.
 
-The request path only calls `put()` (a non-blocking queue put). When the writer is
-behind by more than `queue_size` records, or the database refuses a write, records
-go to the journal instead, and the journal is replayed once the database takes
-writes again (and at every start).
+The request path only calls `put()` (an append to a deque). The writer thread inserts in
+batches. The guard thread restarts the writer if it ever dies, and moves records that
+waited longer than half of `max_unsaved_seconds` to the journal, so a process kill loses at
+most that window. A record the database refuses is isolated by bisection and quarantined
+in the dead-letter file; when the journal cannot be written either (a full disk), records
+are held in a bounded buffer in memory and everything recovers by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from store.journal import Journal, journal_path_for, read_records
+from store.errors import NotFound, StoreBusy
+from store.journal import (
+    BadLine,
+    DeadLetters,
+    Journal,
+    dead_letter_path_for,
+    journal_path_for,
+    read_records,
+)
+from store.records import clean_span, json_text, span_row
 from store.schema import SPAN_COLUMNS, connect
 
 log = logging.getLogger("spangate.writer")
 
 T = TypeVar("T")
 
-JSON_SPAN_COLUMNS = frozenset(
-    {"finish_reasons", "tool_calls", "request_body", "response_body", "attributes", "tags"}
-)
 REPLAY_RETRY_SECONDS = 1.0
 CHECKPOINT_SECONDS = 1.0
+FAULT_PAUSE_SECONDS = 0.1
 
+# Only a span id already stored is skipped (replay is idempotent); any other constraint
+# failure raises, so the record is quarantined with its reason instead of vanishing.
 _INSERT_SPAN = (
-    f"INSERT OR IGNORE INTO spans ({', '.join(SPAN_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in SPAN_COLUMNS)})"
+    f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in SPAN_COLUMNS)}) "
+    "ON CONFLICT (span_id) DO NOTHING"
 )
 _ENSURE_ROLLOUT = """
 INSERT INTO rollouts (id, status, agent, metadata, tags, created_ns, updated_ns)
@@ -57,80 +66,47 @@ ON CONFLICT (rollout_id, id) DO UPDATE SET updated_ns = max(attempts.updated_ns,
 """
 
 
-def _json_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    kind = value.__class__
-    if kind is bytes:
-        return value.decode("utf-8", errors="replace")
-    if kind is str:
-        return _valid_utf8(value)
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value).decode("utf-8", errors="replace")
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        # Lone surrogates (or other values orjson refuses): escaped rather than lost.
-        return json.dumps(value, ensure_ascii=True, default=str)
-
-
-def _valid_utf8(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    return text
-
-
 def normalize_span(record: dict[str, Any]) -> dict[str, Any]:
-    """Make a span record plain JSON (bodies as text) so it can be journaled or inserted."""
-    out = dict(record)
-    for key in JSON_SPAN_COLUMNS:
-        if key in out:
-            out[key] = _json_text(out[key])
-    for key in ("metadata",):
-        if key in out and not isinstance(out[key], str | type(None)):
-            out[key] = orjson.dumps(out[key]).decode()
-    return out
+    """A span record made plain JSON (bodies as text) so it can be journaled or inserted."""
+    return clean_span(record)
 
 
-_JSON_POSITIONS = tuple(i for i, col in enumerate(SPAN_COLUMNS) if col in JSON_SPAN_COLUMNS)
-
-
-def _span_row(record: dict[str, Any]) -> list[Any]:
-    # The hot loop of the writer: plain lookups, then the few JSON columns by position.
-    get = record.get
-    row = [get(col) for col in SPAN_COLUMNS]
-    for position in _JSON_POSITIONS:
-        if row[position] is not None:
-            row[position] = _json_text(row[position])
-    return row
+def _store_failure(exc: BaseException) -> bool:
+    """True when the store itself failed (locked, full, read-only, corrupt), so no record
+    would go in; False when this batch's contents were refused."""
+    return isinstance(exc, sqlite3.OperationalError) or (
+        isinstance(exc, sqlite3.DatabaseError)
+        and not isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError)
+    )
 
 
 def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> None:
     """Insert spans and create their rollouts and attempts on first sight, in one transaction."""
+    rows = [span_row(r) for r in records]
+    start_at = SPAN_COLUMNS.index("start_ns")
+    end_at = SPAN_COLUMNS.index("end_ns")
     rollouts: dict[str, dict[str, Any]] = {}
     attempts: dict[tuple[str, str], int] = {}
-    for record in records:
-        rid = record.get("rollout_id")
+    for record, row in zip(records, rows, strict=True):
+        rid = row[3]
         if not rid:
             continue
-        end = record["end_ns"]
+        start, end = row[start_at], row[end_at]
         seen = rollouts.get(rid)
         if seen is None:
             rollouts[rid] = {
-                "start_ns": record["start_ns"],
+                "start_ns": start,
                 "end_ns": end,
                 "agent": record.get("agent"),
                 "metadata": record.get("metadata"),
                 "tags": record.get("tags"),
             }
         else:
-            seen["start_ns"] = min(seen["start_ns"], record["start_ns"])
+            seen["start_ns"] = min(seen["start_ns"], start)
             seen["end_ns"] = max(seen["end_ns"], end)
             for key in ("agent", "metadata", "tags"):
                 seen[key] = seen[key] or record.get(key)
-        aid = record.get("attempt_id")
+        aid = row[4]
         if aid:
             attempts[(rid, aid)] = max(attempts.get((rid, aid), 0), end)
     cur = db_conn.cursor()
@@ -141,9 +117,9 @@ def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> 
             [
                 (
                     rid,
-                    info["agent"],
-                    _json_text(info["metadata"]) or "{}",
-                    _json_text(info["tags"]) or "[]",
+                    info["agent"] if isinstance(info["agent"], str) else None,
+                    json_text(info["metadata"]) or "{}",
+                    json_text(info["tags"]) or "[]",
                     info["start_ns"],
                     info["end_ns"],
                 )
@@ -154,11 +130,12 @@ def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> 
             _ENSURE_ATTEMPT,
             [{"rollout_id": rid, "id": aid, "now": end} for (rid, aid), end in attempts.items()],
         )
-        cur.executemany(_INSERT_SPAN, [_span_row(r) for r in records])
+        cur.executemany(_INSERT_SPAN, rows)
         cur.execute("COMMIT")
     except BaseException:
         if db_conn.in_transaction:
-            cur.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                cur.execute("ROLLBACK")
         raise
 
 
@@ -182,53 +159,83 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 
 
 class StoreWriter:
-    """Owns the only write connection; everything that writes goes through its queue."""
+    """Owns the only write connection; everything that writes goes through its queue.
+
+    Its tuning comes from `RecorderSettings` (config owns the defaults).
+    """
 
     def __init__(
         self,
         db_path: str | Path,
         *,
-        queue_size: int = 50_000,
-        batch_size: int = 500,
-        flush_interval: float = 0.2,
-        journal_path: str | Path | None = None,
+        queue_size: int,
+        batch_size: int,
+        flush_interval: float,
+        max_unsaved_seconds: float,
+        memory_buffer: int,
+        busy_timeout: float,
+        journal_dir: str | Path | None,
     ) -> None:
         self.db_path = Path(db_path)
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self.journal = Journal(journal_path or journal_path_for(db_path, os.getpid()))
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.max_unsaved_seconds = max_unsaved_seconds
+        self.memory_buffer = memory_buffer
+        self.busy_timeout = busy_timeout
+        self.journal = Journal(journal_path_for(db_path, os.getpid(), journal_dir))
+        self.dead_letters = DeadLetters(dead_letter_path_for(db_path, journal_dir))
+        # (time queued, record or task); deque appends and pops are atomic across threads.
+        self._queue: deque[tuple[float, Any]] = deque()
+        # Records neither in the database nor in the journal (the journal was not writable).
+        self._held: deque[dict[str, Any]] = deque()
+        self._held_lock = threading.Lock()
+        # Highest seq per rollout not yet committed: a sequencer that forgot a rollout
+        # must not hand out a number the store does not show yet.
+        self._unsaved: dict[str, int] = {}
+        self._unsaved_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._guard: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
         self._db: Any = None
         self.written = 0
         self.spilled = 0
         self.replayed = 0
-        self.dropped = 0
+        self.lost = 0
+        self.faults = 0
+        self.restarts = 0
         self.healthy = True
         self.last_error: str | None = None
+        self.journal_error: str | None = None
+        self.last_fault: str | None = None
         self._next_replay = 0.0
         self._commit_hooks: list[Callable[[], None]] = []
         self._urgent = threading.Event()
+        self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._checkpointer: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> None:
         """Open the database (running migrations), replay any journal, start the threads."""
         self._db = connect(self.db_path)
+        self._db.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         # Checkpoints (copying the WAL into the database file, with an fsync) run on their
         # own thread and connection, so the writer never stops to do one.
         self._db.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self.journal.claim_orphans(self.db_path)
         self._replay_journal()
-        self._thread = threading.Thread(target=self._run, name="spangate-writer", daemon=True)
-        self._thread.start()
+        self._start_writer()
+        self._guard = threading.Thread(target=self._guard_loop, name="spangate-guard", daemon=True)
+        self._guard.start()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="spangate-checkpoint", daemon=True
         )
         self._checkpointer.start()
+
+    def _start_writer(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spangate-writer", daemon=True)
+        self._thread.start()
 
     def _checkpoint_loop(self) -> None:
         conn = sqlite3.connect(str(self.db_path), check_same_thread=False)
@@ -248,35 +255,78 @@ class StoreWriter:
         """Write everything queued, then stop. Whatever cannot be written stays journaled."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        self._stopping.set()
+        self._queue.append((time.monotonic(), _STOP))
         self._urgent.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("writer did not drain within %ss; the rest goes to the journal", timeout)
-            self._spill_queue()
+        self._spill_queue()
+        self._spill_held()
         self._thread = None
         self._stopped.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join(timeout)
-            self._checkpointer = None
+        for thread in (self._guard, self._checkpointer):
+            if thread is not None:
+                thread.join(timeout)
+        self._guard = self._checkpointer = None
         self.journal.close()
         if self._db is not None:
-            self._db.close()
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
             self._db = None
 
-    # -- producers (any thread) -------------------------------------------
+    # -- what readiness and metrics report ----------------------------------
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    @property
+    def quarantined(self) -> int:
+        return self.dead_letters.count
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def problems(self) -> list[str]:
+        """What keeps records from being safe right now, in words for `/health/ready`."""
+        out = []
+        if self._thread is not None and not self._thread.is_alive():
+            out.append("writer thread is not running (the guard restarts it)")
+        if not self.healthy:
+            out.append(f"store not writable: {self.last_error}")
+        if self.journal_error is not None:
+            out.append(
+                f"journal not writable ({self.journal_error}): holding {self.held} spans in "
+                f"memory (at most {self.memory_buffer}; past that they are lost, "
+                f"{self.lost} so far)"
+            )
+        return out
+
+    def unsaved_seq(self, rollout_id: str) -> int:
+        """The highest seq of this rollout not yet committed (0 when none)."""
+        return self._unsaved.get(rollout_id, 0)
+
+    # -- producers (any thread) -------------------------------------------
 
     def put(self, record: dict[str, Any]) -> None:
-        """Queue a span for writing; never blocks. Past the bound it spills to the journal."""
-        if self._queue.qsize() >= self.queue_size:
-            self.journal.append([normalize_span(record)])
-            self.spilled += 1
+        """Queue a span for writing; never blocks or raises. Past the bound it spills."""
+        rid = record.get("rollout_id")
+        if rid:
+            seq = record.get("seq")
+            if seq.__class__ is int:
+                with self._unsaved_lock:
+                    if seq > self._unsaved.get(rid, 0):
+                        self._unsaved[rid] = seq
+        if len(self._queue) >= self.queue_size:
+            self._spill([record])
             return
-        self._queue.put(record)
+        self._queue.append((time.monotonic(), record))
 
     def on_commit(self, hook: Callable[[], None]) -> Callable[[], None]:
         """Call `hook()` on the writer thread after each batch is committed; returns an undo."""
@@ -285,39 +335,55 @@ class StoreWriter:
 
     async def execute(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(db)` on the writer thread after everything queued before it; await it."""
+        if self._stopping.is_set() or self._thread is None:
+            raise StoreBusy("the store writer is stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Task(fn, loop, future))
+        self._queue.append((time.monotonic(), _Task(fn, loop, future)))
         self._urgent.set()
         return await future
 
-    # -- the thread -------------------------------------------------------
+    # -- the writer thread --------------------------------------------------
 
     def _run(self) -> None:
         """Wake every `flush_interval` (or at once for an awaited write or shutdown) and
-        write everything queued, `batch_size` rows a transaction.
+        write everything queued, `batch_size` rows a transaction. No exception ends it.
 
         The thread never blocks on the queue itself: a put would then wake it for every
         span and hand the GIL back and forth with the event loop on every call.
         """
+        while True:
+            try:
+                if self._cycle():
+                    return
+            except Exception as exc:
+                # A bug or an unforeseen failure: counted, reported, and the loop goes on.
+                self.faults += 1
+                self.last_fault = f"{type(exc).__name__}: {exc}"
+                log.exception("writer fault (the writer carries on)")
+                time.sleep(FAULT_PAUSE_SECONDS)
+
+    def _cycle(self) -> bool:
+        self._urgent.wait(self.flush_interval)
+        self._urgent.clear()
         stopping = False
-        while not stopping:
-            self._urgent.wait(self.flush_interval)
-            self._urgent.clear()
-            while True:
-                items = self._drain()
-                if not items:
-                    break
-                stopping = self._process(items) or stopping
-            self._notify()
-            self._maybe_replay()
+        while True:
+            items = self._drain()
+            if not items:
+                break
+            stopping = self._process(items) or stopping
+        self._notify()
+        self._retry_held()
+        self._maybe_replay()
+        return stopping
 
     def _drain(self) -> list[Any]:
         items: list[Any] = []
+        queue = self._queue
         while len(items) < self.batch_size:
             try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
+                items.append(queue.popleft()[1])
+            except IndexError:
                 break
         return items
 
@@ -329,12 +395,14 @@ class StoreWriter:
             if item is _STOP:
                 stopping = True
             elif isinstance(item, _Task):
-                self._write_spans(spans)
+                self._save(spans)
                 spans = []
                 self._run_task(item)
-            else:
+            elif isinstance(item, dict):
                 spans.append(item)
-        self._write_spans(spans)
+            else:
+                self._quarantine(item, f"not a span record: {type(item).__name__}")
+        self._save(spans)
         return stopping
 
     def _notify(self) -> None:
@@ -344,50 +412,143 @@ class StoreWriter:
             except Exception:
                 log.exception("commit hook %r failed", hook)
 
-    def _write_spans(self, spans: list[dict[str, Any]]) -> None:
+    def _save(self, spans: list[dict[str, Any]]) -> None:
+        """Into the database if it takes writes, else into the journal; never raises."""
         if not spans:
             return
+        if not self.healthy and time.monotonic() < self._next_replay:
+            self._spill(spans)
+            return
+        try:
+            self.written += self._insert_isolating(spans)
+        except Exception as exc:
+            self._mark_unhealthy(exc)
+            self._spill(spans)
+
+    def _insert_isolating(self, spans: list[dict[str, Any]]) -> int:
+        """Insert; when the contents are refused, bisect until the poison records are
+        found and quarantined. Returns how many went in; store failures propagate (the
+        caller spills)."""
         try:
             insert_spans(self._db.conn, spans)
-        except sqlite3.Error as exc:
-            self._mark_unhealthy(exc)
-            self.journal.append([normalize_span(s) for s in spans])
-            self.spilled += len(spans)
-            return
-        except Exception:
-            # A record the store cannot take must not stop the thread (or cost the others).
-            log.exception(
-                "a batch of %d spans could not be written; writing one by one", len(spans)
-            )
-            self._write_one_by_one(spans)
-            return
-        self.written += len(spans)
+        except Exception as exc:
+            if _store_failure(exc):
+                raise
+            if len(spans) == 1:
+                self._quarantine(spans[0], f"{type(exc).__name__}: {exc}")
+                return 0
+            log.warning("a batch of %d spans was refused (%s); isolating", len(spans), exc)
+            middle = len(spans) // 2
+            return self._insert_isolating(spans[:middle]) + self._insert_isolating(spans[middle:])
+        self._committed(spans)
+        return len(spans)
 
-    def _write_one_by_one(self, spans: list[dict[str, Any]]) -> None:
-        for span in spans:
-            try:
-                insert_spans(self._db.conn, [normalize_span(span)])
-                self.written += 1
-            except Exception:
-                self.dropped += 1
-                log.exception("span %s could not be stored", span.get("span_id"))
+    def _committed(self, spans: Iterable[dict[str, Any]]) -> None:
+        unsaved = self._unsaved
+        if not unsaved:
+            return
+        with self._unsaved_lock:
+            for span in spans:
+                rid = span.get("rollout_id")
+                if rid and unsaved.get(rid) == span.get("seq"):
+                    del unsaved[rid]
+
+    def _quarantine(self, record: Any, reason: str) -> None:
+        log.error("record quarantined in %s: %s", self.dead_letters.path, reason)
+        try:
+            kept = clean_span(record) if isinstance(record, dict) else record
+        except Exception:
+            kept = repr(record)
+        if not self.dead_letters.add(kept, reason):
+            self.lost += 1
 
     def _run_task(self, task: _Task) -> None:
+        # Spans the journal holds come first, so a reward posted after its call finds it.
+        if not self.healthy or self._held or self.journal.has_records():
+            self._retry_held()
+            self._replay_journal()
         try:
             result, error = task.fn(self._db), None
         except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
             result, error = None, exc
-        if isinstance(error, sqlite3.Error):
+        if error is not None and _store_failure(error):
             self._mark_unhealthy(error)
+            busy = StoreBusy(f"the store cannot take writes right now ({error})")
+            busy.__cause__ = error
+            error = busy
+        elif isinstance(error, NotFound) and not self.healthy:
+            # What it looked for may be in the journal, not yet written back.
+            busy = StoreBusy(f"{error}; the store is catching up, try again shortly")
+            busy.__cause__ = error
+            error = busy
         if not task.loop.is_closed():
-            task.loop.call_soon_threadsafe(_resolve, task.future, result, error)
+            with contextlib.suppress(RuntimeError):
+                task.loop.call_soon_threadsafe(_resolve, task.future, result, error)
 
     def _mark_unhealthy(self, exc: BaseException) -> None:
         if self.healthy:
             log.error("database write failed (%s); spilling to %s", exc, self.journal.path)
         self.healthy = False
-        self.last_error = str(exc)
+        self.last_error = f"{type(exc).__name__}: {exc}"
         self._next_replay = time.monotonic() + REPLAY_RETRY_SECONDS
+
+    # -- the journal and the memory buffer ------------------------------------
+
+    def _spill(self, records: list[dict[str, Any]]) -> None:
+        """To the journal; if it cannot be written, into the bounded memory buffer."""
+        clean = []
+        for record in records:
+            try:
+                clean.append(clean_span(record))
+            except Exception as exc:
+                self._quarantine(record, f"cannot be journaled: {type(exc).__name__}: {exc}")
+        try:
+            self.journal.append(clean)
+        except Exception as exc:
+            self._hold(clean, exc)
+            return
+        if self.journal_error is not None:
+            log.warning("journal %s writable again", self.journal.path)
+        self.journal_error = None
+        self.spilled += len(clean)
+
+    def _hold(self, records: list[dict[str, Any]], exc: BaseException) -> None:
+        if self.journal_error is None:
+            log.error(
+                "journal %s not writable (%s): holding up to %d spans in memory",
+                self.journal.path,
+                exc,
+                self.memory_buffer,
+            )
+        self.journal_error = f"{type(exc).__name__}: {exc}"
+        with self._held_lock:
+            room = self.memory_buffer - len(self._held)
+            self._held.extend(records[: max(room, 0)])
+        if len(records) > room:
+            self.lost += len(records) - max(room, 0)
+            log.error("memory buffer full: %d spans lost", len(records) - max(room, 0))
+
+    def _take_held(self) -> list[dict[str, Any]]:
+        with self._held_lock:
+            records = list(self._held)
+            self._held.clear()
+        return records
+
+    def _retry_held(self) -> None:
+        if not self._held:
+            return
+        records = self._take_held()
+        if self.healthy:
+            try:
+                self.written += self._insert_isolating(records)
+                return
+            except Exception as exc:
+                self._mark_unhealthy(exc)
+        self._spill(records)
+
+    def _spill_held(self) -> None:
+        if self._held:
+            self._spill(self._take_held())
 
     def _maybe_replay(self) -> None:
         if time.monotonic() < self._next_replay:
@@ -396,42 +557,111 @@ class StoreWriter:
             self._replay_journal()
 
     def _replay_journal(self) -> None:
-        paths = self.journal.leftover_replays()
-        taken = self.journal.take()
-        if taken is not None:
-            paths.append(taken)
+        """Write every journal file back; idempotent (span ids) and safe to interrupt: a
+        file is removed only once all its records are in."""
+        try:
+            paths = self.journal.pending_files()
+        except OSError as exc:
+            log.error("journal files cannot be listed or moved: %s", exc)
+            return
         for path in paths:
-            batch: list[dict[str, Any]] = []
-            try:
-                for record in read_records(path):
-                    batch.append(record)
-                    if len(batch) >= self.batch_size:
-                        insert_spans(self._db.conn, batch)
-                        self.replayed += len(batch)
-                        batch = []
-                if batch:
-                    insert_spans(self._db.conn, batch)
-                    self.replayed += len(batch)
-            except sqlite3.Error as exc:
-                # Inserts are idempotent (span_id is the key), so the whole file is kept
-                # and replayed again later.
-                self._mark_unhealthy(exc)
+            if not self._replay_file(path):
                 return
-            path.unlink()
+            path.unlink(missing_ok=True)
         if paths:
             log.info("replayed journal: %d spans so far", self.replayed)
         self.healthy = True
         self.last_error = None
 
+    def _replay_file(self, path: Path) -> bool:
+        """True once every record of the file is in (or quarantined)."""
+        batch: list[dict[str, Any]] = []
+        try:
+            for item in read_records(path):
+                if isinstance(item, BadLine):
+                    self._quarantine(
+                        item.text.decode("utf-8", "replace"),
+                        f"journal {path.name} line {item.number}: {item.reason}",
+                    )
+                    continue
+                batch.append(item)
+                if len(batch) >= self.batch_size:
+                    self.replayed += self._insert_isolating(batch)
+                    batch = []
+            if batch:
+                self.replayed += self._insert_isolating(batch)
+        except FileNotFoundError:
+            return True  # replayed and removed by an earlier pass
+        except Exception as exc:
+            # The whole file is kept and replayed again later (inserts ignore span ids
+            # already in); its rollouts' numbers stay known meanwhile.
+            self._mark_unhealthy(exc)
+            self._remember_unsaved(path)
+            return False
+        return True
+
+    def _remember_unsaved(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            for item in read_records(path):
+                if isinstance(item, dict):
+                    rid, seq = item.get("rollout_id"), item.get("seq")
+                    if isinstance(rid, str) and seq.__class__ is int:
+                        with self._unsaved_lock:
+                            if seq > self._unsaved.get(rid, 0):
+                                self._unsaved[rid] = seq
+
     def _spill_queue(self) -> None:
         rest: list[dict[str, Any]] = []
         while True:
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+                item = self._queue.popleft()[1]
+            except IndexError:
                 break
             if isinstance(item, dict):
-                rest.append(normalize_span(item))
+                rest.append(item)
+            elif isinstance(item, _Task):
+                error = StoreBusy("the store writer stopped before this write ran")
+                if not item.loop.is_closed():
+                    with contextlib.suppress(RuntimeError):
+                        item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
         if rest:
-            self.journal.append(rest)
-            self.spilled += len(rest)
+            self._spill(rest)
+
+    # -- the guard thread -------------------------------------------------------
+
+    def _guard_loop(self) -> None:
+        """Restart a dead writer; move records that waited too long to the journal."""
+        tick = max(self.max_unsaved_seconds / 4, 0.01)
+        age_limit = self.max_unsaved_seconds / 2
+        while not self._stopped.wait(tick):
+            try:
+                if not self._stopping.is_set() and not self.alive:
+                    self.restarts += 1
+                    log.error("writer thread died; restarting it")
+                    self._start_writer()
+                self._spill_old(time.monotonic() - age_limit)
+            except Exception:
+                self.faults += 1
+                log.exception("writer guard fault (the guard carries on)")
+
+    def _spill_old(self, before: float) -> None:
+        queue = self._queue
+        old: list[dict[str, Any]] = []
+        while queue:
+            try:
+                queued_at, item = queue[0]
+            except IndexError:
+                break
+            if queued_at >= before or not isinstance(item, dict):
+                break  # awaited writes keep their place in the order
+            try:
+                entry = queue.popleft()
+            except IndexError:
+                break
+            if entry[1] is not item:
+                # The writer took that one first; this is a newer entry, keep its place.
+                queue.appendleft(entry)
+                break
+            old.append(item)
+        if old:
+            self._spill(old)

@@ -24,10 +24,10 @@ from multidict import CIMultiDict
 from servers import GatewayThread, read_rows, wait_until
 
 from config.loader import parse_settings
+from gateway.app import writer_for
 from gateway.attribution import Attribution, read_attribution
 from gateway.errors import InvalidRequest
 from gateway.routes_openai import parse_payload
-from store.writer import StoreWriter
 
 from .support import CHAT_PATH, DONE_LINE, chat_body, openai_error, span_record
 
@@ -268,7 +268,7 @@ def test_a_span_the_store_cannot_encode_does_not_stop_the_writer(tmp_path: Path)
     """Text that is not valid UTF-8 (surrogate escapes from header bytes) in one span must not
     cost the spans after it: the writer keeps writing, and the bad span is stored or journaled."""
     db = tmp_path / "writer.db"
-    writer = StoreWriter(db, flush_interval=0.05)
+    writer = writer_for(db, flush_interval=0.05)
     writer.start()
     poison = span_record("poison", 1, tags=["ok", "bad \udcff"], metadata={"note": "\udcfe"})
     good = [span_record("poison", seq) for seq in (2, 3)]

@@ -1,6 +1,7 @@
-"""SIGKILL under load: after a restart on the same database, every call acknowledged more than
-the flush window before the kill has its span, the spill journal is replayed (a torn last line
-skipped) and removed, and SQLite reports no corruption."""
+"""SIGKILL under load (concurrency 64, three runs): after a restart on the same database, every
+call acknowledged more than `recorder.max_unsaved_seconds` before the kill has its span, the
+spill journal is replayed (a torn last line quarantined) and removed, and SQLite reports no
+corruption."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from fake_provider import FakeProviderThread
 from servers import read_rows, read_spans, wait_until
 
@@ -20,11 +22,16 @@ from store.writer import normalize_span
 
 from .support import CHAT_PATH, Ledger, ServeFactory, chat_body, run_load, span_record
 
-WORKERS = 16
+WORKERS = 64
 CALLS_PER_WORKER = 400
-# recorder.flush_interval is 0.2 s; a span acknowledged this long before the kill must be stored.
-FLUSH_MARGIN = 1.0
+# The documented bound: a span waits at most this long in memory before it is in the
+# database or the journal. The margin adds the time a loaded 2-core machine may take to
+# schedule the guard thread and the client thread that notes the acknowledgement.
+MAX_UNSAVED_SECONDS = 0.5
+FLUSH_MARGIN = MAX_UNSAVED_SECONDS + 0.25
 OLD_ENOUGH_BEFORE_KILL = 40
+# Sustained load before the kill, so the writer works while calls keep arriving.
+LOAD_SECONDS = 3.0
 PLANTED_ROLLOUT = "planted-journal"
 
 
@@ -48,23 +55,31 @@ def integrity(db: Path) -> list[str]:
     return [row["integrity_check"] for row in read_rows(db, "PRAGMA integrity_check")]
 
 
+@pytest.mark.parametrize("run", [1, 2, 3])
 def test_sigkill_under_load_keeps_flushed_spans_and_replays_the_journal(
-    served_process: ServeFactory, fake_provider: FakeProviderThread
+    served_process: ServeFactory, fake_provider: FakeProviderThread, run: int
 ) -> None:
     fake_provider.state.latency = 0.02
     groups = {"gpt-test": fake_provider.url}
-    served = served_process(groups)
+    recorder = {"max_unsaved_seconds": MAX_UNSAVED_SECONDS}
+    served = served_process(groups, recorder=recorder)
     ledger, stop = Ledger(), threading.Event()
     threads = run_load(
         served.base, ledger, stop, workers=WORKERS, calls_per_worker=CALLS_PER_WORKER
     )
 
+    load_started = time.monotonic()
+
     def old_enough() -> bool:
-        cutoff = time.monotonic() - FLUSH_MARGIN
-        return sum(t < cutoff for t in ledger.snapshot().values()) >= OLD_ENOUGH_BEFORE_KILL
+        now = time.monotonic()
+        cutoff = now - FLUSH_MARGIN
+        long_enough = now - load_started > LOAD_SECONDS
+        return long_enough and sum(t < cutoff for t in ledger.snapshot().values()) >= (
+            OLD_ENOUGH_BEFORE_KILL
+        )
 
     try:
-        wait_until(old_enough, timeout=20, what="load to run past the flush window")
+        wait_until(old_enough, timeout=30, what="load to run past the flush window")
         killed_at = time.monotonic()
         served.signal(signal.SIGKILL)
         assert served.wait(10) == -signal.SIGKILL
@@ -78,13 +93,13 @@ def test_sigkill_under_load_keeps_flushed_spans_and_replays_the_journal(
     records = [planted_record(seq) for seq in (1, 2, 3)]
     journal = plant_journal(served.db, records, planted_record(4))
 
-    restarted = served_process(groups)
+    restarted = served_process(groups, recorder=recorder)
     stored = {row["span_id"] for row in read_rows(served.db, "select span_id from spans")}
     missing = required - stored
     lost = set(acknowledged) - stored
     oldest_lost = max((killed_at - acknowledged[s] for s in lost), default=0.0)
     print(
-        f"\nSIGKILL: {len(acknowledged)} acknowledged, {len(required)} of them more than "
+        f"\nSIGKILL run {run}: {len(acknowledged)} acknowledged, {len(required)} of them more than "
         f"{FLUSH_MARGIN}s before the kill; {len(set(acknowledged) & stored)} acknowledged spans "
         f"survived, {len(missing)} old enough ones missing; {len(lost)} lost, the oldest "
         f"acknowledged {oldest_lost * 1000:.0f} ms before the kill; failures {ledger.failures}"

@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gateway.app import writer_for
 from store.journal import journal_path_for
-from store.writer import StoreWriter
 
 
 def span(rollout: str | None = "r1", seq: int | None = 1, **extra: Any) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def count(db: Path, sql: str = "select count(*) from spans") -> int:
 
 def test_spans_are_written_with_their_rollout_and_attempt(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    writer = StoreWriter(db)
+    writer = writer_for(db)
     writer.start()
     for seq in range(1, 11):
         writer.put(span(seq=seq))
@@ -59,7 +59,7 @@ def test_spans_are_written_with_their_rollout_and_attempt(tmp_path: Path) -> Non
 
 def test_past_the_queue_bound_spans_spill_and_replay_on_next_start(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    writer = StoreWriter(db, queue_size=3)
+    writer = writer_for(db, queue_size=3)
     # Not started: nothing drains the queue, as when the writer falls far behind.
     for seq in range(1, 11):
         writer.put(span(seq=seq))
@@ -73,13 +73,13 @@ def test_past_the_queue_bound_spans_spill_and_replay_on_next_start(tmp_path: Pat
 
 def test_a_torn_last_journal_line_is_skipped_and_the_rest_replayed(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    first = StoreWriter(db, queue_size=1)
+    first = writer_for(db, queue_size=1)
     for seq in range(1, 4):
         first.put(span(seq=seq))
     first.journal.close()
     with open(first.journal.path, "ab") as f:
         f.write(b'{"span_id": "torn')  # killed mid-write
-    second = StoreWriter(db)
+    second = writer_for(db)
     second.start()
     second.close(timeout=10)
     assert count(db) == 2  # the queued one was never written (process "died"), 2 journaled
@@ -87,7 +87,7 @@ def test_a_torn_last_journal_line_is_skipped_and_the_rest_replayed(tmp_path: Pat
 
 def test_replaying_the_same_journal_twice_does_not_duplicate(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    writer = StoreWriter(db, queue_size=1)
+    writer = writer_for(db, queue_size=1)
     records = [span(seq=seq) for seq in range(1, 5)]
     for record in records:
         writer.put(record)
@@ -97,7 +97,7 @@ def test_replaying_the_same_journal_twice_does_not_duplicate(tmp_path: Path) -> 
     writer.close(timeout=10)
     # As if a process that has since died had left the same records behind.
     journal_path_for(db).write_bytes(copy)
-    again = StoreWriter(db)
+    again = writer_for(db)
     again.start()
     again.close(timeout=10)
     assert count(db) == 4
@@ -105,7 +105,7 @@ def test_replaying_the_same_journal_twice_does_not_duplicate(tmp_path: Path) -> 
 
 def test_a_live_process_journal_is_left_alone_and_a_dead_ones_is_replayed(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    donor = StoreWriter(db, queue_size=1)
+    donor = writer_for(db, queue_size=1)
     for seq in range(1, 4):
         donor.put(span(seq=seq))
     donor.journal.close()
@@ -115,7 +115,7 @@ def test_a_live_process_journal_is_left_alone_and_a_dead_ones_is_replayed(tmp_pa
     live.write_bytes(records)
     dead.write_bytes(records)
     donor.journal.path.unlink()
-    writer = StoreWriter(db)
+    writer = writer_for(db)
     writer.start()
     writer.close(timeout=10)
     assert count(db) == 2

@@ -1,0 +1,181 @@
+"""The store's boundary for span records: every value made storable (clamped, nulled, valid
+UTF-8) before it reaches SQLite or the journal, so one absurd number never costs a record."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+
+from store.schema import SPAN_COLUMNS
+
+INT64_MAX = 2**63 - 1
+
+JSON_SPAN_COLUMNS = frozenset(
+    {"finish_reasons", "tool_calls", "request_body", "response_body", "attributes", "tags"}
+)
+# Counts and times: an integer in [0, 2**63 - 1] or nothing.
+INT_SPAN_COLUMNS = frozenset(
+    {
+        "seq",
+        "http_status",
+        "start_ns",
+        "end_ns",
+        "retries",
+        "input_tokens",
+        "output_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+    }
+)
+# Durations and money: a finite number >= 0 or nothing.
+FLOAT_SPAN_COLUMNS = frozenset({"duration_ms", "ttft_ms", "upstream_ms", "overhead_ms", "cost_usd"})
+# Columns the schema declares NOT NULL get a neutral value rather than nothing.
+NOT_NULL_NUMBERS = frozenset({"start_ns", "end_ns", "retries", "stream", "duration_ms"})
+NOT_NULL_TEXT = {
+    "trace_id": "0" * 32,
+    "name": "unknown",
+    "operation": "unknown",
+    "status": "error",
+    "attributes": "{}",
+    "tags": "[]",
+}
+
+
+def clean_int(value: Any) -> int | None:
+    """An integer the store can hold, or None (negative, too big, not a number)."""
+    if value.__class__ is int:
+        return value if 0 <= value <= INT64_MAX else None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and 0 <= value <= INT64_MAX:
+        return int(value)
+    return None
+
+
+def clean_float(value: Any) -> float | None:
+    """A finite, non-negative float, or None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) and number >= 0 else None
+    return None
+
+
+def valid_utf8(text: str) -> str:
+    """The text with lone surrogates replaced: neither SQLite nor orjson takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def _sanitize_json(value: Any) -> Any:
+    """A JSON-able copy with oversized integers turned into strings and non-finite floats
+    into None; only used when orjson refused the value as it was."""
+    if isinstance(value, dict):
+        return {valid_utf8(str(k)): _sanitize_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_sanitize_json(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value <= 2**64 - 1 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return valid_utf8(value)
+    return valid_utf8(str(value))
+
+
+def json_text(value: Any) -> str | None:
+    """A JSON column's text: bytes decoded, objects encoded, never an exception."""
+    if value is None:
+        return None
+    kind = value.__class__
+    if kind is str:
+        return valid_utf8(value)
+    if kind is bytes or isinstance(value, bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        # Integers past 64 bits, lone surrogates, odd types: kept, in a storable form.
+        return json.dumps(_sanitize_json(value), ensure_ascii=False, default=str)
+
+
+def _clean_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value.__class__ is str:
+        return valid_utf8(value)
+    return valid_utf8(str(value))
+
+
+def _span_id(value: Any) -> str:
+    if isinstance(value, str) and value:
+        return valid_utf8(value)
+    raise ValueError(f"span_id must be a non-empty string, not {value!r:.40}")
+
+
+def _or(clean: Any, default: Any) -> Any:
+    def cleaned(value: Any) -> Any:
+        out = clean(value)
+        return default if out is None else out
+
+    return cleaned
+
+
+def _cleaner(column: str) -> Any:
+    if column == "span_id":
+        return _span_id
+    if column in NOT_NULL_TEXT:
+        plain = json_text if column in JSON_SPAN_COLUMNS else _clean_text
+        return _or(plain, NOT_NULL_TEXT[column])
+    if column in JSON_SPAN_COLUMNS:
+        return json_text
+    if column == "duration_ms":
+        return _or(clean_float, 0.0)
+    if column in NOT_NULL_NUMBERS and column != "stream":
+        return _or(clean_int, 0)
+    if column in INT_SPAN_COLUMNS:
+        return clean_int
+    if column in FLOAT_SPAN_COLUMNS:
+        return clean_float
+    if column == "stream":
+        return lambda v: 1 if v else 0
+    return _clean_text
+
+
+_CLEANERS = tuple((column, _cleaner(column)) for column in SPAN_COLUMNS)
+
+
+def span_row(record: dict[str, Any]) -> list[Any]:
+    """The record as a row in `SPAN_COLUMNS` order, every value storable."""
+    get = record.get
+    return [clean(get(column)) for column, clean in _CLEANERS]
+
+
+def clean_span(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with every span column storable and every other value JSON-able, for the
+    journal (which must never refuse a record the database would have taken)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in JSON_SPAN_COLUMNS:
+            out[key] = json_text(value)
+        elif key in INT_SPAN_COLUMNS:
+            out[key] = clean_int(value)
+        elif key in FLOAT_SPAN_COLUMNS:
+            out[key] = clean_float(value)
+        elif key == "metadata" and value is not None and not isinstance(value, str):
+            out[key] = json_text(value)
+        elif isinstance(value, str):
+            out[key] = valid_utf8(value)
+        else:
+            out[key] = _sanitize_json(value)
+    return out
