@@ -195,7 +195,7 @@ def start_run(api: httpx.Client, **body: Any) -> dict[str, Any]:
     assert response.status_code == 202, response.text
     run = response.json()
     # A small run may be done before the answer is sent; it is never failed at the start.
-    assert run["status"] in ("running", "completed"), run
+    assert run["status"] in ("running", "succeeded"), run
     assert run["id"].startswith("jr-")
     return run
 
@@ -236,7 +236,7 @@ def test_an_llm_run_stores_verdicts_with_criteria_and_records_the_judges_calls(
 
     run = finished_run(api, start_run(api, judge="llm")["id"])
 
-    assert run["status"] == "completed", run
+    assert run["status"] == "succeeded", run
     assert (run["total"], run["judged"], run["skipped"], run["failed"]) == (3, 3, 0, 0)
     assert sorted(r["rollout_id"] for r in run["results"]) == ids
     stored = {r["rollout_id"]: r for r in rewards(api, source="judge:llm")}
@@ -344,7 +344,7 @@ def test_a_judge_model_that_never_answers_a_verdict_fails_the_rollouts_not_the_r
 
     run = finished_run(api, start_run(api, judge="llm")["id"])
 
-    assert run["status"] == "completed"
+    assert run["status"] == "succeeded"
     assert (run["judged"], run["failed"]) == (0, 2)
     assert all("not valid JSON" in r["error"] for r in run["results"])
     assert rewards(api, source="judge:llm") == []
