@@ -236,6 +236,8 @@ class JudgeService:
         active.judging = False
         run["ended_ns"] = time.time_ns()
         await self._save_final(run)
+        # Freed as soon as the final state is stored, before anyone can read it there.
+        self.active.pop(run["id"], None)
 
     async def _save_progress(self, run: dict[str, Any]) -> None:
         try:

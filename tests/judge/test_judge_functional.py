@@ -374,6 +374,53 @@ def test_a_run_shows_its_progress_while_it_runs(
     assert finished_run(api, run["id"])["judged"] == 3
 
 
+def test_a_run_cancelled_over_the_api_ends_cancelled(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+) -> None:
+    gateway = start_gateway()
+    api = api_for(gateway)
+    seed_rollouts(gateway, "stop-1", "stop-2")
+    judge_model.gate.clear()
+    run = start_run(api, judge="llm", concurrency=1)
+    wait_until(lambda: judge_model.requests, timeout=ASK_TIMEOUT, what="the judge model call")
+
+    cancelled = api.post(f"/api/judge/runs/{run['id']}/cancel")
+    again = api.post(f"/api/judge/runs/{run['id']}/cancel")
+    missing = api.post("/api/judge/runs/jr-nope/cancel")
+
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    assert api.get(f"/api/judge/runs/{run['id']}").json()["status"] == "cancelled"
+    assert again.status_code == 409, again.text
+    assert "already ended (cancelled)" in again.json()["error"]["message"]
+    assert missing.status_code == 404
+    assert rewards(api, source="judge:llm") == []
+
+
+def test_runs_past_judge_max_runs_are_refused_with_429(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+) -> None:
+    gateway = start_gateway(max_runs=1)
+    api = api_for(gateway)
+    seed_rollouts(gateway, "busy-1")
+    judge_model.gate.clear()
+    first = start_run(api, judge="llm")
+
+    refused = api.post("/api/judge/runs", json={"judge": "rules"})
+
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "too_many_judge_runs"
+    assert "judge.max_runs" in refused.json()["error"]["message"]
+    assert int(refused.headers["Retry-After"]) > 0
+    judge_model.gate.set()
+    assert finished_run(api, first["id"])["status"] == "succeeded"
+    assert finished_run(api, start_run(api, judge="rules")["id"])["judged"] == 1
+
+
 def test_unknown_judges_and_runs_are_refused(
     start_gateway: Callable[..., GatewayThread],
     gateway: GatewayThread,
