@@ -31,6 +31,7 @@ DEFAULT_FAIL_MAX = 5
 DEFAULT_RESET_TIMEOUT = 30.0
 DEFAULT_RATE_LIMIT_WAIT = 5.0
 DEFAULT_MAX_TOKENS_ESTIMATE = 256
+DEFAULT_MAX_JUDGE_RUNS = 4
 
 
 class _Strict(BaseModel):
@@ -284,6 +285,12 @@ class JudgeSettings(_Strict):
         default_factory=dict, description="Custom rubrics: name -> YAML file path."
     )
     online: OnlineJudging | None = Field(None, description="Judge rollouts as they finish.")
+    max_runs: int = Field(
+        DEFAULT_MAX_JUDGE_RUNS,
+        ge=1,
+        description="Judge runs started over the API that may run at once; past it "
+        "`POST /api/judge/runs` answers 429.",
+    )
 
 
 class Settings(_Strict):

@@ -230,7 +230,7 @@ class Stats(_Out):
 
 class JudgeRun(_Out):
     id: str
-    status: Literal["running", "completed", "failed"]
+    status: Literal["running", "succeeded", "failed", "cancelled"]
     judge: str
     params: dict[str, Any]
     total: int

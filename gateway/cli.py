@@ -377,6 +377,8 @@ def _dimensions(
 
 
 def _reward_line(row: dict[str, Any], created: bool) -> str:
+    from gateway.cli_render import printable
+
     target = [f"rollout {row.get('rollout_id') or '-'}"]
     if row.get("attempt_id"):
         target.append(f"attempt {row['attempt_id']}")
@@ -384,7 +386,8 @@ def _reward_line(row: dict[str, Any], created: bool) -> str:
         target.append(f"span {row['span_id']}")
     final = " (final)" if row.get("final") else ""
     verb = "stored" if created else "already stored"
-    return (
+    # The row may come from a remote gateway, or hold what another client stored.
+    return printable(
         f"{verb} {row['id']}: {row['name']} = {row['value']:g}{final} on "
         f"{' / '.join(target)} · source {row.get('source') or 'user'}"
     )

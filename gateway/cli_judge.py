@@ -246,7 +246,13 @@ class JobRun:
         from judge.jobs import run_job
 
         ids = await select(store)
-        task = progress.add_task("judge", total=len(ids), judge=self.judge.name, tally="")
+        from rich.markup import escape
+
+        from gateway.cli_render import printable
+
+        # The field is rendered as rich markup, and rich lets ESC and C1 controls through.
+        judge = escape(printable(self.judge.name))
+        task = progress.add_task("judge", total=len(ids), judge=judge, tally="")
 
         def record(outcome: Outcome) -> None:
             self.counts[outcome.status] += 1
@@ -283,7 +289,13 @@ def _score(value: float | None, digits: int = 3) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]], right: frozenset[int]) -> list[str]:
-    """Cells padded to their column's width (numbers right-aligned), header in bold."""
+    """Cells padded to their column's width (numbers right-aligned), header in bold.
+
+    Cells hold rollout ids and what the judge model wrote: shown escaped (`printable`).
+    """
+    from gateway.cli_render import printable
+
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
@@ -297,9 +309,9 @@ def _table(rows: Sequence[Sequence[str]], right: frozenset[int]) -> list[str]:
 
 
 def _summary_lines(summary: JobSummary) -> list[str]:
-    from gateway.cli_render import clip
+    from gateway.cli_render import clip, printable
 
-    head = (
+    head = printable(
         f"judge {summary.judge} ({summary.version}): {summary.count('judged')} judged, "
         f"{summary.count('skipped')} skipped, {summary.count('failed')} failed · "
         f"mean score {_score(summary.mean_score)}"
@@ -725,8 +737,10 @@ def calibrate_command(
             ]
         )
     click.echo(
-        f"judge {chosen.name} ({chosen.version}) against {len(labels)} labels "
-        f"(pass at score >= {threshold:g})"
+        cli_render.printable(
+            f"judge {chosen.name} ({chosen.version}) against {len(labels)} labels "
+            f"(pass at score >= {threshold:g})"
+        )
     )
     click.echo("")
     for line in _table(rows, right=frozenset({1, 2, 3, 4, 5})):
@@ -744,7 +758,7 @@ def calibrate_command(
             + ("" if run_missing else " (--run judges them)")
         )
     if left_out:
-        click.echo("left out: " + "; ".join(left_out), err=True)
+        click.echo(cli_render.printable("left out: " + "; ".join(left_out)), err=True)
 
 
 # -- judge compare --------------------------------------------------------------
@@ -845,15 +859,17 @@ def compare_command(
         )
     else:
         verdict = f"{result.preferred.upper()}: {names[result.preferred]}"
-    click.echo(f"A = {result.a}")
-    click.echo(f"B = {result.b}")
-    click.echo(f"preferred: {verdict}")
+    # Ids are the user's, reasons the judge model's: both shown escaped.
+    show = cli_render.printable
+    click.echo(show(f"A = {result.a}"))
+    click.echo(show(f"B = {result.b}"))
+    click.echo(show(f"preferred: {verdict}"))
     for order in result.orders:
         shown = "A first" if order["order"] == "a,b" else "B first"
         picked = order["preferred"]
         picked_text = "tie" if picked == "tie" else f"{picked.upper()} ({names[picked]})"
         reason = f" — {order['reason']}" if order.get("reason") else ""
-        click.echo(f"  {shown}: {picked_text}{reason}")
+        click.echo(show(f"  {shown}: {picked_text}{reason}"))
     click.echo(f"position-consistent: {'yes' if result.consistent else 'no'}")
 
 

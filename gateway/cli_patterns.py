@@ -325,7 +325,8 @@ def _emit_guideline(row: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(cli_render.json_line(row))
     else:
-        click.echo(row["content"], nl=False)
+        # Written from recorded tool names and errors: lines kept, controls escaped.
+        click.echo(cli_render.printable(row["content"], lines=True), nl=False)
 
 
 @patterns.command()
@@ -392,7 +393,7 @@ def guidelines(
             with read_db(db) as conn:
                 text = store_guidelines.diff_guidelines(conn, agent, *diff)
             if text:
-                click.echo(text, nl=False)
+                click.echo(cli_render.printable(text, lines=True), nl=False)
             else:
                 click.echo(f"v{diff[0]} and v{diff[1]} have the same text", err=True)
         elif rollback is not None:

@@ -17,6 +17,8 @@ import click
 import httpx
 import orjson
 
+from gateway.cli_render import printable
+
 # The API pages at most this many spans per request.
 PAGE_LIMIT = 1000
 # `GET /api/spans` lists oldest first and has no "newest first": to find the last N calls,
@@ -71,7 +73,9 @@ def error_message(response: httpx.Response) -> str:
         message = str(body["error"].get("message") or "")
     else:
         message = response.text[:300]
-    return f"{response.status_code} {response.reason_phrase}: {message}".rstrip(": ")
+    # Whatever answers at that address writes this to our terminal.
+    text = f"{response.status_code} {response.reason_phrase}: {message}".rstrip(": ")
+    return printable(text)
 
 
 def _check(response: httpx.Response) -> None:
@@ -338,7 +342,7 @@ def tail_remote(
             return
 
     def notify(message: str) -> None:
-        click.echo(f"spangate: {message}", err=True)
+        click.echo(f"spangate: {cli_render.printable(message)}", err=True)
 
     with make_client(url, key, read_timeout=STREAM_READ_TIMEOUT) as client:
         position = Follow.after(anchor, rollout_id)

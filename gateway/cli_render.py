@@ -5,6 +5,7 @@ Pure functions from stored rows to strings, so the commands stay thin and the ou
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,43 @@ STATUS_COLORS = {
     "cancelled": "magenta",
     "timeout": "red",
 }
+
+
+# -- escaping -----------------------------------------------------------------
+
+# Characters a terminal acts on instead of showing: C0 controls (ESC starts ANSI sequences
+# that clear the screen or retitle the window, CR and BS overwrite what was printed), DEL,
+# C1 controls (0x9b is a one-byte CSI), and the bidi and line-separator characters that
+# reorder or hide the text after them. Recorded content is an agent's or a model's, so it
+# is shown with these escaped. rich's Text strips only BEL, BS, VT, FF and CR, which is why
+# this is our own.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_CONTROL_KEEP_LINES = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+)
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED_ESCAPES.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    """`text` safe for a terminal: control characters shown as escapes (`\\x1b`, `\\r`,
+    `\\u202e`). With `lines`, newlines and tabs are kept. Escaping twice changes nothing."""
+    return (_CONTROL_KEEP_LINES if lines else _CONTROL).sub(_escape, text)
+
+
+# JSON lines: orjson escapes C0 controls but writes DEL, C1 and bidi characters raw. They
+# can only occur inside strings, where `\\uXXXX` means the same character to a parser.
+_JSON_RAW = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 # -- small formatters ---------------------------------------------------------
@@ -79,8 +117,9 @@ def duration(ms: float | None) -> str:
 
 
 def clip(text: str, width: int = PREVIEW_CHARS) -> str:
-    """One line of at most `width` characters; whitespace runs (newlines too) become one space."""
-    flat = " ".join(text.split())
+    """One line of at most `width` characters; whitespace runs (newlines too) become one space,
+    and other control characters show escaped (see `printable`)."""
+    flat = " ".join(printable(text, lines=True).split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
@@ -90,7 +129,8 @@ def styled(text: str, status: str | None) -> str:
 
 
 def json_line(obj: Any) -> str:
-    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
+    """One JSON object; no character in it can act on a terminal (see `_JSON_RAW`)."""
+    return _JSON_RAW.sub(_json_escape, orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode())
 
 
 # -- what a span says ---------------------------------------------------------
@@ -223,9 +263,9 @@ TAIL_RIGHT = frozenset({4, 5, 6})
 def _tail_cells(span: dict[str, Any]) -> list[str]:
     return [
         clock(span.get("start_ns")),
-        who(span),
-        model(span),
-        status(span),
+        printable(who(span)),
+        printable(model(span)),
+        printable(status(span)),
         millis(span.get("duration_ms")),
         tokens(span.get("input_tokens"), span.get("output_tokens")),
         cost(span.get("cost_usd")),
@@ -267,9 +307,14 @@ def span_json(span: dict[str, Any], *, bodies: bool) -> str:
 
 
 def _align(rows: Sequence[Sequence[str]], right: frozenset[int]) -> list[list[str]]:
-    """Pad every cell to its column's width (numbers right-aligned); style only after this."""
+    """Pad every cell to its column's width (numbers right-aligned); style only after this.
+
+    Cells are escaped first (`printable`): every table prints recorded content, and the
+    widths must be those of what is shown.
+    """
     if not rows:
         return []
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         [
@@ -370,9 +415,9 @@ def _summary_line(summary: dict[str, Any]) -> str:
 def rollout_tree(rollout: dict[str, Any]) -> list[str]:
     """A rollout from `get_rollout`: header, attempts and their calls, rewards, summary."""
     lines = [
-        click.style(f"rollout {rollout['id']}", bold=True)
+        click.style(f"rollout {printable(rollout['id'])}", bold=True)
         + "  "
-        + styled(rollout["status"], rollout["status"])
+        + styled(printable(rollout["status"]), rollout["status"])
     ]
     tags = rollout.get("tags")
     fields = [
@@ -384,13 +429,13 @@ def rollout_tree(rollout: dict[str, Any]) -> list[str]:
     ]
     if rollout.get("ended_ns"):
         fields.append(("ended", timestamp(rollout["ended_ns"])))
-    lines += [f"  {name:<9} {value}" for name, value in fields]
+    lines += [f"  {name:<9} {printable(value)}" for name, value in fields]
 
     groups: list[tuple[str, list[dict[str, Any]]]] = [
         (
-            click.style(f"attempt {a['id']}", bold=True)
+            click.style(f"attempt {printable(a['id'])}", bold=True)
             + f"  #{a['number']}  "
-            + styled(a["status"], a["status"]),
+            + styled(printable(a["status"]), a["status"]),
             a["spans"],
         )
         for a in rollout["attempts"]

@@ -9,6 +9,7 @@
     - ModelNotFound (404 invalid_request_error, code model_not_found)
   - ConflictError (409 conflict_error)
   - ValidationFailed (422 invalid_request_error)
+  - TooManyJudgeRuns (429 rate_limit_error, code too_many_judge_runs)
   - ServiceUnavailable (503 service_unavailable, code store_busy, Retry-After)
   - UpstreamError (502 upstream_error)
     - UpstreamUnreachable (502, code upstream_unreachable)
@@ -101,6 +102,14 @@ class ValidationFailed(GatewayError):
     status = 422
     type = "invalid_request_error"
     code = "validation_error"
+
+
+class TooManyJudgeRuns(GatewayError):
+    """`judge.max_runs` judge runs are running already; a new one is refused, not queued."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_judge_runs"
 
 
 class UpstreamError(GatewayError):

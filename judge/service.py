@@ -1,19 +1,24 @@
 """Judging inside a running gateway: runs started over the API, and online judging.
 
 Both run as background tasks owned by the service; nothing here is on the request path.
+Every run ends `succeeded`, `failed` or `cancelled`: its final state is written again until
+the store takes it, and runs a gone process left `running` are marked failed at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from config.models import JudgeSettings
 from judge.jobs import (
@@ -27,11 +32,68 @@ from judge.jobs import (
     run_job,
     sampled,
 )
+from store.errors import InvalidTransition
 from store.schema import TERMINAL_STATUSES
-from store.writes import get_judge_run, save_judge_run
+from store.writes import fail_abandoned_judge_runs, get_judge_run, save_judge_run
 
 log = logging.getLogger("spangate.judge")
 PROGRESS_EVERY_SECONDS = 0.5
+# A locked or busy store: the final state is written again, waiting up to this long between
+# tries (each try itself waits out SQLite's busy timeout first).
+FINAL_WRITE_BACKOFF_INITIAL = 0.1
+FINAL_WRITE_BACKOFF_MAX = 5.0
+# How long a cancel request waits for the run to stop and write its final state before it
+# answers with the state the run ended in (the row follows once the store takes it).
+CANCEL_WAIT_SECONDS = 5.0
+# At shutdown, runs get this long to write their final state; a run that cannot is marked
+# failed by the next start.
+CLOSE_GRACE_SECONDS = 5.0
+CANCELLED = "cancelled over the API"
+SHUT_DOWN = "the gateway shut down before the run ended"
+RESTARTED = "gateway restarted: the process running it ended before the run did"
+
+
+class RunLimitReached(RuntimeError):
+    """As many judge runs as `judge.max_runs` allows are running already."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} judge run{'s' * (limit != 1)} already running (judge.max_runs); "
+            "try again when one has ended, or cancel one"
+        )
+        self.limit = limit
+
+
+@dataclass
+class ActiveRun:
+    """A run this process owns: its row as it will be written, and the task judging."""
+
+    run: dict[str, Any]
+    task: asyncio.Task[None] | None = None
+    judging: bool = True
+    stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Cancel the judging (never the final write: that must land)."""
+        if self.judging and self.stop_reason is None and self.task is not None:
+            self.stop_reason = reason
+            self.task.cancel()
+
+
+def _until_stored(what: str) -> AsyncRetrying:
+    """Retries while the store is locked or busy (sqlite3.OperationalError), for as long as
+    it takes; the caller's task being cancelled is the only other way out."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("%s: the store did not take it (%s); trying again", what, error)
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(sqlite3.OperationalError),
+        wait=wait_exponential(multiplier=FINAL_WRITE_BACKOFF_INITIAL, max=FINAL_WRITE_BACKOFF_MAX),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
 
 
 class JudgeService:
@@ -43,6 +105,9 @@ class JudgeService:
         self.base_url = base_url
         self.http: httpx.AsyncClient | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.active: dict[str, ActiveRun] = {}
+        # Runs created before this moment and still `running` belong to no living process.
+        self.started_ns = time.time_ns()
         online = settings.online
         self.queue: asyncio.Queue[str] = asyncio.Queue(online.queue_size if online else 1)
         self.dropped = 0
@@ -50,6 +115,8 @@ class JudgeService:
 
     def open(self) -> None:
         self.http = httpx.AsyncClient()
+        self.started_ns = time.time_ns()
+        self._spawn(self._end_abandoned_runs())
 
     def judge(self, name: str) -> Judge:
         assert self.http is not None, "JudgeService.open() first"
@@ -69,7 +136,9 @@ class JudgeService:
         self, judge_name: str, selection: Selection, *, concurrency: int, force: bool
     ) -> dict[str, Any]:
         judge = self.judge(judge_name)  # unknown judge: ValueError before anything starts
-        run = {
+        if len(self.active) >= self.settings.max_runs:
+            raise RunLimitReached(self.settings.max_runs)
+        run: dict[str, Any] = {
             "id": f"jr-{uuid.uuid4().hex[:16]}",
             "status": "running",
             "judge": judge.name,
@@ -83,44 +152,122 @@ class JudgeService:
                 "force": force,
                 "version": judge.version,
             },
+            "total": 0,
+            "judged": 0,
+            "skipped": 0,
+            "failed": 0,
+            "results": [],
+            "error": None,
+            "created_ns": time.time_ns(),
+            "ended_ns": None,
         }
-        await self.store._run(save_judge_run, run)
-        self._spawn(self._run(run, judge, selection, concurrency, force))
-        return await self.get_run(run["id"])
+        run_id = run["id"]
+        # The slot is taken before the first await, so concurrent starts cannot all pass
+        # the limit check.
+        active = self.active[run_id] = ActiveRun(run)
+        try:
+            await self.store._run(save_judge_run, dict(run))
+        except BaseException:
+            del self.active[run_id]
+            raise
+        active.task = self._spawn(self._run(active, judge, selection, concurrency, force))
+        active.task.add_done_callback(lambda _: self.active.pop(run_id, None))
+        return await self.get_run(run_id)
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
         return await self.store._run(get_judge_run, run_id)
 
+    async def cancel_run(self, run_id: str) -> dict[str, Any]:
+        """Stop a running run; it ends `cancelled`, keeping the verdicts made so far."""
+        active = self.active.get(run_id)
+        if active is None or not (active.judging or active.stop_reason == CANCELLED):
+            run = dict(active.run) if active else await self.get_run(run_id)
+            if run["status"] == "running" and active is None:
+                raise InvalidTransition(f"judge run {run_id} is not running in this gateway")
+            raise InvalidTransition(f"judge run {run_id} has already ended ({run['status']})")
+        active.stop(CANCELLED)
+        assert active.task is not None
+        await asyncio.wait({active.task}, timeout=CANCEL_WAIT_SECONDS)
+        if active.task.done():
+            return await self.get_run(run_id)
+        # Stopped, but the store has not taken the final state yet: answer with what it
+        # will hold.
+        return {**active.run, "updated_ns": time.time_ns()}
+
     async def _run(
-        self, run: dict[str, Any], judge: Judge, selection: Selection, concurrency: int, force: bool
+        self,
+        active: ActiveRun,
+        judge: Judge,
+        selection: Selection,
+        concurrency: int,
+        force: bool,
     ) -> None:
+        run = active.run
+        saved_at = time.monotonic()
+        progress: asyncio.Task[None] | None = None
+
+        def record(outcome: Outcome) -> None:
+            nonlocal saved_at, progress
+            run[outcome.status] += 1
+            run["results"].append(outcome.__dict__)
+            # Progress is saved every so often, so GET /api/judge/runs/{id} shows it; one
+            # save at a time, so a locked store does not pile them up.
+            due = time.monotonic() - saved_at >= PROGRESS_EVERY_SECONDS
+            if due and (progress is None or progress.done()):
+                saved_at = time.monotonic()
+                progress = self._spawn(self._save_progress(run))
+
         try:
             ids = await self.store.select(selection)
             run["total"] = len(ids)
-            await self.store._run(save_judge_run, dict(run))
-            counts = {"judged": 0, "skipped": 0, "failed": 0}
-            results: list[dict[str, Any]] = []
-            saved_at = time.monotonic()
-
-            def record(outcome: Outcome) -> None:
-                nonlocal saved_at
-                counts[outcome.status] += 1
-                results.append(outcome.__dict__)
-                # Progress is saved every so often, so GET /api/judge/runs/{id} shows it.
-                if time.monotonic() - saved_at >= PROGRESS_EVERY_SECONDS:
-                    saved_at = time.monotonic()
-                    snapshot = {**run, **counts, "results": list(results)}
-                    self._spawn(self.store._run(save_judge_run, snapshot))
-
+            await self._save_progress(run)
             summary = await run_job(
                 judge, self.store, ids, concurrency=concurrency, force=force, on_result=record
             )
-            run.update(counts, results=results, status="completed", mean_score=summary.mean_score)
+            run.update(status="succeeded", mean_score=summary.mean_score)
+        except asyncio.CancelledError:
+            # Cancelled by cancel_run or close (the only ones holding the task): the run
+            # still ends with a state, and what was judged so far stays in its results.
+            reason = active.stop_reason or SHUT_DOWN
+            run.update(status="cancelled" if reason == CANCELLED else "failed", error=reason)
         except Exception as exc:
             log.exception("judge run %s failed", run["id"])
-            run.update(status="failed", error=str(exc))
+            run.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        active.judging = False
         run["ended_ns"] = time.time_ns()
-        await self.store._run(save_judge_run, run)
+        await self._save_final(run)
+        # Freed as soon as the final state is stored, before anyone can read it there.
+        self.active.pop(run["id"], None)
+
+    async def _save_progress(self, run: dict[str, Any]) -> None:
+        try:
+            await self.store._run(save_judge_run, {**run, "results": list(run["results"])})
+        except sqlite3.OperationalError as exc:
+            # Progress is a courtesy; the final write, retried, is the one that must land.
+            log.info("judge run %s: progress not saved (%s)", run["id"], exc)
+
+    async def _save_final(self, run: dict[str, Any]) -> None:
+        retrying = _until_stored(f"judge run {run['id']} ended {run['status']}")
+        snapshot = {**run, "results": list(run["results"])}
+        try:
+            await retrying(self.store._run, save_judge_run, snapshot)
+        except Exception:
+            # Not a busy store but a broken one: the next start marks the run failed.
+            log.exception(
+                "judge run %s: its final state %s was not written", run["id"], run["status"]
+            )
+
+    async def _end_abandoned_runs(self) -> None:
+        """Runs left `running` by a process that is gone (killed, crashed) are marked failed."""
+        retrying = _until_stored("marking abandoned judge runs failed")
+        ended = await retrying(
+            self.store._run,
+            lambda db: fail_abandoned_judge_runs(
+                db, started_before_ns=self.started_ns, reason=RESTARTED
+            ),
+        )
+        if ended:
+            log.warning("%d judge run(s) left running by an earlier process marked failed", ended)
 
     # -- online judging ---------------------------------------------------
 
@@ -162,6 +309,13 @@ class JudgeService:
                 self.queue.task_done()
 
     async def close(self) -> None:
+        for active in list(self.active.values()):
+            active.stop(SHUT_DOWN)
+        runs = [active.task for active in self.active.values() if active.task is not None]
+        if runs:
+            # Each run writes its final state as it stops; past the grace the next start
+            # marks the ones that could not failed.
+            await asyncio.wait(runs, timeout=CLOSE_GRACE_SECONDS)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

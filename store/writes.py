@@ -322,7 +322,11 @@ def replace_reward(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_judge_run(db: Database, run: dict[str, Any]) -> None:
-    """Insert or update a judge run's row (progress is saved as it goes)."""
+    """Insert or update a judge run's row (progress is saved as it goes).
+
+    A run that has ended is final: a progress save landing after the final one (both wait
+    on a locked store in their own threads) leaves it as it is.
+    """
     now = time.time_ns()
     db.execute(
         """
@@ -334,6 +338,7 @@ def save_judge_run(db: Database, run: dict[str, Any]) -> None:
           status = excluded.status, total = excluded.total, judged = excluded.judged,
           skipped = excluded.skipped, failed = excluded.failed, results = excluded.results,
           error = excluded.error, updated_ns = excluded.updated_ns, ended_ns = excluded.ended_ns
+        where judge_runs.status = 'running'
         """,
         {
             "id": run["id"],
@@ -350,6 +355,22 @@ def save_judge_run(db: Database, run: dict[str, Any]) -> None:
             "ended_ns": run.get("ended_ns"),
         },
     )
+
+
+def fail_abandoned_judge_runs(db: Database, *, started_before_ns: int, reason: str) -> int:
+    """Mark failed, with `reason`, the runs still `running` that started before `started_before_ns`:
+    no process is left to end them. Returns how many."""
+    now = time.time_ns()
+    cursor = db.execute(
+        """
+        update judge_runs
+        set status = 'failed', error = :reason, updated_ns = :now, ended_ns = :now
+        where status = 'running'
+          and created_ns < :before
+        """,
+        {"reason": reason, "now": now, "before": started_before_ns},
+    )
+    return cursor.rowcount
 
 
 def get_judge_run(db: Database, run_id: str) -> dict[str, Any]:

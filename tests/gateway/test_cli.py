@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
+from gateway import cli_render
 from gateway.cli import cli
 from gateway.cli_render import clock
 from store.schema import connect
@@ -603,3 +605,127 @@ def test_reply_preview_covers_every_answer_shape(span: dict[str, Any], preview: 
     from gateway.cli_render import reply
 
     assert reply(span) == preview
+
+
+# -- control characters in recorded content ---------------------------------------
+
+# Clears the screen, retitles the window, rings, overwrites the line, moves back, a one-byte
+# CSI (C1) and a right-to-left override: what a prompt could try on whoever reads the trace.
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07\r\b\x9b31m\u202e"
+SHOWN = "\\x1b[2J\\x1b]0;pwned\\x07\\r\\x08\\x9b31m\\u202e"
+# What a terminal would act on; click's own styles (SGR) are taken out before looking.
+RAW_CONTROLS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+)
+SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture
+def hostile_db(tmp_path: Path) -> Path:
+    """A rollout whose agent, tags, metadata, model, reply, tool name, error and reward
+    comment all carry terminal control sequences."""
+    call = _tool_call("tool" + HOSTILE)
+    records = [
+        _span(
+            rollout="evil",
+            attempt="1",
+            seq=1,
+            start_s=0,
+            duration_ms=5,
+            model="gpt" + HOSTILE,
+            response_model="served" + HOSTILE,
+            response=orjson.dumps(_chat_body("answer" + HOSTILE)),
+        ),
+        _span(
+            rollout="evil",
+            attempt="1",
+            seq=2,
+            start_s=1,
+            duration_ms=5,
+            response=orjson.dumps(_chat_body(None, tool_calls=[call])),
+            tool_calls=[{"id": "call_1", "name": call["function"]["name"], "arguments": "{}"}],
+        ),
+        _span(
+            rollout="evil",
+            attempt="1",
+            seq=3,
+            start_s=2,
+            duration_ms=5,
+            error=(500, "api_error", "boom" + HOSTILE),
+        ),
+    ]
+    for record in records:
+        record.update(agent="agent" + HOSTILE, tags=["tag" + HOSTILE], metadata={"k": HOSTILE})
+    path = tmp_path / "hostile.db"
+    _insert(path, records)
+    db = connect(path)
+    try:
+        db.execute(
+            "insert into rewards (id, rollout_id, name, value, source, comment, created_ns)"
+            " values ('rw-evil', 'evil', ?, 0.0, 'user', ?, ?)",
+            ["name" + HOSTILE, "comment" + HOSTILE, T0 + 9 * SECOND],
+        )
+    finally:
+        db.close()
+    return path
+
+
+def _tool_call(name: str) -> dict[str, Any]:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["plain", "styled"])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["tail"], ["gpt" + SHOWN, "answer" + SHOWN, "tool" + SHOWN, "boom" + SHOWN]),
+        (["rollouts"], ["agent" + SHOWN]),
+        (
+            ["show", "evil"],
+            ["agent" + SHOWN, "tag" + SHOWN, "name" + SHOWN, "comment" + SHOWN, "tool" + SHOWN],
+        ),
+    ],
+    ids=["tail", "rollouts", "show"],
+)
+def test_recorded_control_characters_are_printed_escaped(
+    hostile_db: Path, args: list[str], expected: list[str], color: bool
+) -> None:
+    result = CliRunner().invoke(cli, [*args, "--db", str(hostile_db)], color=color)
+
+    assert result.exit_code == 0, result.output
+    # With color=False click strips ANSI it recognises itself; color=True is a terminal's view.
+    shown = SGR.sub("", result.output)
+    assert not RAW_CONTROLS.search(shown), repr(shown)
+    for text in expected:
+        assert text in shown, (text, shown)
+
+
+@pytest.mark.parametrize("args", [["tail", "--bodies"], ["rollouts"], ["show", "evil"]])
+def test_json_output_escapes_control_characters_and_keeps_the_values(
+    hostile_db: Path, args: list[str]
+) -> None:
+    result = run(*args, "--json", "--db", str(hostile_db))
+
+    assert not RAW_CONTROLS.search(result.output), repr(result.output)
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert any(HOSTILE in text for text in _strings(rows))  # a parser gets them back as they were
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_printable_escapes_controls_once_and_can_keep_lines() -> None:
+    text = "a\x1b[2J\tb\nc\r\u202e\\x"
+
+    assert cli_render.printable(text) == "a\\x1b[2J\\tb\\nc\\r\\u202e\\x"
+    assert cli_render.printable(text, lines=True) == "a\\x1b[2J\tb\nc\\r\\u202e\\x"
+    assert cli_render.printable(cli_render.printable(text)) == cli_render.printable(text)
+    assert cli_render.clip("one\ntwo\x07") == "one two\\x07"

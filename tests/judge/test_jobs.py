@@ -11,9 +11,10 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -42,13 +43,15 @@ from judge.jobs import (
     sampled,
 )
 from judge.rules import RULES_VERSION
-from judge.service import JudgeService
+from judge.service import JudgeService, RunLimitReached
 from judge.trajectory import Trajectory
 from judge.verdict import reward_id
+from store.errors import InvalidTransition, NotFound
 from store.schema import connect
-from store.writes import add_reward
+from store.writes import add_reward, get_judge_run, save_judge_run
 
 IDS = [f"r{n}" for n in range(1, 6)]
+T = TypeVar("T")
 
 
 def five_rollouts(db_path: Path) -> list[str]:
@@ -465,3 +468,215 @@ async def test_the_judge_calls_go_to_the_configured_gateway_url(
 
     assert (configured.call_count, this_one.call_count) == (1, 0)
     assert outcome.status == "judged"
+
+
+# -- judge runs always end ------------------------------------------------------------------
+
+RUN_TIMEOUT = 10.0
+
+
+async def eventually(predicate: Callable[[], Awaitable[T | None]], what: str) -> T:
+    """Poll the async `predicate` until it returns something truthy; fail after RUN_TIMEOUT."""
+    deadline = asyncio.get_running_loop().time() + RUN_TIMEOUT
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {RUN_TIMEOUT}s waiting for {what}")
+        await asyncio.sleep(0.01)  # poll
+
+
+class GatedJudgeModel:
+    """The judge model behind respx: answers a verdict once `gate` is open, except for the
+    first `free` calls, which answer at once."""
+
+    def __init__(self, free: int = 0) -> None:
+        self.gate = asyncio.Event()
+        self.free = free
+        self.asked: list[str] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        match = JUDGE_ROUTE.match(request.url.path)
+        assert match is not None, request.url.path
+        self.asked.append(match["rollout"])
+        if len(self.asked) > self.free:
+            await self.gate.wait()
+        return httpx.Response(
+            200, json=completion_body(verdict_json(dict.fromkeys(DEFAULT_CRITERIA, 0.9)))
+        )
+
+
+@pytest_asyncio.fixture
+async def llm_service(
+    db_path: Path, gateway: respx.MockRouter
+) -> AsyncIterator[Callable[..., JudgeService]]:
+    services: list[JudgeService] = []
+
+    def make(model: GatedJudgeModel, **settings: Any) -> JudgeService:
+        gateway.post(url__startswith="http://gw.test/rollout/judge-llm-").mock(side_effect=model)
+        service = JudgeService(
+            JudgeSettings(model="judge-model", **settings), db_path, lambda: "http://gw.test"
+        )
+        service.open()
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        await service.close()
+
+
+async def ended(service: JudgeService, run_id: str) -> dict[str, Any]:
+    async def run_if_ended() -> dict[str, Any] | None:
+        run = await service.get_run(run_id)
+        return run if run["status"] != "running" else None
+
+    return await eventually(run_if_ended, f"judge run {run_id} to end")
+
+
+@pytest.mark.asyncio
+async def test_runs_past_max_runs_are_refused_until_one_ends(
+    db_path: Path, llm_service: Callable[..., JudgeService]
+) -> None:
+    five_rollouts(db_path)
+    model = GatedJudgeModel()
+    service = llm_service(model, max_runs=2)
+
+    def start(rid: str) -> Awaitable[dict[str, Any]]:
+        return service.start_run("llm", Selection([rid]), concurrency=1, force=False)
+
+    # Started together: each checks the limit before its first await, so two get in.
+    started = await asyncio.gather(start("r1"), start("r2"), start("r3"), return_exceptions=True)
+
+    refused = [r for r in started if isinstance(r, RunLimitReached)]
+    running = [r for r in started if isinstance(r, dict)]
+    assert len(refused) == 1 and len(running) == 2, started
+    assert "judge.max_runs" in str(refused[0])
+    model.gate.set()
+    for run in running:
+        assert (await ended(service, run["id"]))["status"] == "succeeded"
+    later = await start("r3")
+    assert (await ended(service, later["id"]))["judged"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_run_ends_cancelled_and_keeps_what_it_judged(
+    db_path: Path, llm_service: Callable[..., JudgeService]
+) -> None:
+    five_rollouts(db_path)
+    model = GatedJudgeModel(free=1)  # r1 is judged, then the model hangs on r2
+    service = llm_service(model)
+    run = await service.start_run("llm", Selection(IDS), concurrency=1, force=False)
+
+    async def second_asked() -> bool:
+        return len(model.asked) >= 2
+
+    await eventually(second_asked, "the judge model to be asked about r2")
+    cancelled = await service.cancel_run(run["id"])
+
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["error"] == "cancelled over the API"
+    assert cancelled["ended_ns"] is not None
+    assert (cancelled["judged"], cancelled["total"]) == (1, 5)
+    assert [r["rollout_id"] for r in cancelled["results"]] == ["r1"]
+    assert [r["rollout_id"] for r in judge_rewards(db_path, "judge:llm")] == ["r1"]
+    assert await service.get_run(run["id"]) == cancelled
+    with pytest.raises(InvalidTransition, match="already ended"):
+        await service.cancel_run(run["id"])
+    with pytest.raises(NotFound):
+        await service.cancel_run("jr-nope")
+
+
+@pytest.mark.asyncio
+async def test_a_final_write_that_meets_a_locked_store_lands_once_it_is_free(
+    db_path: Path,
+    llm_service: Callable[..., JudgeService],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def quick_to_give_up(path: Path, **kwargs: Any) -> Any:
+        # The store's 5 s busy timeout would only make this test slow; the retries are the same.
+        db = connect(path, **kwargs)
+        db.execute("PRAGMA busy_timeout = 50")
+        return db
+
+    monkeypatch.setattr("judge.jobs.connect", quick_to_give_up)
+    five_rollouts(db_path)
+    model = GatedJudgeModel()
+    service = llm_service(model)
+    run = await service.start_run("llm", Selection(["r1"]), concurrency=1, force=False)
+
+    async def asked() -> bool:
+        return bool(model.asked)
+
+    await eventually(asked, "the judge model to be asked")
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        model.gate.set()
+
+        async def final_write_refused() -> bool:
+            return "did not take it" in caplog.text
+
+        await eventually(final_write_refused, "the final write to meet the lock")
+        assert (await service.get_run(run["id"]))["status"] == "running"  # reads still work
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    done = await ended(service, run["id"])
+    assert done["status"] == "succeeded"
+    assert done["ended_ns"] is not None
+    # The verdict met the lock too: that rollout failed, the run still ended.
+    (result,) = done["results"]
+    assert result["status"] == "failed" and "locked" in result["error"]
+
+
+@pytest.mark.asyncio
+async def test_runs_left_running_by_a_gone_process_are_marked_failed_at_start(
+    db_path: Path,
+) -> None:
+    five_rollouts(db_path)
+    db = connect(db_path)
+    try:
+        save_judge_run(db, {"id": "jr-orphan", "status": "running", "judge": "rules"})
+    finally:
+        db.close()
+    service = JudgeService(JudgeSettings(), db_path, lambda: "http://gw.test")
+    service.open()
+    try:
+        orphan = await ended(service, "jr-orphan")
+        fresh = await service.start_run("rules", Selection(["r1"]), concurrency=1, force=False)
+        fresh = await ended(service, fresh["id"])
+    finally:
+        await service.close()
+
+    assert orphan["status"] == "failed"
+    assert orphan["error"].startswith("gateway restarted")
+    assert orphan["ended_ns"] is not None
+    assert fresh["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_a_run_stopped_by_shutdown_ends_failed_with_the_reason(
+    db_path: Path, llm_service: Callable[..., JudgeService]
+) -> None:
+    five_rollouts(db_path)
+    model = GatedJudgeModel()
+    service = llm_service(model)
+    run = await service.start_run("llm", Selection(["r1"]), concurrency=1, force=False)
+
+    async def asked() -> bool:
+        return bool(model.asked)
+
+    await eventually(asked, "the judge model to be asked")
+    await service.close()
+
+    reader = JudgeStore(db_path)
+    try:
+        stopped = await reader._run(get_judge_run, run["id"])
+    finally:
+        reader.close()
+    assert stopped["status"] == "failed"
+    assert stopped["error"] == "the gateway shut down before the run ended"

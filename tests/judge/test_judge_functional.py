@@ -195,7 +195,7 @@ def start_run(api: httpx.Client, **body: Any) -> dict[str, Any]:
     assert response.status_code == 202, response.text
     run = response.json()
     # A small run may be done before the answer is sent; it is never failed at the start.
-    assert run["status"] in ("running", "completed"), run
+    assert run["status"] in ("running", "succeeded"), run
     assert run["id"].startswith("jr-")
     return run
 
@@ -236,7 +236,7 @@ def test_an_llm_run_stores_verdicts_with_criteria_and_records_the_judges_calls(
 
     run = finished_run(api, start_run(api, judge="llm")["id"])
 
-    assert run["status"] == "completed", run
+    assert run["status"] == "succeeded", run
     assert (run["total"], run["judged"], run["skipped"], run["failed"]) == (3, 3, 0, 0)
     assert sorted(r["rollout_id"] for r in run["results"]) == ids
     stored = {r["rollout_id"]: r for r in rewards(api, source="judge:llm")}
@@ -344,7 +344,7 @@ def test_a_judge_model_that_never_answers_a_verdict_fails_the_rollouts_not_the_r
 
     run = finished_run(api, start_run(api, judge="llm")["id"])
 
-    assert run["status"] == "completed"
+    assert run["status"] == "succeeded"
     assert (run["judged"], run["failed"]) == (0, 2)
     assert all("not valid JSON" in r["error"] for r in run["results"])
     assert rewards(api, source="judge:llm") == []
@@ -372,6 +372,53 @@ def test_a_run_shows_its_progress_while_it_runs(
     assert running["status"] == "running"
     assert running["total"] == 3
     assert finished_run(api, run["id"])["judged"] == 3
+
+
+def test_a_run_cancelled_over_the_api_ends_cancelled(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+) -> None:
+    gateway = start_gateway()
+    api = api_for(gateway)
+    seed_rollouts(gateway, "stop-1", "stop-2")
+    judge_model.gate.clear()
+    run = start_run(api, judge="llm", concurrency=1)
+    wait_until(lambda: judge_model.requests, timeout=ASK_TIMEOUT, what="the judge model call")
+
+    cancelled = api.post(f"/api/judge/runs/{run['id']}/cancel")
+    again = api.post(f"/api/judge/runs/{run['id']}/cancel")
+    missing = api.post("/api/judge/runs/jr-nope/cancel")
+
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    assert api.get(f"/api/judge/runs/{run['id']}").json()["status"] == "cancelled"
+    assert again.status_code == 409, again.text
+    assert "already ended (cancelled)" in again.json()["error"]["message"]
+    assert missing.status_code == 404
+    assert rewards(api, source="judge:llm") == []
+
+
+def test_runs_past_judge_max_runs_are_refused_with_429(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+) -> None:
+    gateway = start_gateway(max_runs=1)
+    api = api_for(gateway)
+    seed_rollouts(gateway, "busy-1")
+    judge_model.gate.clear()
+    first = start_run(api, judge="llm")
+
+    refused = api.post("/api/judge/runs", json={"judge": "rules"})
+
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "too_many_judge_runs"
+    assert "judge.max_runs" in refused.json()["error"]["message"]
+    assert int(refused.headers["Retry-After"]) > 0
+    judge_model.gate.set()
+    assert finished_run(api, first["id"])["status"] == "succeeded"
+    assert finished_run(api, start_run(api, judge="rules")["id"])["judged"] == 1
 
 
 def test_unknown_judges_and_runs_are_refused(
