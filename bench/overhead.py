@@ -423,7 +423,7 @@ def default_spangate() -> str:
     script = Path(sys.executable).with_name("spangate")
     if script.exists():
         return str(script)
-    return shlex.join([sys.executable, "-c", "from gateway.cli import cli; cli()"])
+    return shlex.join([sys.executable, "-c", "from gateway.cli.main import cli; cli()"])
 
 
 def start_gateway(opts: Options, tmp: Path, provider_base: str) -> Gateway:

@@ -70,8 +70,8 @@ from _common import (
 # the path so `import store` finds the package, not this script.
 sys.path.insert(0, str(REPO))
 
-from gateway.app import writer_for
-from gateway.attribution import new_span_id
+from gateway.compose import writer_for
+from gateway.proxy.attribution import new_span_id
 from store.listing import LIST_SPANS_SQL, SPAN_FILTERS, _where, list_spans
 from store.queries import ROLLOUT_SPANS_SQL, get_rollout
 from store.schema import connect

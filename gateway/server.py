@@ -12,9 +12,9 @@ from pathlib import Path
 from aiohttp import web
 
 from config.models import Settings
-from gateway.app import create_app
-from gateway.routes_api import close_streams
-from gateway.state import GATEWAY
+from gateway.compose import create_app
+from gateway.web.routes_api import close_streams
+from gateway.web.state import GATEWAY
 
 log = logging.getLogger("spangate")
 

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from config.models import Settings
-from gateway.app import create_app
-from gateway.state import GATEWAY, Gateway
+from gateway.compose import create_app
+from gateway.web.state import GATEWAY, Gateway
 from store.queries import decode_row
 
 T = TypeVar("T")

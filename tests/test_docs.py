@@ -23,9 +23,9 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from config import Settings, default_settings, parse_settings
-from gateway.app import check_providers, create_app
-from gateway.cli import cli
-from gateway.metrics import METRICS
+from gateway.cli.main import cli
+from gateway.compose import check_providers, create_app
+from gateway.web.metrics import METRICS
 from store.schema import connect
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,15 +19,15 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from gateway import cli_render
-from gateway.cli import cli
-from gateway.cli_render import clock
+from gateway.cli import render as cli_render
+from gateway.cli.main import cli
+from gateway.cli.render import clock
 from store.schema import connect
 from store.writer import insert_spans
 
 T0 = 1_714_572_000_000_000_000  # 2024-05-01 14:00 UTC, in ns
 SECOND = 1_000_000_000
-CLI_ARGV = [sys.executable, "-c", "from gateway.cli import cli; cli()"]
+CLI_ARGV = [sys.executable, "-c", "from gateway.cli.main import cli; cli()"]
 
 
 def _span(
@@ -49,7 +49,7 @@ def _span(
     tool_calls: list[dict[str, Any]] | None = None,
     error: tuple[int, str, str] | None = None,
 ) -> dict[str, Any]:
-    """A record shaped like `Call.publish` in gateway/routes_openai.py builds it."""
+    """A record shaped like `Call.publish` in gateway/web/routes_openai.py builds it."""
     start_ns = T0 + int(start_s * SECOND)
     request: dict[str, Any] = {"model": model}
     if operation == "embeddings":
@@ -435,9 +435,9 @@ def test_tail_follow_exits_cleanly_on_ctrl_c(
 def test_tail_does_not_import_litellm_or_the_server(db_path: Path) -> None:
     code = (
         "import sys\n"
-        "from gateway.cli import cli\n"
+        "from gateway.cli.main import cli\n"
         f"cli(['tail', '--db', {str(db_path)!r}], standalone_mode=False)\n"
-        "heavy = ('litellm', 'aiohttp', 'gateway.app', 'gateway.server')\n"
+        "heavy = ('litellm', 'aiohttp', 'gateway.compose', 'gateway.server')\n"
         "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in heavy"
         " or m in heavy))\n"
     )
@@ -602,7 +602,7 @@ def test_commands_have_help_with_an_example() -> None:
     ],
 )
 def test_reply_preview_covers_every_answer_shape(span: dict[str, Any], preview: str) -> None:
-    from gateway.cli_render import reply
+    from gateway.cli.render import reply
 
     assert reply(span) == preview
 

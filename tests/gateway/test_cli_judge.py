@@ -26,7 +26,7 @@ from fake_provider import FakeProviderThread
 from scipy.stats import spearmanr
 from servers import read_rows, wait_until
 
-from gateway.cli import cli
+from gateway.cli.main import cli
 from judge.rules import RULES_VERSION
 from judge.verdict import REWARD_NAME, reward_id
 from store.schema import SPAN_COLUMNS, connect
@@ -35,7 +35,7 @@ from store.writes import add_reward, update_rollout
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
 MS = 1_000_000
-CLI_ARGV = [sys.executable, "-c", "from gateway.cli import cli; cli()"]
+CLI_ARGV = [sys.executable, "-c", "from gateway.cli.main import cli; cli()"]
 CRITERIA = ("task_completion", "tool_efficiency", "decision_quality", "error_handling")
 
 

@@ -29,13 +29,13 @@ from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from servers import GatewayThread
 
-from gateway import cli_remote
-from gateway.cli import BROKEN_PIPE_EXIT, cli
-from gateway.cli_remote import Follow, follow_spans, parse_events
+from gateway.cli import remote as cli_remote
+from gateway.cli.main import BROKEN_PIPE_EXIT, cli
+from gateway.cli.remote import Follow, follow_spans, parse_events
 from store.schema import SPAN_COLUMNS, connect
 from store.writer import insert_spans
 
-CLI_ARGV = [sys.executable, "-c", "from gateway.cli import cli; cli()"]
+CLI_ARGV = [sys.executable, "-c", "from gateway.cli.main import cli; cli()"]
 # A call made while following must show within this long.
 LIVE_LATENCY = 1.0
 
@@ -150,9 +150,9 @@ def test_tail_url_that_cannot_be_reached_is_a_clear_error() -> None:
 def test_tail_url_does_not_import_litellm_or_the_server(busy: GatewayThread) -> None:
     code = (
         "import sys\n"
-        "from gateway.cli import cli\n"
+        "from gateway.cli.main import cli\n"
         f"cli(['tail', '--url', {busy.base!r}], standalone_mode=False)\n"
-        "heavy = ('litellm', 'aiohttp', 'gateway.app', 'gateway.server', 'judge.jobs')\n"
+        "heavy = ('litellm', 'aiohttp', 'gateway.compose', 'gateway.server', 'judge.jobs')\n"
         "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in heavy"
         " or m in heavy))\n"
     )
@@ -265,8 +265,8 @@ class PortGateway(GatewayThread):
         self.port = port
 
     async def _start(self) -> None:
-        from gateway.app import create_app
-        from gateway.state import GATEWAY
+        from gateway.compose import create_app
+        from gateway.web.state import GATEWAY
 
         self.app = create_app(self.settings, self.db_path)
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2)

@@ -14,7 +14,7 @@ import respx
 from click.testing import CliRunner, Result
 from servers import GatewayThread, read_rows
 
-from gateway.cli import cli
+from gateway.cli.main import cli
 from store.schema import connect
 from store.writer import insert_spans
 

@@ -24,9 +24,9 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.litellm_provider import LiteLLMProvider, is_litellm_provider, load_litellm
-from gateway.streaming import ChatAssembler, SSESplitter, parse_event
-from gateway.upstream import UpstreamRequest, UpstreamResponse
+from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
+from gateway.providers.openai import UpstreamRequest, UpstreamResponse
+from gateway.proxy.streaming import ChatAssembler, SSESplitter, parse_event
 
 MESSAGES_URL = "https://api.anthropic.com/v1/messages"
 MODEL = "claude-3-5-haiku-20241022"
@@ -715,7 +715,7 @@ def test_importing_the_module_does_not_import_litellm() -> None:
     root = Path(__file__).resolve().parents[2]
     code = (
         "import sys\n"
-        "import gateway.litellm_provider as p\n"
+        "import gateway.providers.litellm as p\n"
         "assert 'litellm' not in sys.modules, 'litellm imported eagerly'\n"
         "assert not p.litellm_loaded()\n"
     )

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from servers import GatewayThread
 
-from gateway.routes_api import ROUTES, ApiRoute
+from gateway.web.routes_api import ROUTES, ApiRoute
 
 schemathesis = pytest.importorskip("schemathesis")
 import requests  # noqa: E402  (schemathesis's HTTP client, installed with it)

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from servers import GatewayThread, read_spans
 
-import gateway.cli  # noqa: F401  (load it before cli_patterns, which imports from it)
-from gateway.cli_patterns import patterns as patterns_command
+import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
+from gateway.cli.patterns import patterns as patterns_command
 
 AGENT = "agent-f"
 TOOLS = [

@@ -55,7 +55,7 @@ def served(
         [
             sys.executable,
             "-c",
-            "from gateway.cli import cli; cli()",
+            "from gateway.cli.main import cli; cli()",
             "serve",
             "--config",
             str(config),

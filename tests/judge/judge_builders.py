@@ -1,5 +1,5 @@
 """Hand-built rollouts for judge tests: span records shaped like `Call.publish` makes them
-(gateway/routes_openai.py), inserted with the store's own `insert_spans`.
+(gateway/web/routes_openai.py), inserted with the store's own `insert_spans`.
 
 An `AgentRun` plays an agent: each call's request repeats the conversation so far (task,
 earlier replies, tool results), exactly as an OpenAI client does, so the judge's joining of

@@ -1,7 +1,7 @@
 """Pattern mining on rollouts with planted patterns: each is found, with the right direction.
 
 Attempts are written as the gateway records them: chat spans whose answers ask for tools, and
-the `execute_tool` spans `gateway.tool_spans.tool_span` derives when the results come back,
+the `execute_tool` spans `gateway.proxy.tool_spans.tool_span` derives when the results come back,
 inserted with the store's own `insert_spans`. Rewards are rows in `rewards`.
 """
 
@@ -19,11 +19,11 @@ from click.testing import CliRunner
 from scipy.stats import fisher_exact
 from sqlite_utils import Database
 
-import gateway.cli  # noqa: F401  (load it before cli_patterns, which imports from it)
-from gateway import cli_patterns
-from gateway.attribution import new_span_id
-from gateway.cli_patterns import patterns as patterns_command
-from gateway.tool_spans import PendingTool, tool_span
+import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
+from gateway.cli import patterns as cli_patterns
+from gateway.cli.patterns import patterns as patterns_command
+from gateway.proxy.attribution import new_span_id
+from gateway.proxy.tool_spans import PendingTool, tool_span
 from judge import patterns
 from judge.guidelines import (
     diff_guidelines,

@@ -114,7 +114,7 @@ def start_served(config: Path, db: Path, log_path: Path) -> ServedProcess:
         [
             sys.executable,
             "-c",
-            "from gateway.cli import cli; cli()",
+            "from gateway.cli.main import cli; cli()",
             "serve",
             "--config",
             str(config),

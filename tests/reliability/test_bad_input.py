@@ -24,10 +24,10 @@ from multidict import CIMultiDict
 from servers import GatewayThread, read_rows, wait_until
 
 from config.loader import parse_settings
-from gateway.app import writer_for
-from gateway.attribution import Attribution, read_attribution
+from gateway.compose import writer_for
 from gateway.errors import InvalidRequest
-from gateway.routes_openai import parse_payload
+from gateway.proxy.attribution import Attribution, read_attribution
+from gateway.web.routes_openai import parse_payload
 
 from .support import CHAT_PATH, DONE_LINE, chat_body, openai_error, span_record
 

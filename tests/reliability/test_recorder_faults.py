@@ -17,8 +17,8 @@ import pytest
 from fake_provider import FakeProviderThread
 from servers import GatewayThread, read_rows, wait_until
 
-from gateway import app as gateway_app
-from gateway.app import writer_for
+from gateway import compose as gateway_app
+from gateway.compose import writer_for
 
 CHAT = "/v1/chat/completions"
 HUGE = 18446744073709551615  # 2**64 - 1, as a broken upstream reported it

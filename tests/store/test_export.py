@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from sqlite_utils import Database
 
-from gateway.cli import cli
+from gateway.cli.main import cli
 from store.errors import NotFound
 from store.export import (
     TRIPLET_REWARD_RULE,
@@ -81,7 +81,7 @@ def _span(
     status: str = "ok",
     finish_reasons: list[str] | None = None,
 ) -> dict[str, Any]:
-    """A record with every key `Call.publish` (gateway/routes_openai.py) gives the writer."""
+    """A record with every key `Call.publish` (gateway/web/routes_openai.py) gives the writer."""
     if request is None:
         request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     if response is None and status == "ok":

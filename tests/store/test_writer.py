@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gateway.app import writer_for
+from gateway.compose import writer_for
 from store.journal import journal_path_for
 
 

@@ -12,25 +12,25 @@ import aiohttp
 from aiohttp import web
 
 from config.models import RecorderSettings, Settings
-from gateway import mock_provider
-from gateway.attribution import Sequencer
-from gateway.auth import auth_middleware
-from gateway.cost import load_cost_map
-from gateway.litellm_provider import LiteLLMProvider, is_litellm_provider, load_litellm
-from gateway.metrics import METRICS, Metrics
-from gateway.middleware import error_middleware
-from gateway.openapi import openapi_view
-from gateway.recorder import Recorder
-from gateway.router import Router
-from gateway.routes_api import ROUTES as API_ROUTES
-from gateway.routes_api import add_routes as add_api_routes
-from gateway.routes_judge import JUDGE
-from gateway.routes_judge import ROUTES as JUDGE_ROUTES
-from gateway.routes_openai import add_routes as add_openai_routes
-from gateway.routes_ops import add_routes as add_ops_routes
-from gateway.routes_patterns import ROUTES as PATTERN_ROUTES
-from gateway.state import GATEWAY, Gateway
-from gateway.upstream import OpenAICompatible, Provider
+from gateway.providers import mock as mock_provider
+from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
+from gateway.providers.openai import OpenAICompatible, Provider
+from gateway.proxy.attribution import Sequencer
+from gateway.proxy.cost import load_cost_map
+from gateway.proxy.recorder import Recorder
+from gateway.proxy.router import Router
+from gateway.web.auth import auth_middleware
+from gateway.web.metrics import METRICS, Metrics
+from gateway.web.middleware import error_middleware
+from gateway.web.openapi import openapi_view
+from gateway.web.routes_api import ROUTES as API_ROUTES
+from gateway.web.routes_api import add_routes as add_api_routes
+from gateway.web.routes_judge import JUDGE
+from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
+from gateway.web.routes_openai import add_routes as add_openai_routes
+from gateway.web.routes_ops import add_routes as add_ops_routes
+from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
+from gateway.web.state import GATEWAY, Gateway
 from judge.service import JudgeService
 from store.queries import rollout_cursor
 from store.reader import Reader

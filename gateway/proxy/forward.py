@@ -25,9 +25,9 @@ from tenacity import (
 
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, ModelGroup, RetryPolicy
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from gateway.resilience import Guard, RateLimited, Unavailable, estimate_tokens
-from gateway.state import Gateway
-from gateway.upstream import UpstreamRequest, UpstreamResponse
+from gateway.providers.openai import UpstreamRequest, UpstreamResponse
+from gateway.proxy.resilience import Guard, RateLimited, Unavailable, estimate_tokens
+from gateway.web.state import Gateway
 
 # Operations whose streams report usage only when asked through stream_options.
 USAGE_ON_REQUEST = frozenset({"chat", "text_completion"})

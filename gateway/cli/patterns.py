@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from gateway import cli_render
-from gateway.cli import db_option, json_option, read_db
+from gateway.cli import render as cli_render
+from gateway.cli.main import db_option, json_option, read_db
 
 if TYPE_CHECKING:
     from sqlite_utils import Database

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gateway.cli import _time_option, db_option, json_option
+from gateway.cli.main import _time_option, db_option, json_option
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -121,8 +121,8 @@ async def judge_gateway(
         return
     from aiohttp import web
 
-    from gateway.app import create_app
-    from gateway.state import GATEWAY
+    from gateway.compose import create_app
+    from gateway.web.state import GATEWAY
 
     own = settings.model_copy(deep=True)
     own.judge.online = None  # this gateway only carries the judge's calls
@@ -248,7 +248,7 @@ class JobRun:
         ids = await select(store)
         from rich.markup import escape
 
-        from gateway.cli_render import printable
+        from gateway.cli.render import printable
 
         # The field is rendered as rich markup, and rich lets ESC and C1 controls through.
         judge = escape(printable(self.judge.name))
@@ -293,7 +293,7 @@ def _table(rows: Sequence[Sequence[str]], right: frozenset[int]) -> list[str]:
 
     Cells hold rollout ids and what the judge model wrote: shown escaped (`printable`).
     """
-    from gateway.cli_render import printable
+    from gateway.cli.render import printable
 
     rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -309,7 +309,7 @@ def _table(rows: Sequence[Sequence[str]], right: frozenset[int]) -> list[str]:
 
 
 def _summary_lines(summary: JobSummary) -> list[str]:
-    from gateway.cli_render import clip, printable
+    from gateway.cli.render import clip, printable
 
     head = printable(
         f"judge {summary.judge} ({summary.version}): {summary.count('judged')} judged, "
@@ -331,7 +331,7 @@ def _summary_lines(summary: JobSummary) -> list[str]:
 
 
 def _missing_rollouts(db: str, rollout_ids: Sequence[str]) -> list[str]:
-    from gateway.cli import read_db
+    from gateway.cli.main import read_db
     from store.export import missing_rollouts
 
     with read_db(db) as conn:
@@ -405,7 +405,7 @@ def run_command(
         spangate judge run --judge llm --sample 0.1 --concurrency 8
         spangate judge run --rollout r-42 --judge llm --force --json | jq .mean_score
     """
-    from gateway import cli_render
+    from gateway.cli import render as cli_render
     from judge.jobs import Selection
     from store.schema import ROLLOUT_STATUSES
 
@@ -571,7 +571,7 @@ def _stored_verdicts(
     """(rollouts that exist, {rollout: (score, dimensions)} of this judge version's verdicts)."""
     import orjson
 
-    from gateway.cli import read_db
+    from gateway.cli.main import read_db
     from judge.verdict import reward_id
 
     ids = list(dict.fromkeys(rollout_ids))
@@ -654,7 +654,7 @@ def calibrate_command(
         spangate judge calibrate --labels labels.jsonl --judge llm
         spangate judge calibrate --labels labels.jsonl --judge llm --run --json
     """
-    from gateway import cli_render
+    from gateway.cli import render as cli_render
 
     labels = parse_labels(labels_path)
     settings = _settings(config_path)
@@ -796,8 +796,8 @@ def compare_command(
         spangate judge compare r-41 r-42
         spangate judge compare --attempts r-42 1 2 --json
     """
-    from gateway import cli_render
-    from gateway.cli import read_db
+    from gateway.cli import render as cli_render
+    from gateway.cli.main import read_db
     from judge.rubric import DEFAULT_RUBRIC, load_rubric
     from judge.trajectory import load_trajectory
     from store.errors import NotFound

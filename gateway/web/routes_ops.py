@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.metrics import metrics_view
-from gateway.state import GATEWAY
+from gateway.web.metrics import metrics_view
+from gateway.web.state import GATEWAY
 
 
 async def live(request: web.Request) -> web.Response:

@@ -9,10 +9,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from gateway import api_models as m
-from gateway.routes_api import ROUTES, ApiRoute
-from gateway.routes_judge import ROUTES as JUDGE_ROUTES
-from gateway.routes_patterns import ROUTES as PATTERN_ROUTES
+from gateway.web import api_models as m
+from gateway.web.routes_api import ROUTES, ApiRoute
+from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
+from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
 
 _PATH_PARAM = re.compile(r"{([^}]+)}")
 REF_TEMPLATE = "#/components/schemas/{model}"

@@ -127,7 +127,7 @@ def serve(
         settings.server.host = host
     if port is not None:
         settings.server.port = port
-    from gateway.app import check_providers
+    from gateway.compose import check_providers
     from gateway.server import run
 
     if not settings.auth.keys:
@@ -229,7 +229,7 @@ def tail(
         spangate tail --url http://gpu-box:8400 --key $SPANGATE_KEY -f
     """
     if url is not None:
-        from gateway.cli_remote import tail_remote
+        from gateway.cli.remote import tail_remote
 
         try:
             tail_remote(
@@ -245,7 +245,7 @@ def tail(
             return
         return
 
-    from gateway import cli_render
+    from gateway.cli import render as cli_render
     from store.queries import list_spans, max_span_rowid
 
     columns = cli_render.TailColumns()
@@ -307,7 +307,7 @@ def rollouts(status: str | None, limit: int, as_json: bool, db: str) -> None:
     \b
         spangate rollouts --status failed --limit 10
     """
-    from gateway import cli_render
+    from gateway.cli import render as cli_render
     from store.queries import list_rollouts
     from store.schema import ROLLOUT_STATUSES
 
@@ -340,7 +340,7 @@ def show(rollout_id: str, as_json: bool, db: str) -> None:
         spangate show r-42
         spangate show r-42 --json | jq .summary
     """
-    from gateway import cli_render
+    from gateway.cli import render as cli_render
     from store.errors import NotFound
     from store.queries import get_rollout
 
@@ -377,7 +377,7 @@ def _dimensions(
 
 
 def _reward_line(row: dict[str, Any], created: bool) -> str:
-    from gateway.cli_render import printable
+    from gateway.cli.render import printable
 
     target = [f"rollout {row.get('rollout_id') or '-'}"]
     if row.get("attempt_id"):
@@ -467,8 +467,8 @@ def reward(
     """
     from pydantic import ValidationError
 
-    from gateway import cli_render
-    from gateway.api_models import RewardCreate
+    from gateway.cli import render as cli_render
+    from gateway.web.api_models import RewardCreate
 
     given = {
         "id": reward_id,
@@ -490,7 +490,7 @@ def reward(
         where = ".".join(str(part) for part in first["loc"]) or "reward"
         raise click.ClickException(f"{where}: {first['msg']}") from exc
     if url is not None:
-        from gateway.cli_remote import post_reward
+        from gateway.cli.remote import post_reward
 
         row, created = post_reward(url, key, body)
     else:
@@ -650,10 +650,10 @@ def export_command(
 
 # The judge and patterns commands live in their own modules; registered last, as they
 # import from this one.
-from gateway.cli_judge import judge  # noqa: E402
+from gateway.cli.judge import judge  # noqa: E402
 
 cli.add_command(judge)
 
-from gateway.cli_patterns import patterns  # noqa: E402
+from gateway.cli.patterns import patterns  # noqa: E402
 
 cli.add_command(patterns)

@@ -14,9 +14,6 @@ import orjson
 from aiohttp import web
 
 from config.models import Deployment
-from gateway.attribution import Attribution, new_span_id, new_trace_id, read_attribution
-from gateway.auth import forwarded_client_headers
-from gateway.cost import cost_usd
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -24,17 +21,20 @@ from gateway.errors import (
     UpstreamError,
     error_response,
 )
-from gateway.forward import Job, Outcome, forward
-from gateway.spans import error_fields, reply_fields, request_attributes
-from gateway.state import GATEWAY, Gateway
-from gateway.streaming import (
+from gateway.proxy.attribution import Attribution, new_span_id, new_trace_id, read_attribution
+from gateway.proxy.cost import cost_usd
+from gateway.proxy.forward import Job, Outcome, forward
+from gateway.proxy.spans import error_fields, reply_fields, request_attributes
+from gateway.proxy.streaming import (
     SSESplitter,
     loads_or_none,
     new_assembler,
     parse_event,
     strip_usage_null,
 )
-from gateway.tool_spans import tool_span
+from gateway.proxy.tool_spans import tool_span
+from gateway.web.auth import forwarded_client_headers
+from gateway.web.state import GATEWAY, Gateway
 
 log = logging.getLogger("spangate.proxy")
 

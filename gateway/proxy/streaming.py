@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from gateway.spans import objects_in
+from gateway.proxy.spans import objects_in
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from config.models import Deployment, Settings
-from gateway.attribution import Sequencer
-from gateway.cost import Price, Prices, deployment_prices
-from gateway.recorder import Recorder
-from gateway.router import Router
-from gateway.tool_spans import ToolTracker
-from gateway.upstream import Provider
+from gateway.providers.openai import Provider
+from gateway.proxy.attribution import Sequencer
+from gateway.proxy.cost import Price, Prices, deployment_prices
+from gateway.proxy.recorder import Recorder
+from gateway.proxy.router import Router
+from gateway.proxy.tool_spans import ToolTracker
 from store.reader import Reader
 from store.writer import StoreWriter
 

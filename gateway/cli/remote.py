@@ -17,7 +17,7 @@ import click
 import httpx
 import orjson
 
-from gateway.cli_render import printable
+from gateway.cli.render import printable
 
 # The API pages at most this many spans per request.
 PAGE_LIMIT = 1000
@@ -314,7 +314,7 @@ def tail_remote(
 ) -> None:
     """`spangate tail --url`: the last `limit` calls of a running gateway, then (with
     `follow`) every new one as it is recorded."""
-    from gateway import cli_render
+    from gateway.cli import render as cli_render
 
     columns = cli_render.TailColumns()
     # Lines show the start of the reply, which only the full span has.

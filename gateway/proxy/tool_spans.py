@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.attribution import new_span_id
+from gateway.proxy.attribution import new_span_id
 
 MAX_ATTEMPTS_TRACKED = 20_000
 MAX_RESULT_CHARS = 20_000

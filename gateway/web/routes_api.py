@@ -16,9 +16,9 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway import api_models as m
 from gateway.errors import BodyTooLarge, InvalidRequest, ValidationFailed
-from gateway.state import GATEWAY, Gateway
+from gateway.web import api_models as m
+from gateway.web.state import GATEWAY, Gateway
 from store import export, listing, writes
 from store.listing import BadCursor
 from store.queries import get_rollout

@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from gateway.errors import GatewayError, error_response, from_store_error
-from gateway.state import GATEWAY
+from gateway.web.state import GATEWAY
 from store.errors import StoreError
 
 log = logging.getLogger("spangate.http")

@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 from sqlite_utils import Database
 
-from gateway import api_models as m
-from gateway.routes_api import ApiRoute, json, query_of, read, time_param
-from gateway.state import GATEWAY
+from gateway.web import api_models as m
+from gateway.web.routes_api import ApiRoute, json, query_of, read, time_param
+from gateway.web.state import GATEWAY
 
 
 def _analyse(db: Database, **params: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import random
 
 from config.models import ModelGroup, Settings
 from gateway.errors import ModelNotFound
-from gateway.resilience import Guard
+from gateway.proxy.resilience import Guard
 
 
 class Router:
