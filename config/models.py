@@ -15,6 +15,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_QUEUE_SIZE = 50_000
 DEFAULT_BATCH_SIZE = 2000
 DEFAULT_FLUSH_INTERVAL = 0.2
+DEFAULT_API_WRITE_TIMEOUT = 10.0
 DEFAULT_MOCK_LATENCY = 0.0
 DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
 DEFAULT_RETRY_ATTEMPTS = 3
@@ -187,6 +188,12 @@ class RecorderSettings(_Strict):
         description="Seconds the writer waits for more rows before committing a partial batch.",
     )
     store_bodies: bool = Field(True, description="Store request and response bodies on spans.")
+    api_write_timeout: float = Field(
+        DEFAULT_API_WRITE_TIMEOUT,
+        gt=0,
+        description="Seconds an `/api` write waits for the store (say, locked by another "
+        "process) before it answers 503 with Retry-After.",
+    )
 
 
 Scope = Literal["proxy", "read", "write", "admin"]
