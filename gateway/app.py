@@ -20,6 +20,7 @@ from gateway.metrics import METRICS, Metrics
 from gateway.middleware import error_middleware
 from gateway.openapi import openapi_view
 from gateway.recorder import Recorder
+from gateway.redact import Redactor
 from gateway.router import Router
 from gateway.routes_api import ROUTES as API_ROUTES
 from gateway.routes_api import add_routes as add_api_routes
@@ -84,6 +85,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         writer=writer,
         reader=reader,
         sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY),
+        redactor=Redactor.for_settings(settings),
     )
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)

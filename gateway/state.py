@@ -11,6 +11,7 @@ from config.models import Deployment, Settings
 from gateway.attribution import Sequencer
 from gateway.cost import Price, Prices, deployment_prices
 from gateway.recorder import Recorder
+from gateway.redact import Redactor
 from gateway.router import Router
 from gateway.tool_spans import ToolTracker
 from gateway.upstream import Provider
@@ -28,6 +29,8 @@ class Gateway:
     sequencer: Sequencer
     tools: ToolTracker = field(default_factory=ToolTracker)
     providers: dict[str, Provider] = field(default_factory=dict)
+    # Keys that must never be recorded or answered, should an upstream echo one back.
+    redactor: Redactor = field(default_factory=lambda: Redactor(()))
     prices: dict[int, Price | None] = field(default_factory=dict)
     # Where this gateway answers, once it listens (the judge calls itself through it).
     base_url: str = ""
