@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import schemathesis
-from fake_provider import FakeProviderThread
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -22,9 +21,7 @@ MAX_EXAMPLES = 25
 
 
 @pytest.fixture(scope="module")
-def fuzzed_gateway(
-    fake_provider_server: FakeProviderThread, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayThread]:
+def fuzzed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayThread]:
     settings_ = parse_settings(
         {"models": [{"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]}]},
         env={},
