@@ -18,6 +18,7 @@ DEFAULT_FLUSH_INTERVAL = 0.2
 DEFAULT_MAX_UNSAVED_SECONDS = 1.0
 DEFAULT_MEMORY_BUFFER = 200_000
 DEFAULT_STORE_BUSY_TIMEOUT = 0.25
+DEFAULT_API_WRITE_TIMEOUT = 10.0
 DEFAULT_MOCK_LATENCY = 0.0
 DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
 DEFAULT_RETRY_ATTEMPTS = 3
@@ -213,6 +214,12 @@ class RecorderSettings(_Strict):
         "database); put it on another volume so a full database disk cannot stop both.",
     )
     store_bodies: bool = Field(True, description="Store request and response bodies on spans.")
+    api_write_timeout: float = Field(
+        DEFAULT_API_WRITE_TIMEOUT,
+        gt=0,
+        description="Seconds an `/api` write waits for the store (say, locked by another "
+        "process) before it answers 503 with Retry-After.",
+    )
 
 
 Scope = Literal["proxy", "read", "write", "admin"]

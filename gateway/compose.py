@@ -18,6 +18,7 @@ from gateway.providers.openai import OpenAICompatible, Provider
 from gateway.proxy.attribution import Sequencer
 from gateway.proxy.cost import load_cost_map
 from gateway.proxy.recorder import Recorder
+from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.web.auth import auth_middleware
 from gateway.web.metrics import METRICS, Metrics
@@ -99,6 +100,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         writer=writer,
         reader=reader,
         sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY),
+        redactor=Redactor.for_settings(settings),
     )
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)

@@ -2,6 +2,7 @@
 
 - GatewayError (500 api_error)
   - InvalidRequest (400 invalid_request_error)
+    - UnreadableBody (400, code invalid_content_encoding; the connection is closed)
     - RolloutRequired (400, code rollout_required)
     - BodyTooLarge (413, code request_too_large)
   - AuthenticationFailed (401 authentication_error)
@@ -10,15 +11,20 @@
   - ConflictError (409 conflict_error)
   - ValidationFailed (422 invalid_request_error)
   - TooManyJudgeRuns (429 rate_limit_error, code too_many_judge_runs)
-  - ServiceUnavailable (503 service_unavailable, code store_busy, Retry-After)
   - UpstreamError (502 upstream_error)
     - UpstreamUnreachable (502, code upstream_unreachable)
     - UpstreamTimeout (504, code upstream_timeout)
     - UpstreamProtocolError (502, code upstream_bad_response)
+  - ServiceUnavailable (503 service_unavailable, code store_busy; answered with Retry-After)
+
+Messages are scrubbed of Python tracebacks and server file paths when the error is made, so
+neither reaches a client nor a stored span whichever way the error travels.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import orjson
@@ -31,11 +37,13 @@ class GatewayError(Exception):
     """Base for every error answered in OpenAI's error shape."""
 
     status = 500
-    headers: dict[str, str] | None = None
     type = "api_error"
     code: str | None = None
+    # Set when the rest of the request cannot be read, so the connection cannot be reused.
+    close_connection = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        message = scrub(message)
         super().__init__(message)
         self.message = message
         self.param = param
@@ -51,6 +59,13 @@ class InvalidRequest(GatewayError):
 
     status = 400
     type = "invalid_request_error"
+
+
+class UnreadableBody(InvalidRequest):
+    """The body is not encoded as its `Content-Encoding` says."""
+
+    code = "invalid_content_encoding"
+    close_connection = True
 
 
 class RolloutRequired(InvalidRequest):
@@ -139,12 +154,16 @@ class UpstreamProtocolError(UpstreamError):
 
 
 class ServiceUnavailable(GatewayError):
-    """The store cannot take the write right now; the client may retry after a moment."""
+    """The store cannot take the write right now (locked, full, catching up), or an `/api`
+    write did not get through in time; the client should try again after `retry_after`."""
 
     status = 503
     type = "service_unavailable"
     code = "store_busy"
-    headers = {"Retry-After": "1"}
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # Store errors know nothing of HTTP; this table gives each its answer.
@@ -163,6 +182,29 @@ def from_store_error(exc: StoreError) -> GatewayError:
     return GatewayError(str(exc))
 
 
+# A traceback's header and its indented frames go; the exception's own line after them stays.
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):[^\n]*\n?(?:[ \t]+[^\n]*\n?)*")
+_FRAME = re.compile(r'\s*File "[^"\n]*", line \d+[^\n]*')
+# Absolute paths under the usual roots of a server's filesystem, or naming a Python file. A
+# URL's path is left alone: it follows a host, which the look-behind excludes.
+_PATH = re.compile(
+    r"(?<![\w:/.@-])"
+    r"(?:[A-Za-z]:\\[^\s'\"<>|]+"
+    r"|/(?:home|usr|opt|tmp|var|etc|root|srv|work|app|lib|lib64|proc|sys|run|mnt|nix|private"
+    r"|Users|System|Library)(?:/[^\s'\",:;()<>]*)?"
+    r"|(?:/[^\s'\",:;()<>/]+)+\.(?:py|pyc|pyx|so|db|sqlite|sqlite3|yaml|yml|journal))"
+)
+
+
+def scrub(message: str) -> str:
+    """`message` without Python tracebacks, stack frames or server file paths."""
+    if "/" not in message and "\\" not in message and "Traceback" not in message:
+        return message
+    message = _TRACEBACK.sub("", message)
+    message = _FRAME.sub("", message)
+    return _PATH.sub("<path>", message).strip() or "error details withheld"
+
+
 def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -170,9 +212,15 @@ def error_body(
 
 
 def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
+    response = web.Response(
         status=exc.status,
         body=orjson.dumps(exc.body()),
         content_type="application/json",
-        headers=headers if headers is not None else exc.headers,
+        headers=headers,
     )
+    if exc.close_connection:
+        response.force_close()
+    return response

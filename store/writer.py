@@ -570,8 +570,22 @@ class StoreWriter:
             path.unlink(missing_ok=True)
         if paths:
             log.info("replayed journal: %d spans so far", self.replayed)
+        elif not self.healthy and not self._takes_writes():
+            return
         self.healthy = True
         self.last_error = None
+
+    def _takes_writes(self) -> bool:
+        """Take the write lock and let it go: nothing written, but a lock held elsewhere
+        shows (a store is not called healthy again just because nothing was pending)."""
+        conn = self._db.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            self._mark_unhealthy(exc)
+            return False
+        return True
 
     def _replay_file(self, path: Path) -> bool:
         """True once every record of the file is in (or quarantined)."""

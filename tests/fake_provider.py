@@ -74,6 +74,9 @@ class Fault:
     reset: bool = False
     truncate_after: int | None = None
     malformed: bool = False
+    # Reply (plain or streamed) with the JSON of the request headers received as the text, as
+    # a careless upstream might echo a key back.
+    echo_headers: bool = False
 
     @classmethod
     def from_dict(cls, data: JSON) -> Fault:
@@ -624,7 +627,10 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
 
     reply: str | None = None
     tool_call: JSON | None = None
-    if tool is not None:
+    if call.fault is not None and call.fault.echo_headers:
+        reply, finish_reason = orjson.dumps(call.record.headers).decode(), "stop"
+        completion_tokens = count_completion_tokens(reply)
+    elif tool is not None:
         arguments = dumps_arguments(example_arguments(tool.get("parameters")))
         name = str(tool.get("name", ""))
         tool_call = {

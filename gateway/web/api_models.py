@@ -103,7 +103,10 @@ class SpanQuery(_Body):
 
 class SpanStreamQuery(SpanQuery):
     after: int | None = Field(
-        None, ge=0, description="Resume after this event id (same as the Last-Event-ID header)."
+        None,
+        ge=0,
+        lt=2**63,
+        description="Resume after this event id (same as the Last-Event-ID header).",
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from aiohttp import web
 
@@ -11,8 +11,6 @@ from config.models import ApiKey
 from gateway.errors import AuthenticationFailed, GatewayError
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json"})
-# Set on the request when the gateway key came in `Authorization`, so it is never forwarded.
-KEY_IN_AUTHORIZATION = web.RequestKey("key_in_authorization", bool)
 
 
 class PermissionDenied(GatewayError):
@@ -31,16 +29,17 @@ def required_scope(method: str, path: str) -> str | None:
     return "proxy"
 
 
-def presented_key(headers: Mapping[str, str]) -> tuple[str | None, bool]:
-    """The key the client sent and whether it came in `Authorization` (vs `X-Api-Key`)."""
-    explicit = headers.get("X-Api-Key")
-    if explicit:
-        return explicit.strip(), False
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key the client sent: `X-Api-Key`, `api-key` (Azure clients), or a bearer token."""
+    for name in ("X-Api-Key", "api-key"):
+        explicit = headers.get(name)
+        if explicit:
+            return explicit.strip()
     authorization = headers.get("Authorization", "")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip(), True
-    return None, False
+        return token.strip()
+    return None
 
 
 def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
@@ -59,36 +58,43 @@ def auth_middleware(keys: list[ApiKey]) -> web.Middleware:
         scope = required_scope(request.method, request.path)
         if scope is None:
             return await handler(request)
-        presented, in_authorization = presented_key(request.headers)
+        presented = presented_key(request.headers)
         if presented is None:
             raise AuthenticationFailed(
-                "missing API key: send `Authorization: Bearer <key>` or `X-Api-Key: <key>`"
+                "missing API key: send `Authorization: Bearer <key>`, `X-Api-Key: <key>` "
+                "or `api-key: <key>`"
             )
         key = find_key(keys, presented)
         if key is None:
             raise AuthenticationFailed("invalid API key")
         if scope not in key.scopes and "admin" not in key.scopes:
             raise PermissionDenied(f"this key lacks the {scope!r} scope")
-        request[KEY_IN_AUTHORIZATION] = in_authorization
         return await handler(request)
 
     return middleware
 
 
-def forwarded_client_headers(request: web.Request) -> dict[str, str]:
-    """Client headers an upstream may see: lower-cased, without the gateway's own key.
+def forwarded_client_headers(request: web.Request, gateway_keys: Collection[str]) -> dict[str, str]:
+    """Client headers an upstream may see: lower-cased, and none that carries a gateway key.
 
-    When the gateway key took the `Authorization` header, a provider key can still be
-    passed as `X-Provider-Authorization`.
+    The gateway key may ride in several headers at once, or in a repeated one, so every value
+    is checked rather than the one the key was taken from. A provider key the client brings
+    comes in `Authorization` (when the gateway key came elsewhere) or in
+    `X-Provider-Authorization`, which wins.
     """
-    headers = {
-        name: request.headers[name]
-        for name in ("authorization", "openai-organization", "openai-project", "openai-beta")
-        if name in request.headers
-    }
-    if request.get(KEY_IN_AUTHORIZATION):
-        headers.pop("authorization", None)
-    provider = request.headers.get("X-Provider-Authorization")
+
+    def first_clean(name: str) -> str | None:
+        for value in request.headers.getall(name, ()):
+            if not any(key in value for key in gateway_keys):
+                return value
+        return None
+
+    headers = {}
+    for name in ("authorization", "openai-organization", "openai-project", "openai-beta"):
+        value = first_clean(name)
+        if value is not None:
+            headers[name] = value
+    provider = first_clean("X-Provider-Authorization")
     if provider:
         headers["authorization"] = provider
     return headers

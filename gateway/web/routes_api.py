@@ -7,6 +7,7 @@ span queued before them, so a reward posted right after a call finds that call.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import BodyTooLarge, InvalidRequest, ValidationFailed
+from gateway.errors import BodyTooLarge, InvalidRequest, ServiceUnavailable, ValidationFailed
+from gateway.proxy import bodies
 from gateway.web import api_models as m
 from gateway.web.state import GATEWAY, Gateway
 from store import export, listing, writes
@@ -24,6 +26,7 @@ from store.listing import BadCursor
 from store.queries import get_rollout
 
 B = TypeVar("B", bound=BaseModel)
+T = TypeVar("T")
 MAX_API_BODY = 1024 * 1024
 SSE_KEEPALIVE_SECONDS = 15.0
 SSE_POLL_SECONDS = 1.0
@@ -51,13 +54,10 @@ def _validation_error(exc: ValidationError) -> ValidationFailed:
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await bodies.read_body(request)
     if len(raw) > MAX_API_BODY:
         raise BodyTooLarge(f"request body over {MAX_API_BODY} bytes")
-    try:
-        data = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    data = bodies.loads(raw) if raw.strip() else {}
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return data
@@ -99,13 +99,37 @@ async def read(gw: Gateway, fn: Callable[..., Any], *args: Any, **kwargs: Any) -
         raise ValidationFailed(str(exc), param="cursor") from exc
 
 
+async def write(gw: Gateway, fn: Callable[[Any], T]) -> T:
+    """`fn(db)` on the writer thread, or ServiceUnavailable (503) once `recorder.api_write_timeout`
+    passes: a locked store must not hold a client, nor its connection, indefinitely."""
+    timeout = gw.settings.recorder.api_write_timeout
+    try:
+        return await asyncio.wait_for(gw.writer.execute(fn), timeout)
+    except TimeoutError as exc:
+        raise _busy(f"the store did not take this write within {timeout:g}s", timeout) from exc
+    except sqlite3.OperationalError as exc:
+        # SQLite gave up waiting for another connection's lock before our own bound did.
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        raise _busy("the store is locked by another connection", timeout) from exc
+
+
+def _busy(reason: str, retry_after: float) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"{reason}; try again later (it may still be applied: "
+        "a write that names its id is safe to repeat)",
+        retry_after=retry_after,
+    )
+
+
 # -- rollouts -------------------------------------------------------------
 
 
 async def create_rollout(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.RolloutCreate)
-    row, created = await gw.writer.execute(
+    row, created = await write(
+        gw,
         lambda db: writes.create_rollout(
             db,
             rollout_id=body.id,
@@ -113,7 +137,7 @@ async def create_rollout(request: web.Request) -> web.Response:
             agent=body.agent,
             metadata=body.metadata,
             tags=body.tags,
-        )
+        ),
     )
     return json(row, status=201 if created else 200)
 
@@ -152,10 +176,11 @@ async def update_rollout(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.RolloutUpdate)
     rollout_id = request.match_info["rollout_id"]
-    row = await gw.writer.execute(
+    row = await write(
+        gw,
         lambda db: writes.update_rollout(
             db, rollout_id, status=body.status, metadata=body.metadata, tags=body.tags
-        )
+        ),
     )
     gw.recorder.publish_rollout(row)
     return json(row)
@@ -165,9 +190,7 @@ async def create_attempt(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.AttemptCreate)
     rollout_id = request.match_info["rollout_id"]
-    row = await gw.writer.execute(
-        lambda db: writes.create_attempt(db, rollout_id, attempt_id=body.id)
-    )
+    row = await write(gw, lambda db: writes.create_attempt(db, rollout_id, attempt_id=body.id))
     # Later calls to /rollout/{id}/v1 (no attempt named) join the new attempt.
     gw.sequencer.set_attempt(rollout_id, row["id"])
     return json(row, status=201)
@@ -177,8 +200,8 @@ async def update_attempt(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.AttemptUpdate)
     rollout_id, attempt_id = request.match_info["rollout_id"], request.match_info["attempt_id"]
-    row = await gw.writer.execute(
-        lambda db: writes.update_attempt(db, rollout_id, attempt_id, status=body.status)
+    row = await write(
+        gw, lambda db: writes.update_attempt(db, rollout_id, attempt_id, status=body.status)
     )
     return json(row)
 
@@ -241,11 +264,9 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     q = query_of(request, m.SpanStreamQuery)
     filters = _span_filters(q)
-    last = request.headers.get("Last-Event-ID") or (str(q.after) if q.after is not None else None)
-    try:
-        after = int(last) if last else None
-    except ValueError as exc:
-        raise ValidationFailed("Last-Event-ID must be an event id", param="Last-Event-ID") from exc
+    after = _event_id(request.headers.get("Last-Event-ID"))
+    if after is None:
+        after = q.after
     if after is None:
         # A new subscriber starts at the live edge, not at the beginning of history.
         after = await gw.reader.run(lambda db: listing.max_rowid(db))
@@ -257,6 +278,9 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    if request.method == "HEAD":
+        # The headers say what a GET would stream; a HEAD never gets, nor waits for, events.
+        return response
     wake = asyncio.Event()
     loop = asyncio.get_running_loop()
     unsubscribe = gw.writer.on_commit(lambda: _wake_threadsafe(loop, wake))
@@ -291,6 +315,19 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _event_id(value: str | None) -> int | None:
+    """A `Last-Event-ID` header as an event id (a row id): digits, below SQLite's limit."""
+    if not value:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 19 and int(value) < MAX_NS):
+        raise ValidationFailed(
+            "Last-Event-ID must be an event id: the `id` of an event this stream sent",
+            param="Last-Event-ID",
+        )
+    return int(value)
+
+
 def _wake_threadsafe(loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
     """Called on the writer thread after each commit."""
     if not loop.is_closed():
@@ -311,7 +348,7 @@ async def create_reward(request: web.Request) -> web.Response:
             )
         data["rollout_id"] = rollout_id
     body = validate(m.RewardCreate, data)
-    row, created = await gw.writer.execute(lambda db: writes.add_reward(db, body.model_dump()))
+    row, created = await write(gw, lambda db: writes.add_reward(db, body.model_dump()))
     return json(row, status=201 if created else 200)
 
 
@@ -403,3 +440,6 @@ def add_routes(app: web.Application, routes: tuple[ApiRoute, ...]) -> None:
         app.on_shutdown.append(_close_streams)
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)
+        if route.method == "GET":
+            # As `add_get` does: HEAD answers like GET, without the body.
+            app.router.add_route("HEAD", route.path, route.handler)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,10 +19,13 @@ from gateway.errors import (
     RolloutRequired,
     UpstreamError,
     error_response,
+    scrub,
 )
+from gateway.proxy import bodies
 from gateway.proxy.attribution import Attribution, new_span_id, new_trace_id, read_attribution
 from gateway.proxy.cost import cost_usd
 from gateway.proxy.forward import Job, Outcome, forward
+from gateway.proxy.redact import Redactor
 from gateway.proxy.spans import error_fields, reply_fields, request_attributes
 from gateway.proxy.streaming import (
     SSESplitter,
@@ -97,10 +99,7 @@ def _check_tools(tools: Any) -> None:
 def parse_payload(raw: bytes, operation: str | None = None) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("the request body is empty; expected a JSON object")
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    payload = bodies.loads(raw)
     if not isinstance(payload, dict):
         raise InvalidRequest("the request body must be a JSON object")
     model = payload.get("model")
@@ -155,6 +154,8 @@ class Call:
     processing_ns: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     published: bool = False
+    # The gateway's secrets plus any key this client sent for the provider.
+    redactor: Redactor | None = None
 
     @property
     def deployment(self) -> Deployment | None:
@@ -200,8 +201,14 @@ class Call:
 
     def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:
         self.fields.update(
-            status="error", http_status=http_status, error_type=error_type, error_message=message
+            status="error",
+            http_status=http_status,
+            error_type=error_type,
+            error_message=scrub(message) if message else message,
         )
+
+    def redact(self, value: Any) -> Any:
+        return self.redactor.value(value) if self.redactor is not None else value
 
     def publish(self, response_body: Any = None) -> None:
         if self.published:
@@ -241,7 +248,7 @@ class Call:
             "status": fields.get("status", "ok"),
             "http_status": fields.get("http_status"),
             "error_type": fields.get("error_type"),
-            "error_message": fields.get("error_message"),
+            "error_message": self.redact(fields.get("error_message")),
             "stream": int(self.stream),
             "start_ns": self.start_ns,
             "end_ns": self.start_ns + duration_ns,
@@ -250,8 +257,8 @@ class Call:
             "upstream_ms": ((self.upstream_done_ns or now) - sent_ns) / 1e6 if sent_ns else None,
             "overhead_ms": self.overhead_ms(now),
             "retries": job.retries if job else 0,
-            "request_body": self.raw_request if store_bodies else None,
-            "response_body": response_body if store_bodies else None,
+            "request_body": self.redact(self.raw_request) if store_bodies else None,
+            "response_body": self.redact(response_body) if store_bodies else None,
             "attributes": attributes,
             "tags": attribution.tags,
             "agent": attribution.agent_id,
@@ -287,7 +294,7 @@ class Call:
 
 async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
     response = outcome.response
-    body = response.body or b""
+    body = call.redact(response.body or b"")
     call.fields["http_status"] = response.status
     if response.ok:
         call.fields.update(reply_fields(call.operation, outcome.parsed))
@@ -335,7 +342,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                 call.processing_ns += time.perf_counter_ns() - mark
                 if not forward:
                     continue
-                await out.write(raw_event)
+                await out.write(call.redact(raw_event))
                 if (
                     call.first_token_ns is None
                     and isinstance(obj, dict)
@@ -350,7 +357,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         call.upstream_done_ns = time.perf_counter_ns()
         call.fail(exc.status, exc.code or exc.type, exc.message)
         call.publish(assembler.result())
-        await out.write(b"data: " + orjson.dumps(exc.body()) + b"\n\n")
+        await out.write(call.redact(b"data: " + orjson.dumps(exc.body()) + b"\n\n"))
         return out
     except ConnectionError as exc:
         call.fail(499, "client_disconnected", f"the client went away mid-stream: {exc}")
@@ -388,7 +395,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         raise RolloutRequired(
             "this gateway requires a rollout: call /rollout/{id}/v1/... or send X-Rollout-Id"
         )
-    raw = await request.read()
+    raw = await bodies.read_body(request)
     payload = parse_payload(raw, operation)
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
@@ -397,7 +404,10 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         if attribution.rollout_id is not None:
             await _number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
         group = gw.router.group(payload["model"])
-        call.job = Job(operation, raw, payload, stream, group, forwarded_client_headers(request))
+        gateway_keys = [key.key for key in gw.settings.auth.keys]
+        client_headers = forwarded_client_headers(request, gateway_keys)
+        call.redactor = gw.redactor.adding(_bearer_token(client_headers.get("authorization")))
+        call.job = Job(operation, raw, payload, stream, group, client_headers)
         call.outcome = outcome = await forward(gw, call.job)
         if outcome.response.chunks is None:
             call.upstream_done_ns = time.perf_counter_ns()
@@ -408,13 +418,17 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
             call.upstream_done_ns = time.perf_counter_ns()
         call.fail(exc.status, exc.code or exc.type, exc.message)
         call.publish(exc.body())
-        headers = call.headers()
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-        return error_response(exc, headers=headers)
+        return error_response(exc, headers=call.headers())
     finally:
         call.publish()
+
+
+def _bearer_token(authorization: str | None) -> str | None:
+    """The key in an `Authorization` value (the whole value when it is not a bearer token)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip() or None
+    return authorization
 
 
 async def _number_call(gw: Gateway, call: Call, rollout_id: str, attempt_id: str | None) -> None:

@@ -12,6 +12,7 @@ from gateway.providers.openai import Provider
 from gateway.proxy.attribution import Sequencer
 from gateway.proxy.cost import Price, Prices, deployment_prices
 from gateway.proxy.recorder import Recorder
+from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.tool_spans import ToolTracker
 from store.reader import Reader
@@ -28,6 +29,8 @@ class Gateway:
     sequencer: Sequencer
     tools: ToolTracker = field(default_factory=ToolTracker)
     providers: dict[str, Provider] = field(default_factory=dict)
+    # Keys that must never be recorded or answered, should an upstream echo one back.
+    redactor: Redactor = field(default_factory=lambda: Redactor(()))
     prices: dict[int, Price | None] = field(default_factory=dict)
     # Where this gateway answers, once it listens (the judge calls itself through it).
     base_url: str = ""

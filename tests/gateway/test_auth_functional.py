@@ -325,3 +325,111 @@ def test_no_key_is_ever_stored(
             data = path.read_bytes()
             for secret in (PROXY_KEY, ADMIN_KEY, USER_PROVIDER_KEY, UPSTREAM_KEY):
                 assert secret.encode() not in data, (secret, path.name)
+
+
+# -- keys in several headers, keys echoed back -------------------------------------------------
+
+LITELLM_KEY = "sk-litellm-upstream-secret"
+# The gateway key in every header it may ride in, `Authorization` twice.
+KEY_EVERYWHERE = [
+    ("Authorization", f"Bearer {PROXY_KEY}"),
+    ("Authorization", f"Bearer {PROXY_KEY}"),
+    ("X-Api-Key", PROXY_KEY),
+    ("api-key", PROXY_KEY),
+]
+
+
+@pytest.fixture
+def echoing(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> GatewayThread:
+    """`gpt-test` (its own key), `byok` (none) and `lite`, routed through litellm's
+    OpenAI-compatible `hosted_vllm` provider, all in front of the fake."""
+    lite = {
+        "name": "lite",
+        "deployments": [
+            {
+                "provider": "hosted_vllm",
+                "model": "upstream-model",
+                "api_base": fake_provider.url,
+                "api_key": LITELLM_KEY,
+            }
+        ],
+    }
+    return make_gateway(models=[*models(fake_provider.url), lite], auth={"keys": KEYS})
+
+
+def stored_span(gateway: GatewayThread, span_id: str) -> str:
+    """The span as `/api/spans/{id}` serves it, once written."""
+    gateway.flush()
+    response = httpx.get(f"{gateway.base}/api/spans/{span_id}", headers=bearer(ADMIN_KEY))
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def chat_with_headers(
+    gateway: GatewayThread, model: str, headers: list[tuple[str, str]], *, stream: bool
+) -> httpx.Response:
+    body = {"model": model, "messages": MESSAGES, "stream": stream}
+    response = httpx.post(f"{gateway.base}/v1/chat/completions", json=body, headers=headers)
+    response.read()
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize(
+    ("model", "provider_key"),
+    [("gpt-test", UPSTREAM_KEY), ("byok", None), ("lite", LITELLM_KEY)],
+    ids=["own-key", "keyless", "litellm"],
+)
+def test_gateway_key_in_several_headers_reaches_neither_the_upstream_nor_the_store(
+    echoing: GatewayThread,
+    fake_provider: FakeProviderThread,
+    model: str,
+    provider_key: str | None,
+    stream: bool,
+) -> None:
+    fake_provider.state.add_fault(echo_headers=True)
+    response = chat_with_headers(echoing, model, KEY_EVERYWHERE, stream=stream)
+    assert response.status_code == 200, response.text
+
+    seen = fake_provider.state.last_request.headers
+    assert PROXY_KEY not in json.dumps(seen), seen
+    if provider_key is not None:
+        # The upstream got the deployment's key, and echoed it back.
+        assert seen["authorization"] == f"Bearer {provider_key}"
+        assert "[redacted]" in response.text
+    stored = stored_span(echoing, response.headers["X-Span-Id"])
+    for secret in (PROXY_KEY, UPSTREAM_KEY, LITELLM_KEY):
+        assert secret not in response.text, secret
+        assert secret not in stored, secret
+
+
+def test_provider_key_sent_by_the_client_beside_the_gateway_key_is_forwarded_but_not_stored(
+    echoing: GatewayThread, fake_provider: FakeProviderThread
+) -> None:
+    fake_provider.state.add_fault(echo_headers=True)
+    headers = [*KEY_EVERYWHERE, ("X-Provider-Authorization", f"Bearer {USER_PROVIDER_KEY}")]
+    response = chat_with_headers(echoing, "byok", headers, stream=False)
+    assert response.status_code == 200, response.text
+    seen = fake_provider.state.last_request.headers
+    assert seen["authorization"] == f"Bearer {USER_PROVIDER_KEY}"
+    assert PROXY_KEY not in json.dumps(seen)
+    stored = stored_span(echoing, response.headers["X-Span-Id"])
+    assert USER_PROVIDER_KEY not in stored and USER_PROVIDER_KEY not in response.text
+
+
+@pytest.mark.parametrize(("model", "key"), [("gpt-test", UPSTREAM_KEY), ("lite", LITELLM_KEY)])
+def test_provider_key_echoed_in_an_upstream_error_is_redacted(
+    echoing: GatewayThread, fake_provider: FakeProviderThread, model: str, key: str
+) -> None:
+    fake_provider.state.add_fault(
+        status=401, message=f"Incorrect API key provided: {key}. Find yours elsewhere."
+    )
+    response = chat_with_headers(echoing, model, list(bearer(PROXY_KEY).items()), stream=False)
+    assert response.status_code == 401, response.text
+    assert "Incorrect API key provided" in response.text
+    stored = stored_span(echoing, response.headers["X-Span-Id"])
+    assert "Incorrect API key provided" in stored
+    for secret in (UPSTREAM_KEY, LITELLM_KEY, PROXY_KEY):
+        assert secret not in response.text and secret not in stored, secret

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +19,7 @@ import httpx
 import openai
 import pytest
 from fake_provider import FakeProviderThread
-from servers import GatewayThread
+from servers import GatewayThread, wait_until
 
 from config.loader import parse_settings
 
@@ -395,3 +398,46 @@ def test_body_over_max_body_bytes_answers_413_in_openai_shape(
     small = {"model": "gpt-test", "messages": [{"role": "user", "content": "x" * 500}]}
     ok = http.post(f"{gateway.url('big', '1')}/chat/completions", json=small)
     assert ok.status_code == 200
+
+
+LOCK_HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+def test_api_writes_on_a_store_locked_by_another_process_answer_503_with_retry_after(
+    make_gateway: Callable[..., GatewayThread],
+) -> None:
+    gateway = make_gateway(recorder={"api_write_timeout": 1.0})
+    writes = [
+        ("POST", "/api/rollouts", {"id": "locked-1"}),
+        ("POST", "/api/rewards", {"rollout_id": "locked-1", "value": 1}),
+        ("PATCH", "/api/rollouts/locked-1", {"status": "succeeded"}),
+    ]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(gateway.db_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with httpx.Client(base_url=gateway.base, timeout=10) as http:
+            for method, path, body in writes:
+                started = time.monotonic()
+                response = http.request(method, path, json=body)
+                assert time.monotonic() - started < 5, (method, path)
+                assert_openai_error(response, 503, code="store_busy", type_="service_unavailable")
+                assert int(response.headers["Retry-After"]) >= 1
+    finally:
+        holder.communicate(timeout=10)
+    with httpx.Client(base_url=gateway.base, timeout=10) as http:
+        wait_until(
+            lambda: http.post("/api/rollouts", json={"id": "locked-1"}).status_code in (200, 201),
+            timeout=10,
+            what="writes to go through once the lock is gone",
+        )

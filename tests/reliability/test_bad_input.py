@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from config.loader import parse_settings
 from gateway.compose import writer_for
 from gateway.errors import InvalidRequest
 from gateway.proxy.attribution import Attribution, read_attribution
+from gateway.proxy.bodies import MAX_JSON_DEPTH
 from gateway.web.routes_openai import parse_payload
 
 from .support import CHAT_PATH, DONE_LINE, chat_body, openai_error, span_record
@@ -52,6 +54,16 @@ def shared_gateway(
                     ],
                 },
                 {"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]},
+                {
+                    "name": "lite",
+                    "deployments": [
+                        {
+                            "provider": "hosted_vllm",
+                            "model": "m",
+                            "api_base": fake_provider_server.url,
+                        }
+                    ],
+                },
             ],
             "server": {"max_body_bytes": MAX_BODY_BYTES},
             # Cases that fail must not trip the breaker for the cases after them; whether bad
@@ -465,6 +477,180 @@ def test_random_json_bodies_never_get_a_5xx(body: Any, client: httpx.Client) -> 
         assert openai_error("\n".join(lines).encode()), (body, lines[:3])
     elif isinstance(body, dict) and body.get("stream") is True:
         assert lines[-1] == DONE_LINE
+
+
+# -- deep JSON, cursors, event ids, encodings, HEAD ---------------------------------------------
+
+
+def nested(depth: int) -> bytes:
+    """A JSON value whose arrays nest `depth` levels deep."""
+    return b"[" * depth + b"1" + b"]" * depth
+
+
+def chat(model: str, deep: bytes, **extra: Any) -> bytes:
+    fields = b"".join(b',"%s":%s' % (k.encode(), orjson.dumps(v)) for k, v in extra.items())
+    return b'{"model":"%s","messages":[{"role":"user","content":"hi","x":%s}]%s}' % (
+        model.encode(),
+        deep,
+        fields,
+    )
+
+
+def tool_chat(model: str, deep: bytes) -> bytes:
+    tools = b'[{"type":"function","function":{"name":"f","parameters":{"type":"object","x":%s}}}]'
+    return b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"tools":%s}' % (
+        model.encode(),
+        tools % deep,
+    )
+
+
+DEEP_REQUESTS: dict[str, tuple[str, str, Any]] = {
+    "chat": ("POST", CHAT_PATH, lambda d: chat("mock", d)),
+    "chat stream": ("POST", CHAT_PATH, lambda d: chat("mock", d, stream=True)),
+    "renamed model": ("POST", CHAT_PATH, lambda d: chat("gpt-test", d)),
+    "renamed model stream": ("POST", CHAT_PATH, lambda d: chat("gpt-test", d, stream=True)),
+    "tools": ("POST", CHAT_PATH, lambda d: tool_chat("mock", d)),
+    "litellm": ("POST", CHAT_PATH, lambda d: chat("lite", d)),
+    "litellm stream": ("POST", CHAT_PATH, lambda d: chat("lite", d, stream=True)),
+    "rollout prefix": ("POST", "/rollout/deep/v1/chat/completions", lambda d: chat("mock", d)),
+    "completions": ("POST", "/v1/completions", lambda d: b'{"model":"mock","prompt":%s}' % d),
+    "embeddings": ("POST", "/v1/embeddings", lambda d: b'{"model":"mock","input":%s}' % d),
+    "responses": ("POST", "/v1/responses", lambda d: b'{"model":"mock","input":%s}' % d),
+    "create rollout": ("POST", "/api/rollouts", lambda d: b'{"metadata":{"a":%s}}' % d),
+    "patch rollout": ("PATCH", "/api/rollouts/deep", lambda d: b'{"metadata":{"a":%s}}' % d),
+    "create attempt": ("POST", "/api/rollouts/deep/attempts", lambda d: b'{"x":%s}' % d),
+    "reward": ("POST", "/api/rewards", lambda d: b'{"rollout_id":"deep","value":1,"details":%s}' % d),
+    "rollout reward": ("POST", "/api/rollouts/deep/rewards", lambda d: b'{"value":1,"details":%s}' % d),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("depth", [255, 300, 1023, 1024])
+@pytest.mark.parametrize("request_name", list(DEEP_REQUESTS))
+def test_json_nested_hundreds_of_levels_is_a_400_on_every_route(
+    request_name: str, depth: int, client: httpx.Client
+) -> None:
+    method, path, build = DEEP_REQUESTS[request_name]
+    assert_openai_4xx(client.request(method, path, content=build(nested(depth))), 400)
+    assert_serving(client)
+
+
+@pytest.mark.parametrize("request_name", ["renamed model stream", "tools", "litellm"])
+def test_json_nested_within_the_limit_is_served_and_recorded(
+    request_name: str, client: httpx.Client, shared_gateway: GatewayThread
+) -> None:
+    """The limit leaves room for what the gateway wraps around a body (the record, litellm)."""
+    method, path, build = DEEP_REQUESTS[request_name]
+    response = client.request(method, path, content=build(nested(MAX_JSON_DEPTH - 10)))
+    assert response.status_code == 200, response.text[:300]
+    [span] = shared_gateway.spans(span_id=response.headers["X-Span-Id"])
+    assert span["status"] == "ok"
+
+
+# Not a cursor at all, and cursors that decode to JSON of some other shape or size.
+BAD_CURSORS = ["abc", "!!!!", "A" * 5000, "%00", "\u00e9t\u00e9"]
+ODD_CURSORS = [
+    "eyJ4Ijo1fQ==",
+    "WzEsMl0=",
+    "OTk5OTk5OTk5OTk5OTk5OTk5OTk5",
+    "W1tbW1tbW1tbXV1dXV1dXV1dXQ==",
+]
+
+
+@pytest.mark.parametrize("cursor", BAD_CURSORS, ids=range(len(BAD_CURSORS)))
+@pytest.mark.parametrize("path", ["/api/rollouts", "/api/spans", "/api/rewards"])
+def test_a_malformed_cursor_is_a_4xx(path: str, cursor: str, client: httpx.Client) -> None:
+    assert_openai_4xx(client.get(path, params={"cursor": cursor}))
+
+
+@pytest.mark.parametrize("cursor", ODD_CURSORS, ids=range(len(ODD_CURSORS)))
+@pytest.mark.parametrize("path", ["/api/rollouts", "/api/spans", "/api/rewards"])
+def test_a_cursor_of_another_shape_is_a_4xx_or_an_empty_page(
+    path: str, cursor: str, client: httpx.Client
+) -> None:
+    response = client.get(path, params={"cursor": cursor})
+    if response.status_code == 200:
+        assert response.json() == {"data": [], "next_cursor": None}
+    else:
+        assert_openai_4xx(response)
+
+
+BAD_EVENT_IDS = ["9" * 100, "-1", "1e5", "abc", "0x10", str(2**63), "1 2"]
+
+
+@pytest.mark.parametrize("value", BAD_EVENT_IDS)
+@pytest.mark.parametrize("where", ["Last-Event-ID", "after"])
+def test_an_odd_event_id_on_the_span_stream_is_a_422(
+    where: str, value: str, client: httpx.Client
+) -> None:
+    if where == "after":
+        response = client.get("/api/spans/stream", params={"after": value})
+    else:
+        response = client.get("/api/spans/stream", headers={"Last-Event-ID": value})
+    error = assert_openai_4xx(response, 422)
+    assert error["param"] == where
+
+
+def test_the_largest_event_id_resumes_the_stream(client: httpx.Client) -> None:
+    headers = {"Last-Event-ID": str(2**63 - 1)}
+    with client.stream("GET", "/api/spans/stream", headers=headers) as response:
+        assert response.status_code == 200
+        assert next(response.iter_lines()) == ": connected"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+@pytest.mark.parametrize("path", [CHAT_PATH, "/api/rollouts"])
+def test_a_body_not_encoded_as_it_claims_is_a_400_and_the_next_request_is_served(
+    path: str, encoding: str, client: httpx.Client
+) -> None:
+    body = orjson.dumps(MOCK_OK if path == CHAT_PATH else {"agent": "a", "tags": ["t"]})
+    response = client.post(path, content=body, headers={"Content-Encoding": encoding})
+    assert response.status_code == 400, response.text
+    if response.headers.get("Content-Type", "").startswith("application/json"):
+        assert openai_error(response.content), response.text
+    # Otherwise aiohttp's parser refused it before any route ran (`br` without Brotli
+    # installed, a deflate stream that fails only at its end): a plain-text 400.
+    assert_serving(client)
+
+
+def test_head_answers_like_get_without_a_body_on_every_get_route(
+    shared_gateway: GatewayThread, client: httpx.Client
+) -> None:
+    assert shared_gateway.app is not None
+    paths = sorted(
+        {
+            re.sub(r"{[^}]+}", "nope", route.resource.canonical)
+            for route in shared_gateway.app.router.routes()
+            if route.method == "GET" and route.resource is not None
+        }
+    )
+    assert "/api/rollouts" in paths and "/api/spans/stream" in paths
+    for path in paths:
+        head = client.head(path)
+        assert head.status_code not in (405, 500), (path, head.status_code)
+        assert head.content == b"", path
+        if path != "/api/spans/stream":
+            assert head.status_code == client.get(path).status_code, path
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"X-Bad\x01Name: v\r\n",
+        b"No colon here\r\n",
+        b"Content-Length: abc\r\n",
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+        b"X-Huge: " + b"a" * 70_000 + b"\r\n",
+    ],
+    ids=["control char in a name", "no colon", "bad length", "two lengths", "70 KB header"],
+)
+def test_invalid_headers_get_a_4xx_and_the_gateway_keeps_serving(
+    head: bytes, shared_gateway: GatewayThread, client: httpx.Client
+) -> None:
+    with socket.create_connection(("127.0.0.1", shared_gateway.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n{}")
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+    assert re.match(rb"HTTP/1\.[01] 4\d\d ", status_line), status_line
+    assert_serving(client)
 
 
 def test_the_gateway_still_serves_after_all_that(client: httpx.Client) -> None:
