@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -25,6 +26,7 @@ from gateway.errors import (
     error_response,
 )
 from gateway.forward import Job, Outcome, forward
+from gateway.limits import bounded_stream, read_body, stored_body, write_within
 from gateway.spans import error_fields, reply_fields, request_attributes
 from gateway.state import GATEWAY, Gateway
 from gateway.streaming import (
@@ -48,6 +50,9 @@ OPERATIONS = {
 STREAMABLE = frozenset({"chat", "text_completion", "responses"})
 PREFIXES = ("", "/rollout/{rollout_id}", "/rollout/{rollout_id}/attempt/{attempt_id}")
 _DONE = b"[DONE]"
+# A span's status when the client got no answer: it went away (http_status 499) or the
+# gateway shut down under it (http_status null).
+CANCELLED = "cancelled"
 
 
 def _check_fields(operation: str, payload: dict[str, Any]) -> None:
@@ -154,6 +159,9 @@ class Call:
     first_token_ns: int | None = None
     processing_ns: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
+    # Bytes relayed from an upstream stream: tells `publish` whether its assembled answer
+    # can be over the stored-body limit without serialising it to find out.
+    stream_bytes: int = 0
     published: bool = False
 
     @property
@@ -203,6 +211,24 @@ class Call:
             status="error", http_status=http_status, error_type=error_type, error_message=message
         )
 
+    def cancel(self, request: web.Request) -> None:
+        """The handler was cancelled: by the client leaving (499), or by shutdown (no answer)."""
+        if request.transport is None or request.transport.is_closing():
+            self.client_closed("the client went away before the answer was complete")
+        else:
+            self.fields.update(
+                status=CANCELLED,
+                http_status=None,
+                error_type="gateway_shutdown",
+                error_message="the gateway shut down before the answer was complete",
+            )
+
+    def client_closed(self, message: str) -> None:
+        """The client went away (or stopped reading): what it got is no answer at all."""
+        self.fields.update(
+            status=CANCELLED, http_status=499, error_type="client_closed", error_message=message
+        )
+
     def publish(self, response_body: Any = None) -> None:
         if self.published:
             return
@@ -223,6 +249,13 @@ class Call:
             if job.fallback:
                 attributes["spangate.fallback"] = job.fallback
         store_bodies = self.gw.settings.recorder.store_bodies
+        request_body: Any = None
+        if store_bodies:
+            limit = self.gw.settings.limits.max_stored_body_bytes
+            request_body = self._stored("request_body", self.raw_request, limit, attributes)
+            response_body = self._stored(
+                "response_body", response_body, limit, attributes, self.stream_bytes or None
+            )
         duration_ns = now - self.t0
         sent_ns = job.sent_ns if job else None
         record = {
@@ -250,7 +283,7 @@ class Call:
             "upstream_ms": ((self.upstream_done_ns or now) - sent_ns) / 1e6 if sent_ns else None,
             "overhead_ms": self.overhead_ms(now),
             "retries": job.retries if job else 0,
-            "request_body": self.raw_request if store_bodies else None,
+            "request_body": request_body,
             "response_body": response_body if store_bodies else None,
             "attributes": attributes,
             "tags": attribution.tags,
@@ -284,6 +317,17 @@ class Call:
         if record["tool_calls"]:
             self.gw.tools.note(record)
 
+    @staticmethod
+    def _stored(
+        name: str, body: Any, limit: int, attributes: dict[str, Any], hint: int | None = None
+    ) -> Any:
+        """The body cut to `limit`, with its size and a flag in `attributes` if it was cut."""
+        kept, size = stored_body(body, limit, size_hint=hint)
+        if size is not None:
+            attributes[f"spangate.{name}.size"] = size
+            attributes[f"spangate.{name}.truncated"] = True
+        return kept
+
 
 async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
     response = outcome.response
@@ -310,8 +354,14 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     assembler = new_assembler(call.operation)
     held: list[bytes] = []
     operation = call.operation
+    limits = call.gw.settings.limits
+    write_timeout = call.gw.settings.server.write_timeout
+    chunks = bounded_stream(
+        response.chunks, max_bytes=limits.max_stream_bytes, max_seconds=limits.max_stream_seconds
+    )
     try:
-        async for chunk in response.chunks:
+        async for chunk in chunks:
+            call.stream_bytes += len(chunk)
             for raw_event in splitter.feed(chunk):
                 mark = time.perf_counter_ns()
                 _, data = parse_event(raw_event)
@@ -335,7 +385,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                 call.processing_ns += time.perf_counter_ns() - mark
                 if not forward:
                     continue
-                await out.write(raw_event)
+                await write_within(request, out, raw_event, write_timeout)
                 if (
                     call.first_token_ns is None
                     and isinstance(obj, dict)
@@ -344,18 +394,25 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                     call.first_token_ns = time.perf_counter_ns()
         rest = splitter.rest()
         if rest.strip():
-            await out.write(rest)
+            await write_within(request, out, rest, write_timeout)
         call.upstream_done_ns = time.perf_counter_ns()
     except UpstreamError as exc:
         call.upstream_done_ns = time.perf_counter_ns()
         call.fail(exc.status, exc.code or exc.type, exc.message)
         call.publish(assembler.result())
-        await out.write(b"data: " + orjson.dumps(exc.body()) + b"\n\n")
+        with contextlib.suppress(ConnectionError):
+            error_event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+            await write_within(request, out, error_event, write_timeout)
         return out
     except ConnectionError as exc:
-        call.fail(499, "client_disconnected", f"the client went away mid-stream: {exc}")
+        # Also a client that stopped reading (ClientTooSlow): it gets no more of the answer.
+        call.client_closed(f"the client went away mid-stream: {exc}")
         call.publish(assembler.result())
         return out
+    except asyncio.CancelledError:
+        call.cancel(request)
+        call.publish(assembler.result())
+        raise
     except Exception as exc:
         # Headers are gone already: a 500 now would corrupt the stream, so end it with an
         # error event the SDK raises, and keep the record.
@@ -370,12 +427,13 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
             await out.write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
         return out
     finally:
+        await chunks.aclose()
         await response.chunks.aclose()
     result = assembler.result()
     call.fields.update({k: v for k, v in reply_fields(operation, result).items() if v is not None})
     call.publish(result)
     for raw_event in held:
-        await out.write(raw_event)
+        await write_within(request, out, raw_event, write_timeout)
     await out.write_eof()
     return out
 
@@ -388,7 +446,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         raise RolloutRequired(
             "this gateway requires a rollout: call /rollout/{id}/v1/... or send X-Rollout-Id"
         )
-    raw = await request.read()
+    raw = await read_body(request, gw.settings.server.body_timeout)
     payload = parse_payload(raw, operation)
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
@@ -413,6 +471,13 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         return error_response(exc, headers=headers)
+    except asyncio.CancelledError:
+        call.cancel(request)
+        raise
+    except Exception as exc:
+        # The middleware answers 500; the span says so instead of the `ok` it started as.
+        call.fail(500, "gateway_error", f"internal gateway error: {type(exc).__name__}")
+        raise
     finally:
         call.publish()
 

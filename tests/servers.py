@@ -14,6 +14,7 @@ from aiohttp import web
 
 from config.models import Settings
 from gateway.app import create_app
+from gateway.server import runner_options
 from gateway.state import GATEWAY, Gateway
 from store.queries import decode_row
 
@@ -71,7 +72,9 @@ class GatewayThread:
 
     async def _start(self) -> None:
         self.app = create_app(self.settings, self.db_path)
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10)
+        # In-flight calls get a while to finish at stop: tests have no `_finish_in_flight`.
+        options = {**runner_options(self.settings), "shutdown_timeout": 10}
+        self._runner = web.AppRunner(self.app, access_log=None, **options)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -1,0 +1,129 @@
+"""Bounds on what a client or an upstream can make the gateway wait for or hold in memory.
+
+Each helper turns one unbounded operation (a body read, a write to a client, an upstream
+stream, a stored body, a metric label) into one with a configured limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import RequestTimeout, UpstreamTimeout, UpstreamTooLarge
+
+OTHER_LABEL = "other"
+
+
+class ClientTooSlow(ConnectionError):
+    """A write to the client made no progress within `server.write_timeout`: it stopped reading.
+
+    A `ConnectionError`, so every path that handles a client that went away handles it too.
+    """
+
+
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The whole request body, or 408 when the client takes longer than `timeout` to send it.
+
+    aiohttp bounds the size (`client_max_size`) but not the time: without this, a client
+    sending a byte a second holds a handler (and graceful shutdown) for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g}s (server.body_timeout)"
+        ) from exc
+
+
+async def write_within(
+    request: web.Request, response: web.StreamResponse, data: bytes, timeout: float
+) -> None:
+    """`response.write(data)`, dropping the client if it stops reading for `timeout` seconds.
+
+    aiohttp's write waits for the socket to drain with no deadline, so a client that never
+    reads would hold its handler, its upstream stream and its buffers forever.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await response.write(data)
+    except TimeoutError as exc:
+        if request.transport is not None:
+            # Frees the kernel and transport buffers now rather than at some later close.
+            request.transport.abort()
+        raise ClientTooSlow(f"the client read nothing for {timeout:g}s") from exc
+
+
+async def bounded_stream(
+    chunks: AsyncIterator[bytes], *, max_bytes: int, max_seconds: float
+) -> AsyncIterator[bytes]:
+    """`chunks`, cut with an `UpstreamError` once they pass `max_bytes` or `max_seconds`.
+
+    The deadline covers the whole stream, so an upstream that keeps trickling (or never
+    ends) is cut even though each chunk arrives within the upstream's own timeouts.
+    """
+    deadline = asyncio.get_running_loop().time() + max_seconds
+    seen = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"the upstream stream ran past {max_seconds:g}s (limits.max_stream_seconds)"
+            ) from exc
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise UpstreamTooLarge(
+                f"the upstream stream passed {max_bytes} bytes (limits.max_stream_bytes)"
+            )
+        yield chunk
+
+
+def stored_body(body: Any, limit: int, *, size_hint: int | None = None) -> tuple[Any, int | None]:
+    """`body` as it is stored on a span, and its size in bytes if it had to be cut to `limit`.
+
+    A decoded body (the assembled answer of a stream) is serialised only when `size_hint`,
+    the bytes it was assembled from, says it may be over the limit: most calls pay nothing.
+    """
+    if body is None:
+        return None, None
+    if isinstance(body, bytes | bytearray):
+        raw = bytes(body)
+    elif size_hint is not None and size_hint <= limit:
+        return body, None
+    else:
+        try:
+            raw = orjson.dumps(body)
+        except TypeError:
+            return body, None
+    if len(raw) <= limit:
+        return body, None
+    # Cut bytes, not characters: a split UTF-8 sequence is replaced when it is written.
+    return raw[:limit], len(raw)
+
+
+class LabelCap:
+    """At most `limit` distinct values for one metric label; the rest become `other`.
+
+    Values from clients (tool names, model names) would otherwise mint a new time series
+    each, growing `/metrics` and memory without bound.
+    """
+
+    def __init__(self, limit: int, known: frozenset[str] = frozenset()) -> None:
+        self.limit = limit
+        self.seen: set[str] = set(known)
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER_LABEL
+        self.seen.add(value)
+        return value
