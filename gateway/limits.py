@@ -7,6 +7,8 @@ stream, a stored body, a metric label) into one with a configured limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +18,9 @@ from aiohttp import web
 from gateway.errors import RequestTimeout, UpstreamTimeout, UpstreamTooLarge
 
 OTHER_LABEL = "other"
+# Kernel send buffer of a streamed answer's socket. Left to autotuning it grows to megabytes,
+# which a client that stops reading pins for every stream; tokens need far less.
+STREAM_SEND_BUFFER = 64 * 1024
 
 
 class ClientTooSlow(ConnectionError):
@@ -56,6 +61,13 @@ async def write_within(
             # Frees the kernel and transport buffers now rather than at some later close.
             request.transport.abort()
         raise ClientTooSlow(f"the client read nothing for {timeout:g}s") from exc
+
+
+def bound_send_buffer(request: web.Request) -> None:
+    """Cap the kernel memory a client that stops reading can pin, before a stream starts."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
 
 
 async def bounded_stream(

@@ -424,13 +424,20 @@ async def _close_streams(app: web.Application) -> None:
 async def _span_feed(app: web.Application) -> AsyncIterator[None]:
     """Wake the event streams from the writer thread, once per commit."""
     feed = app[FEED]
+    writer = app[GATEWAY].writer
     loop = asyncio.get_running_loop()
+    seen = writer.written + writer.replayed
 
     def committed() -> None:
-        if not loop.is_closed():
+        # The writer calls this after every flush interval, rows or not: subscribers are
+        # woken only when spans were written, or each idle one would query five times a second.
+        nonlocal seen
+        now = writer.written + writer.replayed
+        if now != seen and not loop.is_closed():
+            seen = now
             loop.call_soon_threadsafe(feed.notify)
 
-    unsubscribe = app[GATEWAY].writer.on_commit(committed)
+    unsubscribe = writer.on_commit(committed)
     yield
     unsubscribe()
 

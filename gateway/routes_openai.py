@@ -26,7 +26,13 @@ from gateway.errors import (
     error_response,
 )
 from gateway.forward import Job, Outcome, forward
-from gateway.limits import bounded_stream, read_body, stored_body, write_within
+from gateway.limits import (
+    bound_send_buffer,
+    bounded_stream,
+    read_body,
+    stored_body,
+    write_within,
+)
 from gateway.spans import error_fields, reply_fields, request_attributes
 from gateway.state import GATEWAY, Gateway
 from gateway.streaming import (
@@ -349,6 +355,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     assert response.chunks is not None
     out = web.StreamResponse(status=response.status, headers={**response.headers, **call.headers()})
     call.fields["http_status"] = response.status
+    bound_send_buffer(request)
     await out.prepare(request)
     splitter = SSESplitter()
     assembler = new_assembler(call.operation)

@@ -77,7 +77,7 @@ class Fault:
     # A 200 answer of this many bytes, sent in 1 MiB pieces without a Content-Length (so
     # neither side can tell its size up front), and never held in memory whole.
     huge_body: int | None = None
-    # A stream that never ends: one chat chunk every `chunk_delay` until the caller leaves.
+    # A stream that never ends: one ~1 KB chat chunk every `chunk_delay` until the caller leaves.
     endless: bool = False
 
     @classmethod
@@ -552,7 +552,7 @@ async def _reply_endless(call: _Call, chunk_delay: float) -> web.StreamResponse:
             "object": "chat.completion.chunk",
             "created": 0,
             "model": "endless",
-            "choices": [{"index": 0, "delta": {"content": "more "}, "finish_reason": None}],
+            "choices": [{"index": 0, "delta": {"content": "more " * 200}, "finish_reason": None}],
         }
     )
     try:
