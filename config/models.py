@@ -33,6 +33,16 @@ DEFAULT_RESET_TIMEOUT = 30.0
 DEFAULT_RATE_LIMIT_WAIT = 5.0
 DEFAULT_MAX_TOKENS_ESTIMATE = 256
 DEFAULT_MAX_JUDGE_RUNS = 4
+# Bounds on what clients and upstreams can make the gateway hold or wait for.
+DEFAULT_HEADER_TIMEOUT = 60.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_WRITE_TIMEOUT = 60.0
+DEFAULT_MAX_SSE_SUBSCRIBERS = 1000
+DEFAULT_MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_STREAM_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_STREAM_SECONDS = 1800.0
+DEFAULT_MAX_STORED_BODY_BYTES = 1024 * 1024
+DEFAULT_MAX_LABEL_VALUES = 100
 
 
 class _Strict(BaseModel):
@@ -175,6 +185,29 @@ class ServerSettings(_Strict):
         ge=0,
         description="Seconds in-flight calls get to finish after SIGTERM/SIGINT.",
     )
+    header_timeout: float = Field(
+        DEFAULT_HEADER_TIMEOUT,
+        gt=0,
+        description="Seconds a connection may take to send a request's headers, counted from "
+        "when it opened or its last answer; also how long an idle keep-alive connection stays.",
+    )
+    body_timeout: float = Field(
+        DEFAULT_BODY_TIMEOUT,
+        gt=0,
+        description="Seconds a client may take to send a request body once its headers are "
+        "in (else 408).",
+    )
+    write_timeout: float = Field(
+        DEFAULT_WRITE_TIMEOUT,
+        gt=0,
+        description="Seconds a write to a client may wait for it to read before the client "
+        "is dropped (streams and event streams).",
+    )
+    max_sse_subscribers: int = Field(
+        DEFAULT_MAX_SSE_SUBSCRIBERS,
+        gt=0,
+        description="Live event streams (`/api/spans/stream`) open at once; past it, 503.",
+    )
 
 
 class RecorderSettings(_Strict):
@@ -219,6 +252,38 @@ class RecorderSettings(_Strict):
         gt=0,
         description="Seconds an `/api` write waits for the store (say, locked by another "
         "process) before it answers 503 with Retry-After.",
+    )
+
+
+class Limits(_Strict):
+    """Size and time bounds on what upstreams send and what the gateway keeps of it."""
+
+    max_upstream_body_bytes: int = Field(
+        DEFAULT_MAX_UPSTREAM_BODY_BYTES,
+        gt=0,
+        description="Largest non-streamed upstream answer accepted; a larger one is a 502.",
+    )
+    max_stream_bytes: int = Field(
+        DEFAULT_MAX_STREAM_BYTES,
+        gt=0,
+        description="Most bytes relayed from one upstream stream before it is cut (error span).",
+    )
+    max_stream_seconds: float = Field(
+        DEFAULT_MAX_STREAM_SECONDS,
+        gt=0,
+        description="Longest one upstream stream may last before it is cut (error span).",
+    )
+    max_stored_body_bytes: int = Field(
+        DEFAULT_MAX_STORED_BODY_BYTES,
+        ge=0,
+        description="Request or response body bytes stored on a span; longer ones are cut, "
+        "and their size is kept in the span's attributes.",
+    )
+    max_label_values: int = Field(
+        DEFAULT_MAX_LABEL_VALUES,
+        gt=0,
+        description="Distinct values per client-given metric label (tool, model); the rest "
+        "are counted as `other`.",
     )
 
 
@@ -310,6 +375,9 @@ class Settings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings, description="Listener.")
     recorder: RecorderSettings = Field(
         default_factory=RecorderSettings, description="Span recording."
+    )
+    limits: Limits = Field(
+        default_factory=Limits, description="Bounds on upstream answers and stored bodies."
     )
     retries: RetryPolicy = Field(default_factory=RetryPolicy, description="Default retry policy.")
     circuit_breaker: BreakerPolicy = Field(

@@ -153,7 +153,9 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
     providers: dict[str, Provider] = {
-        "openai": OpenAICompatible(session),
+        "openai": OpenAICompatible(
+            session, max_body_bytes=gw.settings.limits.max_upstream_body_bytes
+        ),
         "mock": mock_provider.send,
     }
     translated = None

@@ -5,6 +5,7 @@
     - UnreadableBody (400, code invalid_content_encoding; the connection is closed)
     - RolloutRequired (400, code rollout_required)
     - BodyTooLarge (413, code request_too_large)
+    - RequestTimeout (408, code request_timeout)
   - AuthenticationFailed (401 authentication_error)
   - NotFoundError (404 not_found_error)
     - ModelNotFound (404 invalid_request_error, code model_not_found)
@@ -15,7 +16,9 @@
     - UpstreamUnreachable (502, code upstream_unreachable)
     - UpstreamTimeout (504, code upstream_timeout)
     - UpstreamProtocolError (502, code upstream_bad_response)
+    - UpstreamTooLarge (502, code upstream_too_large)
   - ServiceUnavailable (503 service_unavailable, code store_busy; answered with Retry-After)
+  - TooManySubscribers (503 service_unavailable, code too_many_subscribers)
 
 Messages are scrubbed of Python tracebacks and server file paths when the error is made, so
 neither reaches a client nor a stored span whichever way the error travels.
@@ -79,6 +82,13 @@ class BodyTooLarge(InvalidRequest):
 
     status = 413
     code = "request_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    """The client did not send its whole body within `server.body_timeout`."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class AuthenticationFailed(GatewayError):
@@ -151,6 +161,20 @@ class UpstreamProtocolError(UpstreamError):
     """The upstream answered something that is not the API it claims to speak."""
 
     code = "upstream_bad_response"
+
+
+class UpstreamTooLarge(UpstreamError):
+    """The upstream's answer is over `limits.max_upstream_body_bytes` or a stream limit."""
+
+    code = "upstream_too_large"
+
+
+class TooManySubscribers(GatewayError):
+    """`server.max_sse_subscribers` live event streams are open already."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_subscribers"
 
 
 class ServiceUnavailable(GatewayError):

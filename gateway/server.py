@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -18,15 +19,30 @@ from gateway.web.state import GATEWAY
 
 log = logging.getLogger("spangate")
 
+# Seconds handlers still running when `shutdown_timeout` is up get to unwind once cancelled;
+# the graceful wait itself is `_finish_in_flight`, so aiohttp's own wait adds only this.
+CANCEL_GRACE = 2.0
+
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """`web.AppRunner` keyword arguments that bound what a client can hold.
+
+    - `keepalive_timeout`: aiohttp closes a connection still waiting for a whole request
+      this long after it opened or was last answered, which bounds a client that sends its
+      headers a byte at a time (slowloris) as well as idle keep-alive connections.
+    - `handler_cancellation`: a client that goes away cancels its handler, so a call waiting
+      on its upstream stops at once and its span says the client left (499).
+    """
+    return {
+        "keepalive_timeout": settings.server.header_timeout,
+        "handler_cancellation": True,
+        "shutdown_timeout": CANCEL_GRACE,
+    }
+
 
 async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool = True) -> None:
     app = create_app(settings, db_path)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.server.shutdown_timeout,
-    )
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(
         runner, settings.server.host, settings.server.port, backlog=1024, reuse_address=True

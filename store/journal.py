@@ -117,9 +117,13 @@ class Journal:
                 self.path.rename(taken)
             return taken
 
+    def replay_files(self) -> list[Path]:
+        """Files set aside for replay and not yet done."""
+        return sorted(self.path.parent.glob(f"{self.path.name}.*.replay"))
+
     def pending_files(self) -> list[Path]:
         """Every file waiting for replay (left over and current), each once, oldest first."""
-        paths = sorted(self.path.parent.glob(f"{self.path.name}.*.replay"))
+        paths = self.replay_files()
         taken = self.take()
         if taken is not None and taken not in paths:
             paths.append(taken)

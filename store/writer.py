@@ -290,6 +290,16 @@ class StoreWriter:
         return self.dead_letters.count
 
     @property
+    def settled(self) -> bool:
+        """Nothing waits anywhere: queue, memory buffer and journal are all empty."""
+        return (
+            not self._queue
+            and not self._held
+            and not self.journal.has_records()
+            and not self.journal.replay_files()
+        )
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

@@ -77,6 +77,11 @@ class Fault:
     # Reply (plain or streamed) with the JSON of the request headers received as the text, as
     # a careless upstream might echo a key back.
     echo_headers: bool = False
+    # A 200 answer of this many bytes, sent in 1 MiB pieces without a Content-Length (so
+    # neither side can tell its size up front), and never held in memory whole.
+    huge_body: int | None = None
+    # A stream that never ends: one ~1 KB chat chunk every `chunk_delay` until the caller leaves.
+    endless: bool = False
 
     @classmethod
     def from_dict(cls, data: JSON) -> Fault:
@@ -517,6 +522,53 @@ async def _reply_stream(call: _Call, events: list[bytes]) -> web.StreamResponse:
     return resp
 
 
+HUGE_PIECE = 1024 * 1024
+
+
+async def _reply_huge(call: _Call, size: int) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers=call.base_headers)
+    resp.content_type = "application/json"
+    resp.enable_chunked_encoding()
+    head = b'{"id":"huge","object":"chat.completion","pad":"'
+    piece = b"x" * HUGE_PIECE
+    try:
+        await resp.prepare(call.request)
+        await resp.write(head)
+        sent = len(head)
+        while sent < size:
+            await resp.write(piece)
+            sent += len(piece)
+        await resp.write(b'"}')
+        await resp.write_eof()
+    except ConnectionError:
+        call.record.disconnected = True
+    return resp
+
+
+async def _reply_endless(call: _Call, chunk_delay: float) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        status=200, headers={**call.base_headers, "Content-Type": "text/event-stream"}
+    )
+    event = _sse(
+        {
+            "id": "chatcmpl-endless",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "endless",
+            "choices": [{"index": 0, "delta": {"content": "more " * 200}, "finish_reason": None}],
+        }
+    )
+    try:
+        await resp.prepare(call.request)
+        while True:
+            await resp.write(event)
+            # Yields even with no delay, so the fake's other connections keep being served.
+            await asyncio.sleep(chunk_delay)
+    except ConnectionError:
+        call.record.disconnected = True
+    return resp
+
+
 def _fault_response(call: _Call, fault: Fault) -> web.Response:
     status = fault.status if fault.status is not None else 200
     headers = {**call.base_headers, **fault.headers}
@@ -566,6 +618,10 @@ def _provider_route(handler: Handler) -> Callable[[web.Request], Awaitable[web.S
                 return web.Response()
             if fault.status is not None or fault.body is not None:
                 return _fault_response(call, fault)
+            if fault.huge_body is not None:
+                return await _reply_huge(call, fault.huge_body)
+            if fault.endless:
+                return await _reply_endless(call, fault.chunk_delay)
         if state.api_key is not None and (rec.header("authorization") != f"Bearer {state.api_key}"):
             return _error_response(401, "Incorrect API key provided.", code="invalid_api_key")
         if parse_failed:

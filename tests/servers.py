@@ -14,6 +14,7 @@ from aiohttp import web
 
 from config.models import Settings
 from gateway.compose import create_app
+from gateway.server import runner_options
 from gateway.web.state import GATEWAY, Gateway
 from store.queries import decode_row
 
@@ -71,7 +72,9 @@ class GatewayThread:
 
     async def _start(self) -> None:
         self.app = create_app(self.settings, self.db_path)
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10)
+        # In-flight calls get a while to finish at stop: tests have no `_finish_in_flight`.
+        options = {**runner_options(self.settings), "shutdown_timeout": 10}
+        self._runner = web.AppRunner(self.app, access_log=None, **options)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -90,12 +93,12 @@ class GatewayThread:
         self.loop.close()
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every published span has been written (or spilled)."""
+        """Wait until every published span has been written, journaled ones included."""
         gw = self.gw
         wait_until(
             lambda: (
                 gw.writer.written + gw.writer.spilled >= gw.recorder.published
-                and gw.writer.depth == 0
+                and gw.writer.settled
             ),
             timeout=timeout,
             what="the writer to catch up",

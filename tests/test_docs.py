@@ -20,10 +20,10 @@ import click
 import pytest
 import yaml
 from aiohttp import web
-from gateway.cli.main import cli
 from pydantic import BaseModel
 
 from config import Settings, default_settings, parse_settings
+from gateway.cli.main import cli
 from gateway.compose import check_providers, create_app
 from gateway.web.metrics import METRICS
 from store.schema import connect

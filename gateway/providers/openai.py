@@ -14,7 +14,12 @@ from typing import Any, Protocol
 import aiohttp
 
 from config.models import Deployment
-from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import (
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+    UpstreamUnreachable,
+)
 
 # Headers that describe one hop, or that aiohttp recomputes, never pass through.
 _HOP_HEADERS = frozenset(
@@ -112,6 +117,29 @@ async def _iter_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]
         response.release()
 
 
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int, label: str) -> bytes:
+    """The body, refused once it passes `limit` bytes (decompressed), before it is all in memory.
+
+    `response.read()` would hold whatever the upstream sends; a declared length over the
+    limit is refused before reading a byte, an undeclared one as soon as it passes it.
+    """
+    too_large = UpstreamTooLarge(
+        f"upstream {label} answered with a body over {limit} bytes (limits.max_upstream_body_bytes)"
+    )
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        response.close()
+        raise too_large
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            # close(), not release(): the rest of the body is never read off the socket.
+            response.close()
+            raise too_large
+    return bytes(body)
+
+
 @functools.lru_cache(maxsize=256)
 def _client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total, sock_connect=connect)
@@ -120,8 +148,9 @@ def _client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
 class OpenAICompatible:
     """Any OpenAI-compatible API (OpenAI, vLLM, Ollama, OpenRouter, ...) over a shared session."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, *, max_body_bytes: int) -> None:
         self.session = session
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         deployment = request.deployment
@@ -140,7 +169,7 @@ class OpenAICompatible:
         if streaming and 200 <= response.status < 300:
             return UpstreamResponse(response.status, headers, chunks=_iter_chunks(response))
         try:
-            body = await response.read()
+            body = await _read_at_most(response, self.max_body_bytes, deployment.label)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"upstream {deployment.label} timed out sending its body"

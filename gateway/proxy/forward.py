@@ -24,7 +24,13 @@ from tenacity import (
 )
 
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, ModelGroup, RetryPolicy
-from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from gateway.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+)
 from gateway.providers.openai import UpstreamRequest, UpstreamResponse
 from gateway.proxy.resilience import Guard, RateLimited, Unavailable, estimate_tokens
 from gateway.web.state import Gateway
@@ -162,7 +168,8 @@ async def _with_fallbacks(gw: Gateway, job: Job) -> Outcome:
 
 
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, ContextWindowExceeded):
+    # An oversized answer would be oversized again, and each try costs the read up to the limit.
+    if isinstance(exc, ContextWindowExceeded | UpstreamTooLarge):
         return False
     return isinstance(exc, UpstreamStatus | UpstreamError)
 

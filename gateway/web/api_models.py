@@ -93,7 +93,7 @@ class SpanQuery(_Body):
     rollout_id: str | None = None
     attempt_id: str | None = None
     model: str | None = None
-    status: Literal["ok", "error"] | None = None
+    status: Literal["ok", "error", "cancelled"] | None = None
     tag: str | None = None
     since: str | None = None
     until: str | None = None
@@ -178,7 +178,7 @@ class Span(_Out):
     seq: int | None
     name: str
     operation: str
-    status: Literal["ok", "error"]
+    status: Literal["ok", "error", "cancelled"]
     http_status: int | None
     start_ns: int
     end_ns: int

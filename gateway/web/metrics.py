@@ -16,11 +16,13 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.web.limits import LabelCap
 from gateway.web.state import Gateway
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+SPAN_STATUSES = ("ok", "error", "cancelled")
 
 
 class _LiveState(Collector):
@@ -94,6 +96,10 @@ class Metrics:
         # Label children looked up once per (group, deployment), not on every span.
         self._series: dict[tuple[str, str], _GroupSeries] = {}
         self.groups = frozenset(g.name for g in gw.settings.models)
+        # Label values that come from clients, each capped (the rest count as `other`).
+        cap = gw.settings.limits.max_label_values
+        self.tool_names = LabelCap(cap)
+        self.fallback_models = LabelCap(cap, self.groups)
         labels = ["model_group", "deployment", "status"]
         self.requests = Counter(
             "spangate_requests",
@@ -169,7 +175,8 @@ class Metrics:
     def observe(self, span: dict[str, Any]) -> None:
         """Recorder subscriber: a handful of in-memory increments per span."""
         if span.get("operation") == "execute_tool":
-            self.tools.labels(span["name"].removeprefix("execute_tool "), span["status"]).inc()
+            tool = self.tool_names(span["name"].removeprefix("execute_tool "))
+            self.tools.labels(tool, span["status"]).inc()
             return
         group = span.get("model_group") or ""
         if group not in self.groups:
@@ -198,7 +205,8 @@ class Metrics:
         attributes = span.get("attributes") or {}
         if attributes.get("spangate.fallback"):
             self.fallbacks.labels(
-                span.get("request_model") or "", attributes["spangate.fallback"]
+                self.fallback_models(span.get("request_model") or ""),
+                attributes["spangate.fallback"],
             ).inc()
         if attributes.get("spangate.limiter_wait_ms"):
             self.limiter_wait.observe(attributes["spangate.limiter_wait_ms"] / 1000)
@@ -209,7 +217,7 @@ class _GroupSeries:
 
     def __init__(self, metrics: Metrics, group: str, deployment: str) -> None:
         self.requests = {
-            status: metrics.requests.labels(group, deployment, status) for status in ("ok", "error")
+            status: metrics.requests.labels(group, deployment, status) for status in SPAN_STATUSES
         }
         self.latency = metrics.latency.labels(group)
         self.upstream = metrics.upstream.labels(group, deployment)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,9 +16,18 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import BodyTooLarge, InvalidRequest, ServiceUnavailable, ValidationFailed
-from gateway.proxy import bodies
+from gateway.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    ServiceUnavailable,
+    TooManySubscribers,
+    ValidationFailed,
+    error_response,
+)
 from gateway.web import api_models as m
+from gateway.web import bodies
+from gateway.web.bodies import read_body
+from gateway.web.limits import write_within
 from gateway.web.state import GATEWAY, Gateway
 from store import export, listing, writes
 from store.listing import BadCursor
@@ -29,7 +37,7 @@ B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
 MAX_API_BODY = 1024 * 1024
 SSE_KEEPALIVE_SECONDS = 15.0
-SSE_POLL_SECONDS = 1.0
+SSE_RETRY_AFTER_SECONDS = 5
 SSE_BATCH = 200
 MAX_NS = 2**63  # SQLite integers are signed 64-bit
 
@@ -54,7 +62,7 @@ def _validation_error(exc: ValidationError) -> ValidationFailed:
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    raw = await bodies.read_body(request)
+    raw = await read_body(request, request.app[GATEWAY].settings.server.body_timeout)
     if len(raw) > MAX_API_BODY:
         raise BodyTooLarge(f"request body over {MAX_API_BODY} bytes")
     data = bodies.loads(raw) if raw.strip() else {}
@@ -262,11 +270,31 @@ async def get_span(request: web.Request) -> web.Response:
 async def stream_spans(request: web.Request) -> web.StreamResponse:
     """Server-sent events, one `span` event per written span; resumable with Last-Event-ID."""
     gw = request.app[GATEWAY]
+    feed = request.app[FEED]
     q = query_of(request, m.SpanStreamQuery)
     filters = _span_filters(q)
     after = _event_id(request.headers.get("Last-Event-ID"))
     if after is None:
         after = q.after
+    if feed.subscribers >= feed.limit:
+        return error_response(
+            TooManySubscribers(
+                f"{feed.limit} live event streams are open (server.max_sse_subscribers); "
+                "try again later"
+            ),
+            headers={"Retry-After": str(SSE_RETRY_AFTER_SECONDS)},
+        )
+    feed.subscribers += 1
+    try:
+        return await _stream(request, gw, feed, filters, after)
+    finally:
+        feed.subscribers -= 1
+
+
+async def _stream(
+    request: web.Request, gw: Gateway, feed: SpanFeed, filters: dict[str, Any], after: int | None
+) -> web.StreamResponse:
+    write_timeout = gw.settings.server.write_timeout
     if after is None:
         # A new subscriber starts at the live edge, not at the beginning of history.
         after = await gw.reader.run(lambda db: listing.max_rowid(db))
@@ -281,37 +309,26 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         # The headers say what a GET would stream; a HEAD never gets, nor waits for, events.
         return response
-    wake = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    unsubscribe = gw.writer.on_commit(lambda: _wake_threadsafe(loop, wake))
-    closing = request.app[CLOSING]
-    streams = request.app[STREAMS]
-    streams.add(wake)
-    last_write = time.monotonic()
     try:
-        await response.write(b": connected\n\n")
-        while request.transport is not None and not request.transport.is_closing():
+        await write_within(request, response, b": connected\n\n", write_timeout)
+        while not feed.closing:
+            # Taken before the read, so a commit that lands during it still wakes us.
+            changed = feed.changed
             page = await read(gw, listing.list_spans, after_rowid=after, limit=SSE_BATCH, **filters)
             for row in page.data:
                 after = row.pop("_rowid")
-                await response.write(f"id: {after}\nevent: span\ndata: {dumps(row)}\n\n".encode())
-                last_write = time.monotonic()
+                event = f"id: {after}\nevent: span\ndata: {dumps(row)}\n\n".encode()
+                await write_within(request, response, event, write_timeout)
             if page.next_cursor:
                 continue
-            if closing.is_set():
-                break
-            wake.clear()
             try:
-                await asyncio.wait_for(wake.wait(), SSE_POLL_SECONDS)
+                # No polling: an idle subscriber costs one timer until a commit or a keepalive.
+                async with asyncio.timeout(SSE_KEEPALIVE_SECONDS):
+                    await changed.wait()
             except TimeoutError:
-                if time.monotonic() - last_write > SSE_KEEPALIVE_SECONDS:
-                    await response.write(b": keepalive\n\n")
-                    last_write = time.monotonic()
+                await write_within(request, response, b": keepalive\n\n", write_timeout)
     except ConnectionError:
-        pass  # the subscriber went away; nothing of theirs to clean up but the hook below
-    finally:
-        streams.discard(wake)
-        unsubscribe()
+        pass  # the subscriber went away or stopped reading; nothing of theirs to clean up
     return response
 
 
@@ -328,10 +345,26 @@ def _event_id(value: str | None) -> int | None:
     return int(value)
 
 
-def _wake_threadsafe(loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
-    """Called on the writer thread after each commit."""
-    if not loop.is_closed():
-        loop.call_soon_threadsafe(wake.set)
+class SpanFeed:
+    """One wake-up shared by every live event stream.
+
+    The writer's commit hook fires once per commit and swaps in a fresh event, waking every
+    subscriber at once; none of them polls the database while nothing is written.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.subscribers = 0
+        self.closing = False
+        self.changed = asyncio.Event()
+
+    def notify(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    def close(self) -> None:
+        self.closing = True
+        self.notify()
 
 
 # -- rewards --------------------------------------------------------------
@@ -414,30 +447,45 @@ ROUTES: tuple[ApiRoute, ...] = (
 )  # fmt: skip
 
 
-# Set when the server shuts down, so long-lived event streams end instead of holding it up.
-CLOSING = web.AppKey("closing", asyncio.Event)
+FEED = web.AppKey("span_feed", SpanFeed)
 
 
 def close_streams(app: web.Application) -> None:
     """End every live event stream (at shutdown: they would otherwise hold it up)."""
-    if CLOSING in app:
-        app[CLOSING].set()
-        for stream_wake in list(app[STREAMS]):
-            stream_wake.set()
+    if FEED in app:
+        app[FEED].close()
 
 
 async def _close_streams(app: web.Application) -> None:
     close_streams(app)
 
 
-STREAMS = web.AppKey("streams", set)
+async def _span_feed(app: web.Application) -> AsyncIterator[None]:
+    """Wake the event streams from the writer thread, once per commit."""
+    feed = app[FEED]
+    writer = app[GATEWAY].writer
+    loop = asyncio.get_running_loop()
+    seen = writer.written + writer.replayed
+
+    def committed() -> None:
+        # The writer calls this after every flush interval, rows or not: subscribers are
+        # woken only when spans were written, or each idle one would query five times a second.
+        nonlocal seen
+        now = writer.written + writer.replayed
+        if now != seen and not loop.is_closed():
+            seen = now
+            loop.call_soon_threadsafe(feed.notify)
+
+    unsubscribe = writer.on_commit(committed)
+    yield
+    unsubscribe()
 
 
 def add_routes(app: web.Application, routes: tuple[ApiRoute, ...]) -> None:
-    if CLOSING not in app:
-        app[CLOSING] = asyncio.Event()
-        app[STREAMS] = set()
+    if FEED not in app:
+        app[FEED] = SpanFeed(app[GATEWAY].settings.server.max_sse_subscribers)
         app.on_shutdown.append(_close_streams)
+        app.cleanup_ctx.append(_span_feed)
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)
         if route.method == "GET":

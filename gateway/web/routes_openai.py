@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -21,7 +22,6 @@ from gateway.errors import (
     error_response,
     scrub,
 )
-from gateway.proxy import bodies
 from gateway.proxy.attribution import Attribution, new_span_id, new_trace_id, read_attribution
 from gateway.proxy.cost import cost_usd
 from gateway.proxy.forward import Job, Outcome, forward
@@ -35,7 +35,15 @@ from gateway.proxy.streaming import (
     strip_usage_null,
 )
 from gateway.proxy.tool_spans import tool_span
+from gateway.web import bodies
 from gateway.web.auth import forwarded_client_headers
+from gateway.web.bodies import read_body
+from gateway.web.limits import (
+    bound_send_buffer,
+    bounded_stream,
+    stored_body,
+    write_within,
+)
 from gateway.web.state import GATEWAY, Gateway
 
 log = logging.getLogger("spangate.proxy")
@@ -50,6 +58,9 @@ OPERATIONS = {
 STREAMABLE = frozenset({"chat", "text_completion", "responses"})
 PREFIXES = ("", "/rollout/{rollout_id}", "/rollout/{rollout_id}/attempt/{attempt_id}")
 _DONE = b"[DONE]"
+# A span's status when the client got no answer: it went away (http_status 499) or the
+# gateway shut down under it (http_status null).
+CANCELLED = "cancelled"
 
 
 def _check_fields(operation: str, payload: dict[str, Any]) -> None:
@@ -153,6 +164,9 @@ class Call:
     first_token_ns: int | None = None
     processing_ns: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
+    # Bytes relayed from an upstream stream: tells `publish` whether its assembled answer
+    # can be over the stored-body limit without serialising it to find out.
+    stream_bytes: int = 0
     published: bool = False
     # The gateway's secrets plus any key this client sent for the provider.
     redactor: Redactor | None = None
@@ -210,6 +224,24 @@ class Call:
     def redact(self, value: Any) -> Any:
         return self.redactor.value(value) if self.redactor is not None else value
 
+    def cancel(self, request: web.Request) -> None:
+        """The handler was cancelled: by the client leaving (499), or by shutdown (no answer)."""
+        if request.transport is None or request.transport.is_closing():
+            self.client_closed("the client went away before the answer was complete")
+        else:
+            self.fields.update(
+                status=CANCELLED,
+                http_status=None,
+                error_type="gateway_shutdown",
+                error_message="the gateway shut down before the answer was complete",
+            )
+
+    def client_closed(self, message: str) -> None:
+        """The client went away (or stopped reading): what it got is no answer at all."""
+        self.fields.update(
+            status=CANCELLED, http_status=499, error_type="client_closed", error_message=message
+        )
+
     def publish(self, response_body: Any = None) -> None:
         if self.published:
             return
@@ -230,6 +262,19 @@ class Call:
             if job.fallback:
                 attributes["spangate.fallback"] = job.fallback
         store_bodies = self.gw.settings.recorder.store_bodies
+        request_body: Any = None
+        if store_bodies:
+            limit = self.gw.settings.limits.max_stored_body_bytes
+            request_body = self._stored(
+                "request_body", self.redact(self.raw_request), limit, attributes
+            )
+            response_body = self._stored(
+                "response_body",
+                self.redact(response_body),
+                limit,
+                attributes,
+                self.stream_bytes or None,
+            )
         duration_ns = now - self.t0
         sent_ns = job.sent_ns if job else None
         record = {
@@ -257,8 +302,8 @@ class Call:
             "upstream_ms": ((self.upstream_done_ns or now) - sent_ns) / 1e6 if sent_ns else None,
             "overhead_ms": self.overhead_ms(now),
             "retries": job.retries if job else 0,
-            "request_body": self.redact(self.raw_request) if store_bodies else None,
-            "response_body": self.redact(response_body) if store_bodies else None,
+            "request_body": request_body,
+            "response_body": response_body if store_bodies else None,
             "attributes": attributes,
             "tags": attribution.tags,
             "agent": attribution.agent_id,
@@ -291,6 +336,17 @@ class Call:
         if record["tool_calls"]:
             self.gw.tools.note(record)
 
+    @staticmethod
+    def _stored(
+        name: str, body: Any, limit: int, attributes: dict[str, Any], hint: int | None = None
+    ) -> Any:
+        """The body cut to `limit`, with its size and a flag in `attributes` if it was cut."""
+        kept, size = stored_body(body, limit, size_hint=hint)
+        if size is not None:
+            attributes[f"spangate.{name}.size"] = size
+            attributes[f"spangate.{name}.truncated"] = True
+        return kept
+
 
 async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
     response = outcome.response
@@ -312,13 +368,20 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     assert response.chunks is not None
     out = web.StreamResponse(status=response.status, headers={**response.headers, **call.headers()})
     call.fields["http_status"] = response.status
+    bound_send_buffer(request)
     await out.prepare(request)
     splitter = SSESplitter()
     assembler = new_assembler(call.operation)
     held: list[bytes] = []
     operation = call.operation
+    limits = call.gw.settings.limits
+    write_timeout = call.gw.settings.server.write_timeout
+    chunks = bounded_stream(
+        response.chunks, max_bytes=limits.max_stream_bytes, max_seconds=limits.max_stream_seconds
+    )
     try:
-        async for chunk in response.chunks:
+        async for chunk in chunks:
+            call.stream_bytes += len(chunk)
             for raw_event in splitter.feed(chunk):
                 mark = time.perf_counter_ns()
                 _, data = parse_event(raw_event)
@@ -342,7 +405,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                 call.processing_ns += time.perf_counter_ns() - mark
                 if not forward:
                     continue
-                await out.write(call.redact(raw_event))
+                await write_within(request, out, call.redact(raw_event), write_timeout)
                 if (
                     call.first_token_ns is None
                     and isinstance(obj, dict)
@@ -351,18 +414,25 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                     call.first_token_ns = time.perf_counter_ns()
         rest = splitter.rest()
         if rest.strip():
-            await out.write(rest)
+            await write_within(request, out, rest, write_timeout)
         call.upstream_done_ns = time.perf_counter_ns()
     except UpstreamError as exc:
         call.upstream_done_ns = time.perf_counter_ns()
         call.fail(exc.status, exc.code or exc.type, exc.message)
         call.publish(assembler.result())
-        await out.write(call.redact(b"data: " + orjson.dumps(exc.body()) + b"\n\n"))
+        with contextlib.suppress(ConnectionError):
+            error_event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+            await write_within(request, out, call.redact(error_event), write_timeout)
         return out
     except ConnectionError as exc:
-        call.fail(499, "client_disconnected", f"the client went away mid-stream: {exc}")
+        # Also a client that stopped reading (ClientTooSlow): it gets no more of the answer.
+        call.client_closed(f"the client went away mid-stream: {exc}")
         call.publish(assembler.result())
         return out
+    except asyncio.CancelledError:
+        call.cancel(request)
+        call.publish(assembler.result())
+        raise
     except Exception as exc:
         # Headers are gone already: a 500 now would corrupt the stream, so end it with an
         # error event the SDK raises, and keep the record.
@@ -377,12 +447,13 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
             await out.write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
         return out
     finally:
+        await chunks.aclose()
         await response.chunks.aclose()
     result = assembler.result()
     call.fields.update({k: v for k, v in reply_fields(operation, result).items() if v is not None})
     call.publish(result)
     for raw_event in held:
-        await out.write(raw_event)
+        await write_within(request, out, raw_event, write_timeout)
     await out.write_eof()
     return out
 
@@ -395,7 +466,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         raise RolloutRequired(
             "this gateway requires a rollout: call /rollout/{id}/v1/... or send X-Rollout-Id"
         )
-    raw = await bodies.read_body(request)
+    raw = await read_body(request, gw.settings.server.body_timeout)
     payload = parse_payload(raw, operation)
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
@@ -419,6 +490,13 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         call.fail(exc.status, exc.code or exc.type, exc.message)
         call.publish(exc.body())
         return error_response(exc, headers=call.headers())
+    except asyncio.CancelledError:
+        call.cancel(request)
+        raise
+    except Exception as exc:
+        # The middleware answers 500; the span says so instead of the `ok` it started as.
+        call.fail(500, "gateway_error", f"internal gateway error: {type(exc).__name__}")
+        raise
     finally:
         call.publish()
 

@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from gateway.cli.main import cli
-from gateway.cli.render import clock
 
 from gateway.cli import render as cli_render
+from gateway.cli.main import cli
+from gateway.cli.render import clock
 from store.schema import connect
 from store.writer import insert_spans
 

@@ -23,10 +23,10 @@ import pytest
 import respx
 from click.testing import CliRunner, Result
 from fake_provider import FakeProviderThread
-from gateway.cli.main import cli
 from scipy.stats import spearmanr
 from servers import read_rows, wait_until
 
+from gateway.cli.main import cli
 from judge.rules import RULES_VERSION
 from judge.verdict import REWARD_NAME, reward_id
 from store.schema import SPAN_COLUMNS, connect

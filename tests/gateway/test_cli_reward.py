@@ -12,9 +12,9 @@ import openai
 import pytest
 import respx
 from click.testing import CliRunner, Result
-from gateway.cli.main import cli
 from servers import GatewayThread, read_rows
 
+from gateway.cli.main import cli
 from store.schema import connect
 from store.writer import insert_spans
 

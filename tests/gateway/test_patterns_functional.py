@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
 import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-from gateway.cli.patterns import patterns as patterns_command
 from servers import GatewayThread, read_spans
+
+import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
+from gateway.cli.patterns import patterns as patterns_command
 
 AGENT = "agent-f"
 TOOLS = [

@@ -13,15 +13,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
 import orjson
 import pytest
 from click.testing import CliRunner
-from gateway.cli.patterns import patterns as patterns_command
 from scipy.stats import fisher_exact
 from sqlite_utils import Database
 
-from gateway.cli.main import patterns as cli_patterns
+import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
+from gateway.cli import patterns as cli_patterns
+from gateway.cli.patterns import patterns as patterns_command
 from gateway.proxy.attribution import new_span_id
 from gateway.proxy.tool_spans import PendingTool, tool_span
 from judge import patterns

@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from gateway.cli.main import cli
 from sqlite_utils import Database
 
+from gateway.cli.main import cli
 from store.errors import NotFound
 from store.export import (
     TRIPLET_REWARD_RULE,

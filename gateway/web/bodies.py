@@ -9,20 +9,32 @@ wrappers; no real request comes near it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.errors import InvalidRequest, UnreadableBody
+from gateway.errors import InvalidRequest, RequestTimeout, UnreadableBody
 
 MAX_JSON_DEPTH = 128
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The body, decoded as its `Content-Encoding` says; 400 when it is not so encoded."""
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The body, decoded as its `Content-Encoding` says: 400 when it is not so encoded, 408
+    when the client takes longer than `timeout` to send it.
+
+    aiohttp bounds the size (`client_max_size`) but not the time: without the deadline, a
+    client sending a byte a second holds a handler (and graceful shutdown) for as long as it
+    likes.
+    """
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g}s (server.body_timeout)"
+        ) from exc
     except web.RequestPayloadError as exc:
         encoding = request.headers.get("Content-Encoding", "")
         raise UnreadableBody(
