@@ -13,8 +13,9 @@ from aiohttp import web
 
 from config.models import RecorderSettings, Settings
 from gateway.providers import mock as mock_provider
+from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
-from gateway.providers.openai import OpenAICompatible, Provider
+from gateway.providers.openai import OpenAICompatible
 from gateway.proxy.attribution import Sequencer
 from gateway.proxy.cost import load_cost_map
 from gateway.proxy.recorder import Recorder

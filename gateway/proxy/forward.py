@@ -31,7 +31,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamTooLarge,
 )
-from gateway.providers.openai import UpstreamRequest, UpstreamResponse
+from gateway.providers.base import UpstreamRequest, UpstreamResponse
 from gateway.proxy.resilience import Guard, RateLimited, Unavailable, estimate_tokens
 from gateway.web.state import Gateway
 

@@ -24,8 +24,8 @@ from gateway.errors import (
     ValidationFailed,
     error_response,
 )
+from gateway.proxy import payload
 from gateway.web import api_models as m
-from gateway.web import bodies
 from gateway.web.bodies import read_body
 from gateway.web.limits import write_within
 from gateway.web.state import GATEWAY, Gateway
@@ -65,7 +65,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     raw = await read_body(request, request.app[GATEWAY].settings.server.body_timeout)
     if len(raw) > MAX_API_BODY:
         raise BodyTooLarge(f"request body over {MAX_API_BODY} bytes")
-    data = bodies.loads(raw) if raw.strip() else {}
+    data = payload.loads(raw) if raw.strip() else {}
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return data

@@ -16,7 +16,6 @@ from aiohttp import web
 from config.models import Deployment
 from gateway.errors import (
     GatewayError,
-    InvalidRequest,
     RolloutRequired,
     UpstreamError,
     error_response,
@@ -25,6 +24,8 @@ from gateway.errors import (
 from gateway.proxy.attribution import Attribution, new_span_id, new_trace_id, read_attribution
 from gateway.proxy.cost import cost_usd
 from gateway.proxy.forward import Job, Outcome, forward
+from gateway.proxy.limits import bounded_stream, stored_body
+from gateway.proxy.payload import parse_payload
 from gateway.proxy.redact import Redactor
 from gateway.proxy.spans import error_fields, reply_fields, request_attributes
 from gateway.proxy.streaming import (
@@ -35,15 +36,9 @@ from gateway.proxy.streaming import (
     strip_usage_null,
 )
 from gateway.proxy.tool_spans import tool_span
-from gateway.web import bodies
 from gateway.web.auth import forwarded_client_headers
 from gateway.web.bodies import read_body
-from gateway.web.limits import (
-    bound_send_buffer,
-    bounded_stream,
-    stored_body,
-    write_within,
-)
+from gateway.web.limits import bound_send_buffer, write_within
 from gateway.web.state import GATEWAY, Gateway
 
 log = logging.getLogger("spangate.proxy")
@@ -61,69 +56,6 @@ _DONE = b"[DONE]"
 # A span's status when the client got no answer: it went away (http_status 499) or the
 # gateway shut down under it (http_status null).
 CANCELLED = "cancelled"
-
-
-def _check_fields(operation: str, payload: dict[str, Any]) -> None:
-    """The fields each operation cannot do without, checked as OpenAI checks them."""
-    if operation == "chat":
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("`messages` must be a non-empty array", param="messages")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise InvalidRequest(
-                    f"`messages[{index}]` must be an object with a string `role`",
-                    param=f"messages[{index}]",
-                )
-        _check_tools(payload.get("tools"))
-        return
-    name = {"text_completion": "prompt", "embeddings": "input", "responses": "input"}.get(operation)
-    if name is None:
-        return
-    value = payload.get(name)
-    if not isinstance(value, str | list) or (operation == "embeddings" and not value):
-        raise InvalidRequest(f"`{name}` must be a string or an array", param=name)
-
-
-def _check_tools(tools: Any) -> None:
-    if tools is None:
-        return
-    if not isinstance(tools, list):
-        raise InvalidRequest("`tools` must be an array", param="tools")
-    for index, tool in enumerate(tools):
-        kind = tool.get("type", "function") if isinstance(tool, dict) else None
-        function = tool.get("function") if isinstance(tool, dict) else None
-        named = isinstance(function, dict) and isinstance(function.get("name"), str)
-        schema = function.get("parameters", {}) if isinstance(function, dict) else {}
-        if not isinstance(schema, dict):
-            raise InvalidRequest(
-                f"`tools[{index}].function.parameters` must be a JSON Schema object",
-                param=f"tools[{index}].function.parameters",
-            )
-        if not isinstance(kind, str) or (kind == "function" and not named):
-            raise InvalidRequest(
-                f"`tools[{index}]` must be an object with a `function` that has a `name`",
-                param=f"tools[{index}]",
-            )
-
-
-def parse_payload(raw: bytes, operation: str | None = None) -> dict[str, Any]:
-    if not raw.strip():
-        raise InvalidRequest("the request body is empty; expected a JSON object")
-    payload = bodies.loads(raw)
-    if not isinstance(payload, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("you must provide a model parameter", param="model")
-    if "stream" in payload and not isinstance(payload["stream"], bool | None):
-        raise InvalidRequest("`stream` must be a boolean", param="stream")
-    options = payload.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise InvalidRequest("`stream_options` must be an object", param="stream_options")
-    if operation is not None:
-        _check_fields(operation, payload)
-    return payload
 
 
 def _has_token(operation: str, obj: dict[str, Any]) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from config.models import Deployment, Settings
-from gateway.providers.openai import Provider
+from gateway.providers.base import Provider
 from gateway.proxy.attribution import Sequencer
 from gateway.proxy.cost import Price, Prices, deployment_prices
 from gateway.proxy.recorder import Recorder
