@@ -16,11 +16,11 @@ from gateway.providers import mock as mock_provider
 from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.providers.openai import OpenAICompatible
-from gateway.proxy.attribution import Sequencer
 from gateway.proxy.cost import load_cost_map
 from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
+from gateway.proxy.sequencer import Sequencer
 from gateway.web.auth import auth_middleware
 from gateway.web.metrics import METRICS, Metrics
 from gateway.web.middleware import error_middleware

@@ -41,6 +41,7 @@ _HOP_HEADERS = frozenset(
 # Client headers an upstream may need besides the body; everything else stays here.
 _FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project", "openai-beta")
 
+
 def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
 

@@ -22,12 +22,12 @@ from gateway.errors import (
     ServiceUnavailable,
     TooManySubscribers,
     ValidationFailed,
-    error_response,
 )
 from gateway.proxy import payload
 from gateway.web import api_models as m
 from gateway.web.bodies import read_body
 from gateway.web.limits import write_within
+from gateway.web.responses import error_response
 from gateway.web.state import GATEWAY, Gateway
 from store import export, listing, writes
 from store.listing import BadCursor

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.errors import TooManyJudgeRuns, ValidationFailed, error_response
+from gateway.errors import TooManyJudgeRuns, ValidationFailed
 from gateway.web import api_models as m
+from gateway.web.responses import error_response
 from gateway.web.routes_api import ApiRoute, body_of, json, time_param
 from judge.jobs import Selection
 from judge.service import JudgeService, RunLimitReached
