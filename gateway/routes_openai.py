@@ -14,7 +14,13 @@ import orjson
 from aiohttp import web
 
 from config.models import Deployment
-from gateway.attribution import Attribution, new_span_id, new_trace_id, read_attribution
+from gateway.attribution import (
+    Attribution,
+    new_span_id,
+    new_trace_id,
+    read_attribution,
+    rollout_trace,
+)
 from gateway.auth import forwarded_client_headers
 from gateway.cost import cost_usd
 from gateway.errors import (
@@ -392,7 +398,13 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
     payload = parse_payload(raw, operation)
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
-    call.trace_id = attribution.trace_id or new_trace_id()
+    if attribution.trace_id:
+        call.trace_id = attribution.trace_id
+    elif attribution.rollout_id is not None:
+        # A rollout's calls share one trace, so a tracing backend shows the rollout whole.
+        call.trace_id = rollout_trace(attribution.rollout_id)[0]
+    else:
+        call.trace_id = new_trace_id()
     try:
         if attribution.rollout_id is not None:
             await _number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
