@@ -130,7 +130,9 @@ class OtlpExporter:
         }
         if settings.compression == "gzip":
             self._headers["Content-Encoding"] = "gzip"
-        backoff = wait_exponential_jitter(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL)
+        backoff = wait_exponential_jitter(
+            multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL
+        )
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +18,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationSc
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from config.models import Settings
+from config.models import DEFAULT_SERVICE_NAME, Settings
 from gateway.attribution import rollout_trace
 
 SCOPE_NAME = "spangate"
@@ -381,6 +381,45 @@ def _hex_ids(value: Any) -> Any:
 
 
 def to_otlp_json(request: ExportTraceServiceRequest) -> bytes:
-    """The OTLP/JSON encoding: camelCase keys, enums as numbers, ids as hex."""
-    as_dict = json_format.MessageToDict(request, use_integers_for_enums=True)
-    return orjson.dumps(_hex_ids(as_dict))
+    return orjson.dumps(to_otlp_dict(request))
+
+
+def to_otlp_dict(request: ExportTraceServiceRequest) -> dict[str, Any]:
+    """The OTLP/JSON object: camelCase keys, enums as numbers, ids as hex."""
+    return _hex_ids(json_format.MessageToDict(request, use_integers_for_enums=True))
+
+
+def iter_otlp_json(
+    rollouts: Iterable[Mapping[str, Any]],
+    *,
+    service_name: str = DEFAULT_SERVICE_NAME,
+    content: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Stored rollouts (as `store.export.iter_rollouts` shapes them) as OTLP/JSON trace
+    exports, one per rollout, holding what the live exporter would have sent."""
+    from gateway.exporters.otlp import service_version
+
+    version = service_version()
+    resource_ = resource(service_name, version)
+    for rollout in rollouts:
+        calls = list(rollout.get("unattributed_calls") or [])
+        rewards = list(rollout.get("rewards") or [])
+        for attempt in rollout.get("attempts") or []:
+            calls.extend(attempt.get("calls") or [])
+            rewards.extend(attempt.get("rewards") or [])
+        on_root = [r for r in rewards if not r.get("span_id")]
+        by_span: dict[str, list[Mapping[str, Any]]] = {}
+        for reward in rewards:
+            if reward.get("span_id"):
+                by_span.setdefault(reward["span_id"], []).append(reward)
+        # Offline, every reward is known: each goes on the span it targets.
+        spans = [
+            span_proto(
+                call,
+                content=content,
+                events=[evaluation_event(r) for r in by_span.get(call["span_id"], [])],
+            )
+            for call in calls
+        ]
+        spans.append(root_span(rollout, on_root))
+        yield to_otlp_dict(export_request(spans, resource_, version))
