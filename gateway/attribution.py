@@ -6,6 +6,7 @@ Also hands out per-rollout sequence numbers, so the order of calls never depends
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import random
@@ -107,6 +108,7 @@ def new_trace_id() -> str:
     return f"{random.getrandbits(128) or 1:032x}"
 
 
+@functools.lru_cache(maxsize=4096)
 def rollout_trace(rollout_id: str) -> tuple[str, str]:
     """(trace id, root span id) of a rollout: derived from its id, so every replica and the
     exporter agree on them without asking anyone, and a rollout is one trace."""

@@ -40,7 +40,7 @@ from gateway.exporters.otlp_mapping import (
     export_request,
     resource,
     root_span,
-    span_proto,
+    span_bytes,
     to_otlp_json,
     upstream_addresses,
 )
@@ -236,7 +236,7 @@ class OtlpExporter:
             body = gzip.compress(body, compresslevel=GZIP_LEVEL)
         return body, len(spans)
 
-    def _spans_of(self, items: list[tuple[str, dict[str, Any]]]) -> Iterator[Span]:
+    def _spans_of(self, items: list[tuple[str, dict[str, Any]]]) -> Iterator[Span | bytes]:
         content = self.settings.content
         for kind, item in items:
             try:
@@ -244,7 +244,7 @@ class OtlpExporter:
                     self._remember(
                         self._traces, item["span_id"], item["trace_id"], TRACES_REMEMBERED
                     )
-                    yield span_proto(item, content=content, addresses=self.addresses)
+                    yield span_bytes(item, content=content, addresses=self.addresses)
                 elif kind == "rollout":
                     if item["id"] in self._roots:
                         continue  # a later change to a finished rollout; its root is out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from config.models import DEFAULT_SERVICE_NAME, Settings
 from gateway.attribution import rollout_trace
@@ -182,9 +182,41 @@ def span_proto(
     *,
     content: bool = False,
     addresses: Mapping[str, tuple[str, int]] | None = None,
-    events: Iterable[Span.Event] = (),
+    events: Sequence[Span.Event] = (),
 ) -> Span:
     """One span record (as published, or as stored) as an OTLP span."""
+    return Span.FromString(span_bytes(record, content=content, addresses=addresses, events=events))
+
+
+# Serialized one-attribute spans by (key, value), for the text and integer attributes that
+# repeat from span to span (model, provider, rollout, host, status, token counts): building a protobuf message
+# costs about a microsecond per field in Python, copying cached bytes almost nothing.
+_FRAGMENTS: dict[tuple[str, Any], bytes] = {}
+MAX_FRAGMENTS = 20_000
+# Different on every span: caching them would only churn the cache.
+UNCACHED = frozenset({"gen_ai.response.id", "rollout.seq"})
+
+
+def _fragment(key: str, value: str | int) -> bytes:
+    cached = _FRAGMENTS.get((key, value))
+    if cached is None:
+        kv = KeyValue(key=key, value=any_value(value))
+        cached = Span(attributes=[kv]).SerializeToString()
+        if len(_FRAGMENTS) >= MAX_FRAGMENTS:
+            _FRAGMENTS.clear()
+        _FRAGMENTS[(key, value)] = cached
+    return cached
+
+
+def span_bytes(
+    record: Mapping[str, Any],
+    *,
+    content: bool = False,
+    addresses: Mapping[str, tuple[str, int]] | None = None,
+    events: Sequence[Span.Event] = (),
+) -> bytes:
+    """The serialized OTLP span of one record. Serialized protobuf messages concatenate
+    as a merge, so the repeated attributes come from a cache of protobuf's own output."""
     operation = record.get("operation") or ""
     given = record.get("attributes") or {}
     if isinstance(given, str):
@@ -242,7 +274,20 @@ def span_proto(
             attributes["gen_ai.output.messages"] = _output_messages(
                 operation, _json_value(record.get("response_body"))
             )
-    return Span(
+    varying: dict[str, Any] = {}
+    fragments: list[bytes] = []
+    for key, value in attributes.items():
+        if value is None:
+            continue
+        if key in UNCACHED:
+            varying[key] = value
+        elif (isinstance(value, str) and len(value) <= 256) or (
+            isinstance(value, int) and -(2**63) <= value < 2**63
+        ):
+            fragments.append(_fragment(key, value))
+        else:
+            varying[key] = value
+    span = Span(
         trace_id=_id(record.get("trace_id"), 16),
         span_id=_id(record.get("span_id"), 8),
         parent_span_id=_id(parent_of(record), 8),
@@ -250,10 +295,13 @@ def span_proto(
         kind=kind,
         start_time_unix_nano=int(record.get("start_ns") or 0),
         end_time_unix_nano=int(record.get("end_ns") or record.get("start_ns") or 0),
-        attributes=key_values(attributes),
-        events=list(events),
-        status=status,
+        attributes=key_values(varying),
     )
+    if events:
+        span.events.extend(events)
+    if status.code:
+        span.status.CopyFrom(status)
+    return span.SerializeToString() + b"".join(fragments)
 
 
 def evaluation_event(reward: Mapping[str, Any]) -> Span.Event:
@@ -348,21 +396,22 @@ def evaluation_span(reward: Mapping[str, Any], *, trace_id: str, parent_id: str)
 
 
 def export_request(
-    spans: Iterable[Span], resource_: Resource, version: str
+    spans: Iterable[Span | bytes], resource_: Resource, version: str
 ) -> ExportTraceServiceRequest:
-    return ExportTraceServiceRequest(
-        resource_spans=[
-            ResourceSpans(
-                resource=resource_,
-                scope_spans=[
-                    ScopeSpans(
-                        scope=InstrumentationScope(name=SCOPE_NAME, version=version),
-                        spans=list(spans),
-                    )
-                ],
-            )
-        ]
-    )
+    """One request holding `spans` (messages, or serialized spans from `span_bytes`)."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.CopyFrom(resource_)
+    scope_spans = resource_spans.scope_spans.add()
+    scope_spans.scope.CopyFrom(InstrumentationScope(name=SCOPE_NAME, version=version))
+    for span in spans:
+        # add() + merge fills the request in place; a list of messages would be copied.
+        target = scope_spans.spans.add()
+        if isinstance(span, bytes):
+            target.MergeFromString(span)
+        else:
+            target.CopyFrom(span)
+    return request
 
 
 _ID_FIELDS = frozenset({"traceId", "spanId", "parentSpanId"})
