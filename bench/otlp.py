@@ -88,7 +88,7 @@ def run_once(
             # Every request of the measured run must reach the receiver (one span each).
             result["exported"] = wait_for(
                 "the export to catch up",
-                lambda: (n := sink_count(sink) - before) >= expected and n,
+                lambda: n if (n := sink_count(sink) - before) >= expected else None,
                 30,
             )
             result["expected"] = expected
