@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from config.models import RecorderSettings, Settings
+from gateway.exporters import ExportCollector, OtlpExporter
 from gateway.providers import mock as mock_provider
 from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
@@ -22,6 +23,8 @@ from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
 from gateway.web.auth import auth_middleware
+from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
+from gateway.web.ingest_otlp import add_routes as add_ingest_routes
 from gateway.web.metrics import METRICS, Metrics
 from gateway.web.middleware import error_middleware
 from gateway.web.openapi import openapi_view
@@ -44,6 +47,7 @@ BUILTIN_PROVIDERS = frozenset({"openai", "mock"})
 WRITER_CLOSE_TIMEOUT = 60.0
 # Rollouts whose next seq is kept in memory (~230 B each); older ones are looked up again.
 SEQUENCER_CAPACITY = 10_000
+OTLP_EXPORTER = web.AppKey("otlp_exporter", OtlpExporter)
 
 
 def check_providers(settings: Settings) -> None:
@@ -111,7 +115,14 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_judging)
+    exporter = OtlpExporter.from_settings(settings)
+    if exporter is not None:
+        app[OTLP_EXPORTER] = exporter
+        app.cleanup_ctx.append(_exporting)
+    app[METRICS].registry.register(ExportCollector(exporter))
     add_openai_routes(app)
+    add_ingest_routes(app)
+    app[METRICS].registry.register(IngestCollector(app[TRACE_INDEX]))
     add_ops_routes(app)
     add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES)
     app.router.add_get("/openapi.json", openapi_view)
@@ -134,7 +145,9 @@ async def _recording(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     unsubscribe_writer = gw.recorder.subscribe(gw.writer.put)
     unsubscribe_metrics = gw.recorder.subscribe(app[METRICS].observe)
+    unsubscribe_traces = gw.recorder.subscribe(app[TRACE_INDEX].on_span)
     yield
+    unsubscribe_traces()
     unsubscribe_metrics()
     unsubscribe_writer()
 
@@ -143,10 +156,28 @@ async def _judging(app: web.Application) -> AsyncIterator[None]:
     service = app[JUDGE]
     service.open()
     unsubscribe = app[GATEWAY].recorder.subscribe_rollouts(service.on_rollout)
+    # Verdicts are rewards too: reward subscribers (exporters) hear of them.
+    service.store.on_saved = app[GATEWAY].recorder.publish_reward
     service.start_online()
     yield
     unsubscribe()
     await service.close()
+
+
+async def _exporting(app: web.Application) -> AsyncIterator[None]:
+    """Closed first at teardown: what it cannot send in time is counted, and the writer,
+    closed last, stores every span either way."""
+    gw, exporter = app[GATEWAY], app[OTLP_EXPORTER]
+    await exporter.start()
+    unsubscribers = [
+        gw.recorder.subscribe(exporter.on_span),
+        gw.recorder.subscribe_rollouts(exporter.on_rollout),
+        gw.recorder.subscribe_rewards(exporter.on_reward),
+    ]
+    yield
+    for unsubscribe in unsubscribers:
+        unsubscribe()
+    await exporter.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

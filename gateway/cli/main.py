@@ -561,10 +561,11 @@ def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jsonl", "triplets"]),
+    type=click.Choice(["jsonl", "triplets", "otlp"]),
     default="jsonl",
     show_default=True,
-    help="jsonl: one rollout per line; triplets: one prompt/completion/reward per call.",
+    help="jsonl: one rollout per line; triplets: one prompt/completion/reward per call; "
+    "otlp: one OTLP/JSON trace export per rollout, for a tracing backend.",
 )
 @click.option(
     "--reward-name",
@@ -604,6 +605,7 @@ def export_command(
     \b
         spangate export --since 7d --status succeeded -o rollouts.jsonl
         spangate export --format triplets --reward-name accuracy | jq .reward
+        spangate export --format otlp --rollout task-42 -o task-42.otlp.jsonl
     """
     from store.export import (
         DEFAULT_REWARD_NAME,
@@ -633,7 +635,12 @@ def export_command(
         missing = missing_rollouts(conn, rollout_ids) if rollout_ids else []
         if missing:
             raise click.ClickException(f"rollout not found: {', '.join(missing)}")
-        if fmt == "triplets":
+        if fmt == "otlp":
+            from gateway.exporters.otlp_mapping import iter_otlp_json
+
+            items = iter_otlp_json(iter_rollouts(conn, **filters))
+            unit = "rollouts"
+        elif fmt == "triplets":
             items = iter_triplets(conn, reward_name=reward_name or DEFAULT_REWARD_NAME, **filters)
             unit = "calls"
         else:

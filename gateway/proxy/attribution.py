@@ -5,6 +5,8 @@ Also hands out per-rollout sequence numbers, so the order of calls never depends
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import random
 import re
@@ -40,6 +42,11 @@ def _check_id(value: str, what: str) -> str:
             code="invalid_id",
         )
     return value
+
+
+def valid_id(value: str) -> bool:
+    """An id as `_check_id` accepts it, for callers that reject rather than raise."""
+    return len(value) <= MAX_ID_LENGTH and bool(_ID_PATTERN.match(value))
 
 
 def clean_text(value: str) -> str:
@@ -97,6 +104,14 @@ def read_attribution(match_info: Mapping[str, str], headers: Mapping[str, str]) 
 # os.urandom would make on every call.
 def new_trace_id() -> str:
     return f"{random.getrandbits(128) or 1:032x}"
+
+
+@functools.lru_cache(maxsize=4096)
+def rollout_trace(rollout_id: str) -> tuple[str, str]:
+    """(trace id, root span id) of a rollout: derived from its id, so every replica and the
+    exporter agree on them without asking anyone, and a rollout is one trace."""
+    digest = hashlib.sha256(b"spangate.rollout:" + rollout_id.encode()).hexdigest()
+    return digest[:32], digest[32:48]
 
 
 _SPAN_PREFIX = random.getrandbits(32) or 1

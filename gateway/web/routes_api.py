@@ -382,6 +382,8 @@ async def create_reward(request: web.Request) -> web.Response:
         data["rollout_id"] = rollout_id
     body = validate(m.RewardCreate, data)
     row, created = await write(gw, lambda db: writes.add_reward(db, body.model_dump()))
+    if created:
+        gw.recorder.publish_reward(row)
     return json(row, status=201 if created else 200)
 
 

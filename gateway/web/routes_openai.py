@@ -16,7 +16,7 @@ from gateway.errors import (
     RolloutRequired,
     UpstreamError,
 )
-from gateway.proxy.attribution import new_trace_id, read_attribution
+from gateway.proxy.attribution import new_trace_id, read_attribution, rollout_trace
 from gateway.proxy.call import Call, number_call
 from gateway.proxy.forward import Job, Outcome, forward
 from gateway.proxy.limits import bounded_stream
@@ -172,7 +172,13 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
     payload = parse_payload(raw, operation)
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
-    call.trace_id = attribution.trace_id or new_trace_id()
+    if attribution.trace_id:
+        call.trace_id = attribution.trace_id
+    elif attribution.rollout_id is not None:
+        # A rollout's calls share one trace, so a tracing backend shows the rollout whole.
+        call.trace_id = rollout_trace(attribution.rollout_id)[0]
+    else:
+        call.trace_id = new_trace_id()
     try:
         if attribution.rollout_id is not None:
             await number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
