@@ -13,6 +13,7 @@ from aiohttp import web
 
 from config.models import RecorderSettings, Settings
 from gateway.exporters import ExportCollector, OtlpExporter
+from gateway.judge_routes import JUDGE, JUDGE_ROUTES, PATTERN_ROUTES
 from gateway.providers import mock as mock_provider
 from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
@@ -30,11 +31,8 @@ from gateway.web.middleware import error_middleware
 from gateway.web.openapi import openapi_view
 from gateway.web.routes_api import ROUTES as API_ROUTES
 from gateway.web.routes_api import add_routes as add_api_routes
-from gateway.web.routes_judge import JUDGE
-from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
-from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
 from gateway.web.state import GATEWAY, Gateway
 from judge.service import JudgeService
 from store.queries import rollout_cursor

@@ -483,7 +483,14 @@ async def _span_feed(app: web.Application) -> AsyncIterator[None]:
     unsubscribe()
 
 
+# Every ApiRoute the app serves, in order; `/openapi.json` is built from this.
+REGISTERED = web.AppKey("api_routes", list[ApiRoute])
+
+
 def add_routes(app: web.Application, routes: tuple[ApiRoute, ...]) -> None:
+    if REGISTERED not in app:
+        app[REGISTERED] = []
+    app[REGISTERED].extend(routes)
     if FEED not in app:
         app[FEED] = SpanFeed(app[GATEWAY].settings.server.max_sse_subscribers)
         app.on_shutdown.append(_close_streams)
