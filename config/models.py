@@ -363,6 +363,7 @@ class OtlpSettings(_Strict):
 
 
 Scope = Literal["proxy", "read", "write", "admin"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled", "timeout"]
 
 
 class ApiKey(_Strict):
@@ -376,7 +377,7 @@ class ApiKey(_Strict):
     )
     name: str = Field("", description="Who holds the key, for logs.")
     scopes: list[Scope] = Field(
-        default_factory=lambda: ["proxy", "read", "write"],
+        default_factory=lambda: list[Scope](["proxy", "read", "write"]),
         description="`proxy` (OpenAI routes), `read` (GET /api, /metrics), `write` (POST/PATCH /api), `admin` (all).",
     )
 
@@ -398,8 +399,8 @@ class OnlineJudging(_Strict):
 
     judge: str = Field("rules", description="`rules`, `llm`, or the name of a custom rubric.")
     sample: float = Field(1.0, ge=0, le=1, description="Share of finished rollouts judged.")
-    on: list[Literal["succeeded", "failed", "cancelled", "timeout"]] = Field(
-        default_factory=lambda: ["succeeded", "failed"],
+    on: list[TerminalStatus] = Field(
+        default_factory=lambda: list[TerminalStatus](["succeeded", "failed"]),
         description="Terminal statuses that trigger judging.",
     )
     queue_size: int = Field(

@@ -263,7 +263,7 @@ def _resolve_target(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
             target[key] = span[key]
         return target
     if target["attempt_id"]:
-        get_attempt_row(db, target["rollout_id"], target["attempt_id"])
+        get_attempt_row(db, target["rollout_id"] or "", target["attempt_id"])
     elif target["rollout_id"]:
         get_rollout_row(db, target["rollout_id"])
     return target

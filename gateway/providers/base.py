@@ -5,7 +5,7 @@ A provider is any `async (UpstreamRequest) -> UpstreamResponse`; the mock is jus
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ class UpstreamResponse:
     status: int
     headers: dict[str, str]
     body: bytes | None = None
-    chunks: AsyncIterator[bytes] | None = None
+    chunks: AsyncGenerator[bytes, None] | None = None
 
     @property
     def ok(self) -> bool:

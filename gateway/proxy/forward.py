@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,7 +236,7 @@ async def _with_retries(gw: ProxyContext, job: Job, group: ModelGroup) -> Outcom
     raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
 
 
-async def _peek(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _peek(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
     """Wait for the first chunk now (so a silent upstream can still be retried), then replay it."""
     try:
         first = await anext(chunks)
@@ -246,7 +246,7 @@ async def _peek(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         await chunks.aclose()
         raise
 
-    async def replay() -> AsyncIterator[bytes]:
+    async def replay() -> AsyncGenerator[bytes, None]:
         try:
             if first:
                 yield first

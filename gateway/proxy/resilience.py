@@ -18,6 +18,7 @@ from aiolimiter import AsyncLimiter
 
 from config.models import BreakerPolicy, Deployment
 from gateway.errors import RateLimited
+from gateway.proxy.bucket import adjust_bucket, bucket_level
 
 MINUTE = 60.0
 
@@ -111,10 +112,11 @@ class Guard:
     async def acquire(self, tokens: int, max_wait: float) -> float:
         """Wait for rpm/tpm budget, at most `max_wait` seconds in all; the seconds waited."""
         started = time.perf_counter()
-        for limiter, amount, kind in (
+        wanted: tuple[tuple[AsyncLimiter | None, float, str], ...] = (
             (self.rpm, 1, "requests"),
             (self.tpm, tokens, "tokens"),
-        ):
+        )
+        for limiter, amount, kind in wanted:
             if limiter is None:
                 continue
             amount = min(amount, limiter.max_rate)
@@ -139,19 +141,14 @@ class Guard:
         """Settle the token bucket with what the call really used instead of the estimate."""
         if self.tpm is None or actual == estimated:
             return
-        # aiolimiter has no public way to return or add capacity; its bucket level is the
-        # one place the correction can go without a second, home-made limiter.
-        limiter = self.tpm
-        limiter._leak()
-        limiter._level = min(max(limiter._level + (actual - estimated), 0.0), limiter.max_rate)
+        adjust_bucket(self.tpm, actual - estimated)
 
     def ratelimit_headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
         for limiter, kind in ((self.rpm, "requests"), (self.tpm, "tokens")):
             if limiter is None:
                 continue
-            limiter._leak()
-            remaining = max(0, int(limiter.max_rate - limiter._level))
+            remaining = max(0, int(limiter.max_rate - bucket_level(limiter)))
             headers[f"x-ratelimit-limit-{kind}"] = str(int(limiter.max_rate))
             headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
         return headers

@@ -54,6 +54,11 @@ def usage_of(operation: str, usage: Any) -> tuple[int | None, int | None, int | 
     return given, taken, _int(cached), _int(reasoning)
 
 
+def as_object(value: Any) -> dict[str, Any]:
+    """The value if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def objects_in(value: Any) -> list[dict[str, Any]]:
     """The objects in a list an upstream sent; anything else is ignored, never trusted."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
@@ -82,7 +87,7 @@ def tool_calls_of(operation: str, body: dict[str, Any]) -> list[dict[str, Any]] 
             if not isinstance(message, dict):
                 continue
             for call in objects_in(message.get("tool_calls")):
-                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                function = as_object(call.get("function"))
                 calls.append(
                     {
                         "id": call.get("id"),

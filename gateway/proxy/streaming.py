@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from gateway.proxy.spans import objects_in
+from gateway.proxy.spans import as_object, objects_in
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
 
@@ -85,7 +85,7 @@ class ChatAssembler:
                 index,
                 {"role": None, "content": [], "refusal": [], "tool_calls": {}, "finish": None},
             )
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta = as_object(choice.get("delta"))
             if isinstance(delta.get("role"), str):
                 slot["role"] = delta["role"]
             if isinstance(delta.get("content"), str):
@@ -102,7 +102,7 @@ class ChatAssembler:
                     target["id"] = call["id"]
                 if call.get("type"):
                     target["type"] = call["type"]
-                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                function = as_object(call.get("function"))
                 if isinstance(function.get("name"), str):
                     target["function"]["name"] += function["name"]
                 if isinstance(function.get("arguments"), str):
