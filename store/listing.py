@@ -15,6 +15,7 @@ from sqlite_utils import Database
 
 from store.errors import NotFound
 from store.queries import decode_row
+from store.schema import SPAN_COLUMNS
 
 MAX_PAGE = 1000
 
@@ -48,13 +49,10 @@ order by r.created_ns desc, r.id desc
 limit :limit
 """
 
-SPAN_LIST_COLUMNS = """
-  rowid as _rowid, span_id, trace_id, parent_span_id, rollout_id, attempt_id, seq, name,
-  operation, provider, deployment, model_group, request_model, response_model, response_id,
-  status, http_status, error_type, error_message, stream, start_ns, end_ns, duration_ms,
-  ttft_ms, upstream_ms, overhead_ms, retries, input_tokens, output_tokens, cached_tokens,
-  reasoning_tokens, cost_usd, finish_reasons, tool_calls, attributes, tags
-"""
+# A listing leaves the bodies out: they can be megabytes, and GET /api/spans/{id} has them.
+SPAN_LIST_COLUMNS = ", ".join(
+    ["rowid as _rowid", *(c for c in SPAN_COLUMNS if c not in ("request_body", "response_body"))]
+)
 
 SPAN_FILTERS = {
     "rollout_id": "rollout_id = :rollout_id",

@@ -17,6 +17,7 @@ from gateway.proxy.context import ProxyContext
 from gateway.proxy.cost import cost_usd
 from gateway.proxy.forward import Job, Outcome
 from gateway.proxy.limits import stored_body
+from gateway.proxy.record import SpanRecord
 from gateway.proxy.redact import Redactor
 from gateway.proxy.spans import request_attributes
 from gateway.proxy.tool_spans import tool_span
@@ -162,7 +163,7 @@ class Call:
             )
         duration_ns = now - self.t0
         sent_ns = job.sent_ns if job else None
-        record = {
+        record: SpanRecord = {
             "span_id": self.span_id,
             "trace_id": self.trace_id,
             "parent_span_id": attribution.parent_span_id,
@@ -201,6 +202,7 @@ class Call:
             "reasoning_tokens": fields.get("reasoning_tokens"),
             "finish_reasons": fields.get("finish_reasons"),
             "tool_calls": fields.get("tool_calls"),
+            "cost_usd": None,
         }
         if deployment is not None:
             record["cost_usd"] = cost_usd(
@@ -215,8 +217,6 @@ class Call:
                     job.estimated_tokens(),
                     (record["input_tokens"] or 0) + (record["output_tokens"] or 0),
                 )
-        else:
-            record["cost_usd"] = None
         self.gw.recorder.publish(record)
         if record["tool_calls"]:
             self.gw.tools.note(record)

@@ -6,9 +6,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from gateway.proxy.record import SpanRecord
+
 log = logging.getLogger("spangate.recorder")
 
-Subscriber = Callable[[dict[str, Any]], None]
+# Takes a span record (or, on the rollout and reward channels, a row); must return at once.
+Subscriber = Callable[[Any], None]
 
 
 class Recorder:
@@ -25,7 +28,7 @@ class Recorder:
         self._subscribers.append(subscriber)
         return lambda: self._subscribers.remove(subscriber)
 
-    def publish(self, span: dict[str, Any]) -> None:
+    def publish(self, span: SpanRecord | dict[str, Any]) -> None:
         self.published += 1
         for subscriber in self._subscribers:
             try:

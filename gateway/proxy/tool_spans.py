@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.proxy.attribution import new_span_id
+from gateway.proxy.record import SpanRecord
 
 MAX_ATTEMPTS_TRACKED = 20_000
 MAX_RESULT_CHARS = 20_000
@@ -83,7 +84,7 @@ class ToolTracker:
         self._capacity = capacity
         self._pending: OrderedDict[tuple[str, str], dict[str, PendingTool]] = OrderedDict()
 
-    def note(self, span: dict[str, Any]) -> None:
+    def note(self, span: SpanRecord) -> None:
         """Remember the tool calls a finished call asked for."""
         rollout, attempt = span.get("rollout_id"), span.get("attempt_id")
         if not rollout or not attempt or not span.get("tool_calls"):
@@ -123,7 +124,7 @@ class ToolTracker:
 
 def tool_span(
     tool: PendingTool, result: str, *, rollout_id: str, attempt_id: str, seq: int, now_ns: int
-) -> dict[str, Any]:
+) -> SpanRecord:
     """The span row of one tool execution, ending when its result reached the gateway."""
     failed = looks_like_error(result)
     duration_ns = max(now_ns - tool.asked_end_ns, 0)
@@ -163,6 +164,8 @@ def tool_span(
         "tool_calls": [{"id": tool.call_id, "name": tool.name, "arguments": tool.arguments}],
         "request_body": {"name": tool.name, "arguments": tool.arguments, "call_id": tool.call_id},
         "response_body": {"content": result[:MAX_RESULT_CHARS], "error": failed},
+        "agent": None,
+        "metadata": None,
         "attributes": {
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": tool.name,
