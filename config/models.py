@@ -32,6 +32,11 @@ DEFAULT_FAIL_MAX = 5
 DEFAULT_RESET_TIMEOUT = 30.0
 DEFAULT_RATE_LIMIT_WAIT = 5.0
 DEFAULT_MAX_TOKENS_ESTIMATE = 256
+# Analysis defaults shared by the API, the CLI and the judge (patterns, leaderboards, export).
+DEFAULT_REWARD_NAME = "reward"
+DEFAULT_MIN_SUPPORT = 5
+DEFAULT_ALPHA = 0.05
+DEFAULT_SUCCESS_THRESHOLD = 0.5
 DEFAULT_MAX_JUDGE_RUNS = 4
 # Bounds on what clients and upstreams can make the gateway hold or wait for.
 DEFAULT_HEADER_TIMEOUT = 60.0

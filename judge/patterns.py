@@ -20,9 +20,13 @@ from scipy.stats import false_discovery_control, mannwhitneyu
 from scipy.stats import t as student_t
 from sqlite_utils import Database
 
-DEFAULT_MIN_SUPPORT = 5
-DEFAULT_ALPHA = 0.05
-DEFAULT_SUCCESS_THRESHOLD = 0.5
+from config.models import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_SUPPORT,
+    DEFAULT_REWARD_NAME,
+    DEFAULT_SUCCESS_THRESHOLD,
+)
+
 MAX_NGRAM = 3
 EVIDENCE_LIMIT = 5
 OUTLIER_RATIO = 3.0
@@ -112,7 +116,7 @@ def load(
     *,
     since_ns: int | None = None,
     agent: str | None = None,
-    reward_name: str = "reward",
+    reward_name: str = DEFAULT_REWARD_NAME,
     success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,
 ) -> list[AttemptData]:
     """Every attempt with its tool sequence, features, costs and outcome."""
@@ -479,7 +483,7 @@ def analyse(
     agent: str | None = None,
     min_support: int = DEFAULT_MIN_SUPPORT,
     alpha: float = DEFAULT_ALPHA,
-    reward_name: str = "reward",
+    reward_name: str = DEFAULT_REWARD_NAME,
     success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,
 ) -> dict[str, Any]:
     """All findings at once, as plain JSON-ready data."""

@@ -11,6 +11,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from config.models import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_SUPPORT,
+    DEFAULT_REWARD_NAME,
+    DEFAULT_SUCCESS_THRESHOLD,
+)
 from gateway.cli import render as cli_render
 from gateway.cli.options import db_option, json_option, read_db
 
@@ -19,10 +25,6 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# The same defaults as judge.patterns (checked by a test); importing it here would load scipy.
-DEFAULT_MIN_SUPPORT = 5
-DEFAULT_ALPHA = 0.05
-DEFAULT_SUCCESS_THRESHOLD = 0.5
 DESCRIPTION_CHARS = 72
 MAX_NS = 2**63  # SQLite integers are signed 64-bit
 FINDING_SECTIONS = (
@@ -84,7 +86,7 @@ def analysis_options(fn: F) -> F:
         ),
         click.option(
             "--reward-name",
-            default="reward",
+            default=DEFAULT_REWARD_NAME,
             show_default=True,
             metavar="N",
             help="The reward that decides success (judge verdicts are not counted).",

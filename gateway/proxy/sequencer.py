@@ -27,7 +27,7 @@ class Sequencer:
     left off (off the loop), so numbers keep rising across restarts.
     """
 
-    def __init__(self, lookup: CursorLookup, *, capacity: int = 100_000) -> None:
+    def __init__(self, lookup: CursorLookup, *, capacity: int) -> None:
         self._lookup = lookup
         self._capacity = capacity
         self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()

@@ -6,6 +6,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from config.models import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_SUPPORT,
+    DEFAULT_REWARD_NAME,
+    DEFAULT_SUCCESS_THRESHOLD,
+)
+
 RolloutStatus = Literal["running", "succeeded", "failed", "cancelled", "timeout"]
 ID_PATTERN = r"^[A-Za-z0-9._:@+=~-]{1,256}$"
 
@@ -59,7 +66,9 @@ class RewardCreate(_Body):
     response_id: str | None = Field(
         None, description="Target one call by the provider's response id (the `id` the client got)."
     )
-    name: str = Field("reward", min_length=1, max_length=128, description="Which reward.")
+    name: str = Field(
+        DEFAULT_REWARD_NAME, min_length=1, max_length=128, description="Which reward."
+    )
     value: float = Field(..., allow_inf_nan=False, description="The reward value.")
     dimensions: dict[str, float] = Field(
         default_factory=dict, description='Per-dimension scores, e.g. {"accuracy": 0.9}.'
@@ -124,7 +133,7 @@ class ExportQuery(_Body):
     format: Literal["jsonl", "triplets"] = Field(
         "jsonl", description="Whole tree or a line per call."
     )
-    reward_name: str = Field("reward", description="Which reward the triplets carry.")
+    reward_name: str = Field(DEFAULT_REWARD_NAME, description="Which reward the triplets carry.")
 
 
 class JudgeRunCreate(_Body):
@@ -265,19 +274,27 @@ class PatternsQuery(_Body):
     since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `7d`).")
     agent: str | None = Field(None, description="Only this agent's rollouts.")
     min_support: int = Field(
-        5,
+        DEFAULT_MIN_SUPPORT,
         ge=1,
         le=1_000_000_000,
         description="Test a feature shown by at least this many attempts.",
     )
     alpha: float = Field(
-        0.05, gt=0, le=1, description="Report findings with a Benjamini-Hochberg q at most this."
+        DEFAULT_ALPHA,
+        gt=0,
+        le=1,
+        description="Report findings with a Benjamini-Hochberg q at most this.",
     )
     reward_name: str = Field(
-        "reward", min_length=1, max_length=128, description="The reward that decides success."
+        DEFAULT_REWARD_NAME,
+        min_length=1,
+        max_length=128,
+        description="The reward that decides success.",
     )
     success_threshold: float = Field(
-        0.5, allow_inf_nan=False, description="Success is a reward at least this."
+        DEFAULT_SUCCESS_THRESHOLD,
+        allow_inf_nan=False,
+        description="Success is a reward at least this.",
     )
 
 
@@ -285,10 +302,15 @@ class LeaderboardQuery(_Body):
     since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `7d`).")
     agent: str | None = Field(None, description="Only this agent's rollouts.")
     reward_name: str = Field(
-        "reward", min_length=1, max_length=128, description="The reward that decides success."
+        DEFAULT_REWARD_NAME,
+        min_length=1,
+        max_length=128,
+        description="The reward that decides success.",
     )
     success_threshold: float = Field(
-        0.5, allow_inf_nan=False, description="Success is a reward at least this."
+        DEFAULT_SUCCESS_THRESHOLD,
+        allow_inf_nan=False,
+        description="Success is a reward at least this.",
     )
 
 

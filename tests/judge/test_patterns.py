@@ -20,7 +20,6 @@ from scipy.stats import fisher_exact
 from sqlite_utils import Database
 
 import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
-from gateway.cli import patterns as cli_patterns
 from gateway.cli.patterns import patterns as patterns_command
 from gateway.proxy.attribution import new_span_id
 from gateway.proxy.tool_spans import PendingTool, tool_span
@@ -490,12 +489,6 @@ def planted(db: Database, rec: Recorder) -> str:
     plant_search_then_verify(rec, random.Random(8))
     plant_flaky_tool(rec, random.Random(9), count=150)
     return db.conn.execute("pragma database_list").fetchone()[2]
-
-
-def test_cli_defaults_match_the_module() -> None:
-    assert cli_patterns.DEFAULT_MIN_SUPPORT == patterns.DEFAULT_MIN_SUPPORT
-    assert cli_patterns.DEFAULT_ALPHA == patterns.DEFAULT_ALPHA
-    assert cli_patterns.DEFAULT_SUCCESS_THRESHOLD == patterns.DEFAULT_SUCCESS_THRESHOLD
 
 
 def test_patterns_command_prints_every_section(planted: str) -> None:

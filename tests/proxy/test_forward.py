@@ -71,7 +71,7 @@ def context(provider: Provider, **overrides: Any) -> tuple[ProxyContext, list[di
         settings=settings,
         router=Router(settings),
         recorder=recorder,
-        sequencer=Sequencer(no_history),
+        sequencer=Sequencer(no_history, capacity=100),
         providers={"fn": provider},
     )
     return ctx, published
