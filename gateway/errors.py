@@ -7,8 +7,10 @@
     - BodyTooLarge (413, code request_too_large)
     - RequestTimeout (408, code request_timeout)
   - AuthenticationFailed (401 authentication_error)
+  - PermissionDenied (403 permission_error, code insufficient_scope)
   - NotFoundError (404 not_found_error)
     - ModelNotFound (404 invalid_request_error, code model_not_found)
+  - UnsupportedMediaType (415 invalid_request_error, code unsupported_media_type)
   - ConflictError (409 conflict_error)
   - ValidationFailed (422 invalid_request_error)
   - TooManyJudgeRuns (429 rate_limit_error, code too_many_judge_runs)
@@ -24,6 +26,8 @@
 
 Messages are scrubbed of Python tracebacks and server file paths when the error is made, so
 neither reaches a client nor a stored span whichever way the error travels.
+
+ClientTooSlow (a ConnectionError) is not answered: the client stopped reading and is dropped.
 """
 
 from __future__ import annotations
@@ -95,6 +99,14 @@ class AuthenticationFailed(GatewayError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    """The key is valid but lacks the scope the route needs."""
+
+    status = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
 class NotFoundError(GatewayError):
     """The route or the named object does not exist."""
 
@@ -107,6 +119,14 @@ class ModelNotFound(NotFoundError):
 
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class UnsupportedMediaType(GatewayError):
+    """`/v1/traces` takes OTLP protobuf or JSON only."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class ConflictError(GatewayError):
@@ -238,3 +258,10 @@ def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ClientTooSlow(ConnectionError):
+    """A write to the client made no progress within `server.write_timeout`: it stopped reading.
+
+    A `ConnectionError`, so every path that handles a client that went away handles it too.
+    """

@@ -8,17 +8,9 @@ from collections.abc import Collection, Mapping
 from aiohttp import web
 
 from config.models import ApiKey
-from gateway.errors import AuthenticationFailed, GatewayError
+from gateway.errors import AuthenticationFailed, PermissionDenied
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json"})
-
-
-class PermissionDenied(GatewayError):
-    """The key is valid but lacks the scope the route needs."""
-
-    status = 403
-    type = "permission_error"
-    code = "insufficient_scope"
 
 
 def required_scope(method: str, path: str) -> str | None:

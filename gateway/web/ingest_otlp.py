@@ -28,7 +28,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.errors import BodyTooLarge, GatewayError, InvalidRequest
+from gateway.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
 from gateway.proxy.attribution import valid_id
 from gateway.web.state import GATEWAY, Gateway
 
@@ -53,14 +53,6 @@ _COLUMNS = {
     "gen_ai.usage.cache_read.input_tokens": "cached_tokens",
     "gen_ai.usage.reasoning.output_tokens": "reasoning_tokens",
 }
-
-
-class UnsupportedMediaType(GatewayError):
-    """`/v1/traces` takes OTLP protobuf or JSON only."""
-
-    status = 415
-    type = "invalid_request_error"
-    code = "unsupported_media_type"
 
 
 @dataclass

@@ -12,17 +12,12 @@ import socket
 
 from aiohttp import web
 
+from gateway.errors import ClientTooSlow
+
 OTHER_LABEL = "other"
 # Kernel send buffer of a streamed answer's socket. Left to autotuning it grows to megabytes,
 # which a client that stops reading pins for every stream; tokens need far less.
 STREAM_SEND_BUFFER = 64 * 1024
-
-
-class ClientTooSlow(ConnectionError):
-    """A write to the client made no progress within `server.write_timeout`: it stopped reading.
-
-    A `ConnectionError`, so every path that handles a client that went away handles it too.
-    """
 
 
 async def write_within(
