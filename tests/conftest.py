@@ -14,7 +14,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_provider import FakeProviderThread
-from servers import GatewayThread
+from servers import GatewayThread, ServedProcess, ServeFactory, start_served, write_config
 
 from config.loader import parse_settings
 from config.models import Settings
@@ -97,3 +97,20 @@ def make_gateway(
 @pytest.fixture
 def gateway(make_gateway: Callable[..., GatewayThread]) -> GatewayThread:
     return make_gateway()
+
+
+@pytest.fixture
+def served_process(tmp_path: Path, db_path: Path) -> Iterator[ServeFactory]:
+    """`served_process(groups={name: api_base}, **settings)` starts `spangate serve` on `db_path`
+    with those model groups (plus `mock`); calling it again restarts on the same database."""
+    started: list[ServedProcess] = []
+
+    def serve(groups: dict[str, str] | None = None, **settings: Any) -> ServedProcess:
+        config = write_config(tmp_path / f"spangate-{len(started)}.yaml", groups or {}, **settings)
+        served = start_served(config, db_path, tmp_path / f"serve-{len(started)}.log")
+        started.append(served)
+        return served
+
+    yield serve
+    for served in started:
+        served.stop()

@@ -1,16 +1,26 @@
-"""Real servers for tests: the gateway on a loopback port in its own thread, and polling helpers."""
+"""Real servers for tests: the gateway on a loopback port in its own thread, `spangate serve`
+as a real process, and polling helpers."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+import yaml
 from aiohttp import web
+from shapes import CLI_ARGV
 
 from config.models import Settings
 from gateway.compose import create_app
@@ -19,6 +29,10 @@ from gateway.web.state import GATEWAY, Gateway
 from store.queries import decode_row
 
 T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT = 30.0
+# The upstream key in served configs: it must never show up in a log.
+UPSTREAM_KEY = "sk-reliability-upstream-key"
 
 
 def wait_until(
@@ -130,3 +144,106 @@ def read_rows(db_path: str | Path, sql: str, *params: Any) -> list[dict[str, Any
         return [dict(r) for r in conn.execute(sql, params).fetchall()]
     finally:
         conn.close()
+
+
+# -- `spangate serve` as a real process ------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(path: Path, groups: dict[str, str], **settings: Any) -> Path:
+    """A `spangate.yaml` with one OpenAI-compatible deployment per `{group: api_base}` and the
+    built-in `mock` group, plus any top-level `settings`."""
+    models: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "deployments": [
+                {
+                    "provider": "openai",
+                    "model": "upstream-model",
+                    "api_base": base,
+                    "api_key": UPSTREAM_KEY,
+                }
+            ],
+        }
+        for name, base in groups.items()
+    ]
+    models.append({"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]})
+    path.write_text(yaml.safe_dump({"models": models, **settings}))
+    return path
+
+
+@dataclass
+class ServedProcess:
+    """One `spangate serve` subprocess; its output goes to files so a chatty log never blocks."""
+
+    process: subprocess.Popen[bytes]
+    base: str
+    db: Path
+    log_path: Path
+    _log: Any = field(repr=False, default=None)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"spangate serve exited with {self.process.returncode}:\n{self.log()}"
+            )
+        try:
+            return httpx.get(f"{self.base}/health/ready", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def signal(self, signum: signal.Signals) -> None:
+        os.kill(self.process.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Kill if still running (tests stop it gracefully themselves) and close the log."""
+        if self.process.poll() is None:
+            self.process.kill()
+        with suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+ServeFactory = Callable[..., ServedProcess]
+
+
+def start_served(config: Path, db: Path, log_path: Path) -> ServedProcess:
+    """Start `spangate serve` on a free port and wait until `/health/ready` answers 200."""
+    port = free_port()
+    log = open(log_path, "ab")  # noqa: SIM115 - closed by ServedProcess.stop
+    process = subprocess.Popen(
+        [
+            *CLI_ARGV,
+            "serve",
+            "--config",
+            str(config),
+            "--db",
+            str(db),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    served = ServedProcess(process, f"http://127.0.0.1:{port}", db, log_path, log)
+    try:
+        wait_until(served.ready, timeout=READY_TIMEOUT, interval=0.05, what="spangate serve")
+    except BaseException:
+        served.stop()
+        raise
+    return served

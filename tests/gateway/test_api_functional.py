@@ -22,6 +22,7 @@ import pytest
 from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from servers import GatewayThread, read_rows, read_spans
+from shapes import assert_openai_error
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -82,25 +83,6 @@ def caller(gateway: GatewayThread, fake_provider: FakeProviderThread) -> Iterato
     made = Caller(gateway, fake_provider)
     yield made
     made.client.close()
-
-
-def assert_error(
-    response: httpx.Response, status: int, *, param: str | None = None, kind: str | None = None
-) -> dict[str, Any]:
-    """The response is `status` in the OpenAI error shape; returns the inner error object."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert list(body) == ["error"], body
-    error = body["error"]
-    assert {"message", "type", "param", "code"} <= set(error), error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    if param is not None:
-        assert error["param"] == param, error
-    if kind is not None:
-        assert error["type"] == kind, error
-    return error
 
 
 def names_field(error: dict[str, Any], field: str) -> bool:
@@ -202,20 +184,20 @@ def test_create_rollout_without_an_id_generates_one(api: httpx.Client) -> None:
 
 def test_create_rollout_with_a_different_agent_or_input_conflicts(api: httpx.Client) -> None:
     create_rollout(api, id="task-c", agent="a1", input="x")
-    assert_error(
-        api.post("/api/rollouts", json={"id": "task-c", "agent": "a2"}), 409, kind="conflict_error"
+    assert_openai_error(
+        api.post("/api/rollouts", json={"id": "task-c", "agent": "a2"}), 409, type_="conflict_error"
     )
-    assert_error(api.post("/api/rollouts", json={"id": "task-c", "input": "y"}), 409)
+    assert_openai_error(api.post("/api/rollouts", json={"id": "task-c", "input": "y"}), 409)
     assert api.get("/api/rollouts/task-c").json()["agent"] == "a1"
 
 
 def test_create_rollout_rejects_invalid_bodies_naming_the_field(api: httpx.Client) -> None:
-    assert_error(api.post("/api/rollouts", json={"id": "has space"}), 422, param="id")
-    assert_error(api.post("/api/rollouts", json={"tags": "not-a-list"}), 422, param="tags")
-    assert_error(api.post("/api/rollouts", json={"metadata": [1]}), 422, param="metadata")
-    assert_error(api.post("/api/rollouts", json={"colour": "red"}), 422, param="colour")
-    assert_error(api.post("/api/rollouts", content=b"{not json"), 400)
-    assert_error(api.post("/api/rollouts", json=[1, 2]), 400)
+    assert_openai_error(api.post("/api/rollouts", json={"id": "has space"}), 422, param="id")
+    assert_openai_error(api.post("/api/rollouts", json={"tags": "not-a-list"}), 422, param="tags")
+    assert_openai_error(api.post("/api/rollouts", json={"metadata": [1]}), 422, param="metadata")
+    assert_openai_error(api.post("/api/rollouts", json={"colour": "red"}), 422, param="colour")
+    assert_openai_error(api.post("/api/rollouts", content=b"{not json"), 400)
+    assert_openai_error(api.post("/api/rollouts", json=[1, 2]), 400)
 
 
 def test_list_rollouts_filters_by_status_agent_and_tag(api: httpx.Client) -> None:
@@ -236,7 +218,9 @@ def test_list_rollouts_filters_by_status_agent_and_tag(api: httpx.Client) -> Non
     assert ids(tag="red") == ["f-3", "f-1"]
     assert ids(tag="blue", agent="beta") == ["f-3"]
     assert ids(tag="green") == []
-    assert_error(api.get("/api/rollouts", params={"status": "exploded"}), 422, param="status")
+    assert_openai_error(
+        api.get("/api/rollouts", params={"status": "exploded"}), 422, param="status"
+    )
 
 
 def test_list_rollouts_filters_by_time_range(api: httpx.Client) -> None:
@@ -260,9 +244,9 @@ def test_list_rollouts_filters_by_time_range(api: httpx.Client) -> None:
     assert ids(until="1h") == []
     assert ids(since="2200-01-01T00:00:00Z") == []
     assert ids(until="2200-01-01") == all_ids
-    error = assert_error(api.get("/api/rollouts", params={"since": "yesterday-ish"}), 422)
+    error = assert_openai_error(api.get("/api/rollouts", params={"since": "yesterday-ish"}), 422)
     assert error["param"] == "since"
-    assert_error(api.get("/api/rollouts", params={"until": "soon"}), 422, param="until")
+    assert_openai_error(api.get("/api/rollouts", params={"until": "soon"}), 422, param="until")
 
 
 def test_list_rollouts_with_a_time_beyond_the_storable_range_is_not_a_server_error(
@@ -278,7 +262,7 @@ def test_list_rollouts_with_a_time_beyond_the_storable_range_is_not_a_server_err
         response = api.get("/api/rollouts", params=params)
         assert response.status_code in (200, 422), (params, response.text)
         if response.status_code == 422:
-            assert_error(response, 422, param=next(iter(params)))
+            assert_openai_error(response, 422, param=next(iter(params)))
 
 
 def test_list_rollouts_pages_with_a_cursor_without_gaps_or_duplicates(api: httpx.Client) -> None:
@@ -297,10 +281,12 @@ def test_list_rollouts_pages_with_a_cursor_without_gaps_or_duplicates(api: httpx
 def test_list_rollouts_rejects_a_bad_cursor_and_a_bad_limit(api: httpx.Client) -> None:
     create_rollout(api, id="b-1")
     for cursor in ("garbage!", "bm90LWpzb24", "WzFd"):  # not base64 JSON; not JSON; wrong shape
-        assert_error(api.get("/api/rollouts", params={"cursor": cursor}), 422, param="cursor")
+        assert_openai_error(
+            api.get("/api/rollouts", params={"cursor": cursor}), 422, param="cursor"
+        )
     for limit in ("0", "-1", "abc", "5000"):
-        assert_error(api.get("/api/rollouts", params={"limit": limit}), 422, param="limit")
-    assert_error(api.get("/api/rollouts", params={"colour": "red"}), 422, param="colour")
+        assert_openai_error(api.get("/api/rollouts", params={"limit": limit}), 422, param="limit")
+    assert_openai_error(api.get("/api/rollouts", params={"colour": "red"}), 422, param="colour")
 
 
 def test_get_rollout_has_attempts_with_spans_in_seq_order_and_a_summary(
@@ -343,7 +329,9 @@ def test_get_rollout_has_attempts_with_spans_in_seq_order_and_a_summary(
 
 
 def test_get_unknown_rollout_is_404_in_the_error_shape(api: httpx.Client) -> None:
-    error = assert_error(api.get("/api/rollouts/no-such-rollout"), 404, kind="not_found_error")
+    error = assert_openai_error(
+        api.get("/api/rollouts/no-such-rollout"), 404, type_="not_found_error"
+    )
     assert "no-such-rollout" in error["message"]
 
 
@@ -369,8 +357,8 @@ def test_rollout_status_follows_the_state_machine(
     assert again.json()["ended_ns"] == ended
 
     for status in ("failed", "running", "cancelled", "timeout"):
-        error = assert_error(
-            api.patch("/api/rollouts/sm-1", json={"status": status}), 409, kind="conflict_error"
+        error = assert_openai_error(
+            api.patch("/api/rollouts/sm-1", json={"status": status}), 409, type_="conflict_error"
         )
         assert "succeeded" in error["message"]
     assert api.get("/api/rollouts/sm-1").json()["status"] == "succeeded"
@@ -378,11 +366,11 @@ def test_rollout_status_follows_the_state_machine(
 
 def test_rollout_patch_rejects_invalid_status_and_unknown_rollouts(api: httpx.Client) -> None:
     create_rollout(api, id="sm-2")
-    error = assert_error(api.patch("/api/rollouts/sm-2", json={"status": "exploded"}), 422)
+    error = assert_openai_error(api.patch("/api/rollouts/sm-2", json={"status": "exploded"}), 422)
     assert error["param"] == "status"
-    assert_error(api.patch("/api/rollouts/sm-2", json={"status": 3}), 422, param="status")
-    assert_error(api.patch("/api/rollouts/sm-2", json={"owner": "me"}), 422, param="owner")
-    assert_error(api.patch("/api/rollouts/nope", json={"status": "failed"}), 404)
+    assert_openai_error(api.patch("/api/rollouts/sm-2", json={"status": 3}), 422, param="status")
+    assert_openai_error(api.patch("/api/rollouts/sm-2", json={"owner": "me"}), 422, param="owner")
+    assert_openai_error(api.patch("/api/rollouts/nope", json={"status": "failed"}), 404)
 
 
 def test_rollout_patch_merges_metadata_and_replaces_tags(api: httpx.Client) -> None:
@@ -436,11 +424,13 @@ def test_new_attempt_on_a_rollout_created_through_the_api_is_used_by_calls(
 def test_new_attempt_conflicts_on_duplicates_and_terminal_rollouts(api: httpx.Client) -> None:
     create_rollout(api, id="at-3")
     assert api.post("/api/rollouts/at-3/attempts", json={"id": "x"}).status_code == 201
-    assert_error(api.post("/api/rollouts/at-3/attempts", json={"id": "x"}), 409)
-    assert_error(api.post("/api/rollouts/at-3/attempts", json={"id": "bad id"}), 422, param="id")
-    assert_error(api.post("/api/rollouts/missing/attempts", json={}), 404)
+    assert_openai_error(api.post("/api/rollouts/at-3/attempts", json={"id": "x"}), 409)
+    assert_openai_error(
+        api.post("/api/rollouts/at-3/attempts", json={"id": "bad id"}), 422, param="id"
+    )
+    assert_openai_error(api.post("/api/rollouts/missing/attempts", json={}), 404)
     assert api.patch("/api/rollouts/at-3", json={"status": "cancelled"}).status_code == 200
-    error = assert_error(api.post("/api/rollouts/at-3/attempts", json={}), 409)
+    error = assert_openai_error(api.post("/api/rollouts/at-3/attempts", json={}), 409)
     assert "cancelled" in error["message"]
 
 
@@ -450,9 +440,11 @@ def test_attempt_status_can_end_once(api: httpx.Client) -> None:
     failed = api.patch("/api/rollouts/at-4/attempts/1", json={"status": "failed"})
     assert failed.status_code == 200, failed.text
     assert failed.json()["status"] == "failed" and failed.json()["ended_ns"] is not None
-    assert_error(api.patch("/api/rollouts/at-4/attempts/1", json={"status": "succeeded"}), 409)
-    assert_error(api.patch("/api/rollouts/at-4/attempts/9", json={"status": "failed"}), 404)
-    assert_error(api.patch("/api/rollouts/at-4/attempts/1", json={}), 422, param="status")
+    assert_openai_error(
+        api.patch("/api/rollouts/at-4/attempts/1", json={"status": "succeeded"}), 409
+    )
+    assert_openai_error(api.patch("/api/rollouts/at-4/attempts/9", json={"status": "failed"}), 404)
+    assert_openai_error(api.patch("/api/rollouts/at-4/attempts/1", json={}), 422, param="status")
     # The rollout itself is still open for another attempt.
     assert api.post("/api/rollouts/at-4/attempts", json={}).json()["number"] == 2
 
@@ -492,8 +484,8 @@ def test_list_spans_filters_by_rollout_attempt_model_status_tag_and_time(
     assert ids(since="1h") == everything
     assert ids(since="2200-01-01") == []
     assert ids(until="1h") == []
-    assert_error(api.get("/api/spans", params={"status": "meh"}), 422, param="status")
-    assert_error(api.get("/api/spans", params={"since": "whenever"}), 422, param="since")
+    assert_openai_error(api.get("/api/spans", params={"status": "meh"}), 422, param="status")
+    assert_openai_error(api.get("/api/spans", params={"since": "whenever"}), 422, param="since")
 
 
 def test_list_spans_pages_with_a_cursor(
@@ -506,8 +498,8 @@ def test_list_spans_pages_with_a_cursor(
     assert [row["span_id"] for page in pages for row in page] == [c.span_id for c in calls]
     for row in pages[0]:
         assert "request_body" not in row and "_rowid" not in row
-    assert_error(api.get("/api/spans", params={"cursor": "%%%"}), 422, param="cursor")
-    assert_error(api.get("/api/spans", params={"limit": "0"}), 422, param="limit")
+    assert_openai_error(api.get("/api/spans", params={"cursor": "%%%"}), 422, param="cursor")
+    assert_openai_error(api.get("/api/spans", params={"limit": "0"}), 422, param="limit")
 
 
 def test_get_span_has_full_request_and_response_bodies(
@@ -530,7 +522,7 @@ def test_get_span_has_full_request_and_response_bodies(
 
 
 def test_get_unknown_span_is_404(api: httpx.Client) -> None:
-    assert_error(api.get("/api/spans/0123456789abcdef"), 404, kind="not_found_error")
+    assert_openai_error(api.get("/api/spans/0123456789abcdef"), 404, type_="not_found_error")
 
 
 # -- rewards ----------------------------------------------------------------------------------
@@ -630,7 +622,7 @@ def test_reward_with_a_client_id_is_idempotent(api: httpx.Client, caller: Caller
     assert api.post("/api/rewards", json=same_target).status_code == 200
 
     for change in ({"value": 0.0}, {"name": "other"}, {"final": True}, {"dimensions": {"a": 2}}):
-        error = assert_error(api.post("/api/rewards", json={**body, **change}), 409)
+        error = assert_openai_error(api.post("/api/rewards", json={**body, **change}), 409)
         assert "reward-once" in error["message"]
     listed = api.get("/api/rewards", params={"rollout_id": "rw-3"}).json()["data"]
     assert [r["id"] for r in listed] == ["reward-once"]
@@ -645,7 +637,7 @@ def test_reward_to_an_unknown_target_is_404(api: httpx.Client, caller: Caller) -
         {"span_id": "ffffffffffffffff"},
         {"response_id": "chatcmpl-never-seen"},
     ):
-        assert_error(api.post("/api/rewards", json={"value": 1, **body}), 404)
+        assert_openai_error(api.post("/api/rewards", json={"value": 1, **body}), 404)
     assert api.get("/api/rewards").json()["data"] == []
 
 
@@ -657,7 +649,7 @@ def test_reward_naming_a_span_of_another_rollout_conflicts(
     body = {"value": 1, "span_id": call.span_id, "rollout_id": "rw-5-other"}
     response = api.post("/api/rewards", json=body)
     assert response.status_code in (409, 422), response.text
-    assert_error(response, response.status_code)
+    assert_openai_error(response, response.status_code)
 
 
 @pytest.mark.parametrize(
@@ -694,7 +686,7 @@ def test_reward_naming_a_span_of_another_rollout_conflicts(
 def test_invalid_reward_body_is_422_naming_the_field(
     validation_api: httpx.Client, body: dict[str, Any], field: str
 ) -> None:
-    error = assert_error(validation_api.post("/api/rewards", json=body), 422)
+    error = assert_openai_error(validation_api.post("/api/rewards", json=body), 422)
     assert names_field(error, field), error
     assert validation_api.get("/api/rewards").json()["data"] == []
 
@@ -714,8 +706,8 @@ def test_reward_under_a_rollout_path_targets_that_rollout(
     )
     assert on_call.status_code == 201, on_call.text
     assert on_call.json()["span_id"] == call.span_id
-    assert_error(api.post("/api/rollouts/nope/rewards", json={"value": 1}), 404)
-    assert_error(
+    assert_openai_error(api.post("/api/rollouts/nope/rewards", json={"value": 1}), 404)
+    assert_openai_error(
         api.post("/api/rollouts/rw-6/rewards", json={"value": 1, "rollout_id": "other"}),
         422,
         param="rollout_id",
@@ -753,8 +745,8 @@ def test_list_rewards_filters_and_pages(api: httpx.Client, caller: Caller) -> No
     pages = collect_pages(api, "/api/rewards", limit=3)
     assert [len(p) for p in pages] == [3, 1]
     assert [r["id"] for p in pages for r in p] == ids
-    assert_error(api.get("/api/rewards", params={"cursor": "zz"}), 422, param="cursor")
-    assert_error(api.get("/api/rewards", params={"limit": "x"}), 422, param="limit")
+    assert_openai_error(api.get("/api/rewards", params={"cursor": "zz"}), 422, param="cursor")
+    assert_openai_error(api.get("/api/rewards", params={"limit": "x"}), 422, param="limit")
 
 
 def test_reward_is_queryable_the_moment_the_post_returns(api: httpx.Client, caller: Caller) -> None:
@@ -871,4 +863,4 @@ def test_stats_totals_match_the_calls_made(
     future = api.get("/api/stats", params={"since": "2200-01-01"}).json()
     assert future["totals"]["calls"] == 0 and future["by_model"] == []
     assert api.get("/api/stats", params={"since": "1h"}).json()["totals"]["calls"] == 6
-    assert_error(api.get("/api/stats", params={"since": "later"}), 422, param="since")
+    assert_openai_error(api.get("/api/stats", params={"since": "later"}), 422, param="since")

@@ -20,6 +20,7 @@ import openai
 import pytest
 from fake_provider import FakeProviderThread
 from servers import GatewayThread, read_rows
+from shapes import assert_openai_error
 
 PROXY_KEY = "sk-gw-proxy-0001"
 READ_KEY = "sk-gw-read-0001"
@@ -83,17 +84,6 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def assert_error(response: httpx.Response, status: int, kind: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert list(body) == ["error"], body
-    error = body["error"]
-    assert {"message", "type", "param", "code"} <= set(error), error
-    assert error["type"] == kind, error
-    assert error["message"]
-    return error
-
-
 def sdk_chat(
     gateway: GatewayThread,
     api_key: str,
@@ -117,16 +107,16 @@ def sdk_chat(
 
 
 def test_no_key_is_401_in_the_error_shape(http: httpx.Client) -> None:
-    error = assert_error(http.get("/api/rollouts"), 401, "authentication_error")
+    error = assert_openai_error(http.get("/api/rollouts"), 401, type_="authentication_error")
     assert "key" in error["message"]
-    assert_error(http.post("/api/rollouts", json={}), 401, "authentication_error")
-    assert_error(
+    assert_openai_error(http.post("/api/rollouts", json={}), 401, type_="authentication_error")
+    assert_openai_error(
         http.post("/v1/chat/completions", json={"model": "gpt-test", "messages": MESSAGES}),
         401,
-        "authentication_error",
+        type_="authentication_error",
     )
-    assert_error(http.get("/v1/models"), 401, "authentication_error")
-    assert_error(http.get("/api/spans/stream"), 401, "authentication_error")
+    assert_openai_error(http.get("/v1/models"), 401, type_="authentication_error")
+    assert_openai_error(http.get("/api/spans/stream"), 401, type_="authentication_error")
 
 
 def test_a_wrong_or_malformed_key_is_401(http: httpx.Client) -> None:
@@ -138,7 +128,9 @@ def test_a_wrong_or_malformed_key_is_401(http: httpx.Client) -> None:
         {"Authorization": f"Basic {READ_KEY}"},
         {"Authorization": "Bearer"},
     ):
-        assert_error(http.get("/api/rollouts", headers=headers), 401, "authentication_error")
+        assert_openai_error(
+            http.get("/api/rollouts", headers=headers), 401, type_="authentication_error"
+        )
 
 
 def test_sdk_with_a_wrong_key_gets_an_authentication_error(secured: GatewayThread) -> None:
@@ -149,21 +141,21 @@ def test_sdk_with_a_wrong_key_gets_an_authentication_error(secured: GatewayThrea
 def test_read_key_reads_but_cannot_write(http: httpx.Client) -> None:
     assert http.get("/api/rollouts", headers=bearer(READ_KEY)).status_code == 200
     assert http.get("/api/stats", headers=bearer(READ_KEY)).status_code == 200
-    error = assert_error(
+    error = assert_openai_error(
         http.post("/api/rollouts", json={"id": "r"}, headers=bearer(READ_KEY)),
         403,
-        "permission_error",
+        type_="permission_error",
     )
     assert "write" in error["message"]
-    assert_error(
+    assert_openai_error(
         http.post("/api/rewards", json={"rollout_id": "r", "value": 1}, headers=bearer(READ_KEY)),
         403,
-        "permission_error",
+        type_="permission_error",
     )
-    assert_error(
+    assert_openai_error(
         http.patch("/api/rollouts/r", json={"status": "failed"}, headers=bearer(READ_KEY)),
         403,
-        "permission_error",
+        type_="permission_error",
     )
 
 
@@ -186,11 +178,17 @@ def test_proxy_key_calls_the_model_but_not_the_api(
     secured: GatewayThread, http: httpx.Client
 ) -> None:
     assert sdk_chat(secured, PROXY_KEY) == "echo: hello"
-    assert_error(http.get("/api/rollouts", headers=bearer(PROXY_KEY)), 403, "permission_error")
-    assert_error(
-        http.post("/api/rollouts", json={}, headers=bearer(PROXY_KEY)), 403, "permission_error"
+    assert_openai_error(
+        http.get("/api/rollouts", headers=bearer(PROXY_KEY)), 403, type_="permission_error"
     )
-    assert_error(http.get("/metrics", headers=bearer(PROXY_KEY)), 403, "permission_error")
+    assert_openai_error(
+        http.post("/api/rollouts", json={}, headers=bearer(PROXY_KEY)),
+        403,
+        type_="permission_error",
+    )
+    assert_openai_error(
+        http.get("/metrics", headers=bearer(PROXY_KEY)), 403, type_="permission_error"
+    )
     # The call was recorded all the same, and a read key sees it.
     secured.flush()
     spans = http.get("/api/spans", headers=bearer(READ_KEY)).json()["data"]
@@ -211,10 +209,10 @@ def test_x_api_key_header_works_for_the_api_and_the_model(
     secured: GatewayThread, http: httpx.Client
 ) -> None:
     assert http.get("/api/rollouts", headers={"X-Api-Key": READ_KEY}).status_code == 200
-    assert_error(
+    assert_openai_error(
         http.post("/api/rollouts", json={}, headers={"X-Api-Key": READ_KEY}),
         403,
-        "permission_error",
+        type_="permission_error",
     )
     # The SDK's own Authorization then carries something else entirely.
     reply = sdk_chat(secured, "not-a-gateway-key", headers={"X-Api-Key": PROXY_KEY})
@@ -226,13 +224,15 @@ def test_health_and_openapi_need_no_key(http: httpx.Client) -> None:
     assert http.get("/health/ready").status_code == 200
     spec = http.get("/openapi.json")
     assert spec.status_code == 200 and "/api/rollouts" in spec.json()["paths"]
-    assert_error(http.get("/metrics"), 401, "authentication_error")
+    assert_openai_error(http.get("/metrics"), 401, type_="authentication_error")
     assert http.get("/metrics", headers=bearer(READ_KEY)).status_code == 200
 
 
 def test_the_event_stream_needs_the_read_scope(http: httpx.Client) -> None:
-    assert_error(http.get("/api/spans/stream"), 401, "authentication_error")
-    assert_error(http.get("/api/spans/stream", headers=bearer(PROXY_KEY)), 403, "permission_error")
+    assert_openai_error(http.get("/api/spans/stream"), 401, type_="authentication_error")
+    assert_openai_error(
+        http.get("/api/spans/stream", headers=bearer(PROXY_KEY)), 403, type_="permission_error"
+    )
     # Past the key check the stream itself answers (here: a 422 for a bad Last-Event-ID,
     # which keeps the test from holding a live stream open).
     response = http.get(

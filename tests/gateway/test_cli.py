@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
+from shapes import CLI_ARGV
 
 from gateway.cli import render as cli_render
 from gateway.cli.main import cli
@@ -27,7 +28,6 @@ from store.writer import insert_spans
 
 T0 = 1_714_572_000_000_000_000  # 2024-05-01 14:00 UTC, in ns
 SECOND = 1_000_000_000
-CLI_ARGV = [sys.executable, "-c", "from gateway.cli.main import cli; cli()"]
 
 
 def _span(

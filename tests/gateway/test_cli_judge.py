@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,17 @@ from click.testing import CliRunner, Result
 from fake_provider import FakeProviderThread
 from scipy.stats import spearmanr
 from servers import read_rows, wait_until
+from shapes import CLI_ARGV, span_record
 
 from gateway.cli.main import cli
 from judge.rules import RULES_VERSION
 from judge.verdict import REWARD_NAME, reward_id
-from store.schema import SPAN_COLUMNS, connect
+from store.schema import connect
 from store.writer import insert_spans
 from store.writes import add_reward, update_rollout
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
 MS = 1_000_000
-CLI_ARGV = [sys.executable, "-c", "from gateway.cli.main import cli; cli()"]
 CRITERIA = ("task_completion", "tool_efficiency", "decision_quality", "error_handling")
 
 
@@ -65,25 +64,18 @@ def span(
     error: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     start = T0 + seq * 1000 * MS
-    record: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
-    record.update(
-        span_id=os.urandom(8).hex(),
-        trace_id=os.urandom(16).hex(),
-        rollout_id=rollout,
+    record = span_record(
+        rollout,
+        seq,
         attempt_id=attempt,
-        seq=seq,
-        name="chat gpt-test",
-        operation="chat",
-        provider="openai",
-        request_model="gpt-test",
+        deployment=None,
+        model_group=None,
         response_model="gpt-test",
-        status="ok",
-        http_status=200,
-        stream=0,
+        response_id=None,
         start_ns=start,
         end_ns=start + 200 * MS,
         duration_ms=200.0,
-        retries=0,
+        overhead_ms=None,
         input_tokens=20,
         output_tokens=5,
         request_body={
@@ -91,7 +83,6 @@ def span(
             "messages": [{"role": "user", "content": f"task of {rollout}"}],
         },
         response_body=answer(reply),
-        finish_reasons=["stop"],
         attributes={},
         tags=[],
         agent=agent,

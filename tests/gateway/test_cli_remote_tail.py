@@ -28,6 +28,7 @@ from click.testing import CliRunner, Result
 from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from servers import GatewayThread
+from shapes import CLI_ARGV
 
 from gateway.cli import remote as cli_remote
 from gateway.cli.main import BROKEN_PIPE_EXIT, cli
@@ -35,7 +36,6 @@ from gateway.cli.remote import Follow, follow_spans, parse_events
 from store.schema import SPAN_COLUMNS, connect
 from store.writer import insert_spans
 
-CLI_ARGV = [sys.executable, "-c", "from gateway.cli.main import cli; cli()"]
 # A call made while following must show within this long.
 LIVE_LATENCY = 1.0
 

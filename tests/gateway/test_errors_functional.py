@@ -20,6 +20,7 @@ import openai
 import pytest
 from fake_provider import FakeProviderThread
 from servers import GatewayThread, wait_until
+from shapes import assert_openai_error
 
 from config.loader import parse_settings
 
@@ -77,26 +78,6 @@ def http() -> Iterator[httpx.Client]:
 
 def client_for(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key="anything", max_retries=0)
-
-
-def assert_openai_error(
-    response: httpx.Response, status: int, *, code: str | None = None, type_: str | None = None
-) -> dict[str, Any]:
-    """The response is `{"error": {message, type, param, code}}` JSON with `status`."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    assert isinstance(error["type"], str)
-    if code is not None:
-        assert error["code"] == code
-    if type_ is not None:
-        assert error["type"] == type_
-    return error
 
 
 def assert_still_serves(gateway: GatewayThread) -> None:

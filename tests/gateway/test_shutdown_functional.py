@@ -3,85 +3,25 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from fake_provider import FakeProviderThread
-from servers import read_rows, wait_until
+from servers import ServeFactory, read_rows, wait_until
 
 CALLS = 120
 WORKERS = 24
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def served(
-    fake_provider: FakeProviderThread, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    config = tmp_path / "spangate.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "models": [
-                    {
-                        "name": "gpt-test",
-                        "deployments": [
-                            {
-                                "provider": "openai",
-                                "model": "m",
-                                "api_base": fake_provider.url,
-                                "api_key": "k",
-                            }
-                        ],
-                    }
-                ]
-            }
-        )
-    )
-    db, port = tmp_path / "spangate.db", free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from gateway.cli.main import cli; cli()",
-            "serve",
-            "--config",
-            str(config),
-            "--db",
-            str(db),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{base}/health/ready", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(ready, timeout=20, what="spangate serve to be ready")
-        yield process, base, db
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
+    fake_provider: FakeProviderThread, served_process: ServeFactory
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    process = served_process({"gpt-test": fake_provider.url})
+    return process.process, process.base, process.db
 
 
 def test_sigterm_under_load_keeps_every_acknowledged_call(

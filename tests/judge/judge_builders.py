@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from shapes import span_record as span_record_of
 
 from judge.trajectory import Trajectory, load_trajectory
-from store.schema import SPAN_COLUMNS, connect
+from store.schema import connect
 from store.writer import insert_spans
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
@@ -129,44 +130,38 @@ def span_record(
     finish = None
     if response is not None:
         finish = [response["choices"][0]["finish_reason"]]
-    record: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
-    record.update(
-        {
-            "span_id": span_id or new_span_id(),
-            "trace_id": "ab" * 16,
-            "rollout_id": rollout,
-            "attempt_id": attempt,
-            "seq": seq,
-            "name": "chat gpt-4o-mini",
-            "operation": "chat",
-            "provider": "openai",
-            "deployment": "openai/gpt-4o-mini",
-            "model_group": "gpt-4o-mini",
-            "request_model": "gpt-4o-mini",
-            "response_model": "gpt-4o-mini-2024-07-18" if status == "ok" else None,
-            "status": status,
-            "http_status": 200 if status == "ok" else 502,
-            "error_type": error_type,
-            "error_message": error_message,
-            "stream": 0,
-            "start_ns": start,
-            "end_ns": start + int(duration_ms * MS),
-            "duration_ms": duration_ms,
-            "retries": retries,
-            "input_tokens": input_tokens if status == "ok" else None,
-            "output_tokens": output_tokens if status == "ok" else None,
-            "cost_usd": 0.0001 if status == "ok" else None,
-            "finish_reasons": finish,
-            # The gateway records the raw request bytes and the parsed answer.
-            "request_body": orjson.dumps(request),
-            "response_body": response,
-            "attributes": {},
-            "tags": [],
-            "agent": agent,
-            "metadata": {},
-        }
+    return span_record_of(
+        rollout,
+        seq,
+        span_id=span_id or new_span_id(),
+        trace_id="ab" * 16,
+        attempt_id=attempt,
+        name="chat gpt-4o-mini",
+        deployment="openai/gpt-4o-mini",
+        model_group="gpt-4o-mini",
+        request_model="gpt-4o-mini",
+        response_model="gpt-4o-mini-2024-07-18" if status == "ok" else None,
+        response_id=None,
+        status=status,
+        http_status=200 if status == "ok" else 502,
+        error_type=error_type,
+        error_message=error_message,
+        start_ns=start,
+        end_ns=start + int(duration_ms * MS),
+        duration_ms=duration_ms,
+        overhead_ms=None,
+        retries=retries,
+        input_tokens=input_tokens if status == "ok" else None,
+        output_tokens=output_tokens if status == "ok" else None,
+        cost_usd=0.0001 if status == "ok" else None,
+        finish_reasons=finish,
+        # The gateway records the raw request bytes and the parsed answer.
+        request_body=orjson.dumps(request),
+        response_body=response,
+        attributes={},
+        tags=[],
+        agent=agent,
     )
-    return record
 
 
 class AgentRun:

@@ -10,13 +10,9 @@ shared by the whole session).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from fake_provider import FakeProviderThread
-
-from .support import ServedProcess, ServeFactory, start_served, write_config
 
 
 @pytest.fixture
@@ -25,20 +21,3 @@ def fake_provider(fake_provider: FakeProviderThread) -> Iterator[FakeProviderThr
     yield fake_provider
     fake_provider.state.reset()
     fake_provider.state.latency = 0.0
-
-
-@pytest.fixture
-def served_process(tmp_path: Path, db_path: Path) -> Iterator[ServeFactory]:
-    """`served_process(groups={name: api_base}, **settings)` starts `spangate serve` on `db_path`
-    with those model groups (plus `mock`); calling it again restarts on the same database."""
-    started: list[ServedProcess] = []
-
-    def serve(groups: dict[str, str] | None = None, **settings: Any) -> ServedProcess:
-        config = write_config(tmp_path / f"spangate-{len(started)}.yaml", groups or {}, **settings)
-        served = start_served(config, db_path, tmp_path / f"serve-{len(started)}.log")
-        started.append(served)
-        return served
-
-    yield serve
-    for served in started:
-        served.stop()

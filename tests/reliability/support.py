@@ -7,173 +7,29 @@ Everything is bounded: every wait has a deadline, every loop a count.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import yaml
-from servers import wait_until
+from servers import (  # noqa: F401 - re-exported: the one launcher lives in servers.py
+    UPSTREAM_KEY,
+    ServedProcess,
+    ServeFactory,
+    free_port,
+    start_served,
+    wait_until,
+    write_config,
+)
+from shapes import span_record  # noqa: F401 - re-exported
 
-from store.schema import SPAN_COLUMNS
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT = 30.0
 CHAT_PATH = "/v1/chat/completions"
 # The upstream key in served configs: it must never show up in a log.
-UPSTREAM_KEY = "sk-reliability-upstream-key"
 DONE_LINE = "data: [DONE]"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_config(path: Path, groups: dict[str, str], **settings: Any) -> Path:
-    """A `spangate.yaml` with one OpenAI-compatible deployment per `{group: api_base}` and the
-    built-in `mock` group, plus any top-level `settings`."""
-    models: list[dict[str, Any]] = [
-        {
-            "name": name,
-            "deployments": [
-                {
-                    "provider": "openai",
-                    "model": "upstream-model",
-                    "api_base": base,
-                    "api_key": UPSTREAM_KEY,
-                }
-            ],
-        }
-        for name, base in groups.items()
-    ]
-    models.append({"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]})
-    path.write_text(yaml.safe_dump({"models": models, **settings}))
-    return path
-
-
-@dataclass
-class ServedProcess:
-    """One `spangate serve` subprocess; its output goes to files so a chatty log never blocks."""
-
-    process: subprocess.Popen[bytes]
-    base: str
-    db: Path
-    log_path: Path
-    _log: Any = field(repr=False, default=None)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"spangate serve exited with {self.process.returncode}:\n{self.log()}"
-            )
-        try:
-            return httpx.get(f"{self.base}/health/ready", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def signal(self, signum: signal.Signals) -> None:
-        os.kill(self.process.pid, signum)
-
-    def wait(self, timeout: float) -> int:
-        return self.process.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        """Kill if still running (tests stop it gracefully themselves) and close the log."""
-        if self.process.poll() is None:
-            self.process.kill()
-        with suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-ServeFactory = Callable[..., ServedProcess]
-
-
-def start_served(config: Path, db: Path, log_path: Path) -> ServedProcess:
-    """Start `spangate serve` on a free port and wait until `/health/ready` answers 200."""
-    port = free_port()
-    log = open(log_path, "ab")  # noqa: SIM115 - closed by ServedProcess.stop
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from gateway.cli.main import cli; cli()",
-            "serve",
-            "--config",
-            str(config),
-            "--db",
-            str(db),
-            "--port",
-            str(port),
-        ],
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    served = ServedProcess(process, f"http://127.0.0.1:{port}", db, log_path, log)
-    try:
-        wait_until(served.ready, timeout=READY_TIMEOUT, interval=0.05, what="spangate serve")
-    except BaseException:
-        served.stop()
-        raise
-    return served
-
-
-def span_record(rollout: str | None, seq: int | None, **extra: Any) -> dict[str, Any]:
-    """A finished span with every column, shaped like the one `Call.publish` builds."""
-    start = time.time_ns() - 10_000_000_000 + (seq or 0) * 1_000_000
-    record: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
-    record.update(
-        span_id=os.urandom(8).hex(),
-        trace_id=os.urandom(16).hex(),
-        rollout_id=rollout,
-        attempt_id="1" if rollout else None,
-        seq=seq,
-        name="chat gpt-test",
-        operation="chat",
-        provider="openai",
-        deployment="openai/upstream-model",
-        model_group="gpt-test",
-        request_model="gpt-test",
-        response_model="upstream-model",
-        response_id=f"chatcmpl-planted-{seq}",
-        status="ok",
-        http_status=200,
-        stream=0,
-        start_ns=start,
-        end_ns=start + 5_000_000,
-        duration_ms=5.0,
-        overhead_ms=0.4,
-        retries=0,
-        input_tokens=3,
-        output_tokens=4,
-        finish_reasons=["stop"],
-        request_body=b'{"model":"gpt-test","messages":[]}',
-        response_body={"id": f"chatcmpl-planted-{seq}", "choices": []},
-        attributes={"gen_ai.operation.name": "chat"},
-        tags=["planted"],
-        agent=None,
-        metadata={},
-    )
-    record.update(extra)
-    return record
 
 
 # -- OpenAI shapes ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 from servers import GatewayThread, read_rows, wait_until
+from shapes import assert_openai_error
 
 from config.loader import parse_settings
 from gateway.compose import writer_for
@@ -90,16 +91,6 @@ def assert_serving(client: httpx.Client) -> None:
     assert response.json()["choices"][0]["message"]["content"]
 
 
-def assert_openai_4xx(response: httpx.Response, status: int | None = None) -> dict[str, Any]:
-    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
-    if status is not None:
-        assert response.status_code == status, response.text[:300]
-    error = openai_error(response.content)
-    assert error is not None, f"not OpenAI's error shape: {response.text[:300]}"
-    assert len(error["message"]) >= 10, "the message does not say what is wrong"
-    return error
-
-
 @dataclass
 class Case:
     """One bad request and the answer it must get."""
@@ -163,7 +154,7 @@ CASES = [
 def test_bad_request_gets_an_openai_4xx_and_the_gateway_keeps_serving(
     case: Case, client: httpx.Client
 ) -> None:
-    error = assert_openai_4xx(case.send(client), case.status)
+    error = assert_openai_error(case.send(client), case.status)
     if case.param is not None:
         assert str(error.get("param") or "").startswith(case.param), error
     assert_serving(client)
@@ -254,7 +245,7 @@ def test_odd_attribution_headers_never_stop_recording(
     with httpx.Client(base_url=gateway.base, timeout=10) as client:
         response = client.post(CHAT_PATH, json=MOCK_OK, headers=headers)
         if response.status_code != 200:
-            assert_openai_4xx(response)
+            assert_openai_error(response)
         after = client.post(CHAT_PATH, json=MOCK_OK)
     assert after.status_code == 200
     ids = [r.headers["X-Span-Id"] for r in (response, after) if r.status_code == 200]
@@ -529,7 +520,7 @@ def test_json_nested_hundreds_of_levels_is_a_400_on_every_route(
     request_name: str, depth: int, client: httpx.Client
 ) -> None:
     method, path, build = DEEP_REQUESTS[request_name]
-    assert_openai_4xx(client.request(method, path, content=build(nested(depth))), 400)
+    assert_openai_error(client.request(method, path, content=build(nested(depth))), 400)
     assert_serving(client)
 
 
@@ -558,7 +549,7 @@ ODD_CURSORS = [
 @pytest.mark.parametrize("cursor", BAD_CURSORS, ids=range(len(BAD_CURSORS)))
 @pytest.mark.parametrize("path", ["/api/rollouts", "/api/spans", "/api/rewards"])
 def test_a_malformed_cursor_is_a_4xx(path: str, cursor: str, client: httpx.Client) -> None:
-    assert_openai_4xx(client.get(path, params={"cursor": cursor}))
+    assert_openai_error(client.get(path, params={"cursor": cursor}))
 
 
 @pytest.mark.parametrize("cursor", ODD_CURSORS, ids=range(len(ODD_CURSORS)))
@@ -570,7 +561,7 @@ def test_a_cursor_of_another_shape_is_a_4xx_or_an_empty_page(
     if response.status_code == 200:
         assert response.json() == {"data": [], "next_cursor": None}
     else:
-        assert_openai_4xx(response)
+        assert_openai_error(response)
 
 
 BAD_EVENT_IDS = ["9" * 100, "-1", "1e5", "abc", "0x10", str(2**63), "1 2"]
@@ -585,7 +576,7 @@ def test_an_odd_event_id_on_the_span_stream_is_a_422(
         response = client.get("/api/spans/stream", params={"after": value})
     else:
         response = client.get("/api/spans/stream", headers={"Last-Event-ID": value})
-    error = assert_openai_4xx(response, 422)
+    error = assert_openai_error(response, 422)
     assert error["param"] == where
 
 

@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import uuid
 from pathlib import Path
 from typing import Any
+
+from shapes import span_record
 
 from gateway.compose import writer_for
 from store.journal import journal_path_for
 
 
 def span(rollout: str | None = "r1", seq: int | None = 1, **extra: Any) -> dict[str, Any]:
-    start = 1_700_000_000_000_000_000 + (seq or 0) * 1_000_000
-    record: dict[str, Any] = {
-        "span_id": uuid.uuid4().hex[:16],
-        "trace_id": uuid.uuid4().hex,
-        "rollout_id": rollout,
-        "attempt_id": "1" if rollout else None,
-        "seq": seq,
-        "name": "chat gpt-test",
-        "operation": "chat",
-        "status": "ok",
-        "stream": 0,
-        "start_ns": start,
-        "end_ns": start + 5_000_000,
-        "duration_ms": 5.0,
-        "retries": 0,
-        "request_body": b'{"model":"gpt-test"}',
-        "response_body": {"id": "chatcmpl-1", "choices": []},
-        "attributes": {"gen_ai.request.temperature": 0.2},
-        "tags": ["a"],
-    }
-    record.update(extra)
-    return record
+    return span_record(rollout, seq, **extra)
 
 
 def count(db: Path, sql: str = "select count(*) from spans") -> int:
