@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from gateway.web import api_models as m
+from gateway.web.report import ROUTES as REPORT_ROUTES
 from gateway.web.routes_api import ROUTES, ApiRoute
 from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
@@ -52,7 +53,9 @@ def _operation(route: ApiRoute, components: dict[str, Any]) -> dict[str, Any]:
     if route.response is not None:
         content = {"application/json": {"schema": _schema(route.response, components)}}
     else:
-        media = "text/event-stream" if route.path.endswith("/stream") else "application/x-ndjson"
+        media = {"/stream": "text/event-stream", "/report": "text/html"}.get(
+            route.path[route.path.rfind("/") :], "application/x-ndjson"
+        )
         content = {media: {"schema": {"type": "string"}}}
     responses: dict[str, Any] = {str(route.status): {"description": "OK", "content": content}}
     if route.status == 201:
@@ -79,7 +82,7 @@ def _operation(route: ApiRoute, components: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_spec(
-    routes: tuple[ApiRoute, ...] = ROUTES + JUDGE_ROUTES + PATTERN_ROUTES,
+    routes: tuple[ApiRoute, ...] = ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + REPORT_ROUTES,
 ) -> dict[str, Any]:
     components: dict[str, Any] = {}
     _schema(m.Error, components)
