@@ -24,7 +24,6 @@ from gateway.web.auth import auth_middleware
 from gateway.web.metrics import METRICS, Metrics
 from gateway.web.middleware import error_middleware
 from gateway.web.openapi import openapi_view
-from gateway.web.report import ROUTES as REPORT_ROUTES
 from gateway.web.routes_api import ROUTES as API_ROUTES
 from gateway.web.routes_api import add_routes as add_api_routes
 from gateway.web.routes_judge import JUDGE
@@ -32,8 +31,9 @@ from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
 from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
+from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 from gateway.web.state import GATEWAY, Gateway
-from gateway.web.ui import add_ui_routes
+from gateway.web.ui.routes import add_ui_routes
 from judge.service import JudgeService
 from store.queries import rollout_cursor
 from store.reader import Reader

@@ -657,3 +657,7 @@ cli.add_command(judge)
 from gateway.cli.patterns import patterns  # noqa: E402
 
 cli.add_command(patterns)
+
+from gateway.cli.report import report  # noqa: E402
+
+cli.add_command(report)

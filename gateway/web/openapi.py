@@ -10,10 +10,10 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from gateway.web import api_models as m
-from gateway.web.report import ROUTES as REPORT_ROUTES
 from gateway.web.routes_api import ROUTES, ApiRoute
 from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
+from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 
 _PATH_PARAM = re.compile(r"{([^}]+)}")
 REF_TEMPLATE = "#/components/schemas/{model}"

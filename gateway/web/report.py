@@ -7,11 +7,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from aiohttp import web
 from sqlite_utils import Database
 
-from gateway.web.routes_api import ApiRoute, read
-from gateway.web.state import GATEWAY
 from gateway.web.ui import views
 from store.queries import get_rollout
 
@@ -82,25 +79,3 @@ def render_report(rollout: dict[str, Any]) -> str:
 def build_report(db: Database, rollout_id: str) -> str:
     """Read a rollout and render its report (raises store.errors.NotFound)."""
     return render_report(get_rollout(db, rollout_id))
-
-
-async def report_view(request: web.Request) -> web.Response:
-    rollout_id = request.match_info["rollout_id"]
-    html = await read(request.app[GATEWAY], build_report, rollout_id)
-    filename = "".join(c if c.isalnum() or c in "-_." else "_" for c in rollout_id)[:100]
-    return web.Response(
-        text=html,
-        content_type="text/html",
-        headers={
-            "Content-Disposition": f'inline; filename="rollout-{filename}.html"',
-            "Content-Security-Policy": (
-                "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-            ),
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
-
-
-ROUTES = (
-    ApiRoute("GET", "/api/rollouts/{rollout_id}/report", report_view, "The rollout as one self-contained HTML file", "read", None, None, None, 200, (404,)),
-)  # fmt: skip

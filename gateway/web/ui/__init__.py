@@ -1,5 +1,4 @@
-"""The dashboard under `/ui`: server-rendered pages over the store's read layer, live by SSE."""
+"""The dashboard under `/ui`: server-rendered pages over the store's read layer, live by SSE.
 
-from gateway.web.ui.routes import add_ui_routes
-
-__all__ = ["add_ui_routes"]
+`routes` registers the pages (`add_ui_routes`); `views` shapes rows for them and the report.
+"""

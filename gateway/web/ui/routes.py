@@ -72,11 +72,13 @@ def _signed_in(request: web.Request) -> bool:
     return bool(request.app[GATEWAY].settings.auth.keys) and auth.UI_COOKIE in request.cookies
 
 
-def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+def render(
+    request: web.Request, template: str, http_status: int = 200, **context: Any
+) -> web.Response:
     context.setdefault("page", "")
     context["partial"] = request.headers.get("HX-Request") == "true"
     context["signed_in"] = _signed_in(request)
-    return _html(views.render(template, **context), status)
+    return _html(views.render(template, **context), http_status)
 
 
 def page(fn: Handler) -> Handler:
