@@ -32,17 +32,23 @@ def _items(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each span with the messages it added: an agent resends its history on every call, and
     printing it again each time would make a long rollout's report grow with its square."""
     items = []
-    previous: dict[str | None, tuple[str, list[dict[str, Any]]]] = {}
+    previous: dict[str | None, tuple[str, list[Any], list[Any]]] = {}
     for span in spans:
-        messages = views.conversation(span)
         answer = views.reply(span)
         repeated, before = 0, None
-        if span.get("operation") != "execute_tool":
+        if span.get("operation") == "execute_tool":
+            messages = views.conversation(span)
+        else:
+            raw = views.request_messages(span)
             attempt = span.get("attempt_id")
             if attempt in previous:
-                before, history = previous[attempt]
-                repeated, messages = views.new_messages(history, messages)
-            previous[attempt] = (span["span_id"], views.conversation(span) + answer)
+                before, sent, replied = previous[attempt]
+                repeated = views.repeated_count(sent, replied, raw)
+            # Only what is new is shaped for display.
+            messages = [views.message(m) for m in raw[repeated:]]
+            if not raw:
+                messages = views.conversation(span)
+            previous[attempt] = (span["span_id"], raw, views.reply_messages(span))
         items.append(
             {
                 "span": span,

@@ -76,8 +76,7 @@ def render(
     request: web.Request, template: str, http_status: int = 200, **context: Any
 ) -> web.Response:
     context.setdefault("page", "")
-    context["partial"] = request.headers.get("HX-Request") == "true"
-    context["signed_in"] = _signed_in(request)
+    context.update(_frame(request))
     return _html(views.render(template, **context), http_status)
 
 
@@ -247,24 +246,36 @@ async def rollouts(request: web.Request) -> web.Response:
     )
 
 
-@page
-async def rollout(request: web.Request) -> web.Response:
-    rollout_id = request.match_info["rollout_id"]
-    r = await read(request.app[GATEWAY], get_rollout, rollout_id, bodies=False)
-    spans = views.rollout_spans(r)
+def rollout_page(db: Database, rollout_id: str, **frame: Any) -> str:
+    """Read, shape and render one rollout's page; run whole on a read thread, as a rollout of
+    thousands of spans takes a while to render and must not hold the event loop."""
+    r = get_rollout(db, rollout_id, bodies=False)
     plain, verdicts = views.split_rewards(r["rewards"])
-    return render(
-        request,
+    return views.render(
         "rollout.html",
         page="rollouts",
         r=r,
         summary=r["summary"],
-        tl=views.timeline(spans),
+        tl=views.timeline(views.rollout_spans(r)),
         rewards=plain,
         verdicts=verdicts,
         criteria=views.criteria,
         rationale=views.rationale,
+        **frame,
     )
+
+
+def _frame(request: web.Request) -> dict[str, Any]:
+    return {
+        "partial": request.headers.get("HX-Request") == "true",
+        "signed_in": _signed_in(request),
+    }
+
+
+@page
+async def rollout(request: web.Request) -> web.Response:
+    rollout_id = request.match_info["rollout_id"]
+    return _html(await read(request.app[GATEWAY], rollout_page, rollout_id, **_frame(request)))
 
 
 # -- one span ---------------------------------------------------------------------------
