@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from config.models import Settings, default_settings
+from config.models import OtlpSettings, Settings, default_settings
 
 DEFAULT_CONFIG_FILE = "spangate.yaml"
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -49,13 +49,48 @@ def interpolate(value: Any, env: dict[str, str], where: str = "") -> Any:
     return _ENV_PATTERN.sub(substitute, value)
 
 
+def _otel_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """`otlp` keys the file leaves unset, from the standard OpenTelemetry variables."""
+    otlp = dict(data.get("otlp") or {})
+    if "endpoint" not in otlp:
+        if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            otlp["endpoint"] = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        elif env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            # The generic variable names the collector; the signal's path is appended.
+            otlp["endpoint"] = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    if "protocol" not in otlp and protocol in ("http/protobuf", "http/json"):
+        otlp["protocol"] = protocol
+    headers = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS")
+    if "headers" not in otlp and headers:
+        otlp["headers"] = parse_otel_headers(headers)
+    if "service_name" not in otlp and env.get("OTEL_SERVICE_NAME"):
+        otlp["service_name"] = env["OTEL_SERVICE_NAME"]
+    return {**data, "otlp": otlp} if otlp else data
+
+
+def parse_otel_headers(text: str) -> dict[str, str]:
+    """`k1=v1,k2=v2` with URL-encoded values, as the OpenTelemetry spec writes them."""
+    from urllib.parse import unquote
+
+    headers = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if sep and name.strip():
+            headers[unquote(name.strip())] = unquote(value.strip())
+    return headers
+
+
 def parse_settings(data: Any, *, env: dict[str, str] | None = None) -> Settings:
     """Validate an already-parsed YAML document."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("(top level): expected a mapping of settings")
-    data = interpolate(data, dict(os.environ) if env is None else env)
+    env = dict(os.environ) if env is None else env
+    data = _otel_env(interpolate(data, env), env)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
@@ -68,7 +103,11 @@ def load_settings(path: str | Path | None = None) -> Settings:
     if path is None:
         candidate = Path(DEFAULT_CONFIG_FILE)
         if not candidate.exists():
-            return default_settings()
+            settings = default_settings()
+            otel = _otel_env({}, dict(os.environ)).get("otlp")
+            if otel:
+                settings.otlp = OtlpSettings.model_validate(otel)
+            return settings
         path = candidate
     path = Path(path)
     try:

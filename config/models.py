@@ -43,6 +43,15 @@ DEFAULT_MAX_STREAM_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_STREAM_SECONDS = 1800.0
 DEFAULT_MAX_STORED_BODY_BYTES = 1024 * 1024
 DEFAULT_MAX_LABEL_VALUES = 100
+DEFAULT_SERVICE_NAME = "spangate"
+DEFAULT_OTLP_QUEUE_SIZE = 20_000
+DEFAULT_OTLP_BATCH_SIZE = 512
+DEFAULT_OTLP_FLUSH_INTERVAL = 1.0
+DEFAULT_OTLP_TIMEOUT = 10.0
+DEFAULT_OTLP_RETRY_ATTEMPTS = 5
+DEFAULT_OTLP_RETRY_AFTER_CAP = 30.0
+DEFAULT_OTLP_SHUTDOWN_TIMEOUT = 5.0
+DEFAULT_OTLP_INGEST_MAX_BYTES = 8 * 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -287,6 +296,72 @@ class Limits(_Strict):
     )
 
 
+class OtlpSettings(_Strict):
+    """OpenTelemetry: every span sent to a tracing backend over OTLP/HTTP, and `/v1/traces`.
+
+    Unset keys fall back to the standard `OTEL_EXPORTER_OTLP_*` and `OTEL_SERVICE_NAME`
+    environment variables, as every OpenTelemetry tool does.
+    """
+
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces URL, e.g. `http://127.0.0.1:4318/v1/traces`; unset: "
+        "no export.",
+    )
+    protocol: Literal["http/protobuf", "http/json"] = Field(
+        "http/protobuf", description="Wire format of the export."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        repr=False,
+        description="Headers sent with every export (`Authorization`, API keys).",
+    )
+    compression: Literal["gzip", "none"] = Field("gzip", description="Body compression.")
+    content: bool = Field(
+        False,
+        description="Add `gen_ai.input.messages` / `gen_ai.output.messages` and tool "
+        "arguments and results to exported spans.",
+    )
+    service_name: str = Field(
+        DEFAULT_SERVICE_NAME, min_length=1, description="`service.name` of the exported resource."
+    )
+    queue_size: int = Field(
+        DEFAULT_OTLP_QUEUE_SIZE,
+        gt=0,
+        description="Spans waiting for export; past this they are dropped from the export "
+        "(never from the store) and counted.",
+    )
+    batch_size: int = Field(DEFAULT_OTLP_BATCH_SIZE, gt=0, description="Most spans per request.")
+    flush_interval: float = Field(
+        DEFAULT_OTLP_FLUSH_INTERVAL,
+        gt=0,
+        description="Seconds a partial batch waits for more spans before it is sent.",
+    )
+    timeout: float = Field(DEFAULT_OTLP_TIMEOUT, gt=0, description="Seconds per export request.")
+    retry_attempts: int = Field(
+        DEFAULT_OTLP_RETRY_ATTEMPTS,
+        ge=1,
+        description="Tries per batch on 429/502/503/504 or a connection failure, the first "
+        "included.",
+    )
+    retry_after_cap: float = Field(
+        DEFAULT_OTLP_RETRY_AFTER_CAP,
+        ge=0,
+        description="Longest receiver `Retry-After` honoured, seconds.",
+    )
+    shutdown_timeout: float = Field(
+        DEFAULT_OTLP_SHUTDOWN_TIMEOUT,
+        ge=0,
+        description="Seconds the exporter gets at shutdown to send what is queued.",
+    )
+    ingest: bool = Field(True, description="Accept agents' spans on `POST /v1/traces`.")
+    ingest_max_bytes: int = Field(
+        DEFAULT_OTLP_INGEST_MAX_BYTES,
+        gt=0,
+        description="Largest `/v1/traces` body, compressed or not (else 413).",
+    )
+
+
 Scope = Literal["proxy", "read", "write", "admin"]
 
 
@@ -385,6 +460,9 @@ class Settings(_Strict):
     )
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and scopes.")
     judge: JudgeSettings = Field(default_factory=JudgeSettings, description="Rollout judges.")
+    otlp: OtlpSettings = Field(
+        default_factory=OtlpSettings, description="OpenTelemetry export and ingest."
+    )
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,
         ge=0,

@@ -12,28 +12,30 @@ import aiohttp
 from aiohttp import web
 
 from config.models import RecorderSettings, Settings
+from gateway.exporters import ExportCollector, OtlpExporter
+from gateway.judge_routes import JUDGE, JUDGE_ROUTES, PATTERN_ROUTES, ui_analyses
 from gateway.providers import mock as mock_provider
+from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
-from gateway.providers.openai import OpenAICompatible, Provider
-from gateway.proxy.attribution import Sequencer
+from gateway.providers.openai import OpenAICompatible
 from gateway.proxy.cost import load_cost_map
 from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
+from gateway.proxy.sequencer import Sequencer
 from gateway.web.auth import auth_middleware
+from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
+from gateway.web.ingest_otlp import add_routes as add_ingest_routes
 from gateway.web.metrics import METRICS, Metrics
 from gateway.web.middleware import error_middleware
 from gateway.web.openapi import openapi_view
 from gateway.web.routes_api import ROUTES as API_ROUTES
 from gateway.web.routes_api import add_routes as add_api_routes
-from gateway.web.routes_judge import JUDGE
-from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
-from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
 from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 from gateway.web.state import GATEWAY, Gateway
-from gateway.web.ui.routes import add_ui_routes
+from gateway.web.ui.routes import ANALYSES, add_ui_routes
 from judge.service import JudgeService
 from store.queries import rollout_cursor
 from store.reader import Reader
@@ -45,6 +47,7 @@ BUILTIN_PROVIDERS = frozenset({"openai", "mock"})
 WRITER_CLOSE_TIMEOUT = 60.0
 # Rollouts whose next seq is kept in memory (~230 B each); older ones are looked up again.
 SEQUENCER_CAPACITY = 10_000
+OTLP_EXPORTER = web.AppKey("otlp_exporter", OtlpExporter)
 
 
 def check_providers(settings: Settings) -> None:
@@ -112,9 +115,17 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_judging)
+    exporter = OtlpExporter.from_settings(settings)
+    if exporter is not None:
+        app[OTLP_EXPORTER] = exporter
+        app.cleanup_ctx.append(_exporting)
+    app[METRICS].registry.register(ExportCollector(exporter))
     add_openai_routes(app)
+    add_ingest_routes(app)
+    app[METRICS].registry.register(IngestCollector(app[TRACE_INDEX]))
     add_ops_routes(app)
     add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + REPORT_ROUTES)
+    app[ANALYSES] = ui_analyses()
     add_ui_routes(app)
     app.router.add_get("/openapi.json", openapi_view)
     return app
@@ -136,7 +147,9 @@ async def _recording(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     unsubscribe_writer = gw.recorder.subscribe(gw.writer.put)
     unsubscribe_metrics = gw.recorder.subscribe(app[METRICS].observe)
+    unsubscribe_traces = gw.recorder.subscribe(app[TRACE_INDEX].on_span)
     yield
+    unsubscribe_traces()
     unsubscribe_metrics()
     unsubscribe_writer()
 
@@ -145,10 +158,28 @@ async def _judging(app: web.Application) -> AsyncIterator[None]:
     service = app[JUDGE]
     service.open()
     unsubscribe = app[GATEWAY].recorder.subscribe_rollouts(service.on_rollout)
+    # Verdicts are rewards too: reward subscribers (exporters) hear of them.
+    service.store.on_saved = app[GATEWAY].recorder.publish_reward
     service.start_online()
     yield
     unsubscribe()
     await service.close()
+
+
+async def _exporting(app: web.Application) -> AsyncIterator[None]:
+    """Closed first at teardown: what it cannot send in time is counted, and the writer,
+    closed last, stores every span either way."""
+    gw, exporter = app[GATEWAY], app[OTLP_EXPORTER]
+    await exporter.start()
+    unsubscribers = [
+        gw.recorder.subscribe(exporter.on_span),
+        gw.recorder.subscribe_rollouts(exporter.on_rollout),
+        gw.recorder.subscribe_rewards(exporter.on_reward),
+    ]
+    yield
+    for unsubscribe in unsubscribers:
+        unsubscribe()
+    await exporter.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

@@ -12,6 +12,8 @@
   - ConflictError (409 conflict_error)
   - ValidationFailed (422 invalid_request_error)
   - TooManyJudgeRuns (429 rate_limit_error, code too_many_judge_runs)
+  - RateLimited (429, code rate_limit_exceeded; answered with Retry-After)
+  - Unavailable (503 service_unavailable, code no_healthy_deployment; Retry-After)
   - UpstreamError (502 upstream_error)
     - UpstreamUnreachable (502, code upstream_unreachable)
     - UpstreamTimeout (504, code upstream_timeout)
@@ -26,14 +28,8 @@ neither reaches a client nor a stored span whichever way the error travels.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
-
-import orjson
-from aiohttp import web
-
-from store.errors import Conflict, InvalidTransition, NotFound, StoreBusy, StoreError
 
 
 class GatewayError(Exception):
@@ -137,6 +133,31 @@ class TooManyJudgeRuns(GatewayError):
     code = "too_many_judge_runs"
 
 
+class RateLimited(GatewayError):
+    """The deployment's rpm/tpm budget stayed exhausted for longer than `rate_limit_wait`."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, kind: str = "requests") -> None:
+        super().__init__(message)
+        self.type = kind
+        self.retry_after = retry_after
+
+
+class Unavailable(GatewayError):
+    """Every deployment of the group (and of its fallbacks) has an open breaker."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_healthy_deployment"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UpstreamError(GatewayError):
     """The upstream provider could not give a usable answer."""
 
@@ -190,22 +211,6 @@ class ServiceUnavailable(GatewayError):
         self.retry_after = retry_after
 
 
-# Store errors know nothing of HTTP; this table gives each its answer.
-STORE_ERRORS: dict[type[StoreError], type[GatewayError]] = {
-    NotFound: NotFoundError,
-    InvalidTransition: ConflictError,
-    Conflict: ConflictError,
-    StoreBusy: ServiceUnavailable,
-}
-
-
-def from_store_error(exc: StoreError) -> GatewayError:
-    for store_type, gateway_type in STORE_ERRORS.items():
-        if isinstance(exc, store_type):
-            return gateway_type(str(exc))
-    return GatewayError(str(exc))
-
-
 # A traceback's header and its indented frames go; the exception's own line after them stays.
 _TRACEBACK = re.compile(r"Traceback \(most recent call last\):[^\n]*\n?(?:[ \t]+[^\n]*\n?)*")
 _FRAME = re.compile(r'\s*File "[^"\n]*", line \d+[^\n]*')
@@ -233,18 +238,3 @@ def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
-    response = web.Response(
-        status=exc.status,
-        body=orjson.dumps(exc.body()),
-        content_type="application/json",
-        headers=headers,
-    )
-    if exc.close_connection:
-        response.force_close()
-    return response

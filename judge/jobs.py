@@ -75,6 +75,8 @@ class JudgeStore:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._connections: list[Any] = []
+        # Told of each stored verdict (the gateway exports them as evaluation events).
+        self.on_saved: Callable[[dict[str, Any]], None] | None = None
 
     def _db(self) -> Any:
         db = getattr(self._local, "db", None)
@@ -128,7 +130,10 @@ class JudgeStore:
                     return replace_reward(db, reward)
                 return add_reward(db, reward)[0]
 
-        return await self._run(write)
+        stored = await self._run(write)
+        if self.on_saved is not None:
+            self.on_saved(stored)
+        return stored
 
     def close(self) -> None:
         # Connections are opened with check_same_thread=False, so any thread may close them.

@@ -97,8 +97,7 @@ class GatewayThread:
         gw = self.gw
         wait_until(
             lambda: (
-                gw.writer.written + gw.writer.spilled >= gw.recorder.published
-                and gw.writer.settled
+                gw.writer.written + gw.writer.spilled >= gw.recorder.published and gw.writer.settled
             ),
             timeout=timeout,
             what="the writer to catch up",

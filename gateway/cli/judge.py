@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gateway.cli.main import _time_option, db_option, json_option
+from gateway.cli.options import db_option, json_option, time_option
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -331,7 +331,7 @@ def _summary_lines(summary: JobSummary) -> list[str]:
 
 
 def _missing_rollouts(db: str, rollout_ids: Sequence[str]) -> list[str]:
-    from gateway.cli.main import read_db
+    from gateway.cli.options import read_db
     from store.export import missing_rollouts
 
     with read_db(db) as conn:
@@ -353,7 +353,7 @@ def _missing_rollouts(db: str, rollout_ids: Sequence[str]) -> list[str]:
     "--since",
     "since_ns",
     metavar="T",
-    callback=_time_option,
+    callback=time_option,
     help="Rollouts created at or after T: ISO 8601 or a duration ago (30m, 1h, 7d).",
 )
 @click.option("--status", default=None, help="Only rollouts in this status.")
@@ -571,7 +571,7 @@ def _stored_verdicts(
     """(rollouts that exist, {rollout: (score, dimensions)} of this judge version's verdicts)."""
     import orjson
 
-    from gateway.cli.main import read_db
+    from gateway.cli.options import read_db
     from judge.verdict import reward_id
 
     ids = list(dict.fromkeys(rollout_ids))
@@ -797,7 +797,7 @@ def compare_command(
         spangate judge compare --attempts r-42 1 2 --json
     """
     from gateway.cli import render as cli_render
-    from gateway.cli.main import read_db
+    from gateway.cli.options import read_db
     from judge.rubric import DEFAULT_RUBRIC, load_rubric
     from judge.trajectory import load_trajectory
     from store.errors import NotFound

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from gateway.cli import render as cli_render
-from gateway.cli.main import db_option, json_option, read_db
+from gateway.cli.options import db_option, json_option, read_db
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
@@ -39,7 +39,7 @@ NOT_APPLIED = (
 )
 
 
-def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+def time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     from store.export import parse_since
 
     if value is None:
@@ -63,7 +63,7 @@ def analysis_options(fn: F) -> F:
             "--since",
             "since_ns",
             metavar="T",
-            callback=_time_option,
+            callback=time_option,
             help="Rollouts created at or after T: ISO 8601 or a duration ago (30m, 1h, 7d).",
         ),
         click.option(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.main import db_option, read_db
+from gateway.cli.options import db_option, read_db
 
 
 @click.command("report")

@@ -27,7 +27,7 @@ from gateway.errors import (
     UpstreamUnreachable,
     error_body,
 )
-from gateway.providers.openai import UpstreamRequest, UpstreamResponse
+from gateway.providers.base import UpstreamRequest, UpstreamResponse
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -7,19 +7,17 @@ aiohttp session; aiohttp's exceptions become `UpstreamError`s here and nowhere e
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 
-from config.models import Deployment
 from gateway.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
+from gateway.providers.base import OPERATION_PATHS, UpstreamRequest, UpstreamResponse
 
 # Headers that describe one hop, or that aiohttp recomputes, never pass through.
 _HOP_HEADERS = frozenset(
@@ -42,45 +40,6 @@ _HOP_HEADERS = frozenset(
 )
 # Client headers an upstream may need besides the body; everything else stays here.
 _FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project", "openai-beta")
-
-OPERATION_PATHS = {
-    "chat": "/chat/completions",
-    "text_completion": "/completions",
-    "embeddings": "/embeddings",
-    "responses": "/responses",
-}
-
-
-@dataclass(slots=True)
-class UpstreamRequest:
-    """One call to send: the body is already final (model rewritten if needed)."""
-
-    operation: str
-    body: bytes
-    payload: dict[str, Any]
-    stream: bool
-    deployment: Deployment
-    client_headers: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class UpstreamResponse:
-    """What came back: headers at once, then either the whole body or its chunks."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes | None = None
-    chunks: AsyncIterator[bytes] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
-
-
-class Provider(Protocol):
-    """A way to reach a model; the mock is just another one."""
-
-    def __call__(self, request: UpstreamRequest) -> Awaitable[UpstreamResponse]: ...
 
 
 def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -5,12 +5,12 @@ Also hands out per-rollout sequence numbers, so the order of calls never depends
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import hashlib
 import itertools
 import random
 import re
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.errors import InvalidRequest
@@ -42,6 +42,11 @@ def _check_id(value: str, what: str) -> str:
             code="invalid_id",
         )
     return value
+
+
+def valid_id(value: str) -> bool:
+    """An id as `_check_id` accepts it, for callers that reject rather than raise."""
+    return len(value) <= MAX_ID_LENGTH and bool(_ID_PATTERN.match(value))
 
 
 def clean_text(value: str) -> str:
@@ -101,6 +106,14 @@ def new_trace_id() -> str:
     return f"{random.getrandbits(128) or 1:032x}"
 
 
+@functools.lru_cache(maxsize=4096)
+def rollout_trace(rollout_id: str) -> tuple[str, str]:
+    """(trace id, root span id) of a rollout: derived from its id, so every replica and the
+    exporter agree on them without asking anyone, and a rollout is one trace."""
+    digest = hashlib.sha256(b"spangate.rollout:" + rollout_id.encode()).hexdigest()
+    return digest[:32], digest[32:48]
+
+
 _SPAN_PREFIX = random.getrandbits(32) or 1
 _span_counter = itertools.count(random.getrandbits(16))
 
@@ -109,82 +122,3 @@ def new_span_id() -> str:
     """A random per-process prefix and a counter: unique, and each new id sorts after the
     last, so the store appends to its span-id index instead of touching a random page."""
     return f"{_SPAN_PREFIX:08x}{next(_span_counter) & 0xFFFFFFFF:08x}"
-
-
-DEFAULT_ATTEMPT_ID = "1"
-
-
-@dataclass(slots=True)
-class _RolloutCursor:
-    seq: int
-    attempt_id: str | None
-
-
-CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
-
-
-class Sequencer:
-    """Next sequence number and current attempt per rollout, kept in memory.
-
-    The first time this process sees a rollout it asks the store where the rollout
-    left off (off the loop), so numbers keep rising across restarts.
-    """
-
-    def __init__(self, lookup: CursorLookup, *, capacity: int = 100_000) -> None:
-        self._lookup = lookup
-        self._capacity = capacity
-        self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[_RolloutCursor]] = {}
-
-    async def _cursor(self, rollout_id: str) -> _RolloutCursor:
-        cursor = self._cursors.get(rollout_id)
-        if cursor is not None:
-            self._cursors.move_to_end(rollout_id)
-            return cursor
-        pending = self._loading.get(rollout_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[_RolloutCursor] = asyncio.get_running_loop().create_future()
-        self._loading[rollout_id] = future
-        try:
-            seq, attempt = await self._lookup(rollout_id)
-            cursor = _RolloutCursor(seq, attempt)
-            self._cursors[rollout_id] = cursor
-            if len(self._cursors) > self._capacity:
-                self._cursors.popitem(last=False)
-            future.set_result(cursor)
-        except BaseException as exc:
-            future.set_exception(exc)
-            # Mark it retrieved: a lookup failure is re-raised to this caller, not lost.
-            future.exception()
-            raise
-        finally:
-            del self._loading[rollout_id]
-        return cursor
-
-    async def attempt_of(self, rollout_id: str, attempt_id: str | None) -> str:
-        """The call's attempt: the one named, else the rollout's latest (or the first)."""
-        cursor = await self._cursor(rollout_id)
-        if attempt_id is not None:
-            cursor.attempt_id = attempt_id
-        elif cursor.attempt_id is None:
-            cursor.attempt_id = DEFAULT_ATTEMPT_ID
-        return cursor.attempt_id
-
-    def take(self, rollout_id: str, count: int = 1) -> int:
-        """The first of `count` consecutive sequence numbers (after `attempt_of`)."""
-        cursor = self._cursors[rollout_id]
-        first = cursor.seq + 1
-        cursor.seq += count
-        return first
-
-    async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
-        """The call's sequence number and attempt."""
-        attempt = await self.attempt_of(rollout_id, attempt_id)
-        return self.take(rollout_id), attempt
-
-    def set_attempt(self, rollout_id: str, attempt_id: str) -> None:
-        """A new attempt was opened through the API: later unnamed calls join it."""
-        cursor = self._cursors.get(rollout_id)
-        if cursor is not None:
-            cursor.attempt_id = attempt_id

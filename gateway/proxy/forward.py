@@ -26,14 +26,16 @@ from tenacity import (
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, ModelGroup, RetryPolicy
 from gateway.errors import (
     GatewayError,
+    RateLimited,
+    Unavailable,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamTooLarge,
 )
-from gateway.providers.openai import UpstreamRequest, UpstreamResponse
-from gateway.proxy.resilience import Guard, RateLimited, Unavailable, estimate_tokens
-from gateway.web.state import Gateway
+from gateway.providers.base import UpstreamRequest, UpstreamResponse
+from gateway.proxy.context import ProxyContext
+from gateway.proxy.resilience import Guard, estimate_tokens
 
 # Operations whose streams report usage only when asked through stream_options.
 USAGE_ON_REQUEST = frozenset({"chat", "text_completion"})
@@ -136,12 +138,12 @@ class Job:
         return max(len(self.tries) - 1, 0)
 
 
-async def forward(gw: Gateway, job: Job) -> Outcome:
+async def forward(gw: ProxyContext, job: Job) -> Outcome:
     """The upstream answer for `job`, after whatever retries and fallbacks it took."""
     return await _with_fallbacks(gw, job)
 
 
-async def _with_fallbacks(gw: Gateway, job: Job) -> Outcome:
+async def _with_fallbacks(gw: ProxyContext, job: Job) -> Outcome:
     chain = gw.router.chain(job.group)
     answered: UpstreamStatus | None = None
     failure: GatewayError | None = None
@@ -203,7 +205,7 @@ def _stops(policy: RetryPolicy) -> Any:
     return stop
 
 
-async def _with_retries(gw: Gateway, job: Job, group: ModelGroup) -> Outcome:
+async def _with_retries(gw: ProxyContext, job: Job, group: ModelGroup) -> Outcome:
     policy = gw.settings.retry_policy(group)
 
     def note_wait(state: RetryCallState) -> None:
@@ -293,7 +295,7 @@ def _context_window_exceeded(status: int, parsed: Any) -> bool:
     return any(phrase in message for phrase in CONTEXT_WINDOW_PHRASES)
 
 
-async def _send_once(gw: Gateway, job: Job, group: ModelGroup, policy: RetryPolicy) -> Outcome:
+async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: RetryPolicy) -> Outcome:
     guard = gw.router.pick(group)
     if guard is None or not guard.claim_probe():
         raise Unavailable(

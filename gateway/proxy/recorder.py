@@ -17,6 +17,7 @@ class Recorder:
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
         self._rollout_subscribers: list[Subscriber] = []
+        self._reward_subscribers: list[Subscriber] = []
         self.published = 0
         self.subscriber_errors = 0
 
@@ -46,3 +47,16 @@ class Recorder:
             except Exception:
                 self.subscriber_errors += 1
                 log.exception("rollout subscriber %r failed", subscriber)
+
+    def subscribe_rewards(self, subscriber: Subscriber) -> Callable[[], None]:
+        """New rewards and judge verdicts, as stored (exporters attach them to spans)."""
+        self._reward_subscribers.append(subscriber)
+        return lambda: self._reward_subscribers.remove(subscriber)
+
+    def publish_reward(self, reward: dict[str, Any]) -> None:
+        for subscriber in self._reward_subscribers:
+            try:
+                subscriber(reward)
+            except Exception:
+                self.subscriber_errors += 1
+                log.exception("reward subscriber %r failed", subscriber)

@@ -17,34 +17,9 @@ import pybreaker
 from aiolimiter import AsyncLimiter
 
 from config.models import BreakerPolicy, Deployment
-from gateway.errors import GatewayError
+from gateway.errors import RateLimited
 
 MINUTE = 60.0
-
-
-class RateLimited(GatewayError):
-    """The deployment's rpm/tpm budget stayed exhausted for longer than `rate_limit_wait`."""
-
-    status = 429
-    type = "requests"
-    code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after: float, kind: str = "requests") -> None:
-        super().__init__(message)
-        self.type = kind
-        self.retry_after = retry_after
-
-
-class Unavailable(GatewayError):
-    """Every deployment of the group (and of its fallbacks) has an open breaker."""
-
-    status = 503
-    type = "service_unavailable"
-    code = "no_healthy_deployment"
-
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class _OpenedAt(pybreaker.CircuitBreakerListener):

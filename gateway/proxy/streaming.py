@@ -222,3 +222,19 @@ def loads_or_none(data: bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+def has_token(operation: str, obj: dict[str, Any]) -> bool:
+    """Whether a stream event carries the first token (for time to first token)."""
+    if operation == "responses":
+        return str(obj.get("type", "")).endswith(".delta")
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") if operation == "chat" else choice
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("tool_calls") or delta.get("text")
+        ):
+            return True
+    return False

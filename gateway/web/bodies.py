@@ -1,23 +1,12 @@
-"""Reading a request's JSON body: its encoding and its nesting are checked before any route
-uses it, so a lying `Content-Encoding` or a body nested hundreds of levels deep is a 400.
-
-orjson parses up to 1024 levels but serializes only 254, and the gateway serializes what it
-parsed again (a renamed model, injected stream options, the record, litellm's copy), so a
-body it accepted could fail later with a 500. `MAX_JSON_DEPTH` leaves room for those
-wrappers; no real request comes near it.
-"""
+"""Reading a request's body off the wire: its encoding checked, its arrival time bounded."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-import orjson
 from aiohttp import web
 
-from gateway.errors import InvalidRequest, RequestTimeout, UnreadableBody
-
-MAX_JSON_DEPTH = 128
+from gateway.errors import RequestTimeout, UnreadableBody
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:
@@ -41,31 +30,3 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
             f"the request body could not be read as Content-Encoding {encoding!r}: "
             "send it encoded as declared, or without Content-Encoding"
         ) from exc
-
-
-def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether arrays and objects nest more than `limit` levels (the top one is level 1)."""
-    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-    return False
-
-
-def loads(raw: bytes) -> Any:
-    """Parse a request body; InvalidRequest for anything that is not JSON we can work with."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
-    # Nesting needs brackets: a body with few of them is shallow, without walking it.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and too_deep(value):
-        raise InvalidRequest(
-            f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
-            code="json_too_deep",
-        )
-    return value

@@ -178,6 +178,10 @@ class Metrics:
             tool = self.tool_names(span["name"].removeprefix("execute_tool "))
             self.tools.labels(tool, span["status"]).inc()
             return
+        if span.get("model_group") is None and (span.get("attributes") or {}).get(
+            "spangate.source"
+        ):
+            return  # an agent's own span (OTLP ingest), not a call through the gateway
         group = span.get("model_group") or ""
         if group not in self.groups:
             # A model no group serves: one label for all, so clients cannot mint series.

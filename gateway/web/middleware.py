@@ -6,7 +6,8 @@ import logging
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, error_response, from_store_error
+from gateway.errors import GatewayError
+from gateway.web.responses import error_response, from_store_error
 from gateway.web.state import GATEWAY
 from store.errors import StoreError
 

@@ -22,12 +22,12 @@ from gateway.errors import (
     ServiceUnavailable,
     TooManySubscribers,
     ValidationFailed,
-    error_response,
 )
+from gateway.proxy import payload
 from gateway.web import api_models as m
-from gateway.web import bodies
 from gateway.web.bodies import read_body
 from gateway.web.limits import write_within
+from gateway.web.responses import error_response
 from gateway.web.state import GATEWAY, Gateway
 from store import export, listing, writes
 from store.listing import BadCursor
@@ -65,7 +65,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     raw = await read_body(request, request.app[GATEWAY].settings.server.body_timeout)
     if len(raw) > MAX_API_BODY:
         raise BodyTooLarge(f"request body over {MAX_API_BODY} bytes")
-    data = bodies.loads(raw) if raw.strip() else {}
+    data = payload.loads(raw) if raw.strip() else {}
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return data
@@ -382,6 +382,8 @@ async def create_reward(request: web.Request) -> web.Response:
         data["rollout_id"] = rollout_id
     body = validate(m.RewardCreate, data)
     row, created = await write(gw, lambda db: writes.add_reward(db, body.model_dump()))
+    if created:
+        gw.recorder.publish_reward(row)
     return json(row, status=201 if created else 200)
 
 
@@ -481,7 +483,14 @@ async def _span_feed(app: web.Application) -> AsyncIterator[None]:
     unsubscribe()
 
 
+# Every ApiRoute the app serves, in order; `/openapi.json` is built from this.
+REGISTERED = web.AppKey("api_routes", list[ApiRoute])
+
+
 def add_routes(app: web.Application, routes: tuple[ApiRoute, ...]) -> None:
+    if REGISTERED not in app:
+        app[REGISTERED] = []
+    app[REGISTERED].extend(routes)
     if FEED not in app:
         app[FEED] = SpanFeed(app[GATEWAY].settings.server.max_sse_subscribers)
         app.on_shutdown.append(_close_streams)

@@ -1,4 +1,5 @@
-"""The objects one running gateway shares across requests, kept on the app under one AppKey."""
+"""The objects one running gateway shares across requests, kept on the app under one AppKey:
+the proxy's context plus the store and what the web layer itself tracks."""
 
 from __future__ import annotations
 
@@ -7,31 +8,15 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from config.models import Deployment, Settings
-from gateway.providers.openai import Provider
-from gateway.proxy.attribution import Sequencer
-from gateway.proxy.cost import Price, Prices, deployment_prices
-from gateway.proxy.recorder import Recorder
-from gateway.proxy.redact import Redactor
-from gateway.proxy.router import Router
-from gateway.proxy.tool_spans import ToolTracker
+from gateway.proxy.context import ProxyContext
 from store.reader import Reader
 from store.writer import StoreWriter
 
 
-@dataclass
-class Gateway:
-    settings: Settings
-    router: Router
-    recorder: Recorder
+@dataclass(kw_only=True)
+class Gateway(ProxyContext):
     writer: StoreWriter
     reader: Reader
-    sequencer: Sequencer
-    tools: ToolTracker = field(default_factory=ToolTracker)
-    providers: dict[str, Provider] = field(default_factory=dict)
-    # Keys that must never be recorded or answered, should an upstream echo one back.
-    redactor: Redactor = field(default_factory=lambda: Redactor(()))
-    prices: dict[int, Price | None] = field(default_factory=dict)
     # Where this gateway answers, once it listens (the judge calls itself through it).
     base_url: str = ""
     # Requests being handled, and an event set whenever there are none (graceful stop).
@@ -40,15 +25,6 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.idle.set()
-
-    def price_all(self, cost_map: Prices) -> None:
-        """Look every deployment's prices up once, so a call's cost is two multiplications."""
-        for group in self.settings.models:
-            for deployment in group.deployments:
-                self.prices[id(deployment)] = deployment_prices(deployment, cost_map)
-
-    def prices_for(self, deployment: Deployment) -> Price | None:
-        return self.prices.get(id(deployment))
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

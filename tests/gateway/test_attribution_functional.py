@@ -161,13 +161,25 @@ def test_invalid_traceparent_starts_a_fresh_trace(gateway: GatewayThread, tracep
     assert raw.headers["X-Trace-Id"] == span["trace_id"]
 
 
-def test_calls_without_traceparent_each_get_their_own_trace(gateway: GatewayThread) -> None:
+def test_calls_of_a_rollout_without_traceparent_share_one_trace(gateway: GatewayThread) -> None:
     chat(gateway.url("t", "1"))
-    chat(gateway.url("t", "1"))
+    chat(gateway.url("t", "2"))
+    chat(gateway.url("other", "1"))
 
     first, second = gateway.spans(rollout_id="t")
-    assert first["trace_id"] != second["trace_id"]
+    (other,) = gateway.spans(rollout_id="other")
+    assert first["trace_id"] == second["trace_id"] != other["trace_id"]
     assert first["parent_span_id"] is None
+
+
+def test_calls_without_rollout_or_traceparent_each_get_their_own_trace(
+    gateway: GatewayThread,
+) -> None:
+    chat(gateway.url())
+    chat(gateway.url())
+
+    first, second = gateway.spans()
+    assert first["trace_id"] != second["trace_id"]
 
 
 def test_rollouts_and_attempts_are_created_on_first_sight(

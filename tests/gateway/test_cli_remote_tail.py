@@ -29,8 +29,8 @@ from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from servers import GatewayThread
 
-from gateway.cli.main import BROKEN_PIPE_EXIT, cli
 from gateway.cli import remote as cli_remote
+from gateway.cli.main import BROKEN_PIPE_EXIT, cli
 from gateway.cli.remote import Follow, follow_spans, parse_events
 from store.schema import SPAN_COLUMNS, connect
 from store.writer import insert_spans

@@ -24,8 +24,8 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from gateway.providers.base import UpstreamRequest, UpstreamResponse
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
-from gateway.providers.openai import UpstreamRequest, UpstreamResponse
 from gateway.proxy.streaming import ChatAssembler, SSESplitter, parse_event
 
 MESSAGES_URL = "https://api.anthropic.com/v1/messages"

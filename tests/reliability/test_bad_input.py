@@ -28,8 +28,7 @@ from config.loader import parse_settings
 from gateway.compose import writer_for
 from gateway.errors import InvalidRequest
 from gateway.proxy.attribution import Attribution, read_attribution
-from gateway.web.bodies import MAX_JSON_DEPTH
-from gateway.web.routes_openai import parse_payload
+from gateway.proxy.payload import MAX_JSON_DEPTH, parse_payload
 
 from .support import CHAT_PATH, DONE_LINE, chat_body, openai_error, span_record
 

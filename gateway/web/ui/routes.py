@@ -6,10 +6,10 @@ An htmx request (`HX-Request`) gets the page body without the frame, for partial
 
 from __future__ import annotations
 
-import itertools
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
@@ -307,35 +307,52 @@ async def span(request: web.Request) -> web.Response:
 # -- leaderboard and patterns -----------------------------------------------------------
 
 
-def _leaderboards(db: Database, **params: Any) -> dict[str, Any]:
-    from gateway.web.routes_patterns import _leaderboards as boards
+@dataclass(frozen=True)
+class Analyses:
+    """What the leaderboard and patterns pages show, computed by the judge package.
 
-    return boards(db, **params)
+    The composition root supplies it (`gateway/web` never imports `judge`); each function
+    takes the read connection first and runs on a read thread.
+    """
+
+    patterns: Callable[..., dict[str, Any]]
+    leaderboards: Callable[..., dict[str, Any]]
+    # (db, agent) -> {"versions": [...], "latest": {...} | None, "diffs": [{old, new, diff}]}
+    guidelines: Callable[[Database, str], dict[str, Any]]
 
 
-def _patterns(db: Database, **params: Any) -> dict[str, Any]:
-    from gateway.web.routes_patterns import _analyse
-    from judge.guidelines import diff_guidelines, get_guideline, list_guidelines
+ANALYSES = web.AppKey("ui_analyses", Analyses)
 
-    analysis = _analyse(db, **params)
+
+def _analyses(request: web.Request) -> Analyses:
+    if ANALYSES not in request.app:
+        raise NotFound("this gateway was built without the judge's analyses")
+    return request.app[ANALYSES]
+
+
+def _patterns(db: Database, analyses: Analyses, **params: Any) -> dict[str, Any]:
+    analysis = analyses.patterns(db, **params)
     agents = [params["agent"]] if params.get("agent") else []
     agents += [row["agent"] for row in analysis["leaderboards"]["agents"] if row.get("agent")]
     guidelines = []
     for agent in list(dict.fromkeys(agents))[:MAX_GUIDELINE_AGENTS]:
-        versions = list_guidelines(db, agent)
-        if not versions:
+        found = analyses.guidelines(db, agent)
+        if not found["versions"]:
             continue
-        numbers = [v["version"] for v in versions]
-        diffs = []
-        for old, new in itertools.pairwise(numbers):
-            lines = diff_guidelines(db, agent, old, new).splitlines()
-            diffs.append({"old": old, "new": new, "lines": [_diff_line(x) for x in lines]})
+        diffs = [
+            {
+                "old": d["old"],
+                "new": d["new"],
+                "lines": [_diff_line(x) for x in d["diff"].splitlines()],
+            }
+            for d in reversed(found["diffs"])
+        ]
         guidelines.append(
             {
                 "agent": agent,
-                "versions": versions,
-                "latest": get_guideline(db, agent, numbers[-1]),
-                "diffs": list(reversed(diffs)),
+                "versions": found["versions"],
+                "latest": found["latest"],
+                "diffs": diffs,
             }
         )
     return {"analysis": analysis, "guidelines": guidelines}
@@ -367,7 +384,7 @@ async def leaderboard(request: web.Request) -> web.Response:
     f = _analysis_filters(request)
     boards = await read(
         request.app[GATEWAY],
-        _leaderboards,
+        _analyses(request).leaderboards,
         since_ns=time_param(f["since"], "since"),
         agent=f["agent"],
         reward_name=f["reward_name"],
@@ -397,6 +414,7 @@ async def patterns(request: web.Request) -> web.Response:
     found = await read(
         request.app[GATEWAY],
         _patterns,
+        _analyses(request),
         since_ns=time_param(f["since"], "since"),
         agent=f["agent"],
         min_support=f["min_support"],

@@ -1,0 +1,131 @@
+"""`spangate export`: rollouts or training triplets as JSON lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from gateway.cli.options import db_option, read_db, time_option
+
+
+@click.command("export")
+@click.option(
+    "--rollout",
+    "rollout_ids",
+    multiple=True,
+    metavar="R",
+    help="Only this rollout (repeat for several).",
+)
+@click.option(
+    "--since",
+    "since_ns",
+    metavar="T",
+    callback=time_option,
+    help="Rollouts created at or after T: ISO 8601 (2026-11-22T08:00:00, local time "
+    "unless it has Z or an offset) or a duration ago (30m, 1h, 7d).",
+)
+@click.option(
+    "--until",
+    "until_ns",
+    metavar="T",
+    callback=time_option,
+    help="Rollouts created before T (same forms as --since).",
+)
+@click.option("--status", default=None, help="Only rollouts in this status.")
+@click.option("--agent", default=None, help="Only rollouts of this agent.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "triplets", "otlp"]),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: one rollout per line; triplets: one prompt/completion/reward per call; "
+    "otlp: one OTLP/JSON trace export per rollout, for a tracing backend.",
+)
+@click.option(
+    "--reward-name",
+    default=None,
+    metavar="N",
+    help="With --format triplets: the reward name that counts (default reward).",
+)
+@click.option(
+    "--output",
+    "-o",
+    default="-",
+    show_default=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="File to write (replaced only once the export is complete); - is stdout.",
+)
+@db_option
+def export_command(
+    rollout_ids: tuple[str, ...],
+    since_ns: int | None,
+    until_ns: int | None,
+    status: str | None,
+    agent: str | None,
+    fmt: str,
+    reward_name: str | None,
+    output: str,
+    db: str,
+) -> None:
+    """Export rollouts for training or analysis, as JSON lines.
+
+    jsonl gives each rollout with its attempts, their calls (request and response
+    bodies) and rewards. triplets gives one line per chat/responses/completion call:
+    prompt, tools, completion and a reward, the call's own reward, else its attempt's
+    final one, else its attempt's latest, else the rollout's final one.
+
+    Example:
+
+    \b
+        spangate export --since 7d --status succeeded -o rollouts.jsonl
+        spangate export --format triplets --reward-name accuracy | jq .reward
+        spangate export --format otlp --rollout task-42 -o task-42.otlp.jsonl
+    """
+    from store.export import (
+        DEFAULT_REWARD_NAME,
+        iter_rollouts,
+        iter_triplets,
+        missing_rollouts,
+        write_jsonl,
+    )
+    from store.schema import ROLLOUT_STATUSES
+
+    if status is not None and status not in ROLLOUT_STATUSES:
+        raise click.BadParameter(
+            f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
+        )
+    if reward_name is not None and fmt != "triplets":
+        raise click.UsageError("--reward-name applies only to --format triplets")
+    if since_ns is not None and until_ns is not None and since_ns >= until_ns:
+        raise click.BadParameter("must be later than --since", param_hint="--until")
+    filters: dict[str, Any] = {
+        "rollout_ids": list(rollout_ids) or None,
+        "since_ns": since_ns,
+        "until_ns": until_ns,
+        "status": status,
+        "agent": agent,
+    }
+    with read_db(db) as conn:
+        missing = missing_rollouts(conn, rollout_ids) if rollout_ids else []
+        if missing:
+            raise click.ClickException(f"rollout not found: {', '.join(missing)}")
+        if fmt == "otlp":
+            from gateway.exporters.otlp_mapping import iter_otlp_json
+
+            items = iter_otlp_json(iter_rollouts(conn, **filters))
+            unit = "rollouts"
+        elif fmt == "triplets":
+            items = iter_triplets(conn, reward_name=reward_name or DEFAULT_REWARD_NAME, **filters)
+            unit = "calls"
+        else:
+            items = iter_rollouts(conn, **filters)
+            unit = "rollouts"
+        # atomic: a failed export leaves an existing file as it was, not half-written.
+        with click.open_file(output, "wb", atomic=output != "-") as fp:
+            count = write_jsonl(items, fp)
+    if count == 0:
+        click.echo(f"no {unit} match; nothing exported", err=True)
+    elif output != "-":
+        click.echo(f"exported {count} {unit} to {output}", err=True)

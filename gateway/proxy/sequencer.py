@@ -1,0 +1,87 @@
+"""Per-rollout sequence numbers and current attempt, so the order of calls never depends on
+clocks; numbers keep rising across restarts and evictions (the lookup says where to resume)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+DEFAULT_ATTEMPT_ID = "1"
+
+
+@dataclass(slots=True)
+class _RolloutCursor:
+    seq: int
+    attempt_id: str | None
+
+
+CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
+
+
+class Sequencer:
+    """Next sequence number and current attempt per rollout, kept in memory.
+
+    The first time this process sees a rollout it asks the store where the rollout
+    left off (off the loop), so numbers keep rising across restarts.
+    """
+
+    def __init__(self, lookup: CursorLookup, *, capacity: int = 100_000) -> None:
+        self._lookup = lookup
+        self._capacity = capacity
+        self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[_RolloutCursor]] = {}
+
+    async def _cursor(self, rollout_id: str) -> _RolloutCursor:
+        cursor = self._cursors.get(rollout_id)
+        if cursor is not None:
+            self._cursors.move_to_end(rollout_id)
+            return cursor
+        pending = self._loading.get(rollout_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_RolloutCursor] = asyncio.get_running_loop().create_future()
+        self._loading[rollout_id] = future
+        try:
+            seq, attempt = await self._lookup(rollout_id)
+            cursor = _RolloutCursor(seq, attempt)
+            self._cursors[rollout_id] = cursor
+            if len(self._cursors) > self._capacity:
+                self._cursors.popitem(last=False)
+            future.set_result(cursor)
+        except BaseException as exc:
+            future.set_exception(exc)
+            # Mark it retrieved: a lookup failure is re-raised to this caller, not lost.
+            future.exception()
+            raise
+        finally:
+            del self._loading[rollout_id]
+        return cursor
+
+    async def attempt_of(self, rollout_id: str, attempt_id: str | None) -> str:
+        """The call's attempt: the one named, else the rollout's latest (or the first)."""
+        cursor = await self._cursor(rollout_id)
+        if attempt_id is not None:
+            cursor.attempt_id = attempt_id
+        elif cursor.attempt_id is None:
+            cursor.attempt_id = DEFAULT_ATTEMPT_ID
+        return cursor.attempt_id
+
+    def take(self, rollout_id: str, count: int = 1) -> int:
+        """The first of `count` consecutive sequence numbers (after `attempt_of`)."""
+        cursor = self._cursors[rollout_id]
+        first = cursor.seq + 1
+        cursor.seq += count
+        return first
+
+    async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
+        """The call's sequence number and attempt."""
+        attempt = await self.attempt_of(rollout_id, attempt_id)
+        return self.take(rollout_id), attempt
+
+    def set_attempt(self, rollout_id: str, attempt_id: str) -> None:
+        """A new attempt was opened through the API: later unnamed calls join it."""
+        cursor = self._cursors.get(rollout_id)
+        if cursor is not None:
+            cursor.attempt_id = attempt_id

@@ -1,0 +1,354 @@
+"""`POST /v1/traces`: agents' own OpenTelemetry spans (OTLP/HTTP) join their rollout.
+
+A span joins the rollout its attributes name (`rollout.id`, or Agent Lightning's
+`agentlightning.rollout_id`), else the rollout of a gateway call in the same trace. It is
+stored through the recorder like any call, so it takes the writer's safe path.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.errors import BodyTooLarge, GatewayError, InvalidRequest
+from gateway.proxy.attribution import valid_id
+from gateway.web.state import GATEWAY, Gateway
+
+ROLLOUT_KEYS = ("rollout.id", "agentlightning.rollout_id")
+ATTEMPT_KEYS = ("rollout.attempt.id", "agentlightning.attempt_id")
+# Trace id -> (rollout, attempt) of recent gateway calls, for spans that name no rollout.
+TRACES_REMEMBERED = 100_000
+MAX_NAME_CHARS = 1_000
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+_KIND_NAMES = {
+    value: name.removeprefix("SPAN_KIND_").lower() for name, value in Span.SpanKind.items()
+}
+# Span attributes that fill span columns when an agent's instrumentation sets them.
+_COLUMNS = {
+    "gen_ai.request.model": "request_model",
+    "gen_ai.response.model": "response_model",
+    "gen_ai.response.id": "response_id",
+    "gen_ai.provider.name": "provider",
+    "gen_ai.usage.input_tokens": "input_tokens",
+    "gen_ai.usage.output_tokens": "output_tokens",
+    "gen_ai.usage.cache_read.input_tokens": "cached_tokens",
+    "gen_ai.usage.reasoning.output_tokens": "reasoning_tokens",
+}
+
+
+class UnsupportedMediaType(GatewayError):
+    """`/v1/traces` takes OTLP protobuf or JSON only."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+@dataclass
+class IngestStats:
+    accepted: int = 0
+    rejected: int = 0
+
+
+class TraceIndex:
+    """Recorder subscriber: which rollout each recent trace belongs to (bounded)."""
+
+    def __init__(self, capacity: int = TRACES_REMEMBERED) -> None:
+        self._capacity = capacity
+        self._traces: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.stats = IngestStats()
+
+    def on_span(self, record: Mapping[str, Any]) -> None:
+        rollout_id = record.get("rollout_id")
+        if rollout_id:
+            self.note(record["trace_id"], rollout_id, record.get("attempt_id"))
+
+    def note(self, trace_id: str, rollout_id: str, attempt_id: str | None) -> None:
+        self._traces[trace_id] = (rollout_id, attempt_id)
+        self._traces.move_to_end(trace_id)
+        if len(self._traces) > self._capacity:
+            self._traces.popitem(last=False)
+
+    def get(self, trace_id: str) -> tuple[str, str | None] | None:
+        return self._traces.get(trace_id)
+
+
+TRACE_INDEX = web.AppKey("trace_index", TraceIndex)
+
+
+class IngestCollector(Collector):
+    """`spangate_otlp_spans_ingested` / `_ingest_rejected`, read at scrape time."""
+
+    def __init__(self, index: TraceIndex) -> None:
+        self.index = index
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.index.stats
+        yield GaugeMetricFamily(
+            "spangate_otlp_spans_ingested",
+            "Agent spans taken on POST /v1/traces.",
+            value=stats.accepted,
+        )
+        yield GaugeMetricFamily(
+            "spangate_otlp_spans_ingest_rejected",
+            "Agent spans refused on POST /v1/traces (no rollout, bad ids).",
+            value=stats.rejected,
+        )
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the trace export is over {limit} bytes")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the trace export is over {limit} bytes")
+            chunks.append(chunk)
+    except ContentEncodingError as exc:
+        raise InvalidRequest(f"the body cannot be decompressed: {exc}") from exc
+    return b"".join(chunks)
+
+
+_ID_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+
+
+def _b64_ids(value: Any) -> Any:
+    """OTLP/JSON writes ids as hex; protobuf's JSON parser wants base64."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key in _ID_KEYS and isinstance(item, str):
+                try:
+                    item = base64.b64encode(bytes.fromhex(item)).decode()
+                except ValueError as exc:
+                    raise InvalidRequest(f"{key} {item[:40]!r} is not hex") from exc
+            out[key] = _b64_ids(item)
+        return out
+    if isinstance(value, list):
+        return [_b64_ids(item) for item in value]
+    return value
+
+
+def decode_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
+    message = ExportTraceServiceRequest()
+    if content_type == JSON:
+        try:
+            data = orjson.loads(body)
+            json_format.ParseDict(_b64_ids(data), message, ignore_unknown_fields=True)
+        except (orjson.JSONDecodeError, json_format.ParseError, TypeError) as exc:
+            raise InvalidRequest(f"the body is not an OTLP/JSON trace export: {exc}") from exc
+    else:
+        try:
+            message.ParseFromString(body)
+        except DecodeError as exc:
+            raise InvalidRequest(f"the body is not an OTLP protobuf trace export: {exc}") from exc
+    return message
+
+
+def _value(value: AnyValue) -> Any:
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return _attributes(value.kvlist_value.values)
+    if which == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, which)
+
+
+def _attributes(pairs: Any) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in pairs if isinstance(kv, KeyValue)}
+
+
+def _first(attributes: Mapping[str, Any], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        value = attributes.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+            return str(value)
+    return None
+
+
+def _valid_id(value: str | None) -> bool:
+    return value is None or valid_id(value)
+
+
+@dataclass
+class Parsed:
+    records: list[dict[str, Any]]
+    rejected: int
+    reasons: list[str]
+
+
+def to_records(message: ExportTraceServiceRequest, index: TraceIndex) -> Parsed:
+    """Span records (without seq) for every span that finds its rollout; the rest rejected."""
+    candidates: list[tuple[dict[str, Any], dict[str, Any], Span, str]] = []
+    for resource_spans in message.resource_spans:
+        resource_attributes = _attributes(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            scope = scope_spans.scope.name
+            for span in scope_spans.spans:
+                candidates.append((resource_attributes, _attributes(span.attributes), span, scope))
+    # A trace that names its rollout anywhere in this export takes all its spans along.
+    named: dict[str, tuple[str, str | None]] = {}
+    for resource_attributes, attributes, span, _ in candidates:
+        merged = {**resource_attributes, **attributes}
+        rollout = _first(merged, ROLLOUT_KEYS)
+        if rollout and len(span.trace_id) == 16:
+            named.setdefault(span.trace_id.hex(), (rollout, _first(merged, ATTEMPT_KEYS)))
+    records: list[dict[str, Any]] = []
+    reasons: list[str] = []
+    rejected = 0
+    for resource_attributes, attributes, span, scope in candidates:
+        problem = None
+        if len(span.trace_id) != 16 or len(span.span_id) != 8:
+            problem = "trace ids must be 16 bytes and span ids 8"
+        else:
+            merged = {**resource_attributes, **attributes}
+            trace_id = span.trace_id.hex()
+            rollout = _first(merged, ROLLOUT_KEYS)
+            attempt = _first(merged, ATTEMPT_KEYS)
+            if rollout is None:
+                rollout, attempt = named.get(trace_id) or index.get(trace_id) or (None, None)
+            if rollout is None:
+                problem = "no rollout: set rollout.id or share a trace with a gateway call"
+            elif not (_valid_id(rollout) and _valid_id(attempt)):
+                problem = "rollout.id and rollout.attempt.id must be letters, digits and ._:@+=~-"
+        if problem is not None:
+            rejected += 1
+            if problem not in reasons:
+                reasons.append(problem)
+            continue
+        assert rollout is not None
+        records.append(_record(span, attributes, resource_attributes, scope, rollout, attempt))
+    return Parsed(records, rejected, reasons)
+
+
+def _record(
+    span: Span,
+    attributes: dict[str, Any],
+    resource_attributes: dict[str, Any],
+    scope: str,
+    rollout_id: str,
+    attempt_id: str | None,
+) -> dict[str, Any]:
+    operation = attributes.get("gen_ai.operation.name")
+    if not isinstance(operation, str) or not operation:
+        operation = "agent"
+    failed = span.status.code == Status.STATUS_CODE_ERROR
+    start = span.start_time_unix_nano
+    end = max(span.end_time_unix_nano, start)
+    kept = {
+        **attributes,
+        "spangate.source": "otlp",
+        "spangate.span.kind": _KIND_NAMES.get(span.kind, "internal"),
+    }
+    if scope:
+        kept["otel.scope.name"] = scope
+    service = resource_attributes.get("service.name")
+    if isinstance(service, str):
+        kept["service.name"] = service
+    record: dict[str, Any] = {
+        "span_id": span.span_id.hex(),
+        "trace_id": span.trace_id.hex(),
+        "parent_span_id": span.parent_span_id.hex() if len(span.parent_span_id) == 8 else None,
+        "rollout_id": rollout_id,
+        "attempt_id": attempt_id,
+        "seq": None,
+        "name": (span.name or operation)[:MAX_NAME_CHARS],
+        "operation": operation,
+        "status": "error" if failed else "ok",
+        "http_status": None,
+        "error_type": (str(attributes.get("error.type") or "error")) if failed else None,
+        "error_message": (span.status.message or None) if failed else None,
+        "stream": 0,
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ms": (end - start) / 1e6,
+        "retries": 0,
+        "attributes": kept,
+        "tags": [],
+    }
+    for key, column in _COLUMNS.items():
+        value = attributes.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            record[column] = value
+    if operation == "execute_tool":
+        name = attributes.get("gen_ai.tool.name")
+        call_id = attributes.get("gen_ai.tool.call.id")
+        record["tool_calls"] = [{"id": call_id, "name": name, "arguments": None}]
+    return record
+
+
+# -- the route --------------------------------------------------------------------------
+
+
+async def _publish(gw: Gateway, records: list[dict[str, Any]]) -> None:
+    """Number each rollout's spans in start order, after what the rollout already has."""
+    records.sort(key=lambda r: (r["rollout_id"], r["start_ns"]))
+    for record in records:
+        rollout_id = record["rollout_id"]
+        record["attempt_id"] = await gw.sequencer.attempt_of(rollout_id, record["attempt_id"])
+        record["seq"] = gw.sequencer.take(rollout_id)
+        gw.recorder.publish(record)
+
+
+async def ingest_traces(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    settings = gw.settings.otlp
+    if not settings.ingest:
+        raise InvalidRequest("OTLP ingest is off (otlp.ingest: false)", code="ingest_disabled")
+    content_type = request.content_type or PROTOBUF
+    if content_type not in (PROTOBUF, JSON):
+        raise UnsupportedMediaType(f"use {PROTOBUF} or {JSON}, not {content_type}")
+    # aiohttp undoes gzip as the body streams in, so the limit bounds the inflated size too.
+    body = await _read_limited(request, settings.ingest_max_bytes)
+    message = decode_request(body, content_type)
+    index = request.app[TRACE_INDEX]
+    parsed = to_records(message, index)
+    for record in parsed.records:
+        index.note(record["trace_id"], record["rollout_id"], record["attempt_id"])
+    await _publish(gw, parsed.records)
+    index.stats.accepted += len(parsed.records)
+    index.stats.rejected += parsed.rejected
+    answer = ExportTraceServiceResponse()
+    if parsed.rejected:
+        answer.partial_success.CopyFrom(
+            ExportTracePartialSuccess(
+                rejected_spans=parsed.rejected, error_message="; ".join(parsed.reasons)
+            )
+        )
+    if content_type == JSON:
+        payload = json_format.MessageToDict(answer)
+        return web.Response(body=orjson.dumps(payload), content_type=JSON)
+    return web.Response(body=answer.SerializeToString(), content_type=PROTOBUF)
+
+
+def add_routes(app: web.Application) -> None:
+    app[TRACE_INDEX] = TraceIndex()
+    app.router.add_post("/v1/traces", ingest_traces)
