@@ -352,6 +352,9 @@ def main() -> None:
                 f"{browser_ms:.0f} ms" if browser_ms is not None else "not measured",
                 "Chromium: navigation to load event with all 2,000 rows in the DOM" if browser_ms is not None else f"no browser at {CHROMIUM}",
             ))  # fmt: skip
+    # The machine is shared: say how busy it was, or a slow number reads as a slow page.
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    notes.append(f"load average at the end (1, 5, 15 min) on {os.cpu_count()} cores: {load}")
     lines = ["| measure | value | budget | notes |", "|---|---|---|---|"]
     for name, value, note in rows:
         unit, limit = BUDGETS.get(name, ("", None))
