@@ -542,7 +542,7 @@ def bench_queries(opts: Options, db_path: Path, tmp: Path) -> tuple[list[Timing]
         notes.append("plan of list_spans(rollout_id): " + query_plan(db, listing_sql, params))
         notes.append(
             "plan of get_rollout's spans: "
-            + query_plan(db, ROLLOUT_SPANS_SQL, {"rollout_id": ids[0]})
+            + query_plan(db, ROLLOUT_SPANS_SQL.format(columns="*"), {"rollout_id": ids[0]})
         )
         notes.append(f"database file in the OS page cache before the queries: {resident(db_path)}")
         # The first touch of a rollout reads its pages from disk unless the OS still caches

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from config.models import RecorderSettings, Settings
 from gateway.exporters import ExportCollector, OtlpExporter
-from gateway.judge_routes import JUDGE, JUDGE_ROUTES, PATTERN_ROUTES
+from gateway.judge_routes import JUDGE, JUDGE_ROUTES, PATTERN_ROUTES, ui_analyses
 from gateway.providers import mock as mock_provider
 from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
@@ -33,7 +33,9 @@ from gateway.web.routes_api import ROUTES as API_ROUTES
 from gateway.web.routes_api import add_routes as add_api_routes
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
+from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 from gateway.web.state import GATEWAY, Gateway
+from gateway.web.ui.routes import ANALYSES, add_ui_routes
 from judge.service import JudgeService
 from store.queries import rollout_cursor
 from store.reader import Reader
@@ -122,7 +124,9 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     add_ingest_routes(app)
     app[METRICS].registry.register(IngestCollector(app[TRACE_INDEX]))
     add_ops_routes(app)
-    add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES)
+    add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + REPORT_ROUTES)
+    app[ANALYSES] = ui_analyses()
+    add_ui_routes(app)
     app.router.add_get("/openapi.json", openapi_view)
     return app
 

@@ -4,6 +4,7 @@ root, so that `gateway/web` never imports `judge`."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from gateway.web import api_models as m
 from gateway.web.responses import error_response
 from gateway.web.routes_api import ApiRoute, body_of, json, query_of, read, time_param
 from gateway.web.state import GATEWAY
+from gateway.web.ui.routes import Analyses
 from judge.jobs import Selection
 from judge.service import JudgeService, RunLimitReached
 
@@ -123,3 +125,21 @@ PATTERN_ROUTES = (
     ApiRoute("GET", "/api/leaderboard", get_leaderboard, "Rollouts, success, reward, cost and latency by model and by agent", "read", None, m.LeaderboardQuery, m.Leaderboards, 200, (422,)),
     ApiRoute("GET", "/api/guidelines/{agent}", get_guidelines, "An agent's guideline versions and the latest text", "read", None, None, m.Guidelines, 200, ()),
 )  # fmt: skip
+
+
+def _guideline_history(db: Database, agent: str) -> dict[str, Any]:
+    """An agent's guideline versions, the latest text, and the diff between each pair."""
+    from judge.guidelines import diff_guidelines
+
+    found = _guidelines(db, agent)
+    numbers = [v["version"] for v in found["versions"]]
+    found["diffs"] = [
+        {"old": old, "new": new, "diff": diff_guidelines(db, agent, old, new)}
+        for old, new in itertools.pairwise(numbers)
+    ]
+    return found
+
+
+def ui_analyses() -> Analyses:
+    """The judge's analyses for the dashboard's leaderboard and patterns pages."""
+    return Analyses(patterns=_analyse, leaderboards=_leaderboards, guidelines=_guideline_history)

@@ -9,6 +9,7 @@ import orjson
 from sqlite_utils import Database
 
 from store.errors import NotFound
+from store.schema import SPAN_COLUMNS
 
 ROLLOUT_CURSOR_SQL = """
 select
@@ -53,10 +54,14 @@ order by number
 """
 
 ROLLOUT_SPANS_SQL = """
-select * from spans
+select {columns} from spans
 where rollout_id = :rollout_id
 order by seq, start_ns
 """
+# Every span column but the two bodies: what a timeline needs, a fraction of the bytes.
+SPAN_OUTLINE_COLUMNS = ", ".join(
+    c for c in SPAN_COLUMNS if c not in ("request_body", "response_body")
+)
 
 ROLLOUT_REWARDS_SQL = """
 select * from rewards
@@ -129,15 +134,19 @@ def list_rollouts(
     return [decode_row(r) for r in rows]
 
 
-def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
-    """A rollout with its attempts, each holding its calls in order, and its rewards."""
+def get_rollout(db: Database, rollout_id: str, *, bodies: bool = True) -> dict[str, Any]:
+    """A rollout with its attempts, each holding its calls in order, and its rewards.
+
+    `bodies=False` leaves out request and response bodies (a timeline has no use for them).
+    """
     found = _rows(db, ROLLOUT_SQL, {"rollout_id": rollout_id})
     if not found:
         raise NotFound(f"rollout {rollout_id!r} not found")
     rollout = decode_row(found[0])
     params = {"rollout_id": rollout_id}
     attempts = [decode_row(a) for a in _rows(db, ATTEMPTS_SQL, params)]
-    spans = [decode_row(s) for s in _rows(db, ROLLOUT_SPANS_SQL, params)]
+    spans_sql = ROLLOUT_SPANS_SQL.format(columns="*" if bodies else SPAN_OUTLINE_COLUMNS)
+    spans = [decode_row(s) for s in _rows(db, spans_sql, params)]
     rewards = [decode_row(r) for r in _rows(db, ROLLOUT_REWARDS_SQL, params)]
     for reward in rewards:
         reward["final"] = bool(reward["final"])

@@ -11,6 +11,7 @@ from gateway.cli.judge import judge
 from gateway.cli.options import BROKEN_PIPE_EXIT, quiet_stdout
 from gateway.cli.patterns import patterns
 from gateway.cli.read import rollouts, show, tail
+from gateway.cli.report import report
 from gateway.cli.reward import reward
 from gateway.cli.serve import serve
 
@@ -36,5 +37,5 @@ def cli() -> None:
     """spangate: an OpenAI-compatible gateway that records every call an agent makes."""
 
 
-for command in (serve, tail, rollouts, show, reward, export_command, judge, patterns):
+for command in (serve, tail, rollouts, show, reward, export_command, judge, patterns, report):
     cli.add_command(command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Collection, Mapping
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -11,14 +12,48 @@ from config.models import ApiKey
 from gateway.errors import AuthenticationFailed, PermissionDenied
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json"})
+# The dashboard's sign-in form and its static files must load before anyone has signed in.
+UI_OPEN_PATHS = frozenset({"/ui/login", "/ui/logout"})
+UI_STATIC = "/ui/static/"
+# The dashboard keeps the key it was given in this cookie (HttpOnly, SameSite=Strict).
+UI_COOKIE = "spangate_key"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def required_scope(method: str, path: str) -> str | None:
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or path in UI_OPEN_PATHS or path.startswith(UI_STATIC):
         return None
+    if _is_ui(path):
+        return "read"
     if path.startswith("/api/") or path == "/metrics":
-        return "read" if method in ("GET", "HEAD", "OPTIONS") else "write"
+        return "read" if method in SAFE_METHODS else "write"
     return "proxy"
+
+
+def _is_ui(path: str) -> bool:
+    return path == "/ui" or path.startswith("/ui/")
+
+
+def can_read(key: ApiKey) -> bool:
+    return "read" in key.scopes or "admin" in key.scopes
+
+
+def _cookie_key(request: web.Request) -> str | None:
+    """The dashboard's cookie, taken only for reads of pages and the API they call.
+
+    Never for writes (a cookie rides along on requests other sites trigger) and never for the
+    OpenAI routes (a browser session must not spend provider money).
+    """
+    if request.method not in SAFE_METHODS:
+        return None
+    if not (_is_ui(request.path) or request.path.startswith("/api/")):
+        return None
+    return request.cookies.get(UI_COOKIE) or None
+
+
+def _to_sign_in(request: web.Request) -> web.Response:
+    target = "/ui/login?" + urlencode({"next": request.path_qs})
+    return web.Response(status=303, headers={"Location": target})
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -50,14 +85,20 @@ def auth_middleware(keys: list[ApiKey]) -> web.Middleware:
         scope = required_scope(request.method, request.path)
         if scope is None:
             return await handler(request)
-        presented = presented_key(request.headers)
+        presented = presented_key(request.headers) or _cookie_key(request)
+        # A person at a page is sent to the sign-in form rather than shown a JSON error.
+        page = _is_ui(request.path) and request.method in SAFE_METHODS
         if presented is None:
+            if page:
+                return _to_sign_in(request)
             raise AuthenticationFailed(
                 "missing API key: send `Authorization: Bearer <key>`, `X-Api-Key: <key>` "
                 "or `api-key: <key>`"
             )
         key = find_key(keys, presented)
         if key is None:
+            if page:
+                return _to_sign_in(request)
             raise AuthenticationFailed("invalid API key")
         if scope not in key.scopes and "admin" not in key.scopes:
             raise PermissionDenied(f"this key lacks the {scope!r} scope")

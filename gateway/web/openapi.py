@@ -50,7 +50,9 @@ def _operation(route: ApiRoute, components: dict[str, Any]) -> dict[str, Any]:
     if route.response is not None:
         content = {"application/json": {"schema": _schema(route.response, components)}}
     else:
-        media = "text/event-stream" if route.path.endswith("/stream") else "application/x-ndjson"
+        media = {"/stream": "text/event-stream", "/report": "text/html"}.get(
+            route.path[route.path.rfind("/") :], "application/x-ndjson"
+        )
         content = {media: {"schema": {"type": "string"}}}
     responses: dict[str, Any] = {str(route.status): {"description": "OK", "content": content}}
     if route.status == 201:

@@ -1,0 +1,516 @@
+"""The `/ui` pages: server-rendered from the store's read layer, live through the span stream.
+
+Each page is a plain GET with its state in the query string, so every view has a URL to share.
+An htmx request (`HX-Request`) gets the page body without the frame, for partial updates.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+
+import orjson
+from aiohttp import web
+from sqlite_utils import Database
+
+from gateway.errors import GatewayError
+from gateway.web import auth
+from gateway.web.routes_api import read, time_param
+from gateway.web.state import GATEWAY
+from gateway.web.ui import views
+from store import listing
+from store.errors import NotFound, StoreError
+from store.queries import get_rollout
+from store.schema import ROLLOUT_STATUSES
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The pages load scripts and styles only from this origin; inline styles position the bars.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; "
+    "base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+WINDOWS = {"1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600, "7d": 7 * 86400}
+DEFAULT_WINDOW = "24h"
+CHART_BUCKETS = 60
+ROLLOUTS_PAGE = 50
+RECENT_ROLLOUTS = 10
+LIVE_KEEP = 500
+MAX_GUIDELINE_AGENTS = 20
+ROLLOUT_COLUMNS = (
+    (None, "rollout", False),
+    (None, "status", False),
+    (None, "agent", False),
+    ("calls", "calls", True),
+    ("errors", "errors", True),
+    ("tokens", "tokens", True),
+    ("cost", "cost", True),
+    ("duration", "duration", True),
+    ("reward", "reward", True),
+    ("created", "created", False),
+)
+
+
+def _html(text: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text=text, status=status, content_type="text/html", headers=SECURITY_HEADERS
+    )
+
+
+def _signed_in(request: web.Request) -> bool:
+    return bool(request.app[GATEWAY].settings.auth.keys) and auth.UI_COOKIE in request.cookies
+
+
+def render(
+    request: web.Request, template: str, http_status: int = 200, **context: Any
+) -> web.Response:
+    context.setdefault("page", "")
+    context.update(_frame(request))
+    return _html(views.render(template, **context), http_status)
+
+
+def page(fn: Handler) -> Handler:
+    """Failures as an HTML page, not the API's JSON: a person is reading this."""
+
+    @wraps(fn)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            return await fn(request)
+        except NotFound as exc:
+            return render(request, "error.html", 404, status=404, message=str(exc))
+        except GatewayError as exc:
+            return render(request, "error.html", exc.status, status=exc.status, message=str(exc))
+        except StoreError as exc:
+            return render(request, "error.html", 500, status=500, message=str(exc))
+
+    return handler
+
+
+def _param(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name, "").strip()
+    return value or None
+
+
+def _float(request: web.Request, name: str, default: float) -> float:
+    try:
+        return float(request.query.get(name, default))
+    except ValueError:
+        return default
+
+
+# -- overview ---------------------------------------------------------------------------
+
+
+def _overview(db: Database, since_ns: int, until_ns: int) -> dict[str, Any]:
+    series = listing.timeseries(db, since_ns=since_ns, until_ns=until_ns, buckets=CHART_BUCKETS)
+    stats = listing.stats(db, since_ns=since_ns)
+    rewards = listing.reward_values(db, since_ns=since_ns)
+    recent = listing.browse_rollouts(db, limit=RECENT_ROLLOUTS).data
+    durations = [s for s in series if s["calls"]]
+    # The window's percentiles, weighted by calls per bucket: close enough for a headline.
+    weighted = sorted((s["p50_ms"], s["calls"]) for s in durations if s["p50_ms"] is not None)
+    p95s = sorted((s["p95_ms"], s["calls"]) for s in durations if s["p95_ms"] is not None)
+    return {
+        "series": series,
+        "stats": stats,
+        "rewards": rewards,
+        "recent": recent,
+        "latency": {"p50": _weighted_median(weighted), "p95": _weighted_median(p95s)},
+    }
+
+
+def _weighted_median(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(w for _, w in pairs)
+    seen = 0
+    for value, weight in pairs:
+        seen += weight
+        if seen * 2 >= total:
+            return value
+    return None
+
+
+@page
+async def overview(request: web.Request) -> web.Response:
+    window = request.query.get("window", DEFAULT_WINDOW)
+    if window not in WINDOWS:
+        window = DEFAULT_WINDOW
+    until_ns = time.time_ns()
+    since_ns = until_ns - WINDOWS[window] * 1_000_000_000
+    data = await read(request.app[GATEWAY], _overview, since_ns, until_ns)
+    series = data["series"]
+    chart = {
+        "t": [s["start_ns"] / 1e9 for s in series],
+        **{
+            key: [s[key] for s in series]
+            for key in ("calls", "errors", "p50_ms", "p95_ms", "tokens", "cost_usd")
+        },
+    }
+    stats = data["stats"]
+    return render(
+        request,
+        "overview.html",
+        page="overview",
+        window=window,
+        windows=list(WINDOWS),
+        totals=stats["totals"],
+        latency=data["latency"],
+        rollouts_by_status=stats["rollouts_by_status"],
+        rollouts_total=sum(stats["rollouts_by_status"].values()),
+        histogram=views.histogram(data["rewards"]),
+        reward_count=len(data["rewards"]),
+        # `</` cannot close the script element that holds the JSON.
+        series_json=orjson.dumps(chart).decode().replace("</", "<\\/"),
+        rollouts=data["recent"],
+        columns=ROLLOUT_COLUMNS,
+        sort_link=None,
+        sort="created",
+        descending=True,
+        filtered=False,
+    )
+
+
+# -- rollouts ---------------------------------------------------------------------------
+
+ROLLOUT_FILTERS = ("status", "agent", "tag", "model", "q", "since", "until")
+
+
+@page
+async def rollouts(request: web.Request) -> web.Response:
+    f = {name: _param(request, name) for name in ROLLOUT_FILTERS}
+    sort = request.query.get("sort", "created")
+    if sort not in listing.BROWSE_SORTS:
+        sort = "created"
+    descending = request.query.get("dir", "desc") != "asc"
+    cursor = _param(request, "cursor")
+    error = None
+    status = f["status"] if f["status"] in ROLLOUT_STATUSES else None
+    result = listing.Page([], None)
+    try:
+        result = await read(
+            request.app[GATEWAY],
+            listing.browse_rollouts,
+            status=status,
+            agent=f["agent"],
+            tag=f["tag"],
+            model=f["model"],
+            text=f["q"],
+            since_ns=time_param(f["since"], "since"),
+            until_ns=time_param(f["until"], "until"),
+            sort=sort,
+            descending=descending,
+            cursor=cursor,
+            limit=ROLLOUTS_PAGE,
+        )
+    except GatewayError as exc:
+        error = str(exc)
+    base = {k: v for k, v in f.items() if v}
+
+    def link(**extra: str) -> str:
+        return "/ui/rollouts?" + urllib.parse.urlencode({**base, **extra})
+
+    def sort_link(key: str) -> str:
+        flip = sort == key and descending
+        return link(sort=key, dir="asc" if flip else "desc")
+
+    return render(
+        request,
+        "rollouts.html",
+        page="rollouts",
+        f=f,
+        statuses=ROLLOUT_STATUSES,
+        rollouts=result.data,
+        columns=ROLLOUT_COLUMNS,
+        sort=sort,
+        descending=descending,
+        sort_link=sort_link,
+        cursor=cursor,
+        error=error,
+        filtered=bool(base),
+        next_link=(
+            link(sort=sort, dir="desc" if descending else "asc", cursor=result.next_cursor)
+            if result.next_cursor
+            else None
+        ),
+        first_link=link(sort=sort, dir="desc" if descending else "asc"),
+    )
+
+
+def rollout_page(db: Database, rollout_id: str, **frame: Any) -> str:
+    """Read, shape and render one rollout's page; run whole on a read thread, as a rollout of
+    thousands of spans takes a while to render and must not hold the event loop."""
+    r = get_rollout(db, rollout_id, bodies=False)
+    plain, verdicts = views.split_rewards(r["rewards"])
+    return views.render(
+        "rollout.html",
+        page="rollouts",
+        r=r,
+        summary=r["summary"],
+        tl=views.timeline(views.rollout_spans(r)),
+        rewards=plain,
+        verdicts=verdicts,
+        criteria=views.criteria,
+        rationale=views.rationale,
+        **frame,
+    )
+
+
+def _frame(request: web.Request) -> dict[str, Any]:
+    return {
+        "partial": request.headers.get("HX-Request") == "true",
+        "signed_in": _signed_in(request),
+    }
+
+
+@page
+async def rollout(request: web.Request) -> web.Response:
+    rollout_id = request.match_info["rollout_id"]
+    return _html(await read(request.app[GATEWAY], rollout_page, rollout_id, **_frame(request)))
+
+
+# -- one span ---------------------------------------------------------------------------
+
+
+@page
+async def span(request: web.Request) -> web.Response:
+    s = await read(request.app[GATEWAY], listing.get_span, request.match_info["span_id"])
+    s.pop("_rowid", None)
+    attributes = s.get("attributes") if isinstance(s.get("attributes"), dict) else {}
+    shown = [
+        (k, v if isinstance(v, str) else views.pretty_json(v))
+        for k, v in sorted(attributes.items())
+        if k != "spangate.tries"
+    ]
+    tries = attributes.get("spangate.tries")
+    return render(
+        request,
+        "span.html",
+        page="rollouts",
+        s=s,
+        messages=views.conversation(s),
+        answer=views.reply(s),
+        tries=tries if isinstance(tries, list) else [],
+        attributes=shown,
+    )
+
+
+# -- leaderboard and patterns -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analyses:
+    """What the leaderboard and patterns pages show, computed by the judge package.
+
+    The composition root supplies it (`gateway/web` never imports `judge`); each function
+    takes the read connection first and runs on a read thread.
+    """
+
+    patterns: Callable[..., dict[str, Any]]
+    leaderboards: Callable[..., dict[str, Any]]
+    # (db, agent) -> {"versions": [...], "latest": {...} | None, "diffs": [{old, new, diff}]}
+    guidelines: Callable[[Database, str], dict[str, Any]]
+
+
+ANALYSES = web.AppKey("ui_analyses", Analyses)
+
+
+def _analyses(request: web.Request) -> Analyses:
+    if ANALYSES not in request.app:
+        raise NotFound("this gateway was built without the judge's analyses")
+    return request.app[ANALYSES]
+
+
+def _patterns(db: Database, analyses: Analyses, **params: Any) -> dict[str, Any]:
+    analysis = analyses.patterns(db, **params)
+    agents = [params["agent"]] if params.get("agent") else []
+    agents += [row["agent"] for row in analysis["leaderboards"]["agents"] if row.get("agent")]
+    guidelines = []
+    for agent in list(dict.fromkeys(agents))[:MAX_GUIDELINE_AGENTS]:
+        found = analyses.guidelines(db, agent)
+        if not found["versions"]:
+            continue
+        diffs = [
+            {
+                "old": d["old"],
+                "new": d["new"],
+                "lines": [_diff_line(x) for x in d["diff"].splitlines()],
+            }
+            for d in reversed(found["diffs"])
+        ]
+        guidelines.append(
+            {
+                "agent": agent,
+                "versions": found["versions"],
+                "latest": found["latest"],
+                "diffs": diffs,
+            }
+        )
+    return {"analysis": analysis, "guidelines": guidelines}
+
+
+def _diff_line(line: str) -> dict[str, str]:
+    if line.startswith(("+++", "---", "@@")):
+        kind = "hunk"
+    elif line.startswith("+"):
+        kind = "add"
+    elif line.startswith("-"):
+        kind = "del"
+    else:
+        kind = ""
+    return {"kind": kind, "text": line}
+
+
+def _analysis_filters(request: web.Request) -> dict[str, Any]:
+    return {
+        "since": _param(request, "since"),
+        "agent": _param(request, "agent"),
+        "reward_name": _param(request, "reward_name") or "reward",
+        "success_threshold": _float(request, "success_threshold", 0.5),
+    }
+
+
+@page
+async def leaderboard(request: web.Request) -> web.Response:
+    f = _analysis_filters(request)
+    boards = await read(
+        request.app[GATEWAY],
+        _analyses(request).leaderboards,
+        since_ns=time_param(f["since"], "since"),
+        agent=f["agent"],
+        reward_name=f["reward_name"],
+        success_threshold=f["success_threshold"],
+    )
+    return render(
+        request,
+        "leaderboard.html",
+        page="leaderboard",
+        f=f,
+        boards=[
+            ("By model", boards["models"], "model"),
+            ("By agent", boards["agents"], "agent"),
+        ],
+        whisker_scale=views.whisker_scale,
+        whisker=views.whisker,
+    )
+
+
+@page
+async def patterns(request: web.Request) -> web.Response:
+    f = _analysis_filters(request)
+    try:
+        f["min_support"] = max(int(request.query.get("min_support", 5)), 1)
+    except ValueError:
+        f["min_support"] = 5
+    found = await read(
+        request.app[GATEWAY],
+        _patterns,
+        _analyses(request),
+        since_ns=time_param(f["since"], "since"),
+        agent=f["agent"],
+        min_support=f["min_support"],
+        reward_name=f["reward_name"],
+        success_threshold=f["success_threshold"],
+    )
+    return render(
+        request,
+        "patterns.html",
+        page="patterns",
+        f=f,
+        a=found["analysis"],
+        guidelines=found["guidelines"],
+    )
+
+
+@page
+async def live(request: web.Request) -> web.Response:
+    f = {"rollout": _param(request, "rollout"), "agent": _param(request, "agent")}
+    return render(request, "live.html", page="live", f=f, keep=LIVE_KEEP)
+
+
+# -- signing in -------------------------------------------------------------------------
+
+
+def _next(value: str | None) -> str:
+    """Only a path of ours: a sign-in link must not send anyone to another site."""
+    if value and value.startswith("/ui") and not value.startswith("//"):
+        return value
+    return "/ui/"
+
+
+async def login_form(request: web.Request) -> web.Response:
+    if not request.app[GATEWAY].settings.auth.keys:
+        raise web.HTTPSeeOther("/ui/")
+    return render(request, "login.html", next=_next(request.query.get("next")), error=None)
+
+
+async def login(request: web.Request) -> web.Response:
+    keys = request.app[GATEWAY].settings.auth.keys
+    if not keys:
+        raise web.HTTPSeeOther("/ui/")
+    form = await request.post()
+    presented = str(form.get("key", "")).strip()
+    target = _next(str(form.get("next", "")))
+    key = auth.find_key(keys, presented) if presented else None
+    if key is None:
+        return render(
+            request, "login.html", 401, next=target, error="That key is not one of this gateway's."
+        )
+    if not auth.can_read(key):
+        return render(
+            request,
+            "login.html",
+            403,
+            next=target,
+            error="That key lacks the `read` scope (a proxy-only key cannot open the dashboard).",
+        )
+    response = _see_other(target)
+    response.set_cookie(
+        auth.UI_COOKIE,
+        presented,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = _see_other("/ui/login" if request.app[GATEWAY].settings.auth.keys else "/ui/")
+    response.del_cookie(auth.UI_COOKIE, path="/", samesite="Strict")
+    return response
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, **SECURITY_HEADERS})
+
+
+async def to_overview(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/ui/")
+
+
+def add_ui_routes(app: web.Application) -> None:
+    """Register every `/ui` page and the vendored static files."""
+    router = app.router
+    router.add_get("/ui", to_overview)
+    router.add_get("/ui/", overview)
+    router.add_get("/ui/rollouts", rollouts)
+    router.add_get("/ui/rollouts/{rollout_id}", rollout)
+    router.add_get("/ui/spans/{span_id}", span)
+    router.add_get("/ui/leaderboard", leaderboard)
+    router.add_get("/ui/patterns", patterns)
+    router.add_get("/ui/live", live)
+    router.add_get("/ui/login", login_form)
+    router.add_post("/ui/login", login)
+    router.add_post("/ui/logout", logout)
+    router.add_static("/ui/static", views.STATIC, name="ui-static", append_version=False)
