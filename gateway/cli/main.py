@@ -664,3 +664,7 @@ cli.add_command(judge)
 from gateway.cli.patterns import patterns  # noqa: E402
 
 cli.add_command(patterns)
+
+from gateway.cli.experiments import experiments  # noqa: E402
+
+cli.add_command(experiments)

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from gateway.web import api_models as m
 from gateway.web.routes_api import ROUTES, ApiRoute
+from gateway.web.routes_experiments import ROUTES as EXPERIMENT_ROUTES
 from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
 from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
 
@@ -79,7 +80,7 @@ def _operation(route: ApiRoute, components: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_spec(
-    routes: tuple[ApiRoute, ...] = ROUTES + JUDGE_ROUTES + PATTERN_ROUTES,
+    routes: tuple[ApiRoute, ...] = ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + EXPERIMENT_ROUTES,
 ) -> dict[str, Any]:
     components: dict[str, Any] = {}
     _schema(m.Error, components)
