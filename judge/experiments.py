@@ -219,10 +219,12 @@ def analyse(
 def verdict(
     variants: list[dict[str, Any]], control: str, alpha: float, decision: dict[str, Any] | None
 ) -> str:
-    if decision is not None and decision["action"] == "promote":
-        return f"promoted {decision['variant']}: all traffic goes to it"
-    if decision is not None and decision["action"] == "stop":
-        return "stopped: calls go to the plain model group"
+    if decision is not None:
+        # What the data said stays worth reading after a decision (to undo a wrong one).
+        evidence = verdict(variants, control, alpha, None)
+        if decision["action"] == "promote":
+            return f"promoted {decision['variant']}: all traffic goes to it ({evidence})"
+        return f"stopped: calls go to the plain model group ({evidence})"
     if not any(v["rewarded"] for v in variants):
         return "keep running: no rewards yet"
     tested = [v for v in variants if v["vs_control"] and v["vs_control"]["p_adjusted"] is not None]

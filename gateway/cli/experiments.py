@@ -88,7 +88,9 @@ def experiment_lines(result: dict[str, Any]) -> list[str]:
                 _number(row["mean_reward"]),
                 ci,
                 _number(row["success_rate"], "{:.0%}"),
-                _number(row["cost_per_reward_point"], "{:.4g}"),
+                cli_render.cost(row["cost_per_reward_point"])
+                if row["cost_per_reward_point"] is not None
+                else "-",
                 cli_render.millis(row["latency_p50_ms"]),
                 cli_render.millis(row["latency_p95_ms"]),
                 _vs_control(row),
@@ -161,8 +163,9 @@ def _decide(db: str, name: str, action: str, variant: str | None = None) -> dict
 
 
 def _say(decision: dict[str, Any], as_json: bool, text: str) -> None:
+    """`text` has an `{at}` for the decision's time."""
     stamp = cli_render.timestamp(decision["created_ns"])
-    click.echo(cli_render.json_line(decision) if as_json else f"{text} at {stamp}")
+    click.echo(cli_render.json_line(decision) if as_json else text.format(at=stamp))
 
 
 @experiments.command()
@@ -179,7 +182,7 @@ def promote(name: str, variant: str, as_json: bool, db: str) -> None:
         spangate experiments promote concise-v2 guideline-v3
     """
     decision = _decide(db, name, "promote", variant)
-    _say(decision, as_json, f"{name}: promoted {variant}; all traffic goes to it")
+    _say(decision, as_json, f"{name}: promoted {variant} at {{at}}; all traffic goes to it")
 
 
 @experiments.command()
@@ -195,7 +198,7 @@ def stop(name: str, as_json: bool, db: str) -> None:
         spangate experiments stop concise-v2
     """
     decision = _decide(db, name, "stop")
-    _say(decision, as_json, f"{name}: stopped; calls go to the plain model group")
+    _say(decision, as_json, f"{name}: stopped at {{at}}; calls go to the plain model group")
 
 
 @experiments.command()
@@ -211,4 +214,4 @@ def resume(name: str, as_json: bool, db: str) -> None:
         spangate experiments resume concise-v2
     """
     decision = _decide(db, name, "resume")
-    _say(decision, as_json, f"{name}: running again")
+    _say(decision, as_json, f"{name}: running again at {{at}}")
