@@ -20,6 +20,8 @@ POWER = 0.8
 BEST_DRAWS = 20_000
 # The effect a "keep running" estimate plans for when the data show none yet (Cohen's medium).
 PLANNING_EFFECT = 0.5
+# Below this (Cohen's "small") an effect is not worth the rollouts it takes to see.
+SMALLEST_EFFECT = 0.2
 MIN_REWARDS_PER_VARIANT = 2
 STATUS = {"promote": "promoted", "stop": "stopped"}
 
@@ -237,10 +239,18 @@ def verdict(
         worst = min(significant, key=lambda v: v["mean_reward"])
         p = _fmt_p(worst["vs_control"]["p_value"])
         return f"{control} is better than every variant (e.g. {worst['name']}, {p}); keep it"
-    return f"keep running: need about {_more_needed(variants, alpha)} more rollouts"
+    effect, more = _more_needed(variants, alpha)
+    if more == 0:
+        least = min(v["rewarded"] for v in variants)
+        return (
+            f"no difference found: with {least}+ rewarded rollouts per variant an effect of "
+            f"d={effect:.1f} would have shown; keep {control}, or stop"
+        )
+    return f"keep running: need about {more} more rollouts"
 
 
-def _more_needed(variants: list[dict[str, Any]], alpha: float) -> int:
+def _more_needed(variants: list[dict[str, Any]], alpha: float) -> tuple[float, int]:
+    """The effect planned for, and the rewarded rollouts still missing to see it."""
     effects = [
         abs(v["vs_control"]["effect_size"])
         for v in variants
@@ -248,6 +258,6 @@ def _more_needed(variants: list[dict[str, Any]], alpha: float) -> int:
     ]
     # Plan for the largest effect seen so far, but never for less than a small one (d=0.2),
     # which would ask for thousands of rollouts on noise.
-    effect = max(max(effects, default=PLANNING_EFFECT), 0.2)
+    effect = max(max(effects, default=PLANNING_EFFECT), SMALLEST_EFFECT)
     per_variant = rollouts_needed(effect, alpha / max(len(variants) - 1, 1))
-    return sum(max(per_variant - v["rewarded"], 0) for v in variants) or len(variants)
+    return effect, sum(max(per_variant - v["rewarded"], 0) for v in variants)
