@@ -57,6 +57,12 @@ DEFAULT_OTLP_RETRY_ATTEMPTS = 5
 DEFAULT_OTLP_RETRY_AFTER_CAP = 30.0
 DEFAULT_OTLP_SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_OTLP_INGEST_MAX_BYTES = 8 * 1024 * 1024
+# Experiments: every variant keeps at least this share of new rollouts under `thompson`.
+DEFAULT_EXPERIMENT_FLOOR = 0.05
+# Strict, because people look at a running experiment every day and each look is a test.
+DEFAULT_EXPERIMENT_ALPHA = 0.01
+DEFAULT_EXPERIMENT_SUCCESS_THRESHOLD = 0.5
+DEFAULT_EXPERIMENT_REFRESH = 1.0
 
 
 class _Strict(BaseModel):
@@ -446,6 +452,91 @@ class JudgeSettings(_Strict):
     )
 
 
+class GuidelineRef(_Strict):
+    """A stored guideline version (from `spangate patterns guidelines`)."""
+
+    agent: str = Field(..., min_length=1, description="The agent the guideline was written for.")
+    version: int = Field(..., ge=1, description="The guideline version to prepend.")
+
+
+class ExperimentVariant(_Strict):
+    """One arm of an experiment: what it changes about the call, if anything."""
+
+    name: str = Field(..., min_length=1, description="Shown in spans and the analysis.")
+    weight: float = Field(1.0, ge=0, description="Share of rollouts under `policy: fixed`.")
+    model: str | None = Field(None, description="Send the call to this model group instead.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Request parameters set on the call (`temperature`…)."
+    )
+    guideline: GuidelineRef | None = Field(
+        None, description="A stored guideline, prepended to the call as a system message."
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _params_keep_the_call(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # These would change what the call is, not how it is answered.
+        fixed = sorted(set(params) & {"model", "messages", "stream", "input", "prompt"})
+        if fixed:
+            raise ValueError(f"params cannot set {fixed}: use `model`, or leave them to the client")
+        return params
+
+
+class Experiment(_Strict):
+    """Variants tried on the traffic of one model group, judged by one reward."""
+
+    name: str = Field(..., min_length=1, description="The experiment's name.")
+    model: str = Field(..., min_length=1, description="The model group clients call.")
+    reward: str = Field("reward", description="The reward name that decides.")
+    policy: Literal["fixed", "thompson"] = Field(
+        "fixed",
+        description="`fixed` splits by `weight`; `thompson` draws from each variant's "
+        "reward posterior.",
+    )
+    posterior: Literal["auto", "beta", "normal"] = Field(
+        "auto",
+        description="Beta (rewards in [0, 1]) or Normal; `auto` picks Beta while every "
+        "reward is in [0, 1].",
+    )
+    floor: float = Field(
+        DEFAULT_EXPERIMENT_FLOOR,
+        ge=0,
+        le=0.5,
+        description="Under `thompson`, the least share of new rollouts each variant gets.",
+    )
+    control: str | None = Field(
+        None, description="The variant the others are compared with (default: the first)."
+    )
+    alpha: float = Field(
+        DEFAULT_EXPERIMENT_ALPHA,
+        gt=0,
+        lt=1,
+        description="Significance level of the verdict (Bonferroni over the variants).",
+    )
+    success_threshold: float = Field(
+        DEFAULT_EXPERIMENT_SUCCESS_THRESHOLD,
+        description="A rollout whose reward is at least this counts as a success.",
+    )
+    variants: list[ExperimentVariant] = Field(
+        ..., min_length=2, description="The arms; the first is the control unless `control`."
+    )
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> Experiment:
+        names = [variant.name for variant in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: variant names repeat: {names}")
+        if self.control is not None and self.control not in names:
+            raise ValueError(f"experiment {self.name!r}: control {self.control!r} is no variant")
+        if self.policy == "fixed" and not any(variant.weight > 0 for variant in self.variants):
+            raise ValueError(f"experiment {self.name!r}: every variant has weight 0")
+        return self
+
+    @property
+    def control_name(self) -> str:
+        return self.control or self.variants[0].name
+
+
 class Settings(_Strict):
     """The whole `spangate.yaml`."""
 
@@ -474,6 +565,15 @@ class Settings(_Strict):
         ge=0,
         description="Seconds a call may wait for a deployment's rpm/tpm budget before a 429.",
     )
+    experiments: list[Experiment] = Field(
+        default_factory=list, description="Variants tried on a model group's traffic."
+    )
+    experiment_refresh: float = Field(
+        DEFAULT_EXPERIMENT_REFRESH,
+        gt=0,
+        description="Seconds between looks at the store for promote/stop decisions and "
+        "rewards written elsewhere (the CLI, other replicas).",
+    )
 
     def retry_policy(self, group: ModelGroup) -> RetryPolicy:
         return group.retries or self.retries
@@ -492,7 +592,23 @@ class Settings(_Strict):
             unknown = [name for name in group.fallbacks if name not in known]
             if unknown:
                 raise ValueError(f"group {group.name!r} falls back to unknown groups {unknown}")
+        _check_experiments(self.experiments, known)
         return self
+
+
+def _check_experiments(experiments: list[Experiment], groups: set[str]) -> None:
+    names = [experiment.name for experiment in experiments]
+    if len(set(names)) != len(names):
+        raise ValueError(f"experiment names must be unique: {names}")
+    covered = [experiment.model for experiment in experiments]
+    if len(set(covered)) != len(covered):
+        # Two experiments on one group would each see a skewed share of its traffic.
+        raise ValueError(f"one experiment per model group at a time: {covered}")
+    for experiment in experiments:
+        wanted = [experiment.model] + [v.model for v in experiment.variants if v.model]
+        unknown = sorted({name for name in wanted if name not in groups})
+        if unknown:
+            raise ValueError(f"experiment {experiment.name!r} names unknown groups {unknown}")
 
 
 def default_settings() -> Settings:

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from sqlite_utils import Database
 
 from config.models import RecorderSettings, Settings
 from gateway.exporters import ExportCollector, OtlpExporter
@@ -24,6 +25,7 @@ from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
 from gateway.web.auth import auth_middleware
+from gateway.web.experiment_sync import attach_experiments
 from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
 from gateway.web.ingest_otlp import add_routes as add_ingest_routes
 from gateway.web.metrics import METRICS, Metrics
@@ -31,11 +33,15 @@ from gateway.web.middleware import error_middleware
 from gateway.web.openapi import openapi_view
 from gateway.web.routes_api import ROUTES as API_ROUTES
 from gateway.web.routes_api import add_routes as add_api_routes
+from gateway.web.routes_experiments import ANALYSIS as EXPERIMENT_ANALYSIS
+from gateway.web.routes_experiments import ROUTES as EXPERIMENT_ROUTES
+from gateway.web.routes_experiments import Analysis
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
 from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 from gateway.web.state import GATEWAY, Gateway
 from gateway.web.ui.routes import ANALYSES, add_ui_routes
+from judge.guidelines import get_guideline
 from judge.service import JudgeService
 from store.queries import rollout_cursor
 from store.reader import Reader
@@ -124,11 +130,28 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     add_ingest_routes(app)
     app[METRICS].registry.register(IngestCollector(app[TRACE_INDEX]))
     add_ops_routes(app)
-    add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + REPORT_ROUTES)
+    attach_experiments(app, get_guideline)
+    app[EXPERIMENT_ANALYSIS] = Analysis(every=_analyse_experiments, one=_analyse_experiment)
+    add_api_routes(
+        app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + REPORT_ROUTES + EXPERIMENT_ROUTES
+    )
     app[ANALYSES] = ui_analyses()
     add_ui_routes(app)
     app.router.add_get("/openapi.json", openapi_view)
     return app
+
+
+def _analyse_experiments(db: Database) -> dict[str, Any]:
+    # Imported on first use, on a read thread: scipy costs a start half a second.
+    from judge.experiments import analyse_all
+
+    return analyse_all(db)
+
+
+def _analyse_experiment(db: Database, name: str) -> dict[str, Any]:
+    from judge.experiments import analyse_experiment
+
+    return analyse_experiment(db, name)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

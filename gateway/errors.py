@@ -23,6 +23,7 @@
     - UpstreamTooLarge (502, code upstream_too_large)
   - ServiceUnavailable (503 service_unavailable, code store_busy; answered with Retry-After)
   - TooManySubscribers (503 service_unavailable, code too_many_subscribers)
+  - GuidelineMissing (500 api_error, code guideline_not_found)
 
 Messages are scrubbed of Python tracebacks and server file paths when the error is made, so
 neither reaches a client nor a stored span whichever way the error travels.
@@ -216,6 +217,13 @@ class TooManySubscribers(GatewayError):
     status = 503
     type = "service_unavailable"
     code = "too_many_subscribers"
+
+
+class GuidelineMissing(GatewayError):
+    """An experiment variant names a guideline version the store does not hold."""
+
+    status = 500
+    code = "guideline_not_found"
 
 
 class ServiceUnavailable(GatewayError):

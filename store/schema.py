@@ -205,6 +205,34 @@ def _drop_trace_index(db: Database) -> None:
     db.execute("DROP INDEX IF EXISTS spans_trace")
 
 
+@migrations(name="005_experiments")
+def _experiments(db: Database) -> None:
+    # Each experiment's configuration as the gateway last ran it, so the CLI and the API
+    # can analyse it from the database alone; and every promote/stop decision, kept for good
+    # (the newest per experiment is in force).
+    db.execute(
+        """
+        CREATE TABLE experiments (
+            name TEXT PRIMARY KEY,
+            config TEXT NOT NULL,
+            updated_ns INTEGER NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE experiment_decisions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            experiment TEXT NOT NULL,
+            action TEXT NOT NULL,
+            variant TEXT,
+            created_ns INTEGER NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX experiment_decisions_name ON experiment_decisions (experiment, id)")
+
+
 def connect(path: str | Path, *, read_only: bool = False) -> Database:
     """Open the database; writers get WAL mode and the schema, readers never write."""
     if read_only:

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from gateway.cli.experiments import experiments
 from gateway.cli.export import export_command
 from gateway.cli.judge import judge
 from gateway.cli.options import BROKEN_PIPE_EXIT, quiet_stdout
@@ -37,5 +38,16 @@ def cli() -> None:
     """spangate: an OpenAI-compatible gateway that records every call an agent makes."""
 
 
-for command in (serve, tail, rollouts, show, reward, export_command, judge, patterns, report):
+for command in (
+    serve,
+    tail,
+    rollouts,
+    show,
+    reward,
+    export_command,
+    judge,
+    patterns,
+    report,
+    experiments,
+):
     cli.add_command(command)

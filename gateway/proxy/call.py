@@ -56,6 +56,8 @@ class Call:
     published: bool = False
     # The gateway's secrets plus any key this client sent for the provider.
     redactor: Redactor | None = None
+    # Span attributes set before forwarding (the experiment and variant the call ran under).
+    extra_attributes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def deployment(self) -> Deployment | None:
@@ -137,7 +139,7 @@ class Call:
         attribution = self.attribution
         deployment = self.deployment
         job = self.job
-        attributes = request_attributes(self.payload)
+        attributes = request_attributes(self.payload) | self.extra_attributes
         if attribution.agent_id:
             attributes["gen_ai.agent.id"] = attribution.agent_id
         if attribution.metadata:

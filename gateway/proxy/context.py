@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from config.models import Deployment, Settings
 from gateway.providers.base import Provider
 from gateway.proxy.cost import Price, Prices, deployment_prices
+from gateway.proxy.experiments import Experiments
 from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
@@ -26,6 +27,7 @@ class ProxyContext:
     # Keys that must never be recorded or answered, should an upstream echo one back.
     redactor: Redactor = field(default_factory=lambda: Redactor(()))
     prices: dict[int, Price | None] = field(default_factory=dict)
+    experiments: Experiments = field(default_factory=lambda: Experiments([]))
 
     def price_all(self, cost_map: Prices) -> None:
         """Look every deployment's prices up once, so a call's cost is two multiplications."""

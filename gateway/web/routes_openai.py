@@ -18,6 +18,7 @@ from gateway.errors import (
 )
 from gateway.proxy.attribution import new_trace_id, read_attribution, rollout_trace
 from gateway.proxy.call import Call, number_call
+from gateway.proxy.experiments import enter_experiment
 from gateway.proxy.forward import Job, Outcome, forward
 from gateway.proxy.limits import bounded_stream
 from gateway.proxy.payload import parse_payload
@@ -182,6 +183,8 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
     try:
         if attribution.rollout_id is not None:
             await number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
+        await enter_experiment(gw.experiments, call)
+        raw, payload = call.raw_request, call.payload
         group = gw.router.group(payload["model"])
         gateway_keys = [key.key for key in gw.settings.auth.keys]
         client_headers = forwarded_client_headers(request, gateway_keys)

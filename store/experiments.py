@@ -1,0 +1,163 @@
+"""What the store keeps for experiments: their configuration, promote/stop decisions, and the
+reads that rebuild assignments and rewards from recorded spans."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from sqlite_utils import Database
+
+from store.errors import NotFound
+
+ACTIONS = ("promote", "stop", "resume")
+
+# A span's experiment and variant live in its attributes; `instr` skips the JSON parse on the
+# (many) spans no experiment touched.
+ASSIGNMENTS_SQL = """
+select coalesce(rollout_id, span_id) as unit,
+       json_extract(attributes, '$.experiment') as experiment,
+       json_extract(attributes, '$.variant') as variant
+from spans
+where instr(attributes, '"experiment"') > 0
+  and json_extract(attributes, '$.experiment') is not null
+order by unit, seq
+"""
+
+EXPERIMENT_SPANS_SQL = """
+select span_id,
+       rollout_id,
+       seq,
+       json_extract(attributes, '$.variant') as variant,
+       status,
+       duration_ms,
+       cost_usd
+from spans
+where instr(attributes, '"experiment"') > 0
+  and json_extract(attributes, '$.experiment') = :name
+"""
+
+# The reward that decides a unit (rollout, or call without one): the newest final one, else
+# the newest.
+UNIT_REWARDS_SQL = """
+select rowid, rollout_id, span_id, value, final
+from rewards
+where name = :name
+order by final, created_ns, rowid
+"""
+
+REWARDS_AFTER_SQL = """
+select rowid, rollout_id, span_id, name, value, final
+from rewards
+where rowid > :after
+  and name in (select value from json_each(:names))
+order by rowid
+"""
+
+
+def _rows(db: Database, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    cursor = db.execute(sql, params or {})
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def save_configs(db: Database, configs: list[dict[str, Any]]) -> None:
+    """Record each experiment as the gateway runs it (the newest configuration wins)."""
+    now = time.time_ns()
+    for config in configs:
+        db.execute(
+            """
+            insert into experiments (name, config, updated_ns)
+            values (:name, :config, :now)
+            on conflict (name) do update set config = excluded.config,
+                                             updated_ns = excluded.updated_ns
+            """,
+            {"name": config["name"], "config": orjson.dumps(config).decode(), "now": now},
+        )
+
+
+def list_configs(db: Database) -> dict[str, dict[str, Any]]:
+    rows = _rows(db, "select name, config from experiments order by name")
+    return {row["name"]: orjson.loads(row["config"]) for row in rows}
+
+
+def get_config(db: Database, name: str) -> dict[str, Any]:
+    found = list_configs(db).get(name)
+    if found is None:
+        raise NotFound(f"no experiment named {name!r}")
+    return found
+
+
+def decide(
+    db: Database, experiment: str, action: str, variant: str | None = None
+) -> dict[str, Any]:
+    """Record a promote, stop or resume; it is in force from now until the next one."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    now = time.time_ns()
+    cursor = db.execute(
+        """
+        insert into experiment_decisions (experiment, action, variant, created_ns)
+        values (:experiment, :action, :variant, :now)
+        """,
+        {"experiment": experiment, "action": action, "variant": variant, "now": now},
+    )
+    return {
+        "id": cursor.lastrowid,
+        "experiment": experiment,
+        "action": action,
+        "variant": variant,
+        "created_ns": now,
+    }
+
+
+def decisions(db: Database) -> dict[str, dict[str, Any]]:
+    """The decision in force for each experiment that has one (`resume` means none)."""
+    rows = _rows(
+        db,
+        """
+        select d.id, d.experiment, d.action, d.variant, d.created_ns
+        from experiment_decisions d
+        join (select experiment, max(id) as id from experiment_decisions group by experiment) m
+          on m.id = d.id
+        """,
+    )
+    return {row["experiment"]: row for row in rows if row["action"] != "resume"}
+
+
+def assignments(db: Database) -> list[dict[str, Any]]:
+    """Each unit's (rollout's, or lone call's) first experiment and variant, from its spans."""
+    seen: set[tuple[str, str]] = set()
+    found = []
+    for row in _rows(db, ASSIGNMENTS_SQL):
+        key = (row["unit"], row["experiment"])
+        if key not in seen:
+            seen.add(key)
+            found.append(row)
+    return found
+
+
+def experiment_spans(db: Database, name: str) -> list[dict[str, Any]]:
+    return _rows(db, EXPERIMENT_SPANS_SQL, {"name": name})
+
+
+def unit_rewards(db: Database, reward_name: str) -> dict[str, float]:
+    """Reward by rollout id, and by span id for rewards on calls outside any rollout."""
+    rewards: dict[str, float] = {}
+    # Ordered so the reward that decides is written last.
+    for row in _rows(db, UNIT_REWARDS_SQL, {"name": reward_name}):
+        unit = row["rollout_id"] or row["span_id"]
+        if unit:
+            rewards[unit] = row["value"]
+    return rewards
+
+
+def rewards_after(db: Database, after: int, names: list[str]) -> list[dict[str, Any]]:
+    """Rewards of these names stored after rowid `after` (by any process), oldest first."""
+    return _rows(db, REWARDS_AFTER_SQL, {"after": after, "names": orjson.dumps(names).decode()})
+
+
+def last_reward_rowid(db: Database) -> int:
+    row = db.execute("select coalesce(max(rowid), 0) from rewards").fetchone()
+    return int(row[0])
