@@ -18,6 +18,7 @@ from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.providers.openai import OpenAICompatible
 from gateway.proxy.cost import load_cost_map
+from gateway.proxy.gate import Gate
 from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
@@ -32,9 +33,12 @@ from gateway.web.routes_api import ROUTES as API_ROUTES
 from gateway.web.routes_api import add_routes as add_api_routes
 from gateway.web.routes_judge import JUDGE
 from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
+from gateway.web.routes_models import ROUTES as MODEL_ROUTES
+from gateway.web.routes_models import restore_registry
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
 from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
+from gateway.web.routes_pause import ROUTES as PAUSE_ROUTES
 from gateway.web.state import GATEWAY, Gateway
 from judge.service import JudgeService
 from store.queries import rollout_cursor
@@ -106,6 +110,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         reader=reader,
         sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY),
         redactor=Redactor.for_settings(settings),
+        gate=Gate(settings.pause.max_hold_seconds, settings.pause.retry_after_seconds),
     )
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
@@ -124,7 +129,8 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     add_ingest_routes(app)
     app[METRICS].registry.register(IngestCollector(app[TRACE_INDEX]))
     add_ops_routes(app)
-    add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES)
+    add_api_routes(app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + MODEL_ROUTES + PAUSE_ROUTES)
+    app.cleanup_ctx.append(restore_registry)
     app.router.add_get("/openapi.json", openapi_view)
     return app
 

@@ -71,7 +71,8 @@ class Call:
             return (now - self.t0) / 1e6
         # Before the last send: rate-limit waits, every backoff pause, and earlier tries.
         waited_ms = (
-            job.limiter_wait * 1000
+            (self.fields.get("held_ms") or 0.0)
+            + job.limiter_wait * 1000
             + sum(t.get("wait_ms", 0.0) for t in job.tries)
             + sum(t.get("duration_ms", 0.0) for t in job.tries[:-1])
         )
@@ -201,7 +202,12 @@ class Call:
             "reasoning_tokens": fields.get("reasoning_tokens"),
             "finish_reasons": fields.get("finish_reasons"),
             "tool_calls": fields.get("tool_calls"),
+            "model_version": deployment.version if deployment else None,
+            "mode": fields.get("mode"),
+            "held_ms": fields.get("held_ms"),
         }
+        if self.outcome is not None and self.outcome.capture is not None:
+            record.update(self.outcome.capture.fields())
         if deployment is not None:
             record["cost_usd"] = cost_usd(
                 self.gw.prices_for(deployment),

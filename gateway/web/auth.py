@@ -11,6 +11,7 @@ from config.models import ApiKey
 from gateway.errors import AuthenticationFailed, GatewayError
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json"})
+ADMIN_PREFIXES = ("/api/models", "/api/proxy/")
 
 
 class PermissionDenied(GatewayError):
@@ -25,7 +26,10 @@ def required_scope(method: str, path: str) -> str | None:
     if path in OPEN_PATHS:
         return None
     if path.startswith("/api/") or path == "/metrics":
-        return "read" if method in ("GET", "HEAD", "OPTIONS") else "write"
+        if method in ("GET", "HEAD", "OPTIONS"):
+            return "read"
+        # Changing what serves calls, or stopping them, is an operator's job.
+        return "admin" if path.startswith(ADMIN_PREFIXES) else "write"
     return "proxy"
 
 
