@@ -619,14 +619,16 @@ def export_command(
 
     jsonl gives each rollout with its attempts, their calls (request and response
     bodies) and rewards. triplets gives one line per chat/responses/completion call:
-    prompt, tools, completion and a reward, the call's own reward, else its attempt's
-    final one, else its attempt's latest, else the rollout's final one.
+    prompt, tools, completion, token ids and logprobs (when recorded) and a reward, the
+    call's own reward, else its attempt's final one, else its attempt's latest, else the
+    rollout's final one, spread over the attempt's turns by --reward-rule.
 
     Example:
 
     \b
         spangate export --since 7d --status succeeded -o rollouts.jsonl
         spangate export --format triplets --reward-name accuracy | jq .reward
+        spangate export --format parquet --reward-rule discounted --gamma 0.9 -o rl.parquet
         spangate export --format otlp --rollout task-42 -o task-42.otlp.jsonl
     """
     from store.export import (

@@ -12,7 +12,9 @@ from pydantic import BaseModel
 from gateway.web import api_models as m
 from gateway.web.routes_api import ROUTES, ApiRoute
 from gateway.web.routes_judge import ROUTES as JUDGE_ROUTES
+from gateway.web.routes_models import ROUTES as MODEL_ROUTES
 from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
+from gateway.web.routes_pause import ROUTES as PAUSE_ROUTES
 
 _PATH_PARAM = re.compile(r"{([^}]+)}")
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -79,7 +81,9 @@ def _operation(route: ApiRoute, components: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_spec(
-    routes: tuple[ApiRoute, ...] = ROUTES + JUDGE_ROUTES + PATTERN_ROUTES,
+    routes: tuple[ApiRoute, ...] = (
+        ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + MODEL_ROUTES + PAUSE_ROUTES
+    ),
 ) -> dict[str, Any]:
     components: dict[str, Any] = {}
     _schema(m.Error, components)

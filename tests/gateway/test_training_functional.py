@@ -310,13 +310,17 @@ def test_pause_in_reject_mode_answers_429_with_retry_after(gateway: GatewayThrea
 def test_in_flight_calls_drain_to_zero(
     gateway: GatewayThread, fake_provider: FakeProviderThread
 ) -> None:
-    fake_provider.state.add_fault(delay=0.5)
+    fake_provider.state.add_fault(delay=1.0)
     client = _client(gateway, "drain-1")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.chat.completions.create, model="gpt-test", messages=MESSAGES)
-        wait_until(lambda: fake_provider.state.requests, what="the call to go upstream")
-        httpx.post(f"{gateway.base}/api/proxy/pause", json={"mode": "hold"})
-        assert httpx.get(f"{gateway.base}/api/proxy/state").json()["in_flight"] == 1
+        wait_until(
+            lambda: httpx.get(f"{gateway.base}/api/proxy/state").json()["in_flight"] == 1,
+            what="the call to be in flight",
+        )
+        paused = httpx.post(f"{gateway.base}/api/proxy/pause", json={"mode": "hold"}).json()
+        # Pausing holds new calls; the one already under way goes on and drains.
+        assert paused["in_flight"] == 1
         wait_until(
             lambda: httpx.get(f"{gateway.base}/api/proxy/state").json()["in_flight"] == 0,
             what="in-flight calls to drain",
