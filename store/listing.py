@@ -53,7 +53,8 @@ SPAN_LIST_COLUMNS = """
   operation, provider, deployment, model_group, request_model, response_model, response_id,
   status, http_status, error_type, error_message, stream, start_ns, end_ns, duration_ms,
   ttft_ms, upstream_ms, overhead_ms, retries, input_tokens, output_tokens, cached_tokens,
-  reasoning_tokens, cost_usd, finish_reasons, tool_calls, attributes, tags
+  reasoning_tokens, cost_usd, finish_reasons, tool_calls, attributes, tags, model_version,
+  mode, held_ms
 """
 
 SPAN_FILTERS = {

@@ -403,6 +403,7 @@ class ToolStats(_Out):
 class LeaderboardRow(_Out):
     model: str | None = Field(None, description="Set in the by-model board.")
     agent: str | None = Field(None, description="Set in the by-agent board.")
+    model_version: str | None = Field(None, description="Set in the by-model-version board.")
     rollouts: int
     attempts: int
     success_rate: float | None
@@ -418,6 +419,7 @@ class LeaderboardRow(_Out):
 class Leaderboards(_Out):
     models: list[LeaderboardRow]
     agents: list[LeaderboardRow]
+    model_versions: list[LeaderboardRow]
 
 
 class Outlier(_Out):

@@ -245,6 +245,9 @@ def test_a_deployment_registered_through_the_api_serves_the_next_call(
         {"version": "step-200"}
     ]
 
+    boards = httpx.get(f"{gateway.base}/api/leaderboard", headers=admin).json()
+    assert [row["model_version"] for row in boards["model_versions"]] == ["step-100"]
+
     removed = httpx.delete(
         f"{gateway.base}/api/models",
         params={"model": "policy", "api_base": second_provider.url},
