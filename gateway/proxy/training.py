@@ -121,7 +121,8 @@ def upstream_changes(
     mode: str | None,
 ) -> tuple[dict[str, Any], TokenCapture | None]:
     """Request fields to set for this deployment and mode, and the capture of what comes back."""
-    changes: dict[str, Any] = dict(group.modes.get(mode, {})) if mode else {}  # type: ignore[call-overload]
+    forced = group.modes.get(mode) if mode == "train" or mode == "val" else None
+    changes: dict[str, Any] = dict(forced) if forced else {}
     training = training_of(group, deployment)
     if training is None or operation not in TOKEN_OPERATIONS:
         return changes, None
