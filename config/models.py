@@ -63,6 +63,8 @@ DEFAULT_EXPERIMENT_FLOOR = 0.05
 DEFAULT_EXPERIMENT_ALPHA = 0.01
 DEFAULT_EXPERIMENT_SUCCESS_THRESHOLD = 0.5
 DEFAULT_EXPERIMENT_REFRESH = 1.0
+DEFAULT_MAX_HOLD_SECONDS = 300.0
+DEFAULT_PAUSE_RETRY_AFTER = 5.0
 
 
 class _Strict(BaseModel):
@@ -118,6 +120,24 @@ class BreakerPolicy(_Strict):
     )
 
 
+class TrainingSettings(_Strict):
+    """What the gateway asks a training upstream (vLLM, SGLang) for and keeps on the span."""
+
+    return_token_ids: bool = Field(
+        False,
+        description="Ask for prompt and completion token ids (vLLM's `return_token_ids`) and "
+        "record them; clients that did not ask for them never see them.",
+    )
+    logprobs: bool = Field(
+        False,
+        description="Ask for per-token logprobs and record them; clients that did not ask "
+        "for them never see them.",
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Also ask for this many alternatives per token."
+    )
+
+
 class Deployment(_Strict):
     """One upstream that can serve a model group."""
 
@@ -156,6 +176,15 @@ class Deployment(_Strict):
         ge=0,
         description="`mock` only: seconds the fake model waits before answering.",
     )
+    name: str | None = Field(
+        None, description="How spans and metrics name it (default `provider/model`)."
+    )
+    version: str | None = Field(
+        None, description="Model version it serves, recorded on every span as `model_version`."
+    )
+    training: TrainingSettings | None = Field(
+        None, description="Token ids and logprobs to record; overrides the group's `training`."
+    )
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -171,7 +200,7 @@ class Deployment(_Strict):
     @property
     def label(self) -> str:
         """How the deployment is named in spans and metrics."""
-        return f"{self.provider}/{self.model}"
+        return self.name or f"{self.provider}/{self.model}"
 
 
 class ModelGroup(_Strict):
@@ -182,13 +211,37 @@ class ModelGroup(_Strict):
     fallbacks: list[str] = Field(
         default_factory=list, description="Other model groups to try, in order."
     )
-    routing: Literal["weighted", "least-busy"] = Field(
+    routing: Literal["weighted", "least-busy", "rollout-affinity"] = Field(
         "weighted",
-        description="`weighted` random by `weight`, or `least-busy` (fewest calls in flight).",
+        description="`weighted` random by `weight`, `least-busy` (fewest calls in flight), or "
+        "`rollout-affinity` (a rollout's calls stay on one deployment, by consistent hash).",
+    )
+    training: TrainingSettings | None = Field(
+        None, description="Token ids and logprobs to record for every deployment of the group."
+    )
+    modes: dict[Literal["train", "val"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Request parameters forced per rollout mode, e.g. "
+        "`{train: {temperature: 1.0}, val: {temperature: 0.7}}`.",
     )
     retries: RetryPolicy | None = Field(None, description="Overrides the global `retries`.")
     circuit_breaker: BreakerPolicy | None = Field(
         None, description="Overrides the global `circuit_breaker`."
+    )
+
+
+class PauseSettings(_Strict):
+    """How `POST /api/proxy/pause` holds calls."""
+
+    max_hold_seconds: float = Field(
+        DEFAULT_MAX_HOLD_SECONDS,
+        ge=0,
+        description="Longest a call waits in `hold` mode; after it the call goes on anyway.",
+    )
+    retry_after_seconds: float = Field(
+        DEFAULT_PAUSE_RETRY_AFTER,
+        ge=0,
+        description="`Retry-After` of a `reject` pause that names none.",
     )
 
 
@@ -559,6 +612,9 @@ class Settings(_Strict):
     judge: JudgeSettings = Field(default_factory=JudgeSettings, description="Rollout judges.")
     otlp: OtlpSettings = Field(
         default_factory=OtlpSettings, description="OpenTelemetry export and ingest."
+    )
+    pause: PauseSettings = Field(
+        default_factory=PauseSettings, description="Pause and drain (`/api/proxy/pause`)."
     )
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,

@@ -20,6 +20,7 @@ from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.providers.openai import OpenAICompatible
 from gateway.proxy.cost import load_cost_map
+from gateway.proxy.gate import Gate
 from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
@@ -36,8 +37,11 @@ from gateway.web.routes_api import add_routes as add_api_routes
 from gateway.web.routes_experiments import ANALYSIS as EXPERIMENT_ANALYSIS
 from gateway.web.routes_experiments import ROUTES as EXPERIMENT_ROUTES
 from gateway.web.routes_experiments import Analysis
+from gateway.web.routes_models import ROUTES as MODEL_ROUTES
+from gateway.web.routes_models import restore_registry
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
+from gateway.web.routes_pause import ROUTES as PAUSE_ROUTES
 from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 from gateway.web.state import GATEWAY, Gateway
 from gateway.web.ui.routes import ANALYSES, add_ui_routes
@@ -112,6 +116,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         reader=reader,
         sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY),
         redactor=Redactor.for_settings(settings),
+        gate=Gate(settings.pause.max_hold_seconds, settings.pause.retry_after_seconds),
     )
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
@@ -133,8 +138,16 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     attach_experiments(app, get_guideline)
     app[EXPERIMENT_ANALYSIS] = Analysis(every=_analyse_experiments, one=_analyse_experiment)
     add_api_routes(
-        app, API_ROUTES + JUDGE_ROUTES + PATTERN_ROUTES + REPORT_ROUTES + EXPERIMENT_ROUTES
+        app,
+        API_ROUTES
+        + JUDGE_ROUTES
+        + PATTERN_ROUTES
+        + REPORT_ROUTES
+        + EXPERIMENT_ROUTES
+        + MODEL_ROUTES
+        + PAUSE_ROUTES,
     )
+    app.cleanup_ctx.append(restore_registry)
     app[ANALYSES] = ui_analyses()
     add_ui_routes(app)
     app.router.add_get("/openapi.json", openapi_view)

@@ -15,6 +15,7 @@
   - ValidationFailed (422 invalid_request_error)
   - TooManyJudgeRuns (429 rate_limit_error, code too_many_judge_runs)
   - RateLimited (429, code rate_limit_exceeded; answered with Retry-After)
+  - ProxyPaused (429 rate_limit_error, code proxy_paused; answered with Retry-After)
   - Unavailable (503 service_unavailable, code no_healthy_deployment; Retry-After)
   - UpstreamError (502 upstream_error)
     - UpstreamUnreachable (502, code upstream_unreachable)
@@ -164,6 +165,18 @@ class RateLimited(GatewayError):
     def __init__(self, message: str, *, retry_after: float, kind: str = "requests") -> None:
         super().__init__(message)
         self.type = kind
+        self.retry_after = retry_after
+
+
+class ProxyPaused(GatewayError):
+    """Model calls are paused in `reject` mode (`POST /api/proxy/pause`), say for a weight sync."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "proxy_paused"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
 
 

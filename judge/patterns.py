@@ -45,7 +45,7 @@ where r.id not like 'judge-%'
 SPANS_SQL = """
 select s.rollout_id, s.attempt_id, s.span_id, s.seq, s.operation, s.name, s.status,
        s.error_type, s.finish_reasons, s.tool_calls, s.model_group, s.response_model,
-       s.duration_ms, s.cost_usd, s.start_ns, s.end_ns
+       s.duration_ms, s.cost_usd, s.start_ns, s.end_ns, s.model_version
 from spans s join rollouts r on r.id = s.rollout_id
 where r.id not like 'judge-%'
   and (r.agent is null or r.agent not like 'judge-%')
@@ -76,6 +76,8 @@ class AttemptData:
     tool_spans: list[str] = field(default_factory=list)
     features: dict[str, str] = field(default_factory=dict)  # feature -> a span showing it
     models: Counter[str] = field(default_factory=Counter)
+    # Model versions that served the attempt's calls (deployments with a `version`).
+    versions: Counter[str] = field(default_factory=Counter)
     executions: list[tuple[str, str, float, str]] = field(default_factory=list)
     duration_ms: float = 0.0
     cost_usd: float = 0.0
@@ -126,7 +128,7 @@ def load(
         attempts[(rollout_id, attempt_id)] = AttemptData(rollout_id, attempt_id, agent_name, status)
     for row in db.execute(SPANS_SQL, params):
         (rid, aid, span_id, _seq, operation, name, status, error_type, finish, tool_calls,
-         group, response_model, duration, cost, start_ns, end_ns) = row  # fmt: skip
+         group, response_model, duration, cost, start_ns, end_ns, version) = row  # fmt: skip
         attempt = attempts.get((rid, aid))
         if attempt is None:
             continue
@@ -141,6 +143,8 @@ def load(
         attempt.duration_ms += duration or 0.0
         attempt.cost_usd += cost or 0.0
         attempt.models[group or response_model or "?"] += 1
+        if version is not None:
+            attempt.versions[version] += 1
         if status == "error":
             attempt.features.setdefault(f"error:{error_type or 'unknown'}", span_id)
         for reason in _json_list(finish):
@@ -431,11 +435,18 @@ def _board(groups: dict[str, list[AttemptData]], by: str) -> list[dict[str, Any]
 def leaderboards(attempts: list[AttemptData]) -> dict[str, list[dict[str, Any]]]:
     by_model: dict[str, list[AttemptData]] = defaultdict(list)
     by_agent: dict[str, list[AttemptData]] = defaultdict(list)
+    by_version: dict[str, list[AttemptData]] = defaultdict(list)
     for attempt in attempts:
         if attempt.models:
             by_model[attempt.models.most_common(1)[0][0]].append(attempt)
+        if attempt.versions:
+            by_version[attempt.versions.most_common(1)[0][0]].append(attempt)
         by_agent[attempt.agent or "(none)"].append(attempt)
-    return {"models": _board(by_model, "model"), "agents": _board(by_agent, "agent")}
+    return {
+        "models": _board(by_model, "model"),
+        "agents": _board(by_agent, "agent"),
+        "model_versions": _board(by_version, "model_version"),
+    }
 
 
 def outliers(attempts: list[AttemptData], *, top: int = 10) -> list[dict[str, Any]]:

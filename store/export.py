@@ -13,6 +13,7 @@ import orjson
 from sqlite_utils import Database
 
 from store.errors import NotFound
+from store.packed import unpack_floats, unpack_ints
 from store.queries import decode_row
 
 ROLLOUT_BATCH = 200
@@ -29,7 +30,18 @@ order) where several qualify:
   3. attempt:       any reward of the call's attempt (no span_id);
   4. rollout_final: the final reward of the rollout (final = 1, no attempt_id, no span_id);
   5. none:          reward and reward_source are null.
-A reward on one call never counts for another call of the same attempt."""
+A reward on one call never counts for another call of the same attempt.
+
+How a reward found at 2-4 (an attempt's or the rollout's) is spread over the turns of the
+attempt (its chat/responses/completion calls in seq order; calls without an attempt form
+one group), chosen with reward_rule:
+  every:      every turn gets it (the default);
+  last:       only the last turn gets it, earlier turns get null;
+  discounted: a turn with k later turns gets reward * gamma**k.
+A reward on the call itself (1) is always the call's, whatever the rule."""
+
+REWARD_RULES = ("every", "last", "discounted")
+DEFAULT_GAMMA = 1.0
 
 # Keyset paging on (created_ns, rowid): the rowid breaks ties in time, so no rollout is
 # skipped or repeated between pages, and the rollouts_created index (which holds the rowid)
@@ -331,11 +343,27 @@ class _RewardIndex:
         return None, None
 
 
-def _triplet(call: Row, rewards: _RewardIndex) -> Row:
+def _assigned(value: float, source: str | None, later_turns: int, rule: str, gamma: float) -> Any:
+    """The share of a reward a turn gets under `rule` (TRIPLET_REWARD_RULE)."""
+    if source == "span" or rule == "every":
+        return value
+    if rule == "last":
+        return value if later_turns == 0 else None
+    return value * gamma**later_turns
+
+
+def _triplet(
+    call: Row,
+    rewards: _RewardIndex,
+    later_turns: int = 0,
+    rule: str = "every",
+    gamma: float = DEFAULT_GAMMA,
+) -> Row:
     operation = call["operation"]
     request = call["request_body"]
     reward, source = rewards.pick(call["span_id"], call["attempt_id"])
     reasons = call["finish_reasons"]
+    value = _assigned(float(reward["value"]), source, later_turns, rule, gamma) if reward else None
     return {
         "rollout_id": call["rollout_id"],
         "attempt_id": call["attempt_id"],
@@ -347,13 +375,18 @@ def _triplet(call: Row, rewards: _RewardIndex) -> Row:
         "prompt": _prompt(operation, request),
         "tools": (request.get("tools") or None) if isinstance(request, dict) else None,
         "completion": _completion(operation, call["response_body"]),
-        "reward": float(reward["value"]) if reward else None,
+        "reward": value,
         "reward_source": source,
         "reward_name": reward["name"] if reward else None,
         "reward_id": reward["id"] if reward else None,
         "finish_reason": reasons[0] if isinstance(reasons, list) and reasons else None,
         "usage": {"input_tokens": call["input_tokens"], "output_tokens": call["output_tokens"]},
         "status": call["status"],
+        "model_version": call.get("model_version"),
+        "mode": call.get("mode"),
+        "prompt_token_ids": unpack_ints(call.get("prompt_token_ids")),
+        "response_token_ids": unpack_ints(call.get("completion_token_ids")),
+        "logprobs": unpack_floats(call.get("logprobs")),
     }
 
 
@@ -366,9 +399,19 @@ def iter_triplets(
     status: str | None = None,
     agent: str | None = None,
     reward_name: str = DEFAULT_REWARD_NAME,
+    reward_rule: str = "every",
+    gamma: float = DEFAULT_GAMMA,
+    model_version: str | None = None,
+    with_reward: bool = False,
     batch_size: int = ROLLOUT_BATCH,
 ) -> Iterator[Row]:
     """One object per chat, responses or text-completion call of the matching rollouts.
+
+    Besides prompt and completion, each carries `prompt_token_ids`, `response_token_ids`
+    and `logprobs` (null unless the deployment recorded them), `model_version` and `mode`.
+    `model_version` keeps only calls served by that version; `with_reward` only calls
+    that got a reward. `reward_rule` and `gamma` spread an attempt's or rollout's reward
+    over its turns (TRIPLET_REWARD_RULE).
 
     Filters are those of `iter_rollouts` (they select rollouts). Calls come rollout by
     rollout, in seq order; embeddings are skipped, failed calls are kept (`status`
@@ -391,10 +434,21 @@ def iter_triplets(
         agent=agent,
         batch_size=batch_size,
     ):
+        if reward_rule not in REWARD_RULES:
+            raise ValueError(f"reward_rule must be one of {', '.join(REWARD_RULES)}")
         rewards = _RewardIndex(part.rewards, reward_name)
-        for call in part.calls:
-            if call["operation"] in TRIPLET_OPERATIONS:
-                yield _triplet(call, rewards)
+        turns = [call for call in part.calls if call["operation"] in TRIPLET_OPERATIONS]
+        remaining: dict[Any, int] = {}
+        for call in turns:
+            remaining[call["attempt_id"]] = remaining.get(call["attempt_id"], 0) + 1
+        for call in turns:
+            remaining[call["attempt_id"]] -= 1
+            if model_version is not None and call.get("model_version") != model_version:
+                continue
+            triplet = _triplet(call, rewards, remaining[call["attempt_id"]], reward_rule, gamma)
+            if with_reward and triplet["reward"] is None:
+                continue
+            yield triplet
 
 
 def write_jsonl(items: Iterable[Any], fp: IO[bytes]) -> int:
@@ -403,4 +457,58 @@ def write_jsonl(items: Iterable[Any], fp: IO[bytes]) -> int:
     for item in items:
         fp.write(orjson.dumps(item, option=orjson.OPT_APPEND_NEWLINE))
         count += 1
+    return count
+
+
+# Column types of the Parquet export: token ids and logprobs as typed lists, the nested
+# JSON parts (prompt, completion, tools, usage) as JSON text.
+_PARQUET_JSON = ("instructions", "prompt", "tools", "completion", "usage")
+
+
+def write_parquet(triplets: Iterable[Row], path: str, *, batch_rows: int = 10_000) -> int:
+    """Write triplets to a Parquet file in row groups of `batch_rows`; returns how many.
+
+    Needs pyarrow (`pip install 'spangate[parquet]'`); ImportError otherwise.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("rollout_id", pa.string()),
+            ("attempt_id", pa.string()),
+            ("span_id", pa.string()),
+            ("seq", pa.int64()),
+            ("operation", pa.string()),
+            ("model", pa.string()),
+            ("model_version", pa.string()),
+            ("mode", pa.string()),
+            *((name, pa.string()) for name in _PARQUET_JSON),
+            ("prompt_token_ids", pa.list_(pa.int32())),
+            ("response_token_ids", pa.list_(pa.int32())),
+            ("logprobs", pa.list_(pa.float32())),
+            ("reward", pa.float64()),
+            ("reward_source", pa.string()),
+            ("reward_name", pa.string()),
+            ("reward_id", pa.string()),
+            ("finish_reason", pa.string()),
+            ("status", pa.string()),
+        ]
+    )
+    count = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        batch: list[Row] = []
+        for triplet in triplets:
+            row = dict(triplet)
+            for name in _PARQUET_JSON:
+                value = row.get(name)
+                row[name] = None if value is None else orjson.dumps(value).decode()
+            batch.append(row)
+            if len(batch) >= batch_rows:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                count += len(batch)
+                batch = []
+        if batch or count == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            count += len(batch)
     return count

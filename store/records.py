@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import orjson
@@ -31,7 +32,11 @@ INT_SPAN_COLUMNS = frozenset(
     }
 )
 # Durations and money: a finite number >= 0 or nothing.
-FLOAT_SPAN_COLUMNS = frozenset({"duration_ms", "ttft_ms", "upstream_ms", "overhead_ms", "cost_usd"})
+FLOAT_SPAN_COLUMNS = frozenset(
+    {"duration_ms", "ttft_ms", "upstream_ms", "overhead_ms", "cost_usd", "held_ms"}
+)
+# Packed arrays (base64 text): kept only when they are ASCII base64, else nothing.
+PACKED_SPAN_COLUMNS = frozenset({"prompt_token_ids", "completion_token_ids", "logprobs"})
 # Columns the schema declares NOT NULL get a neutral value rather than nothing.
 NOT_NULL_NUMBERS = frozenset({"start_ns", "end_ns", "retries", "stream", "duration_ms"})
 NOT_NULL_TEXT = {
@@ -63,6 +68,16 @@ def clean_float(value: Any) -> float | None:
         except OverflowError:
             return None
         return number if math.isfinite(number) and number >= 0 else None
+    return None
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def clean_packed(value: Any) -> str | None:
+    """A packed array's base64 text, or None for anything else."""
+    if isinstance(value, str) and _BASE64.fullmatch(value):
+        return value
     return None
 
 
@@ -153,6 +168,8 @@ def _cleaner(column: str) -> Any:
         return clean_float
     if column == "stream":
         return lambda v: 1 if v else 0
+    if column in PACKED_SPAN_COLUMNS:
+        return clean_packed
     return _clean_text
 
 

@@ -52,6 +52,14 @@ SPAN_COLUMNS: tuple[str, ...] = (
     "response_body",
     "attributes",
     "tags",
+    # Training: base64 of little-endian int32 / float32 arrays (store/packed.py), the
+    # deployment's model version, the rollout's mode, and time held by a pause.
+    "prompt_token_ids",
+    "completion_token_ids",
+    "logprobs",
+    "model_version",
+    "mode",
+    "held_ms",
 )
 
 
@@ -231,6 +239,34 @@ def _experiments(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX experiment_decisions_name ON experiment_decisions (experiment, id)")
+
+
+@migrations(name="006_training")
+def _training(db: Database) -> None:
+    for column, kind in (
+        ("prompt_token_ids", "TEXT"),
+        ("completion_token_ids", "TEXT"),
+        ("logprobs", "TEXT"),
+        ("model_version", "TEXT"),
+        ("mode", "TEXT"),
+        ("held_ms", "REAL"),
+    ):
+        db.execute(f"ALTER TABLE spans ADD COLUMN {column} {kind}")
+    # Deployments added at runtime through `/api/models`; keys are never stored.
+    db.execute(
+        """
+        CREATE TABLE model_registry (
+            model TEXT NOT NULL,
+            api_base TEXT NOT NULL,
+            provider TEXT NOT NULL DEFAULT 'openai',
+            upstream_model TEXT NOT NULL,
+            version TEXT NOT NULL,
+            weight REAL NOT NULL DEFAULT 1.0,
+            created_ns INTEGER NOT NULL,
+            PRIMARY KEY (model, api_base)
+        )
+        """
+    )
 
 
 def connect(path: str | Path, *, read_only: bool = False) -> Database:

@@ -147,6 +147,8 @@ class FakeProviderState:
         self.models: list[str] = list(models)
         # When set, requests must carry "Authorization: Bearer <api_key>" or get a 401.
         self.api_key = api_key
+        # vLLM-like: honour `return_token_ids` (prompt and completion token ids).
+        self.vllm = False
         self.requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._cond = threading.Condition()
@@ -277,6 +279,33 @@ def chat_reply_text(messages: Sequence[JSON]) -> str:
         if message.get("role") == "user":
             return echo_reply(content_text(message.get("content")))
     return echo_reply("")
+
+
+def token_id(piece: str) -> int:
+    """The fake tokenizer: a word's id, stable across runs."""
+    return int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=4).digest(), "big") % 50_000
+
+
+def token_logprob(piece: str) -> float:
+    """The fake model's logprob of a word: exact in float32, so tests compare with ==."""
+    return -((token_id(piece) % 64) + 1) / 64
+
+
+def prompt_token_ids(messages: Sequence[JSON]) -> list[int]:
+    """Token ids of a chat prompt: one per word of each message's text, in order."""
+    return [token_id(word) for m in messages for word in message_text(m).split()]
+
+
+def _logprob_entry(piece: str, top: int) -> JSON:
+    entry: JSON = {
+        "token": piece,
+        "logprob": token_logprob(piece),
+        "bytes": list(piece.encode()),
+        "top_logprobs": [],
+    }
+    if top:
+        entry["top_logprobs"] = [{"token": piece, "logprob": token_logprob(piece), "bytes": None}]
+    return entry
 
 
 def split_words(text: str) -> list[str]:
@@ -680,6 +709,9 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
     created = int(time.time())
     prompt_tokens = count_prompt_tokens(message_text(m) for m in messages)
     tool = _pick_chat_tool(body)
+    want_ids = call.state.vllm and body.get("return_token_ids") is True
+    want_logprobs = body.get("logprobs") is True
+    top_logprobs = int(body.get("top_logprobs") or 0)
 
     reply: str | None = None
     tool_call: JSON | None = None
@@ -712,28 +744,37 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
         }
         if tool_call is not None:
             message["tool_calls"] = [tool_call]
-        return await _reply_json(
-            call,
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "logprobs": None,
-                        "finish_reason": finish_reason,
-                    }
-                ],
-                "usage": usage,
-                "service_tier": "default",
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-            },
-        )
+        choice: JSON = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        answer: JSON = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        pieces = split_words(reply or "")
+        if want_logprobs:
+            choice["logprobs"] = {"content": [_logprob_entry(p, top_logprobs) for p in pieces]}
+        if want_ids:
+            answer["prompt_token_ids"] = prompt_token_ids(messages)
+            choice["token_ids"] = [token_id(p) for p in pieces]
+        return await _reply_json(call, answer)
 
-    def chunk(delta: JSON, finish: str | None = None) -> bytes:
+    def chunk(delta: JSON, finish: str | None = None, **extra: Any) -> bytes:
+        choice: JSON = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        piece = delta.get("content")
+        if piece and want_logprobs:
+            choice["logprobs"] = {"content": [_logprob_entry(piece, top_logprobs)]}
+        if want_ids:
+            choice["token_ids"] = [token_id(piece)] if piece else []
         payload: JSON = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -741,7 +782,8 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
             "model": model,
             "service_tier": "default",
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            **extra,
+            "choices": [choice],
         }
         # OpenAI only adds the key at all when include_usage was requested.
         if include_usage:
@@ -774,7 +816,8 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
                 chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
             )
     else:
-        events.append(chunk({"role": "assistant", "content": ""}))
+        first: JSON = {"prompt_token_ids": prompt_token_ids(messages)} if want_ids else {}
+        events.append(chunk({"role": "assistant", "content": ""}, **first))
         events.extend(chunk({"content": piece}) for piece in split_words(reply or ""))
     events.append(chunk({}, finish_reason))
     if include_usage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import click
@@ -37,11 +38,29 @@ from gateway.cli.options import db_option, read_db, time_option
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jsonl", "triplets", "otlp"]),
+    type=click.Choice(["jsonl", "triplets", "parquet", "otlp"]),
     default="jsonl",
     show_default=True,
-    help="jsonl: one rollout per line; triplets: one prompt/completion/reward per call; "
-    "otlp: one OTLP/JSON trace export per rollout, for a tracing backend.",
+    help="jsonl: one rollout per line; triplets: one prompt/completion/reward per call "
+    "(with token ids and logprobs when recorded); parquet: the triplets as a Parquet file "
+    "(needs spangate[parquet]); otlp: one OTLP/JSON trace export per rollout.",
+)
+@click.option(
+    "--reward-rule",
+    type=click.Choice(["every", "last", "discounted"]),
+    default=None,
+    help="Triplets: how an attempt's or rollout's reward is spread over its turns: every "
+    "turn, the last only, or discounted by --gamma per later turn (default every).",
+)
+@click.option(
+    "--gamma",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="With --reward-rule discounted: the discount per later turn (default 1).",
+)
+@click.option("--model-version", default=None, help="Triplets: only calls of this model version.")
+@click.option(
+    "--with-reward", is_flag=True, default=False, help="Triplets: only calls that got a reward."
 )
 @click.option(
     "--reward-name",
@@ -66,6 +85,10 @@ def export_command(
     agent: str | None,
     fmt: str,
     reward_name: str | None,
+    reward_rule: str | None,
+    gamma: float | None,
+    model_version: str | None,
+    with_reward: bool,
     output: str,
     db: str,
 ) -> None:
@@ -73,17 +96,20 @@ def export_command(
 
     jsonl gives each rollout with its attempts, their calls (request and response
     bodies) and rewards. triplets gives one line per chat/responses/completion call:
-    prompt, tools, completion and a reward, the call's own reward, else its attempt's
-    final one, else its attempt's latest, else the rollout's final one.
+    prompt, tools, completion, token ids and logprobs (when recorded) and a reward, the
+    call's own reward, else its attempt's final one, else its attempt's latest, else the
+    rollout's final one, spread over the attempt's turns by --reward-rule.
 
     Example:
 
     \b
         spangate export --since 7d --status succeeded -o rollouts.jsonl
         spangate export --format triplets --reward-name accuracy | jq .reward
+        spangate export --format parquet --reward-rule discounted --gamma 0.9 -o rl.parquet
         spangate export --format otlp --rollout task-42 -o task-42.otlp.jsonl
     """
     from store.export import (
+        DEFAULT_GAMMA,
         DEFAULT_REWARD_NAME,
         iter_rollouts,
         iter_triplets,
@@ -96,8 +122,20 @@ def export_command(
         raise click.BadParameter(
             f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
         )
-    if reward_name is not None and fmt != "triplets":
-        raise click.UsageError("--reward-name applies only to --format triplets")
+    triplet_options = {
+        "--reward-name": reward_name,
+        "--reward-rule": reward_rule,
+        "--gamma": gamma,
+        "--model-version": model_version,
+        "--with-reward": with_reward or None,
+    }
+    for flag, value in triplet_options.items():
+        if value is not None and fmt not in ("triplets", "parquet"):
+            raise click.UsageError(f"{flag} applies only to --format triplets or parquet")
+    if gamma is not None and reward_rule != "discounted":
+        raise click.UsageError("--gamma applies only to --reward-rule discounted")
+    if fmt == "parquet" and output == "-":
+        raise click.UsageError("--format parquet needs --output FILE")
     if since_ns is not None and until_ns is not None and since_ns >= until_ns:
         raise click.BadParameter("must be later than --since", param_hint="--until")
     filters: dict[str, Any] = {
@@ -116,16 +154,48 @@ def export_command(
 
             items = iter_otlp_json(iter_rollouts(conn, **filters))
             unit = "rollouts"
-        elif fmt == "triplets":
-            items = iter_triplets(conn, reward_name=reward_name or DEFAULT_REWARD_NAME, **filters)
+        elif fmt in ("triplets", "parquet"):
+            items = iter_triplets(
+                conn,
+                reward_name=reward_name or DEFAULT_REWARD_NAME,
+                reward_rule=reward_rule or "every",
+                gamma=DEFAULT_GAMMA if gamma is None else gamma,
+                model_version=model_version,
+                with_reward=with_reward,
+                **filters,
+            )
             unit = "calls"
         else:
             items = iter_rollouts(conn, **filters)
             unit = "rollouts"
-        # atomic: a failed export leaves an existing file as it was, not half-written.
-        with click.open_file(output, "wb", atomic=output != "-") as fp:
-            count = write_jsonl(items, fp)
+        if fmt == "parquet":
+            count = _write_parquet(items, output)
+        else:
+            # atomic: a failed export leaves an existing file as it was, not half-written.
+            with click.open_file(output, "wb", atomic=output != "-") as fp:
+                count = write_jsonl(items, fp)
     if count == 0:
         click.echo(f"no {unit} match; nothing exported", err=True)
     elif output != "-":
         click.echo(f"exported {count} {unit} to {output}", err=True)
+
+
+def _write_parquet(items: Any, output: str) -> int:
+    """Triplets to a Parquet file, written beside `output` and moved over it when complete."""
+    import os
+
+    from store.export import write_parquet
+
+    partial = f"{output}.partial"
+    try:
+        count = write_parquet(items, partial)
+    except ImportError as exc:
+        raise click.ClickException(
+            "--format parquet needs pyarrow: pip install 'spangate[parquet]'"
+        ) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    os.replace(partial, output)
+    return count

@@ -14,8 +14,15 @@ import click
 import orjson
 
 PREVIEW_CHARS = 60
-# Body columns are left out of `--json` lines unless asked for: they dwarf everything else.
-BODY_COLUMNS = ("request_body", "response_body")
+# Body columns (and packed token arrays) are left out of `--json` lines unless asked for:
+# they dwarf everything else.
+BODY_COLUMNS = (
+    "request_body",
+    "response_body",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "logprobs",
+)
 STATUS_COLORS = {
     "ok": "green",
     "error": "red",

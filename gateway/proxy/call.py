@@ -74,7 +74,8 @@ class Call:
             return (now - self.t0) / 1e6
         # Before the last send: rate-limit waits, every backoff pause, and earlier tries.
         waited_ms = (
-            job.limiter_wait * 1000
+            (self.fields.get("held_ms") or 0.0)
+            + job.limiter_wait * 1000
             + sum(t.get("wait_ms", 0.0) for t in job.tries)
             + sum(t.get("duration_ms", 0.0) for t in job.tries[:-1])
         )
@@ -205,7 +206,18 @@ class Call:
             "finish_reasons": fields.get("finish_reasons"),
             "tool_calls": fields.get("tool_calls"),
             "cost_usd": None,
+            "model_version": deployment.version if deployment else None,
+            "mode": fields.get("mode"),
+            "held_ms": fields.get("held_ms"),
+            "prompt_token_ids": None,
+            "completion_token_ids": None,
+            "logprobs": None,
         }
+        if self.outcome is not None and self.outcome.capture is not None:
+            captured = self.outcome.capture.fields()
+            record["prompt_token_ids"] = captured["prompt_token_ids"]
+            record["completion_token_ids"] = captured["completion_token_ids"]
+            record["logprobs"] = captured["logprobs"]
         if deployment is not None:
             record["cost_usd"] = cost_usd(
                 self.gw.prices_for(deployment),

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from config.models import Deployment, Settings
+from config.models import DEFAULT_MAX_HOLD_SECONDS, DEFAULT_PAUSE_RETRY_AFTER, Deployment, Settings
 from gateway.providers.base import Provider
 from gateway.proxy.cost import Price, Prices, deployment_prices
 from gateway.proxy.experiments import Experiments
+from gateway.proxy.gate import Gate
 from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
 from gateway.proxy.tool_spans import ToolTracker
+from gateway.proxy.training import RolloutModes
 
 
 @dataclass
@@ -28,6 +30,10 @@ class ProxyContext:
     redactor: Redactor = field(default_factory=lambda: Redactor(()))
     prices: dict[int, Price | None] = field(default_factory=dict)
     experiments: Experiments = field(default_factory=lambda: Experiments([]))
+    gate: Gate = field(
+        default_factory=lambda: Gate(DEFAULT_MAX_HOLD_SECONDS, DEFAULT_PAUSE_RETRY_AFTER)
+    )
+    modes: RolloutModes = field(default_factory=RolloutModes)
 
     def price_all(self, cost_map: Prices) -> None:
         """Look every deployment's prices up once, so a call's cost is two multiplications."""

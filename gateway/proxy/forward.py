@@ -36,6 +36,7 @@ from gateway.errors import (
 from gateway.providers.base import UpstreamRequest, UpstreamResponse
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.resilience import Guard, estimate_tokens
+from gateway.proxy.training import TokenCapture, upstream_changes
 
 # Operations whose streams report usage only when asked through stream_options.
 USAGE_ON_REQUEST = frozenset({"chat", "text_completion"})
@@ -67,10 +68,15 @@ def parse_retry_after(headers: dict[str, str]) -> float | None:
 
 
 def upstream_body(
-    raw: bytes, payload: dict[str, Any], model: str, operation: str, stream: bool
+    raw: bytes,
+    payload: dict[str, Any],
+    model: str,
+    operation: str,
+    stream: bool,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, Any], bool]:
     """The body to send upstream, and whether we asked for usage the client did not."""
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = dict(extra) if extra else {}
     if payload["model"] != model:
         changes["model"] = model
     options = payload.get("stream_options") or {}
@@ -105,6 +111,8 @@ class Outcome:
     group: ModelGroup
     parsed: Any = None
     injected_usage: bool = False
+    # Token ids and logprobs being collected for a training deployment.
+    capture: TokenCapture | None = None
 
 
 @dataclass
@@ -126,6 +134,9 @@ class Job:
     next_wait: float = 0.0
     # The deployment of the latest try, so a call that failed everywhere still names it.
     guard: Guard | None = None
+    # Keeps a rollout on one deployment (`rollout-affinity`); picks per-mode parameters.
+    rollout_id: str | None = None
+    mode: str | None = None
 
     def estimated_tokens(self) -> int:
         if self.tokens is None:
@@ -296,7 +307,7 @@ def _context_window_exceeded(status: int, parsed: Any) -> bool:
 
 
 async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: RetryPolicy) -> Outcome:
-    guard = gw.router.pick(group)
+    guard = gw.router.pick(group, job.rollout_id)
     if guard is None or not guard.claim_probe():
         raise Unavailable(
             f"no deployment of {group.name!r} is taking calls (circuit breakers open)",
@@ -319,8 +330,9 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
         waited = await guard.acquire(tokens, gw.settings.rate_limit_wait)
         job.limiter_wait += waited
         record["limiter_wait_ms"] = round(waited * 1000, 3)
+        extra, capture = upstream_changes(job.payload, job.operation, group, deployment, job.mode)
         body, payload, injected = upstream_body(
-            job.raw, job.payload, deployment.model, job.operation, job.stream
+            job.raw, job.payload, deployment.model, job.operation, job.stream, extra
         )
         request = UpstreamRequest(
             job.operation, body, payload, job.stream, deployment, job.client_headers
@@ -362,7 +374,7 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
         if guard.probing:
             guard.probing = False
     record["status"] = response.status
-    outcome = Outcome(response, guard, group, parsed, injected)
+    outcome = Outcome(response, guard, group, parsed, injected, capture)
     if not response.ok and response.chunks is None:
         outcome.parsed = _loads(response.body)
         if _context_window_exceeded(response.status, outcome.parsed):

@@ -45,6 +45,12 @@ class SpanRecord(TypedDict):
     response_body: Any
     attributes: dict[str, Any]
     tags: list[str]
+    prompt_token_ids: str | None
+    completion_token_ids: str | None
+    logprobs: str | None
+    model_version: str | None
+    mode: str | None
+    held_ms: float | None
     # Not span columns: they create the span's rollout on first sight.
     agent: str | None
     metadata: dict[str, str] | None

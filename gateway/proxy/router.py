@@ -1,10 +1,16 @@
-"""Which deployment serves a call: model group lookup, fallbacks, and choice among healthy ones."""
+"""Which deployment serves a call: model group lookup, fallbacks, and choice among healthy ones.
+
+Groups and deployments can change at runtime (`/api/models`): each change builds new lists,
+so a call already routed finishes on the deployment it holds.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 
-from config.models import ModelGroup, Settings
+from config.models import Deployment, ModelGroup, Settings
 from gateway.errors import ModelNotFound
 from gateway.proxy.resilience import Guard
 
@@ -41,15 +47,19 @@ class Router:
                 chain.append(self.groups[name])
         return chain
 
-    def pick(self, group: ModelGroup) -> Guard | None:
+    def pick(self, group: ModelGroup, rollout_id: str | None = None) -> Guard | None:
         """A deployment whose breaker lets a call through, by the group's routing; None if none."""
-        guards = self.guards[group.name]
+        guards = self.guards.get(group.name, ())
         if len(guards) == 1:
             # The common case, kept cheap: one deployment, no choice to make.
             return guards[0] if guards[0].available() else None
         candidates = [g for g in guards if g.available()]
         if not candidates:
             return None
+        if group.routing == "rollout-affinity" and rollout_id is not None:
+            # Before the rate-limit preference: a rollout waits for its own server's budget
+            # rather than lose its prefix cache.
+            return max(candidates, key=lambda g: affinity_score(rollout_id, g.deployment))
         # A sibling with rate-limit budget left beats waiting on one without.
         with_budget = [g for g in candidates if g.has_budget()]
         candidates = with_budget or candidates
@@ -64,8 +74,55 @@ class Router:
 
     def reopens_in(self, groups: list[ModelGroup]) -> float:
         """Seconds until any deployment of these groups may take a call again."""
-        waits = [g.reopens_in() for group in groups for g in self.guards[group.name]]
+        waits = [g.reopens_in() for group in groups for g in self.guards.get(group.name, ())]
         return min(waits) if waits else 0.0
 
     def usable(self, group: ModelGroup) -> bool:
-        return any(g.available() for g in self.guards[group.name])
+        return any(g.available() for g in self.guards.get(group.name, ()))
+
+    def put_deployment(self, group_name: str, deployment: Deployment) -> None:
+        """Add `deployment` to the group (created if new), replacing one with its `api_base`."""
+        group = self.groups.get(group_name)
+        if group is None:
+            group = ModelGroup(name=group_name, deployments=[deployment])
+            guards = [Guard(deployment, self.settings.breaker_policy(group))]
+        else:
+            kept = [
+                g for g in self.guards[group_name] if g.deployment.api_base != deployment.api_base
+            ]
+            deployments = [g.deployment for g in kept] + [deployment]
+            group = group.model_copy(update={"deployments": deployments})
+            guards = [*kept, Guard(deployment, self.settings.breaker_policy(group))]
+        self._swap(group, guards)
+
+    def remove_deployment(self, group_name: str, api_base: str) -> bool:
+        """Take the deployment at `api_base` out of the group; False if there was none.
+
+        The group keeps its last deployment: a group with none would answer every call 503.
+        """
+        group = self.groups.get(group_name)
+        if group is None:
+            return False
+        kept = [g for g in self.guards[group_name] if g.deployment.api_base != api_base]
+        if len(kept) == len(self.guards[group_name]):
+            return False
+        if not kept:
+            del self.groups[group_name], self.guards[group_name]
+            return True
+        group = group.model_copy(update={"deployments": [g.deployment for g in kept]})
+        self._swap(group, kept)
+        return True
+
+    def _swap(self, group: ModelGroup, guards: list[Guard]) -> None:
+        # New dicts, so readers iterating the old ones (metrics, readiness) never see a change.
+        self.groups = {**self.groups, group.name: group}
+        self.guards = {**self.guards, group.name: guards}
+
+
+def affinity_score(rollout_id: str, deployment: Deployment) -> float:
+    """Weighted rendezvous hashing: the highest score wins, so adding a deployment moves
+    only the rollouts it now wins (about weight / total weight of them)."""
+    key = f"{rollout_id}\0{deployment.api_base}\0{deployment.label}".encode()
+    digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+    unit = (digest + 1) / (2**64 + 1)  # in (0, 1)
+    return -deployment.weight / math.log(unit)

@@ -166,6 +166,12 @@ def tool_span(
         "response_body": {"content": result[:MAX_RESULT_CHARS], "error": failed},
         "agent": None,
         "metadata": None,
+        "prompt_token_ids": None,
+        "completion_token_ids": None,
+        "logprobs": None,
+        "model_version": None,
+        "mode": None,
+        "held_ms": None,
         "attributes": {
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": tool.name,

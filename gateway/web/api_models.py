@@ -38,6 +38,11 @@ class RolloutCreate(_Body):
     tags: list[str] = Field(
         default_factory=list, max_length=64, description="Labels for filtering."
     )
+    mode: Literal["train", "val"] | None = Field(
+        None,
+        description="Training or validation: calls get the model group's `modes` parameters "
+        "and record the mode; kept in `metadata.mode`.",
+    )
 
 
 class RolloutUpdate(_Body):
@@ -134,6 +139,73 @@ class ExportQuery(_Body):
         "jsonl", description="Whole tree or a line per call."
     )
     reward_name: str = Field(DEFAULT_REWARD_NAME, description="Which reward the triplets carry.")
+    reward_rule: Literal["every", "last", "discounted"] = Field(
+        "every", description="How the rollout's reward is spread over its turns."
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per later turn (`discounted`).")
+
+
+class ModelRegistration(_Body):
+    model: str = Field(
+        ..., min_length=1, max_length=256, description="Model group (what clients send)."
+    )
+    api_base: str = Field(
+        ...,
+        pattern=r"^https?://[^\s]+$",
+        max_length=2048,
+        description="OpenAI-compatible base URL (vLLM, SGLang), ending in `/v1`; one "
+        "deployment per `api_base` in a group, so posting it again replaces it.",
+    )
+    version: str = Field(
+        ..., min_length=1, max_length=256, description="Model version, recorded on spans."
+    )
+    api_key: str | None = Field(
+        None, description="Key sent upstream; kept in memory only, never stored."
+    )
+    weight: float = Field(1.0, gt=0, description="Relative share of the group's traffic.")
+    upstream_model: str | None = Field(
+        None, max_length=256, description="Model name the upstream serves (default: `model`)."
+    )
+
+
+class ModelRemoval(_Body):
+    model: str = Field(..., min_length=1, description="Model group.")
+    api_base: str = Field(..., min_length=1, description="The deployment's base URL.")
+
+
+class PauseRequest(_Body):
+    reason: str | None = Field(None, max_length=1024, description="Why, shown in the state.")
+    retry_after_seconds: float | None = Field(
+        None, ge=0, le=86400, description="`Retry-After` of rejected calls (`reject` mode)."
+    )
+    mode: Literal["hold", "reject"] = Field(
+        "hold",
+        description="`hold`: new calls wait (up to `pause.max_hold_seconds`) and go on after "
+        "resume; `reject`: they get 429 with `Retry-After`.",
+    )
+
+
+class ProxyState(_Out):
+    paused: bool
+    reason: str | None
+    mode: str | None
+    retry_after_seconds: float | None
+    in_flight: int
+    held: int
+
+
+class ModelDeployment(_Out):
+    model: str
+    api_base: str | None
+    provider: str
+    upstream_model: str
+    version: str | None
+    weight: float
+    registered: bool
+
+
+class ModelList(_Out):
+    data: list[ModelDeployment]
 
 
 class JudgeRunCreate(_Body):
@@ -353,6 +425,7 @@ class ToolStats(_Out):
 class LeaderboardRow(_Out):
     model: str | None = Field(None, description="Set in the by-model board.")
     agent: str | None = Field(None, description="Set in the by-agent board.")
+    model_version: str | None = Field(None, description="Set in the by-model-version board.")
     rollouts: int
     attempts: int
     success_rate: float | None
@@ -368,6 +441,7 @@ class LeaderboardRow(_Out):
 class Leaderboards(_Out):
     models: list[LeaderboardRow]
     agents: list[LeaderboardRow]
+    model_versions: list[LeaderboardRow]
 
 
 class Outlier(_Out):

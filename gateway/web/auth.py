@@ -18,6 +18,7 @@ UI_STATIC = "/ui/static/"
 # The dashboard keeps the key it was given in this cookie (HttpOnly, SameSite=Strict).
 UI_COOKIE = "spangate_key"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+ADMIN_PREFIXES = ("/api/models", "/api/proxy/")
 
 
 def required_scope(method: str, path: str) -> str | None:
@@ -26,7 +27,10 @@ def required_scope(method: str, path: str) -> str | None:
     if _is_ui(path):
         return "read"
     if path.startswith("/api/") or path == "/metrics":
-        return "read" if method in SAFE_METHODS else "write"
+        if method in SAFE_METHODS:
+            return "read"
+        # Changing what serves calls, or stopping them, is an operator's job.
+        return "admin" if path.startswith(ADMIN_PREFIXES) else "write"
     return "proxy"
 
 

@@ -143,10 +143,13 @@ async def create_rollout(request: web.Request) -> web.Response:
             rollout_id=body.id,
             input=body.input,
             agent=body.agent,
-            metadata=body.metadata,
+            metadata={**body.metadata, "mode": body.mode} if body.mode else body.metadata,
             tags=body.tags,
         ),
     )
+    if body.mode:
+        # Calls of the rollout get the model group's parameters for this mode.
+        gw.modes.set(row["id"], body.mode)
     return json(row, status=201 if created else 200)
 
 
@@ -224,7 +227,13 @@ async def export_rollout_view(request: web.Request) -> web.Response:
         def triplets(db: Any) -> list[dict[str, Any]]:
             export.export_rollout(db, rollout_id)  # 404 for an unknown rollout
             return list(
-                export.iter_triplets(db, rollout_ids=[rollout_id], reward_name=q.reward_name)
+                export.iter_triplets(
+                    db,
+                    rollout_ids=[rollout_id],
+                    reward_name=q.reward_name,
+                    reward_rule=q.reward_rule,
+                    gamma=q.gamma,
+                )
             )
 
         lines = await read(gw, triplets)

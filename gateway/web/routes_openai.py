@@ -31,6 +31,7 @@ from gateway.proxy.streaming import (
     parse_event,
     strip_usage_null,
 )
+from gateway.proxy.training import rollout_mode
 from gateway.web.auth import forwarded_client_headers
 from gateway.web.bodies import read_body
 from gateway.web.limits import bound_send_buffer, write_within
@@ -56,6 +57,8 @@ async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
     body = call.redact(response.body or b"")
     call.fields["http_status"] = response.status
     if response.ok:
+        if outcome.capture is not None and outcome.capture.take(outcome.parsed):
+            body = call.redact(orjson.dumps(outcome.parsed))
         call.fields.update(reply_fields(call.operation, outcome.parsed))
     else:
         kind, message = error_fields(outcome.parsed)
@@ -77,6 +80,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     assembler = new_assembler(call.operation)
     held: list[bytes] = []
     operation = call.operation
+    capture = outcome.capture
     limits = call.gw.settings.limits
     write_timeout = call.gw.settings.server.write_timeout
     chunks = bounded_stream(
@@ -96,6 +100,8 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                 obj = loads_or_none(data)
                 forward = True
                 if isinstance(obj, dict):
+                    if capture is not None and capture.take(obj):
+                        raw_event = b"data: " + orjson.dumps(obj) + b"\n\n"
                     assembler.add(obj)
                     if injected and "usage" in obj:
                         if obj["usage"] is None:
@@ -173,6 +179,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
     payload = parse_payload(raw, operation)
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
+    gated = False
     if attribution.trace_id:
         call.trace_id = attribution.trace_id
     elif attribution.rollout_id is not None:
@@ -181,6 +188,8 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
     else:
         call.trace_id = new_trace_id()
     try:
+        call.fields["held_ms"] = await gw.gate.enter() * 1000 or None
+        gated = True
         if attribution.rollout_id is not None:
             await number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
         await enter_experiment(gw.experiments, call)
@@ -190,6 +199,10 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         client_headers = forwarded_client_headers(request, gateway_keys)
         call.redactor = gw.redactor.adding(_bearer_token(client_headers.get("authorization")))
         call.job = Job(operation, raw, payload, stream, group, client_headers)
+        call.job.rollout_id = attribution.rollout_id
+        call.job.mode = call.fields["mode"] = rollout_mode(
+            gw.modes, request.headers, attribution.rollout_id
+        )
         call.outcome = outcome = await forward(gw, call.job)
         if outcome.response.chunks is None:
             call.upstream_done_ns = time.perf_counter_ns()
@@ -210,6 +223,8 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         raise
     finally:
         call.publish()
+        if gated:
+            gw.gate.leave()
 
 
 def _bearer_token(authorization: str | None) -> str | None:

@@ -135,7 +135,7 @@ def test_leaderboard_by_model_and_agent(recorded: GatewayThread) -> None:
     response = get(recorded, "/api/leaderboard", agent=AGENT)
     assert response.status_code == 200, response.text
     boards = response.json()
-    assert boards.keys() == {"models", "agents"}
+    assert boards.keys() == {"models", "agents", "model_versions"}
     [row] = boards["agents"]
     assert row["agent"] == AGENT
     assert row["rollouts"] == row["attempts"] == ROLLOUTS

@@ -1,0 +1,103 @@
+"""`/api/models`: the live model registry. Deployments added, replaced or removed here serve
+new calls at once (calls in flight finish where they are) and are kept in the store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from config.models import Deployment
+from gateway.errors import NotFoundError
+from gateway.web import api_models as m
+from gateway.web.routes_api import ApiRoute, body_of, json, query_of, read, write
+from gateway.web.state import GATEWAY, Gateway
+from store import registry
+
+
+def _deployment(entry: dict[str, Any], api_key: str | None = None) -> Deployment:
+    return Deployment(
+        provider=entry["provider"],
+        model=entry["upstream_model"],
+        api_base=entry["api_base"],
+        api_key=api_key,
+        weight=entry["weight"],
+        version=entry["version"],
+        # Two servers of one model differ only by where they are: the name says which.
+        name=f"{entry['provider']}/{entry['upstream_model']}@{entry['api_base']}",
+    )
+
+
+def _apply(gw: Gateway, entry: dict[str, Any], api_key: str | None = None) -> None:
+    if api_key:
+        gw.redactor = gw.redactor.adding(api_key)
+    gw.router.put_deployment(entry["model"], _deployment(entry, api_key))
+
+
+async def add_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    body = await body_of(request, m.ModelRegistration)
+    entry = await write(
+        gw,
+        lambda db: registry.put_deployment(
+            db,
+            model=body.model,
+            api_base=body.api_base,
+            version=body.version,
+            weight=body.weight,
+            upstream_model=body.upstream_model,
+        ),
+    )
+    _apply(gw, entry, body.api_key)
+    return json({**entry, "registered": True}, status=201)
+
+
+async def remove_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    q = query_of(request, m.ModelRemoval)
+    stored = await write(
+        gw, lambda db: registry.delete_deployment(db, model=q.model, api_base=q.api_base)
+    )
+    removed = gw.router.remove_deployment(q.model, q.api_base)
+    if not (stored or removed):
+        raise NotFoundError(f"model {q.model!r} has no deployment at {q.api_base!r}")
+    return json({"model": q.model, "api_base": q.api_base, "deleted": True})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    stored = {(e["model"], e["api_base"]) for e in await read(gw, registry.list_deployments)}
+    data = [
+        {
+            "model": name,
+            "api_base": d.api_base,
+            "provider": d.provider,
+            "upstream_model": d.model,
+            "version": d.version,
+            "weight": d.weight,
+            "registered": (name, d.api_base) in stored,
+            "label": d.label,
+            "in_flight": guard.in_flight,
+            "breaker": guard.state,
+        }
+        for name, guards in gw.router.guards.items()
+        for guard in guards
+        for d in (guard.deployment,)
+    ]
+    return json({"data": data})
+
+
+async def restore_registry(app: web.Application) -> AsyncIterator[None]:
+    """Serve what was registered before this process started (keys are not kept)."""
+    gw = app[GATEWAY]
+    for entry in await gw.reader.run(registry.list_deployments):
+        _apply(gw, entry)
+    yield
+
+
+ROUTES: tuple[ApiRoute, ...] = (
+    ApiRoute("POST", "/api/models", add_model, "Add or replace a deployment of a model group", "admin", m.ModelRegistration, None, m.ModelDeployment, 201, (403, 422)),
+    ApiRoute("DELETE", "/api/models", remove_model, "Remove a deployment from a model group", "admin", None, m.ModelRemoval, None, 200, (403, 404, 422)),
+    ApiRoute("GET", "/api/models", list_models, "Deployments serving each model group, with versions", "read", None, None, m.ModelList, 200, ()),
+)  # fmt: skip
