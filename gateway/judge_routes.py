@@ -84,34 +84,21 @@ def _guidelines(db: Database, agent: str) -> dict[str, Any]:
     return {"agent": agent, "versions": versions, "latest": latest}
 
 
+def _analysis_params(q: m.LeaderboardQuery) -> dict[str, Any]:
+    """The query as the analysis takes it: every field, `since` as nanoseconds."""
+    params = q.model_dump(exclude={"since"})
+    params["since_ns"] = time_param(q.since, "since")
+    return params
+
+
 async def get_patterns(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
     q = query_of(request, m.PatternsQuery)
-    result = await read(
-        gw,
-        _analyse,
-        since_ns=time_param(q.since, "since"),
-        agent=q.agent,
-        min_support=q.min_support,
-        alpha=q.alpha,
-        reward_name=q.reward_name,
-        success_threshold=q.success_threshold,
-    )
-    return json(result)
+    return json(await read(request.app[GATEWAY], _analyse, **_analysis_params(q)))
 
 
 async def get_leaderboard(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
     q = query_of(request, m.LeaderboardQuery)
-    boards = await read(
-        gw,
-        _leaderboards,
-        since_ns=time_param(q.since, "since"),
-        agent=q.agent,
-        reward_name=q.reward_name,
-        success_threshold=q.success_threshold,
-    )
-    return json(boards)
+    return json(await read(request.app[GATEWAY], _leaderboards, **_analysis_params(q)))
 
 
 async def get_guidelines(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from gateway.cli.options import db_option, read_db, time_option
+from gateway.cli.options import db_option, output_option, read_db, time_option
 
 
 @click.command("export")
@@ -68,14 +68,7 @@ from gateway.cli.options import db_option, read_db, time_option
     metavar="N",
     help="With --format triplets: the reward name that counts (default reward).",
 )
-@click.option(
-    "--output",
-    "-o",
-    default="-",
-    show_default=True,
-    type=click.Path(dir_okay=False, allow_dash=True),
-    help="File to write (replaced only once the export is complete); - is stdout.",
-)
+@output_option("File")
 @db_option
 def export_command(
     rollout_ids: tuple[str, ...],

@@ -36,6 +36,18 @@ def json_option(fn: F) -> F:
     )(fn)
 
 
+def output_option(what: str) -> Callable[[F], F]:
+    """`-o/--output FILE` ("-" for stdout), written whole or not at all."""
+    return click.option(
+        "--output",
+        "-o",
+        default="-",
+        show_default=True,
+        type=click.Path(dir_okay=False, allow_dash=True),
+        help=f"{what} to write (replaced only once complete); - is stdout.",
+    )
+
+
 def key_option(fn: F) -> F:
     return click.option(
         "--key",

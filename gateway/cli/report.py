@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import db_option, read_db
+from gateway.cli.options import db_option, output_option, read_db
 
 
 @click.command("report")
 @click.argument("rollout_id", metavar="ROLLOUT")
-@click.option(
-    "--output",
-    "-o",
-    default="-",
-    show_default=True,
-    type=click.Path(dir_okay=False, allow_dash=True),
-    help="HTML file to write (replaced only once complete); - is stdout.",
-)
+@output_option("HTML file")
 @db_option
 def report(rollout_id: str, output: str, db: str) -> None:
     """Write one rollout as a single HTML file: timeline, every call with its

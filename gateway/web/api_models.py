@@ -342,34 +342,6 @@ class Error(_Out):
 # -- patterns and guidelines ----------------------------------------------
 
 
-class PatternsQuery(_Body):
-    since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `7d`).")
-    agent: str | None = Field(None, description="Only this agent's rollouts.")
-    min_support: int = Field(
-        DEFAULT_MIN_SUPPORT,
-        ge=1,
-        le=1_000_000_000,
-        description="Test a feature shown by at least this many attempts.",
-    )
-    alpha: float = Field(
-        DEFAULT_ALPHA,
-        gt=0,
-        le=1,
-        description="Report findings with a Benjamini-Hochberg q at most this.",
-    )
-    reward_name: str = Field(
-        DEFAULT_REWARD_NAME,
-        min_length=1,
-        max_length=128,
-        description="The reward that decides success.",
-    )
-    success_threshold: float = Field(
-        DEFAULT_SUCCESS_THRESHOLD,
-        allow_inf_nan=False,
-        description="Success is a reward at least this.",
-    )
-
-
 class LeaderboardQuery(_Body):
     since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `7d`).")
     agent: str | None = Field(None, description="Only this agent's rollouts.")
@@ -383,6 +355,21 @@ class LeaderboardQuery(_Body):
         DEFAULT_SUCCESS_THRESHOLD,
         allow_inf_nan=False,
         description="Success is a reward at least this.",
+    )
+
+
+class PatternsQuery(LeaderboardQuery):
+    min_support: int = Field(
+        DEFAULT_MIN_SUPPORT,
+        ge=1,
+        le=1_000_000_000,
+        description="Test a feature shown by at least this many attempts.",
+    )
+    alpha: float = Field(
+        DEFAULT_ALPHA,
+        gt=0,
+        le=1,
+        description="Report findings with a Benjamini-Hochberg q at most this.",
     )
 
 
