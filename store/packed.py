@@ -1,26 +1,12 @@
 """Token ids and logprobs as stored on a span: base64 of little-endian int32 / float32 arrays,
-about a fifth of the size of JSON lists and read back without a JSON parser."""
+about a fifth of the size of JSON lists and read back without a JSON parser. The proxy packs
+(gateway/proxy/training.py); the store only reads them back."""
 
 from __future__ import annotations
 
 import base64
 import sys
 from array import array
-from collections.abc import Iterable
-
-
-def pack_ints(values: Iterable[int]) -> str:
-    packed = array("i", values)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
-
-
-def pack_floats(values: Iterable[float]) -> str:
-    packed = array("f", values)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
 
 
 def _unpack(kind: str, text: str | None) -> array | None:

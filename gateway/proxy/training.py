@@ -19,20 +19,21 @@ TOKEN_OPERATIONS = frozenset({"chat", "text_completion"})
 MODES = ("train", "val")
 
 
-def pack_ints(values: list[int]) -> str:
-    """Base64 of little-endian int32s: the span's token id columns (see store/packed.py)."""
-    packed = array("i", values)
+def _pack(kind: str, values: list[int] | list[float]) -> str:
+    """Base64 of a little-endian int32 ("i") or float32 ("f") array: the span's token id and
+    logprobs columns, read back by store/packed.py."""
+    packed = array(kind, values)
     if sys.byteorder == "big":
         packed.byteswap()
     return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def pack_ints(values: list[int]) -> str:
+    return _pack("i", values)
 
 
 def pack_floats(values: list[float]) -> str:
-    """Base64 of little-endian float32s: the span's logprobs column (see store/packed.py)."""
-    packed = array("f", values)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
+    return _pack("f", values)
 
 
 @dataclass(slots=True)
