@@ -7,6 +7,7 @@
     - BodyTooLarge (413, code request_too_large)
     - RequestTimeout (408, code request_timeout)
   - AuthenticationFailed (401 authentication_error)
+  - BudgetExceeded (402 insufficient_quota, code budget_exceeded; never retried by SDKs)
   - NotFoundError (404 not_found_error)
     - ModelNotFound (404 invalid_request_error, code model_not_found)
   - ConflictError (409 conflict_error)
@@ -93,6 +94,23 @@ class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class BudgetExceeded(GatewayError):
+    """The rollout or attempt has spent a budget limit; the call never goes upstream.
+
+    402, not 429: the OpenAI SDKs retry 408, 409, 429 and 5xx, and waiting does not refill
+    a budget. Not 403 either: the key is allowed, this spend is not.
+    """
+
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, scope: str, limit: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.limit = limit
 
 
 class NotFoundError(GatewayError):

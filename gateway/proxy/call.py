@@ -13,6 +13,7 @@ from typing import Any
 from config.models import Deployment
 from gateway.errors import scrub
 from gateway.proxy.attribution import Attribution, new_span_id
+from gateway.proxy.budgets import Reservation
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.cost import cost_usd
 from gateway.proxy.forward import Job, Outcome
@@ -55,6 +56,8 @@ class Call:
     published: bool = False
     # The gateway's secrets plus any key this client sent for the provider.
     redactor: Redactor | None = None
+    # What the call reserved in its rollout's budget (or was refused).
+    budget: Reservation | None = None
 
     @property
     def deployment(self) -> Deployment | None:
@@ -96,6 +99,8 @@ class Call:
             if ours:
                 sent = {name.lower() for name in self.outcome.response.headers}
                 headers.update((k, v) for k, v in ours.items() if k not in sent)
+        if self.budget is not None:
+            headers.update(self.budget.headers())
         return headers
 
     def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:
@@ -217,6 +222,8 @@ class Call:
                 )
         else:
             record["cost_usd"] = None
+        if self.budget is not None and self.gw.budgets is not None:
+            self.gw.budgets.settle(self.budget, record)
         self.gw.recorder.publish(record)
         if record["tool_calls"]:
             self.gw.tools.note(record)

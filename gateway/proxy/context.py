@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from config.models import Deployment, Settings
+from config.models import Deployment, ModelGroup, Settings
 from gateway.providers.base import Provider
+from gateway.proxy.budgets import Budgets
 from gateway.proxy.cost import Price, Prices, deployment_prices
 from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
@@ -26,6 +27,8 @@ class ProxyContext:
     # Keys that must never be recorded or answered, should an upstream echo one back.
     redactor: Redactor = field(default_factory=lambda: Redactor(()))
     prices: dict[int, Price | None] = field(default_factory=dict)
+    # Set by the composition root, with the budget state it chose (in-process or Redis).
+    budgets: Budgets | None = None
 
     def price_all(self, cost_map: Prices) -> None:
         """Look every deployment's prices up once, so a call's cost is two multiplications."""
@@ -35,3 +38,8 @@ class ProxyContext:
 
     def prices_for(self, deployment: Deployment) -> Price | None:
         return self.prices.get(id(deployment))
+
+    def group_prices(self, group: ModelGroup) -> Price | None:
+        """The dearest prices among the group's deployments: a budget estimate errs high."""
+        known = [p for d in group.deployments if (p := self.prices_for(d)) is not None]
+        return max(known, key=lambda p: (p[1], p[0])) if known else None

@@ -145,8 +145,11 @@ async def create_rollout(request: web.Request) -> web.Response:
             agent=body.agent,
             metadata=body.metadata,
             tags=body.tags,
+            budget=body.budget.stored() if body.budget else None,
         ),
     )
+    if body.budget is not None and gw.budgets is not None:
+        await gw.budgets.set_budget(row["id"], row["budget"], row["agent"])
     return json(row, status=201 if created else 200)
 
 
@@ -170,6 +173,8 @@ async def list_rollouts(request: web.Request) -> web.Response:
 async def get_rollout_view(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     rollout = await read(gw, get_rollout, request.match_info["rollout_id"])
+    if gw.budgets is not None:
+        rollout["budget_usage"] = await gw.budgets.view(rollout["id"])
     for attempt in rollout["attempts"]:
         for span in attempt["spans"]:
             span.pop("request_body", None)
@@ -187,9 +192,16 @@ async def update_rollout(request: web.Request) -> web.Response:
     row = await write(
         gw,
         lambda db: writes.update_rollout(
-            db, rollout_id, status=body.status, metadata=body.metadata, tags=body.tags
+            db,
+            rollout_id,
+            status=body.status,
+            metadata=body.metadata,
+            tags=body.tags,
+            budget=body.budget.stored() if body.budget else None,
         ),
     )
+    if body.budget is not None and gw.budgets is not None:
+        await gw.budgets.set_budget(rollout_id, row["budget"], row["agent"])
     gw.recorder.publish_rollout(row)
     return json(row)
 

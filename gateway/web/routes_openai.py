@@ -183,6 +183,9 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         if attribution.rollout_id is not None:
             await number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
         group = gw.router.group(payload["model"])
+        if gw.budgets is not None:
+            # Refused here (402) before anything goes upstream; the body may come back clamped.
+            raw, payload = await gw.budgets.admit(call, group, request.headers)
         gateway_keys = [key.key for key in gw.settings.auth.keys]
         client_headers = forwarded_client_headers(request, gateway_keys)
         call.redactor = gw.redactor.adding(_bearer_token(client_headers.get("authorization")))
