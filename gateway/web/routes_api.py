@@ -446,8 +446,8 @@ class ApiRoute:
 ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("POST", "/api/rollouts", create_rollout, "Create a rollout (or return the existing one)", "write", m.RolloutCreate, None, m.Rollout, 201, (409, 422)),
     ApiRoute("GET", "/api/rollouts", list_rollouts, "List rollouts, newest first", "read", None, m.RolloutQuery, m.RolloutPage, 200, (422,)),
-    ApiRoute("GET", "/api/rollouts/{rollout_id}", get_rollout_view, "A rollout with attempts, calls, rewards and a summary", "read", None, None, m.RolloutDetail, 200, (404,)),
-    ApiRoute("PATCH", "/api/rollouts/{rollout_id}", update_rollout, "Change a rollout's status, metadata or tags", "write", m.RolloutUpdate, None, m.Rollout, 200, (404, 409, 422)),
+    ApiRoute("GET", "/api/rollouts/{rollout_id}", get_rollout_view, "A rollout with attempts, calls, rewards, a summary and its budget", "read", None, None, m.RolloutDetail, 200, (404,)),
+    ApiRoute("PATCH", "/api/rollouts/{rollout_id}", update_rollout, "Change a rollout's status, metadata, tags or budget", "write", m.RolloutUpdate, None, m.Rollout, 200, (404, 409, 422)),
     ApiRoute("POST", "/api/rollouts/{rollout_id}/attempts", create_attempt, "Open a new attempt", "write", m.AttemptCreate, None, m.Attempt, 201, (404, 409, 422)),
     ApiRoute("PATCH", "/api/rollouts/{rollout_id}/attempts/{attempt_id}", update_attempt, "Change an attempt's status", "write", m.AttemptUpdate, None, m.Attempt, 200, (404, 409, 422)),
     ApiRoute("POST", "/api/rollouts/{rollout_id}/rewards", create_reward, "Reward a rollout (or one of its attempts or calls)", "write", m.RewardCreate, None, m.Reward, 201, (404, 409, 422)),
