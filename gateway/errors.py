@@ -21,6 +21,7 @@
     - UpstreamProtocolError (502, code upstream_bad_response)
     - UpstreamTooLarge (502, code upstream_too_large)
   - ServiceUnavailable (503 service_unavailable, code store_busy; answered with Retry-After)
+    - BudgetUnavailable (503, code budget_unavailable; the budget state cannot be reached)
   - TooManySubscribers (503 service_unavailable, code too_many_subscribers)
 
 Messages are scrubbed of Python tracebacks and server file paths when the error is made, so
@@ -227,6 +228,13 @@ class ServiceUnavailable(GatewayError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BudgetUnavailable(ServiceUnavailable):
+    """The budget state (Redis) did not answer: the call is refused rather than let through
+    unchecked."""
+
+    code = "budget_unavailable"
 
 
 # A traceback's header and its indented frames go; the exception's own line after them stays.

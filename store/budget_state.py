@@ -17,6 +17,8 @@ import orjson
 LIMIT_NAMES = ("max_calls", "max_tokens", "max_cost_usd", "max_seconds")
 Usage = dict[str, float]
 Limits = dict[str, float | None]
+# Seconds a Redis command may take: a call waits no longer to learn its budget.
+DEFAULT_REDIS_TIMEOUT = 2.0
 # Rollouts whose counters one process keeps; older ones are seeded from the store again.
 DEFAULT_MEMORY_CAPACITY = 100_000
 
@@ -256,7 +258,12 @@ class RedisBudgetState:
     def __init__(self, url: str, *, ttl: float) -> None:
         import redis.asyncio as aioredis
 
-        self._redis = aioredis.from_url(url, decode_responses=True)
+        self._redis = aioredis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=DEFAULT_REDIS_TIMEOUT,
+            socket_connect_timeout=DEFAULT_REDIS_TIMEOUT,
+        )
         self._ttl = max(math.ceil(ttl), 1)
         self._reserve = self._redis.register_script(_RESERVE)
         self._seed = self._redis.register_script(_SEED)

@@ -8,6 +8,7 @@ check-and-reserve is one atomic step wherever the state is.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import Counter
@@ -18,13 +19,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, BudgetSettings, ModelGroup
-from gateway.errors import BudgetExceeded, InvalidRequest
+from gateway.errors import BudgetExceeded, BudgetUnavailable, InvalidRequest
 from gateway.proxy.cost import Price
 from gateway.proxy.resilience import estimate_tokens
 
 if TYPE_CHECKING:
     from gateway.proxy.call import Call
 
+log = logging.getLogger("spangate.budgets")
 LIMIT_NAMES = ("max_calls", "max_tokens", "max_cost_usd", "max_seconds")
 SCOPES = ("rollout", "attempt")
 # Headers that lower the rollout's limits for the call that sends them.
@@ -260,6 +262,26 @@ class Budgets:
         rollout_id, attempt_id = call.attribution.rollout_id, call.attempt_id
         if rollout_id is None or attempt_id is None:
             return call.raw_request, call.payload
+        try:
+            return await self._admit(call, rollout_id, attempt_id, group, headers)
+        except (BudgetExceeded, InvalidRequest):
+            raise
+        except Exception as exc:
+            # Fail closed: a budget that cannot be checked is not spent blindly.
+            log.warning("budget state failed for rollout %r: %r", rollout_id, exc)
+            raise BudgetUnavailable(
+                f"the budget of rollout {rollout_id!r} cannot be checked right now",
+                retry_after=1.0,
+            ) from exc
+
+    async def _admit(
+        self,
+        call: Call,
+        rollout_id: str,
+        attempt_id: str,
+        group: ModelGroup,
+        headers: Mapping[str, str],
+    ) -> tuple[bytes, dict[str, Any]]:
         pending = self._settling.get(rollout_id)
         if pending:
             # This process's earlier calls are counted at their real usage first.
@@ -268,52 +290,56 @@ class Budgets:
         rollout_limits, attempt_limits = self.limits(
             budget, call.attribution.agent_id or budget.get("agent")
         )
+        # Reserved even with no limit in force: a budget set later starts from true counts.
         limits = (lowered(rollout_limits, headers), attempt_limits)
-        if not limits[0] and not limits[1]:
-            return call.raw_request, call.payload
         price = self._prices(group)
         given, taken = (price[0], price[1]) if price else (0.0, 0.0)
         prompt, reply = _prompt_tokens(call.payload), _reply_cap(call)
         clamp = self.settings.clamp_max_tokens and call.operation in REPLY_CAP_FIELD
-        need_tokens = prompt + 1 if clamp else 1
-        need_cost = prompt * given + taken if clamp else MIN_COST
-        tokens, cost = prompt + reply, prompt * given + reply * taken
-        now = time.time()
-        result = await self.state.reserve(
-            rollout_id, attempt_id, limits,
-            tokens=tokens, cost=cost, need_tokens=need_tokens, need_cost=need_cost, now=now,
-        )  # fmt: skip
+        amounts = {
+            "tokens": prompt + reply,
+            "cost": prompt * given + reply * taken,
+            "need_tokens": prompt + 1 if clamp else 1,
+            "need_cost": prompt * given + taken if clamp else MIN_COST,
+            "now": time.time(),
+        }
+        result = await self.state.reserve(rollout_id, attempt_id, limits, **amounts)
         if result is None:
             # The state forgot the rollout (evicted or expired) after we read its budget.
             await self._seed(rollout_id)
-            result = await self.state.reserve(
-                rollout_id, attempt_id, limits,
-                tokens=tokens, cost=cost, need_tokens=need_tokens, need_cost=need_cost, now=now,
-            )  # fmt: skip
-            assert result is not None
+            result = await self.state.reserve(rollout_id, attempt_id, limits, **amounts)
+            if result is None:
+                raise RuntimeError("the budget state lost the rollout it was just given")
         refused = result["refused"]
-        call.budget = Reservation(
-            rollout_id, attempt_id, limits, result["usage"], refused is None, tokens, cost, now
+        reservation = call.budget = Reservation(
+            rollout_id,
+            attempt_id,
+            limits,
+            result["usage"],
+            refused is None,
+            amounts["tokens"],
+            amounts["cost"],
+            amounts["now"],
         )
         if refused is not None:
-            index, limit = refused
-            scope = SCOPES[index]
-            self.refusals[(scope, limit)] += 1
-            who = repr(rollout_id) if index == 0 else f"{attempt_id!r} of rollout {rollout_id!r}"
-            usage = result["usage"][index]
-            call.budget.refused = (scope, limit)
-            raise BudgetExceeded(
-                refusal_message(scope, who, limit, limits[index][limit] or 0, usage, now),
-                scope=scope,
-                limit=limit,
-            )
+            raise self._refusal(reservation, *refused)
         if not clamp:
             return call.raw_request, call.payload
         allowed = self._allowed_reply(limits, result["usage"], prompt, given, taken)
         if allowed is None or (allowed >= reply and _has_cap(call.payload)):
             return call.raw_request, call.payload
-        raw, payload, call.budget.clamp = _clamped(call, allowed)
+        raw, payload, reservation.clamp = _clamped(call, allowed)
         return raw, payload
+
+    def _refusal(self, reservation: Reservation, index: int, limit: str) -> BudgetExceeded:
+        scope = SCOPES[index]
+        self.refusals[(scope, limit)] += 1
+        reservation.refused = (scope, limit)
+        rollout_id, attempt_id = reservation.rollout_id, reservation.attempt_id
+        who = repr(rollout_id) if index == 0 else f"{attempt_id!r} of rollout {rollout_id!r}"
+        cap = reservation.limits[index][limit] or 0
+        message = refusal_message(scope, who, limit, cap, reservation.usage[index], reservation.now)
+        return BudgetExceeded(message, scope=scope, limit=limit)
 
     @staticmethod
     def _allowed_reply(
@@ -362,8 +388,9 @@ class Budgets:
             pending.discard(finished)
             if not pending:
                 self._settling.pop(reservation.rollout_id, None)
-            if not finished.cancelled():
-                finished.exception()  # a lost settle only over-counts; never raise here
+            if not finished.cancelled() and finished.exception() is not None:
+                # A lost settle leaves the call counted at its estimate: over, never under.
+                log.warning("budget settle failed: %r", finished.exception())
 
         task.add_done_callback(done)
 

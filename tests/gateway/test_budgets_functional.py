@@ -4,9 +4,7 @@ concurrency, header lowering, and two gateways sharing one budget through Redis.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,8 @@ import openai
 import pytest
 from click.testing import CliRunner
 from conftest import gateway_settings
-from servers import GatewayThread, wait_until
+from redis_server import redis_server
+from servers import GatewayThread
 
 from gateway.cli.main import cli
 
@@ -261,32 +260,8 @@ def test_budget_survives_a_restart_and_spangate_show_prints_it(
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed (.ci/run installs it)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path_factory.mktemp("redis"),
-        stdout=subprocess.DEVNULL,
-    )
-
-    def answers() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    try:
-        wait_until(answers, timeout=10, what="redis-server to answer")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 def test_two_gateways_on_one_redis_hold_one_budget(
@@ -344,3 +319,19 @@ def test_two_gateways_on_one_redis_hold_one_budget(
     finally:
         second.stop()
         first.stop()
+
+
+def test_an_unreachable_budget_state_refuses_calls_with_503(
+    make_gateway: Callable[..., GatewayThread], fake_provider: Any
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    gateway = make_gateway(shared={"redis_url": f"redis://127.0.0.1:{closed_port}/0"})
+    with pytest.raises(openai.APIStatusError) as refused:
+        ask(client(gateway, "down-1", max_retries=0))
+    assert refused.value.status_code == 503
+    assert refused.value.body["code"] == "budget_unavailable"
+    assert fake_provider.state.requests_to(CHAT) == []
+    # A call outside any rollout has no budget to check.
+    assert ask(openai.OpenAI(base_url=gateway.url(), api_key="k")).http_response.status_code == 200
