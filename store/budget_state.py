@@ -1,6 +1,10 @@
 """Where budget counters live: in this process (exact under asyncio) or in Redis (one Lua
 script per reservation, so replicas share one budget). Both speak plain dicts and floats.
 
+A rollout's own budget is kept as the JSON text the caller gave; `reserve` takes the text
+its limits came from and answers `{"stale": current}` instead of reserving when it changed,
+so a caller can cache budgets and still never reserve under an outdated one.
+
 A scope's usage is `{"calls", "tokens", "cost", "started"}`: tokens and cost include what
 calls still in flight hold. Limits are `{"max_calls", "max_tokens", "max_cost_usd",
 "max_seconds"}`, a missing or None one not applying.
@@ -11,8 +15,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from typing import Any
-
-import orjson
 
 LIMIT_NAMES = ("max_calls", "max_tokens", "max_cost_usd", "max_seconds")
 Usage = dict[str, float]
@@ -47,7 +49,7 @@ def _refusal(
 class _Rollout:
     __slots__ = ("attempts", "budget", "usage")
 
-    def __init__(self, budget: dict[str, Any], usage: Usage) -> None:
+    def __init__(self, budget: str, usage: Usage) -> None:
         self.budget = budget
         self.usage = usage
         self.attempts: dict[str, Usage] = {}
@@ -67,12 +69,12 @@ class MemoryBudgetState:
             self._rollouts.move_to_end(rollout_id)
         return entry
 
-    async def budget(self, rollout_id: str) -> dict[str, Any] | None:
+    async def budget(self, rollout_id: str) -> str | None:
         entry = self._get(rollout_id)
         return None if entry is None else entry.budget
 
     async def seed(
-        self, rollout_id: str, budget: dict[str, Any], usage: Usage, attempts: dict[str, Usage]
+        self, rollout_id: str, budget: str, usage: Usage, attempts: dict[str, Usage]
     ) -> None:
         if rollout_id in self._rollouts:
             return
@@ -81,7 +83,7 @@ class MemoryBudgetState:
         if len(self._rollouts) > self._capacity:
             self._rollouts.popitem(last=False)
 
-    async def set_budget(self, rollout_id: str, budget: dict[str, Any]) -> None:
+    async def set_budget(self, rollout_id: str, budget: str) -> None:
         entry = self._get(rollout_id)
         if entry is not None:
             entry.budget = budget
@@ -97,12 +99,16 @@ class MemoryBudgetState:
         need_tokens: float,
         need_cost: float,
         now: float,
+        expect: str,
     ) -> dict[str, Any] | None:
-        """None when the rollout is not seeded; else `{"refused": (scope, limit) | None,
-        "usage": [rollout usage, attempt usage]}`, usage as it was before this call."""
+        """None when the rollout is not seeded; `{"stale": budget}` when its budget is no
+        longer `expect`; else `{"refused": (scope, limit) | None, "usage": [rollout usage,
+        attempt usage]}`, usage as it was before this call."""
         entry = self._get(rollout_id)
         if entry is None:
             return None
+        if entry.budget != expect:
+            return {"stale": entry.budget}
         scopes = [entry.usage, entry.attempts.setdefault(attempt_id, empty_usage())]
         before = [dict(u) for u in scopes]
         for index, (usage, scope_limits) in enumerate(zip(scopes, limits, strict=True)):
@@ -148,6 +154,8 @@ local now = tonumber(ARGV[1])
 local tokens, cost = tonumber(ARGV[2]), tonumber(ARGV[3])
 local need_tokens, need_cost = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
+local budget = redis.call('HGET', KEYS[1], 'budget') or '{}'
+if budget ~= ARGV[16] then return {'stale', budget} end
 local usage = {}
 for i = 1, 2 do
   local h = redis.call('HMGET', KEYS[i], 'calls', 'tokens', 'cost', 'started')
@@ -270,25 +278,22 @@ class RedisBudgetState:
         self._set_budget = self._redis.register_script(_SET_BUDGET)
         self._settle = self._redis.register_script(_SETTLE)
 
-    async def budget(self, rollout_id: str) -> dict[str, Any] | None:
-        raw = await self._redis.hget(_rollout_key(rollout_id), "budget")
-        return None if raw is None else orjson.loads(raw)
+    async def budget(self, rollout_id: str) -> str | None:
+        return await self._redis.hget(_rollout_key(rollout_id), "budget")
 
     async def seed(
-        self, rollout_id: str, budget: dict[str, Any], usage: Usage, attempts: dict[str, Usage]
+        self, rollout_id: str, budget: str, usage: Usage, attempts: dict[str, Usage]
     ) -> None:
         keys = [_rollout_key(rollout_id)]
-        args: list[Any] = [self._ttl, orjson.dumps(budget).decode()]
+        args: list[Any] = [self._ttl, budget]
         args += _usage_args(usage)
         for attempt_id, attempt in attempts.items():
             keys.append(_attempt_key(rollout_id, attempt_id))
             args += [attempt_id, *_usage_args(attempt)]
         await self._seed(keys=keys, args=args)
 
-    async def set_budget(self, rollout_id: str, budget: dict[str, Any]) -> None:
-        await self._set_budget(
-            keys=[_rollout_key(rollout_id)], args=[orjson.dumps(budget).decode()]
-        )
+    async def set_budget(self, rollout_id: str, budget: str) -> None:
+        await self._set_budget(keys=[_rollout_key(rollout_id)], args=[budget])
 
     async def reserve(
         self,
@@ -301,13 +306,16 @@ class RedisBudgetState:
         need_tokens: float,
         need_cost: float,
         now: float,
+        expect: str,
     ) -> dict[str, Any] | None:
         keys = [_rollout_key(rollout_id), _attempt_key(rollout_id, attempt_id)]
         args = [repr(now), repr(tokens), repr(cost), repr(need_tokens), repr(need_cost)]
         args += [str(self._ttl), *_limit_args(limits[0]), *_limit_args(limits[1]), attempt_id]
-        out = await self._reserve(keys=keys, args=args)
+        out = await self._reserve(keys=keys, args=[*args, expect])
         if out is None:
             return None
+        if out[0] == "stale":
+            return {"stale": out[1]}
         usage = [_usage(out[0:4]), _usage(out[4:8])]
         refused = (int(out[8]) - 1, out[9]) if len(out) > 8 else None
         return {"refused": refused, "usage": usage}
@@ -329,7 +337,7 @@ class RedisBudgetState:
                 if any(v is not None for v in values):
                     attempts[attempt_id] = _usage(values)
         return {
-            "budget": orjson.loads(row.get("budget") or "{}"),
+            "budget": row.get("budget") or "{}",
             "usage": _usage([row.get(name) for name in USAGE_FIELDS]),
             "attempts": attempts,
         }

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,6 +48,9 @@ REPLY_CAP_FIELD = {
     "responses": "max_output_tokens",
 }
 REPLY_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# Rollouts whose budget JSON is cached here, and reservations tried against a changing one.
+KNOWN_BUDGETS = 10_000
+RESERVE_TRIES = 3
 # Without the clamp a call is let through while anything at all is left.
 MIN_COST = 1e-9
 
@@ -60,13 +63,13 @@ BudgetLookup = Callable[[str], Awaitable[dict[str, Any]]]
 class BudgetState(Protocol):
     """Where the counters live; every method is one atomic step on them."""
 
-    async def budget(self, rollout_id: str) -> dict[str, Any] | None: ...
+    async def budget(self, rollout_id: str) -> str | None: ...
 
     async def seed(
-        self, rollout_id: str, budget: dict[str, Any], usage: Usage, attempts: dict[str, Usage]
+        self, rollout_id: str, budget: str, usage: Usage, attempts: dict[str, Usage]
     ) -> None: ...
 
-    async def set_budget(self, rollout_id: str, budget: dict[str, Any]) -> None: ...
+    async def set_budget(self, rollout_id: str, budget: str) -> None: ...
 
     async def reserve(
         self,
@@ -79,6 +82,7 @@ class BudgetState(Protocol):
         need_tokens: float,
         need_cost: float,
         now: float,
+        expect: str,
     ) -> dict[str, Any] | None: ...
 
     async def settle(
@@ -137,6 +141,11 @@ class Reservation:
             else:
                 out[REMAINING_HEADERS[name]] = str(int(value))
         return out
+
+
+def encode(budget: Mapping[str, Any]) -> str:
+    """One text per budget, so states can compare budgets as strings."""
+    return orjson.dumps(budget, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def merge(*layers: Mapping[str, Any] | None) -> Limits:
@@ -224,6 +233,8 @@ class Budgets:
         self.shared = shared
         self.refusals: Counter[tuple[str, str]] = Counter()
         self._settling: dict[str, set[asyncio.Task[None]]] = {}
+        # Budget JSON per rollout as last seen; `reserve` refuses to use a stale one.
+        self._known: OrderedDict[str, str] = OrderedDict()
 
     def limits(self, budget: Mapping[str, Any], agent: str | None) -> tuple[Limits, Limits]:
         """Config defaults, then the agent's, then the rollout's own (set over the API)."""
@@ -241,17 +252,27 @@ class Budgets:
             ),
         )
 
-    async def _budget(self, rollout_id: str) -> dict[str, Any]:
-        """The rollout's budget from the state, seeding it from the store on first sight."""
-        budget = await self.state.budget(rollout_id)
+    async def _budget(self, rollout_id: str) -> str:
+        """The rollout's budget (JSON) as last seen here, else from the state, seeding the
+        state from the store on first sight; a stale copy is caught by `reserve`."""
+        budget = self._known.get(rollout_id)
         if budget is None:
-            await self._seed(rollout_id)
-            budget = await self.state.budget(rollout_id) or {}
+            budget = await self.state.budget(rollout_id)
+            if budget is None:
+                await self._seed(rollout_id)
+                budget = await self.state.budget(rollout_id) or "{}"
+            self._remember(rollout_id, budget)
         return budget
+
+    def _remember(self, rollout_id: str, budget: str) -> None:
+        self._known[rollout_id] = budget
+        self._known.move_to_end(rollout_id)
+        if len(self._known) > KNOWN_BUDGETS:
+            self._known.popitem(last=False)
 
     async def _seed(self, rollout_id: str) -> None:
         found = await self._lookup(rollout_id)
-        budget = {**(found.get("budget") or {}), "agent": found.get("agent")}
+        budget = encode({**(found.get("budget") or {}), "agent": found.get("agent")})
         await self.state.seed(rollout_id, budget, found["usage"], found["attempts"])
 
     async def admit(
@@ -287,11 +308,6 @@ class Budgets:
             # This process's earlier calls are counted at their real usage first.
             await asyncio.gather(*pending, return_exceptions=True)
         budget = await self._budget(rollout_id)
-        rollout_limits, attempt_limits = self.limits(
-            budget, call.attribution.agent_id or budget.get("agent")
-        )
-        # Reserved even with no limit in force: a budget set later starts from true counts.
-        limits = (lowered(rollout_limits, headers), attempt_limits)
         price = self._prices(group)
         given, taken = (price[0], price[1]) if price else (0.0, 0.0)
         prompt, reply = _prompt_tokens(call.payload), _reply_cap(call)
@@ -303,13 +319,28 @@ class Budgets:
             "need_cost": prompt * given + taken if clamp else MIN_COST,
             "now": time.time(),
         }
-        result = await self.state.reserve(rollout_id, attempt_id, limits, **amounts)
-        if result is None:
-            # The state forgot the rollout (evicted or expired) after we read its budget.
-            await self._seed(rollout_id)
-            result = await self.state.reserve(rollout_id, attempt_id, limits, **amounts)
+        for _ in range(RESERVE_TRIES):
+            given_budget = orjson.loads(budget)
+            rollout_limits, attempt_limits = self.limits(
+                given_budget, call.attribution.agent_id or given_budget.get("agent")
+            )
+            # Reserved even with no limit in force: a budget set later starts from true counts.
+            limits = (lowered(rollout_limits, headers), attempt_limits)
+            result = await self.state.reserve(
+                rollout_id, attempt_id, limits, **amounts, expect=budget
+            )
             if result is None:
-                raise RuntimeError("the budget state lost the rollout it was just given")
+                # The state forgot the rollout (evicted or expired): seed it again.
+                self._known.pop(rollout_id, None)
+                budget = await self._budget(rollout_id)
+            elif "stale" in result:
+                # Another replica (or the API) changed the budget since we cached it.
+                budget = result["stale"]
+                self._remember(rollout_id, budget)
+            else:
+                break
+        else:
+            raise RuntimeError(f"the budget of {rollout_id!r} kept changing under the call")
         refused = result["refused"]
         reservation = call.budget = Reservation(
             rollout_id,
@@ -398,13 +429,16 @@ class Budgets:
         self, rollout_id: str, budget: Mapping[str, Any] | None, agent: str | None
     ) -> None:
         """A budget set over the API reaches the state (the store already holds it)."""
-        await self.state.set_budget(rollout_id, {**(budget or {}), "agent": agent})
+        encoded = encode({**(budget or {}), "agent": agent})
+        self._known.pop(rollout_id, None)
+        await self.state.set_budget(rollout_id, encoded)
 
     async def view(self, rollout_id: str) -> dict[str, Any]:
         """Limits in force, used and remaining for the rollout and each attempt it has."""
+        self._known.pop(rollout_id, None)
         await self._budget(rollout_id)
-        read = await self.state.read(rollout_id) or {"budget": {}, "usage": {}, "attempts": {}}
-        budget = read["budget"] or {}
+        read = await self.state.read(rollout_id) or {"budget": "{}", "usage": {}, "attempts": {}}
+        budget = orjson.loads(read["budget"])
         rollout_limits, attempt_limits = self.limits(budget, budget.get("agent"))
         now = time.time()
         return {
