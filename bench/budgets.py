@@ -1,7 +1,7 @@
 """What budgets cost on the request path: gateway overhead per call with no budget, an
 in-process budget and a Redis budget, plus the raw reserve+settle rate of each state.
 
-    python bench/budgets.py [--calls 2000] [--concurrency 16]
+    python bench/budgets.py [--calls 2000] [--concurrency 1,16]
 
 Prints a table and writes bench/results/budgets.md. Needs redis-server on PATH.
 """
@@ -83,9 +83,10 @@ def summary(values: list[float]) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated levels")
     args = parser.parse_args()
-    rows: list[tuple[str, float, float, float]] = []
+    levels = [int(level) for level in args.concurrency.split(",")]
+    rows: list[tuple[str, int, float, float, float]] = []
     rates: list[tuple[str, float]] = []
     provider = FakeProviderThread().start()
     try:
@@ -99,11 +100,12 @@ def main() -> None:
                 settings = gateway_settings(provider.url, **overrides)
                 gateway = GatewayThread(settings, Path(tmp) / f"{len(rows)}.db").start()
                 try:
-                    asyncio.run(drive(gateway, 200, args.concurrency))  # warm-up
-                    overheads = asyncio.run(drive(gateway, args.calls, args.concurrency))
+                    asyncio.run(drive(gateway, 200, max(levels)))  # warm-up
+                    for level in levels:
+                        overheads = asyncio.run(drive(gateway, args.calls, level))
+                        rows.append((name, level, *summary(overheads)))
                 finally:
                     gateway.stop()
-                rows.append((name, *summary(overheads)))
             rates.append(("in-process", asyncio.run(state_rate(MemoryBudgetState()))))
 
             async def redis_rate() -> float:
@@ -116,14 +118,14 @@ def main() -> None:
     lines = [
         "# Budgets: request-path cost",
         "",
-        f"{args.calls} chat calls, concurrency {args.concurrency}, over 50 rollouts; "
+        f"{args.calls} chat calls per level, over 50 rollouts; "
         f"gateway overhead from `X-Gateway-Overhead-Ms` (excludes the upstream). "
         f"{os.cpu_count()} cores, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
         "(shared machine: numbers are pessimistic).",
         "",
-        "| mode | overhead median ms | p99 ms | mean ms |",
-        "|---|---|---|---|",
-        *(f"| {n} | {m:.3f} | {p:.3f} | {a:.3f} |" for n, m, p, a in rows),
+        "| mode | concurrency | overhead median ms | p99 ms | mean ms |",
+        "|---|---|---|---|---|",
+        *(f"| {n} | {c} | {m:.3f} | {p:.3f} | {a:.3f} |" for n, c, m, p, a in rows),
         "",
         "| state | reserve + settle pairs / s (one client, sequential) |",
         "|---|---|",

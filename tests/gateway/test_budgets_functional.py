@@ -153,6 +153,36 @@ def test_clamp_lowers_max_tokens_so_the_final_cost_stays_within_budget(
     assert clamped[-1]["request_body"]["max_tokens"] == 200
 
 
+def test_streamed_calls_are_budgeted_clamped_and_carry_the_headers(
+    make_gateway: Callable[..., GatewayThread], fake_provider: Any
+) -> None:
+    gateway = make_gateway(
+        budgets={"rollout": {"max_calls": 2, "max_tokens": 100}, "clamp_max_tokens": True}
+    )
+    oai = client(gateway, "stream-1")
+    with oai.chat.completions.with_streaming_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": LONG_TEXT}], stream=True
+    ) as response:
+        assert response.headers["x-budget-remaining-calls"] == "1"
+        text = "".join(
+            chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices
+        )
+    assert text
+    sent = fake_provider.state.requests_to(CHAT)[-1].body
+    # The prompt is about 100 characters: the reply may take what is left of 100 tokens.
+    assert 1 <= sent["max_completion_tokens"] < 100
+    span = gateway.spans(rollout_id="stream-1")[-1]
+    assert span["input_tokens"] + span["output_tokens"] <= 100
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        for _ in oai.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "again"}], stream=True
+        ):
+            pass
+    assert refused.value.status_code == 402
+    assert len(fake_provider.state.requests_to(CHAT)) == 1
+
+
 def test_twenty_concurrent_calls_with_max_calls_five_send_exactly_five_upstream(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any
 ) -> None:
