@@ -148,7 +148,8 @@ async def create_rollout(request: web.Request) -> web.Response:
             budget=body.budget.stored() if body.budget else None,
         ),
     )
-    if body.budget is not None and gw.budgets is not None:
+    # The agent counts too: its limits apply to the rollout's calls.
+    if (body.budget is not None or body.agent is not None) and gw.budgets is not None:
         await gw.budgets.set_budget(row["id"], row["budget"], row["agent"])
     return json(row, status=201 if created else 200)
 

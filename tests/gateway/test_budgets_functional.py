@@ -241,9 +241,10 @@ def test_agent_limits_and_api_patch_reach_the_budget(
             "agents": {"researcher": {"rollout": {"max_calls": 2}}},
         }
     )
-    httpx.post(f"{gateway.base}/api/rollouts", json={"id": "ag-1", "agent": "researcher"})
     oai = client(gateway, "ag-1")
     ask(oai)
+    # The agent is named after the rollout's first call: its limit applies from then on.
+    httpx.post(f"{gateway.base}/api/rollouts", json={"id": "ag-1", "agent": "researcher"})
     ask(oai)
     with pytest.raises(openai.APIStatusError):
         ask(oai)
