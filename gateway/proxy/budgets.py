@@ -235,22 +235,21 @@ class Budgets:
         self._settling: dict[str, set[asyncio.Task[None]]] = {}
         # Budget JSON per rollout as last seen; `reserve` refuses to use a stale one.
         self._known: OrderedDict[str, str] = OrderedDict()
+        # Config limits per agent ("" for the defaults), merged once rather than per call.
+        defaults = (settings.rollout.model_dump(), settings.attempt.model_dump())
+        self._configured: dict[str, tuple[Limits, Limits]] = {
+            "": (merge(defaults[0]), merge(defaults[1]))
+        }
+        for name, own in settings.agents.items():
+            self._configured[name] = (
+                merge(defaults[0], own.rollout.model_dump()),
+                merge(defaults[1], own.attempt.model_dump()),
+            )
 
     def limits(self, budget: Mapping[str, Any], agent: str | None) -> tuple[Limits, Limits]:
         """Config defaults, then the agent's, then the rollout's own (set over the API)."""
-        per_agent = self.settings.agents.get(agent) if agent else None
-        return (
-            merge(
-                self.settings.rollout.model_dump(),
-                per_agent.rollout.model_dump() if per_agent else None,
-                budget.get("rollout"),
-            ),
-            merge(
-                self.settings.attempt.model_dump(),
-                per_agent.attempt.model_dump() if per_agent else None,
-                budget.get("attempt"),
-            ),
-        )
+        rollout, attempt = self._configured.get(agent or "", self._configured[""])
+        return merge(rollout, budget.get("rollout")), merge(attempt, budget.get("attempt"))
 
     async def _budget(self, rollout_id: str) -> str:
         """The rollout's budget (JSON) as last seen here, else from the state, seeding the
