@@ -2,10 +2,13 @@
 
 from config.loader import DEFAULT_CONFIG_FILE, ConfigError, load_settings, parse_settings
 from config.models import (
+    AgentBudgets,
     ApiKey,
     AuthSettings,
     Backoff,
     BreakerPolicy,
+    BudgetLimits,
+    BudgetSettings,
     Deployment,
     JudgeSettings,
     Limits,
@@ -16,16 +19,20 @@ from config.models import (
     RetryPolicy,
     ServerSettings,
     Settings,
+    SharedSettings,
     Timeouts,
     default_settings,
 )
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
+    "AgentBudgets",
     "ApiKey",
     "AuthSettings",
     "Backoff",
     "BreakerPolicy",
+    "BudgetLimits",
+    "BudgetSettings",
     "ConfigError",
     "Deployment",
     "JudgeSettings",
@@ -37,6 +44,7 @@ __all__ = [
     "RetryPolicy",
     "ServerSettings",
     "Settings",
+    "SharedSettings",
     "Timeouts",
     "default_settings",
     "load_settings",

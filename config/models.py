@@ -65,6 +65,8 @@ DEFAULT_EXPERIMENT_SUCCESS_THRESHOLD = 0.5
 DEFAULT_EXPERIMENT_REFRESH = 1.0
 DEFAULT_MAX_HOLD_SECONDS = 300.0
 DEFAULT_PAUSE_RETRY_AFTER = 5.0
+# A rollout's budget counters outlive its last call by this long in Redis (a week).
+DEFAULT_BUDGET_STATE_TTL = 7 * 24 * 3600.0
 
 
 class _Strict(BaseModel):
@@ -426,6 +428,62 @@ class OtlpSettings(_Strict):
     )
 
 
+class BudgetLimits(_Strict):
+    """Limits on one scope (a rollout or an attempt); an unset limit does not apply."""
+
+    max_calls: int | None = Field(None, ge=0, description="Calls let through.")
+    max_tokens: int | None = Field(None, ge=0, description="Input plus output tokens.")
+    max_cost_usd: float | None = Field(None, ge=0, description="Cost in USD.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Wall time since the scope's first call, seconds."
+    )
+
+
+class AgentBudgets(_Strict):
+    """One agent's budgets; each limit set here replaces the default one."""
+
+    rollout: BudgetLimits = Field(default_factory=BudgetLimits, description="Per rollout.")
+    attempt: BudgetLimits = Field(default_factory=BudgetLimits, description="Per attempt.")
+
+
+class BudgetSettings(_Strict):
+    """Per-rollout and per-attempt budgets, refused with 402 `budget_exceeded` when spent.
+
+    Limits resolve from these defaults, then the agent's, then the rollout's own (set over
+    the API); a call's `X-Budget-Max-*` headers can only lower them.
+    """
+
+    rollout: BudgetLimits = Field(
+        default_factory=BudgetLimits, description="Default limits of every rollout."
+    )
+    attempt: BudgetLimits = Field(
+        default_factory=BudgetLimits, description="Default limits of every attempt."
+    )
+    agents: dict[str, AgentBudgets] = Field(
+        default_factory=dict, description="Limits per agent (`X-Agent-Id` or the rollout's)."
+    )
+    clamp_max_tokens: bool = Field(
+        False,
+        description="Lower a call's `max_tokens` / `max_completion_tokens` to what the token "
+        "and cost budgets still allow, so the last call cannot overspend.",
+    )
+    state_ttl: float = Field(
+        DEFAULT_BUDGET_STATE_TTL,
+        gt=0,
+        description="Seconds a rollout's counters stay in Redis after its last call.",
+    )
+
+
+class SharedSettings(_Strict):
+    """State shared by replicas of one gateway."""
+
+    redis_url: str | None = Field(
+        None,
+        repr=False,
+        description="Redis URL (`redis://host:6379/0`); set, budgets hold across replicas.",
+    )
+
+
 Scope = Literal["proxy", "read", "write", "admin"]
 TerminalStatus = Literal["succeeded", "failed", "cancelled", "timeout"]
 
@@ -615,6 +673,12 @@ class Settings(_Strict):
     )
     pause: PauseSettings = Field(
         default_factory=PauseSettings, description="Pause and drain (`/api/proxy/pause`)."
+    )
+    budgets: BudgetSettings = Field(
+        default_factory=BudgetSettings, description="Per-rollout and per-attempt budgets."
+    )
+    shared: SharedSettings = Field(
+        default_factory=SharedSettings, description="State shared across replicas."
     )
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,

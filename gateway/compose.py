@@ -19,6 +19,7 @@ from gateway.providers import mock as mock_provider
 from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.providers.openai import OpenAICompatible
+from gateway.proxy.budgets import Budgets
 from gateway.proxy.cost import load_cost_map
 from gateway.proxy.gate import Gate
 from gateway.proxy.recorder import Recorder
@@ -26,6 +27,7 @@ from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
 from gateway.web.auth import auth_middleware
+from gateway.web.budget_metrics import BudgetCollector
 from gateway.web.experiment_sync import attach_experiments
 from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
 from gateway.web.ingest_otlp import add_routes as add_ingest_routes
@@ -47,7 +49,8 @@ from gateway.web.state import GATEWAY, Gateway
 from gateway.web.ui.routes import ANALYSES, add_ui_routes
 from judge.guidelines import get_guideline
 from judge.service import JudgeService
-from store.queries import rollout_cursor
+from store.budget_state import MemoryBudgetState, RedisBudgetState
+from store.queries import rollout_budget_usage, rollout_cursor
 from store.reader import Reader
 from store.writer import StoreWriter
 
@@ -93,6 +96,22 @@ def writer_for(
     )
 
 
+def budgets_for(settings: Settings, reader: Reader, gw: Gateway) -> Budgets:
+    """Budgets on Redis when `shared.redis_url` is set (one budget for every replica), else
+    in this process; counters start from what the store has recorded."""
+    redis_url = settings.shared.redis_url
+    state: MemoryBudgetState | RedisBudgetState = (
+        RedisBudgetState(redis_url, ttl=settings.budgets.state_ttl)
+        if redis_url
+        else MemoryBudgetState()
+    )
+
+    async def lookup(rollout_id: str) -> dict[str, Any]:
+        return await reader.run(rollout_budget_usage, rollout_id)
+
+    return Budgets(settings.budgets, state, lookup, gw.group_prices, shared=bool(redis_url))
+
+
 def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     """The whole gateway as an aiohttp app; nothing starts until the app does."""
     check_providers(settings)
@@ -118,14 +137,17 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         redactor=Redactor.for_settings(settings),
         gate=Gate(settings.pause.max_hold_seconds, settings.pause.retry_after_seconds),
     )
+    gw.budgets = budgets_for(settings, reader, gw)
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
+    app[METRICS].registry.register(BudgetCollector(gw.budgets))
     app[JUDGE] = JudgeService(settings.judge, db_path, lambda: gw.base_url)
     # Teardown runs in reverse: the upstream session closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_judging)
+    app.cleanup_ctx.append(_budgeting)
     exporter = OtlpExporter.from_settings(settings)
     if exporter is not None:
         app[OTLP_EXPORTER] = exporter
@@ -188,6 +210,13 @@ async def _recording(app: web.Application) -> AsyncIterator[None]:
     unsubscribe_traces()
     unsubscribe_metrics()
     unsubscribe_writer()
+
+
+async def _budgeting(app: web.Application) -> AsyncIterator[None]:
+    yield
+    budgets = app[GATEWAY].budgets
+    if budgets is not None:
+        await budgets.close()
 
 
 async def _judging(app: web.Application) -> AsyncIterator[None]:

@@ -7,6 +7,7 @@
     - BodyTooLarge (413, code request_too_large)
     - RequestTimeout (408, code request_timeout)
   - AuthenticationFailed (401 authentication_error)
+  - BudgetExceeded (402 insufficient_quota, code budget_exceeded; never retried by SDKs)
   - PermissionDenied (403 permission_error, code insufficient_scope)
   - NotFoundError (404 not_found_error)
     - ModelNotFound (404 invalid_request_error, code model_not_found)
@@ -23,6 +24,7 @@
     - UpstreamProtocolError (502, code upstream_bad_response)
     - UpstreamTooLarge (502, code upstream_too_large)
   - ServiceUnavailable (503 service_unavailable, code store_busy; answered with Retry-After)
+    - BudgetUnavailable (503, code budget_unavailable; the budget state cannot be reached)
   - TooManySubscribers (503 service_unavailable, code too_many_subscribers)
   - GuidelineMissing (500 api_error, code guideline_not_found)
 
@@ -99,6 +101,23 @@ class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class BudgetExceeded(GatewayError):
+    """The rollout or attempt has spent a budget limit; the call never goes upstream.
+
+    402, not 429: the OpenAI SDKs retry 408, 409, 429 and 5xx, and waiting does not refill
+    a budget. Not 403 either: the key is allowed, this spend is not.
+    """
+
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, scope: str, limit: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.limit = limit
 
 
 class PermissionDenied(GatewayError):
@@ -250,6 +269,13 @@ class ServiceUnavailable(GatewayError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BudgetUnavailable(ServiceUnavailable):
+    """The budget state (Redis) did not answer: the call is refused rather than let through
+    unchecked."""
+
+    code = "budget_unavailable"
 
 
 # A traceback's header and its indented frames go; the exception's own line after them stays.

@@ -69,8 +69,23 @@ where rollout_id = :rollout_id
 order by created_ns
 """
 
+ROLLOUT_BUDGET_USAGE_SQL = """
+select
+  attempt_id,
+  sum(case when operation != 'execute_tool'
+        and coalesce(error_type, '') != 'budget_exceeded' then 1 else 0 end) as calls,
+  coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0) as tokens,
+  coalesce(sum(cost_usd), 0.0) as cost,
+  min(case when operation != 'execute_tool'
+        and coalesce(error_type, '') != 'budget_exceeded' then start_ns end) as first_ns
+from spans
+where rollout_id = :rollout_id
+group by attempt_id
+"""
+
 JSON_COLUMNS = frozenset(
     {
+        "budget",
         "input",
         "metadata",
         "tags",
@@ -107,6 +122,30 @@ def rollout_cursor(db: Database, rollout_id: str) -> tuple[int, str | None]:
     """Highest sequence number recorded for a rollout and its latest attempt id."""
     row = db.execute(ROLLOUT_CURSOR_SQL, {"rollout_id": rollout_id}).fetchone()
     return (row[0] or 0, row[1])
+
+
+def rollout_budget_usage(db: Database, rollout_id: str) -> dict[str, Any]:
+    """A rollout's API-set budget, agent and recorded usage (calls, tokens, cost, first call
+    in epoch seconds), whole and per attempt: where its budget counters start from."""
+    found = _rows(db, "select agent, budget from rollouts where id = :id", {"id": rollout_id})
+    row = decode_row(found[0]) if found else {}
+    total = {"calls": 0, "tokens": 0, "cost": 0.0, "started": 0.0}
+    attempts: dict[str, dict[str, float]] = {}
+    for part in _rows(db, ROLLOUT_BUDGET_USAGE_SQL, {"rollout_id": rollout_id}):
+        started = (part["first_ns"] or 0) / 1e9
+        usage = {"calls": part["calls"], "tokens": part["tokens"], "cost": part["cost"]}
+        for key, value in usage.items():
+            total[key] += value
+        if started and (not total["started"] or started < total["started"]):
+            total["started"] = started
+        if part["attempt_id"] is not None:
+            attempts[part["attempt_id"]] = {**usage, "started": started}
+    return {
+        "budget": row.get("budget") or {},
+        "agent": row.get("agent"),
+        "usage": total,
+        "attempts": attempts,
+    }
 
 
 def list_spans(
@@ -162,6 +201,7 @@ def get_rollout(db: Database, rollout_id: str, *, bodies: bool = True) -> dict[s
         "calls": sum(1 for s in spans if s["operation"] != "execute_tool"),
         "tool_executions": sum(1 for s in spans if s["operation"] == "execute_tool"),
         "errors": sum(1 for s in spans if s["status"] == "error"),
+        "budget_refusals": sum(1 for s in spans if s["error_type"] == "budget_exceeded"),
         "input_tokens": sum(s["input_tokens"] or 0 for s in spans),
         "output_tokens": sum(s["output_tokens"] or 0 for s in spans),
         "cost_usd": sum(s["cost_usd"] or 0.0 for s in spans),

@@ -269,6 +269,12 @@ def _training(db: Database) -> None:
     )
 
 
+@migrations(name="007_rollout_budgets")
+def _rollout_budgets(db: Database) -> None:
+    # A rollout's own budget, set over the API: `{"rollout": {limits}, "attempt": {limits}}`.
+    db.execute("ALTER TABLE rollouts ADD COLUMN budget TEXT")
+
+
 def connect(path: str | Path, *, read_only: bool = False) -> Database:
     """Open the database; writers get WAL mode and the schema, readers never write."""
     if read_only:

@@ -70,6 +70,7 @@ def create_rollout(
     agent: str | None = None,
     metadata: dict[str, Any] | None = None,
     tags: list[str] | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """A new rollout, or the existing one (filling fields it lacks); `(row, created)`."""
     rollout_id = rollout_id or f"ro-{uuid.uuid4().hex[:16]}"
@@ -78,11 +79,13 @@ def create_rollout(
     if existing is None:
         db.execute(
             """
-            insert into rollouts (id, status, agent, input, metadata, tags, created_ns, updated_ns)
-            values (:id, 'running', :agent, :input, :metadata, :tags, :now, :now)
+            insert into rollouts (id, status, agent, input, metadata, tags, budget,
+                                  created_ns, updated_ns)
+            values (:id, 'running', :agent, :input, :metadata, :tags, :budget, :now, :now)
             """,
             {
                 "id": rollout_id,
+                "budget": _budget_json(None, budget),
                 "agent": agent,
                 "input": None if input is None else orjson.dumps(input).decode(),
                 "metadata": _json(metadata, "{}"),
@@ -109,11 +112,13 @@ def create_rollout(
           input = coalesce(input, :input),
           metadata = :metadata,
           tags = :tags,
+          budget = :budget,
           updated_ns = :now
         where id = :id
         """,
         {
             "id": rollout_id,
+            "budget": _budget_json(existing.get("budget"), budget),
             "agent": agent,
             "input": None if input is None else orjson.dumps(input).decode(),
             "metadata": _json({**(existing.get("metadata") or {}), **(metadata or {})}, "{}"),
@@ -122,6 +127,20 @@ def create_rollout(
         },
     )
     return get_rollout_row(db, rollout_id), False
+
+
+def _budget_json(stored: dict[str, Any] | None, given: dict[str, Any] | None) -> str | None:
+    """`given` merged into `stored` limit by limit, per scope; a limit given as None is removed."""
+    merged = {scope: dict(limits) for scope, limits in (stored or {}).items()}
+    for scope, limits in (given or {}).items():
+        current = merged.setdefault(scope, {})
+        for name, value in (limits or {}).items():
+            if value is None:
+                current.pop(name, None)
+            else:
+                current[name] = value
+    merged = {scope: limits for scope, limits in merged.items() if limits}
+    return orjson.dumps(merged).decode() if merged else None
 
 
 def _decoded_input(value: Any) -> Any:
@@ -140,8 +159,9 @@ def update_rollout(
     status: str | None = None,
     metadata: dict[str, Any] | None = None,
     tags: list[str] | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Change status (running → a terminal state, which is final), metadata or tags."""
+    """Change status (running → a terminal state, which is final), metadata, tags or budget."""
     row = get_rollout_row(db, rollout_id)
     now = time.time_ns()
     if status is not None and status != row["status"]:
@@ -162,12 +182,14 @@ def update_rollout(
           status = :status,
           metadata = :metadata,
           tags = :tags,
+          budget = :budget,
           updated_ns = :now,
           ended_ns = :ended
         where id = :id
         """,
         {
             "id": rollout_id,
+            "budget": _budget_json(row.get("budget"), budget),
             "status": new_status,
             "metadata": _json({**(row.get("metadata") or {}), **(metadata or {})}, "{}"),
             "tags": _json(tags if tags is not None else row.get("tags"), "[]"),

@@ -419,6 +419,30 @@ def _summary_line(summary: dict[str, Any]) -> str:
     return "summary  " + " · ".join(parts)
 
 
+def budget_line(rollout: dict[str, Any]) -> str:
+    """The rollout's own limits (set over the API) with used and remaining, from its calls."""
+    summary = rollout.get("summary") or {}
+    used = {
+        "max_calls": summary.get("calls", 0) - summary.get("budget_refusals", 0),
+        "max_tokens": summary.get("input_tokens", 0) + summary.get("output_tokens", 0),
+        "max_cost_usd": summary.get("cost_usd", 0.0),
+    }
+    parts = []
+    for name, limit in ((rollout.get("budget") or {}).get("rollout") or {}).items():
+        if name not in used:
+            parts.append(f"{name} {limit:g}")
+            continue
+        spent = used[name]
+        if name == "max_cost_usd":
+            parts.append(f"{name} {limit:g} (used {spent:.6f}, left {max(limit - spent, 0):.6f})")
+        else:
+            parts.append(f"{name} {limit:g} (used {spent:g}, left {max(limit - spent, 0):g})")
+    attempt = (rollout.get("budget") or {}).get("attempt")
+    if attempt:
+        parts.append("per attempt " + ", ".join(f"{k} {v:g}" for k, v in attempt.items()))
+    return " · ".join(parts) or "-"
+
+
 def rollout_tree(rollout: dict[str, Any]) -> list[str]:
     """A rollout from `get_rollout`: header, attempts and their calls, rewards, summary."""
     lines = [
@@ -436,6 +460,8 @@ def rollout_tree(rollout: dict[str, Any]) -> list[str]:
     ]
     if rollout.get("ended_ns"):
         fields.append(("ended", timestamp(rollout["ended_ns"])))
+    if rollout.get("budget"):
+        fields.append(("budget", budget_line(rollout)))
     lines += [f"  {name:<9} {printable(value)}" for name, value in fields]
 
     groups: list[tuple[str, list[dict[str, Any]]]] = [

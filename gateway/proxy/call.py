@@ -13,6 +13,7 @@ from typing import Any
 from config.models import Deployment
 from gateway.errors import scrub
 from gateway.proxy.attribution import Attribution, new_span_id
+from gateway.proxy.budgets import Reservation
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.cost import cost_usd
 from gateway.proxy.forward import Job, Outcome
@@ -58,6 +59,8 @@ class Call:
     redactor: Redactor | None = None
     # Span attributes set before forwarding (the experiment and variant the call ran under).
     extra_attributes: dict[str, Any] = field(default_factory=dict)
+    # What the call reserved in its rollout's budget (or was refused).
+    budget: Reservation | None = None
 
     @property
     def deployment(self) -> Deployment | None:
@@ -100,6 +103,8 @@ class Call:
             if ours:
                 sent = {name.lower() for name in self.outcome.response.headers}
                 headers.update((k, v) for k, v in ours.items() if k not in sent)
+        if self.budget is not None:
+            headers.update(self.budget.headers())
         return headers
 
     def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:
@@ -231,6 +236,8 @@ class Call:
                     job.estimated_tokens(),
                     (record["input_tokens"] or 0) + (record["output_tokens"] or 0),
                 )
+        if self.budget is not None and self.gw.budgets is not None:
+            self.gw.budgets.settle(self.budget, record)
         self.gw.recorder.publish(record)
         if record["tool_calls"]:
             self.gw.tools.note(record)

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from config.models import DEFAULT_MAX_HOLD_SECONDS, DEFAULT_PAUSE_RETRY_AFTER, Deployment, Settings
+from config.models import (
+    DEFAULT_MAX_HOLD_SECONDS,
+    DEFAULT_PAUSE_RETRY_AFTER,
+    Deployment,
+    ModelGroup,
+    Settings,
+)
 from gateway.providers.base import Provider
+from gateway.proxy.budgets import Budgets
 from gateway.proxy.cost import Price, Prices, deployment_prices
 from gateway.proxy.experiments import Experiments
 from gateway.proxy.gate import Gate
@@ -34,6 +41,8 @@ class ProxyContext:
         default_factory=lambda: Gate(DEFAULT_MAX_HOLD_SECONDS, DEFAULT_PAUSE_RETRY_AFTER)
     )
     modes: RolloutModes = field(default_factory=RolloutModes)
+    # Set by the composition root, with the budget state it chose (in-process or Redis).
+    budgets: Budgets | None = None
 
     def price_all(self, cost_map: Prices) -> None:
         """Look every deployment's prices up once, so a call's cost is two multiplications."""
@@ -43,3 +52,8 @@ class ProxyContext:
 
     def prices_for(self, deployment: Deployment) -> Price | None:
         return self.prices.get(id(deployment))
+
+    def group_prices(self, group: ModelGroup) -> Price | None:
+        """The dearest prices among the group's deployments: a budget estimate errs high."""
+        known = [p for d in group.deployments if (p := self.prices_for(d)) is not None]
+        return max(known, key=lambda p: (p[1], p[0])) if known else None

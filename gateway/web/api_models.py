@@ -28,6 +28,28 @@ class _Out(BaseModel):
 # -- requests -------------------------------------------------------------
 
 
+class BudgetLimitsBody(_Body):
+    max_calls: int | None = Field(None, ge=0, description="Calls let through.")
+    max_tokens: int | None = Field(None, ge=0, description="Input plus output tokens.")
+    max_cost_usd: float | None = Field(None, ge=0, description="Cost in USD.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Wall time since the first call, seconds."
+    )
+
+
+class BudgetBody(BudgetLimitsBody):
+    """The rollout's own limits (they replace config defaults); `null` removes one."""
+
+    attempt: BudgetLimitsBody | None = Field(None, description="Limits on each attempt.")
+
+    def stored(self) -> dict[str, Any]:
+        """`{"rollout": {...}, "attempt": {...}}` with only the limits the client named."""
+        given = self.model_dump(exclude_unset=True)
+        return {"rollout": {k: v for k, v in given.items() if k != "attempt"}} | (
+            {"attempt": given["attempt"] or {}} if "attempt" in given else {}
+        )
+
+
 class RolloutCreate(_Body):
     id: str | None = Field(
         None, pattern=ID_PATTERN, description="Client-chosen id; generated if absent."
@@ -43,12 +65,14 @@ class RolloutCreate(_Body):
         description="Training or validation: calls get the model group's `modes` parameters "
         "and record the mode; kept in `metadata.mode`.",
     )
+    budget: BudgetBody | None = Field(None, description="The rollout's own budget.")
 
 
 class RolloutUpdate(_Body):
     status: RolloutStatus | None = Field(None, description="New status; terminal ones are final.")
     metadata: dict[str, Any] | None = Field(None, description="Merged into the stored metadata.")
     tags: list[str] | None = Field(None, max_length=64, description="Replaces the stored tags.")
+    budget: BudgetBody | None = Field(None, description="Merged into the rollout's budget.")
 
 
 class AttemptCreate(_Body):
@@ -238,6 +262,7 @@ class Rollout(_Out):
     created_ns: int
     updated_ns: int
     ended_ns: int | None
+    budget: dict[str, Any] | None = Field(None, description="The budget set over the API.")
 
 
 class Attempt(_Out):
@@ -304,6 +329,9 @@ class RolloutDetail(Rollout):
     attempts: list[dict[str, Any]]
     rewards: list[Reward]
     summary: dict[str, Any]
+    budget_usage: dict[str, Any] | None = Field(
+        None, description="Limits in force, used and remaining (rollout and attempts)."
+    )
 
 
 class Stats(_Out):

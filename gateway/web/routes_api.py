@@ -145,11 +145,15 @@ async def create_rollout(request: web.Request) -> web.Response:
             agent=body.agent,
             metadata={**body.metadata, "mode": body.mode} if body.mode else body.metadata,
             tags=body.tags,
+            budget=body.budget.stored() if body.budget else None,
         ),
     )
     if body.mode:
         # Calls of the rollout get the model group's parameters for this mode.
         gw.modes.set(row["id"], body.mode)
+    # The agent counts too: its limits apply to the rollout's calls.
+    if (body.budget is not None or body.agent is not None) and gw.budgets is not None:
+        await gw.budgets.set_budget(row["id"], row["budget"], row["agent"])
     return json(row, status=201 if created else 200)
 
 
@@ -173,6 +177,8 @@ async def list_rollouts(request: web.Request) -> web.Response:
 async def get_rollout_view(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     rollout = await read(gw, get_rollout, request.match_info["rollout_id"])
+    if gw.budgets is not None:
+        rollout["budget_usage"] = await gw.budgets.view(rollout["id"])
     for attempt in rollout["attempts"]:
         for span in attempt["spans"]:
             span.pop("request_body", None)
@@ -190,9 +196,16 @@ async def update_rollout(request: web.Request) -> web.Response:
     row = await write(
         gw,
         lambda db: writes.update_rollout(
-            db, rollout_id, status=body.status, metadata=body.metadata, tags=body.tags
+            db,
+            rollout_id,
+            status=body.status,
+            metadata=body.metadata,
+            tags=body.tags,
+            budget=body.budget.stored() if body.budget else None,
         ),
     )
+    if body.budget is not None and gw.budgets is not None:
+        await gw.budgets.set_budget(rollout_id, row["budget"], row["agent"])
     gw.recorder.publish_rollout(row)
     return json(row)
 
@@ -443,8 +456,8 @@ class ApiRoute:
 ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("POST", "/api/rollouts", create_rollout, "Create a rollout (or return the existing one)", "write", m.RolloutCreate, None, m.Rollout, 201, (409, 422)),
     ApiRoute("GET", "/api/rollouts", list_rollouts, "List rollouts, newest first", "read", None, m.RolloutQuery, m.RolloutPage, 200, (422,)),
-    ApiRoute("GET", "/api/rollouts/{rollout_id}", get_rollout_view, "A rollout with attempts, calls, rewards and a summary", "read", None, None, m.RolloutDetail, 200, (404,)),
-    ApiRoute("PATCH", "/api/rollouts/{rollout_id}", update_rollout, "Change a rollout's status, metadata or tags", "write", m.RolloutUpdate, None, m.Rollout, 200, (404, 409, 422)),
+    ApiRoute("GET", "/api/rollouts/{rollout_id}", get_rollout_view, "A rollout with attempts, calls, rewards, a summary and its budget", "read", None, None, m.RolloutDetail, 200, (404,)),
+    ApiRoute("PATCH", "/api/rollouts/{rollout_id}", update_rollout, "Change a rollout's status, metadata, tags or budget", "write", m.RolloutUpdate, None, m.Rollout, 200, (404, 409, 422)),
     ApiRoute("POST", "/api/rollouts/{rollout_id}/attempts", create_attempt, "Open a new attempt", "write", m.AttemptCreate, None, m.Attempt, 201, (404, 409, 422)),
     ApiRoute("PATCH", "/api/rollouts/{rollout_id}/attempts/{attempt_id}", update_attempt, "Change an attempt's status", "write", m.AttemptUpdate, None, m.Attempt, 200, (404, 409, 422)),
     ApiRoute("POST", "/api/rollouts/{rollout_id}/rewards", create_reward, "Reward a rollout (or one of its attempts or calls)", "write", m.RewardCreate, None, m.Reward, 201, (404, 409, 422)),

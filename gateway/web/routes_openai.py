@@ -195,6 +195,9 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         await enter_experiment(gw.experiments, call)
         raw, payload = call.raw_request, call.payload
         group = gw.router.group(payload["model"])
+        if gw.budgets is not None:
+            # Refused here (402) before anything goes upstream; the body may come back clamped.
+            raw, payload = await gw.budgets.admit(call, group, request.headers)
         gateway_keys = [key.key for key in gw.settings.auth.keys]
         client_headers = forwarded_client_headers(request, gateway_keys)
         call.redactor = gw.redactor.adding(_bearer_token(client_headers.get("authorization")))

@@ -1,0 +1,143 @@
+"""What budgets cost on the request path: gateway overhead per call with no budget, an
+in-process budget and a Redis budget, plus the raw reserve+settle rate of each state.
+
+    python bench/budgets.py [--calls 2000] [--concurrency 1,16]
+
+Prints a table and writes bench/results/budgets.md. Needs redis-server on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import aiohttp  # noqa: E402
+from conftest import gateway_settings  # noqa: E402
+from fake_provider import FakeProviderThread  # noqa: E402
+from redis_server import redis_server  # noqa: E402
+from servers import GatewayThread  # noqa: E402
+
+from store.budget_state import MemoryBudgetState, RedisBudgetState, empty_usage  # noqa: E402
+
+BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hello there"}]}
+BIG = {"max_calls": 10**9, "max_tokens": 10**12, "max_cost_usd": 10**6}
+
+
+async def drive(gateway: GatewayThread, calls: int, concurrency: int) -> list[float]:
+    """Gateway overhead (X-Gateway-Overhead-Ms) of `calls` calls over 50 rollouts."""
+    overheads: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(calls):
+        queue.put_nowait(i)
+    async with aiohttp.ClientSession() as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                url = f"{gateway.url(f'bench-{i % 50}')}/chat/completions"
+                async with session.post(url, json=BODY) as response:
+                    await response.read()
+                    assert response.status == 200, response.status
+                    overheads.append(float(response.headers["X-Gateway-Overhead-Ms"]))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return overheads
+
+
+async def state_rate(state: Any, seconds: float = 2.0) -> float:
+    """Sequential reserve+settle pairs per second on one rollout."""
+    await state.seed("rate", "{}", empty_usage(), {})
+    limits = ({"max_calls": 10**12}, {})
+    done, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        await state.reserve(
+            "rate", "1", limits, tokens=10, cost=0.001, need_tokens=1, need_cost=1e-9, now=1.0,
+            expect="{}",
+        )  # fmt: skip
+        await state.settle("rate", "1", tokens=-1, cost=-0.0001)
+        done += 1
+    await state.close()
+    return done / seconds
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    return (
+        statistics.median(ordered),
+        ordered[int(len(ordered) * 0.99) - 1],
+        statistics.mean(ordered),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated levels")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.concurrency.split(",")]
+    rows: list[tuple[str, int, float, float, float]] = []
+    rates: list[tuple[str, float]] = []
+    provider = FakeProviderThread().start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
+            modes = {
+                "no budget": {},
+                "in-process budget": {"budgets": {"rollout": BIG}},
+                "Redis budget": {"budgets": {"rollout": BIG}, "shared": {"redis_url": redis_url}},
+            }
+            for name, overrides in modes.items():
+                settings = gateway_settings(provider.url, **overrides)
+                gateway = GatewayThread(settings, Path(tmp) / f"{len(rows)}.db").start()
+                try:
+                    asyncio.run(drive(gateway, 200, max(levels)))  # warm-up
+                    for level in levels:
+                        overheads = asyncio.run(drive(gateway, args.calls, level))
+                        rows.append((name, level, *summary(overheads)))
+                finally:
+                    gateway.stop()
+            rates.append(("in-process", asyncio.run(state_rate(MemoryBudgetState()))))
+
+            async def redis_rate() -> float:
+                return await state_rate(RedisBudgetState(redis_url, ttl=60))
+
+            rates.append(("Redis (loopback)", asyncio.run(redis_rate())))
+    finally:
+        provider.stop()
+    load = os.getloadavg()
+    lines = [
+        "# Budgets: request-path cost",
+        "",
+        f"{args.calls} chat calls per level, over 50 rollouts; "
+        f"gateway overhead from `X-Gateway-Overhead-Ms` (excludes the upstream). "
+        f"{os.cpu_count()} cores, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        "(shared machine: numbers are pessimistic).",
+        "",
+        "| mode | concurrency | overhead median ms | p99 ms | mean ms |",
+        "|---|---|---|---|---|",
+        *(f"| {n} | {c} | {m:.3f} | {p:.3f} | {a:.3f} |" for n, c, m, p, a in rows),
+        "",
+        "| state | reserve + settle pairs / s (one client, sequential) |",
+        "|---|---|",
+        *(f"| {n} | {r:,.0f} |" for n, r in rates),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out = ROOT / "bench" / "results" / "budgets.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
