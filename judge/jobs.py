@@ -74,7 +74,11 @@ class JudgeStore:
         self.db_path = Path(db_path)
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._connections: list[Any] = []
+        self._connections: list[Any] | None = []
+        # Thread calls in progress: a connection closed under one crashes SQLite (a segfault,
+        # not an exception), so close() waits for them.
+        self._busy = 0
+        self._idle = threading.Condition()
         # Told of each stored verdict (the gateway exports them as evaluation events).
         self.on_saved: Callable[[dict[str, Any]], None] | None = None
 
@@ -83,11 +87,24 @@ class JudgeStore:
         if db is None:
             db = connect(self.db_path)
             self._local.db = db
+            assert self._connections is not None
             self._connections.append(db)
         return db
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(lambda: fn(self._db(), *args))
+        return await asyncio.to_thread(self._call, fn, *args)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._idle:
+            if self._connections is None:
+                raise RuntimeError("the judge store is closed")
+            self._busy += 1
+        try:
+            return fn(self._db(), *args)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
 
     async def select(self, selection: Selection) -> list[str]:
         if selection.rollout_ids:
@@ -135,11 +152,19 @@ class JudgeStore:
             self.on_saved(stored)
         return stored
 
-    def close(self) -> None:
-        # Connections are opened with check_same_thread=False, so any thread may close them.
-        for db in self._connections:
+    def close(self, timeout: float = 30.0) -> None:
+        """Close every connection once no thread is using one (a cancelled task's thread
+        keeps running until its statement ends); past `timeout` they are left open."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._busy == 0, timeout):
+                log.warning(
+                    "judge store: %d calls still running; connections left open", self._busy
+                )
+                return
+            connections, self._connections = self._connections, None
+        # Opened with check_same_thread=False, so any thread may close them.
+        for db in connections or ():
             db.close()
-        self._connections.clear()
 
 
 @dataclass

@@ -321,4 +321,4 @@ class JudgeService:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.http is not None:
             await self.http.aclose()
-        self.store.close()
+        await asyncio.to_thread(self.store.close)
