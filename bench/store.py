@@ -72,8 +72,14 @@ sys.path.insert(0, str(REPO))
 
 from gateway.compose import writer_for
 from gateway.proxy.attribution import new_span_id
-from store.listing import LIST_SPANS_SQL, SPAN_FILTERS, _where, list_spans
-from store.queries import ROLLOUT_SPANS_SQL, get_rollout
+from store.queries import (
+    LIST_SPANS_SQL,
+    ROLLOUT_SPANS_SQL,
+    SPAN_FILTERS,
+    _where,
+    get_rollout,
+    list_spans,
+)
 from store.schema import connect
 from store.writer import insert_spans
 

@@ -52,6 +52,9 @@ DEFAULT_OTLP_RETRY_ATTEMPTS = 5
 DEFAULT_OTLP_RETRY_AFTER_CAP = 30.0
 DEFAULT_OTLP_SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_OTLP_INGEST_MAX_BYTES = 8 * 1024 * 1024
+DEFAULT_STORE_URL = "spangate.db"
+DEFAULT_RETENTION_BATCH = 500
+DEFAULT_RETENTION_INTERVAL = 300.0
 
 
 class _Strict(BaseModel):
@@ -440,6 +443,40 @@ class JudgeSettings(_Strict):
     )
 
 
+class StoreSettings(_Strict):
+    url: str | None = Field(
+        None,
+        description="Where spans are stored: a SQLite file path, or a `postgresql://` URL "
+        f"for replicas sharing one store. `--db` / `$SPANGATE_DB` win; default `{DEFAULT_STORE_URL}`.",
+    )
+
+
+class SharedSettings(_Strict):
+    redis_url: str | None = Field(
+        None,
+        description="Redis shared by all replicas (`redis://host:6379/0`): rate limits, breaker "
+        "state and rollout sequence numbers then hold across replicas. Without it they are per "
+        "replica (sequence numbers still come from PostgreSQL).",
+    )
+
+
+class RetentionSettings(_Strict):
+    days: float | None = Field(
+        None,
+        gt=0,
+        description="Prune spans, rewards, attempts and rollouts older than this many days in "
+        "the background; running rollouts are kept. Nothing is deleted without it.",
+    )
+    batch_size: int = Field(
+        DEFAULT_RETENTION_BATCH,
+        ge=1,
+        description="Rollouts deleted per transaction, so pruning never holds the writer long.",
+    )
+    interval: float = Field(
+        DEFAULT_RETENTION_INTERVAL, gt=0, description="Seconds between background prunes."
+    )
+
+
 class Settings(_Strict):
     """The whole `spangate.yaml`."""
 
@@ -462,6 +499,13 @@ class Settings(_Strict):
     judge: JudgeSettings = Field(default_factory=JudgeSettings, description="Rollout judges.")
     otlp: OtlpSettings = Field(
         default_factory=OtlpSettings, description="OpenTelemetry export and ingest."
+    )
+    store: StoreSettings = Field(default_factory=StoreSettings, description="The span store.")
+    shared: SharedSettings = Field(
+        default_factory=SharedSettings, description="State shared by replicas (Redis)."
+    )
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings, description="Deleting old records."
     )
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,

@@ -7,7 +7,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -27,7 +26,7 @@ def db_option(fn: F) -> F:
         envvar="SPANGATE_DB",
         show_default=True,
         type=click.Path(dir_okay=False),
-        help="SQLite database file (or $SPANGATE_DB).",
+        help="SQLite database file or postgresql:// URL (or $SPANGATE_DB).",
     )(fn)
 
 
@@ -151,8 +150,15 @@ def serve(
         check_providers(settings)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    from store.errors import StoreError
+
+    source = click.get_current_context().get_parameter_source("db")
+    if settings.store.url and source is click.core.ParameterSource.DEFAULT:
+        db = settings.store.url
     try:
         run(settings, db)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
@@ -170,11 +176,16 @@ def read_db(path: str) -> Iterator[Database]:
     """The database opened read-only; a missing or foreign file is a user error, not a traceback."""
     import sqlite3
 
+    from store.backend import store_exists
+    from store.errors import StoreUnavailable
     from store.schema import connect
 
-    if not Path(path).is_file():
+    if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
-    db = connect(path, read_only=True)
+    try:
+        db = connect(path, read_only=True)
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         yield db
     except sqlite3.DatabaseError as exc:
@@ -246,7 +257,7 @@ def tail(
         return
 
     from gateway.cli import render as cli_render
-    from store.queries import list_spans, max_span_rowid
+    from store.queries import list_spans, max_rowid
 
     columns = cli_render.TailColumns()
 
@@ -259,8 +270,10 @@ def tail(
     try:
         with read_db(db) as conn:
             # Taken first: a call recorded while the backlog is read is printed once, by the loop.
-            last = max_span_rowid(conn)
-            backlog = list_spans(conn, rollout_id=rollout_id, limit=limit, newest_first=True)
+            last = max_rowid(conn)
+            backlog = list_spans(
+                conn, rollout_id=rollout_id, limit=limit, newest_first=True, bodies=True
+            ).data
             backlog = [s for s in reversed(backlog) if s["_rowid"] <= last]
             columns.fit(backlog)
             for span in backlog:
@@ -272,8 +285,8 @@ def tail(
                 return
             while True:
                 fresh = list_spans(
-                    conn, rollout_id=rollout_id, after_rowid=last, limit=FOLLOW_BATCH
-                )
+                    conn, rollout_id=rollout_id, after_rowid=last, limit=FOLLOW_BATCH, bodies=True
+                ).data
                 for span in fresh:
                     emit(span)
                 if fresh:
@@ -316,7 +329,7 @@ def rollouts(status: str | None, limit: int, as_json: bool, db: str) -> None:
             f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
         )
     with read_db(db) as conn:
-        found = list_rollouts(conn, status=status, limit=limit)
+        found = list_rollouts(conn, status=status, limit=limit).data
     if as_json:
         for rollout in found:
             click.echo(cli_render.json_line(rollout))
@@ -502,14 +515,17 @@ def _write_reward(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool
     """The reward written straight into the file: SQLite (WAL) lets a second writer in."""
     import sqlite3
 
+    from store.backend import store_exists
     from store.errors import StoreError
     from store.schema import connect
     from store.writes import add_reward
 
-    if not Path(path).is_file():
+    if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
     try:
         conn = connect(path)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     except sqlite3.DatabaseError as exc:
         raise click.ClickException(f"cannot open {path}: {exc}") from exc
     try:
@@ -523,7 +539,7 @@ def _write_reward(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool
 
 
 def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from store.export import parse_since
+    from store.times import parse_since
 
     if value is None:
         return None

@@ -6,7 +6,6 @@ scipy (through judge.patterns) loads inside the command bodies, so `spangate --h
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -40,7 +39,7 @@ NOT_APPLIED = (
 
 
 def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from store.export import parse_since
+    from store.times import parse_since
 
     if value is None:
         return None
@@ -314,11 +313,16 @@ def patterns(
 
 
 def _writable(path: str) -> Database:
+    from store.backend import store_exists
+    from store.errors import StoreUnavailable
     from store.schema import connect
 
-    if not Path(path).is_file():
+    if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
-    return connect(path)
+    try:
+        return connect(path)
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _emit_guideline(row: dict[str, Any], as_json: bool) -> None:

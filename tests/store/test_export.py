@@ -23,10 +23,10 @@ from store.export import (
     iter_rollouts,
     iter_triplets,
     missing_rollouts,
-    parse_since,
     write_jsonl,
 )
 from store.schema import SPAN_COLUMNS, connect
+from store.times import parse_since
 from store.writer import insert_spans
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
