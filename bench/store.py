@@ -544,7 +544,9 @@ def bench_queries(opts: Options, db_path: Path, tmp: Path) -> tuple[list[Timing]
         summary = sample["summary"]
         notes.append(f"a rollout holds {summary['calls']} calls and {summary['rewards']} reward(s)")
         params = {"rollout_id": ids[0], "after_rowid": 0, "limit": 101}
-        listing_sql = LIST_SPANS_SQL.format(where=_where(SPAN_FILTERS, params))
+        listing_sql = LIST_SPANS_SQL.format(
+            where=_where(SPAN_FILTERS, params), bodies="", direction="asc"
+        )
         notes.append("plan of list_spans(rollout_id): " + query_plan(db, listing_sql, params))
         notes.append(
             "plan of get_rollout's spans: "

@@ -36,6 +36,7 @@ from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
 from gateway.web.routes_patterns import ROUTES as PATTERN_ROUTES
 from gateway.web.state import GATEWAY, Gateway
+from judge.jobs import JudgeStore
 from judge.service import JudgeService
 from store.queries import rollout_cursor
 from store.reader import Reader
@@ -109,7 +110,9 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     )
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
-    app[JUDGE] = JudgeService(settings.judge, db_path, lambda: gw.base_url)
+    app[JUDGE] = JudgeService(
+        settings.judge, JudgeStore(reader=reader, writer=writer), lambda: gw.base_url
+    )
     # Teardown runs in reverse: the upstream session closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_recording)
