@@ -84,7 +84,7 @@ _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|::|:([A-Za-z_]\w*)|\?|%
 @lru_cache(maxsize=512)
 def to_pyformat(sql: str) -> str:
     """`:name` and `?` placeholders as psycopg's `%(name)s` and `%s` (quoted text and `::`
-    casts left alone, a literal `%` doubled)."""
+    casts left alone, every literal `%` doubled)."""
 
     def swap(match: re.Match[str]) -> str:
         token = match.group(0)
@@ -94,7 +94,8 @@ def to_pyformat(sql: str) -> str:
             return "%s"
         if token == "%":
             return "%%"
-        return token
+        # psycopg scans quoted text for placeholders too: a `%` there is doubled as well.
+        return token.replace("%", "%%")
 
     return _TOKEN.sub(swap, sql)
 

@@ -14,6 +14,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_provider import FakeProviderThread
+from pg import PostgresServer, start_postgres
 from servers import GatewayThread
 
 from config.loader import parse_settings
@@ -71,8 +72,36 @@ def module_gateway(
     gateway.stop()
 
 
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_backends: run the test on SQLite and on a real PostgreSQL (db_path)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_path" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_backends"
+    ):
+        metafunc.parametrize("db_path", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the session (never a mock, never skipped when missing)."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
+def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The store of this test: a SQLite file, or (tests marked `both_backends`, second
+    run) a fresh PostgreSQL database URL."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return request.getfixturevalue("postgres").new_database()
     return tmp_path / "spangate.db"
 
 

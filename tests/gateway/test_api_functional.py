@@ -23,6 +23,8 @@ from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from servers import GatewayThread, read_rows, read_spans
 
+pytestmark = pytest.mark.both_backends
+
 # -- helpers ----------------------------------------------------------------------------------
 
 
