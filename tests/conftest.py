@@ -96,13 +96,18 @@ def postgres() -> Iterator[PostgresServer]:
     server.stop()
 
 
+def new_store(request: pytest.FixtureRequest, path: Path, backend: str) -> Any:
+    """`path` for SQLite, or a fresh PostgreSQL database URL (what `--db` takes)."""
+    if backend == "postgresql":
+        return request.getfixturevalue("postgres").new_database()
+    return path
+
+
 @pytest.fixture
 def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """The store of this test: a SQLite file, or (tests marked `both_backends`, second
     run) a fresh PostgreSQL database URL."""
-    if getattr(request, "param", "sqlite") == "postgresql":
-        return request.getfixturevalue("postgres").new_database()
-    return tmp_path / "spangate.db"
+    return new_store(request, tmp_path / "spangate.db", getattr(request, "param", "sqlite"))
 
 
 @pytest.fixture
