@@ -22,6 +22,7 @@ from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
+from gateway.scaling import SharedCounters
 from gateway.web.auth import auth_middleware
 from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
 from gateway.web.ingest_otlp import add_routes as add_ingest_routes
@@ -99,13 +100,18 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         # Spans still queued or journaled are not in the store yet but hold numbers.
         return max(seq, writer.unsaved_seq(rollout_id)), attempt
 
+    async def stored_seq(rollout_id: str) -> int:
+        return (await lookup(rollout_id))[0]
+
+    counters = SharedCounters(settings, db_path, stored_seq)
+
     gw = Gateway(
         settings=settings,
         router=Router(settings),
         recorder=Recorder(),
         writer=writer,
         reader=reader,
-        sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY),
+        sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY, allocate=counters.allocate),
         redactor=Redactor.for_settings(settings),
     )
     app[GATEWAY] = gw
@@ -115,6 +121,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     )
     # Teardown runs in reverse: the upstream session closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(counters.lifecycle)
     app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_judging)

@@ -77,6 +77,11 @@ _PG_STAGE = (
     f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans WITH NO DATA"
 )
 _PG_COPY = f"COPY spans_in ({', '.join(SPAN_COLUMNS)}) FROM STDIN"
+# Replicas insert one batch at a time, so `rowid` order is commit order and a follower
+# reading "rowid > last seen" never skips a row committed late with a lower id.
+_PG_SERIALIZE = "SELECT pg_advisory_xact_lock(7291)"
+# Delivered at commit: every replica's live streams wake (store.shared_state listens).
+_PG_NOTIFY = "NOTIFY spangate_spans"
 _PG_MOVE = (
     f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) "
     f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans_in ON CONFLICT (span_id) DO NOTHING"
@@ -183,7 +188,9 @@ def _insert_postgres(
         with db.conn.cursor().copy(_PG_COPY) as copy:
             for row in rows:
                 copy.write_row(_no_nul(row))
+        db.execute(_PG_SERIALIZE)
         db.execute(_PG_MOVE)
+        db.execute(_PG_NOTIFY)
 
 
 @dataclass

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_provider import FakeProviderThread
 from pg import PostgresServer, start_postgres
+from redis_server import RedisServer, start_redis
 from servers import GatewayThread
 
 from config.loader import parse_settings
@@ -92,6 +93,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def postgres() -> Iterator[PostgresServer]:
     """One real PostgreSQL for the session (never a mock, never skipped when missing)."""
     server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session."""
+    server = start_redis()
     yield server
     server.stop()
 

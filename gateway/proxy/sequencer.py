@@ -18,6 +18,9 @@ class _RolloutCursor:
 
 
 CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
+# `allocate(rollout_id, count)`: the last of `count` numbers reserved for the rollout in a
+# counter every replica shares (Redis INCRBY, or a PostgreSQL counter row).
+SeqAllocator = Callable[[str, int], Awaitable[int]]
 
 
 class Sequencer:
@@ -27,8 +30,15 @@ class Sequencer:
     left off (off the loop), so numbers keep rising across restarts.
     """
 
-    def __init__(self, lookup: CursorLookup, *, capacity: int = 100_000) -> None:
+    def __init__(
+        self,
+        lookup: CursorLookup,
+        *,
+        capacity: int = 100_000,
+        allocate: SeqAllocator | None = None,
+    ) -> None:
         self._lookup = lookup
+        self._allocate = allocate
         self._capacity = capacity
         self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()
         self._loading: dict[str, asyncio.Future[_RolloutCursor]] = {}
@@ -75,10 +85,18 @@ class Sequencer:
         cursor.seq += count
         return first
 
+    async def reserve(self, rollout_id: str, count: int = 1) -> int:
+        """Like `take`, but from the shared counter when replicas share the store, so the
+        numbers have no gaps or duplicates whichever replica a call lands on."""
+        if self._allocate is None:
+            return self.take(rollout_id, count)
+        last = await self._allocate(rollout_id, count)
+        return last - count + 1
+
     async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
         """The call's sequence number and attempt."""
         attempt = await self.attempt_of(rollout_id, attempt_id)
-        return self.take(rollout_id), attempt
+        return await self.reserve(rollout_id), attempt
 
     def set_attempt(self, rollout_id: str, attempt_id: str) -> None:
         """A new attempt was opened through the API: later unnamed calls join it."""

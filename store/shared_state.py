@@ -1,0 +1,122 @@
+"""State that replicas of one gateway share: rollout sequence counters (PostgreSQL or Redis),
+and the Redis adapters for rate limits, breaker state and the live span feed.
+
+Everything here talks to an existing engine through its well-kept client (psycopg_pool,
+redis-py, `limits`, pybreaker); nothing is kept in this process that another replica needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from store.backend import libpq_url, mask_url
+from store.errors import StoreUnavailable
+
+log = logging.getLogger("spangate.shared")
+
+COUNTER_POOL_SIZE = 4
+REDIS_SEQ_PREFIX = "spangate:seq:"
+# A rollout's counter outlives any plausible gap between two of its calls.
+REDIS_SEQ_TTL_SECONDS = 30 * 86400
+
+# One statement, atomic under concurrency: the row is created at the rollout's stored
+# maximum on first use, then only ever incremented.
+PG_NEXT_SEQ_SQL = """
+INSERT INTO rollout_counters (rollout_id, seq)
+VALUES (%(rid)s, (SELECT coalesce(max(seq), 0) FROM spans WHERE rollout_id = %(rid)s) + %(n)s)
+ON CONFLICT (rollout_id) DO UPDATE SET seq = rollout_counters.seq + %(n)s
+RETURNING seq
+"""
+
+
+class PostgresCounter:
+    """Sequence numbers from the `rollout_counters` row of each rollout (UPDATE ... RETURNING
+    through an upsert), over a small pool of connections of their own."""
+
+    def __init__(self, url: str, *, size: int = COUNTER_POOL_SIZE) -> None:
+        from psycopg_pool import AsyncConnectionPool
+
+        self.url = url
+        self.pool = AsyncConnectionPool(
+            libpq_url(url),
+            min_size=1,
+            max_size=size,
+            kwargs={"autocommit": True, "application_name": "spangate-seq"},
+            open=False,
+        )
+
+    async def open(self) -> None:
+        try:
+            await self.pool.open(wait=True, timeout=10)
+        except Exception as exc:
+            raise StoreUnavailable(
+                f"cannot open {mask_url(self.url)} for sequence numbers: {exc}"
+            ) from None
+
+    async def allocate(self, rollout_id: str, count: int) -> int:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(PG_NEXT_SEQ_SQL, {"rid": rollout_id, "n": count})
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class RedisCounter:
+    """Sequence numbers from Redis `INCRBY`, seeded once per rollout from the store (`SET NX`,
+    so replicas seeding together agree)."""
+
+    def __init__(self, redis: Any, seed: Callable[[str], Awaitable[int]]) -> None:
+        self.redis = redis
+        self.seed = seed
+        self._seeded: set[str] = set()
+
+    async def allocate(self, rollout_id: str, count: int) -> int:
+        key = REDIS_SEQ_PREFIX + rollout_id
+        if rollout_id not in self._seeded:
+            if not await self.redis.exists(key):
+                await self.redis.set(key, await self.seed(rollout_id), nx=True)
+            self._seeded.add(rollout_id)
+            if len(self._seeded) > 100_000:
+                self._seeded.clear()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incrby(key, count)
+            pipe.expire(key, REDIS_SEQ_TTL_SECONDS)
+            last, _ = await pipe.execute()
+        return int(last)
+
+
+def redis_client(url: str) -> Any:
+    """An asyncio redis-py client (connections are made on first use)."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+
+
+SPANS_CHANNEL = "spangate_spans"
+LISTEN_RETRY_SECONDS = 1.0
+
+
+async def listen_for_spans(url: str, on_spans: Callable[[], None]) -> None:
+    """Call `on_spans()` whenever any replica commits spans (PostgreSQL LISTEN/NOTIFY); runs
+    until cancelled, opening the connection again after a failure."""
+    import asyncio
+
+    import psycopg
+
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                libpq_url(url), autocommit=True, application_name="spangate-listen"
+            )
+            async with conn:
+                await conn.execute(f"LISTEN {SPANS_CHANNEL}")
+                async for _ in conn.notifies():
+                    on_spans()
+        except psycopg.Error as exc:
+            log.warning("span notifications from %s lost (%s); listening again", mask_url(url), exc)
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)

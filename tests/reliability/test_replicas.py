@@ -1,0 +1,139 @@
+"""Two `spangate serve` replicas sharing one PostgreSQL store (and, in some tests, one Redis):
+what a user of a load-balanced cluster checks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fake_provider import FakeProviderThread
+from pg import PostgresServer
+from servers import read_rows, wait_until
+
+from .support import ServedProcess, start_served, write_config
+
+Replicas = Callable[..., list[ServedProcess]]
+
+
+@pytest.fixture
+def replicas(
+    tmp_path: Path, postgres: PostgresServer, fake_provider: FakeProviderThread
+) -> Iterator[Replicas]:
+    """`replicas(n, **settings)`: n `spangate serve` processes on one fresh PostgreSQL
+    database, each with its own journal folder."""
+    started: list[ServedProcess] = []
+
+    def start(count: int = 2, **settings: Any) -> list[ServedProcess]:
+        url = postgres.new_database()
+        for index in range(count):
+            config = write_config(
+                tmp_path / f"replica-{index}.yaml",
+                {"gpt-test": fake_provider.url},
+                recorder={"journal_dir": str(tmp_path / f"journal-{index}")},
+                **settings,
+            )
+            started.append(start_served(config, url, tmp_path / f"replica-{index}.log"))  # type: ignore[arg-type]
+        return started[-count:]
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+def chat(replica: ServedProcess, rollout: str, text: str = "hi") -> Any:
+    client = openai.OpenAI(
+        base_url=f"{replica.base}/rollout/{rollout}/v1", api_key="unused", max_retries=0
+    )
+    try:
+        return client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": text}]
+        )
+    finally:
+        client.close()
+
+
+def stored_seqs(db: str, rollout: str) -> list[int]:
+    rows = read_rows(db, "select seq from spans where rollout_id = ? order by seq", rollout)
+    return [row["seq"] for row in rows]
+
+
+@pytest.mark.parametrize("counter", ["postgresql", "redis"])
+def test_one_rollouts_calls_alternating_between_replicas_are_numbered_1_to_n(
+    replicas: Replicas, counter: str, request: pytest.FixtureRequest
+) -> None:
+    settings: dict[str, Any] = {}
+    if counter == "redis":
+        settings["shared"] = {"redis_url": request.getfixturevalue("redis_server").url}
+    first, second = replicas(2, **settings)
+    calls = 12
+    headers = [chat((first, second)[i % 2], "r-alt", f"call {i}").headers for i in range(calls)]
+    assert {h["x-rollout-id"] for h in headers} == {"r-alt"}
+    wait_until(lambda: len(stored_seqs(str(first.db), "r-alt")) == calls, timeout=10)
+    assert stored_seqs(str(first.db), "r-alt") == list(range(1, calls + 1))
+
+
+def test_concurrent_calls_of_one_rollout_on_two_replicas_get_no_gaps_or_duplicates(
+    replicas: Replicas,
+) -> None:
+    first, second = replicas(2)
+    errors: list[BaseException] = []
+
+    def burst(replica: ServedProcess) -> None:
+        try:
+            for i in range(10):
+                chat(replica, "r-race", f"{replica.base} {i}")
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=burst, args=(r,)) for r in (first, second) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    wait_until(lambda: len(stored_seqs(str(first.db), "r-race")) == 40, timeout=10)
+    assert stored_seqs(str(first.db), "r-race") == list(range(1, 41))
+    (rollout,) = read_rows(str(first.db), "select count(*) as n from rollouts where id = 'r-race'")
+    assert rollout["n"] == 1
+
+
+def test_a_reward_posted_to_one_replica_is_read_from_another(replicas: Replicas) -> None:
+    first, second = replicas(2)
+    response = chat(first, "r-reward")
+    response_id = response.parse().id
+    wait_until(lambda: stored_seqs(str(first.db), "r-reward") == [1], timeout=10)
+    posted = httpx.post(
+        f"{first.base}/api/rewards",
+        json={"response_id": response_id, "value": 0.75, "id": "rw-cross"},
+        timeout=10,
+    )
+    assert posted.status_code == 201, posted.text
+    rollout = httpx.get(f"{second.base}/api/rollouts/r-reward", timeout=10).json()
+    assert [(r["id"], r["value"]) for r in rollout["rewards"]] == [("rw-cross", 0.75)]
+
+
+def test_the_span_stream_of_one_replica_shows_calls_made_on_another(replicas: Replicas) -> None:
+    first, second = replicas(2)
+    seen: list[str] = []
+    connected = threading.Event()
+
+    def follow() -> None:
+        with httpx.stream("GET", f"{second.base}/api/spans/stream", timeout=20) as response:
+            for line in response.iter_lines():
+                if line.startswith(": connected"):
+                    connected.set()
+                if line.startswith("data:") and '"r-sse"' in line:
+                    seen.append(line)
+                    return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    assert connected.wait(10)
+    chat(first, "r-sse")
+    # Within a second of the write (the writer's flush interval comes first).
+    wait_until(lambda: seen, timeout=3, what="the span on the other replica's stream")
