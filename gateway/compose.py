@@ -22,6 +22,7 @@ from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
+from gateway.retention import retention
 from gateway.scaling import SharedCounters
 from gateway.web.auth import auth_middleware
 from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
@@ -125,6 +126,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_judging)
+    app.cleanup_ctx.append(retention)
     exporter = OtlpExporter.from_settings(settings)
     if exporter is not None:
         app[OTLP_EXPORTER] = exporter

@@ -680,3 +680,7 @@ cli.add_command(judge)
 from gateway.cli.patterns import patterns  # noqa: E402
 
 cli.add_command(patterns)
+
+from gateway.cli.prune import prune  # noqa: E402
+
+cli.add_command(prune)
