@@ -444,6 +444,8 @@ class JudgeSettings(_Strict):
 
 
 class StoreSettings(_Strict):
+    """Where spans are stored (README "Scaling out")."""
+
     url: str | None = Field(
         None,
         description="Where spans are stored: a SQLite file path, or a `postgresql://` URL "
@@ -452,6 +454,8 @@ class StoreSettings(_Strict):
 
 
 class SharedSettings(_Strict):
+    """State that replicas behind one load balancer share."""
+
     redis_url: str | None = Field(
         None,
         description="Redis shared by all replicas (`redis://host:6379/0`): rate limits, breaker "
@@ -461,6 +465,8 @@ class SharedSettings(_Strict):
 
 
 class RetentionSettings(_Strict):
+    """Deleting old records in the background (`spangate prune` does it on demand)."""
+
     days: float | None = Field(
         None,
         gt=0,

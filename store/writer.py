@@ -180,11 +180,13 @@ def _insert_postgres(
     db: Any, rows: list[list[Any]], rollout_rows: list[Any], attempt_rows: list[Any]
 ) -> None:
     with atomic(db):
-        if rollout_rows:
-            db.executemany(_ENSURE_ROLLOUT, rollout_rows)
-        if attempt_rows:
-            db.executemany(_ENSURE_ATTEMPT, attempt_rows)
-        db.execute(_PG_STAGE)
+        # One round trip for all the rollouts and attempts, not one per row.
+        with db.conn.pipeline():
+            if rollout_rows:
+                db.executemany(_ENSURE_ROLLOUT, rollout_rows)
+            if attempt_rows:
+                db.executemany(_ENSURE_ATTEMPT, attempt_rows)
+            db.execute(_PG_STAGE)
         with db.conn.cursor().copy(_PG_COPY) as copy:
             for row in rows:
                 copy.write_row(_no_nul(row))
