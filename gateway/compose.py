@@ -108,7 +108,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
 
     gw = Gateway(
         settings=settings,
-        router=Router(settings),
+        router=Router(settings, **counters.router_options()),
         recorder=Recorder(),
         writer=writer,
         reader=reader,

@@ -1,6 +1,6 @@
 """What changes when replicas share one store: sequence numbers come from a counter they all
-see (Redis when `shared.redis_url` is set, else the PostgreSQL counter row); one SQLite
-process keeps numbering in memory."""
+see (Redis when `shared.redis_url` is set, else the PostgreSQL counter row), and with Redis
+rate limits and breaker state are shared too; one SQLite process keeps all that in memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ from aiohttp import web
 from config.models import Settings
 from gateway.web.routes_api import FEED
 from store.backend import is_postgres
-from store.shared_state import PostgresCounter, RedisCounter, listen_for_spans, redis_client
+from store.shared_state import (
+    PostgresCounter,
+    RedisCounter,
+    RedisRateLimits,
+    listen_for_spans,
+    redis_breaker_storage,
+    redis_client,
+)
 
 
 class SharedCounters:
@@ -28,12 +35,23 @@ class SharedCounters:
         self.redis: Any = None
         self.postgres: PostgresCounter | None = None
         self.counter: RedisCounter | PostgresCounter | None = None
+        self.rate_limits: RedisRateLimits | None = None
+        self.breaker_storage: Callable[[str], Any] | None = None
         if settings.shared.redis_url:
-            self.redis = redis_client(settings.shared.redis_url)
+            url = settings.shared.redis_url
+            self.redis = redis_client(url)
             self.counter = RedisCounter(self.redis, seed)
+            self.rate_limits = RedisRateLimits(url)
+            self.breaker_storage = redis_breaker_storage(url)
         elif is_postgres(db):
             self.postgres = PostgresCounter(str(db))
             self.counter = self.postgres
+
+    def router_options(self) -> dict[str, Any]:
+        """What the Router's guards share: rpm/tpm budgets and breaker state (Redis only)."""
+        if self.rate_limits is None:
+            return {}
+        return {"shared_rate": self.rate_limits.acquire, "breaker_storage": self.breaker_storage}
 
     @property
     def allocate(self) -> Callable[[str, int], Awaitable[int]] | None:

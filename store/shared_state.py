@@ -120,3 +120,56 @@ async def listen_for_spans(url: str, on_spans: Callable[[], None]) -> None:
         except psycopg.Error as exc:
             log.warning("span notifications from %s lost (%s); listening again", mask_url(url), exc)
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+
+# -- rate limits and breakers across replicas (Redis) ---------------------------------
+
+RATE_WAIT_MAX_SECONDS = 1.0
+
+
+class RedisRateLimits:
+    """Per-minute budgets every replica draws from (`limits`' sliding window counter on
+    Redis: two counters a key, so a tpm budget costs no more than an rpm one)."""
+
+    def __init__(self, url: str) -> None:
+        from limits.aio.storage import RedisStorage
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+        self.storage = RedisStorage(f"async+{url}", implementation="redispy")
+        self.limiter = SlidingWindowCounterRateLimiter(self.storage)
+
+    async def acquire(self, key: str, per_minute: int, amount: int, max_wait: float) -> float:
+        """Take `amount` of the `per_minute` budget under `key`, trying again (with backoff)
+        for up to `max_wait` s; 0.0 once taken, else seconds until it could be."""
+        import time
+
+        from limits import RateLimitItemPerMinute
+        from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_exponential
+
+        item = RateLimitItemPerMinute(per_minute, namespace="spangate")
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda taken: not taken),
+            stop=stop_after_delay(max_wait),
+            wait=wait_exponential(multiplier=0.05, max=RATE_WAIT_MAX_SECONDS),
+            retry_error_callback=lambda state: False,
+        )
+        if await retrying(self.limiter.hit, item, key, cost=amount):
+            return 0.0
+        stats = await self.limiter.get_window_stats(item, key)
+        return max(stats.reset_time - time.time(), 0.001)
+
+
+def redis_breaker_storage(url: str) -> Callable[[str], Any]:
+    """pybreaker's own Redis storage, one namespace per deployment; the state a replica
+    opens is what every replica reads on its next call."""
+    import pybreaker
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+    def storage(label: str) -> Any:
+        return pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, client, namespace=f"spangate:{label}"
+        )
+
+    return storage

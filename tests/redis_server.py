@@ -27,6 +27,12 @@ class RedisServer:
         except OSError:
             return False
 
+    def flush(self) -> None:
+        """Forget every key (each test starts with no shared limits or breaker state)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(b"FLUSHALL\r\n")
+            assert sock.recv(16).startswith(b"+OK")
+
     def stop(self) -> None:
         self.process.kill()
         self.process.wait(timeout=10)

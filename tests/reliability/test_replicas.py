@@ -13,6 +13,7 @@ import openai
 import pytest
 from fake_provider import FakeProviderThread
 from pg import PostgresServer
+from redis_server import RedisServer
 from servers import read_rows, wait_until
 
 from .support import ServedProcess, start_served, write_config
@@ -68,7 +69,9 @@ def test_one_rollouts_calls_alternating_between_replicas_are_numbered_1_to_n(
 ) -> None:
     settings: dict[str, Any] = {}
     if counter == "redis":
-        settings["shared"] = {"redis_url": request.getfixturevalue("redis_server").url}
+        redis = request.getfixturevalue("redis_server")
+        redis.flush()
+        settings["shared"] = {"redis_url": redis.url}
     first, second = replicas(2, **settings)
     calls = 12
     headers = [chat((first, second)[i % 2], "r-alt", f"call {i}").headers for i in range(calls)]
@@ -137,3 +140,70 @@ def test_the_span_stream_of_one_replica_shows_calls_made_on_another(replicas: Re
     chat(first, "r-sse")
     # Within a second of the write (the writer's flush interval comes first).
     wait_until(lambda: seen, timeout=3, what="the span on the other replica's stream")
+
+
+@pytest.fixture
+def shared_redis(redis_server: RedisServer) -> dict[str, Any]:
+    redis_server.flush()
+    return {"redis_url": redis_server.url}
+
+
+def test_an_rpm_limit_holds_across_replicas_with_redis(
+    replicas: Replicas, fake_provider: FakeProviderThread, shared_redis: dict[str, Any]
+) -> None:
+    limited = {
+        "name": "limited",
+        "deployments": [
+            {
+                "provider": "openai",
+                "model": "upstream-model",
+                "api_base": fake_provider.url,
+                "api_key": "sk-upstream",
+                "rpm": 6,
+            }
+        ],
+    }
+    first, second = replicas(2, shared=shared_redis, rate_limit_wait=0, models=[limited])
+    statuses = []
+    for i in range(10):
+        replica = (first, second)[i % 2]
+        response = httpx.post(
+            f"{replica.base}/v1/chat/completions",
+            json={"model": "limited", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+        statuses.append(response.status_code)
+    assert statuses.count(200) == 6, statuses
+    assert statuses.count(429) == 4, statuses
+
+
+def test_a_breaker_opened_on_one_replica_fails_fast_on_another(
+    replicas: Replicas, fake_provider: FakeProviderThread, shared_redis: dict[str, Any]
+) -> None:
+    first, second = replicas(
+        2,
+        shared=shared_redis,
+        retries={"attempts": 1},
+        circuit_breaker={"fail_max": 3, "reset_timeout": 30},
+    )
+    fake_provider.state.add_fault(status=500, times=3)
+    for _ in range(3):
+        assert chat_status(first) == 500
+    before = len(fake_provider.state.requests_to("/v1/chat/completions"))
+    response = httpx.post(
+        f"{second.base}/v1/chat/completions",
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "no_healthy_deployment"
+    assert 25 <= int(response.headers["retry-after"]) <= 31
+    assert len(fake_provider.state.requests_to("/v1/chat/completions")) == before
+
+
+def chat_status(replica: ServedProcess) -> int:
+    return httpx.post(
+        f"{replica.base}/v1/chat/completions",
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    ).status_code
