@@ -109,9 +109,6 @@ async def seq_costs(url: str, redis_url: str, calls: int) -> dict[str, list[floa
     async def lookup(_: str) -> tuple[int, str | None]:
         return 0, None
 
-    async def seed(_: str) -> int:
-        return 0
-
     pg = PostgresCounter(url)
     await pg.open()
     redis = redis_client(redis_url)
@@ -119,7 +116,7 @@ async def seq_costs(url: str, redis_url: str, calls: int) -> dict[str, list[floa
     for name, allocate in (
         ("in memory (one SQLite process)", None),
         ("PostgreSQL counter row", pg.allocate),
-        ("Redis INCRBY", RedisCounter(redis, seed).allocate),
+        ("Redis (INCRBY above a floor, one script)", RedisCounter(redis).allocate),
     ):
         seq = Sequencer(lookup, allocate=allocate)
         rollout = f"ro-{uuid.uuid4().hex[:8]}"

@@ -101,10 +101,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         # Spans still queued or journaled are not in the store yet but hold numbers.
         return max(seq, writer.unsaved_seq(rollout_id)), attempt
 
-    async def stored_seq(rollout_id: str) -> int:
-        return (await lookup(rollout_id))[0]
-
-    counters = SharedCounters(settings, db_path, stored_seq)
+    counters = SharedCounters(settings, db_path)
 
     gw = Gateway(
         settings=settings,

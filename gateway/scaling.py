@@ -28,9 +28,7 @@ from store.shared_state import (
 class SharedCounters:
     """The allocator handed to the proxy's Sequencer, opened and closed with the app."""
 
-    def __init__(
-        self, settings: Settings, db: str | Path, seed: Callable[[str], Awaitable[int]]
-    ) -> None:
+    def __init__(self, settings: Settings, db: str | Path) -> None:
         self.db = db
         self.redis: Any = None
         self.postgres: PostgresCounter | None = None
@@ -40,7 +38,7 @@ class SharedCounters:
         if settings.shared.redis_url:
             url = settings.shared.redis_url
             self.redis = redis_client(url)
-            self.counter = RedisCounter(self.redis, seed)
+            self.counter = RedisCounter(self.redis)
             self.rate_limits = RedisRateLimits(url)
             self.breaker_storage = redis_breaker_storage(url)
         elif is_postgres(db):

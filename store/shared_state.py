@@ -8,7 +8,7 @@ redis-py, `limits`, pybreaker); nothing is kept in this process that another rep
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from store.backend import libpq_url, mask_url
@@ -21,13 +21,24 @@ REDIS_SEQ_PREFIX = "spangate:seq:"
 # A rollout's counter outlives any plausible gap between two of its calls.
 REDIS_SEQ_TTL_SECONDS = 30 * 86400
 
-# One statement, atomic under concurrency: the row is created at the rollout's stored
-# maximum on first use, then only ever incremented.
+# One statement, atomic under concurrency: the row starts at the caller's floor (what the
+# store and this replica already numbered), then only ever rises.
 PG_NEXT_SEQ_SQL = """
 INSERT INTO rollout_counters (rollout_id, seq)
-VALUES (%(rid)s, (SELECT coalesce(max(seq), 0) FROM spans WHERE rollout_id = %(rid)s) + %(n)s)
-ON CONFLICT (rollout_id) DO UPDATE SET seq = rollout_counters.seq + %(n)s
+VALUES (%(rid)s, %(floor)s + %(n)s)
+ON CONFLICT (rollout_id) DO UPDATE SET seq = greatest(rollout_counters.seq, %(floor)s) + %(n)s
 RETURNING seq
+"""
+COUNTER_CONNECT_TIMEOUT = 1.0
+
+# INCRBY that never lands at or below the floor; the key expires long after its last use.
+REDIS_NEXT_SEQ_LUA = """
+local value = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[2])
+if value < floor then value = floor end
+value = value + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], value, 'EX', ARGV[3])
+return value
 """
 
 
@@ -55,9 +66,11 @@ class PostgresCounter:
                 f"cannot open {mask_url(self.url)} for sequence numbers: {exc}"
             ) from None
 
-    async def allocate(self, rollout_id: str, count: int) -> int:
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(PG_NEXT_SEQ_SQL, {"rid": rollout_id, "n": count})
+    async def allocate(self, rollout_id: str, count: int, floor: int = 0) -> int:
+        async with self.pool.connection(timeout=COUNTER_CONNECT_TIMEOUT) as conn:
+            cursor = await conn.execute(
+                PG_NEXT_SEQ_SQL, {"rid": rollout_id, "n": count, "floor": floor}
+            )
             row = await cursor.fetchone()
         assert row is not None
         return int(row[0])
@@ -67,27 +80,15 @@ class PostgresCounter:
 
 
 class RedisCounter:
-    """Sequence numbers from Redis `INCRBY`, seeded once per rollout from the store (`SET NX`,
-    so replicas seeding together agree)."""
+    """Sequence numbers from one Redis key per rollout (a script: INCRBY above a floor)."""
 
-    def __init__(self, redis: Any, seed: Callable[[str], Awaitable[int]]) -> None:
+    def __init__(self, redis: Any) -> None:
         self.redis = redis
-        self.seed = seed
-        self._seeded: set[str] = set()
+        self.script = redis.register_script(REDIS_NEXT_SEQ_LUA)
 
-    async def allocate(self, rollout_id: str, count: int) -> int:
+    async def allocate(self, rollout_id: str, count: int, floor: int = 0) -> int:
         key = REDIS_SEQ_PREFIX + rollout_id
-        if rollout_id not in self._seeded:
-            if not await self.redis.exists(key):
-                await self.redis.set(key, await self.seed(rollout_id), nx=True)
-            self._seeded.add(rollout_id)
-            if len(self._seeded) > 100_000:
-                self._seeded.clear()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incrby(key, count)
-            pipe.expire(key, REDIS_SEQ_TTL_SECONDS)
-            last, _ = await pipe.execute()
-        return int(last)
+        return int(await self.script(keys=[key], args=[count, floor, REDIS_SEQ_TTL_SECONDS]))
 
 
 def redis_client(url: str) -> Any:

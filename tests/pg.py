@@ -49,6 +49,7 @@ class PostgresServer:
     root: Path
     port: int
     bindir: Path
+    options: str = ""
 
     def url(self, database: str, password: str = PASSWORD) -> str:
         return f"postgresql://{USER}:{password}@127.0.0.1:{self.port}/{database}"
@@ -64,6 +65,43 @@ class PostgresServer:
         name = f"t_{uuid.uuid4().hex[:12]}"
         self.psql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
         return self.url(name)
+
+    def pause(self) -> None:
+        """Stop the server but keep its data (to start it again with `resume`)."""
+        subprocess.run(
+            _as_owner(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "stop",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+
+    def resume(self) -> None:
+        subprocess.run(
+            _as_owner(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-o",
+                    self.options,
+                    "-l",
+                    str(self.root / "log"),
+                    "-w",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
         subprocess.run(
@@ -133,7 +171,7 @@ def start_postgres() -> PostgresServer:
         check=True,
         capture_output=True,
     )
-    server = PostgresServer(root, port, bindir)
+    server = PostgresServer(root, port, bindir, options)
     server.psql(f"CREATE DATABASE {TEMPLATE}")
     from store.schema import migrate
 

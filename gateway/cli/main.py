@@ -176,7 +176,7 @@ def read_db(path: str) -> Iterator[Database]:
     """The database opened read-only; a missing or foreign file is a user error, not a traceback."""
     import sqlite3
 
-    from store.backend import store_exists
+    from store.backend import mask_url, store_exists
     from store.errors import StoreUnavailable
     from store.schema import connect
 
@@ -190,6 +190,11 @@ def read_db(path: str) -> Iterator[Database]:
         yield db
     except sqlite3.DatabaseError as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from exc
+    except Exception as exc:
+        # psycopg's errors (a server that went away mid-read): one line, password masked.
+        if type(exc).__module__.split(".")[0] != "psycopg":
+            raise
+        raise click.ClickException(f"cannot read {mask_url(path)}: {exc}") from exc
     finally:
         db.close()
 
