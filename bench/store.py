@@ -76,6 +76,7 @@ from store.queries import (
     LIST_SPANS_SQL,
     ROLLOUT_SPANS_SQL,
     SPAN_FILTERS,
+    SPAN_LIST_COLUMNS,
     _where,
     get_rollout,
     list_spans,
@@ -545,7 +546,7 @@ def bench_queries(opts: Options, db_path: Path, tmp: Path) -> tuple[list[Timing]
         notes.append(f"a rollout holds {summary['calls']} calls and {summary['rewards']} reward(s)")
         params = {"rollout_id": ids[0], "after_rowid": 0, "limit": 101}
         listing_sql = LIST_SPANS_SQL.format(
-            where=_where(SPAN_FILTERS, params), bodies="", direction="asc"
+            where=_where(SPAN_FILTERS, params), columns=SPAN_LIST_COLUMNS, direction="asc"
         )
         notes.append("plan of list_spans(rollout_id): " + query_plan(db, listing_sql, params))
         notes.append(

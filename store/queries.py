@@ -71,11 +71,11 @@ SPAN_FILTERS = {
     "after_rowid": "rowid > :after_rowid",
 }
 
-LIST_SPANS_SQL = f"""
-select {SPAN_LIST_COLUMNS}{{bodies}}
+LIST_SPANS_SQL = """
+select {columns}
 from spans
-where {{where}}
-order by rowid {{direction}}
+where {where}
+order by rowid {direction}
 limit :limit
 """
 
@@ -167,8 +167,8 @@ def _rows(db: Database, sql: str, params: dict[str, Any]) -> list[dict[str, Any]
     return [decode_row(dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
 
 
-def _limit(limit: int) -> int:
-    return max(1, min(limit, MAX_PAGE))
+def _limit(limit: int, max_page: int = MAX_PAGE) -> int:
+    return max(1, min(limit, max_page))
 
 
 def list_rollouts(
@@ -181,10 +181,11 @@ def list_rollouts(
     until_ns: int | None = None,
     cursor: str | None = None,
     limit: int = 50,
+    max_page: int = MAX_PAGE,
 ) -> Page:
-    """Newest first."""
+    """Newest first. The API pages at most `MAX_PAGE` rows; the CLI asks for what it prints."""
     cursor_ns, cursor_id = decode_cursor(cursor, 2) if cursor else (None, None)
-    limit = _limit(limit)
+    limit = _limit(limit, max_page)
     params = {
         "status": status,
         "agent": agent,
@@ -219,12 +220,13 @@ def list_spans(
     limit: int = 100,
     bodies: bool = False,
     newest_first: bool = False,
+    max_page: int = MAX_PAGE,
 ) -> Page:
     """In the order they were written (bodies only when asked: `get_span` has them);
     `after_rowid` lets a follower ask only for what is new."""
     if after_rowid is None:
         after_rowid = decode_cursor(cursor, 1)[0] if cursor else 0
-    limit = _limit(limit)
+    limit = _limit(limit, max_page)
     params = {
         "rollout_id": rollout_id,
         "attempt_id": attempt_id,
@@ -238,7 +240,8 @@ def list_spans(
     }
     sql = LIST_SPANS_SQL.format(
         where=_where(SPAN_FILTERS, params),
-        bodies=", request_body, response_body" if bodies else "",
+        # With bodies every column, in the table's order (as `get_span` returns them).
+        columns="rowid as _rowid, *" if bodies else SPAN_LIST_COLUMNS,
         direction="desc" if newest_first else "asc",
     )
     rows = _rows(db, sql, params)

@@ -277,8 +277,13 @@ def tail(
             # Taken first: a call recorded while the backlog is read is printed once, by the loop.
             last = max_rowid(conn)
             backlog = list_spans(
-                conn, rollout_id=rollout_id, limit=limit, newest_first=True, bodies=True
-            ).data
+                conn,
+                rollout_id=rollout_id,
+                limit=limit,
+                newest_first=True,
+                bodies=True,
+                max_page=max(limit, 1),
+            ).data[:limit]
             backlog = [s for s in reversed(backlog) if s["_rowid"] <= last]
             columns.fit(backlog)
             for span in backlog:
@@ -334,7 +339,7 @@ def rollouts(status: str | None, limit: int, as_json: bool, db: str) -> None:
             f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
         )
     with read_db(db) as conn:
-        found = list_rollouts(conn, status=status, limit=limit).data
+        found = list_rollouts(conn, status=status, limit=limit, max_page=max(limit, 1)).data[:limit]
     if as_json:
         for rollout in found:
             click.echo(cli_render.json_line(rollout))
