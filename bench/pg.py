@@ -127,6 +127,24 @@ async def seq_costs(url: str, redis_url: str, calls: int) -> dict[str, list[floa
             await seq.reserve(rollout)
             times.append((time.perf_counter() - t) * 1000)
         out[name] = times
+    # The other shared state on the request path with Redis: one rpm budget draw (async),
+    # and one breaker state read (pybreaker's storage is synchronous: it runs on the loop).
+    from store.shared_state import RedisRateLimits, redis_breaker_storage
+
+    limits = RedisRateLimits(redis_url)
+    draws = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        await limits.acquire("bench:requests", 10**9, 1, 0.0)
+        draws.append((time.perf_counter() - t) * 1000)
+    out["Redis rpm budget draw (limits, sliding window)"] = draws
+    storage = redis_breaker_storage(redis_url)("bench")
+    reads = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        _ = storage.state
+        reads.append((time.perf_counter() - t) * 1000)
+    out["Redis breaker state read (pybreaker, blocking)"] = reads
     await pg.close()
     await redis.aclose()
     return out
@@ -182,7 +200,7 @@ def main() -> None:
         "|---|---|",
         *(f"| {name} | {rate:,.0f} |" for name, rate in rows),
         "",
-        f"## Request-path cost of a sequence number ({args.seq_calls:,} calls, one at a time)",
+        f"## Request-path cost of shared state ({args.seq_calls:,} calls, one at a time)",
         "",
         "| source | p50 ms | p99 ms |",
         "|---|---|---|",
