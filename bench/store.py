@@ -72,8 +72,15 @@ sys.path.insert(0, str(REPO))
 
 from gateway.compose import writer_for
 from gateway.proxy.attribution import new_span_id
-from store.listing import LIST_SPANS_SQL, SPAN_FILTERS, _where, list_spans
-from store.queries import ROLLOUT_SPANS_SQL, get_rollout
+from store.queries import (
+    LIST_SPANS_SQL,
+    ROLLOUT_SPANS_SQL,
+    SPAN_FILTERS,
+    SPAN_LIST_COLUMNS,
+    _where,
+    get_rollout,
+    list_spans,
+)
 from store.schema import connect
 from store.writer import insert_spans
 
@@ -538,7 +545,9 @@ def bench_queries(opts: Options, db_path: Path, tmp: Path) -> tuple[list[Timing]
         summary = sample["summary"]
         notes.append(f"a rollout holds {summary['calls']} calls and {summary['rewards']} reward(s)")
         params = {"rollout_id": ids[0], "after_rowid": 0, "limit": 101}
-        listing_sql = LIST_SPANS_SQL.format(where=_where(SPAN_FILTERS, params))
+        listing_sql = LIST_SPANS_SQL.format(
+            where=_where(SPAN_FILTERS, params), columns=SPAN_LIST_COLUMNS, direction="asc"
+        )
         notes.append("plan of list_spans(rollout_id): " + query_plan(db, listing_sql, params))
         notes.append(
             "plan of get_rollout's spans: "

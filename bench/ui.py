@@ -33,7 +33,7 @@ from config import default_settings
 from gateway.compose import create_app
 from gateway.web.report import build_report
 from gateway.web.ui.routes import rollout_page
-from store import listing
+from store import dashboard
 from store.schema import SPAN_COLUMNS, connect
 from store.writer import insert_spans
 from store.writes import add_reward
@@ -305,7 +305,7 @@ def main() -> None:
         report_ms, _ = timed(lambda: build_report(db, "report-500"), max(args.runs // 4, 3))
         rows.append(("report of a 500-span rollout: build time", f"{report_ms:.0f} ms", ""))
         for sort in ("created", "calls", "reward"):
-            ms, _ = timed(lambda s=sort: listing.browse_rollouts(db, sort=s, limit=50), 5)
+            ms, _ = timed(lambda s=sort: dashboard.browse_rollouts(db, sort=s, limit=50), 5)
             rows.append(
                 (
                     f"rollouts list, {args.rollouts:,} rollouts, sort by {sort}: first page",
@@ -313,9 +313,9 @@ def main() -> None:
                     "median of 5",
                 )
             )
-        page1 = listing.browse_rollouts(db, sort="calls", limit=50)
+        page1 = dashboard.browse_rollouts(db, sort="calls", limit=50)
         ms, _ = timed(
-            lambda: listing.browse_rollouts(db, sort="calls", cursor=page1.next_cursor, limit=50), 5
+            lambda: dashboard.browse_rollouts(db, sort="calls", cursor=page1.next_cursor, limit=50), 5
         )
         rows.append(
             (

@@ -67,6 +67,9 @@ DEFAULT_MAX_HOLD_SECONDS = 300.0
 DEFAULT_PAUSE_RETRY_AFTER = 5.0
 # A rollout's budget counters outlive its last call by this long in Redis (a week).
 DEFAULT_BUDGET_STATE_TTL = 7 * 24 * 3600.0
+DEFAULT_STORE_URL = "spangate.db"
+DEFAULT_RETENTION_BATCH = 500
+DEFAULT_RETENTION_INTERVAL = 300.0
 
 
 class _Strict(BaseModel):
@@ -474,16 +477,6 @@ class BudgetSettings(_Strict):
     )
 
 
-class SharedSettings(_Strict):
-    """State shared by replicas of one gateway."""
-
-    redis_url: str | None = Field(
-        None,
-        repr=False,
-        description="Redis URL (`redis://host:6379/0`); set, budgets hold across replicas.",
-    )
-
-
 Scope = Literal["proxy", "read", "write", "admin"]
 TerminalStatus = Literal["succeeded", "failed", "cancelled", "timeout"]
 
@@ -648,6 +641,47 @@ class Experiment(_Strict):
         return self.control or self.variants[0].name
 
 
+class StoreSettings(_Strict):
+    """Where spans are stored (README "Scaling out")."""
+
+    url: str | None = Field(
+        None,
+        description="Where spans are stored: a SQLite file path, or a `postgresql://` URL "
+        f"for replicas sharing one store. `--db` / `$SPANGATE_DB` win; default `{DEFAULT_STORE_URL}`.",
+    )
+
+
+class SharedSettings(_Strict):
+    """State that replicas behind one load balancer share."""
+
+    redis_url: str | None = Field(
+        None,
+        repr=False,
+        description="Redis shared by all replicas (`redis://host:6379/0`): rate limits, breaker "
+        "state, budgets and rollout sequence numbers then hold across replicas. Without it they "
+        "are per replica (sequence numbers still come from PostgreSQL).",
+    )
+
+
+class RetentionSettings(_Strict):
+    """Deleting old records in the background (`spangate prune` does it on demand)."""
+
+    days: float | None = Field(
+        None,
+        gt=0,
+        description="Prune spans, rewards, attempts and rollouts older than this many days in "
+        "the background; running rollouts are kept. Nothing is deleted without it.",
+    )
+    batch_size: int = Field(
+        DEFAULT_RETENTION_BATCH,
+        ge=1,
+        description="Rollouts deleted per transaction, so pruning never holds the writer long.",
+    )
+    interval: float = Field(
+        DEFAULT_RETENTION_INTERVAL, gt=0, description="Seconds between background prunes."
+    )
+
+
 class Settings(_Strict):
     """The whole `spangate.yaml`."""
 
@@ -677,8 +711,12 @@ class Settings(_Strict):
     budgets: BudgetSettings = Field(
         default_factory=BudgetSettings, description="Per-rollout and per-attempt budgets."
     )
+    store: StoreSettings = Field(default_factory=StoreSettings, description="The span store.")
     shared: SharedSettings = Field(
-        default_factory=SharedSettings, description="State shared across replicas."
+        default_factory=SharedSettings, description="State shared by replicas (Redis)."
+    )
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings, description="Deleting old records."
     )
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,

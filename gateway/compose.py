@@ -26,6 +26,8 @@ from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
+from gateway.retention import retention
+from gateway.scaling import SharedCounters
 from gateway.web.auth import auth_middleware
 from gateway.web.budget_metrics import BudgetCollector
 from gateway.web.experiment_sync import attach_experiments
@@ -48,6 +50,7 @@ from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 from gateway.web.state import GATEWAY, Gateway
 from gateway.web.ui.routes import ANALYSES, add_ui_routes
 from judge.guidelines import get_guideline
+from judge.jobs import JudgeStore
 from judge.service import JudgeService
 from store.budget_state import MemoryBudgetState, RedisBudgetState
 from store.queries import rollout_budget_usage, rollout_cursor
@@ -127,13 +130,15 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         # Spans still queued or journaled are not in the store yet but hold numbers.
         return max(seq, writer.unsaved_seq(rollout_id)), attempt
 
+    counters = SharedCounters(settings, db_path)
+
     gw = Gateway(
         settings=settings,
-        router=Router(settings),
+        router=Router(settings, **counters.router_options()),
         recorder=Recorder(),
         writer=writer,
         reader=reader,
-        sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY),
+        sequencer=Sequencer(lookup, capacity=SEQUENCER_CAPACITY, allocate=counters.allocate),
         redactor=Redactor.for_settings(settings),
         gate=Gate(settings.pause.max_hold_seconds, settings.pause.retry_after_seconds),
     )
@@ -141,13 +146,17 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
     app[METRICS].registry.register(BudgetCollector(gw.budgets))
-    app[JUDGE] = JudgeService(settings.judge, db_path, lambda: gw.base_url)
+    app[JUDGE] = JudgeService(
+        settings.judge, JudgeStore(reader=reader, writer=writer), lambda: gw.base_url
+    )
     # Teardown runs in reverse: the upstream session closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(counters.lifecycle)
     app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_judging)
     app.cleanup_ctx.append(_budgeting)
+    app.cleanup_ctx.append(retention)
     exporter = OtlpExporter.from_settings(settings)
     if exporter is not None:
         app[OTLP_EXPORTER] = exporter

@@ -16,6 +16,7 @@ from config.models import Settings
 from gateway.compose import create_app
 from gateway.web.routes_api import close_streams
 from gateway.web.state import GATEWAY
+from store.backend import mask_url
 
 log = logging.getLogger("spangate")
 
@@ -58,7 +59,8 @@ async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool 
         if ready_message:
             names = ", ".join(group.name for group in settings.models)
             print(
-                f"spangate listening on http://{host}:{port}  (db: {db_path}; models: {names})",
+                f"spangate listening on http://{host}:{port}  "
+                f"(db: {mask_url(str(db_path))}; models: {names})",
                 file=sys.stderr,
                 flush=True,
             )

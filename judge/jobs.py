@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,14 +17,15 @@ from typing import Any
 
 import httpx
 
-from config.models import JudgeSettings
+from config.models import JudgeSettings, RecorderSettings
 from judge.llm import JudgeClient, JudgeModelError, judge_llm
 from judge.rubric import DEFAULT_RUBRIC, Rubric, load_rubric
 from judge.rules import RULES_VERSION, Peers, judge_rules
 from judge.trajectory import Trajectory, load_trajectory
 from judge.verdict import Verdict, as_reward, reward_id
 from store.errors import Conflict, NotFound
-from store.schema import connect
+from store.reader import Reader
+from store.writer import StoreWriter
 from store.writes import add_reward, replace_reward
 
 log = logging.getLogger("spangate.judge")
@@ -45,7 +45,7 @@ select
   coalesce(sum(s.input_tokens), 0) + coalesce(sum(s.output_tokens), 0) as tokens,
   coalesce(sum(s.duration_ms), 0) as duration_ms
 from rollouts r join spans s on s.rollout_id = r.id
-where r.agent is :agent and r.id not like 'judge-%'
+where r.agent is not distinct from :agent and r.id not like 'judge-%'
 group by r.id
 """
 
@@ -67,44 +67,56 @@ def sampled(rollout_id: str, share: float | None) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
-class JudgeStore:
-    """The judge's reads and writes, each on a worker thread with its own connection."""
+def open_writer(db: str | Path) -> StoreWriter:
+    """A store writer of its own, for a judge job run outside a gateway (the CLI)."""
+    tuning = RecorderSettings()
+    writer = StoreWriter(
+        db,
+        queue_size=tuning.queue_size,
+        batch_size=tuning.batch_size,
+        flush_interval=tuning.flush_interval,
+        max_unsaved_seconds=tuning.max_unsaved_seconds,
+        memory_buffer=tuning.memory_buffer,
+        busy_timeout=tuning.busy_timeout,
+        journal_dir=tuning.journal_dir,
+    )
+    writer.start()
+    return writer
 
-    def __init__(self, db_path: str | Path) -> None:
-        self.db_path = Path(db_path)
-        self._local = threading.local()
-        self._write_lock = threading.Lock()
-        self._connections: list[Any] | None = []
-        # Thread calls in progress: a connection closed under one crashes SQLite (a segfault,
-        # not an exception), so close() waits for them.
-        self._busy = 0
-        self._idle = threading.Condition()
+
+class JudgeStore:
+    """The judge's reads, on the store's read threads, and its writes, through the store's
+    single writer (so verdicts queue behind the spans they judge, on either backend).
+
+    Inside a gateway it shares the gateway's reader and writer; given a path or URL (the
+    CLI, tests) it opens and owns its own.
+    """
+
+    def __init__(
+        self,
+        db: str | Path | None = None,
+        *,
+        reader: Reader | None = None,
+        writer: StoreWriter | None = None,
+    ) -> None:
+        self._owned = reader is None or writer is None
+        if reader is None or writer is None:
+            if db is None:
+                raise ValueError("JudgeStore needs a database, or a reader and a writer")
+            writer = open_writer(db)
+            reader = Reader(db)
+        self.reader = reader
+        self.writer = writer
         # Told of each stored verdict (the gateway exports them as evaluation events).
         self.on_saved: Callable[[dict[str, Any]], None] | None = None
 
-    def _db(self) -> Any:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = connect(self.db_path)
-            self._local.db = db
-            assert self._connections is not None
-            self._connections.append(db)
-        return db
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(db, *args)` on a read connection."""
+        return await self.reader.run(fn, *args)
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(self._call, fn, *args)
-
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._idle:
-            if self._connections is None:
-                raise RuntimeError("the judge store is closed")
-            self._busy += 1
-        try:
-            return fn(self._db(), *args)
-        finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(db, *args)` on the writer thread, after everything queued before it."""
+        return await self.writer.execute(lambda db: fn(db, *args))
 
     async def select(self, selection: Selection) -> list[str]:
         if selection.rollout_ids:
@@ -119,52 +131,43 @@ class JudgeStore:
                 }
                 return [row[0] for row in db.execute(SELECT_ROLLOUTS_SQL, params).fetchall()]
 
-            ids = await self._run(query)
+            ids = await self.read(query)
         return [rid for rid in ids if sampled(rid, selection.sample)]
 
     async def load(self, rollout_id: str) -> Trajectory:
-        return await self._run(load_trajectory, rollout_id)
+        return await self.read(load_trajectory, rollout_id)
 
     async def judged(self, reward: str) -> bool:
         def exists(db: Any) -> bool:
             return db.execute("select 1 from rewards where id = ?", [reward]).fetchone() is not None
 
-        return await self._run(exists)
+        return await self.read(exists)
 
     async def peers(self, agent: str | None) -> Peers:
         def query(db: Any) -> Peers:
             rows = db.execute(PEERS_SQL, {"agent": agent}).fetchall()
             return Peers(tokens=[r[0] for r in rows], durations_ms=[r[1] for r in rows])
 
-        return await self._run(query)
+        return await self.read(query)
 
     async def save(self, verdict: Verdict, *, force: bool) -> dict[str, Any]:
         reward = as_reward(verdict)
 
         def write(db: Any) -> dict[str, Any]:
-            with self._write_lock:
-                if force:
-                    return replace_reward(db, reward)
-                return add_reward(db, reward)[0]
+            if force:
+                return replace_reward(db, reward)
+            return add_reward(db, reward)[0]
 
-        stored = await self._run(write)
+        stored = await self.write(write)
         if self.on_saved is not None:
             self.on_saved(stored)
         return stored
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Close every connection once no thread is using one (a cancelled task's thread
-        keeps running until its statement ends); past `timeout` they are left open."""
-        with self._idle:
-            if not self._idle.wait_for(lambda: self._busy == 0, timeout):
-                log.warning(
-                    "judge store: %d calls still running; connections left open", self._busy
-                )
-                return
-            connections, self._connections = self._connections, None
-        # Opened with check_same_thread=False, so any thread may close them.
-        for db in connections or ():
-            db.close()
+    def close(self) -> None:
+        """Close the reader and writer it opened itself (a gateway closes its own)."""
+        if self._owned:
+            self.writer.close()
+            self.reader.close()
 
 
 @dataclass

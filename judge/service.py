@@ -32,7 +32,7 @@ from judge.jobs import (
     run_job,
     sampled,
 )
-from store.errors import InvalidTransition
+from store.errors import InvalidTransition, StoreBusy
 from store.schema import TERMINAL_STATUSES
 from store.writes import fail_abandoned_judge_runs, get_judge_run, save_judge_run
 
@@ -89,7 +89,7 @@ def _until_stored(what: str) -> AsyncRetrying:
         log.warning("%s: the store did not take it (%s); trying again", what, error)
 
     return AsyncRetrying(
-        retry=retry_if_exception_type(sqlite3.OperationalError),
+        retry=retry_if_exception_type((sqlite3.OperationalError, StoreBusy)),
         wait=wait_exponential(multiplier=FINAL_WRITE_BACKOFF_INITIAL, max=FINAL_WRITE_BACKOFF_MAX),
         before_sleep=before_sleep,
         reraise=True,
@@ -98,10 +98,13 @@ def _until_stored(what: str) -> AsyncRetrying:
 
 class JudgeService:
     def __init__(
-        self, settings: JudgeSettings, db_path: str | Path, base_url: Callable[[], str]
+        self,
+        settings: JudgeSettings,
+        store: JudgeStore | str | Path,
+        base_url: Callable[[], str],
     ) -> None:
         self.settings = settings
-        self.store = JudgeStore(db_path)
+        self.store = store if isinstance(store, JudgeStore) else JudgeStore(store)
         self.base_url = base_url
         self.http: httpx.AsyncClient | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -166,7 +169,7 @@ class JudgeService:
         # the limit check.
         active = self.active[run_id] = ActiveRun(run)
         try:
-            await self.store._run(save_judge_run, dict(run))
+            await self.store.write(save_judge_run, dict(run))
         except BaseException:
             del self.active[run_id]
             raise
@@ -175,7 +178,7 @@ class JudgeService:
         return await self.get_run(run_id)
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
-        return await self.store._run(get_judge_run, run_id)
+        return await self.store.read(get_judge_run, run_id)
 
     async def cancel_run(self, run_id: str) -> dict[str, Any]:
         """Stop a running run; it ends `cancelled`, keeping the verdicts made so far."""
@@ -241,8 +244,8 @@ class JudgeService:
 
     async def _save_progress(self, run: dict[str, Any]) -> None:
         try:
-            await self.store._run(save_judge_run, {**run, "results": list(run["results"])})
-        except sqlite3.OperationalError as exc:
+            await self.store.write(save_judge_run, {**run, "results": list(run["results"])})
+        except (sqlite3.OperationalError, StoreBusy) as exc:
             # Progress is a courtesy; the final write, retried, is the one that must land.
             log.info("judge run %s: progress not saved (%s)", run["id"], exc)
 
@@ -250,7 +253,7 @@ class JudgeService:
         retrying = _until_stored(f"judge run {run['id']} ended {run['status']}")
         snapshot = {**run, "results": list(run["results"])}
         try:
-            await retrying(self.store._run, save_judge_run, snapshot)
+            await retrying(self.store.write, save_judge_run, snapshot)
         except Exception:
             # Not a busy store but a broken one: the next start marks the run failed.
             log.exception(
@@ -261,7 +264,7 @@ class JudgeService:
         """Runs left `running` by a process that is gone (killed, crashed) are marked failed."""
         retrying = _until_stored("marking abandoned judge runs failed")
         ended = await retrying(
-            self.store._run,
+            self.store.write,
             lambda db: fail_abandoned_judge_runs(
                 db, started_before_ns=self.started_ns, reason=RESTARTED
             ),

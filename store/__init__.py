@@ -1,11 +1,11 @@
 """spangate's store: the SQLite schema, the batched writer and its spill journal.
 
-Reads are imported from their modules (`store.queries`, `store.listing`, `store.export`).
+Reads are imported from their modules (`store.queries`, `store.dashboard`, `store.export`).
 """
 
 from store.errors import Conflict, InvalidTransition, NotFound, StoreError
 from store.journal import Journal, journal_path_for
-from store.schema import ROLLOUT_STATUSES, SPAN_COLUMNS, TERMINAL_STATUSES, connect, migrations
+from store.schema import ROLLOUT_STATUSES, SPAN_COLUMNS, TERMINAL_STATUSES, connect, migrate
 from store.writer import StoreWriter, insert_spans, normalize_span
 
 __all__ = [
@@ -21,6 +21,6 @@ __all__ = [
     "connect",
     "insert_spans",
     "journal_path_for",
-    "migrations",
+    "migrate",
     "normalize_span",
 ]

@@ -5,6 +5,7 @@
   - InvalidTransition: a status change the state machine forbids.
   - Conflict: a write clashes with what is already stored.
   - StoreBusy: the store cannot take this write now (locked, full, stopping); try again.
+  - StoreUnavailable: the store named cannot be opened at all (URL, password, server).
 """
 
 from __future__ import annotations
@@ -28,3 +29,8 @@ class Conflict(StoreError):
 
 class StoreBusy(StoreError):
     """The store cannot take this write now (locked, full, or the writer is stopping)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store named by `--db` / `store.url` cannot be opened (bad URL, refused, wrong
+    password); the message names it with the password masked."""

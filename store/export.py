@@ -3,15 +3,15 @@ rewards) as JSON objects, or one prompt/completion/reward triplet per call."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import IO, Any
 
 import orjson
 from sqlite_utils import Database
 
+from store.backend import dialect_of, json_table
 from store.errors import NotFound
 from store.packed import unpack_floats, unpack_ints
 from store.queries import decode_row
@@ -50,7 +50,7 @@ ROLLOUTS_PAGE_SQL = """
 select rowid as _rowid, *
 from rollouts
 where (created_ns, rowid) > (:after_created_ns, :after_rowid)
-  and (:rollout_ids is null or id in (select value from json_each(:rollout_ids)))
+  and (:rollout_ids is null or id in (select value from {ids}))
   and (:since_ns is null or created_ns >= :since_ns)
   and (:until_ns is null or created_ns < :until_ns)
   and (:status is null or status = :status)
@@ -63,7 +63,7 @@ limit :limit
 # a rollout, so the cursor can be consumed one rollout at a time.
 BATCH_SPANS_SQL = """
 select s.*
-from json_each(:rollout_ids) as batch
+from {batch}
 join spans s on s.rollout_id = batch.value
 order by batch.key, s.seq, s.start_ns, s.span_id
 """
@@ -71,60 +71,23 @@ order by batch.key, s.seq, s.start_ns, s.span_id
 BATCH_ATTEMPTS_SQL = """
 select *
 from attempts
-where rollout_id in (select value from json_each(:rollout_ids))
+where rollout_id in (select value from {ids})
 order by rollout_id, number
 """
 
 BATCH_REWARDS_SQL = """
 select rowid as _rowid, *
 from rewards
-where rollout_id in (select value from json_each(:rollout_ids))
+where rollout_id in (select value from {ids})
 order by created_ns, rowid
 """
 
 EXISTING_ROLLOUTS_SQL = """
 select id from rollouts
-where id in (select value from json_each(:rollout_ids))
+where id in (select value from {ids})
 """
 
 Row = dict[str, Any]
-
-
-# -- time arguments ------------------------------------------------------------------
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def parse_since(text: str, *, now_ns: int | None = None) -> int:
-    """A point in time as ns since the epoch, from ISO 8601 or a duration ago.
-
-    `2026-11-22`, `2026-11-22T08:00:00`, `2026-11-22 08:00:00+02:00`, `...Z`: a time
-    without an offset is local time, as the CLI prints times. `30s`, `30m`, `1h`, `7d`,
-    `2w`: that long before `now_ns` (default: now). Raises ValueError otherwise.
-    """
-    value = text.strip()
-    match = _DURATION.match(value.lower())
-    if match:
-        amount, unit = float(match.group(1)), match.group(2)
-        now = now_ns if now_ns is not None else _ns(datetime.now(UTC))
-        return now - int(amount * _UNIT_SECONDS[unit] * 1_000_000_000)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a time: give ISO 8601 (2026-11-22, 2026-11-22T08:00:00, "
-            "optionally with Z or +02:00) or a duration ago (30m, 1h, 7d)"
-        ) from None
-    return _ns(moment)
-
-
-def _ns(moment: datetime) -> int:
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # naive means local time
-    # Integer arithmetic: a float timestamp would lose the last digits of the ns value.
-    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 # -- rollouts --------------------------------------------------------------------------
@@ -140,8 +103,16 @@ class _Part:
     rewards: list[Row]
 
 
+@lru_cache(maxsize=32)
+def _sql(sql: str, dialect: str) -> str:
+    return sql.replace("{ids}", json_table(dialect, ":rollout_ids", "ids")).replace(
+        "{batch}", json_table(dialect, ":rollout_ids", "batch")
+    )
+
+
 def _rows(db: Database, sql: str, params: dict[str, Any]) -> Iterator[Row]:
-    cursor = db.execute(sql, params)
+    """Rows streamed from the cursor (an export can be larger than memory)."""
+    cursor = db.execute(_sql(sql, dialect_of(db)), params)
     names = [d[0] for d in cursor.description]
     for row in cursor:
         yield dict(zip(names, row, strict=True))

@@ -1,48 +1,315 @@
-"""Read queries, each a readable SQL constant with named parameters, and small helpers on them."""
+"""The one read layer, used by the API, the CLI and the judge: rollouts, spans and rewards,
+filtered and cursor-paged, on SQLite and PostgreSQL alike.
+
+Each read is a readable SQL constant with `:named` parameters. A cursor is the sort key of
+the last row returned, base64-encoded, so a page never skips or repeats rows while new
+ones arrive.
+"""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
 from sqlite_utils import Database
 
+from store.backend import dialect_of, json_table
 from store.errors import NotFound
 from store.schema import SPAN_COLUMNS
 
-ROLLOUT_CURSOR_SQL = """
-select
-  (select max(seq) from spans where rollout_id = :rollout_id) as max_seq,
-  (select id from attempts where rollout_id = :rollout_id
-     order by number desc limit 1) as latest_attempt
-"""
+MAX_PAGE = 1000
 
-SPANS_SQL = """
-select rowid as _rowid, *
-from spans
-where (:rollout_id is null or rollout_id = :rollout_id)
-  and rowid > :after_rowid
-order by rowid {direction}
-limit :limit
-"""
-
-ROLLOUTS_SQL = """
-select
-  r.*,
+ROLLOUT_SUMMARY_COLUMNS = """
   (select count(*) from attempts a where a.rollout_id = r.id) as attempts,
   (select count(*) from spans s
      where s.rollout_id = r.id and s.operation != 'execute_tool') as calls,
   (select count(*) from spans s where s.rollout_id = r.id and s.status = 'error') as errors,
   (select count(*) from spans s
      where s.rollout_id = r.id and s.operation = 'execute_tool') as tool_executions,
-  (select coalesce(sum(s.input_tokens), 0) + coalesce(sum(s.output_tokens), 0)
-     from spans s where s.rollout_id = r.id) as tokens,
+  (select coalesce(sum(s.input_tokens), 0) from spans s where s.rollout_id = r.id) as input_tokens,
+  (select coalesce(sum(s.output_tokens), 0) from spans s where s.rollout_id = r.id) as output_tokens,
   (select sum(s.cost_usd) from spans s where s.rollout_id = r.id) as cost_usd
+"""
+
+# Each filter adds its clause only when given, so SQLite can use the matching index.
+ROLLOUT_FILTERS = {
+    "status": "r.status = :status",
+    "agent": "r.agent = :agent",
+    "tag": "exists (select 1 from {r_tags} where t.value = :tag)",
+    "since_ns": "r.created_ns >= :since_ns",
+    "until_ns": "r.created_ns < :until_ns",
+    "cursor_ns": "(r.created_ns < :cursor_ns or (r.created_ns = :cursor_ns and r.id < :cursor_id))",
+}
+
+LIST_ROLLOUTS_SQL = f"""
+select r.*, {ROLLOUT_SUMMARY_COLUMNS}
 from rollouts r
-where (:status is null or r.status = :status)
-order by r.created_ns desc
+where {{where}}
+order by r.created_ns desc, r.id desc
 limit :limit
+"""
+
+# A listing leaves the bodies out: they can be megabytes, and GET /api/spans/{id} has them.
+SPAN_LIST_COLUMNS = ", ".join(
+    ["rowid as _rowid", *(c for c in SPAN_COLUMNS if c not in ("request_body", "response_body"))]
+)
+
+SPAN_FILTERS = {
+    "rollout_id": "rollout_id = :rollout_id",
+    "attempt_id": "attempt_id = :attempt_id",
+    "model": "(request_model = :model or response_model = :model or model_group = :model)",
+    "status": "status = :status",
+    "tag": "exists (select 1 from {span_tags} where t.value = :tag)",
+    "since_ns": "start_ns >= :since_ns",
+    "until_ns": "start_ns < :until_ns",
+    "after_rowid": "rowid > :after_rowid",
+}
+
+LIST_SPANS_SQL = """
+select {columns}
+from spans
+where {where}
+order by rowid {direction}
+limit :limit
+"""
+
+GET_SPAN_SQL = "select rowid as _rowid, * from spans where span_id = :span_id"
+
+REWARD_FILTERS = {
+    "rollout_id": "rollout_id = :rollout_id",
+    "attempt_id": "attempt_id = :attempt_id",
+    "span_id": "span_id = :span_id",
+    "name": "name = :name",
+    "source": "source = :source",
+    "after_rowid": "rowid > :after_rowid",
+}
+
+LIST_REWARDS_SQL = """
+select rowid as _rowid, *
+from rewards
+where {where}
+order by rowid
+limit :limit
+"""
+
+
+def _where(filters: dict[str, str], params: dict[str, Any]) -> str:
+    clauses = [clause for name, clause in filters.items() if params.get(name) is not None]
+    return "\n  and ".join(clauses) or "true"
+
+
+STATS_SQL = """
+select
+  coalesce(model_group, request_model) as model,
+  count(*) as calls,
+  sum(case when status = 'error' then 1 else 0 end) as errors,
+  coalesce(sum(input_tokens), 0) as input_tokens,
+  coalesce(sum(output_tokens), 0) as output_tokens,
+  sum(cost_usd) as cost_usd,
+  avg(duration_ms) as mean_duration_ms,
+  avg(overhead_ms) as mean_overhead_ms
+from spans
+where start_ns >= :since_ns
+  and operation != 'execute_tool'
+group by 1
+order by calls desc
+"""
+
+
+class BadCursor(ValueError):
+    """The cursor was not one this API handed out."""
+
+
+def encode_cursor(*key: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, size: int) -> list[Any]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        key = orjson.loads(base64.urlsafe_b64decode(padded))
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        raise BadCursor(f"invalid cursor {cursor!r}") from exc
+    if not isinstance(key, list) or len(key) != size:
+        raise BadCursor(f"invalid cursor {cursor!r}")
+    return key
+
+
+@dataclass
+class Page:
+    data: list[dict[str, Any]]
+    next_cursor: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "next_cursor": self.next_cursor}
+
+
+@lru_cache(maxsize=256)
+def for_dialect(sql: str, dialect: str) -> str:
+    """The SQL with `{tags_of_r}`-style holes filled for this dialect (JSON arrays as tables)."""
+    return sql.replace("{r_tags}", json_table(dialect, "r.tags", "t")).replace(
+        "{span_tags}", json_table(dialect, "spans.tags", "t")
+    )
+
+
+def _rows(db: Database, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every row as a decoded dict; the one row helper of the read layer."""
+    sql = for_dialect(sql, dialect_of(db))
+    # Filters left out of the WHERE clause must not be bound either.
+    cursor = db.execute(sql, {k: v for k, v in params.items() if f":{k}" in sql})
+    names = [d[0] for d in cursor.description]
+    return [decode_row(dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
+
+
+def _limit(limit: int, max_page: int = MAX_PAGE) -> int:
+    return max(1, min(limit, max_page))
+
+
+def list_rollouts(
+    db: Database,
+    *,
+    status: str | None = None,
+    agent: str | None = None,
+    tag: str | None = None,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+    max_page: int = MAX_PAGE,
+) -> Page:
+    """Newest first. The API pages at most `MAX_PAGE` rows; the CLI asks for what it prints."""
+    cursor_ns, cursor_id = decode_cursor(cursor, 2) if cursor else (None, None)
+    limit = _limit(limit, max_page)
+    params = {
+        "status": status,
+        "agent": agent,
+        "tag": tag,
+        "since_ns": since_ns,
+        "until_ns": until_ns,
+        "cursor_ns": cursor_ns,
+        "cursor_id": cursor_id,
+        "limit": limit + 1,
+    }
+    rows = _rows(db, LIST_ROLLOUTS_SQL.format(where=_where(ROLLOUT_FILTERS, params)), params)
+    for row in rows:
+        row["tokens"] = (row["input_tokens"] or 0) + (row["output_tokens"] or 0)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if rows else None
+    return Page(rows, encode_cursor(last["created_ns"], last["id"]) if more and last else None)
+
+
+def list_spans(
+    db: Database,
+    *,
+    rollout_id: str | None = None,
+    attempt_id: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    tag: str | None = None,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    cursor: str | None = None,
+    after_rowid: int | None = None,
+    limit: int = 100,
+    bodies: bool = False,
+    newest_first: bool = False,
+    max_page: int = MAX_PAGE,
+) -> Page:
+    """In the order they were written (bodies only when asked: `get_span` has them);
+    `after_rowid` lets a follower ask only for what is new."""
+    if after_rowid is None:
+        after_rowid = decode_cursor(cursor, 1)[0] if cursor else 0
+    limit = _limit(limit, max_page)
+    params = {
+        "rollout_id": rollout_id,
+        "attempt_id": attempt_id,
+        "model": model,
+        "status": status,
+        "tag": tag,
+        "since_ns": since_ns,
+        "until_ns": until_ns,
+        "after_rowid": after_rowid,
+        "limit": limit + 1,
+    }
+    sql = LIST_SPANS_SQL.format(
+        where=_where(SPAN_FILTERS, params),
+        # With bodies every column, in the table's order (as `get_span` returns them).
+        columns="rowid as _rowid, *" if bodies else SPAN_LIST_COLUMNS,
+        direction="desc" if newest_first else "asc",
+    )
+    rows = _rows(db, sql, params)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(rows[-1]["_rowid"]) if more and rows else None)
+
+
+def get_span(db: Database, span_id: str) -> dict[str, Any]:
+    rows = _rows(db, GET_SPAN_SQL, {"span_id": span_id})
+    if not rows:
+        raise NotFound(f"span {span_id!r} not found")
+    return rows[0]
+
+
+def list_rewards(
+    db: Database,
+    *,
+    rollout_id: str | None = None,
+    attempt_id: str | None = None,
+    span_id: str | None = None,
+    name: str | None = None,
+    source: str | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> Page:
+    after = decode_cursor(cursor, 1)[0] if cursor else 0
+    limit = _limit(limit)
+    params = {
+        "rollout_id": rollout_id,
+        "attempt_id": attempt_id,
+        "span_id": span_id,
+        "name": name,
+        "source": source,
+        "after_rowid": after,
+        "limit": limit + 1,
+    }
+    rows = _rows(db, LIST_REWARDS_SQL.format(where=_where(REWARD_FILTERS, params)), params)
+    for row in rows:
+        row["final"] = bool(row["final"])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(rows[-1]["_rowid"]) if more and rows else None)
+
+
+def stats(db: Database, *, since_ns: int | None = None) -> dict[str, Any]:
+    by_model = _rows(db, STATS_SQL, {"since_ns": since_ns or 0})
+    totals = {
+        "calls": sum(r["calls"] for r in by_model),
+        "errors": sum(r["errors"] or 0 for r in by_model),
+        "input_tokens": sum(r["input_tokens"] for r in by_model),
+        "output_tokens": sum(r["output_tokens"] for r in by_model),
+        "cost_usd": sum(r["cost_usd"] or 0.0 for r in by_model),
+    }
+    counts = dict(db.execute("select status, count(*) from rollouts group by status").fetchall())
+    return {"totals": totals, "by_model": by_model, "rollouts_by_status": counts}
+
+
+def max_rowid(db: Database) -> int:
+    """The newest span's rowid: where a live subscriber starts."""
+    return db.execute("select coalesce(max(rowid), 0) from spans").fetchone()[0]
+
+
+# -- one rollout ----------------------------------------------------------------------
+
+ROLLOUT_CURSOR_SQL = """
+select
+  (select max(seq) from spans where rollout_id = :rollout_id) as max_seq,
+  (select id from attempts where rollout_id = :rollout_id
+     order by number desc limit 1) as latest_attempt
 """
 
 ROLLOUT_SQL = "select * from rollouts where id = :rollout_id"
@@ -103,6 +370,8 @@ JSON_COLUMNS = frozenset(
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
     """Turn the JSON text columns of a row back into Python values."""
     out = dict(row)
+    # PostgreSQL's `rowid` is a real column, so `select *` returns it; SQLite's never shows.
+    out.pop("rowid", None)
     for key in JSON_COLUMNS & out.keys():
         value = out[key]
         if isinstance(value, str):
@@ -110,12 +379,6 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
             with contextlib.suppress(orjson.JSONDecodeError):
                 out[key] = orjson.loads(value)
     return out
-
-
-def _rows(db: Database, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    cursor = db.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def rollout_cursor(db: Database, rollout_id: str) -> tuple[int, str | None]:
@@ -148,31 +411,6 @@ def rollout_budget_usage(db: Database, rollout_id: str) -> dict[str, Any]:
     }
 
 
-def list_spans(
-    db: Database,
-    *,
-    rollout_id: str | None = None,
-    after_rowid: int = 0,
-    limit: int = 50,
-    newest_first: bool = False,
-) -> list[dict[str, Any]]:
-    """Spans in write order; `after_rowid` lets a follower ask only for what is new."""
-    sql = SPANS_SQL.format(direction="desc" if newest_first else "asc")
-    rows = _rows(db, sql, {"rollout_id": rollout_id, "after_rowid": after_rowid, "limit": limit})
-    return [decode_row(r) for r in rows]
-
-
-def max_span_rowid(db: Database) -> int:
-    return db.execute("select coalesce(max(rowid), 0) from spans").fetchone()[0]
-
-
-def list_rollouts(
-    db: Database, *, status: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
-    rows = _rows(db, ROLLOUTS_SQL, {"status": status, "limit": limit})
-    return [decode_row(r) for r in rows]
-
-
 def get_rollout(db: Database, rollout_id: str, *, bodies: bool = True) -> dict[str, Any]:
     """A rollout with its attempts, each holding its calls in order, and its rewards.
 
@@ -181,12 +419,12 @@ def get_rollout(db: Database, rollout_id: str, *, bodies: bool = True) -> dict[s
     found = _rows(db, ROLLOUT_SQL, {"rollout_id": rollout_id})
     if not found:
         raise NotFound(f"rollout {rollout_id!r} not found")
-    rollout = decode_row(found[0])
+    rollout = found[0]
     params = {"rollout_id": rollout_id}
-    attempts = [decode_row(a) for a in _rows(db, ATTEMPTS_SQL, params)]
+    attempts = _rows(db, ATTEMPTS_SQL, params)
     spans_sql = ROLLOUT_SPANS_SQL.format(columns="*" if bodies else SPAN_OUTLINE_COLUMNS)
-    spans = [decode_row(s) for s in _rows(db, spans_sql, params)]
-    rewards = [decode_row(r) for r in _rows(db, ROLLOUT_REWARDS_SQL, params)]
+    spans = _rows(db, spans_sql, params)
+    rewards = _rows(db, ROLLOUT_REWARDS_SQL, params)
     for reward in rewards:
         reward["final"] = bool(reward["final"])
     by_attempt: dict[str | None, list[dict[str, Any]]] = {}

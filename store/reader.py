@@ -17,10 +17,11 @@ T = TypeVar("T")
 
 
 class Reader:
-    """Runs query functions on worker threads so the event loop never touches SQLite."""
+    """Runs query functions on worker threads so the event loop never touches the store."""
 
     def __init__(self, db_path: str | Path, *, workers: int = 4) -> None:
-        self.db_path = Path(db_path)
+        # A path or a `postgresql://` URL (which `Path` would mangle).
+        self.db_path = db_path
         self._local = threading.local()
         self._connections: list[Database] = []
         self._lock = threading.Lock()
@@ -28,6 +29,9 @@ class Reader:
 
     def _db(self) -> Database:
         db = getattr(self._local, "db", None)
+        if db is not None and getattr(db, "broken", False):
+            # A PostgreSQL connection lost with its server: opened again on the next read.
+            db.reconnect()
         if db is None:
             db = connect(self.db_path, read_only=True)
             self._local.db = db

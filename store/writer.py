@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from store.errors import NotFound, StoreBusy
+from store.backend import atomic, dialect_of, store_label
+from store.errors import NotFound, StoreBusy, StoreUnavailable
 from store.journal import (
     BadLine,
     DeadLetters,
@@ -53,7 +55,9 @@ _INSERT_SPAN = (
 _ENSURE_ROLLOUT = """
 INSERT INTO rollouts (id, status, agent, metadata, tags, created_ns, updated_ns)
 VALUES (?, 'running', ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET updated_ns = max(rollouts.updated_ns, excluded.updated_ns)
+ON CONFLICT (id) DO UPDATE SET updated_ns = CASE
+    WHEN excluded.updated_ns > rollouts.updated_ns THEN excluded.updated_ns
+    ELSE rollouts.updated_ns END
 """
 _ENSURE_ATTEMPT = """
 INSERT INTO attempts (rollout_id, id, number, status, created_ns, updated_ns)
@@ -62,8 +66,26 @@ VALUES (
     (SELECT coalesce(max(number), 0) + 1 FROM attempts WHERE rollout_id = :rollout_id),
     'running', :now, :now
 )
-ON CONFLICT (rollout_id, id) DO UPDATE SET updated_ns = max(attempts.updated_ns, excluded.updated_ns)
+ON CONFLICT (rollout_id, id) DO UPDATE SET updated_ns = CASE
+    WHEN excluded.updated_ns > attempts.updated_ns THEN excluded.updated_ns
+    ELSE attempts.updated_ns END
 """
+# PostgreSQL takes a batch by COPY into a session-local table, then one INSERT ... SELECT
+# that skips span ids already stored.
+_PG_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS spans_in ON COMMIT DELETE ROWS AS "
+    f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans WITH NO DATA"
+)
+_PG_COPY = f"COPY spans_in ({', '.join(SPAN_COLUMNS)}) FROM STDIN"
+# Replicas insert one batch at a time, so `rowid` order is commit order and a follower
+# reading "rowid > last seen" never skips a row committed late with a lower id.
+_PG_SERIALIZE = "SELECT pg_advisory_xact_lock(7291)"
+# Delivered at commit: every replica's live streams wake (store.shared_state listens).
+_PG_NOTIFY = "NOTIFY spangate_spans"
+_PG_MOVE = (
+    f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) "
+    f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans_in ON CONFLICT (span_id) DO NOTHING"
+)
 
 
 def normalize_span(record: dict[str, Any]) -> dict[str, Any]:
@@ -72,16 +94,29 @@ def normalize_span(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _store_failure(exc: BaseException) -> bool:
-    """True when the store itself failed (locked, full, read-only, corrupt), so no record
-    would go in; False when this batch's contents were refused."""
+    """True when the store itself failed (locked, full, read-only, corrupt, unreachable),
+    so no record would go in; False when this batch's contents were refused."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(exc, psycopg.Error):
+        return not isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
     return isinstance(exc, sqlite3.OperationalError) or (
         isinstance(exc, sqlite3.DatabaseError)
         and not isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError)
     )
 
 
-def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> None:
-    """Insert spans and create their rollouts and attempts on first sight, in one transaction."""
+def _no_nul(row: list[Any]) -> list[Any]:
+    # PostgreSQL text cannot hold NUL, which SQLite stores: the record is kept, the NUL marked.
+    return [v.replace("\x00", "\ufffd") if v.__class__ is str and "\x00" in v else v for v in row]
+
+
+def insert_spans(db: Any, records: list[dict[str, Any]]) -> None:
+    """Insert spans and create their rollouts and attempts on first sight, in one transaction.
+
+    `db` is the writer's store (`Database` or `PgDatabase`); a bare sqlite3 connection works too.
+    """
     rows = [span_row(r) for r in records]
     start_at = SPAN_COLUMNS.index("start_ns")
     end_at = SPAN_COLUMNS.index("end_ns")
@@ -109,27 +144,29 @@ def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> 
         aid = row[4]
         if aid:
             attempts[(rid, aid)] = max(attempts.get((rid, aid), 0), end)
+    rollout_rows = [
+        (
+            rid,
+            info["agent"] if isinstance(info["agent"], str) else None,
+            json_text(info["metadata"]) or "{}",
+            json_text(info["tags"]) or "[]",
+            info["start_ns"],
+            info["end_ns"],
+        )
+        for rid, info in rollouts.items()
+    ]
+    attempt_rows = [
+        {"rollout_id": rid, "id": aid, "now": end} for (rid, aid), end in attempts.items()
+    ]
+    if dialect_of(db) == "postgresql":
+        _insert_postgres(db, rows, rollout_rows, attempt_rows)
+        return
+    db_conn = db if isinstance(db, sqlite3.Connection) else db.conn
     cur = db_conn.cursor()
     cur.execute("BEGIN")
     try:
-        cur.executemany(
-            _ENSURE_ROLLOUT,
-            [
-                (
-                    rid,
-                    info["agent"] if isinstance(info["agent"], str) else None,
-                    json_text(info["metadata"]) or "{}",
-                    json_text(info["tags"]) or "[]",
-                    info["start_ns"],
-                    info["end_ns"],
-                )
-                for rid, info in rollouts.items()
-            ],
-        )
-        cur.executemany(
-            _ENSURE_ATTEMPT,
-            [{"rollout_id": rid, "id": aid, "now": end} for (rid, aid), end in attempts.items()],
-        )
+        cur.executemany(_ENSURE_ROLLOUT, rollout_rows)
+        cur.executemany(_ENSURE_ATTEMPT, attempt_rows)
         cur.executemany(_INSERT_SPAN, rows)
         cur.execute("COMMIT")
     except BaseException:
@@ -137,6 +174,25 @@ def insert_spans(db_conn: sqlite3.Connection, records: list[dict[str, Any]]) -> 
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
         raise
+
+
+def _insert_postgres(
+    db: Any, rows: list[list[Any]], rollout_rows: list[Any], attempt_rows: list[Any]
+) -> None:
+    with atomic(db):
+        # One round trip for all the rollouts and attempts, not one per row.
+        with db.conn.pipeline():
+            if rollout_rows:
+                db.executemany(_ENSURE_ROLLOUT, rollout_rows)
+            if attempt_rows:
+                db.executemany(_ENSURE_ATTEMPT, attempt_rows)
+            db.execute(_PG_STAGE)
+        with db.conn.cursor().copy(_PG_COPY) as copy:
+            for row in rows:
+                copy.write_row(_no_nul(row))
+        db.execute(_PG_SERIALIZE)
+        db.execute(_PG_MOVE)
+        db.execute(_PG_NOTIFY)
 
 
 @dataclass
@@ -176,15 +232,17 @@ class StoreWriter:
         busy_timeout: float,
         journal_dir: str | Path | None,
     ) -> None:
-        self.db_path = Path(db_path)
+        # What `--db` named (a path or a URL), and the local path standing for it.
+        self.target = db_path
+        self.db_path = store_label(db_path)
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_unsaved_seconds = max_unsaved_seconds
         self.memory_buffer = memory_buffer
         self.busy_timeout = busy_timeout
-        self.journal = Journal(journal_path_for(db_path, os.getpid(), journal_dir))
-        self.dead_letters = DeadLetters(dead_letter_path_for(db_path, journal_dir))
+        self.journal = Journal(journal_path_for(self.db_path, os.getpid(), journal_dir))
+        self.dead_letters = DeadLetters(dead_letter_path_for(self.db_path, journal_dir))
         # (time queued, record or task); deque appends and pops are atomic across threads.
         self._queue: deque[tuple[float, Any]] = deque()
         # Records neither in the database nor in the journal (the journal was not writable).
@@ -198,6 +256,7 @@ class StoreWriter:
         self._guard: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
         self._db: Any = None
+        self.dialect = "sqlite"
         self.written = 0
         self.spilled = 0
         self.replayed = 0
@@ -218,20 +277,23 @@ class StoreWriter:
 
     def start(self) -> None:
         """Open the database (running migrations), replay any journal, start the threads."""
-        self._db = connect(self.db_path)
-        self._db.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        # Checkpoints (copying the WAL into the database file, with an fsync) run on their
-        # own thread and connection, so the writer never stops to do one.
-        self._db.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._db = connect(self.target)
+        self.dialect = dialect_of(self._db)
+        if self.dialect == "sqlite":
+            self._db.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            # Checkpoints (copying the WAL into the database file, with an fsync) run on
+            # their own thread and connection, so the writer never stops to do one.
+            self._db.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self.journal.claim_orphans(self.db_path)
         self._replay_journal()
         self._start_writer()
         self._guard = threading.Thread(target=self._guard_loop, name="spangate-guard", daemon=True)
         self._guard.start()
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_loop, name="spangate-checkpoint", daemon=True
-        )
-        self._checkpointer.start()
+        if self.dialect == "sqlite":
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="spangate-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
 
     def _start_writer(self) -> None:
         self._thread = threading.Thread(target=self._run, name="spangate-writer", daemon=True)
@@ -271,7 +333,7 @@ class StoreWriter:
         self._guard = self._checkpointer = None
         self.journal.close()
         if self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(Exception):
                 self._db.close()
             self._db = None
 
@@ -440,7 +502,8 @@ class StoreWriter:
         found and quarantined. Returns how many went in; store failures propagate (the
         caller spills)."""
         try:
-            insert_spans(self._db.conn, spans)
+            self._connected()
+            insert_spans(self._db, spans)
         except Exception as exc:
             if _store_failure(exc):
                 raise
@@ -478,7 +541,13 @@ class StoreWriter:
             self._retry_held()
             self._replay_journal()
         try:
-            result, error = task.fn(self._db), None
+            self._connected()
+            if self.dialect == "postgresql":
+                # Replicas share the store: a write that reads first must not be half done.
+                with atomic(self._db):
+                    result, error = task.fn(self._db), None
+            else:
+                result, error = task.fn(self._db), None
         except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
             result, error = None, exc
         if error is not None and _store_failure(error):
@@ -585,9 +654,23 @@ class StoreWriter:
         self.healthy = True
         self.last_error = None
 
+    def _connected(self) -> None:
+        """A PostgreSQL connection lost (server restarted) is opened again here; failing
+        that raises `StoreUnavailable`, a store failure (records spill meanwhile)."""
+        if self.dialect == "postgresql" and self._db.broken:
+            self._db.reconnect()
+
     def _takes_writes(self) -> bool:
         """Take the write lock and let it go: nothing written, but a lock held elsewhere
         shows (a store is not called healthy again just because nothing was pending)."""
+        if self.dialect == "postgresql":
+            try:
+                self._connected()
+                self._db.execute("select 1")
+            except Exception as exc:
+                self._mark_unhealthy(exc)
+                return False
+            return True
         conn = self._db.conn
         try:
             conn.execute("BEGIN IMMEDIATE")

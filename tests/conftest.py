@@ -14,6 +14,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_provider import FakeProviderThread
+from pg import PostgresServer, start_postgres
+from redis_server import RedisServer, start_redis
 from servers import GatewayThread, ServedProcess, ServeFactory, start_served, write_config
 
 from config.loader import parse_settings
@@ -71,9 +73,50 @@ def module_gateway(
     gateway.stop()
 
 
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_backends: run the test on SQLite and on a real PostgreSQL (db_path)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_path" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_backends"
+    ):
+        metafunc.parametrize("db_path", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the session (never a mock, never skipped when missing)."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+def new_store(request: pytest.FixtureRequest, path: Path, backend: str) -> Any:
+    """`path` for SQLite, or a fresh PostgreSQL database URL (what `--db` takes)."""
+    if backend == "postgresql":
+        return request.getfixturevalue("postgres").new_database()
+    return path
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "spangate.db"
+def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The store of this test: a SQLite file, or (tests marked `both_backends`, second
+    run) a fresh PostgreSQL database URL."""
+    return new_store(request, tmp_path / "spangate.db", getattr(request, "param", "sqlite"))
 
 
 @pytest.fixture

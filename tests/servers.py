@@ -26,7 +26,9 @@ from config.models import Settings
 from gateway.compose import create_app
 from gateway.server import runner_options
 from gateway.web.state import GATEWAY, Gateway
+from store.backend import is_postgres
 from store.queries import decode_row
+from store.schema import connect
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ class GatewayThread:
 
     def __init__(self, settings: Settings, db_path: str | Path) -> None:
         self.settings = settings
-        self.db_path = Path(db_path)
+        self.db_path = db_path if is_postgres(db_path) else Path(db_path)
         self.loop = asyncio.new_event_loop()
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -124,20 +126,23 @@ class GatewayThread:
 
 def read_spans(db_path: str | Path, **where: Any) -> list[dict[str, Any]]:
     """Span rows (JSON columns decoded), filtered by equality on columns, in seq/start order."""
-    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
-    try:
-        conn.row_factory = sqlite3.Row
-        clause = " and ".join(f"{k} = ?" for k in where) or "1"
-        rows = conn.execute(
-            f"select * from spans where {clause} order by rollout_id, seq, start_ns",
-            list(where.values()),
-        ).fetchall()
-        return [decode_row(dict(r)) for r in rows]
-    finally:
-        conn.close()
+    clause = " and ".join(f"{k} = ?" for k in where) or "true"
+    sql = f"select * from spans where {clause} order by rollout_id, seq, start_ns"
+    return [decode_row(r) for r in read_rows(db_path, sql, *where.values())]
 
 
 def read_rows(db_path: str | Path, sql: str, *params: Any) -> list[dict[str, Any]]:
+    if is_postgres(db_path):
+        db = connect(db_path, read_only=True)
+        try:
+            cursor = db.execute(sql, list(params))
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            db.close()
+        for row in rows:
+            row.pop("rowid", None)
+        return rows
     conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
     try:
         conn.row_factory = sqlite3.Row

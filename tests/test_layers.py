@@ -29,8 +29,16 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "gateway.errors",
     ),
 }
-# The composition root, the server and the CLI join everything; only they may import judge.
-COMPOSITION = ("gateway.compose", "gateway.judge_routes", "gateway.server", "gateway.cli")
+# The composition root (compose, its judge routes, replica wiring and retention), the server
+# and the CLI join everything; only they may import judge.
+COMPOSITION = (
+    "gateway.compose",
+    "gateway.judge_routes",
+    "gateway.scaling",
+    "gateway.retention",
+    "gateway.server",
+    "gateway.cli",
+)
 
 
 def module_name(path: Path) -> str:

@@ -98,7 +98,9 @@ def _settings(config_path: str | None) -> Settings:
 
 
 def _require_db(path: str) -> None:
-    if not Path(path).is_file():
+    from store.backend import store_exists
+
+    if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
 
 

@@ -11,6 +11,7 @@ from gateway.cli.export import export_command
 from gateway.cli.judge import judge
 from gateway.cli.options import BROKEN_PIPE_EXIT, quiet_stdout
 from gateway.cli.patterns import patterns
+from gateway.cli.prune import prune
 from gateway.cli.read import rollouts, show, tail
 from gateway.cli.report import report
 from gateway.cli.reward import reward
@@ -49,5 +50,6 @@ for command in (
     patterns,
     report,
     experiments,
+    prune,
 ):
     cli.add_command(command)

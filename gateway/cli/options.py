@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -26,7 +25,7 @@ def db_option(fn: F) -> F:
         envvar="SPANGATE_DB",
         show_default=True,
         type=click.Path(dir_okay=False),
-        help="SQLite database file (or $SPANGATE_DB).",
+        help="SQLite database file or postgresql:// URL (or $SPANGATE_DB).",
     )(fn)
 
 
@@ -87,21 +86,31 @@ def read_db(path: str) -> Iterator[Database]:
     """The database opened read-only; a missing or foreign file is a user error, not a traceback."""
     import sqlite3
 
+    from store.backend import mask_url, store_exists
+    from store.errors import StoreUnavailable
     from store.schema import connect
 
-    if not Path(path).is_file():
+    if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
-    db = connect(path, read_only=True)
+    try:
+        db = connect(path, read_only=True)
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         yield db
     except sqlite3.DatabaseError as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from exc
+    except Exception as exc:
+        # psycopg's errors (a server that went away mid-read): one line, password masked.
+        if type(exc).__module__.split(".")[0] != "psycopg":
+            raise
+        raise click.ClickException(f"cannot read {mask_url(path)}: {exc}") from exc
     finally:
         db.close()
 
 
 def time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from store.export import parse_since
+    from store.times import parse_since
 
     if value is None:
         return None

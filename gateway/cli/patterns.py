@@ -6,7 +6,6 @@ scipy (through judge.patterns) loads inside the command bodies, so `spangate --h
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -42,7 +41,7 @@ NOT_APPLIED = (
 
 
 def time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from store.export import parse_since
+    from store.times import parse_since
 
     if value is None:
         return None
@@ -315,12 +314,18 @@ def patterns(
         click.echo(line)
 
 
-def _writable(path: str) -> Database:
-    from store.schema import connect
+def _store_writer(path: str) -> Any:
+    """The store's single writer, opened for this command (guidelines are written through it)."""
+    from judge.jobs import open_writer
+    from store.backend import store_exists
+    from store.errors import StoreUnavailable
 
-    if not Path(path).is_file():
+    if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
-    return connect(path)
+    try:
+        return open_writer(path)
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _emit_guideline(row: dict[str, Any], as_json: bool) -> None:
@@ -399,11 +404,17 @@ def guidelines(
             else:
                 click.echo(f"v{diff[0]} and v{diff[1]} have the same text", err=True)
         elif rollback is not None:
-            conn = _writable(db)
+            import asyncio
+
+            writer = _store_writer(db)
             try:
-                row = store_guidelines.rollback_guideline(conn, agent, rollback)
+                row = asyncio.run(
+                    writer.execute(
+                        lambda conn: store_guidelines.rollback_guideline(conn, agent, rollback)
+                    )
+                )
             finally:
-                conn.close()
+                writer.close()
             _emit_guideline(row, as_json)
             click.echo(
                 f"wrote {agent} v{row['version']}: the text of v{rollback}. {NOT_APPLIED}",
@@ -432,21 +443,22 @@ def _write_guideline(db: str, as_json: bool, *, agent: str, **params: Any) -> No
         result = _run_analysis(conn, agent=agent, **params)
     if not result["attempts"]:
         raise click.ClickException(f"no attempts recorded for agent {agent}; nothing to write")
-    writer = _writable(db)
-    try:
-        # IMMEDIATE: the version named in the text is the version stored, even when another
-        # process writes one meanwhile (it waits for the lock instead of failing at commit).
-        writer.conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = store_guidelines.latest_version(writer, agent) + 1
+    import asyncio
+
+    from store.backend import atomic
+
+    def write(conn: Any) -> dict[str, Any]:
+        # One transaction: the version named in the text is the version stored, even when
+        # another process writes one meanwhile (SQLite: it waits for the lock).
+        with atomic(conn):
+            version = store_guidelines.latest_version(conn, agent) + 1
             content = store_guidelines.render_guideline(agent, result, version)
             findings = result["success_patterns"] + result["failure_patterns"]
-            row = store_guidelines.write_guideline(writer, agent, content, findings)
-            writer.conn.execute("COMMIT")
-        except BaseException:
-            if writer.conn.in_transaction:
-                writer.conn.execute("ROLLBACK")
-            raise
+            return store_guidelines.write_guideline(conn, agent, content, findings)
+
+    writer = _store_writer(db)
+    try:
+        row = asyncio.run(writer.execute(write))
     finally:
         writer.close()
     _emit_guideline(row, as_json)

@@ -76,7 +76,7 @@ def tail(
         return
 
     from gateway.cli import render as cli_render
-    from store.queries import list_spans, max_span_rowid
+    from store.queries import list_spans, max_rowid
 
     columns = cli_render.TailColumns()
 
@@ -89,8 +89,15 @@ def tail(
     try:
         with read_db(db) as conn:
             # Taken first: a call recorded while the backlog is read is printed once, by the loop.
-            last = max_span_rowid(conn)
-            backlog = list_spans(conn, rollout_id=rollout_id, limit=limit, newest_first=True)
+            last = max_rowid(conn)
+            backlog = list_spans(
+                conn,
+                rollout_id=rollout_id,
+                limit=limit,
+                newest_first=True,
+                bodies=True,
+                max_page=max(limit, 1),
+            ).data[:limit]
             backlog = [s for s in reversed(backlog) if s["_rowid"] <= last]
             columns.fit(backlog)
             for span in backlog:
@@ -102,8 +109,8 @@ def tail(
                 return
             while True:
                 fresh = list_spans(
-                    conn, rollout_id=rollout_id, after_rowid=last, limit=FOLLOW_BATCH
-                )
+                    conn, rollout_id=rollout_id, after_rowid=last, limit=FOLLOW_BATCH, bodies=True
+                ).data
                 for span in fresh:
                     emit(span)
                 if fresh:
@@ -146,7 +153,7 @@ def rollouts(status: str | None, limit: int, as_json: bool, db: str) -> None:
             f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
         )
     with read_db(db) as conn:
-        found = list_rollouts(conn, status=status, limit=limit)
+        found = list_rollouts(conn, status=status, limit=limit, max_page=max(limit, 1)).data[:limit]
     if as_json:
         for rollout in found:
             click.echo(cli_render.json_line(rollout))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -156,14 +155,17 @@ def _write_reward(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool
     """The reward written straight into the file: SQLite (WAL) lets a second writer in."""
     import sqlite3
 
+    from store.backend import store_exists
     from store.errors import StoreError
     from store.schema import connect
     from store.writes import add_reward
 
-    if not Path(path).is_file():
+    if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
     try:
         conn = connect(path)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     except sqlite3.DatabaseError as exc:
         raise click.ClickException(f"cannot open {path}: {exc}") from exc
     try:

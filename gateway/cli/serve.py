@@ -65,8 +65,15 @@ def serve(
         check_providers(settings)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    from store.errors import StoreError
+
+    source = click.get_current_context().get_parameter_source("db")
+    if settings.store.url and source is click.core.ParameterSource.DEFAULT:
+        db = settings.store.url
     try:
         run(settings, db)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:

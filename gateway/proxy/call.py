@@ -260,7 +260,7 @@ async def number_call(
     """Give the call its seq, after the tool executions whose results it carries."""
     call.attempt_id = attempt = await gw.sequencer.attempt_of(rollout_id, attempt_id)
     executed = gw.tools.resolve(rollout_id, attempt, call.payload)
-    first = gw.sequencer.take(rollout_id, len(executed) + 1)
+    first = await gw.sequencer.reserve(rollout_id, len(executed) + 1)
     for offset, (tool, result) in enumerate(executed):
         gw.recorder.publish(
             tool_span(

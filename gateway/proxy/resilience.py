@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from gateway.errors import RateLimited
 from gateway.proxy.bucket import adjust_bucket, bucket_level
 
 MINUTE = 60.0
+
+# `shared_rate(key, per_minute, amount, max_wait)`: take `amount` from a budget every replica
+# shares, waiting at most `max_wait` s; 0.0 once taken, else the seconds until it could be.
+SharedRate = Callable[[str, int, int, float], Awaitable[float]]
 
 
 class _OpenedAt(pybreaker.CircuitBreakerListener):
@@ -46,6 +51,9 @@ class Guard:
     in_flight: int = 0
     probing: bool = False
     opened_at: float = 0.0
+    # With `shared.redis_url`: limits and breaker state every replica sees.
+    shared_rate: SharedRate | None = None
+    breaker_storage: pybreaker.CircuitBreakerStorage | None = None
 
     def __post_init__(self) -> None:
         self.breaker = pybreaker.CircuitBreaker(
@@ -54,7 +62,10 @@ class Guard:
             throw_new_error_on_trip=False,
             listeners=[_OpenedAt(self)],
             name=self.deployment.label,
+            state_storage=self.breaker_storage,
         )
+        if self.shared_rate is not None:
+            return  # the shared budget replaces the local buckets
         if self.deployment.rpm:
             self.rpm = AsyncLimiter(self.deployment.rpm, MINUTE)
         if self.deployment.tpm:
@@ -68,6 +79,11 @@ class Guard:
         """Seconds until an open breaker lets a probe through (0 when it already would)."""
         if self.state == pybreaker.STATE_CLOSED:
             return 0.0
+        if self.breaker_storage is not None:
+            # Opened by whichever replica: the shared storage keeps when (whole seconds).
+            opened = self.breaker_storage.opened_at
+            if opened is not None:
+                return max(0.0, opened.timestamp() + self.policy.reset_timeout - time.time())
         return max(0.0, self.opened_at + self.policy.reset_timeout - time.monotonic())
 
     def available(self) -> bool:
@@ -112,6 +128,9 @@ class Guard:
     async def acquire(self, tokens: int, max_wait: float) -> float:
         """Wait for rpm/tpm budget, at most `max_wait` seconds in all; the seconds waited."""
         started = time.perf_counter()
+        if self.shared_rate is not None:
+            await self._acquire_shared(tokens, max_wait)
+            return time.perf_counter() - started
         wanted: tuple[tuple[AsyncLimiter | None, float, str], ...] = (
             (self.rpm, 1, "requests"),
             (self.tpm, tokens, "tokens"),
@@ -136,6 +155,28 @@ class Guard:
                     kind=kind,
                 ) from None
         return time.perf_counter() - started
+
+    async def _acquire_shared(self, tokens: int, max_wait: float) -> None:
+        assert self.shared_rate is not None
+        started = time.perf_counter()
+        for per_minute, amount, kind in (
+            (self.deployment.rpm, 1, "requests"),
+            (self.deployment.tpm, tokens, "tokens"),
+        ):
+            if not per_minute:
+                continue
+            remaining = max(max_wait - (time.perf_counter() - started), 0.0)
+            key = f"{self.deployment.label}:{kind}"
+            retry_after = await self.shared_rate(
+                key, per_minute, min(amount, per_minute), remaining
+            )
+            if retry_after > 0:
+                raise RateLimited(
+                    f"rate limit of {self.deployment.label} reached ({per_minute} {kind} per "
+                    f"minute, shared by all replicas); retry after {math.ceil(retry_after)}s",
+                    retry_after=max(1.0, math.ceil(retry_after)),
+                    kind=kind,
+                )
 
     def correct_tokens(self, estimated: int, actual: int) -> None:
         """Settle the token bucket with what the call really used instead of the estimate."""

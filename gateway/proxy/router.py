@@ -9,19 +9,33 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Callable
+
+import pybreaker
 
 from config.models import Deployment, ModelGroup, Settings
 from gateway.errors import ModelNotFound
-from gateway.proxy.resilience import Guard
+from gateway.proxy.resilience import Guard, SharedRate
 
 
 class Router:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        shared_rate: SharedRate | None = None,
+        breaker_storage: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None,
+    ) -> None:
         self.settings = settings
         self.groups: dict[str, ModelGroup] = {group.name: group for group in settings.models}
         self.guards: dict[str, list[Guard]] = {
             group.name: [
-                Guard(deployment, settings.breaker_policy(group))
+                Guard(
+                    deployment,
+                    settings.breaker_policy(group),
+                    shared_rate=shared_rate,
+                    breaker_storage=breaker_storage(deployment.label) if breaker_storage else None,
+                )
                 for deployment in group.deployments
             ]
             for group in settings.models

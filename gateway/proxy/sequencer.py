@@ -4,11 +4,21 @@ clocks; numbers keep rising across restarts and evictions (the lookup says where
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import pybreaker
+
 DEFAULT_ATTEMPT_ID = "1"
+# A shared counter slower than this, or failing, makes calls number locally for a while, so
+# an unreachable PostgreSQL or Redis never holds a call up.
+SHARED_COUNTER_TIMEOUT = 1.0
+SHARED_COUNTER_RETRY_SECONDS = 2.0
+
+log = logging.getLogger("spangate.sequencer")
 
 
 @dataclass(slots=True)
@@ -18,6 +28,10 @@ class _RolloutCursor:
 
 
 CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
+# `allocate(rollout_id, count, floor)`: the last of `count` numbers reserved for the rollout
+# in a counter every replica shares (Redis, or a PostgreSQL counter row), never at or below
+# `floor` (what this process has already handed out).
+SeqAllocator = Callable[[str, int, int], Awaitable[int]]
 
 
 class Sequencer:
@@ -27,8 +41,18 @@ class Sequencer:
     left off (off the loop), so numbers keep rising across restarts.
     """
 
-    def __init__(self, lookup: CursorLookup, *, capacity: int) -> None:
+    def __init__(
+        self,
+        lookup: CursorLookup,
+        *,
+        capacity: int,
+        allocate: SeqAllocator | None = None,
+    ) -> None:
         self._lookup = lookup
+        self._allocate = allocate
+        self._shared = pybreaker.CircuitBreaker(
+            fail_max=1, reset_timeout=SHARED_COUNTER_RETRY_SECONDS, name="shared-seq"
+        )
         self._capacity = capacity
         self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()
         self._loading: dict[str, asyncio.Future[_RolloutCursor]] = {}
@@ -75,13 +99,38 @@ class Sequencer:
         cursor.seq += count
         return first
 
+    async def reserve(self, rollout_id: str, count: int = 1) -> int:
+        """Like `take`, but from the shared counter when replicas share the store, so the
+        numbers have no gaps or duplicates whichever replica a call lands on."""
+        cursor = self._cursors[rollout_id]
+        if self._allocate is None or self._shared.current_state == pybreaker.STATE_OPEN:
+            return self.take(rollout_id, count)
+        try:
+            async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
+                last = await self._allocate(rollout_id, count, cursor.seq)
+        except Exception as exc:
+            # Degraded, not down: numbers stay increasing on this replica meanwhile, and the
+            # shared counter resumes above them (the floor) once it answers again.
+            log.warning("shared sequence counter failed (%s); numbering locally for now", exc)
+            with contextlib.suppress(Exception):
+                self._shared.call(_reraise, exc)
+            return self.take(rollout_id, count)
+        if self._shared.current_state != pybreaker.STATE_CLOSED:
+            self._shared.close()
+        cursor.seq = max(cursor.seq, last)
+        return last - count + 1
+
     async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
         """The call's sequence number and attempt."""
         attempt = await self.attempt_of(rollout_id, attempt_id)
-        return self.take(rollout_id), attempt
+        return await self.reserve(rollout_id), attempt
 
     def set_attempt(self, rollout_id: str, attempt_id: str) -> None:
         """A new attempt was opened through the API: later unnamed calls join it."""
         cursor = self._cursors.get(rollout_id)
         if cursor is not None:
             cursor.attempt_id = attempt_id
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc

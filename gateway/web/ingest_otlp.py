@@ -306,7 +306,7 @@ async def _publish(gw: Gateway, records: list[dict[str, Any]]) -> None:
     for record in records:
         rollout_id = record["rollout_id"]
         record["attempt_id"] = await gw.sequencer.attempt_of(rollout_id, record["attempt_id"])
-        record["seq"] = gw.sequencer.take(rollout_id)
+        record["seq"] = await gw.sequencer.reserve(rollout_id)
         gw.recorder.publish(record)
 
 

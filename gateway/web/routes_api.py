@@ -29,9 +29,9 @@ from gateway.web.bodies import read_body
 from gateway.web.limits import write_within
 from gateway.web.responses import error_response
 from gateway.web.state import GATEWAY, Gateway
-from store import export, listing, writes
-from store.listing import BadCursor
-from store.queries import get_rollout
+from store import export, writes
+from store import queries as listing
+from store.queries import BadCursor, get_rollout
 
 B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
@@ -89,7 +89,7 @@ def query_of(request: web.Request, model: type[B]) -> B:
 def time_param(value: str | None, name: str) -> int | None:
     if value is None:
         return None
-    from store.export import parse_since
+    from store.times import parse_since
 
     try:
         moment = parse_since(value)

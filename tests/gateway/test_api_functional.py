@@ -24,6 +24,8 @@ from fake_provider import FakeProviderThread
 from servers import GatewayThread, read_rows, read_spans
 from shapes import assert_openai_error
 
+pytestmark = pytest.mark.both_backends
+
 # -- helpers ----------------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 from conftest import gateway_settings
-from redis_server import redis_server
+from redis_server import RedisServer
 from servers import GatewayThread
 
 from gateway.cli.main import cli
@@ -289,10 +289,11 @@ def test_budget_survives_a_restart_and_spangate_show_prints_it(
 # -- across replicas ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's real redis-server, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url
 
 
 def test_two_gateways_on_one_redis_hold_one_budget(

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
+from conftest import BACKENDS, new_store
 from shapes import CLI_ARGV
 
 from gateway.cli import render as cli_render
@@ -250,14 +251,15 @@ def _records() -> list[dict[str, Any]]:
 def _insert(path: Path, records: list[dict[str, Any]]) -> None:
     db = connect(path)
     try:
-        insert_spans(db.conn, records)
+        insert_spans(db, records)
     finally:
         db.close()
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    path = tmp_path / "spangate.db"
+@pytest.fixture(params=BACKENDS)
+def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The recorded calls, in a SQLite file or in PostgreSQL: every read command reads both."""
+    path = new_store(request, tmp_path / "spangate.db", request.param)
     _insert(path, _records())
     return path
 

@@ -18,6 +18,8 @@ from servers import GatewayThread, read_spans
 import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
 from gateway.cli.patterns import patterns as patterns_command
 
+pytestmark = pytest.mark.both_backends
+
 AGENT = "agent-f"
 TOOLS = [
     {

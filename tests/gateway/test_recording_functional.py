@@ -18,6 +18,8 @@ from servers import GatewayThread, read_rows, read_spans
 
 from config.loader import parse_settings
 
+pytestmark = pytest.mark.both_backends
+
 UPSTREAM_MODEL = "upstream-model"
 UPSTREAM_KEY = "sk-upstream-secret"
 CLIENT_KEY = "sk-client-secret-4242"

@@ -24,6 +24,8 @@ from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from servers import GatewayThread
 
+pytestmark = pytest.mark.both_backends
+
 READ_TIMEOUT = 5.0
 # A call made after subscribing must show up on the stream within this long.
 LIVE_LATENCY = 1.0

@@ -595,13 +595,7 @@ async def test_a_final_write_that_meets_a_locked_store_lands_once_it_is_free(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def quick_to_give_up(path: Path, **kwargs: Any) -> Any:
-        # The store's 5 s busy timeout would only make this test slow; the retries are the same.
-        db = connect(path, **kwargs)
-        db.execute("PRAGMA busy_timeout = 50")
-        return db
-
-    monkeypatch.setattr("judge.jobs.connect", quick_to_give_up)
+    # Writes go through the store writer, whose busy timeout (recorder.busy_timeout) is short.
     five_rollouts(db_path)
     model = GatedJudgeModel()
     service = llm_service(model)
@@ -675,7 +669,7 @@ async def test_a_run_stopped_by_shutdown_ends_failed_with_the_reason(
 
     reader = JudgeStore(db_path)
     try:
-        stopped = await reader._run(get_judge_run, run["id"])
+        stopped = await reader.read(get_judge_run, run["id"])
     finally:
         reader.close()
     assert stopped["status"] == "failed"

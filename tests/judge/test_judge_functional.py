@@ -28,6 +28,8 @@ from servers import GatewayThread, read_rows, wait_until
 
 from judge.rules import WEIGHTS
 
+pytestmark = pytest.mark.both_backends
+
 JUDGE_UPSTREAM_MODEL = "verdict-upstream"
 BOGUS_SPAN = "deadbeefdeadbeef"
 SPAN_IN_RENDER = re.compile(r"span=([0-9a-f]{16})\]")

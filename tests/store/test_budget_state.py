@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from redis_server import redis_server
+from redis_server import RedisServer
 
 from store.budget_state import MemoryBudgetState, RedisBudgetState, empty_usage
 
@@ -16,10 +16,11 @@ NO_LIMITS: dict[str, Any] = {}
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's real redis-server, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url
 
 
 @pytest_asyncio.fixture(params=["memory", "redis"])

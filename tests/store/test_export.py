@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
+from conftest import BACKENDS, new_store
 from sqlite_utils import Database
 
 from gateway.cli.main import cli
@@ -23,10 +24,10 @@ from store.export import (
     iter_rollouts,
     iter_triplets,
     missing_rollouts,
-    parse_since,
     write_jsonl,
 )
 from store.schema import SPAN_COLUMNS, connect
+from store.times import parse_since
 from store.writer import insert_spans
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
@@ -136,22 +137,23 @@ def _reward(
     dimensions: dict[str, float] | None = None,
 ) -> str:
     reward_id = f"rw-{next(_ids)}"
-    db["rewards"].insert(
-        {
-            "id": reward_id,
-            "rollout_id": rollout,
-            "attempt_id": attempt,
-            "span_id": span,
-            "name": name,
-            "value": value,
-            "dimensions": orjson.dumps(dimensions or {}).decode(),
-            "final": int(final),
-            "source": "user",
-            "comment": None,
-            "details": "{}",
-            "tags": "[]",
-            "created_ns": at,
-        }
+    row = {
+        "id": reward_id,
+        "rollout_id": rollout,
+        "attempt_id": attempt,
+        "span_id": span,
+        "name": name,
+        "value": value,
+        "dimensions": orjson.dumps(dimensions or {}).decode(),
+        "final": int(final),
+        "source": "user",
+        "comment": None,
+        "details": "{}",
+        "tags": "[]",
+        "created_ns": at,
+    }
+    db.execute(
+        f"insert into rewards ({', '.join(row)}) values ({', '.join(':' + k for k in row)})", row
     )
     return reward_id
 
@@ -161,7 +163,7 @@ def _build(path: Path) -> None:
     db = connect(path)
     try:
         insert_spans(
-            db.conn,
+            db,
             [
                 # Written out of seq order on purpose: export must order by seq.
                 _span("s-r1-2", rollout="r1", attempt="a1", seq=2, at=T0 + 2 * SECOND),
@@ -285,9 +287,10 @@ def _build(path: Path) -> None:
         db.close()
 
 
-@pytest.fixture
-def db_file(tmp_path: Path) -> Path:
-    path = tmp_path / "spangate.db"
+@pytest.fixture(params=BACKENDS)
+def db_file(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The built store, as a SQLite file and as a PostgreSQL database."""
+    path = new_store(request, tmp_path / "spangate.db", request.param)
     _build(path)
     return path
 

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from sqlite_utils import Database
 
-from store import listing
-from store.listing import BadCursor
-from store.queries import get_rollout
+from store import dashboard
+from store.queries import BadCursor, get_rollout
 from store.schema import SPAN_COLUMNS, connect
 from store.writer import insert_spans
 from store.writes import add_reward
@@ -83,14 +82,14 @@ def db(tmp_path: Path) -> Iterator[Database]:
 def _all_pages(db: Database, **kwargs: Any) -> list[str]:
     seen, cursor = [], None
     while True:
-        page = listing.browse_rollouts(db, cursor=cursor, limit=5, **kwargs)
+        page = dashboard.browse_rollouts(db, cursor=cursor, limit=5, **kwargs)
         seen += [row["id"] for row in page.data]
         if not page.next_cursor:
             return seen
         cursor = page.next_cursor
 
 
-@pytest.mark.parametrize("sort", sorted(listing.BROWSE_SORTS))
+@pytest.mark.parametrize("sort", sorted(dashboard.BROWSE_SORTS))
 @pytest.mark.parametrize("descending", [True, False])
 def test_paging_through_any_sort_gives_every_rollout_once(
     db: Database, sort: str, descending: bool
@@ -100,9 +99,9 @@ def test_paging_through_any_sort_gives_every_rollout_once(
 
 
 def test_sorting_by_calls_orders_by_the_count(db: Database) -> None:
-    page = listing.browse_rollouts(db, sort="calls", limit=3)
+    page = dashboard.browse_rollouts(db, sort="calls", limit=3)
     assert [(r["id"], r["calls"]) for r in page.data] == [("r23", 23), ("r22", 22), ("r21", 21)]
-    ascending = listing.browse_rollouts(db, sort="calls", descending=False, limit=2)
+    ascending = dashboard.browse_rollouts(db, sort="calls", descending=False, limit=2)
     assert [r["id"] for r in ascending.data] == ["r01", "r02"]
 
 
@@ -110,7 +109,7 @@ def test_rollouts_without_a_reward_sort_below_every_reward(db: Database) -> None
     ids = _all_pages(db, sort="reward")
     assert ids[:3] == ["r23", "r21", "r19"]
     assert set(ids[12:]) == {f"r{i:02d}" for i in range(2, 24, 2)}
-    row = listing.browse_rollouts(db, sort="reward", limit=1).data[0]
+    row = dashboard.browse_rollouts(db, sort="reward", limit=1).data[0]
     assert row["reward"] == pytest.approx(2.3)
     assert row["duration_ms"] == pytest.approx(22 + 23)
 
@@ -123,16 +122,16 @@ def test_filters_by_model_text_and_status(db: Database) -> None:
 
 
 def test_a_cursor_from_another_sort_is_refused(db: Database) -> None:
-    cursor = listing.browse_rollouts(db, sort="calls", limit=2).next_cursor
+    cursor = dashboard.browse_rollouts(db, sort="calls", limit=2).next_cursor
     assert cursor
     with pytest.raises(BadCursor):
-        listing.browse_rollouts(db, sort="cost", cursor=cursor)
+        dashboard.browse_rollouts(db, sort="cost", cursor=cursor)
     with pytest.raises(BadCursor):
-        listing.browse_rollouts(db, cursor="not-a-cursor")
+        dashboard.browse_rollouts(db, cursor="not-a-cursor")
 
 
 def test_timeseries_counts_calls_errors_and_percentiles_per_bucket(db: Database) -> None:
-    series = listing.timeseries(db, since_ns=T0, until_ns=T0 + 24_000 * MS, buckets=24)
+    series = dashboard.timeseries(db, since_ns=T0, until_ns=T0 + 24_000 * MS, buckets=24)
     assert len(series) == 24
     assert sum(b["calls"] for b in series) == sum(range(1, 24))
     assert sum(b["errors"] for b in series) == 7
@@ -142,7 +141,7 @@ def test_timeseries_counts_calls_errors_and_percentiles_per_bucket(db: Database)
 
 
 def test_reward_values_and_a_rollout_without_bodies(db: Database) -> None:
-    assert sorted(listing.reward_values(db)) == pytest.approx([i / 10 for i in range(1, 24, 2)])
+    assert sorted(dashboard.reward_values(db)) == pytest.approx([i / 10 for i in range(1, 24, 2)])
     outline = get_rollout(db, "r03", bodies=False)
     spans = outline["attempts"][0]["spans"]
     assert len(spans) == 3 and "request_body" not in spans[0]

@@ -22,7 +22,7 @@ from gateway.web import auth
 from gateway.web.routes_api import read, time_param
 from gateway.web.state import GATEWAY
 from gateway.web.ui import views
-from store import listing
+from store import dashboard, queries
 from store.errors import NotFound, StoreError
 from store.queries import get_rollout
 from store.schema import ROLLOUT_STATUSES
@@ -113,10 +113,10 @@ def _float(request: web.Request, name: str, default: float) -> float:
 
 
 def _overview(db: Database, since_ns: int, until_ns: int) -> dict[str, Any]:
-    series = listing.timeseries(db, since_ns=since_ns, until_ns=until_ns, buckets=CHART_BUCKETS)
-    stats = listing.stats(db, since_ns=since_ns)
-    rewards = listing.reward_values(db, since_ns=since_ns)
-    recent = listing.browse_rollouts(db, limit=RECENT_ROLLOUTS).data
+    series = dashboard.timeseries(db, since_ns=since_ns, until_ns=until_ns, buckets=CHART_BUCKETS)
+    stats = queries.stats(db, since_ns=since_ns)
+    rewards = dashboard.reward_values(db, since_ns=since_ns)
+    recent = dashboard.browse_rollouts(db, limit=RECENT_ROLLOUTS).data
     durations = [s for s in series if s["calls"]]
     # The window's percentiles, weighted by calls per bucket: close enough for a headline.
     weighted = sorted((s["p50_ms"], s["calls"]) for s in durations if s["p50_ms"] is not None)
@@ -189,17 +189,17 @@ ROLLOUT_FILTERS = ("status", "agent", "tag", "model", "q", "since", "until")
 async def rollouts(request: web.Request) -> web.Response:
     f = {name: _param(request, name) for name in ROLLOUT_FILTERS}
     sort = request.query.get("sort", "created")
-    if sort not in listing.BROWSE_SORTS:
+    if sort not in dashboard.BROWSE_SORTS:
         sort = "created"
     descending = request.query.get("dir", "desc") != "asc"
     cursor = _param(request, "cursor")
     error = None
     status = f["status"] if f["status"] in ROLLOUT_STATUSES else None
-    result = listing.Page([], None)
+    result = queries.Page([], None)
     try:
         result = await read(
             request.app[GATEWAY],
-            listing.browse_rollouts,
+            dashboard.browse_rollouts,
             status=status,
             agent=f["agent"],
             tag=f["tag"],
@@ -283,7 +283,7 @@ async def rollout(request: web.Request) -> web.Response:
 
 @page
 async def span(request: web.Request) -> web.Response:
-    s = await read(request.app[GATEWAY], listing.get_span, request.match_info["span_id"])
+    s = await read(request.app[GATEWAY], queries.get_span, request.match_info["span_id"])
     s.pop("_rowid", None)
     attributes = s.get("attributes") if isinstance(s.get("attributes"), dict) else {}
     shown = [

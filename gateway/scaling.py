@@ -1,0 +1,74 @@
+"""What changes when replicas share one store: sequence numbers come from a counter they all
+see (Redis when `shared.redis_url` is set, else the PostgreSQL counter row), and with Redis
+rate limits and breaker state are shared too; one SQLite process keeps all that in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from config.models import Settings
+from gateway.web.routes_api import FEED
+from store.backend import is_postgres
+from store.shared_state import (
+    PostgresCounter,
+    RedisCounter,
+    RedisRateLimits,
+    listen_for_spans,
+    redis_breaker_storage,
+    redis_client,
+)
+
+
+class SharedCounters:
+    """The allocator handed to the proxy's Sequencer, opened and closed with the app."""
+
+    def __init__(self, settings: Settings, db: str | Path) -> None:
+        self.db = db
+        self.redis: Any = None
+        self.postgres: PostgresCounter | None = None
+        self.counter: RedisCounter | PostgresCounter | None = None
+        self.rate_limits: RedisRateLimits | None = None
+        self.breaker_storage: Callable[[str], Any] | None = None
+        if settings.shared.redis_url:
+            url = settings.shared.redis_url
+            self.redis = redis_client(url)
+            self.counter = RedisCounter(self.redis)
+            self.rate_limits = RedisRateLimits(url)
+            self.breaker_storage = redis_breaker_storage(url)
+        elif is_postgres(db):
+            self.postgres = PostgresCounter(str(db))
+            self.counter = self.postgres
+
+    def router_options(self) -> dict[str, Any]:
+        """What the Router's guards share: rpm/tpm budgets and breaker state (Redis only)."""
+        if self.rate_limits is None:
+            return {}
+        return {"shared_rate": self.rate_limits.acquire, "breaker_storage": self.breaker_storage}
+
+    @property
+    def allocate(self) -> Callable[[str, int], Awaitable[int]] | None:
+        return self.counter.allocate if self.counter is not None else None
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """A `cleanup_ctx`: connections open at start, close at stop."""
+        if self.postgres is not None:
+            await self.postgres.open()
+        listener = None
+        if is_postgres(self.db) and FEED in app:
+            # Other replicas' spans wake this replica's live streams within a commit.
+            listener = asyncio.create_task(listen_for_spans(str(self.db), app[FEED].notify))
+        yield
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        if self.postgres is not None:
+            await self.postgres.close()
+        if self.redis is not None:
+            await self.redis.aclose()

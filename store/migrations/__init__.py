@@ -1,0 +1,1 @@
+"""The store's one migration history (Alembic), run for SQLite and PostgreSQL alike."""

@@ -1,0 +1,176 @@
+"""State that replicas of one gateway share: rollout sequence counters (PostgreSQL or Redis),
+and the Redis adapters for rate limits, breaker state and the live span feed.
+
+Everything here talks to an existing engine through its well-kept client (psycopg_pool,
+redis-py, `limits`, pybreaker); nothing is kept in this process that another replica needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from store.backend import libpq_url, mask_url
+from store.errors import StoreUnavailable
+
+log = logging.getLogger("spangate.shared")
+
+COUNTER_POOL_SIZE = 4
+REDIS_SEQ_PREFIX = "spangate:seq:"
+# A rollout's counter outlives any plausible gap between two of its calls.
+REDIS_SEQ_TTL_SECONDS = 30 * 86400
+
+# One statement, atomic under concurrency: the row starts at the caller's floor (what the
+# store and this replica already numbered), then only ever rises.
+PG_NEXT_SEQ_SQL = """
+INSERT INTO rollout_counters (rollout_id, seq)
+VALUES (%(rid)s, %(floor)s + %(n)s)
+ON CONFLICT (rollout_id) DO UPDATE SET seq = greatest(rollout_counters.seq, %(floor)s) + %(n)s
+RETURNING seq
+"""
+COUNTER_CONNECT_TIMEOUT = 1.0
+
+# INCRBY that never lands at or below the floor; the key expires long after its last use.
+REDIS_NEXT_SEQ_LUA = """
+local value = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[2])
+if value < floor then value = floor end
+value = value + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], value, 'EX', ARGV[3])
+return value
+"""
+
+
+class PostgresCounter:
+    """Sequence numbers from the `rollout_counters` row of each rollout (UPDATE ... RETURNING
+    through an upsert), over a small pool of connections of their own."""
+
+    def __init__(self, url: str, *, size: int = COUNTER_POOL_SIZE) -> None:
+        from psycopg_pool import AsyncConnectionPool
+
+        self.url = url
+        self.pool = AsyncConnectionPool(
+            libpq_url(url),
+            min_size=1,
+            max_size=size,
+            kwargs={"autocommit": True, "application_name": "spangate-seq"},
+            open=False,
+        )
+
+    async def open(self) -> None:
+        try:
+            await self.pool.open(wait=True, timeout=10)
+        except Exception as exc:
+            raise StoreUnavailable(
+                f"cannot open {mask_url(self.url)} for sequence numbers: {exc}"
+            ) from None
+
+    async def allocate(self, rollout_id: str, count: int, floor: int = 0) -> int:
+        async with self.pool.connection(timeout=COUNTER_CONNECT_TIMEOUT) as conn:
+            cursor = await conn.execute(
+                PG_NEXT_SEQ_SQL, {"rid": rollout_id, "n": count, "floor": floor}
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class RedisCounter:
+    """Sequence numbers from one Redis key per rollout (a script: INCRBY above a floor)."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.script = redis.register_script(REDIS_NEXT_SEQ_LUA)
+
+    async def allocate(self, rollout_id: str, count: int, floor: int = 0) -> int:
+        key = REDIS_SEQ_PREFIX + rollout_id
+        return int(await self.script(keys=[key], args=[count, floor, REDIS_SEQ_TTL_SECONDS]))
+
+
+def redis_client(url: str) -> Any:
+    """An asyncio redis-py client (connections are made on first use)."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+
+
+SPANS_CHANNEL = "spangate_spans"
+LISTEN_RETRY_SECONDS = 1.0
+
+
+async def listen_for_spans(url: str, on_spans: Callable[[], None]) -> None:
+    """Call `on_spans()` whenever any replica commits spans (PostgreSQL LISTEN/NOTIFY); runs
+    until cancelled, opening the connection again after a failure."""
+    import asyncio
+
+    import psycopg
+
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                libpq_url(url), autocommit=True, application_name="spangate-listen"
+            )
+            async with conn:
+                await conn.execute(f"LISTEN {SPANS_CHANNEL}")
+                async for _ in conn.notifies():
+                    on_spans()
+        except psycopg.Error as exc:
+            log.warning("span notifications from %s lost (%s); listening again", mask_url(url), exc)
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+
+# -- rate limits and breakers across replicas (Redis) ---------------------------------
+
+RATE_WAIT_MAX_SECONDS = 1.0
+
+
+class RedisRateLimits:
+    """Per-minute budgets every replica draws from (`limits`' sliding window counter on
+    Redis: two counters a key, so a tpm budget costs no more than an rpm one)."""
+
+    def __init__(self, url: str) -> None:
+        from limits.aio.storage import RedisStorage
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+        self.storage = RedisStorage(f"async+{url}", implementation="redispy")
+        self.limiter = SlidingWindowCounterRateLimiter(self.storage)
+
+    async def acquire(self, key: str, per_minute: int, amount: int, max_wait: float) -> float:
+        """Take `amount` of the `per_minute` budget under `key`, trying again (with backoff)
+        for up to `max_wait` s; 0.0 once taken, else seconds until it could be."""
+        import time
+
+        from limits import RateLimitItemPerMinute
+        from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_exponential
+
+        item = RateLimitItemPerMinute(per_minute, namespace="spangate")
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda taken: not taken),
+            stop=stop_after_delay(max_wait),
+            wait=wait_exponential(multiplier=0.05, max=RATE_WAIT_MAX_SECONDS),
+            retry_error_callback=lambda state: False,
+        )
+        if await retrying(self.limiter.hit, item, key, cost=amount):
+            return 0.0
+        stats = await self.limiter.get_window_stats(item, key)
+        return max(stats.reset_time - time.time(), 0.001)
+
+
+def redis_breaker_storage(url: str) -> Callable[[str], Any]:
+    """pybreaker's own Redis storage, one namespace per deployment; the state a replica
+    opens is what every replica reads on its next call."""
+    import pybreaker
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+    def storage(label: str) -> Any:
+        return pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, client, namespace=f"spangate:{label}"
+        )
+
+    return storage

@@ -1,0 +1,215 @@
+"""The one schema definition (SQLAlchemy Core) that both SQLite and PostgreSQL are built from.
+
+SQLite numbers rows itself (`rowid`); PostgreSQL gets a `rowid` identity column on the
+tables that are paged in write order, so every query can say `rowid` on both.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    text,
+)
+
+ADDED_SPAN_TEXT_COLUMNS = (
+    "prompt_token_ids",
+    "completion_token_ids",
+    "logprobs",
+    "model_version",
+    "mode",
+)
+# Columns added after 0.1, which a store made before them gets from migration 0003.
+ADDED_COLUMNS = {
+    "spans": (*ADDED_SPAN_TEXT_COLUMNS, "held_ms"),
+    "rollouts": ("budget",),
+}
+
+# Tables read in write order (live tail, cursor paging, export).
+ROWID_TABLES = frozenset({"spans", "rewards", "rollouts"})
+
+
+def _rowid(dialect: str) -> list[Column]:
+    if dialect == "sqlite":
+        return []
+    return [Column("rowid", BigInteger, Identity(always=False), nullable=False, unique=True)]
+
+
+def build_metadata(dialect: str) -> MetaData:
+    """Every table and index of the store, for `dialect` (`sqlite` or `postgresql`)."""
+    md = MetaData()
+    Table(
+        "rollouts",
+        md,
+        Column("id", Text, primary_key=True),
+        Column("status", Text, nullable=False, server_default=text("'running'")),
+        Column("agent", Text),
+        Column("input", Text),
+        Column("metadata", Text, nullable=False, server_default=text("'{}'")),
+        Column("tags", Text, nullable=False, server_default=text("'[]'")),
+        Column("created_ns", BigInteger, nullable=False),
+        Column("updated_ns", BigInteger, nullable=False),
+        Column("ended_ns", BigInteger),
+        # A rollout's own budget, set over the API: `{"rollout": {limits}, "attempt": {...}}`.
+        Column("budget", Text),
+        *_rowid(dialect),
+        Index("rollouts_created", "created_ns"),
+    )
+    Table(
+        "attempts",
+        md,
+        Column("rollout_id", Text, nullable=False),
+        Column("id", Text, nullable=False),
+        Column("number", Integer, nullable=False),
+        Column("status", Text, nullable=False, server_default=text("'running'")),
+        Column("created_ns", BigInteger, nullable=False),
+        Column("updated_ns", BigInteger, nullable=False),
+        Column("ended_ns", BigInteger),
+        PrimaryKeyConstraint("rollout_id", "id"),
+    )
+    Table(
+        "spans",
+        md,
+        Column("span_id", Text, primary_key=True),
+        Column("trace_id", Text, nullable=False),
+        Column("parent_span_id", Text),
+        Column("rollout_id", Text),
+        Column("attempt_id", Text),
+        Column("seq", BigInteger),
+        Column("name", Text, nullable=False),
+        Column("operation", Text, nullable=False),
+        Column("provider", Text),
+        Column("deployment", Text),
+        Column("model_group", Text),
+        Column("request_model", Text),
+        Column("response_model", Text),
+        Column("response_id", Text),
+        Column("status", Text, nullable=False),
+        Column("http_status", Integer),
+        Column("error_type", Text),
+        Column("error_message", Text),
+        Column("stream", Integer, nullable=False, server_default=text("0")),
+        Column("start_ns", BigInteger, nullable=False),
+        Column("end_ns", BigInteger, nullable=False),
+        Column("duration_ms", Float, nullable=False),
+        Column("ttft_ms", Float),
+        Column("upstream_ms", Float),
+        Column("overhead_ms", Float),
+        Column("retries", Integer, nullable=False, server_default=text("0")),
+        Column("input_tokens", BigInteger),
+        Column("output_tokens", BigInteger),
+        Column("cached_tokens", BigInteger),
+        Column("reasoning_tokens", BigInteger),
+        Column("cost_usd", Float),
+        Column("finish_reasons", Text),
+        Column("tool_calls", Text),
+        Column("request_body", Text),
+        Column("response_body", Text),
+        Column("attributes", Text, nullable=False, server_default=text("'{}'")),
+        Column("tags", Text, nullable=False, server_default=text("'[]'")),
+        # Training: base64 of little-endian int32 / float32 arrays (store/packed.py), the
+        # deployment's model version, the rollout's mode, and time held by a pause.
+        *(Column(name, Text) for name in ADDED_SPAN_TEXT_COLUMNS),
+        Column("held_ms", Float),
+        *_rowid(dialect),
+        Index("spans_rollout_seq", "rollout_id", "seq"),
+        Index("spans_start", "start_ns"),
+        Index("spans_response_id", "response_id"),
+    )
+    Table(
+        "rewards",
+        md,
+        Column("id", Text, primary_key=True),
+        Column("rollout_id", Text),
+        Column("attempt_id", Text),
+        Column("span_id", Text),
+        Column("name", Text, nullable=False, server_default=text("'reward'")),
+        Column("value", Float, nullable=False),
+        Column("dimensions", Text, nullable=False, server_default=text("'{}'")),
+        Column("final", Integer, nullable=False, server_default=text("0")),
+        Column("source", Text, nullable=False, server_default=text("'user'")),
+        Column("comment", Text),
+        Column("details", Text, nullable=False, server_default=text("'{}'")),
+        Column("tags", Text, nullable=False, server_default=text("'[]'")),
+        Column("created_ns", BigInteger, nullable=False),
+        *_rowid(dialect),
+        Index("rewards_rollout", "rollout_id"),
+        Index("rewards_span", "span_id"),
+    )
+    Table(
+        "judge_runs",
+        md,
+        Column("id", Text, primary_key=True),
+        Column("status", Text, nullable=False),
+        Column("judge", Text, nullable=False),
+        Column("params", Text, nullable=False, server_default=text("'{}'")),
+        Column("total", Integer, nullable=False, server_default=text("0")),
+        Column("judged", Integer, nullable=False, server_default=text("0")),
+        Column("skipped", Integer, nullable=False, server_default=text("0")),
+        Column("failed", Integer, nullable=False, server_default=text("0")),
+        Column("results", Text, nullable=False, server_default=text("'[]'")),
+        Column("error", Text),
+        Column("created_ns", BigInteger, nullable=False),
+        Column("updated_ns", BigInteger, nullable=False),
+        Column("ended_ns", BigInteger),
+    )
+    # Versioned Markdown guidelines per agent, written by `spangate patterns guidelines`.
+    Table(
+        "guidelines",
+        md,
+        Column("agent", Text, nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("content", Text, nullable=False),
+        Column("findings", Text, nullable=False, server_default=text("'[]'")),
+        Column("note", Text),
+        Column("created_ns", BigInteger, nullable=False),
+        PrimaryKeyConstraint("agent", "version"),
+    )
+    # Each experiment's configuration as the gateway last ran it, and every promote/stop
+    # decision, kept for good (the newest per experiment is in force).
+    Table(
+        "experiments",
+        md,
+        Column("name", Text, primary_key=True),
+        Column("config", Text, nullable=False),
+        Column("updated_ns", BigInteger, nullable=False),
+    )
+    Table(
+        "experiment_decisions",
+        md,
+        Column("id", Integer, Identity(always=False), primary_key=True),
+        Column("experiment", Text, nullable=False),
+        Column("action", Text, nullable=False),
+        Column("variant", Text),
+        Column("created_ns", BigInteger, nullable=False),
+        Index("experiment_decisions_name", "experiment", "id"),
+    )
+    # Deployments added at runtime through `/api/models`; keys are never stored.
+    Table(
+        "model_registry",
+        md,
+        Column("model", Text, nullable=False),
+        Column("api_base", Text, nullable=False),
+        Column("provider", Text, nullable=False, server_default=text("'openai'")),
+        Column("upstream_model", Text, nullable=False),
+        Column("version", Text, nullable=False),
+        Column("weight", Float, nullable=False, server_default=text("1.0")),
+        Column("created_ns", BigInteger, nullable=False),
+        PrimaryKeyConstraint("model", "api_base"),
+    )
+    # The last sequence number handed out per rollout, when replicas share one store.
+    Table(
+        "rollout_counters",
+        md,
+        Column("rollout_id", Text, primary_key=True),
+        Column("seq", BigInteger, nullable=False),
+    )
+    return md
