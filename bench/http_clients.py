@@ -24,8 +24,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
-from _common import BODY, CLIENT_CPU, GATEWAY_CPU, RESULTS_DIR, Placement, markdown_table
-from _common import start_provider, temp_dir
+from _common import (
+    BODY,
+    CLIENT_CPU,
+    GATEWAY_CPU,
+    RESULTS_DIR,
+    Placement,
+    markdown_table,
+    start_provider,
+    temp_dir,
+)
 
 Send = Callable[[], Awaitable[bytes]]
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-upstream"}
