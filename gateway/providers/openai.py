@@ -82,21 +82,31 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int, label: str
     `response.read()` would hold whatever the upstream sends; a declared length over the
     limit is refused before reading a byte, an undeclared one as soon as it passes it.
     """
-    too_large = UpstreamTooLarge(
-        f"upstream {label} answered with a body over {limit} bytes (limits.max_upstream_body_bytes)"
-    )
     declared = response.content_length
     if declared is not None and declared > limit:
         response.close()
-        raise too_large
+        raise _too_large(label, limit)
+    if declared is not None and response.headers.get("Content-Encoding", "") in _UNENCODED:
+        # A declared, unencoded length within the limit is all there is: one read.
+        return await response.read()
     body = bytearray()
     async for chunk in response.content.iter_any():
         body += chunk
         if len(body) > limit:
             # close(), not release(): the rest of the body is never read off the socket.
             response.close()
-            raise too_large
+            raise _too_large(label, limit)
     return bytes(body)
+
+
+# Built only when raised: the message passes through `scrub`, which a success should not pay.
+def _too_large(label: str, limit: int) -> UpstreamTooLarge:
+    return UpstreamTooLarge(
+        f"upstream {label} answered with a body over {limit} bytes (limits.max_upstream_body_bytes)"
+    )
+
+
+_UNENCODED = frozenset({"", "identity"})
 
 
 @functools.lru_cache(maxsize=256)
