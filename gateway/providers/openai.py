@@ -10,6 +10,7 @@ import functools
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
+from yarl import URL
 
 from gateway.errors import (
     UpstreamProtocolError,
@@ -109,6 +110,17 @@ def _too_large(label: str, limit: int) -> UpstreamTooLarge:
 _UNENCODED = frozenset({"", "identity"})
 
 
+@functools.lru_cache(maxsize=1024)
+def _upstream_url(api_base: str | None, operation: str) -> URL | str:
+    """Parsed once per deployment and operation, not on every call; a URL that does not
+    parse stays text, so aiohttp refuses it as before (`UpstreamUnreachable`)."""
+    url = (api_base or "").rstrip("/") + OPERATION_PATHS[operation]
+    try:
+        return URL(url)
+    except ValueError:
+        return url
+
+
 @functools.lru_cache(maxsize=256)
 def _client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total, sock_connect=connect)
@@ -123,7 +135,7 @@ class OpenAICompatible:
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         deployment = request.deployment
-        url = (deployment.api_base or "").rstrip("/") + OPERATION_PATHS[request.operation]
+        url = _upstream_url(deployment.api_base, request.operation)
         timeout = _client_timeout(deployment.timeout.total, deployment.timeout.connect)
         try:
             response = await self.session.post(
