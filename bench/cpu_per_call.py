@@ -9,6 +9,8 @@ samples are sorted into stages by the innermost frame that names one (see STAGES
 µs per call is its share of the samples times the median CPU per call.
 
     python bench/cpu_per_call.py --label before [--rounds 3] [--duration 8] [--concurrency 64]
+    git archive <commit> | tar -x -C /tmp/base
+    python bench/cpu_per_call.py --label after --baseline-src /tmp/base --baseline-label before
 
 Results: bench/results/cpu_per_call-<label>.json, and bench/results/cpu_per_call.md, which
 puts every label found (before, after, ...) side by side.
@@ -20,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -192,42 +195,66 @@ def one_round(
     }
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One result per build: the current one (`--label`) and, with `--baseline-src`, the
+    source tree given there (`--baseline-label`); their rounds alternate, so drift on a shared
+    machine hits both alike."""
     placement = Placement.from_args(args.pin, 0)
     placement.pin_self(CLIENT_CPU)
-    rounds: list[dict[str, Any]] = []
+    builds = [(args.label, args.spangate)]
+    if args.baseline_src:
+        cli = shlex.join([sys.executable, "-c", "from gateway.cli.main import cli; cli()"])
+        env = shlex.join(["env", f"PYTHONPATH={Path(args.baseline_src).resolve()}"])
+        builds.insert(0, (args.baseline_label, f"{env} {cli}"))
+    rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in builds}
+    profiled: dict[str, dict[str, Any]] = {}
+    raws: dict[str, Path] = {}
     with temp_dir("spangate-cpu-") as tmp, contextlib.ExitStack() as stack:
         lua = tmp / "bench.lua"
         lua.write_text(WRK_LUA.replace('"Bearer sk-bench"', f'"Bearer {KEY}"') % {"body": BODY})
         base, _ = start_provider(placement, tmp, stack, latency=args.latency)
         cfg = write_config(tmp, base)
-        gw = stack.enter_context(start_gateway(placement, args.spangate, tmp, tmp / "cpu.db", cfg))
-        run_wrk(placement, f"{gw.root}/rollout/warm/v1/chat/completions", args.concurrency, 2, lua)
-        wait_drained(gw)
+        gateways = {}
+        for label, command in builds:
+            work = tmp / label
+            work.mkdir()
+            gw = stack.enter_context(start_gateway(placement, command, work, work / "cpu.db", cfg))
+            warm = f"{gw.root}/rollout/warm/v1/chat/completions"
+            run_wrk(placement, warm, args.concurrency, 2, lua)
+            wait_drained(gw)
+            gateways[label] = gw
         for index in range(args.rounds):
-            rounds.append(one_round(gw, placement, args, lua, f"cpu-{index}"))
-            print(json.dumps(rounds[-1]))
-        raw = args.out_dir / f"cpu_per_call-{args.label}-profile.collapsed"
-        with profile_pid(gw.proc.pid, raw, rate=args.profile_rate):
-            profiled = one_round(gw, placement, args, lua, "cpu-profiled")
-        print(json.dumps(profiled))
-    per_call = statistics.median(r["cpu_us_per_call"] for r in rounds)
-    shares = stage_shares(raw.read_text()) if raw.exists() else {}
-    return {
-        "label": args.label,
-        "source": source_version(),
-        "cpu_us_per_call": per_call,
-        "rounds": rounds,
-        "profiled_round": profiled,
-        "stage_share": shares,
-        "stage_us_per_call": {stage: share * per_call for stage, share in shares.items()},
-        "load_average": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "concurrency": args.concurrency,
-        "duration_s": args.duration,
-        "latency_s": args.latency,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+            for label, gw in gateways.items():
+                rounds[label].append(one_round(gw, placement, args, lua, f"cpu-{index}"))
+                print(label, json.dumps(rounds[label][-1]))
+        for label, gw in gateways.items():
+            raws[label] = args.out_dir / f"cpu_per_call-{label}-profile.collapsed"
+            with profile_pid(gw.proc.pid, raws[label], rate=args.profile_rate):
+                profiled[label] = one_round(gw, placement, args, lua, "cpu-profiled")
+            print(label, json.dumps(profiled[label]))
+    results = []
+    for label, command in builds:
+        per_call = statistics.median(r["cpu_us_per_call"] for r in rounds[label])
+        raw = raws[label]
+        shares = stage_shares(raw.read_text()) if raw.exists() else {}
+        results.append(
+            {
+                "label": label,
+                "source": args.baseline_src if command != args.spangate else source_version(),
+                "cpu_us_per_call": per_call,
+                "rounds": rounds[label],
+                "profiled_round": profiled[label],
+                "stage_share": shares,
+                "stage_us_per_call": {stage: share * per_call for stage, share in shares.items()},
+                "load_average": os.getloadavg(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                "concurrency": args.concurrency,
+                "duration_s": args.duration,
+                "latency_s": args.latency,
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            }
+        )
+    return results
 
 
 def report(out_dir: Path) -> str:
@@ -313,11 +340,18 @@ def report(out_dir: Path) -> str:
             "",
             *runs_text,
             "",
+            *_notes(out_dir),
         ]
     )
     (out_dir / "cpu_per_call.md").write_text(text)
     print_table("CPU µs per call, by stage", header, body)
     return text
+
+
+def _notes(out_dir: Path) -> list[str]:
+    """What was learnt from the numbers, kept by hand in cpu_per_call-notes.md."""
+    notes = out_dir / "cpu_per_call-notes.md"
+    return ["## Findings", "", notes.read_text().strip(), ""] if notes.exists() else []
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -335,6 +369,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(Path(sys.executable).with_name("spangate")),
         help="command that runs the spangate CLI",
     )
+    parser.add_argument(
+        "--baseline-src",
+        help="a source tree of another build (say `git archive <commit>` unpacked), run in "
+        "alternating rounds with this one through PYTHONPATH",
+    )
+    parser.add_argument("--baseline-label", default="before")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md and stop")
     return parser.parse_args(argv)
 
@@ -343,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        result = measure(args)
-        (args.out_dir / f"cpu_per_call-{args.label}.json").write_text(
-            json.dumps(result, indent=2) + "\n"
-        )
+        for result in measure(args):
+            (args.out_dir / f"cpu_per_call-{result['label']}.json").write_text(
+                json.dumps(result, indent=2) + "\n"
+            )
     report(args.out_dir)
     return 0
 
