@@ -10,6 +10,7 @@ import functools
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
+from yarl import URL
 
 from gateway.errors import (
     UpstreamProtocolError,
@@ -82,21 +83,42 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int, label: str
     `response.read()` would hold whatever the upstream sends; a declared length over the
     limit is refused before reading a byte, an undeclared one as soon as it passes it.
     """
-    too_large = UpstreamTooLarge(
-        f"upstream {label} answered with a body over {limit} bytes (limits.max_upstream_body_bytes)"
-    )
     declared = response.content_length
     if declared is not None and declared > limit:
         response.close()
-        raise too_large
+        raise _too_large(label, limit)
+    if declared is not None and response.headers.get("Content-Encoding", "") in _UNENCODED:
+        # A declared, unencoded length within the limit is all there is: one read.
+        return await response.read()
     body = bytearray()
     async for chunk in response.content.iter_any():
         body += chunk
         if len(body) > limit:
             # close(), not release(): the rest of the body is never read off the socket.
             response.close()
-            raise too_large
+            raise _too_large(label, limit)
     return bytes(body)
+
+
+# Built only when raised: the message passes through `scrub`, which a success should not pay.
+def _too_large(label: str, limit: int) -> UpstreamTooLarge:
+    return UpstreamTooLarge(
+        f"upstream {label} answered with a body over {limit} bytes (limits.max_upstream_body_bytes)"
+    )
+
+
+_UNENCODED = frozenset({"", "identity"})
+
+
+@functools.lru_cache(maxsize=1024)
+def _upstream_url(api_base: str | None, operation: str) -> URL | str:
+    """Parsed once per deployment and operation, not on every call; a URL that does not
+    parse stays text, so aiohttp refuses it as before (`UpstreamUnreachable`)."""
+    url = (api_base or "").rstrip("/") + OPERATION_PATHS[operation]
+    try:
+        return URL(url)
+    except ValueError:
+        return url
 
 
 @functools.lru_cache(maxsize=256)
@@ -113,7 +135,7 @@ class OpenAICompatible:
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         deployment = request.deployment
-        url = (deployment.api_base or "").rstrip("/") + OPERATION_PATHS[request.operation]
+        url = _upstream_url(deployment.api_base, request.operation)
         timeout = _client_timeout(deployment.timeout.total, deployment.timeout.connect)
         try:
             response = await self.session.post(

@@ -277,14 +277,21 @@ async def _first_answer(
     One deadline in this task: a real upstream sends its headers when the first token is
     ready, so the wait can fall on either side of them.
     """
+    if first_token is None:
+        # No deadline (a plain call): no timer to schedule and cancel on every call.
+        return await _answer_of(provider, request)
     try:
         async with asyncio.timeout(first_token):
-            response = await provider(request)
-            if response.chunks is not None and response.ok:
-                response.chunks = await _peek(response.chunks)
-            return response
+            return await _answer_of(provider, request)
     except TimeoutError as exc:
         raise UpstreamTimeout(f"no first token within {first_token:g}s") from exc
+
+
+async def _answer_of(provider: Any, request: UpstreamRequest) -> UpstreamResponse:
+    response = await provider(request)
+    if response.chunks is not None and response.ok:
+        response.chunks = await _peek(response.chunks)
+    return response
 
 
 class _Failed(Exception):

@@ -120,18 +120,26 @@ def forwarded_client_headers(request: web.Request, gateway_keys: Collection[str]
     `X-Provider-Authorization`, which wins.
     """
 
+    sent = request.headers
+
     def first_clean(name: str) -> str | None:
-        for value in request.headers.getall(name, ()):
+        for value in sent.getall(name, ()):
             if not any(key in value for key in gateway_keys):
                 return value
         return None
 
     headers = {}
-    for name in ("authorization", "openai-organization", "openai-project", "openai-beta"):
-        value = first_clean(name)
-        if value is not None:
-            headers[name] = value
-    provider = first_clean("X-Provider-Authorization")
-    if provider:
-        headers["authorization"] = provider
+    for name in _FORWARDABLE:
+        # Most calls send only `authorization`: absent names cost one lookup each.
+        if name in sent:
+            value = first_clean(name)
+            if value is not None:
+                headers[name] = value
+    if "X-Provider-Authorization" in sent:
+        provider = first_clean("X-Provider-Authorization")
+        if provider:
+            headers["authorization"] = provider
     return headers
+
+
+_FORWARDABLE = ("authorization", "openai-organization", "openai-project", "openai-beta")

@@ -1,0 +1,161 @@
+"""CPU per upstream call of the HTTP clients the gateway could forward with, measured alike.
+
+The upstream client is the largest stage of a proxied call (bench/cpu_per_call.py), so issue
+19 asks to measure a faster library before adopting one. Each client sends the same chat
+completion to tests/fake_provider.py (its own process, on the other core) at a fixed
+concurrency under uvloop, and this process's CPU time (time.process_time) is divided by the
+calls made. Rounds alternate between clients so drift on a shared machine hits all alike.
+
+    python bench/http_clients.py [--calls 6000] [--rounds 3] [--concurrency 64]
+
+Results: bench/results/http_clients.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import uvloop
+from _common import (
+    BODY,
+    CLIENT_CPU,
+    GATEWAY_CPU,
+    RESULTS_DIR,
+    Placement,
+    markdown_table,
+    start_provider,
+    temp_dir,
+)
+
+Send = Callable[[], Awaitable[bytes]]
+HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-upstream"}
+
+
+async def aiohttp_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """aiohttp as gateway/providers/openai.py uses it (shared session, a ClientTimeout)."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    timeout = aiohttp.ClientTimeout(total=600, sock_connect=10)
+    body = BODY.encode()
+
+    async def send() -> bytes:
+        response = await session.post(url, data=body, headers=HEADERS, timeout=timeout)
+        try:
+            return await response.read()
+        finally:
+            response.release()
+
+    return send, session.close
+
+
+async def httpx_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    import httpx
+
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None), timeout=600)
+    body = BODY.encode()
+
+    async def send() -> bytes:
+        response = await client.post(url, content=body, headers=HEADERS)
+        return response.content
+
+    return send, client.aclose
+
+
+async def aiosonic_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    import aiosonic
+
+    client = aiosonic.HTTPClient()
+    body = BODY.encode()
+
+    async def send() -> bytes:
+        response = await client.post(url, data=body, headers=HEADERS)
+        return await response.content()
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await client.connector.cleanup()
+
+    return send, close
+
+
+CLIENTS = {"aiohttp": aiohttp_client, "httpx": httpx_client, "aiosonic": aiosonic_client}
+
+
+async def one_round(name: str, url: str, calls: int, concurrency: int) -> float:
+    send, close = await CLIENTS[name](url)
+    try:
+        await asyncio.gather(*(send() for _ in range(concurrency)))  # connections warm
+        left = calls
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await send()
+
+        before = time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return (time.process_time() - before) / calls * 1e6
+    finally:
+        await close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=6000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--clients", default=",".join(CLIENTS))
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    placement = Placement.from_args("on", 0)
+    # A client that is not installed (`pip install aiosonic` for that one) is left out.
+    names = [n for n in args.clients.split(",") if importlib.util.find_spec(n) is not None]
+    results: dict[str, list[float]] = {name: [] for name in names}
+    with temp_dir("spangate-clients-") as tmp, contextlib.ExitStack() as stack:
+        base, _ = start_provider(placement, tmp, stack, latency=args.latency)
+        if placement.pin:
+            os.sched_setaffinity(0, {GATEWAY_CPU})
+        url = base + "/chat/completions"
+        for _ in range(args.rounds):
+            for name in names:
+                us = uvloop.run(one_round(name, url, args.calls, args.concurrency))
+                results[name].append(us)
+                print(f"{name}: {us:.0f} µs CPU per call", flush=True)
+    rows = [
+        [name, f"{statistics.median(v):.0f}", " ".join(f"{x:.0f}" for x in v)]
+        for name, v in results.items()
+    ]
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    text = "\n".join(
+        [
+            "# Upstream HTTP clients: CPU per call",
+            "",
+            f"{args.calls} chat completions per round at concurrency {args.concurrency} against "
+            f"tests/fake_provider.py ({args.latency * 1000:g} ms, core {CLIENT_CPU}), uvloop, "
+            f"client on core {GATEWAY_CPU}; CPU time of the client process per call. "
+            f"Load average at the end: {load}. Command: `{' '.join(sys.argv)}`.",
+            "",
+            markdown_table(["client", "median µs/call", "rounds"], rows),
+            "",
+        ]
+    )
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "http_clients.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
