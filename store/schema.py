@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 def migrate(target: str | Path) -> None:
     """Bring the store's schema up to date (Alembic, imported only here: reads start fast)."""
+    # Alembic narrates every plugin and step at INFO; a gateway's start log needs none of it.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine
