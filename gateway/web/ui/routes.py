@@ -20,6 +20,7 @@ from sqlite_utils import Database
 from gateway.errors import GatewayError
 from gateway.web import auth
 from gateway.web.routes_api import read, time_param
+from gateway.web.routes_experiments import ANALYSIS as EXPERIMENT_ANALYSIS
 from gateway.web.state import GATEWAY
 from gateway.web.ui import views
 from store import dashboard, queries
@@ -246,7 +247,9 @@ async def rollouts(request: web.Request) -> web.Response:
     )
 
 
-def rollout_page(db: Database, rollout_id: str, **frame: Any) -> str:
+def rollout_page(
+    db: Database, rollout_id: str, *, budget: list[dict[str, Any]], **frame: Any
+) -> str:
     """Read, shape and render one rollout's page; run whole on a read thread, as a rollout of
     thousands of spans takes a while to render and must not hold the event loop."""
     r = get_rollout(db, rollout_id, bodies=False)
@@ -261,6 +264,7 @@ def rollout_page(db: Database, rollout_id: str, **frame: Any) -> str:
         verdicts=verdicts,
         criteria=views.criteria,
         rationale=views.rationale,
+        budget=budget,
         **frame,
     )
 
@@ -275,7 +279,9 @@ def _frame(request: web.Request) -> dict[str, Any]:
 @page
 async def rollout(request: web.Request) -> web.Response:
     rollout_id = request.match_info["rollout_id"]
-    return _html(await read(request.app[GATEWAY], rollout_page, rollout_id, **_frame(request)))
+    gw = request.app[GATEWAY]
+    budget = views.budget_bars(await gw.budgets.view(rollout_id)) if gw.budgets else []
+    return _html(await read(gw, rollout_page, rollout_id, budget=budget, **_frame(request)))
 
 
 # -- one span ---------------------------------------------------------------------------
@@ -432,6 +438,16 @@ async def patterns(request: web.Request) -> web.Response:
 
 
 @page
+async def experiments(request: web.Request) -> web.Response:
+    """Every experiment: its variants side by side, the tests against control, the verdict."""
+    if EXPERIMENT_ANALYSIS not in request.app:
+        raise NotFound("this gateway was built without the experiments analysis")
+    every = request.app[EXPERIMENT_ANALYSIS].every
+    found = await read(request.app[GATEWAY], every)
+    return render(request, "experiments.html", page="experiments", experiments=found["data"])
+
+
+@page
 async def live(request: web.Request) -> web.Response:
     f = {"rollout": _param(request, "rollout"), "agent": _param(request, "agent")}
     return render(request, "live.html", page="live", f=f, keep=LIVE_KEEP)
@@ -510,6 +526,7 @@ def add_ui_routes(app: web.Application) -> None:
     router.add_get("/ui/leaderboard", leaderboard)
     router.add_get("/ui/patterns", patterns)
     router.add_get("/ui/live", live)
+    router.add_get("/ui/experiments", experiments)
     router.add_get("/ui/login", login_form)
     router.add_post("/ui/login", login)
     router.add_post("/ui/logout", logout)

@@ -492,3 +492,31 @@ def whisker(
         "mean": x(mean),
         "width": width,
     }
+
+
+BUDGET_UNITS = {
+    "max_calls": "calls",
+    "max_tokens": "tokens",
+    "max_cost_usd": "USD",
+    "max_seconds": "s",
+}
+
+
+def budget_bars(view: dict[str, Any]) -> list[dict[str, Any]]:
+    """One bar per rollout limit in force: used, limit, and the share spent (0..1)."""
+    used = dict(zip(BUDGET_UNITS, view["used"].values(), strict=True))
+    bars = []
+    for name, limit in view["limits"]["rollout"].items():
+        if limit is None:
+            continue
+        spent = used[name]
+        bars.append(
+            {
+                "name": name,
+                "unit": BUDGET_UNITS[name],
+                "used": spent,
+                "limit": limit,
+                "share": min(spent / limit, 1.0) if limit else 1.0,
+            }
+        )
+    return bars
