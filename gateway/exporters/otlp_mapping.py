@@ -106,16 +106,75 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _text_of(content: Any) -> str | None:
+    """A message's text: a string, or the text parts of OpenAI's content array."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part.get("text") or part.get("content")
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text") or part.get("content"), str)
+        ]
+        return "".join(texts) if texts else None
+    return None
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An OpenAI chat message as GenAI semantic-convention parts (text, tool calls, a tool's
+    response): the shape `gen_ai.input.messages` / `gen_ai.output.messages` must have."""
+    parts: list[dict[str, Any]] = []
+    if message.get("role") == "tool":
+        return [
+            {
+                "type": "tool_call_response",
+                "id": message.get("tool_call_id"),
+                "response": _text_of(message.get("content")) or message.get("content"),
+            }
+        ]
+    text = _text_of(message.get("content"))
+    if text:
+        parts.append({"type": "text", "content": text})
+    for call in message.get("tool_calls") or ():
+        if isinstance(call, dict):
+            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            parts.append(
+                {
+                    "type": "tool_call",
+                    "id": call.get("id"),
+                    "name": function.get("name"),
+                    "arguments": function.get("arguments"),
+                }
+            )
+    return parts
+
+
+def _message(message: Any, finish_reason: Any = None) -> dict[str, Any] | None:
+    if not isinstance(message, dict):
+        return None
+    out: dict[str, Any] = {"role": message.get("role") or "user", "parts": _parts(message)}
+    if finish_reason is not None:
+        out["finish_reason"] = finish_reason
+    return out
+
+
 def _input_messages(operation: str, body: Any) -> Any:
     if not isinstance(body, dict):
         return None
     if operation == "chat":
-        return body.get("messages")
+        messages = body.get("messages")
+        found = [_message(m) for m in messages] if isinstance(messages, list) else []
+        return [m for m in found if m is not None]
     if operation == "responses":
         given = body.get("input")
-        return [{"role": "user", "content": given}] if isinstance(given, str) else given
+        if isinstance(given, str):
+            return [{"role": "user", "parts": [{"type": "text", "content": given}]}]
+        found = [_message(m) for m in given] if isinstance(given, list) else []
+        return [m for m in found if m is not None]
     if operation == "text_completion":
-        return [{"role": "user", "content": body.get("prompt")}]
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else _text_of(prompt)
+        return [{"role": "user", "parts": [{"type": "text", "content": text}]}]
     return None
 
 
@@ -123,16 +182,27 @@ def _output_messages(operation: str, body: Any) -> Any:
     if not isinstance(body, dict):
         return None
     if operation == "chat":
-        return [
-            {**choice.get("message", {}), "finish_reason": choice.get("finish_reason")}
+        found = [
+            _message(choice.get("message"), choice.get("finish_reason"))
             for choice in body.get("choices") or ()
-            if isinstance(choice, dict) and isinstance(choice.get("message"), dict)
+            if isinstance(choice, dict)
         ]
+        return [m for m in found if m is not None]
     if operation == "responses":
-        return body.get("output")
+        texts = [
+            _text_of(item.get("content"))
+            for item in body.get("output") or ()
+            if isinstance(item, dict) and item.get("type") == "message"
+        ]
+        text = "".join(t for t in texts if t)
+        return [{"role": "assistant", "parts": [{"type": "text", "content": text}]}]
     if operation == "text_completion":
         return [
-            {"role": "assistant", "content": choice.get("text")}
+            {
+                "role": "assistant",
+                "parts": [{"type": "text", "content": choice.get("text")}],
+                "finish_reason": choice.get("finish_reason"),
+            }
             for choice in body.get("choices") or ()
             if isinstance(choice, dict)
         ]

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from otlp_receiver import OtlpReceiver, attributes_of
 from servers import GatewayThread, wait_until
@@ -200,6 +201,13 @@ def test_errors_and_derived_tool_executions_are_exported(
     assert tool.parent_id == first.span_id
     assert "lookup" in first.attributes["gen_ai.output.messages"]
     assert "hello there" in first.attributes["gen_ai.input.messages"]
+    # The GenAI conventions' shape (what Phoenix and other backends parse): role + parts.
+    inputs = orjson.loads(first.attributes["gen_ai.input.messages"])
+    assert inputs[-1]["role"] == "user"
+    assert inputs[-1]["parts"][0] == {"type": "text", "content": "hello there"}
+    (answer,) = orjson.loads(first.attributes["gen_ai.output.messages"])
+    (asked,) = [p for p in answer["parts"] if p["type"] == "tool_call"]
+    assert asked["name"] == "lookup" and asked["id"] == call.id
     failed = max(spans, key=lambda r: r.attributes["rollout.seq"])
     assert failed.span.status.code == STATUS_ERROR
     assert failed.span.status.message == "bad things"
