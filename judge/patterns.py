@@ -79,6 +79,9 @@ class AttemptData:
     # Model versions that served the attempt's calls (deployments with a `version`).
     versions: Counter[str] = field(default_factory=Counter)
     executions: list[tuple[str, str, float, str]] = field(default_factory=list)
+    # Tool call ids already counted: an agent's own `execute_tool` span (ingested over OTLP)
+    # and the one the gateway derives for the same call are one execution.
+    executed_calls: set[str] = field(default_factory=set)
     duration_ms: float = 0.0
     cost_usd: float = 0.0
     first_ns: int | None = None
@@ -102,6 +105,14 @@ class Finding:
     rate_with: float
     rate_without: float
     evidence: list[dict[str, str]]
+
+
+def _tool_call_id(tool_calls: Any) -> str | None:
+    """The call id an `execute_tool` span records (in its one-entry `tool_calls`)."""
+    calls = _json_list(tool_calls)
+    first = calls[0] if calls else None
+    call_id = first.get("id") if isinstance(first, dict) else None
+    return call_id if isinstance(call_id, str) and call_id else None
 
 
 def _json_list(value: Any) -> list[Any]:
@@ -135,6 +146,11 @@ def load(
         attempt.first_ns = start_ns if attempt.first_ns is None else min(attempt.first_ns, start_ns)
         attempt.last_ns = end_ns if attempt.last_ns is None else max(attempt.last_ns, end_ns)
         if operation == "execute_tool":
+            call_id = _tool_call_id(tool_calls)
+            if call_id is not None:
+                if call_id in attempt.executed_calls:
+                    continue
+                attempt.executed_calls.add(call_id)
             tool = name.removeprefix("execute_tool ")
             attempt.executions.append((tool, status, duration or 0.0, span_id))
             if status == "error":

@@ -589,3 +589,29 @@ def test_guidelines_command_errors_are_messages(planted: str) -> None:
     assert nobody.exit_code == 1 and "no attempts recorded for agent nobody" in nobody.stderr
     empty = invoke("guidelines", "--agent", "nobody", "--list", "--db", planted)
     assert empty.exit_code == 0 and "no guidelines for agent nobody yet" in empty.stderr
+
+
+def test_an_agents_own_tool_span_and_the_derived_one_count_once(tmp_path: Path) -> None:
+    """An `execute_tool` span the agent sent over OTLP and the one the gateway derived for the
+    same tool call (same `gen_ai.tool.call.id`) are one execution, not two."""
+    from shapes import span_record
+
+    db = connect(tmp_path / "dedup.db")
+    calls = [{"id": "call_7", "name": "lookup", "arguments": None}]
+    both = [
+        span_record(
+            "dedup", seq, operation="execute_tool", name="execute_tool lookup", tool_calls=calls
+        )
+        for seq in (1, 2)
+    ]
+    other = span_record(
+        "dedup",
+        3,
+        operation="execute_tool",
+        name="execute_tool lookup",
+        tool_calls=[{"id": "call_8", "name": "lookup", "arguments": None}],
+    )
+    insert_spans(db.conn, [*both, other])
+    (attempt,) = patterns.load(db)
+    assert [tool for tool, *_ in attempt.executions] == ["lookup", "lookup"]
+    db.close()
