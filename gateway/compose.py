@@ -46,6 +46,7 @@ from gateway.web.routes_models import restore_registry
 from gateway.web.routes_openai import add_routes as add_openai_routes
 from gateway.web.routes_ops import add_routes as add_ops_routes
 from gateway.web.routes_pause import ROUTES as PAUSE_ROUTES
+from gateway.web.routes_pause import pause_sync
 from gateway.web.routes_report import ROUTES as REPORT_ROUTES
 from gateway.web.state import GATEWAY, Gateway
 from gateway.web.ui.routes import ANALYSES, add_ui_routes
@@ -157,6 +158,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app.cleanup_ctx.append(_judging)
     app.cleanup_ctx.append(_budgeting)
     app.cleanup_ctx.append(retention)
+    app.cleanup_ctx.append(pause_sync)
     exporter = OtlpExporter.from_settings(settings)
     if exporter is not None:
         app[OTLP_EXPORTER] = exporter

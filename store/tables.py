@@ -205,6 +205,17 @@ def build_metadata(dialect: str) -> MetaData:
         Column("created_ns", BigInteger, nullable=False),
         PrimaryKeyConstraint("model", "api_base"),
     )
+    # Whether model calls are paused (`/api/proxy/pause`): one row, read by every replica.
+    Table(
+        "proxy_state",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("paused", Integer, nullable=False),
+        Column("mode", Text),
+        Column("reason", Text),
+        Column("retry_after", Float),
+        Column("updated_ns", BigInteger, nullable=False),
+    )
     # The last sequence number handed out per rollout, when replicas share one store.
     Table(
         "rollout_counters",

@@ -3,24 +3,75 @@ syncs weights, and watches calls in flight drain to zero first (gateway/proxy/ga
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
 from aiohttp import web
 
+from gateway.proxy.gate import Gate
 from gateway.web import api_models as m
-from gateway.web.routes_api import ApiRoute, body_of, json
+from gateway.web.routes_api import ApiRoute, body_of, json, write
 from gateway.web.state import GATEWAY
+from store.proxy_state import load_pause, save_pause
+
+log = logging.getLogger("spangate.pause")
 
 
 async def pause(request: web.Request) -> web.Response:
-    gate = request.app[GATEWAY].gate
+    gw = request.app[GATEWAY]
     body = await body_of(request, m.PauseRequest)
-    gate.pause(reason=body.reason, mode=body.mode, retry_after=body.retry_after_seconds)
-    return json(gate.state())
+    retry_after = body.retry_after_seconds
+    if retry_after is None:
+        retry_after = gw.settings.pause.retry_after_seconds
+    state = {"paused": True, "mode": body.mode, "reason": body.reason, "retry_after": retry_after}
+    # Stored first, so every replica (each reads it every `pause.sync_seconds`) follows.
+    await write(gw, lambda db: save_pause(db, state))
+    gw.gate.pause(reason=body.reason, mode=body.mode, retry_after=retry_after)
+    return json(gw.gate.state())
 
 
 async def resume(request: web.Request) -> web.Response:
-    gate = request.app[GATEWAY].gate
-    gate.resume()
-    return json(gate.state())
+    gw = request.app[GATEWAY]
+    await write(gw, lambda db: save_pause(db, {"paused": False}))
+    gw.gate.resume()
+    return json(gw.gate.state())
+
+
+def apply_pause(gate: Gate, stored: dict[str, Any] | None) -> None:
+    """Make this replica's gate say what the store says."""
+    if stored is None:
+        return
+    if stored["paused"]:
+        wanted = (stored["mode"], stored["reason"], stored["retry_after"])
+        if not gate.paused or (gate.mode, gate.reason, gate.retry_after) != wanted:
+            gate.pause(
+                reason=stored["reason"], mode=stored["mode"], retry_after=stored["retry_after"]
+            )
+    elif gate.paused:
+        gate.resume()
+
+
+async def pause_sync(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: follow the stored pause state, so a pause sent to any replica holds on
+    every one (and a restarted replica comes back paused if the trainer left it so)."""
+    gw = app[GATEWAY]
+
+    async def follow() -> None:
+        while True:
+            try:
+                apply_pause(gw.gate, await gw.reader.run(load_pause))
+            except Exception:
+                log.exception("reading the pause state failed; trying again")
+            await asyncio.sleep(gw.settings.pause.sync_seconds)
+
+    task = asyncio.get_running_loop().create_task(follow())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def state(request: web.Request) -> web.Response:
