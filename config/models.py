@@ -65,7 +65,7 @@ DEFAULT_EXPERIMENT_SUCCESS_THRESHOLD = 0.5
 DEFAULT_EXPERIMENT_REFRESH = 1.0
 DEFAULT_MAX_HOLD_SECONDS = 300.0
 DEFAULT_PAUSE_RETRY_AFTER = 5.0
-DEFAULT_PAUSE_SYNC_SECONDS = 1.0
+DEFAULT_SYNC_SECONDS = 1.0
 # A rollout's budget counters outlive its last call by this long in Redis (a week).
 DEFAULT_BUDGET_STATE_TTL = 7 * 24 * 3600.0
 DEFAULT_STORE_URL = "spangate.db"
@@ -248,12 +248,6 @@ class PauseSettings(_Strict):
         DEFAULT_PAUSE_RETRY_AFTER,
         ge=0,
         description="`Retry-After` of a `reject` pause that names none.",
-    )
-    sync_seconds: float = Field(
-        DEFAULT_PAUSE_SYNC_SECONDS,
-        gt=0,
-        description="How often a replica reads the pause state from the shared store, so a "
-        "pause or resume sent to one replica holds on all of them within this long.",
     )
 
 
@@ -667,6 +661,13 @@ class SharedSettings(_Strict):
         description="Redis shared by all replicas (`redis://host:6379/0`): rate limits, breaker "
         "state, budgets and rollout sequence numbers then hold across replicas. Without it they "
         "are per replica (sequence numbers still come from PostgreSQL).",
+    )
+    sync_seconds: float = Field(
+        DEFAULT_SYNC_SECONDS,
+        gt=0,
+        description="How often a replica reads from the store what another replica may have "
+        "changed (a pause or resume, the model registry); a change sent to one replica holds "
+        "on all of them within this long.",
     )
 
 

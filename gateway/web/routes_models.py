@@ -3,6 +3,9 @@ new calls at once (calls in flight finish where they are) and are kept in the st
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +17,8 @@ from gateway.web import api_models as m
 from gateway.web.routes_api import ApiRoute, body_of, json, query_of, read, write
 from gateway.web.state import GATEWAY, Gateway
 from store import registry
+
+log = logging.getLogger("spangate.registry")
 
 
 def _deployment(entry: dict[str, Any], api_key: str | None = None) -> Deployment:
@@ -88,12 +93,54 @@ async def list_models(request: web.Request) -> web.Response:
     return json({"data": data})
 
 
+def _serving(gw: Gateway, entry: dict[str, Any]) -> bool:
+    """Whether the router already serves `entry` as stored (version, weight, model)."""
+    for guard in gw.router.guards.get(entry["model"], ()):
+        d = guard.deployment
+        if d.api_base == entry["api_base"]:
+            return (d.version, d.weight, d.model) == (
+                entry["version"],
+                entry["weight"],
+                entry["upstream_model"],
+            )
+    return False
+
+
+def sync_registry(gw: Gateway, entries: list[dict[str, Any]], known: set[tuple[str, str]]) -> None:
+    """Make the router serve what the store's registry says: new and changed entries added,
+    entries another replica deleted removed. `known` holds what came from the registry, so a
+    deployment from the config file is never removed."""
+    current = {(e["model"], e["api_base"]): e for e in entries}
+    for entry in current.values():
+        if not _serving(gw, entry):
+            _apply(gw, entry)
+    for model, api_base in known - current.keys():
+        gw.router.remove_deployment(model, api_base)
+    known.clear()
+    known.update(current)
+
+
 async def restore_registry(app: web.Application) -> AsyncIterator[None]:
-    """Serve what was registered before this process started (keys are not kept)."""
+    """cleanup_ctx: serve what was registered before this process started (keys are not
+    kept), then follow the store every `shared.sync_seconds`, so a registration sent to any
+    replica reaches every one."""
     gw = app[GATEWAY]
-    for entry in await gw.reader.run(registry.list_deployments):
-        _apply(gw, entry)
+    known: set[tuple[str, str]] = set()
+    sync_registry(gw, await gw.reader.run(registry.list_deployments), known)
+
+    async def follow() -> None:
+        while True:
+            await asyncio.sleep(gw.settings.shared.sync_seconds)
+            try:
+                sync_registry(gw, await gw.reader.run(registry.list_deployments), known)
+            except Exception:
+                log.exception("reading the model registry failed; trying again")
+
+    task = asyncio.get_running_loop().create_task(follow())
     yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 ROUTES: tuple[ApiRoute, ...] = (

@@ -27,7 +27,7 @@ async def pause(request: web.Request) -> web.Response:
     if retry_after is None:
         retry_after = gw.settings.pause.retry_after_seconds
     state = {"paused": True, "mode": body.mode, "reason": body.reason, "retry_after": retry_after}
-    # Stored first, so every replica (each reads it every `pause.sync_seconds`) follows.
+    # Stored first, so every replica (each reads it every `shared.sync_seconds`) follows.
     await write(gw, lambda db: save_pause(db, state))
     gw.gate.pause(reason=body.reason, mode=body.mode, retry_after=retry_after)
     return json(gw.gate.state())
@@ -65,7 +65,7 @@ async def pause_sync(app: web.Application) -> AsyncIterator[None]:
                 apply_pause(gw.gate, await gw.reader.run(load_pause))
             except Exception:
                 log.exception("reading the pause state failed; trying again")
-            await asyncio.sleep(gw.settings.pause.sync_seconds)
+            await asyncio.sleep(gw.settings.shared.sync_seconds)
 
     task = asyncio.get_running_loop().create_task(follow())
     yield
