@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from store.backend import atomic, dialect_of, store_label
 from store.errors import NotFound, StoreBusy, StoreUnavailable
@@ -214,11 +214,37 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+class WriterTuning(Protocol):
+    """What the writer is tuned by (config's recorder settings; store cannot import config)."""
+
+    queue_size: int
+    batch_size: int
+    flush_interval: float
+    max_unsaved_seconds: float
+    memory_buffer: int
+    busy_timeout: float
+    journal_dir: str | None
+
+
 class StoreWriter:
     """Owns the only write connection; everything that writes goes through its queue.
 
     Its tuning comes from `RecorderSettings` (config owns the defaults).
     """
+
+    @classmethod
+    def tuned(cls, db_path: str | Path, tuning: WriterTuning) -> StoreWriter:
+        """A writer for `db_path` tuned by `tuning` (the `recorder` settings)."""
+        return cls(
+            db_path,
+            queue_size=tuning.queue_size,
+            batch_size=tuning.batch_size,
+            flush_interval=tuning.flush_interval,
+            max_unsaved_seconds=tuning.max_unsaved_seconds,
+            memory_buffer=tuning.memory_buffer,
+            busy_timeout=tuning.busy_timeout,
+            journal_dir=tuning.journal_dir,
+        )
 
     def __init__(
         self,

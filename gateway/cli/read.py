@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import click
 
@@ -78,13 +77,7 @@ def tail(
     from gateway.cli import render as cli_render
     from store.queries import list_spans, max_rowid
 
-    columns = cli_render.TailColumns()
-
-    def emit(span: dict[str, Any]) -> None:
-        if as_json:
-            click.echo(cli_render.span_json(span, bodies=bodies))
-        else:
-            click.echo(columns.line(span))
+    columns, emit = cli_render.tail_printer(as_json=as_json, bodies=bodies)
 
     try:
         with read_db(db) as conn:
@@ -99,13 +92,14 @@ def tail(
                 max_page=max(limit, 1),
             ).data[:limit]
             backlog = [s for s in reversed(backlog) if s["_rowid"] <= last]
-            columns.fit(backlog)
-            for span in backlog:
-                emit(span)
+            cli_render.print_backlog(
+                backlog,
+                columns,
+                emit,
+                rollout_id=rollout_id,
+                say_none=not follow and bool(limit) and not as_json,
+            )
             if not follow:
-                if not backlog and limit and not as_json:
-                    where = f" for rollout {rollout_id}" if rollout_id else " yet"
-                    click.echo(f"no calls recorded{where}", err=True)
                 return
             while True:
                 fresh = list_spans(
