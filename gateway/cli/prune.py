@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import db_option, json_option
+from gateway.cli.options import db_option, json_option, store_writer
 
 
 @click.command()
@@ -36,9 +36,6 @@ def prune(older_than: str, dry_run: bool, batch: int, as_json: bool, db: str) ->
     import asyncio
 
     from gateway.cli.render import json_line
-    from judge.jobs import open_writer
-    from store.backend import store_exists
-    from store.errors import StoreError
     from store.retention import prune_all
     from store.times import parse_since
 
@@ -46,12 +43,7 @@ def prune(older_than: str, dry_run: bool, batch: int, as_json: bool, db: str) ->
         cutoff = parse_since(older_than)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from exc
-    if not store_exists(db):
-        raise click.ClickException(f"no database at {db}; run `spangate serve` first")
-    try:
-        writer = open_writer(db)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
+    writer = store_writer(db)
     try:
         counts = asyncio.run(
             writer.execute(

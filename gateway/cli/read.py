@@ -6,7 +6,7 @@ import time
 
 import click
 
-from gateway.cli.options import db_option, json_option, key_option, read_db
+from gateway.cli.options import db_option, json_option, key_option, limit_option, read_db
 
 POLL_SECONDS = 0.25  # --follow: a new call shows within a second, and idle polling stays cheap
 FOLLOW_BATCH = 500
@@ -15,14 +15,7 @@ FOLLOW_BATCH = 500
 @click.command()
 @click.option("--rollout", "rollout_id", default=None, help="Only calls of this rollout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new calls as they are recorded.")
-@click.option(
-    "--limit",
-    "-n",
-    default=20,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="How many of the latest calls to print first.",
-)
+@limit_option(20, minimum=0, help="How many of the latest calls to print first.")
 @json_option
 @click.option("--bodies", is_flag=True, help="With --json: include request and response bodies.")
 @db_option
@@ -120,14 +113,7 @@ def tail(
 @click.option(
     "--status", default=None, help="Only rollouts in this status (running, succeeded, …)."
 )
-@click.option(
-    "--limit",
-    "-n",
-    default=50,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="How many rollouts to list.",
-)
+@limit_option(50, minimum=1, help="How many rollouts to list.")
 @json_option
 @db_option
 def rollouts(status: str | None, limit: int, as_json: bool, db: str) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from gateway.cli.options import db_option, json_option, key_option
+from gateway.cli.options import db_option, json_option, key_option, write_db
 
 
 def _dimensions(
@@ -152,27 +152,8 @@ def reward(
 
 
 def _write_reward(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The reward written straight into the file: SQLite (WAL) lets a second writer in."""
-    import sqlite3
-
-    from store.backend import store_exists
-    from store.errors import StoreError
-    from store.schema import connect
+    """The reward written straight into the store, beside a running gateway."""
     from store.writes import add_reward
 
-    if not store_exists(path):
-        raise click.ClickException(f"no database at {path}; run `spangate serve` first")
-    try:
-        conn = connect(path)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except sqlite3.DatabaseError as exc:
-        raise click.ClickException(f"cannot open {path}: {exc}") from exc
-    try:
+    with write_db(path) as conn:
         return add_reward(conn, body)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except sqlite3.DatabaseError as exc:
-        raise click.ClickException(f"cannot write to {path}: {exc}") from exc
-    finally:
-        conn.close()
