@@ -17,13 +17,6 @@ from gateway.cli.options import (
 
 
 @click.command("export")
-@click.option(
-    "--rollout",
-    "rollout_ids",
-    multiple=True,
-    metavar="R",
-    help="Only this rollout (repeat for several).",
-)
 @rollout_filter_options
 @click.option(
     "--until",

@@ -337,13 +337,6 @@ def _missing_rollouts(db: str, rollout_ids: Sequence[str]) -> list[str]:
 
 
 @judge.command("run")
-@click.option(
-    "--rollout",
-    "rollout_ids",
-    multiple=True,
-    metavar="R",
-    help="Judge this rollout (repeat for several); default: every rollout that matches.",
-)
 @rollout_filter_options
 @click.option(
     "--sample",

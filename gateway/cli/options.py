@@ -60,10 +60,18 @@ def since_option(fn: F) -> F:
 
 
 def rollout_filter_options(fn: F) -> F:
-    """--since, --status, --agent: which rollouts a batch command (judge, export) takes."""
+    """--rollout, --since, --status, --agent: which rollouts a batch command (judge run,
+    export) takes."""
     fn = click.option("--agent", default=None, help="Only rollouts of this agent.")(fn)
     fn = click.option("--status", default=None, help="Only rollouts in this status.")(fn)
-    return since_option(fn)
+    fn = since_option(fn)
+    return click.option(
+        "--rollout",
+        "rollout_ids",
+        multiple=True,
+        metavar="R",
+        help="Only this rollout (repeat for several); default: every rollout that matches.",
+    )(fn)
 
 
 def limit_option(default: int, *, minimum: int, help: str) -> Callable[[F], F]:

@@ -40,7 +40,8 @@ NOT_APPLIED = (
 
 
 def analysis_options(fn: F) -> F:
-    """--since, --min-support, --alpha, --reward-name, --success-threshold."""
+    """--since, --min-support, --alpha, --reward-name, --success-threshold: the keyword
+    arguments of `judge.patterns.analyse`, passed to it as they are."""
     options = [
         since_option,
         click.option(
@@ -243,14 +244,10 @@ def report(result: dict[str, Any]) -> list[str]:
 @click.pass_context
 def patterns(
     ctx: click.Context,
-    since_ns: int | None,
-    min_support: int,
-    alpha: float,
-    reward_name: str,
-    success_threshold: float,
     agent: str | None,
     as_json: bool,
     db: str,
+    **analysis: Any,
 ) -> None:
     """What successful and failed rollouts do differently, with the statistics.
 
@@ -270,15 +267,7 @@ def patterns(
     if ctx.invoked_subcommand is not None:
         return
     with read_db(db) as conn:
-        result = _run_analysis(
-            conn,
-            since_ns=since_ns,
-            agent=agent,
-            min_support=min_support,
-            alpha=alpha,
-            reward_name=reward_name,
-            success_threshold=success_threshold,
-        )
+        result = _run_analysis(conn, agent=agent, **analysis)
     if as_json:
         click.echo(cli_render.json_line(result))
         return
@@ -321,13 +310,9 @@ def guidelines(
     show: int | None,
     diff: tuple[int, int] | None,
     rollback: int | None,
-    since_ns: int | None,
-    min_support: int,
-    alpha: float,
-    reward_name: str,
-    success_threshold: float,
     as_json: bool,
     db: str,
+    **analysis: Any,
 ) -> None:
     """Versioned Markdown guidelines for an agent: what to keep doing, what to avoid.
 
@@ -383,16 +368,7 @@ def guidelines(
                 err=True,
             )
         else:
-            _write_guideline(
-                db,
-                as_json,
-                since_ns=since_ns,
-                agent=agent,
-                min_support=min_support,
-                alpha=alpha,
-                reward_name=reward_name,
-                success_threshold=success_threshold,
-            )
+            _write_guideline(db, as_json, agent=agent, **analysis)
     except NotFound as exc:
         raise click.ClickException(str(exc)) from exc
 

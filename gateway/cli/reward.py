@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from config.models import DEFAULT_REWARD_NAME
 from gateway.cli.options import db_option, json_option, key_option, write_db
 
 
@@ -50,7 +51,10 @@ def _reward_line(row: dict[str, Any], created: bool) -> str:
 @click.argument("rollout_id", metavar="ROLLOUT")
 @click.option("--value", required=True, type=float, help="The reward value.")
 @click.option(
-    "--name", default="reward", show_default=True, help="Which reward (e.g. accuracy, pass)."
+    "--name",
+    default=DEFAULT_REWARD_NAME,
+    show_default=True,
+    help="Which reward (e.g. accuracy, pass).",
 )
 @click.option("--final", is_flag=True, help="The outcome of the rollout or attempt, not a step.")
 @click.option("--attempt", "attempt_id", default=None, metavar="A", help="Reward this attempt.")
