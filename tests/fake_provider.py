@@ -1252,10 +1252,14 @@ async def _stored_response(call: _Call) -> web.StreamResponse:
         return await _reply_json(call, {**response, "status": "cancelled"})
     if path.endswith("/input_items"):
         items = [
-            {"id": f"msg_{index}", "type": "message", "role": m["role"],
-             "content": [{"type": "input_text", "text": content_text(m["content"])}]}
+            {
+                "id": f"msg_{index}",
+                "type": "message",
+                "role": m["role"],
+                "content": [{"type": "input_text", "text": content_text(m["content"])}],
+            }
             for index, m in enumerate(_responses_messages(body))
-        ]  # fmt: skip
+        ]
         page = {"object": "list", "data": items, "has_more": False}
         return await _reply_json(
             call, {**page, "first_id": "msg_0", "last_id": f"msg_{len(items) - 1}"}

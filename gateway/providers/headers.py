@@ -78,21 +78,21 @@ def _matcher(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(fnmatch.translate(p.lower()) for p in patterns))
 
 
-def _matches(patterns: list[str], name: str) -> bool:
-    matcher = _matcher(tuple(patterns))
-    return matcher is not None and matcher.match(name) is not None
-
-
 def client_headers_for(
     deployment: Deployment, client_headers: Mapping[str, str], *, skip: frozenset[str] = frozenset()
 ) -> dict[str, str]:
     """The client's headers (lower-case names) this deployment gets, `Authorization` aside."""
     policy = deployment.forward_headers
     everything = policy.allow == ["*"] and not policy.deny
+    allow, deny = _matcher(tuple(policy.allow)), _matcher(tuple(policy.deny))
     headers: dict[str, str] = {}
     for name, value in client_headers.items():
         if never_forwarded(name) or name in skip:
             continue
-        if everything or (_matches(policy.allow, name) and not _matches(policy.deny, name)):
+        if everything or (
+            allow is not None
+            and allow.match(name) is not None
+            and (deny is None or deny.match(name) is None)
+        ):
             headers[name] = value
     return headers

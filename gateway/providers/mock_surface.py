@@ -74,8 +74,9 @@ def _moderation(payload: dict[str, Any], model: str) -> UpstreamResponse:
     results = []
     for text in _texts(payload.get("input")) or [""]:
         flagged = "flag me" in text.lower()
-        scores = {name: (0.9 if flagged and name == "violence" else 0.0001) for name in
-                  MODERATION_CATEGORIES}  # fmt: skip
+        scores = {name: 0.0001 for name in MODERATION_CATEGORIES}
+        if flagged:
+            scores["violence"] = 0.9
         results.append(
             {
                 "flagged": flagged,
@@ -102,28 +103,40 @@ def _speech(payload: dict[str, Any]) -> UpstreamResponse:
 
 
 def _transcription(payload: dict[str, Any], translate: bool) -> UpstreamResponse:
-    file = payload.get("file") if isinstance(payload.get("file"), dict) else {}
-    name, size = file.get("filename") or "audio", file.get("size") or 0
+    given = payload.get("file")
+    file: dict[str, Any] = given if isinstance(given, dict) else {}
+    name, size = file.get("filename") or "audio", int(file.get("size") or 0)
     verb = "translation" if translate else "transcription"
     text = f"This is a mock {verb} of {name} ({size} bytes)."
     if payload.get("response_format") in ("text", "srt", "vtt"):
         return UpstreamResponse(
             200, {"Content-Type": "text/plain; charset=utf-8"}, body=text.encode()
         )
-    usage = {"type": "tokens", "input_tokens": max(1, size // 1000), "output_tokens": _tokens(text),
-             "total_tokens": max(1, size // 1000) + _tokens(text)}  # fmt: skip
-    return _json(200, {"text": text, "usage": usage})
+    heard, said = max(1, size // 1000), _tokens(text)
+    usage = {"type": "tokens", "input_tokens": heard, "output_tokens": said}
+    return _json(200, {"text": text, "usage": {**usage, "total_tokens": heard + said}})
+
+
+def _count(value: Any) -> int:
+    """`n` as JSON sends it, or as a form field (text); 1 to 10, as OpenAI allows."""
+    try:
+        count = int(value) if isinstance(value, int | str) else 1
+    except ValueError:
+        count = 1
+    return min(max(count, 1), 10)
 
 
 def _images(payload: dict[str, Any]) -> UpstreamResponse:
-    count = payload.get("n") if isinstance(payload.get("n"), int) else 1
     encoded = base64.b64encode(PIXEL_PNG).decode()
+    item: dict[str, Any]
     if payload.get("response_format") == "url":
         item = {"url": f"data:image/png;base64,{encoded}"}
     else:
         item = {"b64_json": encoded}
-    prompt = payload.get("prompt") if isinstance(payload.get("prompt"), str) else ""
-    data = [{**item, "revised_prompt": prompt} if prompt else item for _ in range(max(1, count))]
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        item["revised_prompt"] = prompt
+    data = [item for _ in range(_count(payload.get("n")))]
     return _json(200, {"created": int(time.time()), "data": data})
 
 
@@ -165,8 +178,8 @@ def _stored_response(request: UpstreamRequest) -> UpstreamResponse:
         return _json(200, {**page, "has_more": False})
     if request.operation == "responses_cancel":
         # Only background responses can be cancelled; the mock's are complete at once.
-        error = {"message": "Only background responses can be cancelled.",
-                 "type": "invalid_request_error", "param": None, "code": None}  # fmt: skip
+        message = "Only background responses can be cancelled."
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
         return _json(400, {"error": error})
     return _json(200, response)
 

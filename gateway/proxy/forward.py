@@ -360,7 +360,9 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
             job.operation, body, payload, job.stream, deployment, job.client_headers
         )
         if job.form is not None:
-            request.body, request.content_type = job.form.body_for(payload), job.form.content_type
+            request.content_type = job.form.content_type
+            if payload is not job.payload:
+                request.body = job.form.body_for(payload)
         provider = gw.providers[deployment.provider]
         guard.in_flight += 1
         started = time.perf_counter()

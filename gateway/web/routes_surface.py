@@ -97,7 +97,7 @@ async def _on_response(request: web.Request, operation: str) -> web.Response:
         deployment,
         client_headers,
         response_id=response_id,
-        query=dict(request.query),
+        query=request.query,
     )
     try:
         async with asyncio.timeout(deployment.timeout.total):
@@ -147,4 +147,7 @@ def add_surface_routes(app: web.Application, prefix: str) -> None:
     app.router.add_get(f"{prefix}/v1/models/{{model:.+}}", retrieve_model)
     for operation, (method, suffix) in RESPONSE_OPERATIONS.items():
         path = f"{prefix}/v1/responses/{{response_id}}{suffix}"
-        app.router.add_route(method, path, _response_handler(operation))
+        if method == "GET":
+            app.router.add_get(path, _response_handler(operation))  # HEAD too, as add_get does
+        else:
+            app.router.add_route(method, path, _response_handler(operation))
