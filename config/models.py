@@ -71,6 +71,9 @@ DEFAULT_BUDGET_STATE_TTL = 7 * 24 * 3600.0
 DEFAULT_STORE_URL = "spangate.db"
 DEFAULT_RETENTION_BATCH = 500
 DEFAULT_RETENTION_INTERVAL = 300.0
+# Client headers a deployment receives: all of them (bar the ones never forwarded), none denied.
+DEFAULT_FORWARD_HEADERS_ALLOW = ("*",)
+DEFAULT_FORWARD_HEADERS_DENY: tuple[str, ...] = ()
 
 
 class _Strict(BaseModel):
@@ -144,6 +147,22 @@ class TrainingSettings(_Strict):
     )
 
 
+class ForwardHeaders(_Strict):
+    """Which client headers a deployment receives. Hop-by-hop headers, credentials and
+    spangate's own headers are never forwarded, whatever these lists say."""
+
+    allow: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FORWARD_HEADERS_ALLOW),
+        description="Glob patterns (case-insensitive) of client headers passed upstream, "
+        "e.g. `[user-agent, x-title, openai-*]`; `[]` passes none.",
+    )
+    deny: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FORWARD_HEADERS_DENY),
+        description="Glob patterns of client headers never passed upstream, even when "
+        "`allow` matches them, e.g. `[x-stainless-*]`.",
+    )
+
+
 class Deployment(_Strict):
     """One upstream that can serve a model group."""
 
@@ -190,6 +209,10 @@ class Deployment(_Strict):
     )
     training: TrainingSettings | None = Field(
         None, description="Token ids and logprobs to record; overrides the group's `training`."
+    )
+    forward_headers: ForwardHeaders = Field(
+        default_factory=ForwardHeaders,
+        description="Client headers passed upstream: `{allow, deny}` glob lists.",
     )
 
     @field_validator("timeout", mode="before")

@@ -451,3 +451,17 @@ def get_rollout(db: Database, rollout_id: str, *, bodies: bool = True) -> dict[s
         "rewards": len(rewards),
     }
     return rollout
+
+
+RESPONSE_ORIGIN_SQL = """
+select model_group, deployment from spans
+where response_id = :response_id and operation = 'responses' and deployment is not null
+order by start_ns desc
+limit 1
+"""
+
+
+def response_origin(db: Database, response_id: str) -> dict[str, Any] | None:
+    """The model group and deployment of the call that made a Responses API response."""
+    rows = _rows(db, RESPONSE_ORIGIN_SQL, {"response_id": response_id})
+    return rows[0] if rows else None

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import email.policy
 import hashlib
 import itertools
 import math
@@ -19,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from email.parser import BytesParser
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self
@@ -149,6 +151,11 @@ class FakeProviderState:
         self.api_key = api_key
         # vLLM-like: honour `return_token_ids` (prompt and completion token ids).
         self.vllm = False
+        # Request fields this upstream refuses with a 400 on every request, as servers that
+        # reject unknown arguments do (`stream_options` on some vLLM and Azure versions).
+        self.rejected_fields: set[str] = set()
+        # Responses made, with the request that made them, for GET /v1/responses/{id}.
+        self.responses: dict[str, tuple[JSON, JSON]] = {}
         self.requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._cond = threading.Condition()
@@ -178,10 +185,13 @@ class FakeProviderState:
             self._cond.notify_all()
 
     def reset(self) -> None:
-        """Forget requests and pending faults; latency, models and api_key are kept."""
+        """Forget requests, pending faults and rejected fields; latency, models and api_key are
+        kept."""
         with self._cond:
             self.requests.clear()
             self._faults.clear()
+            self.rejected_fields.clear()
+            self.responses.clear()
 
     def snapshot(self) -> list[RecordedRequest]:
         """A copy of the requests so far, safe to iterate while the server keeps recording."""
@@ -620,7 +630,9 @@ def _provider_route(handler: Handler) -> Callable[[web.Request], Awaitable[web.S
         raw = await request.read()
         parsed: Any = None
         parse_failed = False
-        if raw:
+        if raw and request.content_type == "multipart/form-data":
+            parsed = form_fields(raw, request.headers["Content-Type"])
+        elif raw:
             try:
                 parsed = orjson.loads(raw)
             except orjson.JSONDecodeError:
@@ -659,8 +671,11 @@ def _provider_route(handler: Handler) -> Callable[[web.Request], Awaitable[web.S
                 "We could not parse the JSON body of your request. (HINT: This likely means "
                 "you aren't using your HTTP library correctly.)",
             )
-        if request.method == "POST" and not isinstance(parsed, dict):
+        bodyless = request.path.endswith("/cancel")
+        if request.method == "POST" and not isinstance(parsed, dict) and not bodyless:
             return _error_response(400, "The request body must be a JSON object.")
+        for name in sorted(state.rejected_fields & set(parsed or ())):
+            return _error_response(400, f"Unrecognized request argument supplied: {name}")
         call.body = parsed if isinstance(parsed, dict) else {}
         return await handler(call)
 
@@ -1062,6 +1077,7 @@ async def _responses(call: _Call) -> web.StreamResponse:
     final = response_object(
         "completed", [final_item], _responses_usage(input_tokens, output_tokens)
     )
+    call.state.responses[response_id] = (final, body)
     if not stream:
         return await _reply_json(call, final)
 
@@ -1142,6 +1158,115 @@ async def _get_model(call: _Call) -> web.StreamResponse:
     )
 
 
+def form_fields(raw: bytes, content_type: str) -> JSON:
+    """A multipart body's fields: text as strings, files as `{filename, content_type, size,
+    sha256}` (so a test can tell the bytes arrived intact)."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    fields: JSON = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        content = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is None:
+            fields[str(name)] = content.decode()
+        else:
+            fields[str(name)] = {
+                "filename": filename,
+                "content_type": part.get_content_type(),
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+            }
+    return fields
+
+
+async def _moderations(call: _Call) -> web.StreamResponse:
+    texts = call.body.get("input")
+    texts = texts if isinstance(texts, list) else [texts]
+    results = [
+        {
+            "flagged": "flag me" in str(text),
+            "categories": {"violence": "flag me" in str(text)},
+            "category_scores": {"violence": 0.9 if "flag me" in str(text) else 0.001},
+        }
+        for text in texts
+    ]
+    model = call.body.get("model", "omni-moderation-latest")
+    return await _reply_json(
+        call, {"id": call.state.next_id("modr-"), "model": model, "results": results}
+    )
+
+
+# A WAV header for 0 samples: the smallest valid audio file.
+EMPTY_WAV = b"RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00@\x1f\x00\x00\x80>\x00\x00\x02\x00\x10\x00data\x00\x00\x00\x00"
+
+
+async def _speech(call: _Call) -> web.StreamResponse:
+    for name in ("model", "input", "voice"):
+        if (missing := _require(call.body, name)) is not None:
+            return missing
+    audio = EMPTY_WAV + b"\x00\x00" * len(str(call.body["input"]))
+    return web.Response(body=audio, content_type="audio/wav", headers=call.base_headers)
+
+
+async def _transcription(call: _Call) -> web.StreamResponse:
+    for name in ("model", "file"):
+        if (missing := _require(call.body, name)) is not None:
+            return missing
+    file = call.body["file"]
+    text = f"heard {file['size']} bytes of {file['filename']}"
+    if call.body.get("response_format") == "text":
+        return web.Response(text=text, content_type="text/plain", headers=call.base_headers)
+    return await _reply_json(call, {"text": text})
+
+
+# A 1x1 PNG, base64: what every generated image looks like here.
+PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
+
+async def _images(call: _Call) -> web.StreamResponse:
+    count = call.body.get("n") or 1
+    data = [{"b64_json": PIXEL} for _ in range(int(count))]
+    usage = {"input_tokens": 10, "output_tokens": 20, "total_tokens": 30}
+    return await _reply_json(call, {"created": int(time.time()), "data": data, "usage": usage})
+
+
+async def _input_tokens(call: _Call) -> web.StreamResponse:
+    messages = _responses_messages(call.body)
+    count = count_prompt_tokens(content_text(m["content"]) for m in messages)
+    return await _reply_json(call, {"object": "response.input_tokens", "input_tokens": count})
+
+
+async def _stored_response(call: _Call) -> web.StreamResponse:
+    response_id = call.request.match_info["response_id"]
+    found = call.state.responses.get(response_id)
+    if found is None:
+        return _error_response(404, f"Response with id '{response_id}' not found.")
+    response, body = found
+    path = call.request.path
+    if call.request.method == "DELETE":
+        del call.state.responses[response_id]
+        return await _reply_json(call, {"id": response_id, "object": "response", "deleted": True})
+    if path.endswith("/cancel"):
+        return await _reply_json(call, {**response, "status": "cancelled"})
+    if path.endswith("/input_items"):
+        items = [
+            {
+                "id": f"msg_{index}",
+                "type": "message",
+                "role": m["role"],
+                "content": [{"type": "input_text", "text": content_text(m["content"])}],
+            }
+            for index, m in enumerate(_responses_messages(body))
+        ]
+        page = {"object": "list", "data": items, "has_more": False}
+        return await _reply_json(
+            call, {**page, "first_id": "msg_0", "last_id": f"msg_{len(items) - 1}"}
+        )
+    return await _reply_json(call, response)
+
+
 async def _unknown(call: _Call) -> web.StreamResponse:
     return _error_response(
         404,
@@ -1200,6 +1325,18 @@ def create_app(state: FakeProviderState | None = None) -> web.Application:
     app.router.add_post("/v1/embeddings", _provider_route(_embeddings))
     app.router.add_post("/v1/responses", _provider_route(_responses))
     app.router.add_get("/v1/models", _provider_route(_list_models))
+    app.router.add_post("/v1/moderations", _provider_route(_moderations))
+    app.router.add_post("/v1/audio/speech", _provider_route(_speech))
+    app.router.add_post("/v1/audio/transcriptions", _provider_route(_transcription))
+    app.router.add_post("/v1/audio/translations", _provider_route(_transcription))
+    for kind in ("generations", "edits", "variations"):
+        app.router.add_post(f"/v1/images/{kind}", _provider_route(_images))
+    app.router.add_post("/v1/responses/input_tokens", _provider_route(_input_tokens))
+    stored = "/v1/responses/{response_id}"
+    app.router.add_get(stored, _provider_route(_stored_response))
+    app.router.add_delete(stored, _provider_route(_stored_response))
+    app.router.add_post(stored + "/cancel", _provider_route(_stored_response))
+    app.router.add_get(stored + "/input_items", _provider_route(_stored_response))
     app.router.add_get("/v1/models/{model}", _provider_route(_get_model))
     app.router.add_route("*", "/v1/{tail:.*}", _provider_route(_unknown))
     app.router.add_post("/_fault", _control_fault)

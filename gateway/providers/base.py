@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from config.models import Deployment
 
@@ -16,6 +17,21 @@ OPERATION_PATHS = {
     "text_completion": "/completions",
     "embeddings": "/embeddings",
     "responses": "/responses",
+    "moderations": "/moderations",
+    "audio_speech": "/audio/speech",
+    "audio_transcription": "/audio/transcriptions",
+    "audio_translation": "/audio/translations",
+    "image_generation": "/images/generations",
+    "image_edit": "/images/edits",
+    "image_variation": "/images/variations",
+    "input_tokens": "/responses/input_tokens",
+}
+# Operations on a stored response, by id: sent to the deployment that made it.
+RESPONSE_OPERATIONS = {
+    "responses_retrieve": ("GET", ""),
+    "responses_delete": ("DELETE", ""),
+    "responses_cancel": ("POST", "/cancel"),
+    "responses_input_items": ("GET", "/input_items"),
 }
 
 
@@ -29,6 +45,23 @@ class UpstreamRequest:
     stream: bool
     deployment: Deployment
     client_headers: Mapping[str, str] = field(default_factory=dict)
+    # A multipart form (audio, image edits) says so, with its boundary.
+    content_type: str = "application/json"
+    # Set for the operations on a stored response: its id, and the query passed along.
+    response_id: str | None = None
+    query: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return RESPONSE_OPERATIONS.get(self.operation, ("POST", ""))[0]
+
+    @property
+    def path(self) -> str:
+        """The path under the deployment's `api_base`."""
+        if self.response_id is not None:
+            suffix = RESPONSE_OPERATIONS[self.operation][1]
+            return f"/responses/{quote(self.response_id, safe='')}{suffix}"
+        return OPERATION_PATHS[self.operation]
 
 
 @dataclass(slots=True)

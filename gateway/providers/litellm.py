@@ -28,12 +28,14 @@ from gateway.errors import (
     error_body,
 )
 from gateway.providers.base import UpstreamRequest, UpstreamResponse
+from gateway.providers.headers import client_headers_for
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 # Upstream headers worth keeping on an error: the gateway's retry policy honours them.
 _KEPT_ERROR_HEADERS = ("retry-after", "retry-after-ms")
+_OWN_ACCEPT = frozenset({"accept"})
 
 # Only these request fields reach litellm. Everything else is dropped: litellm reads many
 # keyword arguments as its own settings (`api_base`, `mock_response`, `metadata`, ...), and
@@ -641,6 +643,10 @@ class LiteLLMProvider:
             max_retries=0,
         )
         kwargs[main_field] = payload[main_field]
+        # litellm sets its own Accept for the provider it translates to.
+        forwarded = client_headers_for(deployment, request.client_headers, skip=_OWN_ACCEPT)
+        if forwarded:
+            kwargs["extra_headers"] = forwarded
         if request.operation != "embeddings":
             kwargs["stream"] = request.stream
             kwargs["drop_params"] = self.drop_params

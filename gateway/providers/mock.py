@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from gateway.providers import mock_surface
 from gateway.providers.base import UpstreamRequest, UpstreamResponse
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -402,6 +403,8 @@ async def send(request: UpstreamRequest) -> UpstreamResponse:
     if deployment.mock_latency:
         await asyncio.sleep(deployment.mock_latency)
     payload, model = request.payload, deployment.model
+    if request.operation in mock_surface.OPERATIONS:
+        return mock_surface.answer(request, model)
     if request.operation == "embeddings":
         return UpstreamResponse(
             200, dict(_JSON_HEADERS), body=orjson.dumps(_embeddings(payload, model))
@@ -410,6 +413,8 @@ async def send(request: UpstreamRequest) -> UpstreamResponse:
         request.operation
     ]
     plain, events = build(payload, model)
+    if request.operation == "responses":
+        mock_surface.remember(plain, payload)
     if request.stream:
         return UpstreamResponse(200, dict(_SSE_HEADERS), chunks=_replay(events))
     return UpstreamResponse(200, dict(_JSON_HEADERS), body=orjson.dumps(plain))

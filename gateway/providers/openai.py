@@ -18,7 +18,8 @@ from gateway.errors import (
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
-from gateway.providers.base import OPERATION_PATHS, UpstreamRequest, UpstreamResponse
+from gateway.providers.base import UpstreamRequest, UpstreamResponse
+from gateway.providers.headers import client_headers_for
 
 # Headers that describe one hop, or that aiohttp recomputes, never pass through.
 _HOP_HEADERS = frozenset(
@@ -39,8 +40,6 @@ _HOP_HEADERS = frozenset(
         "set-cookie",
     }
 )
-# Client headers an upstream may need besides the body; everything else stays here.
-_FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project", "openai-beta")
 
 
 def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -48,18 +47,18 @@ def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def upstream_headers(request: UpstreamRequest) -> dict[str, str]:
-    """Headers for the upstream: its own key if configured, else the client's (never stored)."""
-    headers = {"Content-Type": "application/json"}
+    """The client's headers as the deployment allows, with its own key if configured, else
+    the client's (never stored)."""
+    headers = client_headers_for(request.deployment, request.client_headers)
+    if request.body:
+        headers["content-type"] = request.content_type
     key = request.deployment.api_key
     if key:
-        headers["Authorization"] = f"Bearer {key}"
+        headers["authorization"] = f"Bearer {key}"
     elif "authorization" in request.client_headers:
-        headers["Authorization"] = request.client_headers["authorization"]
-    for name in _FORWARDED_CLIENT_HEADERS:
-        if name in request.client_headers:
-            headers[name] = request.client_headers[name]
+        headers["authorization"] = request.client_headers["authorization"]
     if request.stream:
-        headers["Accept"] = "text/event-stream"
+        headers["accept"] = "text/event-stream"
     return headers
 
 
@@ -111,10 +110,10 @@ _UNENCODED = frozenset({"", "identity"})
 
 
 @functools.lru_cache(maxsize=1024)
-def _upstream_url(api_base: str | None, operation: str) -> URL | str:
-    """Parsed once per deployment and operation, not on every call; a URL that does not
+def _upstream_url(api_base: str | None, path: str) -> URL | str:
+    """Parsed once per deployment and path, not on every call; a URL that does not
     parse stays text, so aiohttp refuses it as before (`UpstreamUnreachable`)."""
-    url = (api_base or "").rstrip("/") + OPERATION_PATHS[operation]
+    url = (api_base or "").rstrip("/") + path
     try:
         return URL(url)
     except ValueError:
@@ -135,11 +134,16 @@ class OpenAICompatible:
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         deployment = request.deployment
-        url = _upstream_url(deployment.api_base, request.operation)
+        url = _upstream_url(deployment.api_base, request.path)
         timeout = _client_timeout(deployment.timeout.total, deployment.timeout.connect)
         try:
-            response = await self.session.post(
-                url, data=request.body, headers=upstream_headers(request), timeout=timeout
+            response = await self.session.request(
+                request.method,
+                url,
+                data=request.body or None,
+                params=request.query or None,
+                headers=upstream_headers(request),
+                timeout=timeout,
             )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {deployment.label} did not answer in time") from exc

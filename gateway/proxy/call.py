@@ -61,6 +61,8 @@ class Call:
     extra_attributes: dict[str, Any] = field(default_factory=dict)
     # What the call reserved in its rollout's budget (or was refused).
     budget: Reservation | None = None
+    # Stored instead of the raw request when that is not JSON (a multipart form's fields).
+    request_record: Any = None
 
     @property
     def deployment(self) -> Deployment | None:
@@ -159,9 +161,8 @@ class Call:
         request_body: Any = None
         if store_bodies:
             limit = self.gw.settings.limits.max_stored_body_bytes
-            request_body = self._stored(
-                "request_body", self.redact(self.raw_request), limit, attributes
-            )
+            sent = self.raw_request if self.request_record is None else self.request_record
+            request_body = self._stored("request_body", self.redact(sent), limit, attributes)
             response_body = self._stored(
                 "response_body",
                 self.redact(response_body),

@@ -35,7 +35,10 @@ from gateway.errors import (
 )
 from gateway.providers.base import UpstreamRequest, UpstreamResponse
 from gateway.proxy.context import ProxyContext
+from gateway.proxy.forms import Form
+from gateway.proxy.operations import expects_json
 from gateway.proxy.resilience import Guard, estimate_tokens
+from gateway.proxy.stream_usage import asks_for_usage, refused_stream_options, remember_refusal
 from gateway.proxy.training import TokenCapture, upstream_changes
 
 # Operations whose streams report usage only when asked through stream_options.
@@ -74,13 +77,17 @@ def upstream_body(
     operation: str,
     stream: bool,
     extra: dict[str, Any] | None = None,
+    *,
+    ask_usage: bool = True,
 ) -> tuple[bytes, dict[str, Any], bool]:
     """The body to send upstream, and whether we asked for usage the client did not."""
     changes: dict[str, Any] = dict(extra) if extra else {}
     if payload["model"] != model:
         changes["model"] = model
     options = payload.get("stream_options") or {}
-    inject = stream and operation in USAGE_ON_REQUEST and not options.get("include_usage")
+    inject = (
+        ask_usage and stream and operation in USAGE_ON_REQUEST and not options.get("include_usage")
+    )
     if inject:
         changes["stream_options"] = {**options, "include_usage": True}
     if not changes:
@@ -137,6 +144,8 @@ class Job:
     # Keeps a rollout on one deployment (`rollout-affinity`); picks per-mode parameters.
     rollout_id: str | None = None
     mode: str | None = None
+    # A multipart body (audio, image edits): sent as a form, its fields rewritten in place.
+    form: Form | None = None
 
     def estimated_tokens(self) -> int:
         if self.tokens is None:
@@ -339,11 +348,21 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
         record["limiter_wait_ms"] = round(waited * 1000, 3)
         extra, capture = upstream_changes(job.payload, job.operation, group, deployment, job.mode)
         body, payload, injected = upstream_body(
-            job.raw, job.payload, deployment.model, job.operation, job.stream, extra
+            job.raw,
+            job.payload,
+            deployment.model,
+            job.operation,
+            job.stream,
+            extra,
+            ask_usage=asks_for_usage(guard),
         )
         request = UpstreamRequest(
             job.operation, body, payload, job.stream, deployment, job.client_headers
         )
+        if job.form is not None:
+            request.content_type = job.form.content_type
+            if payload is not job.payload:
+                request.body = job.form.body_for(payload)
         provider = gw.providers[deployment.provider]
         guard.in_flight += 1
         started = time.perf_counter()
@@ -351,11 +370,33 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
         try:
             first_token = deployment.timeout.first_token if job.stream else None
             response = await _first_answer(provider, request, first_token)
+            if (
+                injected
+                and "stream_options" not in job.payload
+                and refused_stream_options(response)
+            ):
+                # The field was ours, not the client's: the same call at once without it.
+                remember_refusal(guard)
+                record["stream_options_refused"] = True
+                body, payload, injected = upstream_body(
+                    job.raw,
+                    job.payload,
+                    deployment.model,
+                    job.operation,
+                    job.stream,
+                    extra,
+                    ask_usage=False,
+                )
+                request.body, request.payload = body, payload
+                response = await _first_answer(provider, request, first_token)
             if counts_against_breaker(response.status):
                 raise _Failed(response)
             parsed = None
             if response.chunks is None and response.ok:
-                parsed = _json_object(response.body or b"", deployment.label)
+                if expects_json(job.operation, response.headers):
+                    parsed = _json_object(response.body or b"", deployment.label)
+                else:
+                    parsed = _loads(response.body)
         except (_Failed, UpstreamError, TimeoutError) as exc:
             # Only what the upstream did counts against it: not a cancelled call (the client
             # left), nor a request a provider could not even build.

@@ -51,6 +51,8 @@ class Guard:
     in_flight: int = 0
     probing: bool = False
     opened_at: float = 0.0
+    # Until when (monotonic) streams here get no `stream_options` the client did not send.
+    refuses_stream_options_until: float = 0.0
     # With `shared.redis_url`: limits and breaker state every replica sees.
     shared_rate: SharedRate | None = None
     breaker_storage: pybreaker.CircuitBreakerStorage | None = None

@@ -39,7 +39,8 @@ def usage_of(operation: str, usage: Any) -> tuple[int | None, int | None, int | 
     """(input, output, cached input, reasoning output) tokens from an OpenAI usage object."""
     if not isinstance(usage, dict):
         return None, None, None, None
-    if operation == "responses":
+    # Images and transcriptions count as the Responses API does.
+    if operation == "responses" or ("input_tokens" in usage and "prompt_tokens" not in usage):
         given = _int(usage.get("input_tokens"))
         taken = _int(usage.get("output_tokens"))
         cached = _detail(usage, "input_tokens_details", "cached_tokens")

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from config.models import ApiKey
 from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.providers.headers import never_forwarded
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json"})
 # The dashboard's sign-in form and its static files must load before anyone has signed in.
@@ -114,10 +115,11 @@ def auth_middleware(keys: list[ApiKey]) -> web.Middleware:
 def forwarded_client_headers(request: web.Request, gateway_keys: Collection[str]) -> dict[str, str]:
     """Client headers an upstream may see: lower-cased, and none that carries a gateway key.
 
-    The gateway key may ride in several headers at once, or in a repeated one, so every value
-    is checked rather than the one the key was taken from. A provider key the client brings
-    comes in `Authorization` (when the gateway key came elsewhere) or in
-    `X-Provider-Authorization`, which wins.
+    Every header but the ones never forwarded (`gateway.providers.headers`): the deployment's
+    `forward_headers` narrows them further. The gateway key may ride in several headers at
+    once, or in a repeated one, so every value is checked rather than the one the key was taken
+    from. A provider key the client brings comes in `Authorization` (when the gateway key came
+    elsewhere) or in `X-Provider-Authorization`, which wins.
     """
 
     sent = request.headers
@@ -129,17 +131,15 @@ def forwarded_client_headers(request: web.Request, gateway_keys: Collection[str]
         return None
 
     headers = {}
-    for name in _FORWARDABLE:
-        # Most calls send only `authorization`: absent names cost one lookup each.
-        if name in sent:
-            value = first_clean(name)
-            if value is not None:
-                headers[name] = value
+    for raw_name in sent:
+        name = raw_name.lower()
+        if name in headers or (name != "authorization" and never_forwarded(name)):
+            continue
+        value = first_clean(name)
+        if value is not None:
+            headers[name] = value
     if "X-Provider-Authorization" in sent:
         provider = first_clean("X-Provider-Authorization")
         if provider:
             headers["authorization"] = provider
     return headers
-
-
-_FORWARDABLE = ("authorization", "openai-organization", "openai-project", "openai-beta")

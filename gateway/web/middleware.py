@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError
 from gateway.web.responses import error_response, from_store_error
+from gateway.web.routes_surface import unsupported_route
 from gateway.web.state import GATEWAY
 from store.errors import StoreError
 
@@ -26,6 +27,10 @@ _HTTP_TYPES = {
 
 
 def _from_http(exc: web.HTTPException, request: web.Request) -> GatewayError:
+    if exc.status == 404:
+        unsupported = unsupported_route(request.method, request.path)
+        if unsupported is not None:
+            return unsupported
     kind, code = _HTTP_TYPES.get(exc.status, ("invalid_request_error", None))
     if exc.status == 404:
         message = f"no route for {request.method} {request.path}"
@@ -57,8 +62,9 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        error = _from_http(exc, request)
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(_from_http(exc, request), headers=allow)
+        return error_response(error, headers=allow)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(GatewayError("internal gateway error; see the gateway log"))

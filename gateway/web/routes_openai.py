@@ -21,8 +21,9 @@ from gateway.proxy.call import Call, number_call
 from gateway.proxy.experiments import enter_experiment
 from gateway.proxy.forward import Job, Outcome, forward
 from gateway.proxy.limits import bounded_stream
-from gateway.proxy.payload import parse_payload
+from gateway.proxy.operations import binary_answer, parse_request
 from gateway.proxy.spans import error_fields, reply_fields
+from gateway.proxy.stream_usage import estimate_missing_usage
 from gateway.proxy.streaming import (
     SSESplitter,
     has_token,
@@ -36,6 +37,7 @@ from gateway.web.auth import forwarded_client_headers
 from gateway.web.bodies import read_body
 from gateway.web.limits import bound_send_buffer, write_within
 from gateway.web.responses import error_response
+from gateway.web.routes_surface import add_surface_routes
 from gateway.web.state import GATEWAY
 
 log = logging.getLogger("spangate.proxy")
@@ -46,6 +48,14 @@ OPERATIONS = {
     "completions": "text_completion",
     "embeddings": "embeddings",
     "responses": "responses",
+    "moderations": "moderations",
+    "audio/speech": "audio_speech",
+    "audio/transcriptions": "audio_transcription",
+    "audio/translations": "audio_translation",
+    "images/generations": "image_generation",
+    "images/edits": "image_edit",
+    "images/variations": "image_variation",
+    "responses/input_tokens": "input_tokens",
 }
 STREAMABLE = frozenset({"chat", "text_completion", "responses"})
 PREFIXES = ("", "/rollout/{rollout_id}", "/rollout/{rollout_id}/attempt/{attempt_id}")
@@ -54,7 +64,9 @@ _DONE = b"[DONE]"
 
 async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
     response = outcome.response
-    body = call.redact(response.body or b"")
+    # Audio is recorded as its type and size, and is no place for a secret to be redacted.
+    binary = binary_answer(response.headers, response.body) if response.ok else None
+    body = response.body or b"" if binary else call.redact(response.body or b"")
     call.fields["http_status"] = response.status
     if response.ok:
         if outcome.capture is not None and outcome.capture.take(outcome.parsed):
@@ -63,7 +75,7 @@ async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
     else:
         kind, message = error_fields(outcome.parsed)
         call.fail(response.status, kind or f"http_{response.status}", message)
-    call.publish(body)
+    call.publish(binary or body)
     return web.Response(
         status=response.status, body=body, headers={**response.headers, **call.headers()}
     )
@@ -160,6 +172,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         await response.chunks.aclose()
     result = assembler.result()
     call.fields.update({k: v for k, v in reply_fields(operation, result).items() if v is not None})
+    estimate_missing_usage(operation, call.payload, result, call.fields, call.extra_attributes)
     call.publish(result)
     for raw_event in held:
         await write_within(request, out, raw_event, write_timeout)
@@ -176,9 +189,11 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
             "this gateway requires a rollout: call /rollout/{id}/v1/... or send X-Rollout-Id"
         )
     raw = await read_body(request, gw.settings.server.body_timeout)
-    payload = parse_payload(raw, operation)
+    raw, payload, form = parse_request(raw, operation, request.headers.get("Content-Type"))
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
+    if form is not None:
+        call.request_record = payload
     gated = False
     if attribution.trace_id:
         call.trace_id = attribution.trace_id
@@ -192,7 +207,8 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         gated = True
         if attribution.rollout_id is not None:
             await number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
-        await enter_experiment(gw.experiments, call)
+        if form is None:
+            await enter_experiment(gw.experiments, call)
         raw, payload = call.raw_request, call.payload
         group = gw.router.group(payload["model"])
         if gw.budgets is not None:
@@ -203,6 +219,7 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         call.redactor = gw.redactor.adding(_bearer_token(client_headers.get("authorization")))
         call.job = Job(operation, raw, payload, stream, group, client_headers)
         call.job.rollout_id = attribution.rollout_id
+        call.job.form = form
         call.job.mode = call.fields["mode"] = rollout_mode(
             gw.modes, request.headers, attribution.rollout_id
         )
@@ -262,3 +279,4 @@ def add_routes(app: web.Application) -> None:
         for path, operation in OPERATIONS.items():
             app.router.add_post(f"{prefix}/v1/{path}", _handler(operation))
         app.router.add_get(f"{prefix}/v1/models", list_models)
+        add_surface_routes(app, prefix)
