@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -347,15 +348,10 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
         job.limiter_wait += waited
         record["limiter_wait_ms"] = round(waited * 1000, 3)
         extra, capture = upstream_changes(job.payload, job.operation, group, deployment, job.mode)
-        body, payload, injected = upstream_body(
-            job.raw,
-            job.payload,
-            deployment.model,
-            job.operation,
-            job.stream,
-            extra,
-            ask_usage=asks_for_usage(guard),
+        body_for = functools.partial(
+            upstream_body, job.raw, job.payload, deployment.model, job.operation, job.stream, extra
         )
+        body, payload, injected = body_for(ask_usage=asks_for_usage(guard))
         request = UpstreamRequest(
             job.operation, body, payload, job.stream, deployment, job.client_headers
         )
@@ -378,15 +374,7 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
                 # The field was ours, not the client's: the same call at once without it.
                 remember_refusal(guard)
                 record["stream_options_refused"] = True
-                body, payload, injected = upstream_body(
-                    job.raw,
-                    job.payload,
-                    deployment.model,
-                    job.operation,
-                    job.stream,
-                    extra,
-                    ask_usage=False,
-                )
+                body, payload, injected = body_for(ask_usage=False)
                 request.body, request.payload = body, payload
                 response = await _first_answer(provider, request, first_token)
             if counts_against_breaker(response.status):
