@@ -44,7 +44,10 @@ COLUMN_ATTRIBUTES = (
     ("seq", "rollout.seq"),
     ("deployment", "spangate.deployment"),
     ("model_group", "spangate.model_group"),
-    ("http_status", "http.response.status_code"),
+    # The exported span is the gateway's client call to the upstream: its status is the
+    # upstream's; what the agent got is `spangate.http_status`.
+    ("upstream_status", "http.response.status_code"),
+    ("http_status", "spangate.http_status"),
     ("retries", "spangate.upstream.retries"),
     ("cost_usd", "spangate.cost_usd"),
     ("overhead_ms", "spangate.overhead_ms"),

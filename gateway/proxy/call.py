@@ -115,6 +115,19 @@ class Call:
             error_message=scrub(message) if message else message,
         )
 
+    def fail_after_answer(
+        self, error_type: str | None, message: str | None, upstream_status: int | None = None
+    ) -> None:
+        """The call failed after its status went out (mid-stream, or inside a 200 answer):
+        `http_status` stays what the client got; `upstream_status` says whose failure it was."""
+        self.fields.update(
+            status="error",
+            error_type=error_type,
+            error_message=scrub(message) if message else message,
+        )
+        if upstream_status is not None:
+            self.fields["upstream_status"] = upstream_status
+
     def redact(self, value: Any) -> Any:
         return self.redactor.value(value) if self.redactor is not None else value
 
@@ -214,6 +227,7 @@ class Call:
             "model_version": deployment.version if deployment else None,
             "mode": fields.get("mode"),
             "held_ms": fields.get("held_ms"),
+            "upstream_status": fields.get("upstream_status"),
             "prompt_token_ids": None,
             "completion_token_ids": None,
             "logprobs": None,

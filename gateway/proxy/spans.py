@@ -64,12 +64,16 @@ def objects_in(value: Any) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
+# Statuses of a Responses object that has not finished: no finish reason yet.
+UNFINISHED_STATUSES = frozenset({"in_progress", "queued"})
+
+
 def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
     if operation == "responses":
         details = body.get("incomplete_details") or {}
         reason = details.get("reason") if isinstance(details, dict) else None
         status = body.get("status")
-        found = reason or status
+        found = reason or (status if status not in UNFINISHED_STATUSES else None)
         return [str(found)] if found else []
     return [
         str(choice["finish_reason"])
@@ -123,6 +127,20 @@ def reply_fields(operation: str, body: Any) -> dict[str, Any]:
         "finish_reasons": finish_reasons_of(operation, body) or None,
         "tool_calls": tool_calls_of(operation, body),
     }
+
+
+def failure_of(operation: str, body: Any) -> tuple[str, str | None] | None:
+    """(type, message) when a 200 answer says the call failed: a Responses object whose
+    `status` is `failed` (an `incomplete` one finished early, with its reason, and is not)."""
+    if operation != "responses" or not isinstance(body, dict) or body.get("status") != "failed":
+        return None
+    error = as_object(body.get("error"))
+    kind = error.get("code") or error.get("type")
+    message = error.get("message")
+    return (
+        str(kind) if kind else "response_failed",
+        str(message) if message else "the upstream reported the response as failed",
+    )
 
 
 def error_fields(body: Any) -> tuple[str | None, str | None]:
