@@ -11,7 +11,8 @@ from typing import Any
 
 import orjson
 
-from gateway.proxy.spans import as_object, error_fields, failure_of, objects_in
+from gateway.proxy.spans import error_fields, failure_of
+from gateway.proxy.tool_items import as_object, objects_in
 
 # What a failure the upstream reports after its 200 (an error event, `response.failed`, a
 # stream cut short) counts as in `upstream_status`: a bad gateway, as if it had answered so.

@@ -67,6 +67,7 @@ async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
         kind, message = error_fields(outcome.parsed)
         call.fail(response.status, kind or f"http_{response.status}", message)
     call.publish(body)
+    await call.record_executed_tools()
     return web.Response(
         status=response.status, body=body, headers={**response.headers, **call.headers()}
     )
@@ -164,6 +165,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     if failed := assembler.failure():
         call.fail_after_answer(*failed, UPSTREAM_FAILED_STATUS)
     call.publish(result)
+    await call.record_executed_tools()
     for raw_event in held:
         await write_within(request, out, raw_event, write_timeout)
     await out.write_eof()
