@@ -506,7 +506,10 @@ def _check_patterns(value: ToolErrorWhen) -> ToolErrorWhen:
 class ToolRule(_Strict):
     """The error rule of one tool, by the name its spans carry."""
 
-    error_when: ToolErrorWhen = Field(DEFAULT_TOOL_ERROR_WHEN, description=_TOOL_ERROR_WHEN_HELP)
+    error_when: ToolErrorWhen = Field(
+        DEFAULT_TOOL_ERROR_WHEN,
+        description="This tool's rule, one of those `tools.error_when` takes.",
+    )
 
     _patterns = field_validator("error_when")(_check_patterns)
 
