@@ -284,20 +284,14 @@ class ResponsesAssembler:
         return None
 
     def result(self) -> dict[str, Any]:
-        if self.response is None:
-            response: dict[str, Any] = {"object": "response", "status": "incomplete"}
-            if self.text:
-                response["output_text"] = "".join(self.text)
-        elif self.ended:
-            return self.response
-        else:
-            response = dict(self.response)
+        response: dict[str, Any] = self.response or {"object": "response", "status": "incomplete"}
+        if self.response is None and self.text:
+            response["output_text"] = "".join(self.text)
         if self.items and not response.get("output"):
-            response["output"] = [self.items[i] for i in sorted(self.items)]
+            response = {**response, "output": [self.items[i] for i in sorted(self.items)]}
         if self.failed is not None and response.get("status") != "failed":
             kind, message = self.failed
-            response["status"] = "failed"
-            response["error"] = {"code": kind, "message": message}
+            response = {**response, "status": "failed", "error": {"code": kind, "message": message}}
         return response
 
 

@@ -246,7 +246,9 @@ def tool_span(
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": tool.name,
             "gen_ai.tool.call.id": tool.call_id,
-            "gen_ai.tool.type": tool.kind,
+            # The item type (`function`, `custom`, `shell_call`, ...): finer than the
+            # `gen_ai.tool.type` the conventions define, so under our own name.
+            "spangate.tool.type": tool.kind,
         },
         "tags": [],
     }

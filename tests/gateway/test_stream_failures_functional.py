@@ -143,6 +143,28 @@ def test_plain_calls_record_both_statuses_on_every_path(
     assert statuses(refused_here) == ("error", 404, None)
 
 
+def test_after_a_fallback_the_upstream_status_is_the_answering_groups(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    def group(name: str, fallbacks: list[str]) -> dict[str, Any]:
+        deployment = {"provider": "openai", "model": "m", "api_base": fake_provider.url}
+        return {"name": name, "deployments": [deployment], "fallbacks": fallbacks}
+
+    gateway = make_gateway(
+        models=[group("primary", ["backup"]), group("backup", [])], retries=NO_RETRIES
+    )
+    with client_for(gateway.url("fallback", "1")) as client:
+        fake_provider.state.add_fault(status=500)
+        client.chat.completions.create(model="primary", messages=MESSAGES)
+        fake_provider.state.add_fault(status=500, times=2)
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="primary", messages=MESSAGES)
+    rescued, failed = gateway.spans(rollout_id="fallback")
+    assert statuses(rescued) == ("ok", 200, 200)
+    assert rescued["attributes"]["spangate.fallback"] == "backup"
+    assert statuses(failed) == ("error", 500, 500)
+
+
 def test_a_client_that_leaves_mid_stream_is_499_while_the_upstream_answered_200(
     module_gateway: GatewayThread, fake_provider: FakeProviderThread
 ) -> None:

@@ -397,7 +397,7 @@ def test_tool_spans_of_a_hosted_tool_are_stored_as_json(
     with client_for(module_gateway.url("hosted-api", "1")) as client:
         client.responses.create(model="gpt-test", input="search")
     _, tool = module_gateway.spans(rollout_id="hosted-api")
-    assert orjson.loads(orjson.dumps(tool["attributes"]))["gen_ai.tool.type"] == "web_search_call"
+    assert orjson.loads(orjson.dumps(tool["attributes"]))["spangate.tool.type"] == "web_search_call"
     assert tool["duration_ms"] == 0
 
 
