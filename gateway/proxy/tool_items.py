@@ -340,14 +340,11 @@ def exchanges_in(payload: dict[str, Any]) -> list[Exchange]:
     and whether it belongs to the latest assistant turn."""
     steps = [*_chat_steps(payload.get("messages")), *_response_steps(payload.get("input"))]
     last_call = max((i for i, (calls, _) in enumerate(steps) if calls), default=-1)
+    asked: dict[Any, dict[str, Any]] = {}
     found: list[Exchange] = []
-    for index, (_, result) in enumerate(steps):
-        if result is None:
-            continue
-        asked = None
-        for calls, _ in reversed(steps[:index]):
-            asked = next((c for c in calls if c["id"] == result.call_id), None)
-            if asked is not None:
-                break
-        found.append(Exchange(result, asked, index > last_call))
+    for index, (calls, result) in enumerate(steps):
+        # The nearest earlier call with an id is the one a result with that id answers.
+        asked.update((call["id"], call) for call in calls)
+        if result is not None:
+            found.append(Exchange(result, asked.get(result.call_id), index > last_call))
     return found

@@ -22,7 +22,7 @@ from gateway.proxy.tool_items import ToolResult, exchanges_in
 
 MAX_ATTEMPTS_TRACKED = 20_000
 # Calls still waiting for a result, per attempt; the oldest go first past this.
-MAX_PENDING_PER_ATTEMPT = 1_000
+MAX_PENDING_PER_ATTEMPT = 50_000
 MAX_RESULT_CHARS = 20_000
 # Text that starts like this is a failure report, not a result that merely mentions one.
 _ERROR_MARKER = re.compile(
@@ -107,6 +107,30 @@ def _same_call(tool: PendingTool, asked: dict[str, Any] | None, *, strict: bool)
     return not strict or tool.arguments == str(asked.get("arguments") or "")
 
 
+class _Pending:
+    """One attempt's calls waiting for results, by id (ids repeat: a list each, oldest first)."""
+
+    __slots__ = ("by_id", "count")
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, list[PendingTool]] = {}
+        self.count = 0
+
+    def add(self, tool: PendingTool) -> None:
+        self.by_id.setdefault(tool.call_id, []).append(tool)
+        self.count += 1
+        if self.count > MAX_PENDING_PER_ATTEMPT:
+            # The id seen first (near enough the oldest call) gives up its oldest call.
+            self.remove(self.by_id[next(iter(self.by_id))][0])
+
+    def remove(self, tool: PendingTool) -> None:
+        same = self.by_id[tool.call_id]
+        same.remove(tool)
+        if not same:
+            del self.by_id[tool.call_id]
+        self.count -= 1
+
+
 class ToolTracker:
     """Tool calls still waiting for their results, per attempt (bounded, oldest dropped).
 
@@ -118,7 +142,7 @@ class ToolTracker:
 
     def __init__(self, capacity: int = MAX_ATTEMPTS_TRACKED) -> None:
         self._capacity = capacity
-        self._pending: OrderedDict[tuple[str, str], list[PendingTool]] = OrderedDict()
+        self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
 
     def note(self, span: SpanRecord, done: frozenset[str] = frozenset()) -> None:
         """Remember the tool calls a finished call asked for (but those in `done`, whose
@@ -127,12 +151,13 @@ class ToolTracker:
         if not rollout or not attempt or not span.get("tool_calls"):
             return
         key = (rollout, attempt)
-        pending = self._pending.setdefault(key, [])
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending()
         self._pending.move_to_end(key)
         for call in span["tool_calls"]:
             if call.get("id") and call["id"] not in done:
-                pending.append(pending_tool(call, span))
-        del pending[:-MAX_PENDING_PER_ATTEMPT]
+                pending.add(pending_tool(call, span))
         while len(self._pending) > self._capacity:
             self._pending.popitem(last=False)
 
@@ -143,22 +168,23 @@ class ToolTracker:
         pending = self._pending.get((rollout_id, attempt_id))
         if not pending:
             return []
-        exchanges = exchanges_in(payload)
         matched: list[tuple[PendingTool, ToolResult]] = []
         # The latest turn first, so an older result with a reused id cannot take its call.
-        for exchange in sorted(exchanges, key=lambda e: not e.latest):
-            same_id = [t for t in pending if t.call_id == exchange.result.call_id]
+        for exchange in sorted(exchanges_in(payload), key=lambda e: not e.latest):
+            same_id = pending.by_id.get(exchange.result.call_id)
+            if not same_id:
+                continue
             found: PendingTool | None
             if exchange.latest:
                 fitting = [t for t in same_id if _same_call(t, exchange.call, strict=False)]
-                found = (fitting or same_id)[-1] if same_id else None
+                found = (fitting or same_id)[-1]
             else:
                 fitting = [t for t in same_id if _same_call(t, exchange.call, strict=True)]
                 found = fitting[0] if fitting else None
             if found is not None:
                 pending.remove(found)
                 matched.append((found, exchange.result))
-        if not pending:
+        if not pending.count:
             del self._pending[(rollout_id, attempt_id)]
         return matched
 
