@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 from fake_provider import FakeProviderThread
-from servers import GatewayThread
+from servers import GatewayThread, wait_until
 
 from gateway.exporters.otlp_mapping import span_proto
 
@@ -168,12 +168,13 @@ def test_after_a_fallback_the_upstream_status_is_the_answering_groups(
 def test_a_client_that_leaves_mid_stream_is_499_while_the_upstream_answered_200(
     module_gateway: GatewayThread, fake_provider: FakeProviderThread
 ) -> None:
-    fake_provider.state.add_fault(chunk_delay=0.2)
+    # A stream that never ends, so the gateway surely notices the client has gone.
+    fake_provider.state.add_fault(endless=True, chunk_delay=0.02)
     with client_for(module_gateway.url("left", "1")) as client:
         stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
         next(iter(stream))
         stream.close()
-    span = one_span(module_gateway, "left")
+    span = wait_until(lambda: module_gateway.spans(rollout_id="left"), timeout=10)[0]
     assert statuses(span) == ("cancelled", 499, 200)
 
 
