@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -74,6 +75,8 @@ DEFAULT_RETENTION_INTERVAL = 300.0
 # Client headers a deployment receives: all of them (bar the ones never forwarded), none denied.
 DEFAULT_FORWARD_HEADERS_ALLOW = ("*",)
 DEFAULT_FORWARD_HEADERS_DENY: tuple[str, ...] = ()
+# How a tool's result is judged an error (`tools.error_when`); see README "Recording an agent".
+DEFAULT_TOOL_ERROR_WHEN: Literal["default"] = "default"
 
 
 class _Strict(BaseModel):
@@ -501,6 +504,57 @@ class BudgetSettings(_Strict):
     )
 
 
+# `default`, `json` or `never`, or regular expressions (see ToolRule.error_when).
+ToolErrorWhen = Literal["default", "json", "never"] | list[str]
+_TOOL_ERROR_WHEN_HELP = (
+    "When a result makes the `execute_tool` span an error. `default`: a JSON error "
+    "(`error` not empty, `is_error`/`isError` true), the tool's own failed status (exit code, "
+    "`failed`), or text that starts with an error marker (`Error:`, `ERROR`, `Exception:`, "
+    "`Traceback (most recent call last)`, `fatal:`, `panic:`); `json`: the JSON and status "
+    "signals only; `never`: never; a list of regular expressions: the JSON and status signals, "
+    "or text any of them matches (searched anywhere)."
+)
+
+
+def _check_patterns(value: ToolErrorWhen) -> ToolErrorWhen:
+    if isinstance(value, list):
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {pattern!r} ({exc})") from None
+    return value
+
+
+class ToolRule(_Strict):
+    """The error rule of one tool, by the name its spans carry."""
+
+    error_when: ToolErrorWhen = Field(
+        DEFAULT_TOOL_ERROR_WHEN,
+        description="This tool's rule, one of those `tools.error_when` takes.",
+    )
+
+    _patterns = field_validator("error_when")(_check_patterns)
+
+
+class ToolSettings(_Strict):
+    """How a tool's result sent back (an `execute_tool` span) is judged an error."""
+
+    error_when: ToolErrorWhen = Field(DEFAULT_TOOL_ERROR_WHEN, description=_TOOL_ERROR_WHEN_HELP)
+    per_tool: dict[str, ToolRule] = Field(
+        default_factory=dict,
+        description="Rules by tool name (the function, custom or MCP tool's name; `shell`, "
+        "`computer`, `apply_patch`, `web_search`, ... for built-in tools), replacing "
+        "`error_when` for that tool.",
+    )
+
+    _patterns = field_validator("error_when")(_check_patterns)
+
+    def rule_for(self, tool: str) -> ToolErrorWhen:
+        rule = self.per_tool.get(tool)
+        return rule.error_when if rule is not None else self.error_when
+
+
 Scope = Literal["proxy", "read", "write", "admin"]
 TerminalStatus = Literal["succeeded", "failed", "cancelled", "timeout"]
 
@@ -748,6 +802,9 @@ class Settings(_Strict):
     )
     retention: RetentionSettings = Field(
         default_factory=RetentionSettings, description="Deleting old records."
+    )
+    tools: ToolSettings = Field(
+        default_factory=ToolSettings, description="When a tool's result is an error."
     )
     rate_limit_wait: float = Field(
         DEFAULT_RATE_LIMIT_WAIT,

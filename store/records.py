@@ -23,6 +23,7 @@ INT_SPAN_COLUMNS = frozenset(
     {
         "seq",
         "http_status",
+        "upstream_status",
         "start_ns",
         "end_ns",
         "retries",

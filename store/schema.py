@@ -62,6 +62,8 @@ SPAN_COLUMNS: tuple[str, ...] = (
     "model_version",
     "mode",
     "held_ms",
+    # The status the upstream answered (or the gateway judged its failure to be).
+    "upstream_status",
 )
 
 

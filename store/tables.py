@@ -32,6 +32,8 @@ ADDED_COLUMNS = {
     "spans": (*ADDED_SPAN_TEXT_COLUMNS, "held_ms"),
     "rollouts": ("budget",),
 }
+# Added by migration 0005: the upstream's status beside the client's (`http_status`).
+UPSTREAM_STATUS_COLUMN = "upstream_status"
 
 # Tables read in write order (live tail, cursor paging, export).
 ROWID_TABLES = frozenset({"spans", "rewards", "rollouts"})
@@ -119,6 +121,7 @@ def build_metadata(dialect: str) -> MetaData:
         # deployment's model version, the rollout's mode, and time held by a pause.
         *(Column(name, Text) for name in ADDED_SPAN_TEXT_COLUMNS),
         Column("held_ms", Float),
+        Column(UPSTREAM_STATUS_COLUMN, Integer),
         *_rowid(dialect),
         Index("spans_rollout_seq", "rollout_id", "seq"),
         Index("spans_start", "start_ns"),

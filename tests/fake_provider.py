@@ -84,6 +84,14 @@ class Fault:
     huge_body: int | None = None
     # A stream that never ends: one ~1 KB chat chunk every `chunk_delay` until the caller leaves.
     endless: bool = False
+    # How a Responses answer ends instead of `completed`: "failed" (`response.failed`, the
+    # error from `code`/`message`), "incomplete" (`response.incomplete`, max_output_tokens),
+    # or "error" (streams: an `error` event, then nothing more).
+    responses_end: str | None = None
+    # Scripted tool calls: chat answers carry exactly these `tool_calls` (function, custom,
+    # any type; streamed as deltas), Responses answers exactly these `output` items.
+    tool_calls: list[JSON] | None = None
+    output_items: list[JSON] | None = None
 
     @classmethod
     def from_dict(cls, data: JSON) -> Fault:
@@ -729,18 +737,23 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
     top_logprobs = int(body.get("top_logprobs") or 0)
 
     reply: str | None = None
-    tool_call: JSON | None = None
+    tool_calls: list[JSON] = []
     if call.fault is not None and call.fault.echo_headers:
         reply, finish_reason = orjson.dumps(call.record.headers).decode(), "stop"
         completion_tokens = count_completion_tokens(reply)
+    elif call.fault is not None and call.fault.tool_calls is not None:
+        tool_calls, finish_reason = call.fault.tool_calls, "tool_calls"
+        completion_tokens = len(orjson.dumps(tool_calls)) // 4 + 1
     elif tool is not None:
         arguments = dumps_arguments(example_arguments(tool.get("parameters")))
         name = str(tool.get("name", ""))
-        tool_call = {
-            "id": call.state.next_id("call_"),
-            "type": "function",
-            "function": {"name": name, "arguments": arguments},
-        }
+        tool_calls = [
+            {
+                "id": call.state.next_id("call_"),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        ]
         finish_reason = "tool_calls"
         completion_tokens = len(name + arguments) // 4 + 1
     else:
@@ -757,8 +770,8 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
             "refusal": None,
             "annotations": [],
         }
-        if tool_call is not None:
-            message["tool_calls"] = [tool_call]
+        if tool_calls:
+            message["tool_calls"] = tool_calls
         choice: JSON = {
             "index": 0,
             "message": message,
@@ -806,30 +819,10 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
         return _sse(payload)
 
     events: list[bytes] = []
-    if tool_call is not None:
-        fn = tool_call["function"]
-        events.append(
-            chunk(
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "index": 0,
-                            "id": tool_call["id"],
-                            "type": "function",
-                            "function": {"name": fn["name"], "arguments": ""},
-                        }
-                    ],
-                }
-            )
-        )
-        args = fn["arguments"]
-        for start in range(0, len(args), ARGUMENT_FRAGMENT_CHARS):
-            fragment = args[start : start + ARGUMENT_FRAGMENT_CHARS]
-            events.append(
-                chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
-            )
+    if tool_calls:
+        deltas = [d for i, tc in enumerate(tool_calls) for d in _tool_call_deltas(i, tc)]
+        deltas[0] = {"role": "assistant", "content": None, **deltas[0]}
+        events.extend(chunk(delta) for delta in deltas)
     else:
         first: JSON = {"prompt_token_ids": prompt_token_ids(messages)} if want_ids else {}
         events.append(chunk({"role": "assistant", "content": ""}, **first))
@@ -852,6 +845,28 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
         )
     events.append(_DONE)
     return await _reply_stream(call, events)
+
+
+# The field of a chat tool call's body that streams in fragments, by call type.
+_STREAMED_FIELD = {"function": "arguments", "custom": "input"}
+
+
+def _tool_call_deltas(index: int, tool_call: JSON) -> list[JSON]:
+    """A chat tool call as a stream sends it: id, type and name first, then its arguments
+    (a custom tool's input) in fragments; a type without a streamed field comes whole."""
+    kind = str(tool_call.get("type", "function"))
+    body = dict(tool_call.get(kind) or {})
+    field_name = _STREAMED_FIELD.get(kind)
+    text = str(body.pop(field_name, "")) if field_name else ""
+    if field_name:
+        body[field_name] = ""
+    deltas: list[JSON] = [
+        {"tool_calls": [{"index": index, "id": tool_call.get("id"), "type": kind, kind: body}]}
+    ]
+    for start in range(0, len(text), ARGUMENT_FRAGMENT_CHARS):
+        fragment = text[start : start + ARGUMENT_FRAGMENT_CHARS]
+        deltas.append({"tool_calls": [{"index": index, kind: {field_name: fragment}}]})
+    return deltas
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -1074,9 +1089,23 @@ async def _responses(call: _Call) -> web.StreamResponse:
             "metadata": body.get("metadata") or {},
         }
 
+    fault = call.fault
+    scripted = fault.output_items if fault is not None else None
+    end = fault.responses_end if fault is not None else None
     final = response_object(
-        "completed", [final_item], _responses_usage(input_tokens, output_tokens)
+        "completed",
+        [final_item] if scripted is None else scripted,
+        _responses_usage(input_tokens, output_tokens),
     )
+    if end in ("failed", "error"):
+        final["status"] = "failed"
+        final["error"] = {
+            "code": (fault.code if fault else None) or "server_error",
+            "message": (fault.message if fault else None) or "The model failed to respond.",
+        }
+    elif end == "incomplete":
+        final["status"] = "incomplete"
+        final["incomplete_details"] = {"reason": "max_output_tokens"}
     call.state.responses[response_id] = (final, body)
     if not stream:
         return await _reply_json(call, final)
@@ -1092,7 +1121,11 @@ async def _responses(call: _Call) -> web.StreamResponse:
         event("response.created", response=pending),
         event("response.in_progress", response=pending),
     ]
-    if tool is not None:
+    if scripted is not None:
+        for index, item in enumerate(scripted):
+            events.append(event("response.output_item.added", output_index=index, item=item))
+            events.append(event("response.output_item.done", output_index=index, item=item))
+    elif tool is not None:
         events.append(
             event(
                 "response.output_item.added",
@@ -1128,9 +1161,16 @@ async def _responses(call: _Call) -> web.StreamResponse:
         events.append(
             event("response.content_part.done", **where, part={**empty_part, "text": reply})
         )
-    events.append(event("response.output_item.done", output_index=0, item=final_item))
+    if scripted is None:
+        events.append(event("response.output_item.done", output_index=0, item=final_item))
     # The Responses API ends with response.completed; unlike chat there is no [DONE].
-    events.append(event("response.completed", response=final))
+    if end == "error":
+        error = final["error"]
+        events.append(event("error", code=error["code"], message=error["message"], param=None))
+    elif end in ("failed", "incomplete"):
+        events.append(event(f"response.{end}", response=final))
+    else:
+        events.append(event("response.completed", response=final))
     return await _reply_stream(call, events)
 
 

@@ -168,6 +168,9 @@ def model(span: dict[str, Any]) -> str:
 def status(span: dict[str, Any]) -> str:
     if span.get("status") == "error":
         code = span.get("http_status")
+        if not code or code < 400:
+            # It failed after its 200 went out (mid-stream): the upstream's status says more.
+            code = span.get("upstream_status")
         return f"error {code}" if code else "error"
     return span.get("status") or "?"
 
@@ -249,6 +252,9 @@ def reply(span: dict[str, Any]) -> str:
     if operation == "execute_tool":
         result = body.get("content") if isinstance(body, dict) else body
         return f"← {result or ''}"
+    if isinstance(span.get("tool_calls"), list) and span["tool_calls"]:
+        # Read off every tool type already (custom, built-in, MCP), body or no body.
+        return _tool_call_text(span["tool_calls"])
     if isinstance(body, dict):
         if operation == "embeddings":
             data = body.get("data")

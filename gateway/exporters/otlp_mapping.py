@@ -20,6 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from config.models import DEFAULT_SERVICE_NAME, Settings
 from gateway.proxy.attribution import rollout_trace
+from gateway.proxy.tool_items import chat_tool_call, objects_in
 
 SCOPE_NAME = "spangate"
 EVALUATION_EVENT = "gen_ai.evaluation.result"
@@ -44,7 +45,10 @@ COLUMN_ATTRIBUTES = (
     ("seq", "rollout.seq"),
     ("deployment", "spangate.deployment"),
     ("model_group", "spangate.model_group"),
-    ("http_status", "http.response.status_code"),
+    # The exported span is the gateway's client call to the upstream: its status is the
+    # upstream's; what the agent got is `spangate.http_status`.
+    ("upstream_status", "http.response.status_code"),
+    ("http_status", "spangate.http_status"),
     ("retries", "spangate.upstream.retries"),
     ("cost_usd", "spangate.cost_usd"),
     ("overhead_ms", "spangate.overhead_ms"),
@@ -135,17 +139,15 @@ def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     text = _text_of(message.get("content"))
     if text:
         parts.append({"type": "text", "content": text})
-    for call in message.get("tool_calls") or ():
-        if isinstance(call, dict):
-            function = call.get("function") if isinstance(call.get("function"), dict) else {}
-            parts.append(
-                {
-                    "type": "tool_call",
-                    "id": call.get("id"),
-                    "name": function.get("name"),
-                    "arguments": function.get("arguments"),
-                }
-            )
+    for call in map(chat_tool_call, objects_in(message.get("tool_calls"))):
+        parts.append(
+            {
+                "type": "tool_call",
+                "id": call["id"],
+                "name": call["name"],
+                "arguments": call["arguments"],
+            }
+        )
     return parts
 
 

@@ -21,7 +21,8 @@ from gateway.proxy.limits import stored_body
 from gateway.proxy.record import SpanRecord
 from gateway.proxy.redact import Redactor
 from gateway.proxy.spans import request_attributes
-from gateway.proxy.tool_spans import tool_span
+from gateway.proxy.tool_items import ToolResult, executed_in
+from gateway.proxy.tool_spans import pending_tool, tool_span
 
 # A span's status when the client got no answer: it went away (http_status 499) or the
 # gateway shut down under it (http_status null).
@@ -63,6 +64,9 @@ class Call:
     budget: Reservation | None = None
     # Stored instead of the raw request when that is not JSON (a multipart form's fields).
     request_record: Any = None
+    # Tools the provider ran within this answer (web search, MCP, ...), with their results.
+    executed: list[tuple[dict[str, Any], ToolResult]] = field(default_factory=list)
+    record: SpanRecord | None = None
 
     @property
     def deployment(self) -> Deployment | None:
@@ -116,6 +120,19 @@ class Call:
             error_type=error_type,
             error_message=scrub(message) if message else message,
         )
+
+    def fail_after_answer(
+        self, error_type: str | None, message: str | None, upstream_status: int | None = None
+    ) -> None:
+        """The call failed after its status went out (mid-stream, or inside a 200 answer):
+        `http_status` stays what the client got; `upstream_status` says whose failure it was."""
+        self.fields.update(
+            status="error",
+            error_type=error_type,
+            error_message=scrub(message) if message else message,
+        )
+        if upstream_status is not None:
+            self.fields["upstream_status"] = upstream_status
 
     def redact(self, value: Any) -> Any:
         return self.redactor.value(value) if self.redactor is not None else value
@@ -215,6 +232,7 @@ class Call:
             "model_version": deployment.version if deployment else None,
             "mode": fields.get("mode"),
             "held_ms": fields.get("held_ms"),
+            "upstream_status": fields.get("upstream_status"),
             "prompt_token_ids": None,
             "completion_token_ids": None,
             "logprobs": None,
@@ -241,7 +259,36 @@ class Call:
             self.gw.budgets.settle(self.budget, record)
         self.gw.recorder.publish(record)
         if record["tool_calls"]:
-            self.gw.tools.note(record)
+            answer = response_body if isinstance(response_body, dict) else None
+            if answer is None and self.outcome is not None:
+                answer = self.outcome.parsed
+            if self.operation == "responses" and isinstance(answer, dict):
+                self.executed = executed_in(answer.get("output"))
+            self.gw.tools.note(record, frozenset(call["id"] for call, _ in self.executed))
+        self.record = record
+
+    async def record_executed_tools(self) -> None:
+        """`execute_tool` spans for the tools the provider ran within this answer, numbered
+        right after it (only a rollout's calls are numbered, so only theirs get them)."""
+        record, rollout_id = self.record, self.attribution.rollout_id
+        if not self.executed or record is None or not rollout_id or not self.attempt_id:
+            return
+        first = await self.gw.sequencer.reserve(rollout_id, len(self.executed))
+        rules = self.gw.settings.tools
+        for offset, (call, result) in enumerate(self.executed):
+            tool = pending_tool(call, record)
+            # Run inside the call: the span ends with it, its length unknown.
+            self.gw.recorder.publish(
+                tool_span(
+                    tool,
+                    result,
+                    rollout_id=rollout_id,
+                    attempt_id=self.attempt_id,
+                    seq=first + offset,
+                    now_ns=tool.asked_end_ns,
+                    rule=rules.rule_for(tool.name),
+                )
+            )
 
     @staticmethod
     def _stored(
@@ -262,6 +309,7 @@ async def number_call(
     call.attempt_id = attempt = await gw.sequencer.attempt_of(rollout_id, attempt_id)
     executed = gw.tools.resolve(rollout_id, attempt, call.payload)
     first = await gw.sequencer.reserve(rollout_id, len(executed) + 1)
+    rules = gw.settings.tools
     for offset, (tool, result) in enumerate(executed):
         gw.recorder.publish(
             tool_span(
@@ -271,6 +319,7 @@ async def number_call(
                 attempt_id=attempt,
                 seq=first + offset,
                 now_ns=call.start_ns,
+                rule=rules.rule_for(tool.name),
             )
         )
     call.seq = first + len(executed)

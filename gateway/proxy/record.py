@@ -51,6 +51,7 @@ class SpanRecord(TypedDict):
     model_version: str | None
     mode: str | None
     held_ms: float | None
+    upstream_status: int | None
     # Not span columns: they create the span's rollout on first sight.
     agent: str | None
     metadata: dict[str, str] | None

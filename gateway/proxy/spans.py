@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.proxy.tool_items import as_object, chat_tool_call, objects_in, response_tool_calls
+
 # Request parameters copied into span attributes under OpenTelemetry GenAI names.
 REQUEST_ATTRIBUTES = {
     "temperature": "gen_ai.request.temperature",
@@ -55,14 +57,8 @@ def usage_of(operation: str, usage: Any) -> tuple[int | None, int | None, int | 
     return given, taken, _int(cached), _int(reasoning)
 
 
-def as_object(value: Any) -> dict[str, Any]:
-    """The value if it is a JSON object, else an empty one."""
-    return value if isinstance(value, dict) else {}
-
-
-def objects_in(value: Any) -> list[dict[str, Any]]:
-    """The objects in a list an upstream sent; anything else is ignored, never trusted."""
-    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+# Statuses of a Responses object that has not finished: no finish reason yet.
+UNFINISHED_STATUSES = frozenset({"in_progress", "queued"})
 
 
 def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
@@ -70,7 +66,7 @@ def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
         details = body.get("incomplete_details") or {}
         reason = details.get("reason") if isinstance(details, dict) else None
         status = body.get("status")
-        found = reason or status
+        found = reason or (status if status not in UNFINISHED_STATUSES else None)
         return [str(found)] if found else []
     return [
         str(choice["finish_reason"])
@@ -80,32 +76,15 @@ def finish_reasons_of(operation: str, body: dict[str, Any]) -> list[str]:
 
 
 def tool_calls_of(operation: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Every tool call the answer made, as `{id, name, arguments}` (arguments as sent)."""
+    """Every tool call the answer made, as `{id, type, name, arguments}` (arguments as text),
+    of every tool type (`gateway.proxy.tool_items`)."""
     calls: list[dict[str, Any]] = []
     if operation == "chat":
         for choice in objects_in(body.get("choices")):
-            message = choice.get("message")
-            if not isinstance(message, dict):
-                continue
-            for call in objects_in(message.get("tool_calls")):
-                function = as_object(call.get("function"))
-                calls.append(
-                    {
-                        "id": call.get("id"),
-                        "name": function.get("name"),
-                        "arguments": function.get("arguments"),
-                    }
-                )
+            message = as_object(choice.get("message"))
+            calls.extend(chat_tool_call(call) for call in objects_in(message.get("tool_calls")))
     elif operation == "responses":
-        for item in objects_in(body.get("output")):
-            if item.get("type") == "function_call":
-                calls.append(
-                    {
-                        "id": item.get("call_id"),
-                        "name": item.get("name"),
-                        "arguments": item.get("arguments"),
-                    }
-                )
+        calls = response_tool_calls(body.get("output"))
     return calls or None
 
 
@@ -124,6 +103,20 @@ def reply_fields(operation: str, body: Any) -> dict[str, Any]:
         "finish_reasons": finish_reasons_of(operation, body) or None,
         "tool_calls": tool_calls_of(operation, body),
     }
+
+
+def failure_of(operation: str, body: Any) -> tuple[str, str | None] | None:
+    """(type, message) when a 200 answer says the call failed: a Responses object whose
+    `status` is `failed` (an `incomplete` one finished early, with its reason, and is not)."""
+    if operation != "responses" or not isinstance(body, dict) or body.get("status") != "failed":
+        return None
+    error = as_object(body.get("error"))
+    kind = error.get("code") or error.get("type")
+    message = error.get("message")
+    return (
+        str(kind) if kind else "response_failed",
+        str(message) if message else "the upstream reported the response as failed",
+    )
 
 
 def error_fields(body: Any) -> tuple[str | None, str | None]:

@@ -11,8 +11,13 @@ from typing import Any
 
 import orjson
 
-from gateway.proxy.spans import as_object, objects_in
+from gateway.proxy.spans import error_fields, failure_of
+from gateway.proxy.tool_items import as_object, objects_in
 
+# What a failure the upstream reports after its 200 (an error event, `response.failed`, a
+# stream cut short) counts as in `upstream_status`: a bad gateway, as if it had answered so.
+UPSTREAM_FAILED_STATUS = 502
+RESPONSES_TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
 
 
@@ -58,6 +63,14 @@ def parse_event(raw: bytes) -> tuple[str | None, bytes]:
     return name, b"\n".join(data)
 
 
+def chunk_failure(chunk: dict[str, Any]) -> tuple[str, str | None] | None:
+    """(type, message) of an error chunk (`{"error": {...}}`) in a chat or completion stream."""
+    if not isinstance(chunk.get("error"), dict):
+        return None
+    kind, message = error_fields(chunk)
+    return kind or "upstream_stream_error", message
+
+
 def strip_usage_null(raw: bytes) -> bytes:
     """Remove the `"usage":null` an upstream adds to chunks only because we asked for usage."""
     return _USAGE_NULL.sub(b"", raw)
@@ -71,9 +84,15 @@ class ChatAssembler:
         self.choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
+        self.failed: tuple[str, str | None] | None = None
+
+    def failure(self) -> tuple[str, str | None] | None:
+        """(type, message) when the stream carried an error chunk."""
+        return self.failed
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.chunks += 1
+        self.failed = chunk_failure(chunk) or self.failed
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
             if chunk.get(key) is not None and key not in self.meta:
                 self.meta[key] = chunk[key]
@@ -94,19 +113,7 @@ class ChatAssembler:
                 slot["refusal"].append(delta["refusal"])
             for call in objects_in(delta.get("tool_calls")):
                 position = call.get("index", 0) if isinstance(call.get("index", 0), int) else 0
-                target = slot["tool_calls"].setdefault(
-                    position,
-                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-                )
-                if call.get("id"):
-                    target["id"] = call["id"]
-                if call.get("type"):
-                    target["type"] = call["type"]
-                function = as_object(call.get("function"))
-                if isinstance(function.get("name"), str):
-                    target["function"]["name"] += function["name"]
-                if isinstance(function.get("arguments"), str):
-                    target["function"]["arguments"] += function["arguments"]
+                _add_tool_call_delta(slot["tool_calls"].setdefault(position, {"id": None}), call)
             if choice.get("finish_reason"):
                 slot["finish"] = choice["finish_reason"]
             if choice.get("logprobs") is not None:
@@ -123,7 +130,9 @@ class ChatAssembler:
             if slot["refusal"]:
                 message["refusal"] = "".join(slot["refusal"])
             if slot["tool_calls"]:
-                message["tool_calls"] = [slot["tool_calls"][i] for i in sorted(slot["tool_calls"])]
+                message["tool_calls"] = [
+                    _whole_tool_call(slot["tool_calls"][i]) for i in sorted(slot["tool_calls"])
+                ]
             choices.append({"index": index, "message": message, "finish_reason": slot["finish"]})
         return {
             "id": self.meta.get("id"),
@@ -140,6 +149,39 @@ class ChatAssembler:
         }
 
 
+# The text fields of a chat tool call's body that arrive in pieces, per call type.
+_STREAMED_TEXT = {"function": ("name", "arguments"), "custom": ("name", "input")}
+
+
+def _add_tool_call_delta(target: dict[str, Any], delta: dict[str, Any]) -> None:
+    """Fold one streamed tool-call delta into its call: `function` (name, arguments) and
+    `custom` (name, input) text is joined; any other type's body is kept as last sent."""
+    if delta.get("id"):
+        target["id"] = delta["id"]
+    if delta.get("type"):
+        target["type"] = delta["type"]
+    for key, value in delta.items():
+        if key in ("index", "id", "type") or not isinstance(value, dict):
+            continue
+        body = target.setdefault(key, {})
+        for field, piece in value.items():
+            if field in _STREAMED_TEXT.get(key, ()) and isinstance(piece, str):
+                body[field] = body.get(field, "") + piece
+            else:
+                body[field] = piece
+
+
+def _whole_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An assembled tool call as a plain answer has it: a function call unless said otherwise."""
+    kind = call.get("type") or ("custom" if "custom" in call else "function")
+    whole = {"id": call.get("id"), **call, "type": kind}
+    if kind == "function":
+        function = as_object(whole.get("function"))
+        whole["function"] = {"name": function.get("name", ""), **function}
+        whole["function"].setdefault("arguments", "")
+    return whole
+
+
 class CompletionAssembler:
     """Folds legacy `text_completion` chunks into one completion object."""
 
@@ -149,9 +191,15 @@ class CompletionAssembler:
         self.finish: dict[int, str | None] = {}
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
+        self.failed: tuple[str, str | None] | None = None
+
+    def failure(self) -> tuple[str, str | None] | None:
+        """(type, message) when the stream carried an error chunk."""
+        return self.failed
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.chunks += 1
+        self.failed = chunk_failure(chunk) or self.failed
         for key in ("id", "created", "model", "system_fingerprint"):
             if chunk.get(key) is not None and key not in self.meta:
                 self.meta[key] = chunk[key]
@@ -181,29 +229,70 @@ class CompletionAssembler:
 
 
 class ResponsesAssembler:
-    """Keeps the final response object of a Responses API event stream."""
+    """Keeps the final response object of a Responses API event stream, and how it ended.
+
+    The terminal event (`response.completed`, `.failed`, `.incomplete`) carries the whole
+    object; until then the items finished so far are kept, so a stream cut short still
+    shows them. Items of types this gateway does not know are kept as they came.
+    """
 
     def __init__(self) -> None:
         self.response: dict[str, Any] | None = None
         self.text: list[str] = []
+        self.items: dict[int, dict[str, Any]] = {}
         self.chunks = 0
         self.usage: dict[str, Any] | None = None
+        self.ended = False
+        self.failed: tuple[str, str | None] | None = None
 
     def add(self, event: dict[str, Any]) -> None:
         self.chunks += 1
         kind = event.get("type", "")
         if kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
             self.text.append(event["delta"])
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            index = event.get("output_index")
+            if isinstance(index, int) and isinstance(event.get("item"), dict):
+                self.items[index] = event["item"]
+        elif kind == "error":
+            # Flat (`code`, `message`), as OpenAI sends it; nested under `error` elsewhere.
+            error = as_object(event.get("error")) or event
+            code = error.get("code") or error.get("type")
+            self.failed = (
+                str(code) if code and code != "error" else "upstream_stream_error",
+                str(error.get("message") or "") or None,
+            )
         response = event.get("response")
         if isinstance(response, dict):
             self.response = response
             if response.get("usage"):
                 self.usage = response["usage"]
+        if kind in RESPONSES_TERMINAL:
+            self.ended = True
+            self.failed = failure_of("responses", response) or self.failed
+
+    def failure(self) -> tuple[str, str | None] | None:
+        """(type, message) when the stream ended in an error: an `error` event,
+        `response.failed`, or no terminal event at all (the upstream stopped short)."""
+        if self.failed is not None:
+            return self.failed
+        if not self.ended:
+            return (
+                "upstream_stream_incomplete",
+                "the upstream's Responses stream ended before its terminal event",
+            )
+        return None
 
     def result(self) -> dict[str, Any]:
-        if self.response is not None:
-            return self.response
-        return {"object": "response", "output_text": "".join(self.text), "status": "incomplete"}
+        response: dict[str, Any] = self.response or {"object": "response", "status": "incomplete"}
+        if self.response is None and self.text:
+            response["output_text"] = "".join(self.text)
+        if self.items and not response.get("output"):
+            response = {**response, "output": [self.items[i] for i in sorted(self.items)]}
+        if self.failed is not None and response.get("status") != "failed":
+            kind, message = self.failed
+            response = {**response, "status": "failed", "error": {"code": kind, "message": message}}
+        return response
 
 
 Assembler = ChatAssembler | CompletionAssembler | ResponsesAssembler

@@ -280,6 +280,7 @@ class Span(_Out):
     operation: str
     status: Literal["ok", "error", "cancelled"]
     http_status: int | None
+    upstream_status: int | None
     start_ns: int
     end_ns: int
     duration_ms: float

@@ -276,6 +276,7 @@ def _record(
         "operation": operation,
         "status": "error" if failed else "ok",
         "http_status": None,
+        "upstream_status": None,
         "error_type": (str(attributes.get("error.type") or "error")) if failed else None,
         "error_message": (span.status.message or None) if failed else None,
         "stream": 0,

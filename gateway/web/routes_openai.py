@@ -22,9 +22,10 @@ from gateway.proxy.experiments import enter_experiment
 from gateway.proxy.forward import Job, Outcome, forward
 from gateway.proxy.limits import bounded_stream
 from gateway.proxy.operations import binary_answer, parse_request
-from gateway.proxy.spans import error_fields, reply_fields
+from gateway.proxy.spans import error_fields, failure_of, reply_fields
 from gateway.proxy.stream_usage import estimate_missing_usage
 from gateway.proxy.streaming import (
+    UPSTREAM_FAILED_STATUS,
     SSESplitter,
     has_token,
     loads_or_none,
@@ -67,15 +68,18 @@ async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
     # Audio is recorded as its type and size, and is no place for a secret to be redacted.
     binary = binary_answer(response.headers, response.body) if response.ok else None
     body = response.body or b"" if binary else call.redact(response.body or b"")
-    call.fields["http_status"] = response.status
+    call.fields["http_status"] = call.fields["upstream_status"] = response.status
     if response.ok:
         if outcome.capture is not None and outcome.capture.take(outcome.parsed):
             body = call.redact(orjson.dumps(outcome.parsed))
         call.fields.update(reply_fields(call.operation, outcome.parsed))
+        if failed := failure_of(call.operation, outcome.parsed):
+            call.fail_after_answer(*failed, UPSTREAM_FAILED_STATUS)
     else:
         kind, message = error_fields(outcome.parsed)
         call.fail(response.status, kind or f"http_{response.status}", message)
     call.publish(binary or body)
+    await call.record_executed_tools()
     return web.Response(
         status=response.status, body=body, headers={**response.headers, **call.headers()}
     )
@@ -85,7 +89,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     response, injected = outcome.response, outcome.injected_usage
     assert response.chunks is not None
     out = web.StreamResponse(status=response.status, headers={**response.headers, **call.headers()})
-    call.fields["http_status"] = response.status
+    call.fields["http_status"] = call.fields["upstream_status"] = response.status
     bound_send_buffer(request)
     await out.prepare(request)
     splitter = SSESplitter()
@@ -120,9 +124,6 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                             raw_event = strip_usage_null(raw_event)
                         elif obj.get("choices") == []:
                             forward = False
-                    if isinstance(obj.get("error"), dict):
-                        kind, message = error_fields(obj)
-                        call.fail(502, kind or "upstream_stream_error", message)
                 call.processing_ns += time.perf_counter_ns() - mark
                 if not forward:
                     continue
@@ -139,7 +140,8 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         call.upstream_done_ns = time.perf_counter_ns()
     except UpstreamError as exc:
         call.upstream_done_ns = time.perf_counter_ns()
-        call.fail(exc.status, exc.code or exc.type, exc.message)
+        # The client got its 200 already; the status is the upstream's failure (502, 504).
+        call.fail_after_answer(exc.code or exc.type, exc.message, exc.status)
         call.publish(assembler.result())
         with contextlib.suppress(ConnectionError):
             error_event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
@@ -162,7 +164,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
             "stream from %s failed in the gateway", deployment.label if deployment else "?"
         )
         error = GatewayError(f"the gateway could not relay this stream: {type(exc).__name__}")
-        call.fail(500, "gateway_error", str(exc))
+        call.fail_after_answer("gateway_error", str(exc))
         call.publish(assembler.result())
         with contextlib.suppress(ConnectionError):
             await out.write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
@@ -173,7 +175,10 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     result = assembler.result()
     call.fields.update({k: v for k, v in reply_fields(operation, result).items() if v is not None})
     estimate_missing_usage(operation, call.payload, result, call.fields, call.extra_attributes)
+    if failed := assembler.failure():
+        call.fail_after_answer(*failed, UPSTREAM_FAILED_STATUS)
     call.publish(result)
+    await call.record_executed_tools()
     for raw_event in held:
         await write_within(request, out, raw_event, write_timeout)
     await out.write_eof()
@@ -232,6 +237,9 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         if call.upstream_done_ns is None:
             call.upstream_done_ns = time.perf_counter_ns()
         call.fail(exc.status, exc.code or exc.type, exc.message)
+        if isinstance(exc, UpstreamError):
+            # No upstream answer: the status is the gateway's judgement of its failure.
+            call.fields["upstream_status"] = exc.status
         call.publish(exc.body())
         return error_response(exc, headers=call.headers())
     except asyncio.CancelledError:

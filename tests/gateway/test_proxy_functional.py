@@ -334,7 +334,12 @@ def test_chat_tool_call_reply_carries_the_direct_tool_call_with_json_arguments(
     assert normalized(reply) == normalized(expected)
     span = only_span(recorded)
     assert span["tool_calls"] == [
-        {"id": call.id, "name": "get_weather", "arguments": call.function.arguments}
+        {
+            "id": call.id,
+            "type": "function",
+            "name": "get_weather",
+            "arguments": call.function.arguments,
+        }
     ]
     assert span["finish_reasons"] == ["tool_calls"]
 

@@ -261,7 +261,12 @@ def test_streamed_tool_call_span_holds_the_full_arguments(gateway: GatewayThread
     assert json.loads(call.function.arguments) == {"city": "test", "days": 1}
     (span,) = gateway.spans(rollout_id=rid)
     assert span["tool_calls"] == [
-        {"id": call.id, "name": "get_weather", "arguments": call.function.arguments}
+        {
+            "id": call.id,
+            "type": "function",
+            "name": "get_weather",
+            "arguments": call.function.arguments,
+        }
     ]
     assert span["finish_reasons"] == ["tool_calls"]
     message = span["response_body"]["choices"][0]["message"]

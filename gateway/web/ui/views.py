@@ -16,6 +16,14 @@ import jinja2
 import orjson
 from markupsafe import Markup, escape
 
+from gateway.proxy.tool_items import (
+    chat_tool_call,
+    is_call_item,
+    objects_in,
+    response_tool_call,
+    result_of,
+)
+
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
 # A bar narrower than this (in % of the timeline) could not be seen or clicked.
@@ -278,29 +286,19 @@ def _msg(
 def _message(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         return _msg("user", _text(raw))
-    calls = []
-    for call in raw.get("tool_calls") or []:
-        function = call.get("function") or {} if isinstance(call, dict) else {}
-        calls.append(
-            {
-                "id": call.get("id") if isinstance(call, dict) else None,
-                "name": function.get("name", ""),
-                "arguments": _arguments(function.get("arguments", "")),
-            }
-        )
+    # Every tool type (function, custom, built-in Responses items), read as the span reads it.
+    asked = [chat_tool_call(call) for call in objects_in(raw.get("tool_calls"))]
     role = raw.get("role") or raw.get("type") or "message"
-    if raw.get("type") == "function_call":  # Responses API items
-        calls.append(
-            {
-                "id": raw.get("call_id"),
-                "name": raw.get("name", ""),
-                "arguments": _arguments(raw.get("arguments", "")),
-            }
-        )
+    if is_call_item(raw):  # Responses API items
+        asked.append(response_tool_call(raw))
         role = "assistant"
+    calls = [
+        {"id": c["id"], "name": c["name"], "arguments": _arguments(c["arguments"])} for c in asked
+    ]
     text = _text(raw.get("content"))
-    if raw.get("type") == "function_call_output":
-        role, text = "tool", _text(raw.get("output"))
+    result = result_of(raw)
+    if result is not None:
+        role, text = "tool", result.text[:MAX_TEXT_CHARS]
     return _msg(
         role,
         text,
@@ -347,12 +345,8 @@ def message_key(raw: Any) -> tuple[Any, ...]:
     if not isinstance(raw, dict):
         return ("user", _text(raw))
     calls = tuple(
-        (
-            str((c.get("function") or {}).get("name")),
-            str((c.get("function") or {}).get("arguments")),
-        )
-        for c in raw.get("tool_calls") or ()
-        if isinstance(c, dict)
+        (str(call["name"]), str(call["arguments"]))
+        for call in map(chat_tool_call, objects_in(raw.get("tool_calls")))
     )
     return (
         raw.get("role") or raw.get("type"),
