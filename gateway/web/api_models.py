@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from config.models import (
     DEFAULT_ALPHA,
@@ -13,6 +13,7 @@ from config.models import (
     DEFAULT_SUCCESS_THRESHOLD,
     BudgetLimits,
 )
+from gateway.proxy.record import SpanRecord
 
 RolloutStatus = Literal["running", "succeeded", "failed", "cancelled", "timeout"]
 ID_PATTERN = r"^[A-Za-z0-9._:@+=~-]{1,256}$"
@@ -269,24 +270,31 @@ class Attempt(_Out):
     ended_ns: int | None
 
 
-class Span(_Out):
-    span_id: str
-    trace_id: str
-    parent_span_id: str | None
-    rollout_id: str | None
-    attempt_id: str | None
-    seq: int | None
-    name: str
-    operation: str
-    status: Literal["ok", "error", "cancelled"]
-    http_status: int | None
-    upstream_status: int | None
-    start_ns: int
-    end_ns: int
-    duration_ms: float
-    input_tokens: int | None
-    output_tokens: int | None
-    cost_usd: float | None
+# The span fields every listing and `GET /api/spans/{id}` document (the rest come along too:
+# `_Out` keeps extra keys), each typed as the span record types it.
+SPAN_SUMMARY = (
+    "span_id",
+    "trace_id",
+    "parent_span_id",
+    "rollout_id",
+    "attempt_id",
+    "seq",
+    "name",
+    "operation",
+    "status",
+    "http_status",
+    "upstream_status",
+    "start_ns",
+    "end_ns",
+    "duration_ms",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+)
+_SPAN_TYPES = get_type_hints(SpanRecord) | {"status": Literal["ok", "error", "cancelled"]}
+Span = create_model(  # type: ignore[call-overload]
+    "Span", __base__=_Out, **{name: (_SPAN_TYPES[name], ...) for name in SPAN_SUMMARY}
+)
 
 
 class Reward(_Out):
