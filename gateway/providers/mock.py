@@ -1,8 +1,8 @@
 """The built-in `mock` provider: an offline fake model that speaks OpenAI's wire format.
 
-It answers chat (plain, streamed, tool calls when tools are offered), completions,
-embeddings and responses, with usage numbers in proportion to the text, so the
-quickstart and the tests run with no network and no keys.
+It answers chat, completions, embeddings and responses, with usage numbers in proportion to
+the text, so the quickstart and the tests run with no network and no keys. What it says in a
+tool loop (calls, answers from results, JSON, refusals) is decided in `mock_turn.py`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ outputs: what an SDK's parser (pydantic's schemas for the OpenAI Agents SDK incl
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # A schema that refers to itself (a tree of nodes) stops here with the smallest value.
@@ -69,14 +70,14 @@ def _sample_of_type(schema: dict[str, Any], root: dict[str, Any], depth: int) ->
         kind = "object"
     if kind == "null":
         return None
-    if kind == "integer":
-        return _number(schema, 1)
-    if kind == "number":
-        return float(_number(schema, 1))
+    if kind in ("integer", "number"):
+        return _number(schema, integer=kind == "integer")
     if kind == "boolean":
         return True
     if kind == "array":
-        count = max(1, int(schema.get("minItems") or 0))
+        least = schema.get("minItems") if isinstance(schema.get("minItems"), int) else 0
+        # One item shows the shape; past half the depth, a recursive schema must bottom out.
+        count = max(least, 1 if depth < MAX_DEPTH // 2 else 0)
         if isinstance(schema.get("maxItems"), int):
             count = min(count, schema["maxItems"])
         return [sample_value(schema.get("items") or {}, root, depth + 1) for _ in range(count)]
@@ -85,14 +86,29 @@ def _sample_of_type(schema: dict[str, Any], root: dict[str, Any], depth: int) ->
     return _string(schema)
 
 
-def _number(schema: dict[str, Any], value: int) -> int:
-    low = schema.get("minimum", schema.get("exclusiveMinimum"))
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    if isinstance(low, int | float) and value <= low:
-        value = int(low) + 1
-    if isinstance(high, int | float) and value >= high:
-        value = int(high) - 1 if "exclusiveMaximum" in schema else int(high)
-    return value
+def _number(schema: dict[str, Any], *, integer: bool) -> int | float:
+    """1, or the middle of the bounds the schema sets (exclusive ones included)."""
+    lows = [schema[k] for k in ("minimum", "exclusiveMinimum") if _is_number(schema.get(k))]
+    highs = [schema[k] for k in ("maximum", "exclusiveMaximum") if _is_number(schema.get(k))]
+    low, high = (max(lows) if lows else None), (min(highs) if highs else None)
+    if low is not None and high is not None:
+        value = (low + high) / 2
+    elif low is not None:
+        value = low + 1
+    elif high is not None:
+        value = high - 1
+    else:
+        value = 1
+    if not integer:
+        return float(value)
+    whole = math.floor(value)
+    return (
+        whole if low is None or whole > low or (whole == low and "minimum" in schema) else whole + 1
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _string(schema: dict[str, Any]) -> str:
