@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-FILE_NAMED = re.compile(r"(?:`|<code>)([\w-]+\.py)(?:`|</code>)")
+FILE_NAMED = re.compile(r"(?:`|<code>)([\w-]+\.(?:py|yaml))(?:`|</code>)")
+# A YAML block can name itself in its first line: `# bad.yaml`.
+SELF_NAMED = re.compile(r"# ([\w-]+\.yaml)$")
 # `$ a \` continues on the next line, as in a shell.
 CONTINUED = "\\"
 ELIDED = "..."
@@ -64,7 +66,9 @@ def blocks(text: str) -> Iterator[Block]:
         if line.startswith("```"):
             end = next(i for i in range(index + 1, len(lines)) if lines[i].startswith("```"))
             body = "\n".join(lines[index + 1 : end])
-            yield Block(index + 1, section, line[3:].strip(), body, _named_file(lines, index))
+            named = SELF_NAMED.match(lines[index + 1]) if end > index + 1 else None
+            file = named.group(1) if named else _named_file(lines, index)
+            yield Block(index + 1, section, line[3:].strip(), body, file)
             index = end
         index += 1
 
@@ -91,7 +95,7 @@ _VOLATILE = [
     (re.compile(r"\b\d{19}\b"), "<ns>"),
     (re.compile(r'"(created|created_at)":\d{10}'), r'"\1":<epoch>'),
     (re.compile(r'"paused_at":[\d.]+'), '"paused_at":<epoch>'),
-    (re.compile(r'"(\w+_ms)":[-\d.e]+'), r'"\1":<ms>'),
+    (re.compile(r'"([\w.]+_ms)":( ?)[-\d.e]+'), r'"\1":\2<ms>'),
     (re.compile(r"\b\d+(\.\d+)?ms\b"), "<n>ms"),
     (re.compile(r"\+\d+\.\d{3}s\b"), "+<s>s"),
     (re.compile(r"X-Gateway-Overhead-Ms: [\d.]+"), "X-Gateway-Overhead-Ms: <ms>"),

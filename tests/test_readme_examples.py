@@ -40,6 +40,9 @@ SECTIONS = {
     "`spangate patterns guidelines`",
     "Report",
     "Metrics",
+    "Resilience",
+    "Configuration",
+    "`spangate prune`",
     "`spangate tail`",
     "`spangate reward`",
     "`spangate export`",
@@ -48,6 +51,9 @@ SECTIONS = {
 NOT_RUN = {
     "curl -s http://127.0.0.1:8400/v1/models": "needs a gateway with auth.keys",
     "curl -s http://127.0.0.1:8400/api/stats -H": "needs a gateway with auth.keys",
+    "spangate serve --config bad2.yaml": "the file is described in a comment, not shown",
+    "spangate serve --config bad3.yaml": "the file is described in a comment, not shown",
+    "spangate serve --config claude.yaml": "the file is described in a comment, not shown",
 }
 README_PORTS = re.compile(
     r"(?<=127\.0\.0\.1:)84\d\d\b|(?<=localhost:)84\d\d\b|(?<=--port )84\d\d\b"
