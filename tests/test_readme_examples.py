@@ -274,7 +274,7 @@ def test_readme_examples_print_what_readme_shows(walkthrough: Walkthrough) -> No
     walkthrough.finish_stream()
     if UPDATE:
         _update(text, all_blocks, walkthrough)
-    assert ran >= 20, f"only {ran} README sessions ran"
+    assert ran >= 30, f"only {ran} README sessions ran"
     assert not walkthrough.failures, "\n\n".join(walkthrough.failures)
 
 
