@@ -88,16 +88,7 @@ def writer_for(
 ) -> StoreWriter:
     """The store writer tuned by `recorder` settings (config holds every default)."""
     recorder = (recorder or RecorderSettings()).model_copy(update=overrides)
-    return StoreWriter(
-        db_path,
-        queue_size=recorder.queue_size,
-        batch_size=recorder.batch_size,
-        flush_interval=recorder.flush_interval,
-        max_unsaved_seconds=recorder.max_unsaved_seconds,
-        memory_buffer=recorder.memory_buffer,
-        busy_timeout=recorder.busy_timeout,
-        journal_dir=recorder.journal_dir,
-    )
+    return StoreWriter.tuned(db_path, recorder)
 
 
 def budgets_for(settings: Settings, reader: Reader, gw: Gateway) -> Budgets:

@@ -49,6 +49,18 @@ class GatewayError(Exception):
     # Set when the rest of the request cannot be read, so the connection cannot be reused.
     close_connection = False
 
+    def __init_subclass__(
+        cls, *, status: int | None = None, type: str | None = None, code: str | None = None
+    ) -> None:
+        # Each error states its status, OpenAI type and code in its class line.
+        super().__init_subclass__()
+        if status is not None:
+            cls.status = status
+        if type is not None:
+            cls.type = type
+        if code is not None:
+            cls.code = code
+
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         message = scrub(message)
         super().__init__(message)
@@ -61,58 +73,40 @@ class GatewayError(Exception):
         return error_body(self.message, self.type, param=self.param, code=self.code)
 
 
-class InvalidRequest(GatewayError):
+class InvalidRequest(GatewayError, status=400, type="invalid_request_error"):
     """The request cannot be understood (bad JSON, missing or wrong fields)."""
 
-    status = 400
-    type = "invalid_request_error"
 
-
-class UnreadableBody(InvalidRequest):
+class UnreadableBody(InvalidRequest, code="invalid_content_encoding"):
     """The body is not encoded as its `Content-Encoding` says."""
 
-    code = "invalid_content_encoding"
     close_connection = True
 
 
-class RolloutRequired(InvalidRequest):
+class RolloutRequired(InvalidRequest, code="rollout_required"):
     """`require_rollout` is on and the call named no rollout."""
 
-    code = "rollout_required"
 
-
-class BodyTooLarge(InvalidRequest):
+class BodyTooLarge(InvalidRequest, status=413, code="request_too_large"):
     """The request body is larger than `server.max_body_bytes`."""
 
-    status = 413
-    code = "request_too_large"
 
-
-class RequestTimeout(InvalidRequest):
+class RequestTimeout(InvalidRequest, status=408, code="request_timeout"):
     """The client did not send its whole body within `server.body_timeout`."""
 
-    status = 408
-    code = "request_timeout"
 
-
-class AuthenticationFailed(GatewayError):
+class AuthenticationFailed(
+    GatewayError, status=401, type="authentication_error", code="invalid_api_key"
+):
     """No valid key was given."""
 
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
 
-
-class BudgetExceeded(GatewayError):
+class BudgetExceeded(GatewayError, status=402, type="insufficient_quota", code="budget_exceeded"):
     """The rollout or attempt has spent a budget limit; the call never goes upstream.
 
     402, not 429: the OpenAI SDKs retry 408, 409, 429 and 5xx, and waiting does not refill
     a budget. Not 403 either: the key is allowed, this spend is not.
     """
-
-    status = 402
-    type = "insufficient_quota"
-    code = "budget_exceeded"
 
     def __init__(self, message: str, *, scope: str, limit: str) -> None:
         super().__init__(message)
@@ -120,66 +114,44 @@ class BudgetExceeded(GatewayError):
         self.limit = limit
 
 
-class PermissionDenied(GatewayError):
+class PermissionDenied(
+    GatewayError, status=403, type="permission_error", code="insufficient_scope"
+):
     """The key is valid but lacks the scope the route needs."""
 
-    status = 403
-    type = "permission_error"
-    code = "insufficient_scope"
 
-
-class NotFoundError(GatewayError):
+class NotFoundError(GatewayError, status=404, type="not_found_error"):
     """The route or the named object does not exist."""
 
-    status = 404
-    type = "not_found_error"
 
-
-class ModelNotFound(NotFoundError):
+class ModelNotFound(NotFoundError, type="invalid_request_error", code="model_not_found"):
     """The requested model is not a configured model group."""
 
-    type = "invalid_request_error"
-    code = "model_not_found"
 
-
-class UnsupportedMediaType(GatewayError):
+class UnsupportedMediaType(
+    GatewayError, status=415, type="invalid_request_error", code="unsupported_media_type"
+):
     """`/v1/traces` takes OTLP protobuf or JSON only."""
 
-    status = 415
-    type = "invalid_request_error"
-    code = "unsupported_media_type"
 
-
-class ConflictError(GatewayError):
+class ConflictError(GatewayError, status=409, type="conflict_error", code="conflict"):
     """The request clashes with stored state (a terminal rollout, a reused id)."""
 
-    status = 409
-    type = "conflict_error"
-    code = "conflict"
 
-
-class ValidationFailed(GatewayError):
+class ValidationFailed(
+    GatewayError, status=422, type="invalid_request_error", code="validation_error"
+):
     """The body is well-formed JSON but a field is invalid."""
 
-    status = 422
-    type = "invalid_request_error"
-    code = "validation_error"
 
-
-class TooManyJudgeRuns(GatewayError):
+class TooManyJudgeRuns(
+    GatewayError, status=429, type="rate_limit_error", code="too_many_judge_runs"
+):
     """`judge.max_runs` judge runs are running already; a new one is refused, not queued."""
 
-    status = 429
-    type = "rate_limit_error"
-    code = "too_many_judge_runs"
 
-
-class RateLimited(GatewayError):
+class RateLimited(GatewayError, status=429, type="requests", code="rate_limit_exceeded"):
     """The deployment's rpm/tpm budget stayed exhausted for longer than `rate_limit_wait`."""
-
-    status = 429
-    type = "requests"
-    code = "rate_limit_exceeded"
 
     def __init__(self, message: str, *, retry_after: float, kind: str = "requests") -> None:
         super().__init__(message)
@@ -187,95 +159,66 @@ class RateLimited(GatewayError):
         self.retry_after = retry_after
 
 
-class ProxyPaused(GatewayError):
+class ProxyPaused(GatewayError, status=429, type="rate_limit_error", code="proxy_paused"):
     """Model calls are paused in `reject` mode (`POST /api/proxy/pause`), say for a weight sync."""
 
-    status = 429
-    type = "rate_limit_error"
-    code = "proxy_paused"
-
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class Unavailable(GatewayError):
+class Unavailable(
+    GatewayError, status=503, type="service_unavailable", code="no_healthy_deployment"
+):
     """Every deployment of the group (and of its fallbacks) has an open breaker."""
 
-    status = 503
-    type = "service_unavailable"
-    code = "no_healthy_deployment"
-
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class UpstreamError(GatewayError):
+class UpstreamError(GatewayError, status=502, type="upstream_error"):
     """The upstream provider could not give a usable answer."""
 
-    status = 502
-    type = "upstream_error"
 
-
-class UpstreamUnreachable(UpstreamError):
+class UpstreamUnreachable(UpstreamError, code="upstream_unreachable"):
     """Connecting to or talking with the upstream failed."""
 
-    code = "upstream_unreachable"
 
-
-class UpstreamTimeout(UpstreamError):
+class UpstreamTimeout(UpstreamError, status=504, code="upstream_timeout"):
     """The upstream did not answer in time."""
 
-    status = 504
-    code = "upstream_timeout"
 
-
-class UpstreamProtocolError(UpstreamError):
+class UpstreamProtocolError(UpstreamError, code="upstream_bad_response"):
     """The upstream answered something that is not the API it claims to speak."""
 
-    code = "upstream_bad_response"
 
-
-class UpstreamTooLarge(UpstreamError):
+class UpstreamTooLarge(UpstreamError, code="upstream_too_large"):
     """The upstream's answer is over `limits.max_upstream_body_bytes` or a stream limit."""
 
-    code = "upstream_too_large"
 
-
-class TooManySubscribers(GatewayError):
+class TooManySubscribers(
+    GatewayError, status=503, type="service_unavailable", code="too_many_subscribers"
+):
     """`server.max_sse_subscribers` live event streams are open already."""
 
-    status = 503
-    type = "service_unavailable"
-    code = "too_many_subscribers"
 
-
-class GuidelineMissing(GatewayError):
+class GuidelineMissing(GatewayError, status=500, code="guideline_not_found"):
     """An experiment variant names a guideline version the store does not hold."""
 
-    status = 500
-    code = "guideline_not_found"
 
-
-class ServiceUnavailable(GatewayError):
+class ServiceUnavailable(GatewayError, status=503, type="service_unavailable", code="store_busy"):
     """The store cannot take the write right now (locked, full, catching up), or an `/api`
     write did not get through in time; the client should try again after `retry_after`."""
-
-    status = 503
-    type = "service_unavailable"
-    code = "store_busy"
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class BudgetUnavailable(ServiceUnavailable):
+class BudgetUnavailable(ServiceUnavailable, code="budget_unavailable"):
     """The budget state (Redis) did not answer: the call is refused rather than let through
     unchecked."""
-
-    code = "budget_unavailable"
 
 
 # A traceback's header and its indented frames go; the exception's own line after them stays.

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.web.state import GATEWAY
 from store.errors import StoreBusy
-from store.retention import prune_batch
+from store.retention import prune_batch, reclaim
 
 log = logging.getLogger("spangate.retention")
 NS_PER_DAY = 86_400 * 10**9
@@ -33,7 +33,12 @@ async def prune_once(app: web.Application) -> dict[str, int]:
         for table, count in counts.items():
             total[table] = total.get(table, 0) + count
         if not any(counts.values()):
-            return total
+            break
+    if any(total.values()):
+        # The freed pages go back to the file system a few MB per writer task.
+        while await gw.writer.execute(reclaim):
+            pass
+    return total
 
 
 async def _loop(app: web.Application) -> None:

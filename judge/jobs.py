@@ -69,17 +69,7 @@ def sampled(rollout_id: str, share: float | None) -> bool:
 
 def open_writer(db: str | Path) -> StoreWriter:
     """A store writer of its own, for a judge job run outside a gateway (the CLI)."""
-    tuning = RecorderSettings()
-    writer = StoreWriter(
-        db,
-        queue_size=tuning.queue_size,
-        batch_size=tuning.batch_size,
-        flush_interval=tuning.flush_interval,
-        max_unsaved_seconds=tuning.max_unsaved_seconds,
-        memory_buffer=tuning.memory_buffer,
-        busy_timeout=tuning.busy_timeout,
-        journal_dir=tuning.journal_dir,
-    )
+    writer = StoreWriter.tuned(db, RecorderSettings())
     writer.start()
     return writer
 

@@ -81,3 +81,41 @@ def prune_all(db: Any, *, cutoff_ns: int, batch: int, dry_run: bool = False) -> 
             total[table] += count
         if not any(counts.values()):
             return total
+
+
+# Pages handed back per step: a few MB, so the writer is never held long.
+RECLAIM_PAGES = 2048
+
+
+def reclaim(db: Any, *, pages: int = RECLAIM_PAGES) -> int:
+    """Give up to `pages` free pages of a SQLite file back to the file system; the pages left.
+
+    A file made before incremental auto-vacuum (or a PostgreSQL store, whose autovacuum does
+    this) reports 0. `vacuum()` is the one-off for older files.
+    """
+    if dialect_of(db) != "sqlite" or db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        return 0
+    db.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+    return int(db.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def vacuum(db: Any) -> int:
+    """All free space of a SQLite file back at once; bytes given back. A file made before
+    incremental auto-vacuum is rewritten (and has it from then on). PostgreSQL's autovacuum
+    reuses the space by itself: 0."""
+    if dialect_of(db) != "sqlite":
+        return 0
+    before = _file_bytes(db)
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        while reclaim(db):
+            pass
+    else:
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        db.execute("vacuum")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return max(before - _file_bytes(db), 0)
+
+
+def _file_bytes(db: Any) -> int:
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    return int(db.execute("PRAGMA page_count").fetchone()[0]) * int(page_size)

@@ -110,6 +110,9 @@ def connect(path: str | Path, *, read_only: bool = False) -> Any:
         return Database(conn, execute_plugins=False)
     conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
+    # Before the first table exists, so pruned pages can be handed back to the file system
+    # a few at a time (store.retention.reclaim); on an older file it waits for a VACUUM.
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     db = Database(conn, execute_plugins=False)
     db.enable_wal()
     # NORMAL keeps committed rows across a process kill; only a power loss can cost the tail.

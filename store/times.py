@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_NS = 2**63  # the store's integers are signed 64-bit
 
 
 def parse_since(text: str, *, now_ns: int | None = None) -> int:
@@ -16,8 +17,19 @@ def parse_since(text: str, *, now_ns: int | None = None) -> int:
 
     `2026-11-22`, `2026-11-22T08:00:00`, `2026-11-22 08:00:00+02:00`, `...Z`: a time
     without an offset is local time, as the CLI prints times. `30s`, `30m`, `1h`, `7d`,
-    `2w`: that long before `now_ns` (default: now). Raises ValueError otherwise.
+    `2w`: that long before `now_ns` (default: now). Raises ValueError otherwise, and for a
+    time the store cannot hold (before 1970, or past 2262).
     """
+    try:
+        moment = _parse(text, now_ns)
+    except OverflowError:
+        moment = -1
+    if not 0 <= moment < MAX_NS:
+        raise ValueError(f"{text!r} is outside the storable time range")
+    return moment
+
+
+def _parse(text: str, now_ns: int | None) -> int:
     value = text.strip()
     match = _DURATION.match(value.lower())
     if match:

@@ -6,13 +6,12 @@ Decisions are written straight into the database; every gateway on it picks them
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
 from gateway.cli import render as cli_render
-from gateway.cli.options import db_option, json_option, read_db
+from gateway.cli.options import db_option, json_option, read_db, write_db
 
 HEADERS = (
     "VARIANT",
@@ -136,30 +135,14 @@ def show(name: str | None, as_json: bool, db: str) -> None:
 
 def _decide(db: str, name: str, action: str, variant: str | None = None) -> dict[str, Any]:
     """The decision written into the database, once NAME (and VARIANT) are known there."""
-    import sqlite3
-
-    from store.errors import NotFound
     from store.experiments import decide, get_config
-    from store.schema import connect
 
-    if not Path(db).is_file():
-        raise click.ClickException(f"no database at {db}; run `spangate serve` first")
-    try:
-        conn = connect(db)
-    except sqlite3.DatabaseError as exc:
-        raise click.ClickException(f"cannot open {db}: {exc}") from exc
-    try:
+    with write_db(db) as conn:
         config = get_config(conn, name)
         names = [v["name"] for v in config["variants"]]
         if variant is not None and variant not in names:
             raise click.ClickException(f"{name} has no variant {variant!r}; it has {names}")
         return decide(conn, name, action, variant)
-    except NotFound as exc:
-        raise click.ClickException(str(exc)) from exc
-    except sqlite3.DatabaseError as exc:
-        raise click.ClickException(f"cannot write to {db}: {exc}") from exc
-    finally:
-        conn.close()
 
 
 def _say(decision: dict[str, Any], as_json: bool, text: str) -> None:

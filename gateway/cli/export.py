@@ -7,25 +7,17 @@ from typing import Any
 
 import click
 
-from gateway.cli.options import db_option, output_option, read_db, time_option
+from gateway.cli.options import (
+    db_option,
+    output_option,
+    read_db,
+    rollout_filter_options,
+    time_option,
+)
 
 
 @click.command("export")
-@click.option(
-    "--rollout",
-    "rollout_ids",
-    multiple=True,
-    metavar="R",
-    help="Only this rollout (repeat for several).",
-)
-@click.option(
-    "--since",
-    "since_ns",
-    metavar="T",
-    callback=time_option,
-    help="Rollouts created at or after T: ISO 8601 (2026-11-22T08:00:00, local time "
-    "unless it has Z or an offset) or a duration ago (30m, 1h, 7d).",
-)
+@rollout_filter_options
 @click.option(
     "--until",
     "until_ns",
@@ -33,8 +25,6 @@ from gateway.cli.options import db_option, output_option, read_db, time_option
     callback=time_option,
     help="Rollouts created before T (same forms as --since).",
 )
-@click.option("--status", default=None, help="Only rollouts in this status.")
-@click.option("--agent", default=None, help="Only rollouts of this agent.")
 @click.option(
     "--format",
     "fmt",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gateway.cli.options import db_option, json_option, time_option
+from gateway.cli.options import db_option, json_option, require_db, rollout_filter_options
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -95,13 +95,6 @@ def _settings(config_path: str | None) -> Settings:
         return load_settings(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def _require_db(path: str) -> None:
-    from store.backend import store_exists
-
-    if not store_exists(path):
-        raise click.ClickException(f"no database at {path}; run `spangate serve` first")
 
 
 def _proxy_key(settings: Settings) -> str | None:
@@ -344,22 +337,7 @@ def _missing_rollouts(db: str, rollout_ids: Sequence[str]) -> list[str]:
 
 
 @judge.command("run")
-@click.option(
-    "--rollout",
-    "rollout_ids",
-    multiple=True,
-    metavar="R",
-    help="Judge this rollout (repeat for several); default: every rollout that matches.",
-)
-@click.option(
-    "--since",
-    "since_ns",
-    metavar="T",
-    callback=time_option,
-    help="Rollouts created at or after T: ISO 8601 or a duration ago (30m, 1h, 7d).",
-)
-@click.option("--status", default=None, help="Only rollouts in this status.")
-@click.option("--agent", default=None, help="Only rollouts of this agent.")
+@rollout_filter_options
 @click.option(
     "--sample",
     type=click.FloatRange(0, 1, min_open=True),
@@ -418,7 +396,7 @@ def run_command(
     settings = _settings(config_path)
     model = JudgeModel(settings)
     chosen = _make_judge(judge_name, settings, model, will_run=True)
-    _require_db(db)
+    require_db(db)
     if rollout_ids:
         missing = _missing_rollouts(db, rollout_ids)
         if missing:
@@ -662,7 +640,7 @@ def calibrate_command(
     settings = _settings(config_path)
     model = JudgeModel(settings)
     chosen = _make_judge(judge_name, settings, model, will_run=run_missing)
-    _require_db(db)
+    require_db(db)
     rollout_ids = [item.rollout_id for item in labels]
     known, verdicts = _stored_verdicts(db, chosen, rollout_ids)
     if run_missing:
@@ -823,7 +801,7 @@ def compare_command(
         raise click.ClickException(f"unknown judge {judge_name!r}; known: {known}")
     if not settings.judge.model:
         raise click.ClickException("comparing needs a judge model: set `judge.model` in the config")
-    _require_db(db)
+    require_db(db)
 
     def load(conn: Any, rollout_id: str) -> Trajectory:
         try:

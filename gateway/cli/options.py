@@ -47,6 +47,45 @@ def output_option(what: str) -> Callable[[F], F]:
     )
 
 
+SINCE_HELP = (
+    "Rollouts created at or after T: ISO 8601 (2026-11-22T08:00:00, local time unless it has "
+    "Z or an offset) or a duration ago (30m, 1h, 7d)."
+)
+
+
+def since_option(fn: F) -> F:
+    return click.option("--since", "since_ns", metavar="T", callback=time_option, help=SINCE_HELP)(
+        fn
+    )
+
+
+def rollout_filter_options(fn: F) -> F:
+    """--rollout, --since, --status, --agent: which rollouts a batch command (judge run,
+    export) takes."""
+    fn = click.option("--agent", default=None, help="Only rollouts of this agent.")(fn)
+    fn = click.option("--status", default=None, help="Only rollouts in this status.")(fn)
+    fn = since_option(fn)
+    return click.option(
+        "--rollout",
+        "rollout_ids",
+        multiple=True,
+        metavar="R",
+        help="Only this rollout (repeat for several); default: every rollout that matches.",
+    )(fn)
+
+
+def limit_option(default: int, *, minimum: int, help: str) -> Callable[[F], F]:
+    """`-n/--limit N`: how many rows a listing prints."""
+    return click.option(
+        "--limit",
+        "-n",
+        default=default,
+        show_default=True,
+        type=click.IntRange(min=minimum),
+        help=help,
+    )
+
+
 def key_option(fn: F) -> F:
     return click.option(
         "--key",
@@ -81,35 +120,75 @@ def quiet_stdout() -> None:
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what the shell reports for `yes | head -1`
 
 
-@contextlib.contextmanager
-def read_db(path: str) -> Iterator[Database]:
-    """The database opened read-only; a missing or foreign file is a user error, not a traceback."""
-    import sqlite3
-
-    from store.backend import mask_url, store_exists
-    from store.errors import StoreUnavailable
-    from store.schema import connect
+def require_db(path: str) -> None:
+    """A command that reads a store needs one: say how to get it rather than create it."""
+    from store.backend import store_exists
 
     if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
+
+
+@contextlib.contextmanager
+def read_db(path: str) -> Iterator[Database]:
+    """The database opened read-only; a missing or foreign file is a user error, not a traceback."""
+    with _open_db(path, read_only=True) as db:
+        yield db
+
+
+@contextlib.contextmanager
+def write_db(path: str) -> Iterator[Database]:
+    """The database opened for a short write beside a running gateway (SQLite's WAL lets a
+    second writer in); a store error is one line, not a traceback."""
+    with _open_db(path, read_only=False) as db:
+        yield db
+
+
+@contextlib.contextmanager
+def _open_db(path: str, *, read_only: bool) -> Iterator[Database]:
+    import sqlite3
+
+    from store.backend import mask_url
+    from store.errors import StoreError
+    from store.schema import connect
+
+    require_db(path)
     try:
-        db = connect(path, read_only=True)
-    except StoreUnavailable as exc:
+        db = connect(path, read_only=read_only)
+    except StoreError as exc:
         raise click.ClickException(str(exc)) from exc
+    except sqlite3.DatabaseError as exc:
+        raise click.ClickException(f"cannot open {path}: {exc}") from exc
+    verb = "read" if read_only else "write to"
     try:
         yield db
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     except sqlite3.DatabaseError as exc:
-        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+        raise click.ClickException(f"cannot {verb} {path}: {exc}") from exc
     except Exception as exc:
         # psycopg's errors (a server that went away mid-read): one line, password masked.
         if type(exc).__module__.split(".")[0] != "psycopg":
             raise
-        raise click.ClickException(f"cannot read {mask_url(path)}: {exc}") from exc
+        raise click.ClickException(f"cannot {verb} {mask_url(path)}: {exc}") from exc
     finally:
         db.close()
 
 
+def store_writer(path: str) -> Any:
+    """The store's single writer, opened for this command (judge verdicts, guidelines, prunes
+    are written through it, on either backend)."""
+    from judge.jobs import open_writer
+    from store.errors import StoreError
+
+    require_db(path)
+    try:
+        return open_writer(path)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """--since/--until: ISO 8601 or a duration ago, as nanoseconds the store can hold."""
     from store.times import parse_since
 
     if value is None:

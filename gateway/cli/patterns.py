@@ -17,7 +17,7 @@ from config.models import (
     DEFAULT_SUCCESS_THRESHOLD,
 )
 from gateway.cli import render as cli_render
-from gateway.cli.options import db_option, json_option, read_db
+from gateway.cli.options import db_option, json_option, read_db, since_option, store_writer
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 DESCRIPTION_CHARS = 72
-MAX_NS = 2**63  # SQLite integers are signed 64-bit
 FINDING_SECTIONS = (
     ("Success patterns", "success_patterns"),
     ("Failure patterns", "failure_patterns"),
@@ -40,33 +39,11 @@ NOT_APPLIED = (
 )
 
 
-def time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from store.times import parse_since
-
-    if value is None:
-        return None
-    try:
-        moment = parse_since(value)
-    except (ValueError, OverflowError) as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
-    if not 0 <= moment < MAX_NS:
-        # SQLite would refuse the parameter with an OverflowError traceback.
-        raise click.BadParameter(
-            f"{value!r} is outside the storable time range", ctx=ctx, param=param
-        )
-    return moment
-
-
 def analysis_options(fn: F) -> F:
-    """--since, --min-support, --alpha, --reward-name, --success-threshold."""
+    """--since, --min-support, --alpha, --reward-name, --success-threshold: the keyword
+    arguments of `judge.patterns.analyse`, passed to it as they are."""
     options = [
-        click.option(
-            "--since",
-            "since_ns",
-            metavar="T",
-            callback=time_option,
-            help="Rollouts created at or after T: ISO 8601 or a duration ago (30m, 1h, 7d).",
-        ),
+        since_option,
         click.option(
             "--min-support",
             default=DEFAULT_MIN_SUPPORT,
@@ -267,14 +244,10 @@ def report(result: dict[str, Any]) -> list[str]:
 @click.pass_context
 def patterns(
     ctx: click.Context,
-    since_ns: int | None,
-    min_support: int,
-    alpha: float,
-    reward_name: str,
-    success_threshold: float,
     agent: str | None,
     as_json: bool,
     db: str,
+    **analysis: Any,
 ) -> None:
     """What successful and failed rollouts do differently, with the statistics.
 
@@ -294,15 +267,7 @@ def patterns(
     if ctx.invoked_subcommand is not None:
         return
     with read_db(db) as conn:
-        result = _run_analysis(
-            conn,
-            since_ns=since_ns,
-            agent=agent,
-            min_support=min_support,
-            alpha=alpha,
-            reward_name=reward_name,
-            success_threshold=success_threshold,
-        )
+        result = _run_analysis(conn, agent=agent, **analysis)
     if as_json:
         click.echo(cli_render.json_line(result))
         return
@@ -312,20 +277,6 @@ def patterns(
         return
     for line in report(result):
         click.echo(line)
-
-
-def _store_writer(path: str) -> Any:
-    """The store's single writer, opened for this command (guidelines are written through it)."""
-    from judge.jobs import open_writer
-    from store.backend import store_exists
-    from store.errors import StoreUnavailable
-
-    if not store_exists(path):
-        raise click.ClickException(f"no database at {path}; run `spangate serve` first")
-    try:
-        return open_writer(path)
-    except StoreUnavailable as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def _emit_guideline(row: dict[str, Any], as_json: bool) -> None:
@@ -359,13 +310,9 @@ def guidelines(
     show: int | None,
     diff: tuple[int, int] | None,
     rollback: int | None,
-    since_ns: int | None,
-    min_support: int,
-    alpha: float,
-    reward_name: str,
-    success_threshold: float,
     as_json: bool,
     db: str,
+    **analysis: Any,
 ) -> None:
     """Versioned Markdown guidelines for an agent: what to keep doing, what to avoid.
 
@@ -406,7 +353,7 @@ def guidelines(
         elif rollback is not None:
             import asyncio
 
-            writer = _store_writer(db)
+            writer = store_writer(db)
             try:
                 row = asyncio.run(
                     writer.execute(
@@ -421,16 +368,7 @@ def guidelines(
                 err=True,
             )
         else:
-            _write_guideline(
-                db,
-                as_json,
-                since_ns=since_ns,
-                agent=agent,
-                min_support=min_support,
-                alpha=alpha,
-                reward_name=reward_name,
-                success_threshold=success_threshold,
-            )
+            _write_guideline(db, as_json, agent=agent, **analysis)
     except NotFound as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -456,7 +394,7 @@ def _write_guideline(db: str, as_json: bool, *, agent: str, **params: Any) -> No
             findings = result["success_patterns"] + result["failure_patterns"]
             return store_guidelines.write_guideline(conn, agent, content, findings)
 
-    writer = _store_writer(db)
+    writer = store_writer(db)
     try:
         row = asyncio.run(writer.execute(write))
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import db_option, json_option
+from gateway.cli.options import db_option, json_option, store_writer
 
 
 @click.command()
@@ -23,45 +23,51 @@ from gateway.cli.options import db_option, json_option
     type=click.IntRange(min=1),
     help="Rollouts a transaction.",
 )
+@click.option(
+    "--vacuum",
+    is_flag=True,
+    help="Then give the freed space back to the file system at once (rewrites an older "
+    "SQLite file; VACUUM on PostgreSQL).",
+)
 @json_option
 @db_option
-def prune(older_than: str, dry_run: bool, batch: int, as_json: bool, db: str) -> None:
+def prune(older_than: str, dry_run: bool, batch: int, vacuum: bool, as_json: bool, db: str) -> None:
     """Delete spans, rewards, attempts and rollouts older than AGE (running rollouts are kept).
 
     Example:
 
     \b
         spangate prune --older-than 30d --dry-run
+        spangate prune --older-than 30d --vacuum
     """
     import asyncio
 
     from gateway.cli.render import json_line
-    from judge.jobs import open_writer
-    from store.backend import store_exists
-    from store.errors import StoreError
     from store.retention import prune_all
+    from store.retention import vacuum as store_vacuum
     from store.times import parse_since
 
     try:
         cutoff = parse_since(older_than)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from exc
-    if not store_exists(db):
-        raise click.ClickException(f"no database at {db}; run `spangate serve` first")
-    try:
-        writer = open_writer(db)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
+    writer = store_writer(db)
+    freed: int | None = None
     try:
         counts = asyncio.run(
             writer.execute(
                 lambda conn: prune_all(conn, cutoff_ns=cutoff, batch=batch, dry_run=dry_run)
             )
         )
+        if vacuum and not dry_run:
+            freed = asyncio.run(writer.execute(store_vacuum))
     finally:
         writer.close()
     if as_json:
-        click.echo(json_line({"dry_run": dry_run, **counts}))
+        extra = {} if freed is None else {"freed_bytes": freed}
+        click.echo(json_line({"dry_run": dry_run, **counts, **extra}))
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb}: " + ", ".join(f"{n} {table}" for table, n in counts.items()))
+    if freed is not None:
+        click.echo(f"gave back {freed / 1e6:.1f} MB to the file system")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import click
 
-from gateway.cli.options import db_option, json_option, key_option, read_db
+from gateway.cli.options import db_option, json_option, key_option, limit_option, read_db
 
 POLL_SECONDS = 0.25  # --follow: a new call shows within a second, and idle polling stays cheap
 FOLLOW_BATCH = 500
@@ -16,14 +15,7 @@ FOLLOW_BATCH = 500
 @click.command()
 @click.option("--rollout", "rollout_id", default=None, help="Only calls of this rollout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new calls as they are recorded.")
-@click.option(
-    "--limit",
-    "-n",
-    default=20,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="How many of the latest calls to print first.",
-)
+@limit_option(20, minimum=0, help="How many of the latest calls to print first.")
 @json_option
 @click.option("--bodies", is_flag=True, help="With --json: include request and response bodies.")
 @db_option
@@ -78,13 +70,7 @@ def tail(
     from gateway.cli import render as cli_render
     from store.queries import list_spans, max_rowid
 
-    columns = cli_render.TailColumns()
-
-    def emit(span: dict[str, Any]) -> None:
-        if as_json:
-            click.echo(cli_render.span_json(span, bodies=bodies))
-        else:
-            click.echo(columns.line(span))
+    columns, emit = cli_render.tail_printer(as_json=as_json, bodies=bodies)
 
     try:
         with read_db(db) as conn:
@@ -99,13 +85,14 @@ def tail(
                 max_page=max(limit, 1),
             ).data[:limit]
             backlog = [s for s in reversed(backlog) if s["_rowid"] <= last]
-            columns.fit(backlog)
-            for span in backlog:
-                emit(span)
+            cli_render.print_backlog(
+                backlog,
+                columns,
+                emit,
+                rollout_id=rollout_id,
+                say_none=not follow and bool(limit) and not as_json,
+            )
             if not follow:
-                if not backlog and limit and not as_json:
-                    where = f" for rollout {rollout_id}" if rollout_id else " yet"
-                    click.echo(f"no calls recorded{where}", err=True)
                 return
             while True:
                 fresh = list_spans(
@@ -126,14 +113,7 @@ def tail(
 @click.option(
     "--status", default=None, help="Only rollouts in this status (running, succeeded, …)."
 )
-@click.option(
-    "--limit",
-    "-n",
-    default=50,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="How many rollouts to list.",
-)
+@limit_option(50, minimum=1, help="How many rollouts to list.")
 @json_option
 @db_option
 def rollouts(status: str | None, limit: int, as_json: bool, db: str) -> None:

@@ -316,15 +316,9 @@ def tail_remote(
     `follow`) every new one as it is recorded."""
     from gateway.cli import render as cli_render
 
-    columns = cli_render.TailColumns()
+    columns, show = cli_render.tail_printer(as_json=as_json, bodies=bodies)
     # Lines show the start of the reply, which only the full span has.
     hydrate = bodies or not as_json
-
-    def show(span: dict[str, Any]) -> None:
-        if as_json:
-            click.echo(cli_render.span_json(span, bodies=bodies))
-        else:
-            click.echo(columns.line(span))
 
     with make_client(url, key) as client:
         # With --follow, one call is read even for `-n 0`: it anchors where the stream resumes.
@@ -332,13 +326,14 @@ def tail_remote(
         backlog = anchor[-limit:] if limit else []
         if hydrate:
             backlog = [with_bodies(client, span) for span in backlog]
-        columns.fit(backlog)
-        for span in backlog:
-            show(span)
+        cli_render.print_backlog(
+            backlog,
+            columns,
+            show,
+            rollout_id=rollout_id,
+            say_none=not follow and bool(limit) and not as_json,
+        )
         if not follow:
-            if not backlog and limit and not as_json:
-                where = f" for rollout {rollout_id}" if rollout_id else " yet"
-                click.echo(f"no calls recorded{where}", err=True)
             return
 
     def notify(message: str) -> None:

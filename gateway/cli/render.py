@@ -6,12 +6,15 @@ Pure functions from stored rows to strings, so the commands stay thin and the ou
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 import click
 import orjson
+
+# A span row as the store or the API gives it.
+Span = dict[str, Any]
 
 PREVIEW_CHARS = 60
 # Body columns (and packed token arrays) are left out of `--json` lines unless asked for:
@@ -308,6 +311,33 @@ def span_json(span: dict[str, Any], *, bodies: bool) -> str:
         for key in BODY_COLUMNS:
             row.pop(key, None)
     return json_line(row)
+
+
+def tail_printer(*, as_json: bool, bodies: bool) -> tuple[TailColumns, Callable[[Span], None]]:
+    """How `spangate tail` prints a call (local or `--url`): a JSON line or a column line."""
+    columns = TailColumns()
+
+    def emit(span: Span) -> None:
+        click.echo(span_json(span, bodies=bodies) if as_json else columns.line(span))
+
+    return columns, emit
+
+
+def print_backlog(
+    backlog: list[Span],
+    columns: TailColumns,
+    emit: Callable[[Span], None],
+    *,
+    rollout_id: str | None,
+    say_none: bool,
+) -> None:
+    """The calls recorded before `tail` started; with `say_none`, say so when there are none."""
+    columns.fit(backlog)
+    for span in backlog:
+        emit(span)
+    if say_none and not backlog:
+        where = f" for rollout {rollout_id}" if rollout_id else " yet"
+        click.echo(f"no calls recorded{where}", err=True)
 
 
 # -- tables -------------------------------------------------------------------

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from gateway.cli.options import db_option, json_option, key_option
+from config.models import DEFAULT_REWARD_NAME
+from gateway.cli.options import db_option, json_option, key_option, write_db
 
 
 def _dimensions(
@@ -50,7 +51,10 @@ def _reward_line(row: dict[str, Any], created: bool) -> str:
 @click.argument("rollout_id", metavar="ROLLOUT")
 @click.option("--value", required=True, type=float, help="The reward value.")
 @click.option(
-    "--name", default="reward", show_default=True, help="Which reward (e.g. accuracy, pass)."
+    "--name",
+    default=DEFAULT_REWARD_NAME,
+    show_default=True,
+    help="Which reward (e.g. accuracy, pass).",
 )
 @click.option("--final", is_flag=True, help="The outcome of the rollout or attempt, not a step.")
 @click.option("--attempt", "attempt_id", default=None, metavar="A", help="Reward this attempt.")
@@ -152,27 +156,8 @@ def reward(
 
 
 def _write_reward(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The reward written straight into the file: SQLite (WAL) lets a second writer in."""
-    import sqlite3
-
-    from store.backend import store_exists
-    from store.errors import StoreError
-    from store.schema import connect
+    """The reward written straight into the store, beside a running gateway."""
     from store.writes import add_reward
 
-    if not store_exists(path):
-        raise click.ClickException(f"no database at {path}; run `spangate serve` first")
-    try:
-        conn = connect(path)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except sqlite3.DatabaseError as exc:
-        raise click.ClickException(f"cannot open {path}: {exc}") from exc
-    try:
+    with write_db(path) as conn:
         return add_reward(conn, body)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except sqlite3.DatabaseError as exc:
-        raise click.ClickException(f"cannot write to {path}: {exc}") from exc
-    finally:
-        conn.close()

@@ -25,41 +25,37 @@ class Recorder:
         self.subscriber_errors = 0
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
+        return _join(self._subscribers, subscriber)
 
     def publish(self, span: SpanRecord | dict[str, Any]) -> None:
         self.published += 1
-        for subscriber in self._subscribers:
-            try:
-                subscriber(span)
-            except Exception:
-                # One broken subscriber must not cost the others (or the store) the span.
-                self.subscriber_errors += 1
-                log.exception("span subscriber %r failed", subscriber)
+        self._deliver(self._subscribers, span, "span")
 
     def subscribe_rollouts(self, subscriber: Subscriber) -> Callable[[], None]:
         """Rollout status changes (the online judge listens for terminal ones)."""
-        self._rollout_subscribers.append(subscriber)
-        return lambda: self._rollout_subscribers.remove(subscriber)
+        return _join(self._rollout_subscribers, subscriber)
 
     def publish_rollout(self, rollout: dict[str, Any]) -> None:
-        for subscriber in self._rollout_subscribers:
-            try:
-                subscriber(rollout)
-            except Exception:
-                self.subscriber_errors += 1
-                log.exception("rollout subscriber %r failed", subscriber)
+        self._deliver(self._rollout_subscribers, rollout, "rollout")
 
     def subscribe_rewards(self, subscriber: Subscriber) -> Callable[[], None]:
         """New rewards and judge verdicts, as stored (exporters attach them to spans)."""
-        self._reward_subscribers.append(subscriber)
-        return lambda: self._reward_subscribers.remove(subscriber)
+        return _join(self._reward_subscribers, subscriber)
 
     def publish_reward(self, reward: dict[str, Any]) -> None:
-        for subscriber in self._reward_subscribers:
+        self._deliver(self._reward_subscribers, reward, "reward")
+
+    def _deliver(self, subscribers: list[Subscriber], item: Any, channel: str) -> None:
+        for subscriber in subscribers:
             try:
-                subscriber(reward)
+                subscriber(item)
             except Exception:
+                # One broken subscriber must not cost the others (or the store) the item.
                 self.subscriber_errors += 1
-                log.exception("reward subscriber %r failed", subscriber)
+                log.exception("%s subscriber %r failed", channel, subscriber)
+
+
+def _join(subscribers: list[Subscriber], subscriber: Subscriber) -> Callable[[], None]:
+    """Add a subscriber; the returned function removes it again."""
+    subscribers.append(subscriber)
+    return lambda: subscribers.remove(subscriber)

@@ -88,11 +88,11 @@ class Guard:
 
     def available(self) -> bool:
         state = self.state
-        if state == pybreaker.STATE_CLOSED:
-            return True
-        if self.probing:
-            return False
-        return state == pybreaker.STATE_HALF_OPEN or self.reopens_in() <= 0
+        return state == pybreaker.STATE_CLOSED or self._may_probe(state)
+
+    def _may_probe(self, state: str) -> bool:
+        """A breaker that is not closed lets one probe through once its timeout has run."""
+        return not self.probing and (state == pybreaker.STATE_HALF_OPEN or self.reopens_in() <= 0)
 
     def has_budget(self) -> bool:
         """Whether a call could start now without waiting on rpm/tpm."""
@@ -115,11 +115,9 @@ class Guard:
         state = self.state
         if state == pybreaker.STATE_CLOSED:
             return True
-        if self.probing:
+        if not self._may_probe(state):
             return False
         if state == pybreaker.STATE_OPEN:
-            if self.reopens_in() > 0:
-                return False
             # The probe runs half-open, so metrics and /health/ready show it as it happens.
             self.breaker.half_open()
         self.probing = True

@@ -11,6 +11,7 @@ from config.models import (
     DEFAULT_MIN_SUPPORT,
     DEFAULT_REWARD_NAME,
     DEFAULT_SUCCESS_THRESHOLD,
+    BudgetLimits,
 )
 
 RolloutStatus = Literal["running", "succeeded", "failed", "cancelled", "timeout"]
@@ -28,19 +29,10 @@ class _Out(BaseModel):
 # -- requests -------------------------------------------------------------
 
 
-class BudgetLimitsBody(_Body):
-    max_calls: int | None = Field(None, ge=0, description="Calls let through.")
-    max_tokens: int | None = Field(None, ge=0, description="Input plus output tokens.")
-    max_cost_usd: float | None = Field(None, ge=0, description="Cost in USD.")
-    max_seconds: float | None = Field(
-        None, gt=0, description="Wall time since the first call, seconds."
-    )
-
-
-class BudgetBody(BudgetLimitsBody):
+class BudgetBody(BudgetLimits):
     """The rollout's own limits (they replace config defaults); `null` removes one."""
 
-    attempt: BudgetLimitsBody | None = Field(None, description="Limits on each attempt.")
+    attempt: BudgetLimits | None = Field(None, description="Limits on each attempt.")
 
     def stored(self) -> dict[str, Any]:
         """`{"rollout": {...}, "attempt": {...}}` with only the limits the client named."""
@@ -117,17 +109,23 @@ class RewardCreate(_Body):
         return self
 
 
-class RolloutQuery(_Body):
+class _Page(_Body):
+    """What every listing takes: where the last page ended, and how many rows."""
+
+    cursor: str | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class RolloutQuery(_Page):
     status: RolloutStatus | None = None
     agent: str | None = None
     tag: str | None = None
     since: str | None = Field(None, description="ISO 8601 time or a duration ago (`1h`, `7d`).")
     until: str | None = Field(None, description="ISO 8601 time or a duration ago.")
-    cursor: str | None = None
     limit: int = Field(50, ge=1, le=1000)
 
 
-class SpanQuery(_Body):
+class SpanQuery(_Page):
     rollout_id: str | None = None
     attempt_id: str | None = None
     model: str | None = None
@@ -135,8 +133,6 @@ class SpanQuery(_Body):
     tag: str | None = None
     since: str | None = None
     until: str | None = None
-    cursor: str | None = None
-    limit: int = Field(100, ge=1, le=1000)
 
 
 class SpanStreamQuery(SpanQuery):
@@ -148,14 +144,12 @@ class SpanStreamQuery(SpanQuery):
     )
 
 
-class RewardQuery(_Body):
+class RewardQuery(_Page):
     rollout_id: str | None = None
     attempt_id: str | None = None
     span_id: str | None = None
     name: str | None = None
     source: str | None = None
-    cursor: str | None = None
-    limit: int = Field(100, ge=1, le=1000)
 
 
 class ExportQuery(_Body):

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 from sqlite_utils import Database
 
+from config.models import DEFAULT_MIN_SUPPORT, DEFAULT_REWARD_NAME, DEFAULT_SUCCESS_THRESHOLD
 from gateway.errors import GatewayError
 from gateway.web import auth
 from gateway.web.routes_api import read, time_param
@@ -380,22 +381,25 @@ def _analysis_filters(request: web.Request) -> dict[str, Any]:
     return {
         "since": _param(request, "since"),
         "agent": _param(request, "agent"),
-        "reward_name": _param(request, "reward_name") or "reward",
-        "success_threshold": _float(request, "success_threshold", 0.5),
+        "reward_name": _param(request, "reward_name") or DEFAULT_REWARD_NAME,
+        "success_threshold": _float(request, "success_threshold", DEFAULT_SUCCESS_THRESHOLD),
+    }
+
+
+def _analysis(f: dict[str, Any]) -> dict[str, Any]:
+    """The page's filters as the analysis takes them (leaderboards and patterns alike)."""
+    return {
+        "since_ns": time_param(f["since"], "since"),
+        "agent": f["agent"],
+        "reward_name": f["reward_name"],
+        "success_threshold": f["success_threshold"],
     }
 
 
 @page
 async def leaderboard(request: web.Request) -> web.Response:
     f = _analysis_filters(request)
-    boards = await read(
-        request.app[GATEWAY],
-        _analyses(request).leaderboards,
-        since_ns=time_param(f["since"], "since"),
-        agent=f["agent"],
-        reward_name=f["reward_name"],
-        success_threshold=f["success_threshold"],
-    )
+    boards = await read(request.app[GATEWAY], _analyses(request).leaderboards, **_analysis(f))
     return render(
         request,
         "leaderboard.html",
@@ -414,18 +418,15 @@ async def leaderboard(request: web.Request) -> web.Response:
 async def patterns(request: web.Request) -> web.Response:
     f = _analysis_filters(request)
     try:
-        f["min_support"] = max(int(request.query.get("min_support", 5)), 1)
+        f["min_support"] = max(int(request.query.get("min_support", DEFAULT_MIN_SUPPORT)), 1)
     except ValueError:
-        f["min_support"] = 5
+        f["min_support"] = DEFAULT_MIN_SUPPORT
     found = await read(
         request.app[GATEWAY],
         _patterns,
         _analyses(request),
-        since_ns=time_param(f["since"], "since"),
-        agent=f["agent"],
         min_support=f["min_support"],
-        reward_name=f["reward_name"],
-        success_threshold=f["success_threshold"],
+        **_analysis(f),
     )
     return render(
         request,
