@@ -367,6 +367,15 @@ def example_arguments(schema: JSON | None) -> JSON:
     return {name: example_value(props.get(name) or {}) for name in schema.get("required") or []}
 
 
+def structured_reply(body: JSON) -> str | None:
+    """JSON for a requested schema (chat `response_format`, Responses `text.format`), else None."""
+    form = body.get("response_format") or (body.get("text") or {}).get("format") or {}
+    if form.get("type") != "json_schema":
+        return None
+    schema = form.get("schema") or (form.get("json_schema") or {}).get("schema") or {}
+    return dumps_arguments(example_value(schema))
+
+
 def dumps_arguments(arguments: JSON) -> str:
     return orjson.dumps(arguments).decode()
 
@@ -758,7 +767,8 @@ async def _chat_completions(call: _Call) -> web.StreamResponse:
         completion_tokens = len(name + arguments) // 4 + 1
     else:
         reply, finish_reason = _limit_words(
-            chat_reply_text(messages), body.get("max_completion_tokens", body.get("max_tokens"))
+            structured_reply(body) or chat_reply_text(messages),
+            body.get("max_completion_tokens", body.get("max_tokens")),
         )
         completion_tokens = count_completion_tokens(reply)
     usage = _chat_usage(prompt_tokens, completion_tokens)
@@ -1052,7 +1062,7 @@ async def _responses(call: _Call) -> web.StreamResponse:
         }
         output_tokens = len(str(tool.get("name", "")) + arguments) // 4 + 1
     else:
-        reply = chat_reply_text(messages)
+        reply = structured_reply(body) or chat_reply_text(messages)
         final_item = {
             "type": "message",
             "id": item_id,

@@ -1,8 +1,8 @@
 """The built-in `mock` provider: an offline fake model that speaks OpenAI's wire format.
 
-It answers chat (plain, streamed, tool calls when tools are offered), completions,
-embeddings and responses, with usage numbers in proportion to the text, so the
-quickstart and the tests run with no network and no keys.
+It answers chat, completions, embeddings and responses, with usage numbers in proportion to
+the text, so the quickstart and the tests run with no network and no keys. What it says in a
+tool loop (calls, answers from results, JSON, refusals) is decided in `mock_turn.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import orjson
 
 from gateway.providers import mock_surface
 from gateway.providers.base import UpstreamRequest, UpstreamResponse
+from gateway.providers.mock_turn import Conversation, Turn, next_turn, text_of
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -35,84 +36,97 @@ def count_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4)) if text else 0
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
-
-
 def _prompt_tokens(messages: list[Any]) -> int:
     # Each message costs a few tokens of framing on top of its text, as with OpenAI.
     return 3 + sum(
-        4 + count_tokens(_text_of(m.get("content"))) for m in messages if isinstance(m, dict)
+        4 + count_tokens(text_of(m.get("content"))) for m in messages if isinstance(m, dict)
     )
 
 
-def _reply_for(messages: list[Any]) -> str:
-    last = next(
-        (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), {}
+def _answer_tokens(turn: Turn) -> int:
+    if turn.tool_calls:
+        return sum(count_tokens(call.arguments) + 5 for call in turn.tool_calls)
+    return count_tokens(turn.refusal if turn.refusal is not None else turn.text)
+
+
+def _function_tools(tools: Any) -> list[dict[str, Any]]:
+    """The offered function tools as `{name, parameters}`, from chat's or Responses' shape."""
+    found = []
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            continue
+        spec = _object(tool.get("function")) or tool
+        found.append(
+            {"name": str(spec.get("name") or "tool"), "parameters": spec.get("parameters")}
+        )
+    return found
+
+
+def _trailing_results(messages: list[dict[str, Any]]) -> list[str]:
+    """The tool results after the last non-tool message: what the answer is made from."""
+    results: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.insert(0, text_of(message.get("content")))
+    return results
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _chat_conversation(payload: dict[str, Any]) -> Conversation:
+    messages = [m for m in payload.get("messages") or [] if isinstance(m, dict)]
+    form = _object(payload.get("response_format"))
+    schema = _object(_object(form.get("json_schema")).get("schema"))
+    return Conversation(
+        messages=messages,
+        results=_trailing_results(messages),
+        tools=_function_tools(payload.get("tools")),
+        tool_choice=payload.get("tool_choice"),
+        parallel=payload.get("parallel_tool_calls") is not False,
+        schema=schema if form.get("type") == "json_schema" else None,
+        json_object=form.get("type") == "json_object",
+        seed=orjson.dumps(payload.get("messages") or []),
     )
-    asked = _text_of(last.get("content")).strip().replace("\n", " ")
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
-        result = _text_of(messages[-1].get("content")).strip()[:80]
-        return f"The tool returned {result!r}, so that is my answer."
-    if not asked:
-        return "Hello! I am the spangate mock model."
-    return f"This is a mock answer to: {asked[:120]}"
 
 
-def _sample_value(schema: Any) -> Any:
-    # Schemas come from clients: anything malformed is treated as an empty schema.
-    schema = schema if isinstance(schema, dict) else {}
-    kind = schema.get("type")
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[0]
-    if kind == "integer":
-        return 1
-    if kind == "number":
-        return 1.0
-    if kind == "boolean":
-        return True
-    if kind == "array":
-        return [_sample_value(schema.get("items") or {"type": "string"})]
-    if kind == "object":
-        return _sample_arguments(schema)
-    return "example"
+def _responses_messages(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Responses input as chat-like messages: calls as assistant turns, outputs as tool turns."""
+    given = payload.get("input")
+    messages: list[dict[str, Any]] = []
+    if isinstance(payload.get("instructions"), str):
+        messages.append({"role": "system", "content": payload["instructions"]})
+    if isinstance(given, str):
+        return [*messages, {"role": "user", "content": given}]
+    for item in given if isinstance(given, list) else []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "function_call_output":
+            messages.append({"role": "tool", "content": text_of(item.get("output"))})
+        elif kind == "function_call":
+            messages.append({"role": "assistant", "content": str(item.get("arguments", ""))})
+        elif kind in (None, "message"):
+            messages.append({"role": item.get("role"), "content": text_of(item.get("content"))})
+    return messages
 
 
-def _sample_arguments(schema: Any) -> dict[str, Any]:
-    schema = schema if isinstance(schema, dict) else {}
-    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-    required = (
-        schema.get("required") if isinstance(schema.get("required"), list) else list(properties)
+def _responses_conversation(
+    payload: dict[str, Any], messages: list[dict[str, Any]]
+) -> Conversation:
+    form = _object(_object(payload.get("text")).get("format"))
+    return Conversation(
+        messages=messages,
+        results=_trailing_results(messages),
+        tools=_function_tools(payload.get("tools")),
+        tool_choice=payload.get("tool_choice"),
+        parallel=payload.get("parallel_tool_calls") is not False,
+        schema=_object(form.get("schema")) if form.get("type") == "json_schema" else None,
+        json_object=form.get("type") == "json_object",
+        seed=orjson.dumps(payload.get("input") or []),
     )
-    return {
-        str(name): _sample_value(properties.get(name)) for name in required if isinstance(name, str)
-    }
-
-
-def _tool_call(payload: dict[str, Any]) -> dict[str, Any] | None:
-    """The call the mock makes: the first offered tool, unless it was just answered."""
-    tools = payload.get("tools") or []
-    messages = payload.get("messages") or []
-    if not tools or payload.get("tool_choice") == "none":
-        return None
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
-        return None
-    first = tools[0] if isinstance(tools, list) and isinstance(tools[0], dict) else {}
-    function = first.get("function") if isinstance(first.get("function"), dict) else {}
-    arguments = _sample_arguments(function.get("parameters"))
-    return {
-        "id": f"call_{hashlib.sha1(orjson.dumps(messages)).hexdigest()[:24]}",
-        "type": "function",
-        "function": {
-            "name": function.get("name", "tool"),
-            "arguments": orjson.dumps(arguments).decode(),
-        },
-    }
 
 
 def _words(text: str) -> list[str]:
@@ -137,15 +151,23 @@ def _sse(obj: Any) -> bytes:
 def _chat(payload: dict[str, Any], model: str) -> tuple[dict[str, Any], list[bytes]]:
     """The plain answer and the same answer as stream events."""
     messages = payload.get("messages") or []
-    call = _tool_call(payload)
-    text = "" if call else _reply_for(messages)
-    prompt = _prompt_tokens(messages)
-    completion = count_tokens(call["function"]["arguments"]) + 5 if call else count_tokens(text)
+    turn = next_turn(_chat_conversation(payload))
+    prompt, completion = _prompt_tokens(messages), _answer_tokens(turn)
     ident, created = _new_id("chatcmpl"), int(time.time())
-    finish = "tool_calls" if call else "stop"
-    message: dict[str, Any] = {"role": "assistant", "content": None if call else text}
-    if call:
-        message["tool_calls"] = [call]
+    finish = "tool_calls" if turn.tool_calls else "stop"
+    said = not turn.tool_calls and turn.refusal is None
+    message: dict[str, Any] = {"role": "assistant", "content": turn.text if said else None}
+    if turn.refusal is not None:
+        message["refusal"] = turn.refusal
+    if turn.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in turn.tool_calls
+        ]
     plain = {
         "id": ident,
         "object": "chat.completion",
@@ -173,35 +195,21 @@ def _chat(payload: dict[str, Any], model: str) -> tuple[dict[str, Any], list[byt
             obj["usage"] = None
         return _sse(obj)
 
-    events = [chunk({"role": "assistant", "content": ""})]
-    if call:
+    events = [chunk({"role": "assistant", "content": "" if said else None})]
+    for index, call in enumerate(turn.tool_calls):
+        opening = {"index": index, "id": call.call_id, "type": "function"}
         events.append(
-            chunk(
-                {
-                    "tool_calls": [
-                        {
-                            "index": 0,
-                            "id": call["id"],
-                            "type": "function",
-                            "function": {"name": call["function"]["name"], "arguments": ""},
-                        }
-                    ]
-                }
-            )
+            chunk({"tool_calls": [{**opening, "function": {"name": call.name, "arguments": ""}}]})
         )
-        arguments = call["function"]["arguments"]
-        for start in range(0, len(arguments), 8):
+        for start in range(0, len(call.arguments), 8):
+            piece = call.arguments[start : start + 8]
             events.append(
-                chunk(
-                    {
-                        "tool_calls": [
-                            {"index": 0, "function": {"arguments": arguments[start : start + 8]}}
-                        ]
-                    }
-                )
+                chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
             )
-    else:
-        events.extend(chunk({"content": word}) for word in _words(text))
+    if turn.refusal is not None:
+        events.extend(chunk({"refusal": word}) for word in _words(turn.refusal))
+    elif said:
+        events.extend(chunk({"content": word}) for word in _words(turn.text))
     events.append(chunk({}, finish))
     if with_usage:
         events.append(
@@ -298,33 +306,85 @@ def _embeddings(payload: dict[str, Any], model: str) -> dict[str, Any]:
     }
 
 
-def _responses(payload: dict[str, Any], model: str) -> tuple[dict[str, Any], list[bytes]]:
-    given = payload.get("input")
-    if isinstance(given, str):
-        messages: list[Any] = [{"role": "user", "content": given}]
-    else:
-        messages = [
-            {"role": m.get("role"), "content": _text_of(m.get("content"))}
-            for m in given or []
-            if isinstance(m, dict)
+def _response_items(turn: Turn) -> list[dict[str, Any]]:
+    """The output items of a Responses answer: function calls, or one message."""
+    if turn.tool_calls:
+        return [
+            {
+                "id": f"fc_{call.call_id.removeprefix('call_')}",
+                "type": "function_call",
+                "status": "completed",
+                "arguments": call.arguments,
+                "call_id": call.call_id,
+                "name": call.name,
+            }
+            for call in turn.tool_calls
         ]
-    text = _reply_for(messages)
-    prompt, completion = _prompt_tokens(messages), count_tokens(text)
-    ident, message_id, created = _new_id("resp"), _new_id("msg"), int(time.time())
-    output_item = {
-        "id": message_id,
-        "type": "message",
-        "status": "completed",
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
-    }
+    part: dict[str, Any] = (
+        {"type": "refusal", "refusal": turn.refusal}
+        if turn.refusal is not None
+        else {"type": "output_text", "text": turn.text, "annotations": []}
+    )
+    return [
+        {
+            "id": _new_id("msg"),
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [part],
+        }
+    ]
+
+
+def _item_events(index: int, item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """One output item as stream events, in the order OpenAI sends them."""
+    where = {"item_id": item["id"], "output_index": index}
+    if item["type"] == "function_call":
+        arguments = item["arguments"]
+        return [
+            (
+                "response.output_item.added",
+                {"output_index": index, "item": {**item, "arguments": "", "status": "in_progress"}},
+            ),
+            *(
+                ("response.function_call_arguments.delta", {**where, "delta": arguments[i : i + 8]})
+                for i in range(0, len(arguments), 8)
+            ),
+            (
+                "response.function_call_arguments.done",
+                {**where, "name": item["name"], "arguments": arguments},
+            ),
+            ("response.output_item.done", {"output_index": index, "item": item}),
+        ]
+    part = item["content"][0]
+    field = "refusal" if part["type"] == "refusal" else "text"
+    kind = "response.refusal" if field == "refusal" else "response.output_text"
+    at = {**where, "content_index": 0}
+    return [
+        (
+            "response.output_item.added",
+            {"output_index": index, "item": {**item, "status": "in_progress", "content": []}},
+        ),
+        ("response.content_part.added", {**at, "part": {**part, field: ""}}),
+        *((f"{kind}.delta", {**at, "delta": word}) for word in _words(part[field])),
+        (f"{kind}.done", {**at, field: part[field]}),
+        ("response.content_part.done", {**at, "part": part}),
+        ("response.output_item.done", {"output_index": index, "item": item}),
+    ]
+
+
+def _responses(payload: dict[str, Any], model: str) -> tuple[dict[str, Any], list[bytes]]:
+    messages = _responses_messages(payload)
+    turn = next_turn(_responses_conversation(payload, messages))
+    prompt, completion = _prompt_tokens(messages), _answer_tokens(turn)
+    output = _response_items(turn)
     response = {
-        "id": ident,
+        "id": _new_id("resp"),
         "object": "response",
-        "created_at": created,
+        "created_at": int(time.time()),
         "status": "completed",
         "model": model,
-        "output": [output_item],
+        "output": output,
         "usage": {
             "input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": 0},
@@ -332,60 +392,19 @@ def _responses(payload: dict[str, Any], model: str) -> tuple[dict[str, Any], lis
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion,
         },
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
+        "parallel_tool_calls": payload.get("parallel_tool_calls") is not False,
+        "tool_choice": payload.get("tool_choice") or "auto",
+        "tools": payload.get("tools") if isinstance(payload.get("tools"), list) else [],
     }
     in_progress = {**response, "status": "in_progress", "output": [], "usage": None}
-    sequence = itertools.count()
-
-    def event(kind: str, **fields: Any) -> bytes:
-        data = {"type": kind, "sequence_number": next(sequence), **fields}
-        return f"event: {kind}\n".encode() + _sse(data)
-
+    steps = [("response.created", {"response": in_progress})]
+    steps.append(("response.in_progress", {"response": in_progress}))
+    for index, item in enumerate(output):
+        steps.extend(_item_events(index, item))
+    steps.append(("response.completed", {"response": response}))
     events = [
-        event("response.created", response=in_progress),
-        event("response.in_progress", response=in_progress),
-        event(
-            "response.output_item.added",
-            output_index=0,
-            item={**output_item, "status": "in_progress", "content": []},
-        ),
-        event(
-            "response.content_part.added",
-            item_id=message_id,
-            output_index=0,
-            content_index=0,
-            part={"type": "output_text", "text": "", "annotations": []},
-        ),
-    ]
-    events.extend(
-        event(
-            "response.output_text.delta",
-            item_id=message_id,
-            output_index=0,
-            content_index=0,
-            delta=word,
-        )
-        for word in _words(text)
-    )
-    events += [
-        event(
-            "response.output_text.done",
-            item_id=message_id,
-            output_index=0,
-            content_index=0,
-            text=text,
-        ),
-        event(
-            "response.content_part.done",
-            item_id=message_id,
-            output_index=0,
-            content_index=0,
-            part=output_item["content"][0],
-        ),
-        event("response.output_item.done", output_index=0, item=output_item),
-        event("response.completed", response=response),
+        f"event: {kind}\n".encode() + _sse({"type": kind, "sequence_number": n, **fields})
+        for n, (kind, fields) in enumerate(steps)
     ]
     return response, events
 
