@@ -197,7 +197,12 @@ def test_responses_calls_a_tool_then_answers_from_its_output(gateway: GatewayThr
         "responses mock",
     ]
     assert spans[0]["tool_calls"] == [
-        {"id": call.call_id, "name": "get_weather", "arguments": '{"city":"example"}'}
+        {
+            "id": call.call_id,
+            "type": "function_call",
+            "name": "get_weather",
+            "arguments": '{"city":"example"}',
+        }
     ]
 
 
