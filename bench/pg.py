@@ -118,7 +118,7 @@ async def seq_costs(url: str, redis_url: str, calls: int) -> dict[str, list[floa
         ("PostgreSQL counter row", pg.allocate),
         ("Redis (INCRBY above a floor, one script)", RedisCounter(redis).allocate),
     ):
-        seq = Sequencer(lookup, allocate=allocate)
+        seq = Sequencer(lookup, capacity=10_000, allocate=allocate)
         rollout = f"ro-{uuid.uuid4().hex[:8]}"
         await seq.attempt_of(rollout, None)
         times = []
