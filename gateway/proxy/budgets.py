@@ -287,12 +287,26 @@ class Budgets:
         except (BudgetExceeded, InvalidRequest):
             raise
         except Exception as exc:
+            if not self._may_limit(call, rollout_id, headers):
+                # Nothing to enforce as far as this replica knows: the call goes on uncounted
+                # rather than fail with the state (a PostgreSQL store being away, say).
+                log.warning("budget state failed for rollout %r: %r; not counted", rollout_id, exc)
+                return call.raw_request, call.payload
             # Fail closed: a budget that cannot be checked is not spent blindly.
             log.warning("budget state failed for rollout %r: %r", rollout_id, exc)
             raise BudgetUnavailable(
                 f"the budget of rollout {rollout_id!r} cannot be checked right now",
                 retry_after=1.0,
             ) from exc
+
+    def _may_limit(self, call: Call, rollout_id: str, headers: Mapping[str, str]) -> bool:
+        """Whether a limit may hold for the call: from config, its headers, or the rollout's
+        budget as last seen here (the state could not be asked)."""
+        known = orjson.loads(self._known.get(rollout_id, "{}"))
+        rollout, attempt = self.limits(known, call.attribution.agent_id or known.get("agent"))
+        return any(
+            value is not None for value in (*lowered(rollout, headers).values(), *attempt.values())
+        )
 
     async def _admit(
         self,

@@ -1,4 +1,5 @@
-"""Both budget states, in-process and Redis, hold the same counters under the same calls."""
+"""Every budget state, in-process, Redis and PostgreSQL, holds the same counters under the same
+calls."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from pg import PostgresServer
 from redis_server import RedisServer
 
 from store.budget_state import MemoryBudgetState, RedisBudgetState, empty_usage
+from store.budget_state_pg import PostgresBudgetState
 
 NO_LIMITS: dict[str, Any] = {}
 pytestmark = pytest.mark.asyncio
@@ -23,13 +26,17 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"])
+@pytest_asyncio.fixture(params=["memory", "redis", "postgresql"])
 async def state(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     if request.param == "memory":
         chosen: Any = MemoryBudgetState()
-    else:
+    elif request.param == "redis":
         chosen = RedisBudgetState(request.getfixturevalue("redis_url"), ttl=60)
         await chosen._redis.flushdb()
+    else:
+        postgres: PostgresServer = request.getfixturevalue("postgres")
+        chosen = PostgresBudgetState(postgres.new_database())
+        await chosen.open()
     yield chosen
     await chosen.close()
 
