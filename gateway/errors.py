@@ -272,8 +272,8 @@ class ServiceUnavailable(GatewayError):
 
 
 class BudgetUnavailable(ServiceUnavailable):
-    """The budget state (Redis) did not answer: the call is refused rather than let through
-    unchecked."""
+    """The budget state (Redis or the PostgreSQL store) did not answer and a limit holds for
+    the call: it is refused rather than let through unchecked."""
 
     code = "budget_unavailable"
 
