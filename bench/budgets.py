@@ -62,20 +62,24 @@ async def drive(gateway: GatewayThread, calls: int, concurrency: int) -> list[fl
     return overheads
 
 
-async def state_rate(state: Any, seconds: float = 2.0) -> float:
-    """Sequential reserve+settle pairs per second on one rollout."""
+async def state_rate(state: Any, seconds: float = 2.0) -> tuple[float, float, float]:
+    """Sequential reserve+settle pairs per second on one rollout, and the reserve's own
+    median and p99 latency in ms."""
     await state.seed("rate", "{}", empty_usage(), {})
     limits = ({"max_calls": 10**12}, {})
-    done, deadline = 0, time.perf_counter() + seconds
+    reserves: list[float] = []
+    deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
+        started = time.perf_counter()
         await state.reserve(
             "rate", "1", limits, tokens=10, cost=0.001, need_tokens=1, need_cost=1e-9, now=1.0,
             expect="{}",
         )  # fmt: skip
+        reserves.append((time.perf_counter() - started) * 1000)
         await state.settle("rate", "1", tokens=-1, cost=-0.0001)
-        done += 1
     await state.close()
-    return done / seconds
+    median, p99, _ = summary(reserves)
+    return len(reserves) / seconds, median, p99
 
 
 @contextlib.contextmanager
@@ -124,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(level) for level in args.concurrency.split(",")]
     rows: list[tuple[str, int, float, float, float]] = []
-    rates: list[tuple[str, float]] = []
+    rates: list[tuple[str, tuple[float, float, float]]] = []
     load_before = os.getloadavg()
     provider = FakeProviderThread().start()
     try:
@@ -156,10 +160,10 @@ def main() -> None:
                     gateway.stop()
             rates.append(("in-process", asyncio.run(state_rate(MemoryBudgetState()))))
 
-            async def redis_rate() -> float:
+            async def redis_rate() -> tuple[float, float, float]:
                 return await state_rate(RedisBudgetState(redis_url, ttl=60))
 
-            async def postgres_rate() -> float:
+            async def postgres_rate() -> tuple[float, float, float]:
                 state = PostgresBudgetState(postgres.new_database())
                 await state.open()
                 return await state_rate(state)
@@ -186,9 +190,9 @@ def main() -> None:
         "|---|---|---|---|---|",
         *(f"| {n} | {c} | {m:.3f} | {p:.3f} | {a:.3f} |" for n, c, m, p, a in rows),
         "",
-        "| state | reserve + settle pairs / s (one client, sequential) |",
-        "|---|---|",
-        *(f"| {n} | {r:,.0f} |" for n, r in rates),
+        "| state | reserve + settle pairs / s (one client, sequential) | reserve median ms | p99 ms |",
+        "|---|---|---|---|",
+        *(f"| {n} | {r:,.0f} | {m:.3f} | {p:.3f} |" for n, (r, m, p) in rates),
         "",
     ]
     text = "\n".join(lines)

@@ -1,8 +1,8 @@
 """Per-rollout and per-attempt budgets: which limits hold for a call, reserving before it goes
 upstream, settling with real usage after, the `max_tokens` clamp and the remaining headers.
 
-Counters live in a `BudgetState` the composition root injects (in-process or Redis), so the
-check-and-reserve is one atomic step wherever the state is.
+Counters live in a `BudgetState` the composition root injects (in-process, PostgreSQL or
+Redis), so the check-and-reserve is one atomic step wherever the state is.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+import pybreaker
 
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, BudgetSettings, ModelGroup
 from gateway.errors import BudgetExceeded, BudgetUnavailable, InvalidRequest
@@ -287,13 +288,14 @@ class Budgets:
         except (BudgetExceeded, InvalidRequest):
             raise
         except Exception as exc:
+            # A state whose breaker is open fails at once: its failure was logged when it opened.
+            if not isinstance(exc, pybreaker.CircuitBreakerError):
+                log.warning("budget state failed for rollout %r: %r", rollout_id, exc)
             if not self._may_limit(call, rollout_id, headers):
                 # Nothing to enforce as far as this replica knows: the call goes on uncounted
                 # rather than fail with the state (a PostgreSQL store being away, say).
-                log.warning("budget state failed for rollout %r: %r; not counted", rollout_id, exc)
                 return call.raw_request, call.payload
             # Fail closed: a budget that cannot be checked is not spent blindly.
-            log.warning("budget state failed for rollout %r: %r", rollout_id, exc)
             raise BudgetUnavailable(
                 f"the budget of rollout {rollout_id!r} cannot be checked right now",
                 retry_after=1.0,
