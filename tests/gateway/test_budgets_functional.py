@@ -372,15 +372,20 @@ def test_an_unreachable_budget_state_refuses_calls_with_503(
     own = start_redis()
     gateway = make_gateway(shared={"redis_url": own.url}, budgets={"rollout": {"max_calls": 9}})
     own.stop()
-    with pytest.raises(openai.APIStatusError) as refused:
-        ask(client(gateway, "down-1", max_retries=0))
-    assert refused.value.status_code == 503
-    assert refused.value.body["code"] == "budget_unavailable"
-    assert fake_provider.state.requests_to(CHAT) == []
-    # A call outside any rollout has no budget to check.
-    assert ask(openai.OpenAI(base_url=gateway.url(), api_key="k")).http_response.status_code == 200
-    # Collected here, under this test's filters, rather than whenever a later test collects.
-    gateway.stop()
+    # Closed at the end: a refusal kept by pytest.raises would hold the client's socket open
+    # until some later test collects it.
+    with (
+        client(gateway, "down-1", max_retries=0) as limited,
+        openai.OpenAI(base_url=gateway.url(), api_key="k") as plain,
+    ):
+        with pytest.raises(openai.APIStatusError) as refused:
+            ask(limited)
+        assert refused.value.status_code == 503
+        assert refused.value.body["code"] == "budget_unavailable"
+        assert fake_provider.state.requests_to(CHAT) == []
+        # A call outside any rollout has no budget to check.
+        assert ask(plain).http_response.status_code == 200
+    del refused
     gc.collect()
 
 
