@@ -500,7 +500,8 @@ class BudgetSettings(_Strict):
     state_ttl: float = Field(
         DEFAULT_BUDGET_STATE_TTL,
         gt=0,
-        description="Seconds a rollout's counters stay in Redis after its last call.",
+        description="Seconds a rollout's counters stay in Redis after its last call (in "
+        "PostgreSQL they stay until the rollout is pruned).",
     )
 
 
@@ -736,8 +737,9 @@ class SharedSettings(_Strict):
         None,
         repr=False,
         description="Redis shared by all replicas (`redis://host:6379/0`): rate limits, breaker "
-        "state, budgets and rollout sequence numbers then hold across replicas. Without it they "
-        "are per replica (sequence numbers still come from PostgreSQL).",
+        "state, budgets and rollout sequence numbers then hold across replicas. Without it rate "
+        "limits and breakers are per replica (sequence numbers and budgets still come from "
+        "PostgreSQL).",
     )
     sync_seconds: float = Field(
         DEFAULT_SYNC_SECONDS,

@@ -19,7 +19,7 @@ from gateway.providers import mock as mock_provider
 from gateway.providers.base import Provider
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.providers.openai import OpenAICompatible
-from gateway.proxy.budgets import Budgets
+from gateway.proxy.budgets import Budgets, BudgetState
 from gateway.proxy.cost import load_cost_map
 from gateway.proxy.gate import Gate
 from gateway.proxy.recorder import Recorder
@@ -53,7 +53,9 @@ from gateway.web.ui.routes import ANALYSES, add_ui_routes
 from judge.guidelines import get_guideline
 from judge.jobs import JudgeStore
 from judge.service import JudgeService
+from store.backend import is_postgres
 from store.budget_state import MemoryBudgetState, RedisBudgetState
+from store.budget_state_pg import PostgresBudgetState
 from store.queries import rollout_budget_usage, rollout_cursor
 from store.reader import Reader
 from store.writer import StoreWriter
@@ -91,20 +93,25 @@ def writer_for(
     return StoreWriter.tuned(db_path, recorder)
 
 
-def budgets_for(settings: Settings, reader: Reader, gw: Gateway) -> Budgets:
-    """Budgets on Redis when `shared.redis_url` is set (one budget for every replica), else
-    in this process; counters start from what the store has recorded."""
-    redis_url = settings.shared.redis_url
-    state: MemoryBudgetState | RedisBudgetState = (
-        RedisBudgetState(redis_url, ttl=settings.budgets.state_ttl)
-        if redis_url
-        else MemoryBudgetState()
-    )
+def budget_state_for(settings: Settings, db_path: str | Path) -> BudgetState:
+    """Redis when `shared.redis_url` is set, else the PostgreSQL store when there is one (both
+    shared by every replica), else this process."""
+    if settings.shared.redis_url:
+        return RedisBudgetState(settings.shared.redis_url, ttl=settings.budgets.state_ttl)
+    if is_postgres(db_path):
+        return PostgresBudgetState(str(db_path))
+    return MemoryBudgetState()
+
+
+def budgets_for(settings: Settings, reader: Reader, gw: Gateway, db_path: str | Path) -> Budgets:
+    """The gateway's budgets; counters start from what the store has recorded."""
+    state = budget_state_for(settings, db_path)
 
     async def lookup(rollout_id: str) -> dict[str, Any]:
         return await reader.run(rollout_budget_usage, rollout_id)
 
-    return Budgets(settings.budgets, state, lookup, gw.group_prices, shared=bool(redis_url))
+    shared = not isinstance(state, MemoryBudgetState)
+    return Budgets(settings.budgets, state, lookup, gw.group_prices, shared=shared)
 
 
 def create_app(settings: Settings, db_path: str | Path) -> web.Application:
@@ -134,7 +141,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         redactor=Redactor.for_settings(settings),
         gate=Gate(settings.pause.max_hold_seconds, settings.pause.retry_after_seconds),
     )
-    gw.budgets = budgets_for(settings, reader, gw)
+    gw.budgets = budgets_for(settings, reader, gw, db_path)
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
     app[METRICS].registry.register(BudgetCollector(gw.budgets))
@@ -215,8 +222,10 @@ async def _recording(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _budgeting(app: web.Application) -> AsyncIterator[None]:
-    yield
     budgets = app[GATEWAY].budgets
+    if budgets is not None and isinstance(budgets.state, PostgresBudgetState):
+        await budgets.state.open()
+    yield
     if budgets is not None:
         await budgets.close()
 

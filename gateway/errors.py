@@ -217,8 +217,8 @@ class ServiceUnavailable(GatewayError, status=503, type="service_unavailable", c
 
 
 class BudgetUnavailable(ServiceUnavailable, code="budget_unavailable"):
-    """The budget state (Redis) did not answer: the call is refused rather than let through
-    unchecked."""
+    """The budget state (Redis or the PostgreSQL store) did not answer and a limit holds for
+    the call: it is refused rather than let through unchecked."""
 
 
 # A traceback's header and its indented frames go; the exception's own line after them stays.

@@ -1,5 +1,6 @@
 """Where budget counters live: in this process (exact under asyncio) or in Redis (one Lua
-script per reservation, so replicas share one budget). Both speak plain dicts and floats.
+script per reservation, so replicas share one budget); `budget_state_pg.py` keeps them in
+PostgreSQL. All speak plain dicts and floats.
 
 A rollout's own budget is kept as the JSON text the caller gave; `reserve` takes the text
 its limits came from and answers `{"stale": current}` instead of reserving when it changed,

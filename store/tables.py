@@ -226,4 +226,19 @@ def build_metadata(dialect: str) -> MetaData:
         Column("rollout_id", Text, primary_key=True),
         Column("seq", BigInteger, nullable=False),
     )
+    # Budget counters replicas share on PostgreSQL without Redis: one row per rollout
+    # (`attempt_id` '') holding its own budget, one per attempt; tokens and cost include
+    # what calls in flight hold.
+    Table(
+        "budget_usage",
+        md,
+        Column("rollout_id", Text, nullable=False),
+        Column("attempt_id", Text, nullable=False),
+        Column("budget", Text),
+        Column("calls", BigInteger, nullable=False, server_default=text("0")),
+        Column("tokens", Float, nullable=False, server_default=text("0")),
+        Column("cost", Float, nullable=False, server_default=text("0")),
+        Column("started", Float, nullable=False, server_default=text("0")),
+        PrimaryKeyConstraint("rollout_id", "attempt_id"),
+    )
     return md

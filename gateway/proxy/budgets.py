@@ -1,8 +1,8 @@
 """Per-rollout and per-attempt budgets: which limits hold for a call, reserving before it goes
 upstream, settling with real usage after, the `max_tokens` clamp and the remaining headers.
 
-Counters live in a `BudgetState` the composition root injects (in-process or Redis), so the
-check-and-reserve is one atomic step wherever the state is.
+Counters live in a `BudgetState` the composition root injects (in-process, PostgreSQL or
+Redis), so the check-and-reserve is one atomic step wherever the state is.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+import pybreaker
 
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, BudgetSettings, ModelGroup
 from gateway.errors import BudgetExceeded, BudgetUnavailable, InvalidRequest
@@ -287,12 +288,27 @@ class Budgets:
         except (BudgetExceeded, InvalidRequest):
             raise
         except Exception as exc:
+            # A state whose breaker is open fails at once: its failure was logged when it opened.
+            if not isinstance(exc, pybreaker.CircuitBreakerError):
+                log.warning("budget state failed for rollout %r: %r", rollout_id, exc)
+            if not self._may_limit(call, rollout_id, headers):
+                # Nothing to enforce as far as this replica knows: the call goes on uncounted
+                # rather than fail with the state (a PostgreSQL store being away, say).
+                return call.raw_request, call.payload
             # Fail closed: a budget that cannot be checked is not spent blindly.
-            log.warning("budget state failed for rollout %r: %r", rollout_id, exc)
             raise BudgetUnavailable(
                 f"the budget of rollout {rollout_id!r} cannot be checked right now",
                 retry_after=1.0,
             ) from exc
+
+    def _may_limit(self, call: Call, rollout_id: str, headers: Mapping[str, str]) -> bool:
+        """Whether a limit may hold for the call: from config, its headers, or the rollout's
+        budget as last seen here (the state could not be asked)."""
+        known = orjson.loads(self._known.get(rollout_id, "{}"))
+        rollout, attempt = self.limits(known, call.attribution.agent_id or known.get("agent"))
+        return any(
+            value is not None for value in (*lowered(rollout, headers).values(), *attempt.values())
+        )
 
     async def _admit(
         self,

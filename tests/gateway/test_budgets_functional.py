@@ -1,9 +1,11 @@
 """Per-rollout budgets through the real OpenAI SDK: refusals, cost stops, the clamp, exact
-concurrency, header lowering, and two gateways sharing one budget through Redis."""
+concurrency, header lowering, and two gateways sharing one budget through Redis or through
+their one PostgreSQL store."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,16 @@ import openai
 import pytest
 from click.testing import CliRunner
 from conftest import gateway_settings
+from pg import PostgresServer, start_postgres
 from redis_server import RedisServer, start_redis
-from servers import GatewayThread
+from servers import GatewayThread, wait_until
 
 from gateway.cli.main import cli
 
 CHAT = "/v1/chat/completions"
 # 1e-4 USD per token in and out: a short call costs about a tenth of a cent.
-PRICED = {"input_cost_per_token": 1e-4, "output_cost_per_token": 1e-4}
+PER_TOKEN = 1e-4
+PRICED = {"input_cost_per_token": PER_TOKEN, "output_cost_per_token": PER_TOKEN}
 LONG_TEXT = " ".join(f"word{i}" for i in range(40))
 
 
@@ -56,6 +60,7 @@ def spent(gateway: GatewayThread, rollout: str) -> float:
     return sum(s["cost_usd"] or 0.0 for s in gateway.spans(rollout_id=rollout))
 
 
+@pytest.mark.both_backends
 def test_calls_beyond_max_calls_are_refused_at_once_and_never_retried(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any
 ) -> None:
@@ -97,6 +102,7 @@ def test_attempt_limits_apply_per_attempt(
     assert len(fake_provider.state.requests_to(CHAT)) == 2
 
 
+@pytest.mark.both_backends
 def test_cost_budget_stops_the_rollout_after_the_call_that_crossed_it(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any
 ) -> None:
@@ -128,6 +134,7 @@ def test_cost_budget_stops_the_rollout_after_the_call_that_crossed_it(
     assert usage["remaining"] == {"max_cost_usd": 0}
 
 
+@pytest.mark.both_backends
 def test_clamp_lowers_max_tokens_so_the_final_cost_stays_within_budget(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any
 ) -> None:
@@ -182,6 +189,7 @@ def test_streamed_calls_are_budgeted_clamped_and_carry_the_headers(
     assert len(fake_provider.state.requests_to(CHAT)) == 1
 
 
+@pytest.mark.both_backends
 def test_twenty_concurrent_calls_with_max_calls_five_send_exactly_five_upstream(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any
 ) -> None:
@@ -231,6 +239,7 @@ def test_headers_lower_the_budget_but_never_raise_it(
     assert bad.json()["error"]["param"] == "X-Budget-Max-Cost-Usd"
 
 
+@pytest.mark.both_backends
 def test_agent_limits_and_api_patch_reach_the_budget(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any
 ) -> None:
@@ -266,6 +275,7 @@ def test_agent_limits_and_api_patch_reach_the_budget(
     assert invalid.status_code == 422
 
 
+@pytest.mark.both_backends
 def test_budget_survives_a_restart_and_spangate_show_prints_it(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any, db_path: Path
 ) -> None:
@@ -360,12 +370,174 @@ def test_an_unreachable_budget_state_refuses_calls_with_503(
 ) -> None:
     # Its own redis-server, stopped once the gateway is up: Redis going away under it.
     own = start_redis()
-    gateway = make_gateway(shared={"redis_url": own.url})
+    gateway = make_gateway(shared={"redis_url": own.url}, budgets={"rollout": {"max_calls": 9}})
     own.stop()
-    with pytest.raises(openai.APIStatusError) as refused:
-        ask(client(gateway, "down-1", max_retries=0))
-    assert refused.value.status_code == 503
-    assert refused.value.body["code"] == "budget_unavailable"
-    assert fake_provider.state.requests_to(CHAT) == []
-    # A call outside any rollout has no budget to check.
-    assert ask(openai.OpenAI(base_url=gateway.url(), api_key="k")).http_response.status_code == 200
+    # Closed at the end: a refusal kept by pytest.raises would hold the client's socket open
+    # until some later test collects it.
+    with (
+        client(gateway, "down-1", max_retries=0) as limited,
+        openai.OpenAI(base_url=gateway.url(), api_key="k") as plain,
+    ):
+        with pytest.raises(openai.APIStatusError) as refused:
+            ask(limited)
+        assert refused.value.status_code == 503
+        assert refused.value.body["code"] == "budget_unavailable"
+        assert fake_provider.state.requests_to(CHAT) == []
+        # A call outside any rollout has no budget to check.
+        assert ask(plain).http_response.status_code == 200
+    del refused
+    gc.collect()
+
+
+# -- across replicas on one PostgreSQL, no Redis ------------------------------------------
+
+
+def concurrently(gateways: list[GatewayThread], rollout: str, calls: int) -> list[Any]:
+    """`calls` chat calls at once through the async SDK, dealt round-robin over `gateways`."""
+
+    async def run() -> list[Any]:
+        clients = [openai.AsyncOpenAI(base_url=g.url(rollout), api_key="k") for g in gateways]
+        try:
+            return await asyncio.gather(
+                *(
+                    clients[i % len(clients)].chat.completions.create(
+                        model="gpt-test", messages=[{"role": "user", "content": str(i)}]
+                    )
+                    for i in range(calls)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            for oai in clients:
+                await oai.close()
+
+    return asyncio.run(run())
+
+
+def test_two_gateways_on_one_postgresql_hold_one_budget_without_redis(
+    fake_provider: Any, postgres: PostgresServer
+) -> None:
+    url = postgres.new_database()
+    fake_provider.state.latency = 0.05
+    settings = gateway_settings(fake_provider.url, budgets={"rollout": {"max_calls": 5}})
+    replicas = [GatewayThread(settings, url).start(), GatewayThread(settings, url).start()]
+    try:
+        results = concurrently(replicas, "pg-conc", 20)
+        refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+        assert len(refused) == 15
+        assert all(r.status_code == 402 and r.body["code"] == "budget_exceeded" for r in refused)
+        assert len(fake_provider.state.requests_to(CHAT)) == 5
+        for replica in replicas:
+            replica.flush()
+        for replica in replicas:
+            usage = httpx.get(f"{replica.base}/api/rollouts/pg-conc").json()["budget_usage"]
+            assert usage["shared"] is True
+            assert usage["used"]["calls"] == 5 and usage["remaining"] == {"max_calls": 0}
+
+        # A budget raised through one replica holds on the other at once.
+        httpx.patch(f"{replicas[0].base}/api/rollouts/pg-conc", json={"budget": {"max_calls": 6}})
+        assert ask(client(replicas[1], "pg-conc")).headers["x-budget-remaining-calls"] == "0"
+        with pytest.raises(openai.APIStatusError):
+            ask(client(replicas[0], "pg-conc"))
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_a_cost_budget_holds_across_postgresql_replicas_and_a_restart(
+    fake_provider: Any, postgres: PostgresServer
+) -> None:
+    url = postgres.new_database()
+    settings = gateway_settings(fake_provider.url, models=priced_models(fake_provider.url))
+    replicas = [GatewayThread(settings, url).start(), GatewayThread(settings, url).start()]
+    budget = 0.01
+    httpx.post(
+        f"{replicas[0].base}/api/rollouts",
+        json={"id": "pg-cost", "budget": {"max_cost_usd": budget}},
+    )
+    costs: list[float] = []
+
+    def settled(replica: GatewayThread) -> bool:
+        # The answer is sent before its real cost replaces the estimate; the next call may go
+        # to the other replica, so the test waits for that (a user's call would merely see
+        # the estimate, which is higher).
+        detail = httpx.get(f"{replica.base}/api/rollouts/pg-cost").json()["budget_usage"]
+        return bool(detail["used"]["cost_usd"] == pytest.approx(sum(costs)))
+
+    try:
+        with pytest.raises(openai.APIStatusError) as refused:
+            for i in range(100):
+                usage = ask(client(replicas[i % 2], "pg-cost"), LONG_TEXT).parse().usage
+                costs.append((usage.prompt_tokens + usage.completion_tokens) * PER_TOKEN)
+                other = replicas[(i + 1) % 2]
+                wait_until(lambda other=other: settled(other), timeout=5, what="the settle")
+        assert refused.value.status_code == 402
+        assert "max_cost_usd" in refused.value.body["message"]
+        assert len(costs) >= 2, "the calls should have alternated between the replicas"
+        replicas[0].flush()
+        replicas[1].flush()
+        recorded = [s["cost_usd"] for s in replicas[0].spans(rollout_id="pg-cost")]
+        assert [c for c in recorded if c] == pytest.approx(costs)
+        # Every call but the last started under budget; the last one crossed it.
+        assert sum(costs[:-1]) < budget <= sum(costs)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+    # The counters are in the store: a replica started afresh refuses the spent rollout.
+    again = GatewayThread(settings, url).start()
+    try:
+        with pytest.raises(openai.APIStatusError) as after_restart:
+            ask(client(again, "pg-cost"), LONG_TEXT)
+        assert after_restart.value.status_code == 402
+        detail = httpx.get(f"{again.base}/api/rollouts/pg-cost").json()["budget_usage"]
+        assert detail["used"]["calls"] == len(costs)
+        assert detail["used"]["cost_usd"] == pytest.approx(sum(costs))
+    finally:
+        again.stop()
+    assert len(fake_provider.state.requests_to(CHAT)) == len(costs)
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A server of this test's own, since the test stops it."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+def test_with_postgresql_away_only_calls_with_a_limit_are_refused(
+    fake_provider: Any, own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = own_postgres.new_database()
+    settings = gateway_settings(
+        fake_provider.url,
+        budgets={"agents": {"capped": {"rollout": {"max_calls": 50}}}},
+        recorder={"journal_dir": str(tmp_path / "journal")},
+    )
+    gateway = GatewayThread(settings, url).start()
+    capped = client(gateway, "pg-away-1", max_retries=0, default_headers={"X-Agent-Id": "capped"})
+    free = client(gateway, "pg-away-2", max_retries=0)
+    try:
+        ask(capped)
+        ask(free)
+        own_postgres.pause()
+        with pytest.raises(openai.APIStatusError) as unavailable:
+            ask(capped)
+        assert unavailable.value.status_code == 503
+        assert unavailable.value.body["code"] == "budget_unavailable"
+        # No limit to enforce: the call goes on while the store is away (spans spill).
+        assert ask(free).http_response.status_code == 200
+        own_postgres.resume()
+        wait_until(lambda: _answered(capped), timeout=15, what="budgets to come back")
+    finally:
+        gateway.stop()
+
+
+def _answered(oai: openai.OpenAI) -> bool:
+    try:
+        ask(oai)
+    except openai.APIStatusError as exc:
+        assert exc.status_code == 503
+        return False
+    return True

@@ -1,16 +1,20 @@
-"""Both budget states, in-process and Redis, hold the same counters under the same calls."""
+"""Every budget state, in-process, Redis and PostgreSQL, holds the same counters under the same
+calls."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from pg import PostgresServer
 from redis_server import RedisServer
 
 from store.budget_state import MemoryBudgetState, RedisBudgetState, empty_usage
+from store.budget_state_pg import PostgresBudgetState
 
 NO_LIMITS: dict[str, Any] = {}
 pytestmark = pytest.mark.asyncio
@@ -23,13 +27,17 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"])
+@pytest_asyncio.fixture(params=["memory", "redis", "postgresql"])
 async def state(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     if request.param == "memory":
         chosen: Any = MemoryBudgetState()
-    else:
+    elif request.param == "redis":
         chosen = RedisBudgetState(request.getfixturevalue("redis_url"), ttl=60)
         await chosen._redis.flushdb()
+    else:
+        postgres: PostgresServer = request.getfixturevalue("postgres")
+        chosen = PostgresBudgetState(postgres.new_database())
+        await chosen.open()
     yield chosen
     await chosen.close()
 
@@ -114,3 +122,39 @@ async def test_concurrent_reservations_are_exact(state: Any) -> None:
     limits = ({"max_calls": 7}, NO_LIMITS)
     results = await asyncio.gather(*(reserve(state, "r", "1", limits) for _ in range(50)))
     assert sum(1 for r in results if r["refused"] is None) == 7
+
+
+async def test_two_postgresql_states_on_one_store_share_exact_counters(
+    postgres: PostgresServer,
+) -> None:
+    # Two pools stand for two replicas; the rows outlive both.
+    url = postgres.new_database()
+    replicas = [PostgresBudgetState(url), PostgresBudgetState(url)]
+    try:
+        for replica in replicas:
+            await replica.open()
+        seeded = {"calls": 2, "tokens": 20, "cost": 0.0, "started": 5.0}
+        await asyncio.gather(*(r.seed("r", "{}", seeded, {"1": seeded}) for r in replicas))
+        limits = ({"max_calls": 20}, {"max_calls": 12})
+        attempt_of = ["1" if i % 3 else "2" for i in range(60)]
+        results = await asyncio.gather(
+            *(reserve(replicas[i % 2], "r", attempt_of[i], limits) for i in range(60))
+        )
+    finally:
+        for replica in replicas:
+            await replica.close()
+    admitted = Counter(attempt_of[i] for i, r in enumerate(results) if r["refused"] is None)
+    # The rollout had 2 calls and may take 18 more; no attempt goes past 12.
+    assert sum(admitted.values()) == 18
+    assert admitted["1"] <= 10 and admitted["2"] <= 12
+
+    restarted = PostgresBudgetState(url)
+    await restarted.open()
+    try:
+        read = await restarted.read("r")
+    finally:
+        await restarted.close()
+    assert read is not None
+    assert read["usage"]["calls"] == 20 and read["usage"]["started"] == 5.0
+    assert read["attempts"]["1"]["calls"] == 2 + admitted["1"]
+    assert read["attempts"]["2"]["calls"] == admitted["2"]

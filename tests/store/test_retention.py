@@ -59,6 +59,12 @@ def _build(target: Any) -> None:
             "insert into rewards (id, rollout_id, value, created_ns) values ('rw', 'r-old', 1, :at)",
             {"at": old},
         )
+        for rollout in ("r-old", "r-running"):
+            # Budget counters (replicas on PostgreSQL): they go with their rollout.
+            db.execute(
+                "insert into budget_usage (rollout_id, attempt_id) values (:r, ''), (:r, '1')",
+                {"r": rollout},
+            )
     finally:
         db.close()
 
@@ -81,6 +87,7 @@ def test_prune_dry_run_counts_and_prune_removes_only_old_ended_rollouts(db_path:
     assert _ids(db_path, "spans", "span_id") == ["s-new", "s-running"]
     assert _ids(db_path, "rollouts") == ["r-new", "r-running"]
     assert _ids(db_path, "rewards") == []
+    assert _ids(db_path, "budget_usage", "rollout_id") == ["r-running", "r-running"]
 
 
 def test_retention_days_prunes_in_the_background(db_path: Any, make_gateway: Any) -> None:
