@@ -103,7 +103,7 @@ class Sequencer:
         """Like `take`, but from the shared counter when replicas share the store, so the
         numbers have no gaps or duplicates whichever replica a call lands on."""
         cursor = self._cursors[rollout_id]
-        if self._allocate is None or self._shared.current_state == pybreaker.STATE_OPEN:
+        if self._allocate is None or not self._counter_may_answer():
             return self.take(rollout_id, count)
         try:
             async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
@@ -120,6 +120,17 @@ class Sequencer:
         cursor.seq = max(cursor.seq, last)
         return last - count + 1
 
+    def _counter_may_answer(self) -> bool:
+        """False while the breaker is open; once its timeout has run, the next call tries the
+        shared counter again (the breaker only leaves `open` when it is asked)."""
+        if self._shared.current_state == pybreaker.STATE_CLOSED:
+            return True
+        try:
+            self._shared.call(_nothing)
+        except pybreaker.CircuitBreakerError:
+            return False
+        return True
+
     async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
         """The call's sequence number and attempt."""
         attempt = await self.attempt_of(rollout_id, attempt_id)
@@ -134,3 +145,7 @@ class Sequencer:
 
 def _reraise(exc: BaseException) -> None:
     raise exc
+
+
+def _nothing() -> None:
+    return None
