@@ -80,6 +80,18 @@ def _chat_conversation(payload: dict[str, Any]) -> Conversation:
     messages = [m for m in payload.get("messages") or [] if isinstance(m, dict)]
     form = _object(payload.get("response_format"))
     schema = _object(_object(form.get("json_schema")).get("schema"))
+    return _conversation(payload, messages, form, schema, payload.get("messages"))
+
+
+def _conversation(
+    payload: dict[str, Any],
+    messages: list[dict[str, Any]],
+    form: dict[str, Any],
+    schema: dict[str, Any],
+    seed: Any,
+) -> Conversation:
+    """What the mock answers from, the same for chat and Responses; `form` is the requested
+    output format (`response_format` or `text.format`) and `schema` its JSON schema."""
     return Conversation(
         messages=messages,
         results=_trailing_results(messages),
@@ -88,7 +100,7 @@ def _chat_conversation(payload: dict[str, Any]) -> Conversation:
         parallel=payload.get("parallel_tool_calls") is not False,
         schema=schema if form.get("type") == "json_schema" else None,
         json_object=form.get("type") == "json_object",
-        seed=orjson.dumps(payload.get("messages") or []),
+        seed=orjson.dumps(seed or []),
     )
 
 
@@ -117,16 +129,7 @@ def _responses_conversation(
     payload: dict[str, Any], messages: list[dict[str, Any]]
 ) -> Conversation:
     form = _object(_object(payload.get("text")).get("format"))
-    return Conversation(
-        messages=messages,
-        results=_trailing_results(messages),
-        tools=_function_tools(payload.get("tools")),
-        tool_choice=payload.get("tool_choice"),
-        parallel=payload.get("parallel_tool_calls") is not False,
-        schema=_object(form.get("schema")) if form.get("type") == "json_schema" else None,
-        json_object=form.get("type") == "json_object",
-        seed=orjson.dumps(payload.get("input") or []),
-    )
+    return _conversation(payload, messages, form, _object(form.get("schema")), payload.get("input"))
 
 
 def _words(text: str) -> list[str]:
