@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 import pybreaker
 
-from store.backend import libpq_url, mask_url
+from store.backend import mask_url
 from store.budget_state import LIMIT_NAMES, USAGE_FIELDS, Limits, Usage
 from store.errors import StoreUnavailable
+from store.shared_state import autocommit_pool
 
 T = TypeVar("T")
 # Connections of one replica's budget pool: a reservation holds one for a round trip.
@@ -104,17 +105,9 @@ class PostgresBudgetState:
         size: int = DEFAULT_PG_POOL_SIZE,
         timeout: float = DEFAULT_PG_TIMEOUT,
     ) -> None:
-        from psycopg_pool import AsyncConnectionPool
-
         self.url = url
         self._timeout = timeout
-        self._pool = AsyncConnectionPool(
-            libpq_url(url),
-            min_size=1,
-            max_size=size,
-            kwargs={"autocommit": True, "application_name": "spangate-budget"},
-            open=False,
-        )
+        self._pool = autocommit_pool(url, size, "spangate-budget")
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=1, reset_timeout=PG_RETRY_SECONDS, name="budget-state"
         )

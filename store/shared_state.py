@@ -46,21 +46,27 @@ return value
 """
 
 
+def autocommit_pool(url: str, size: int, name: str) -> Any:
+    """An async pool of autocommit connections of this replica's own (opened by the caller),
+    named so `pg_stat_activity` says what each is for."""
+    from psycopg_pool import AsyncConnectionPool
+
+    return AsyncConnectionPool(
+        libpq_url(url),
+        min_size=1,
+        max_size=size,
+        kwargs={"autocommit": True, "application_name": name},
+        open=False,
+    )
+
+
 class PostgresCounter:
     """Sequence numbers from the `rollout_counters` row of each rollout (UPDATE ... RETURNING
     through an upsert), over a small pool of connections of their own."""
 
     def __init__(self, url: str, *, size: int = COUNTER_POOL_SIZE) -> None:
-        from psycopg_pool import AsyncConnectionPool
-
         self.url = url
-        self.pool = AsyncConnectionPool(
-            libpq_url(url),
-            min_size=1,
-            max_size=size,
-            kwargs={"autocommit": True, "application_name": "spangate-seq"},
-            open=False,
-        )
+        self.pool = autocommit_pool(url, size, "spangate-seq")
 
     async def open(self) -> None:
         try:

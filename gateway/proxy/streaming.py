@@ -76,12 +76,14 @@ def strip_usage_null(raw: bytes) -> bytes:
     return _USAGE_NULL.sub(b"", raw)
 
 
-class ChatAssembler:
-    """Folds `chat.completion.chunk` events into one `chat.completion` object."""
+class _ChoiceChunks:
+    """What chat and legacy completion streams share: the first id/model/... seen, the
+    usage chunk, an error chunk, and each choice's index."""
+
+    META_KEYS: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.meta: dict[str, Any] = {}
-        self.choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
         self.failed: tuple[str, str | None] | None = None
@@ -90,16 +92,32 @@ class ChatAssembler:
         """(type, message) when the stream carried an error chunk."""
         return self.failed
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def _choices(self, chunk: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        """Take the chunk's shared parts; its choices with their indexes."""
         self.chunks += 1
         self.failed = chunk_failure(chunk) or self.failed
-        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
+        for key in self.META_KEYS:
             if chunk.get(key) is not None and key not in self.meta:
                 self.meta[key] = chunk[key]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in objects_in(chunk.get("choices")):
-            index = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
+        return [
+            (choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0, choice)
+            for choice in objects_in(chunk.get("choices"))
+        ]
+
+
+class ChatAssembler(_ChoiceChunks):
+    """Folds `chat.completion.chunk` events into one `chat.completion` object."""
+
+    META_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.choices: dict[int, dict[str, Any]] = {}
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        for index, choice in self._choices(chunk):
             slot = self.choices.setdefault(
                 index,
                 {"role": None, "content": [], "refusal": [], "tool_calls": {}, "finish": None},
@@ -182,31 +200,18 @@ def _whole_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     return whole
 
 
-class CompletionAssembler:
+class CompletionAssembler(_ChoiceChunks):
     """Folds legacy `text_completion` chunks into one completion object."""
 
+    META_KEYS = ("id", "created", "model", "system_fingerprint")
+
     def __init__(self) -> None:
-        self.meta: dict[str, Any] = {}
+        super().__init__()
         self.texts: dict[int, list[str]] = {}
         self.finish: dict[int, str | None] = {}
-        self.usage: dict[str, Any] | None = None
-        self.chunks = 0
-        self.failed: tuple[str, str | None] | None = None
-
-    def failure(self) -> tuple[str, str | None] | None:
-        """(type, message) when the stream carried an error chunk."""
-        return self.failed
 
     def add(self, chunk: dict[str, Any]) -> None:
-        self.chunks += 1
-        self.failed = chunk_failure(chunk) or self.failed
-        for key in ("id", "created", "model", "system_fingerprint"):
-            if chunk.get(key) is not None and key not in self.meta:
-                self.meta[key] = chunk[key]
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        for choice in objects_in(chunk.get("choices")):
-            index = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
+        for index, choice in self._choices(chunk):
             text = choice.get("text")
             self.texts.setdefault(index, []).append(text if isinstance(text, str) else "")
             if choice.get("finish_reason"):
