@@ -37,7 +37,7 @@ def test_after_a_failure_the_shared_counter_is_tried_again(
         deadline = asyncio.get_running_loop().time() + 2
         while shared["asked"] == 1 and asyncio.get_running_loop().time() < deadline:
             numbers.append(await seq.reserve("r"))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll until the breaker lets a call try again
         numbers.append(await seq.reserve("r"))
         return numbers
 
