@@ -66,58 +66,19 @@ class PostgresServer:
         self.psql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
         return self.url(name)
 
+    def _pg_ctl(self, *args: str, check: bool = True) -> None:
+        command = [str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), *args]
+        subprocess.run(_as_owner(command), check=check, capture_output=True)
+
     def pause(self) -> None:
         """Stop the server but keep its data (to start it again with `resume`)."""
-        subprocess.run(
-            _as_owner(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(self.root / "data"),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "stop",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
+        self._pg_ctl("-m", "fast", "-w", "stop")
 
     def resume(self) -> None:
-        subprocess.run(
-            _as_owner(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(self.root / "data"),
-                    "-o",
-                    self.options,
-                    "-l",
-                    str(self.root / "log"),
-                    "-w",
-                    "start",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
+        self._pg_ctl("-o", self.options, "-l", str(self.root / "log"), "-w", "start")
 
     def stop(self) -> None:
-        subprocess.run(
-            _as_owner(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(self.root / "data"),
-                    "-m",
-                    "immediate",
-                    "stop",
-                ]
-            ),
-            check=False,
-            capture_output=True,
-        )
+        self._pg_ctl("-m", "immediate", "stop", check=False)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
