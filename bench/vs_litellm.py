@@ -1,9 +1,11 @@
 """spangate next to LiteLLM Proxy in one run (issue 19): the same fake provider, the same load
-generator, three targets, one table.
+generator, four targets, one table.
 
 Targets, each in front of tests/fake_provider.py (20 ms latency):
 
 - *direct*: the fake provider itself;
+- *aiohttp floor*: bench/_thin_proxy.py, the thinnest aiohttp-in, aiohttp-out hop (no parsing,
+  no recording), on spangate's core: what any gateway built on aiohttp pays before its own work;
 - *spangate*: `spangate serve` recording into SQLite, started as bench/overhead.py starts it;
 - *LiteLLM*: LiteLLM Proxy 1.103.7 (`litellm --config CFG --num_workers 2`) from its own venv
   (`--litellm-venv`, created and filled by this script when it does not exist; never the
@@ -13,7 +15,7 @@ Targets, each in front of tests/fake_provider.py (20 ms latency):
 For each concurrency (1 and 64), wrk (bench/overhead.py's script and runner) drives each target
 in turn: warm-up, then the measured run; the CPU of the target's processes and of everything
 else on the machine is read from /proc. Then an aiohttp client in this process streams one chat
-at a time, rotating over the three targets, and takes the time to the first content chunk
+at a time, rotating over the targets, and takes the time to the first content chunk
 (bench/streaming.py's client). spangate's spans are counted as overhead.py counts them: every
 request wrk sent, and every stream, must be one span, after the queue drained and again after
 the gateway exited.
@@ -36,6 +38,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -106,7 +109,8 @@ DEFAULT_DURATION = 10
 IDLE_SHARE = 0.05  # of one core: a target below this between runs has finished its backlog
 MIN_COMPLETED_PER_CONNECTION = 2  # fewer responses per wrk connection: no usable percentiles
 
-DIRECT, SPANGATE, LITELLM = "direct", "spangate", "LiteLLM"
+DIRECT, FLOOR, SPANGATE, LITELLM = "direct", "aiohttp floor", "spangate", "LiteLLM"
+THIN_PROXY = Path(__file__).with_name("_thin_proxy.py")
 STREAM_ROLLOUT = "bench-stream"
 
 
@@ -265,6 +269,30 @@ def start_litellm(opts: Options, tmp: Path, provider_base: str) -> Iterator[Lite
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def start_floor(opts: Options, tmp: Path, provider_base: str) -> Iterator[tuple[str, int]]:
+    """bench/_thin_proxy.py on the gateway's core: its /v1 base URL and pid, once it answers."""
+    port = free_port()
+    cmd = [sys.executable, str(THIN_PROXY), str(port), provider_base]
+    log_path = tmp / "floor.log"
+    popen = spawn_options(opts.load) | {"cwd": tmp}
+    with managed_process(placed(cmd, GATEWAY_CPU, opts.load), log_path, "floor", **popen) as proc:
+        base = f"http://{HOST}:{port}/v1"
+
+        def serving() -> bool | None:
+            ensure_alive(proc, "the aiohttp floor", log_path)
+            return True if port_open(port) else None
+
+        wait_for("the aiohttp floor", serving, 60, interval=0.1)
+        yield base, proc.pid
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+        return True
+    return False
+
+
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -416,6 +444,7 @@ def run(opts: Options) -> Outcome:
         lua.write_text(WRK_LUA % {"body": BODY})
         provider_base, provider = start_provider(opts.load, tmp, stack)
         litellm = stack.enter_context(start_litellm(opts, tmp, provider_base))
+        floor_base, floor_pid = stack.enter_context(start_floor(opts, tmp, provider_base))
         print(
             f"  LiteLLM serving after {litellm.start_s:.1f} s "
             f"({litellm.restarts_at_start} worker restarts)",
@@ -428,6 +457,7 @@ def run(opts: Options) -> Outcome:
         try:
             targets = [
                 Target(DIRECT, lambda _r: provider_base + "/chat/completions", lambda: []),
+                Target(FLOOR, lambda _r: floor_base + "/chat/completions", lambda: [floor_pid]),
                 Target(
                     SPANGATE,
                     lambda r: f"{gw.root}/rollout/{r}/attempt/1/v1/chat/completions",
@@ -524,7 +554,7 @@ def summarize(outcome: Outcome, opts: Options) -> list[Summary]:
     by = {(r.target, r.concurrency): r for r in outcome.runs}
     ttft = {name: statistics.median(v) for name, v in outcome.ttft_ms.items() if v}
     out = []
-    for name in (DIRECT, SPANGATE, LITELLM):
+    for name in (DIRECT, FLOOR, SPANGATE, LITELLM):
         s = Summary(name)
         runs = [r for r in outcome.runs if r.target == name]
         s.errors = sum(
@@ -573,7 +603,7 @@ SUMMARY_HEADER = [
 def summary_rows(summaries: list[Summary]) -> list[list[str]]:
     rows = []
     for s in summaries:
-        recorded = {None: "n/a" if s.target == LITELLM else "-", True: "yes", False: "NO"}
+        recorded = {None: "-" if s.target == DIRECT else "n/a", True: "yes", False: "NO"}
         rows.append(
             [
                 s.target,
@@ -590,6 +620,41 @@ def summary_rows(summaries: list[Summary]) -> list[list[str]]:
                 fmt(s.cpu_us_c64, ".0f"),
                 recorded[s.recorded],
                 str(s.errors),
+            ]
+        )
+    return rows
+
+
+FLOOR_HEADER = [
+    "target",
+    "c1 p50 above the floor, ms",
+    "TTFT above the floor, ms",
+    "c64 req/s, share of the floor's",
+    "CPU µs/request (c64) above the floor's",
+]
+
+
+def floor_rows(summaries: list[Summary]) -> list[list[str]]:
+    """What each gateway adds on top of the bare aiohttp hop, measured in the same run."""
+    by = {s.target: s for s in summaries}
+    floor = by.get(FLOOR)
+    if floor is None:
+        return []
+
+    def minus(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    rows = []
+    for name in (SPANGATE, LITELLM):
+        s = by[name]
+        share = None if not (s.c64_rps and floor.c64_rps) else s.c64_rps / floor.c64_rps * 100
+        rows.append(
+            [
+                name,
+                fmt(minus(s.c1_p50_ms, floor.c1_p50_ms), "+.2f"),
+                fmt(minus(s.ttft_p50_ms, floor.ttft_p50_ms), "+.2f"),
+                fmt(share, ".0f", " %"),
+                fmt(minus(s.cpu_us_c64, floor.cpu_us_c64), "+.0f"),
             ]
         )
     return rows
@@ -746,7 +811,7 @@ def report(opts: Options, outcome: Outcome, busy_before: float) -> None:
             if opts.load.loadgen == "wrk"
             else "bench/_aio_loadgen.py (aiohttp, closed loop)",
             "TTFT client": f"aiohttp (uvloop) in the benchmark process; {opts.chunks}-chunk "
-            f"streams with usage; rounds rotate the order of the three targets; "
+            f"streams with usage; rounds rotate the order of the targets; "
             f"{opts.ttft_warmup} warm-up rounds",
             "LiteLLM": f"litellm {venv_version(opts.litellm_venv, 'litellm')} "
             f"(uvicorn {venv_version(opts.litellm_venv, 'uvicorn')}, "
@@ -794,7 +859,8 @@ def report(opts: Options, outcome: Outcome, busy_before: float) -> None:
         "spangate vs LiteLLM Proxy vs direct"
         + (" (SHORT validation run)" if is_short(opts) else ""),
         "One run, one fake provider (20 ms), one load generator (wrk): *direct* is the fake "
-        "provider itself, *spangate* is `spangate serve` recording every call into SQLite, "
+        "provider itself, *aiohttp floor* the thinnest aiohttp pass-through (no recording), "
+        "*spangate* is `spangate serve` recording every call into SQLite, "
         f"*LiteLLM* is LiteLLM Proxy {LITELLM_VERSION} with {opts.litellm_workers} workers, "
         "run offline. *Added* = the target's percentile minus direct's in the same run; TTFT = "
         "time to the first content chunk of a streamed chat, one at a time, median over the "
@@ -812,6 +878,15 @@ def report(opts: Options, outcome: Outcome, busy_before: float) -> None:
                 SUMMARY_HEADER,
                 summary_rows(summaries),
                 "Notes on the runs behind it: " + "; ".join(run_notes) if run_notes else "",
+            ),
+            Section(
+                "Above the aiohttp floor",
+                FLOOR_HEADER,
+                floor_rows(summaries),
+                "The *aiohttp floor* is bench/_thin_proxy.py on spangate's core: one route, one "
+                "ClientSession, no parsing, no recording. Its own added latency is what an "
+                "aiohttp server in front of an aiohttp client costs on this machine; these "
+                "columns are what each gateway adds beyond it.",
             ),
             Section(
                 "Every wrk run",
