@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import IO, Any, TypedDict, Unpack
+from typing import IO, Any, Unpack
 
 import orjson
 from sqlite_utils import Database
@@ -14,7 +14,7 @@ from sqlite_utils import Database
 from store.backend import dialect_of, json_table
 from store.errors import NotFound
 from store.packed import unpack_floats, unpack_ints
-from store.queries import decode_row
+from store.queries import RolloutFilters, decode_row, given
 
 ROLLOUT_BATCH = 200
 DEFAULT_REWARD_NAME = "reward"
@@ -90,14 +90,10 @@ where id in (select value from {ids})
 Row = dict[str, Any]
 
 
-class RolloutFilters(TypedDict, total=False):
-    """What selects the rollouts of an export; the filters given combine with AND."""
+class ExportFilters(RolloutFilters, total=False):
+    """What selects the rollouts of an export: the common filters, and any of some ids."""
 
     rollout_ids: Sequence[str] | None
-    since_ns: int | None
-    until_ns: int | None
-    status: str | None
-    agent: str | None
 
 
 # -- rollouts --------------------------------------------------------------------------
@@ -141,20 +137,15 @@ def _ids_json(rollout_ids: Sequence[str]) -> str:
     return orjson.dumps(list(rollout_ids)).decode()
 
 
-def _iter_parts(db: Database, filters: RolloutFilters, batch_size: int) -> Iterator[_Part]:
-    unknown = filters.keys() - RolloutFilters.__optional_keys__
-    if unknown:
-        # What a keyword parameter of that name would have raised.
-        raise TypeError(f"unexpected keyword argument {min(unknown)!r}")
-    rollout_ids = filters.get("rollout_ids")
-    params: dict[str, Any] = {
-        **{name: None for name in RolloutFilters.__optional_keys__},
-        **filters,
-        "rollout_ids": _ids_json(rollout_ids) if rollout_ids is not None else None,
-        "limit": batch_size,
-        "after_created_ns": -1,
-        "after_rowid": 0,
-    }
+def _iter_parts(db: Database, filters: ExportFilters, batch_size: int) -> Iterator[_Part]:
+    params = given(filters, ExportFilters.__optional_keys__)
+    rollout_ids = params["rollout_ids"]
+    params.update(
+        rollout_ids=_ids_json(rollout_ids) if rollout_ids is not None else None,
+        limit=batch_size,
+        after_created_ns=-1,
+        after_rowid=0,
+    )
     while True:
         page = list(_rows(db, ROLLOUTS_PAGE_SQL, params))
         if not page:
@@ -206,7 +197,7 @@ def _nest(part: _Part) -> Row:
 
 
 def iter_rollouts(
-    db: Database, *, batch_size: int = ROLLOUT_BATCH, **filters: Unpack[RolloutFilters]
+    db: Database, *, batch_size: int = ROLLOUT_BATCH, **filters: Unpack[ExportFilters]
 ) -> Iterator[Row]:
     """Each matching rollout as one JSON-ready object, oldest first, read page by page.
 
@@ -359,7 +350,7 @@ def iter_triplets(
     model_version: str | None = None,
     with_reward: bool = False,
     batch_size: int = ROLLOUT_BATCH,
-    **filters: Unpack[RolloutFilters],
+    **filters: Unpack[ExportFilters],
 ) -> Iterator[Row]:
     """One object per chat, responses or text-completion call of the matching rollouts.
 
