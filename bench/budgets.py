@@ -72,8 +72,8 @@ async def state_rate(state: Any, seconds: float = 2.0) -> tuple[float, float, fl
     while time.perf_counter() < deadline:
         started = time.perf_counter()
         await state.reserve(
-            "rate", "1", limits, tokens=10, cost=0.001, need_tokens=1, need_cost=1e-9, now=1.0,
-            expect="{}",
+            {"rollout_id": "rate", "attempt_id": "1", "limits": limits, "tokens": 10,
+             "cost": 0.001, "need_tokens": 1, "need_cost": 1e-9, "now": 1.0, "expect": "{}"}
         )  # fmt: skip
         reserves.append((time.perf_counter() - started) * 1000)
         await state.settle("rate", "1", tokens=-1, cost=-0.0001)

@@ -11,7 +11,7 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import orjson
@@ -503,21 +503,24 @@ def outliers(attempts: list[AttemptData], *, top: int = 10) -> list[dict[str, An
     return found[:top]
 
 
+class Selection(TypedDict, total=False):
+    """The keywords of `load`: which attempts are read and what counts as a success."""
+
+    since_ns: int | None
+    agent: str | None
+    reward_name: str
+    success_threshold: float
+
+
 def analyse(
     db: Database,
     *,
-    since_ns: int | None = None,
-    agent: str | None = None,
     min_support: int = DEFAULT_MIN_SUPPORT,
     alpha: float = DEFAULT_ALPHA,
-    reward_name: str = DEFAULT_REWARD_NAME,
-    success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,
+    **selection: Unpack[Selection],
 ) -> dict[str, Any]:
-    """All findings at once, as plain JSON-ready data."""
-    attempts = load(
-        db, since_ns=since_ns, agent=agent, reward_name=reward_name,
-        success_threshold=success_threshold,
-    )  # fmt: skip
+    """All findings at once, as plain JSON-ready data; `selection` goes to `load`."""
+    attempts = load(db, **selection)
     findings = differences(attempts, min_support=min_support, alpha=alpha)
     return {
         "attempts": len(attempts),

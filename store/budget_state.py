@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, TypedDict
 
 LIMIT_NAMES = ("max_calls", "max_tokens", "max_cost_usd", "max_seconds")
 Usage = dict[str, float]
@@ -26,23 +26,38 @@ DEFAULT_REDIS_TIMEOUT = 2.0
 DEFAULT_MEMORY_CAPACITY = 100_000
 
 
+class ReserveAsk(TypedDict):
+    """One call's reservation in both its scopes (rollout, attempt): it holds `tokens` and
+    `cost` and needs `need_tokens` and `need_cost` left to go ahead, under the budget text
+    `expect` (`gateway.proxy.budgets` builds the same keys: store imports none of it)."""
+
+    rollout_id: str
+    attempt_id: str
+    limits: tuple[Limits, Limits]
+    tokens: float
+    cost: float
+    need_tokens: float
+    need_cost: float
+    now: float
+    expect: str
+
+
 def empty_usage() -> Usage:
     return {"calls": 0, "tokens": 0, "cost": 0.0, "started": 0.0}
 
 
-def _refusal(
-    usage: Usage, limits: Limits, need_tokens: float, need_cost: float, now: float
-) -> str | None:
+def _refusal(usage: Usage, limits: Limits, ask: ReserveAsk) -> str | None:
     """The first limit this scope cannot take another call under, or None."""
     max_calls, max_tokens = limits.get("max_calls"), limits.get("max_tokens")
     max_cost, max_seconds = limits.get("max_cost_usd"), limits.get("max_seconds")
     if max_calls is not None and usage["calls"] + 1 > max_calls:
         return "max_calls"
-    if max_tokens is not None and usage["tokens"] + need_tokens > max_tokens:
+    if max_tokens is not None and usage["tokens"] + ask["need_tokens"] > max_tokens:
         return "max_tokens"
-    if max_cost is not None and usage["cost"] + need_cost > max_cost:
+    if max_cost is not None and usage["cost"] + ask["need_cost"] > max_cost:
         return "max_cost_usd"
-    if max_seconds is not None and usage["started"] and now - usage["started"] > max_seconds:
+    started = usage["started"]
+    if max_seconds is not None and started and ask["now"] - started > max_seconds:
         return "max_seconds"
     return None
 
@@ -89,38 +104,26 @@ class MemoryBudgetState:
         if entry is not None:
             entry.budget = budget
 
-    async def reserve(
-        self,
-        rollout_id: str,
-        attempt_id: str,
-        limits: tuple[Limits, Limits],
-        *,
-        tokens: float,
-        cost: float,
-        need_tokens: float,
-        need_cost: float,
-        now: float,
-        expect: str,
-    ) -> dict[str, Any] | None:
+    async def reserve(self, ask: ReserveAsk) -> dict[str, Any] | None:
         """None when the rollout is not seeded; `{"stale": budget}` when its budget is no
         longer `expect`; else `{"refused": (scope, limit) | None, "usage": [rollout usage,
         attempt usage]}`, usage as it was before this call."""
-        entry = self._get(rollout_id)
+        entry = self._get(ask["rollout_id"])
         if entry is None:
             return None
-        if entry.budget != expect:
+        if entry.budget != ask["expect"]:
             return {"stale": entry.budget}
-        scopes = [entry.usage, entry.attempts.setdefault(attempt_id, empty_usage())]
+        scopes = [entry.usage, entry.attempts.setdefault(ask["attempt_id"], empty_usage())]
         before = [dict(u) for u in scopes]
-        for index, (usage, scope_limits) in enumerate(zip(scopes, limits, strict=True)):
-            limit = _refusal(usage, scope_limits, need_tokens, need_cost, now)
+        for index, (usage, scope_limits) in enumerate(zip(scopes, ask["limits"], strict=True)):
+            limit = _refusal(usage, scope_limits, ask)
             if limit is not None:
                 return {"refused": (index, limit), "usage": before}
         for usage in scopes:
             usage["calls"] += 1
-            usage["tokens"] += tokens
-            usage["cost"] += cost
-            usage["started"] = usage["started"] or now
+            usage["tokens"] += ask["tokens"]
+            usage["cost"] += ask["cost"]
+            usage["started"] = usage["started"] or ask["now"]
         return {"refused": None, "usage": before}
 
     async def settle(self, rollout_id: str, attempt_id: str, *, tokens: float, cost: float) -> None:
@@ -298,23 +301,13 @@ class RedisBudgetState:
     async def set_budget(self, rollout_id: str, budget: str) -> None:
         await self._set_budget(keys=[_rollout_key(rollout_id)], args=[budget])
 
-    async def reserve(
-        self,
-        rollout_id: str,
-        attempt_id: str,
-        limits: tuple[Limits, Limits],
-        *,
-        tokens: float,
-        cost: float,
-        need_tokens: float,
-        need_cost: float,
-        now: float,
-        expect: str,
-    ) -> dict[str, Any] | None:
+    async def reserve(self, ask: ReserveAsk) -> dict[str, Any] | None:
+        rollout_id, attempt_id, limits = ask["rollout_id"], ask["attempt_id"], ask["limits"]
         keys = [_rollout_key(rollout_id), _attempt_key(rollout_id, attempt_id)]
-        args = [repr(now), repr(tokens), repr(cost), repr(need_tokens), repr(need_cost)]
-        args += [str(self._ttl), *_limit_args(limits[0]), *_limit_args(limits[1]), attempt_id]
-        out = await self._reserve(keys=keys, args=[*args, expect])
+        amounts = (ask["now"], ask["tokens"], ask["cost"], ask["need_tokens"], ask["need_cost"])
+        args = [*map(repr, amounts), str(self._ttl), *_limit_args(limits[0])]
+        args += [*_limit_args(limits[1]), attempt_id]
+        out = await self._reserve(keys=keys, args=[*args, ask["expect"]])
         if out is None:
             return None
         if out[0] == "stale":

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pybreaker
 
 from store.backend import mask_url
-from store.budget_state import LIMIT_NAMES, USAGE_FIELDS, Limits, Usage
+from store.budget_state import LIMIT_NAMES, USAGE_FIELDS, Limits, ReserveAsk, Usage
 from store.errors import StoreUnavailable
 from store.shared_state import autocommit_pool
 
@@ -167,29 +167,17 @@ class PostgresBudgetState:
 
         await self._run(run)
 
-    async def reserve(
-        self,
-        rollout_id: str,
-        attempt_id: str,
-        limits: tuple[Limits, Limits],
-        *,
-        tokens: float,
-        cost: float,
-        need_tokens: float,
-        need_cost: float,
-        now: float,
-        expect: str,
-    ) -> dict[str, Any] | None:
+    async def reserve(self, ask: ReserveAsk) -> dict[str, Any] | None:
         params = {
-            "rollout": rollout_id,
-            "attempt": attempt_id,
-            "expect": expect,
-            "now": float(now),
-            "tokens": float(tokens),
-            "cost": float(cost),
-            "need_tokens": float(need_tokens),
-            "need_cost": float(need_cost),
-            "limits": _limit_args(limits),
+            "rollout": ask["rollout_id"],
+            "attempt": ask["attempt_id"],
+            "expect": ask["expect"],
+            "now": float(ask["now"]),
+            "tokens": float(ask["tokens"]),
+            "cost": float(ask["cost"]),
+            "need_tokens": float(ask["need_tokens"]),
+            "need_cost": float(ask["need_cost"]),
+            "limits": _limit_args(ask["limits"]),
         }
         outcome, budget, scope, limit, usage = await self._one(RESERVE_SQL, params)
         if outcome == "missing":

@@ -3,7 +3,7 @@ on the store's read layer in `store.queries`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 from sqlite_utils import Database
 
@@ -12,11 +12,13 @@ from store.queries import (
     ROLLOUT_SUMMARY_COLUMNS,
     BadCursor,
     Page,
+    RolloutListFilters,
     _limit,
     _rows,
     _where,
     decode_cursor,
     encode_cursor,
+    given,
 )
 
 # -- reads for the dashboard ----------------------------------------------------------
@@ -92,21 +94,23 @@ limit :limit
 """
 
 
+class BrowseFilters(RolloutListFilters, total=False):
+    """The filters of `browse_rollouts`: those of `list_rollouts`, a model any of its calls
+    used, and text its id contains."""
+
+    model: str | None
+    text: str | None
+
+
 def browse_rollouts(
     db: Database,
     *,
-    status: str | None = None,
-    agent: str | None = None,
-    tag: str | None = None,
-    model: str | None = None,
-    text: str | None = None,
-    since_ns: int | None = None,
-    until_ns: int | None = None,
     sort: str = "created",
     descending: bool = True,
     reward_name: str = "reward",
     cursor: str | None = None,
     limit: int = 50,
+    **filters: Unpack[BrowseFilters],
 ) -> Page:
     """Rollouts with their summaries, sorted by any summary column, cursor-paged.
 
@@ -125,18 +129,8 @@ def browse_rollouts(
         keyset = f"(sort_key {op} :cursor_key or (sort_key = :cursor_key and id {op} :cursor_id))"
         after = {"cursor_key": cursor_key, "cursor_id": cursor_id}
     limit = _limit(limit)
-    params: dict[str, Any] = {
-        "status": status,
-        "agent": agent,
-        "tag": tag,
-        "model": model,
-        "text": text or None,
-        "since_ns": since_ns,
-        "until_ns": until_ns,
-        "reward_name": reward_name,
-        "limit": limit + 1,
-        **after,
-    }
+    params = given(filters, BrowseFilters.__optional_keys__)
+    params.update(text=params["text"] or None, reward_name=reward_name, limit=limit + 1, **after)
     sql = BROWSE_KEYS_SQL.format(
         sort=BROWSE_SORTS[sort],
         where=_where(BROWSE_FILTERS, params),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import IO, Any
+from typing import IO, Any, Unpack
 
 import orjson
 from sqlite_utils import Database
@@ -14,7 +14,7 @@ from sqlite_utils import Database
 from store.backend import dialect_of, json_table
 from store.errors import NotFound
 from store.packed import unpack_floats, unpack_ints
-from store.queries import decode_row
+from store.queries import RolloutFilters, decode_row, given
 
 ROLLOUT_BATCH = 200
 DEFAULT_REWARD_NAME = "reward"
@@ -90,6 +90,12 @@ where id in (select value from {ids})
 Row = dict[str, Any]
 
 
+class ExportFilters(RolloutFilters, total=False):
+    """What selects the rollouts of an export: the common filters, and any of some ids."""
+
+    rollout_ids: Sequence[str] | None
+
+
 # -- rollouts --------------------------------------------------------------------------
 
 
@@ -131,26 +137,15 @@ def _ids_json(rollout_ids: Sequence[str]) -> str:
     return orjson.dumps(list(rollout_ids)).decode()
 
 
-def _iter_parts(
-    db: Database,
-    *,
-    rollout_ids: Sequence[str] | None,
-    since_ns: int | None,
-    until_ns: int | None,
-    status: str | None,
-    agent: str | None,
-    batch_size: int,
-) -> Iterator[_Part]:
-    params: dict[str, Any] = {
-        "rollout_ids": _ids_json(rollout_ids) if rollout_ids is not None else None,
-        "since_ns": since_ns,
-        "until_ns": until_ns,
-        "status": status,
-        "agent": agent,
-        "limit": batch_size,
-        "after_created_ns": -1,
-        "after_rowid": 0,
-    }
+def _iter_parts(db: Database, filters: ExportFilters, batch_size: int) -> Iterator[_Part]:
+    params = given(filters, ExportFilters.__optional_keys__)
+    rollout_ids = params["rollout_ids"]
+    params.update(
+        rollout_ids=_ids_json(rollout_ids) if rollout_ids is not None else None,
+        limit=batch_size,
+        after_created_ns=-1,
+        after_rowid=0,
+    )
     while True:
         page = list(_rows(db, ROLLOUTS_PAGE_SQL, params))
         if not page:
@@ -202,14 +197,7 @@ def _nest(part: _Part) -> Row:
 
 
 def iter_rollouts(
-    db: Database,
-    *,
-    rollout_ids: Sequence[str] | None = None,
-    since_ns: int | None = None,
-    until_ns: int | None = None,
-    status: str | None = None,
-    agent: str | None = None,
-    batch_size: int = ROLLOUT_BATCH,
+    db: Database, *, batch_size: int = ROLLOUT_BATCH, **filters: Unpack[ExportFilters]
 ) -> Iterator[Row]:
     """Each matching rollout as one JSON-ready object, oldest first, read page by page.
 
@@ -220,15 +208,7 @@ def iter_rollouts(
     `unattributed_calls` (calls without an attempt). Rewards are oldest first. Calls that
     belong to no rollout are not exported.
     """
-    for part in _iter_parts(
-        db,
-        rollout_ids=rollout_ids,
-        since_ns=since_ns,
-        until_ns=until_ns,
-        status=status,
-        agent=agent,
-        batch_size=batch_size,
-    ):
+    for part in _iter_parts(db, filters, batch_size):
         yield _nest(part)
 
 
@@ -364,17 +344,13 @@ def _triplet(
 def iter_triplets(
     db: Database,
     *,
-    rollout_ids: Sequence[str] | None = None,
-    since_ns: int | None = None,
-    until_ns: int | None = None,
-    status: str | None = None,
-    agent: str | None = None,
     reward_name: str = DEFAULT_REWARD_NAME,
     reward_rule: str = "every",
     gamma: float = DEFAULT_GAMMA,
     model_version: str | None = None,
     with_reward: bool = False,
     batch_size: int = ROLLOUT_BATCH,
+    **filters: Unpack[ExportFilters],
 ) -> Iterator[Row]:
     """One object per chat, responses or text-completion call of the matching rollouts.
 
@@ -396,15 +372,7 @@ def iter_triplets(
     final reward ("rollout_final"); else null. A reward on one call never counts for
     another call of the same attempt.
     """
-    for part in _iter_parts(
-        db,
-        rollout_ids=rollout_ids,
-        since_ns=since_ns,
-        until_ns=until_ns,
-        status=status,
-        agent=agent,
-        batch_size=batch_size,
-    ):
+    for part in _iter_parts(db, filters, batch_size):
         if reward_rule not in REWARD_RULES:
             raise ValueError(f"reward_rule must be one of {', '.join(REWARD_RULES)}")
         rewards = _RewardIndex(part.rewards, reward_name)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import orjson
 from sqlite_utils import Database
@@ -169,83 +170,120 @@ def _limit(limit: int, max_page: int = MAX_PAGE) -> int:
     return max(1, min(limit, max_page))
 
 
+def _page(
+    db: Database,
+    sql: str,
+    filters: dict[str, str],
+    params: dict[str, Any],
+    limit: int,
+    cursor_key: Callable[[dict[str, Any]], tuple[Any, ...]],
+    **holes: str,
+) -> Page:
+    """One page of a listing: `sql`'s `{where}` made of the `filters` clauses whose parameter
+    is given, one row more than `limit` read to learn whether another page follows, and the
+    next cursor made of the last row's `cursor_key`."""
+    sql = sql.format(where=_where(filters, params), **holes)
+    rows = _rows(db, sql, {**params, "limit": limit + 1})
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(*cursor_key(rows[-1])) if more and rows else None)
+
+
+def given(filters: Mapping[str, Any], known: Collection[str]) -> dict[str, Any]:
+    """Filters passed as keywords, as SQL parameters (every one of `known`, None when not
+    given); a name not in `known` raises the TypeError an unknown keyword would."""
+    unknown = filters.keys() - set(known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {min(unknown)!r}")
+    return {**dict.fromkeys(known), **filters}
+
+
+class RolloutFilters(TypedDict, total=False):
+    """What selects rollouts wherever they are read (listed, browsed, exported); the filters
+    given combine with AND, and `since_ns` <= created_ns < `until_ns`."""
+
+    status: str | None
+    agent: str | None
+    since_ns: int | None
+    until_ns: int | None
+
+
+class RolloutListFilters(RolloutFilters, total=False):
+    """The filters of `list_rollouts`: a tag besides the common ones."""
+
+    tag: str | None
+
+
 def list_rollouts(
     db: Database,
     *,
-    status: str | None = None,
-    agent: str | None = None,
-    tag: str | None = None,
-    since_ns: int | None = None,
-    until_ns: int | None = None,
     cursor: str | None = None,
     limit: int = 50,
     max_page: int = MAX_PAGE,
+    **filters: Unpack[RolloutListFilters],
 ) -> Page:
     """Newest first. The API pages at most `MAX_PAGE` rows; the CLI asks for what it prints."""
     cursor_ns, cursor_id = decode_cursor(cursor, 2) if cursor else (None, None)
-    limit = _limit(limit, max_page)
-    params = {
-        "status": status,
-        "agent": agent,
-        "tag": tag,
-        "since_ns": since_ns,
-        "until_ns": until_ns,
-        "cursor_ns": cursor_ns,
-        "cursor_id": cursor_id,
-        "limit": limit + 1,
-    }
-    rows = _rows(db, LIST_ROLLOUTS_SQL.format(where=_where(ROLLOUT_FILTERS, params)), params)
-    for row in rows:
+    params = given(filters, RolloutListFilters.__optional_keys__)
+    params.update(cursor_ns=cursor_ns, cursor_id=cursor_id)
+    page = _page(
+        db,
+        LIST_ROLLOUTS_SQL,
+        ROLLOUT_FILTERS,
+        params,
+        _limit(limit, max_page),
+        lambda last: (last["created_ns"], last["id"]),
+    )
+    for row in page.data:
         row["tokens"] = (row["input_tokens"] or 0) + (row["output_tokens"] or 0)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1] if rows else None
-    return Page(rows, encode_cursor(last["created_ns"], last["id"]) if more and last else None)
+    return page
+
+
+class SpanFilters(TypedDict, total=False):
+    """The filters of `list_spans`; `model` matches the model asked for, the one that
+    answered, or the model group."""
+
+    rollout_id: str | None
+    attempt_id: str | None
+    model: str | None
+    status: str | None
+    tag: str | None
+    since_ns: int | None
+    until_ns: int | None
 
 
 def list_spans(
     db: Database,
     *,
-    rollout_id: str | None = None,
-    attempt_id: str | None = None,
-    model: str | None = None,
-    status: str | None = None,
-    tag: str | None = None,
-    since_ns: int | None = None,
-    until_ns: int | None = None,
     cursor: str | None = None,
     after_rowid: int | None = None,
     limit: int = 100,
     bodies: bool = False,
     newest_first: bool = False,
     max_page: int = MAX_PAGE,
+    **filters: Unpack[SpanFilters],
 ) -> Page:
     """In the order they were written (bodies only when asked: `get_span` has them);
     `after_rowid` lets a follower ask only for what is new."""
     if after_rowid is None:
         after_rowid = decode_cursor(cursor, 1)[0] if cursor else 0
-    limit = _limit(limit, max_page)
-    params = {
-        "rollout_id": rollout_id,
-        "attempt_id": attempt_id,
-        "model": model,
-        "status": status,
-        "tag": tag,
-        "since_ns": since_ns,
-        "until_ns": until_ns,
-        "after_rowid": after_rowid,
-        "limit": limit + 1,
-    }
-    sql = LIST_SPANS_SQL.format(
-        where=_where(SPAN_FILTERS, params),
+    params = given(filters, SpanFilters.__optional_keys__)
+    params["after_rowid"] = after_rowid
+    return _page(
+        db,
+        LIST_SPANS_SQL,
+        SPAN_FILTERS,
+        params,
+        _limit(limit, max_page),
+        _rowid_key,
         # With bodies every column, in the table's order (as `get_span` returns them).
         columns="rowid as _rowid, *" if bodies else SPAN_LIST_COLUMNS,
         direction="desc" if newest_first else "asc",
     )
-    rows = _rows(db, sql, params)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(rows, encode_cursor(rows[-1]["_rowid"]) if more and rows else None)
+
+
+def _rowid_key(last: dict[str, Any]) -> tuple[Any, ...]:
+    return (last["_rowid"],)
 
 
 def get_span(db: Database, span_id: str) -> dict[str, Any]:
@@ -255,34 +293,25 @@ def get_span(db: Database, span_id: str) -> dict[str, Any]:
     return rows[0]
 
 
+class RewardFilters(TypedDict, total=False):
+    """The filters of `list_rewards`: what a reward is on, its name and who gave it."""
+
+    rollout_id: str | None
+    attempt_id: str | None
+    span_id: str | None
+    name: str | None
+    source: str | None
+
+
 def list_rewards(
-    db: Database,
-    *,
-    rollout_id: str | None = None,
-    attempt_id: str | None = None,
-    span_id: str | None = None,
-    name: str | None = None,
-    source: str | None = None,
-    cursor: str | None = None,
-    limit: int = 100,
+    db: Database, *, cursor: str | None = None, limit: int = 100, **filters: Unpack[RewardFilters]
 ) -> Page:
-    after = decode_cursor(cursor, 1)[0] if cursor else 0
-    limit = _limit(limit)
-    params = {
-        "rollout_id": rollout_id,
-        "attempt_id": attempt_id,
-        "span_id": span_id,
-        "name": name,
-        "source": source,
-        "after_rowid": after,
-        "limit": limit + 1,
-    }
-    rows = _rows(db, LIST_REWARDS_SQL.format(where=_where(REWARD_FILTERS, params)), params)
-    for row in rows:
+    params = given(filters, RewardFilters.__optional_keys__)
+    params["after_rowid"] = decode_cursor(cursor, 1)[0] if cursor else 0
+    page = _page(db, LIST_REWARDS_SQL, REWARD_FILTERS, params, _limit(limit), _rowid_key)
+    for row in page.data:
         row["final"] = bool(row["final"])
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(rows, encode_cursor(rows[-1]["_rowid"]) if more and rows else None)
+    return page
 
 
 def stats(db: Database, *, since_ns: int | None = None) -> dict[str, Any]:

@@ -45,6 +45,30 @@ def _rowid(dialect: str) -> list[Column]:
     return [Column("rowid", BigInteger, Identity(always=False), nullable=False, unique=True)]
 
 
+def _json(name: str, empty: str) -> Column:
+    """A JSON text column that is never null: `empty` (`{}` or `[]`) when nothing was given."""
+    return Column(name, Text, nullable=False, server_default=text(f"'{empty}'"))
+
+
+def _zero(name: str, type_: type[Integer] | type[Float] = Integer) -> Column:
+    """A number that starts at 0: a count, a flag, a time not yet set."""
+    return Column(name, type_, nullable=False, server_default=text("0"))
+
+
+def _lifetime() -> list[Column]:
+    """When a row was made, last changed and (once it has) ended, in epoch nanoseconds."""
+    return [
+        Column("created_ns", BigInteger, nullable=False),
+        Column("updated_ns", BigInteger, nullable=False),
+        Column("ended_ns", BigInteger),
+    ]
+
+
+def _running() -> Column:
+    """The status of a rollout or attempt, which starts as running."""
+    return Column("status", Text, nullable=False, server_default=text("'running'"))
+
+
 def build_metadata(dialect: str) -> MetaData:
     """Every table and index of the store, for `dialect` (`sqlite` or `postgresql`)."""
     md = MetaData()
@@ -52,14 +76,12 @@ def build_metadata(dialect: str) -> MetaData:
         "rollouts",
         md,
         Column("id", Text, primary_key=True),
-        Column("status", Text, nullable=False, server_default=text("'running'")),
+        _running(),
         Column("agent", Text),
         Column("input", Text),
-        Column("metadata", Text, nullable=False, server_default=text("'{}'")),
-        Column("tags", Text, nullable=False, server_default=text("'[]'")),
-        Column("created_ns", BigInteger, nullable=False),
-        Column("updated_ns", BigInteger, nullable=False),
-        Column("ended_ns", BigInteger),
+        _json("metadata", "{}"),
+        _json("tags", "[]"),
+        *_lifetime(),
         # A rollout's own budget, set over the API: `{"rollout": {limits}, "attempt": {...}}`.
         Column("budget", Text),
         *_rowid(dialect),
@@ -71,10 +93,8 @@ def build_metadata(dialect: str) -> MetaData:
         Column("rollout_id", Text, nullable=False),
         Column("id", Text, nullable=False),
         Column("number", Integer, nullable=False),
-        Column("status", Text, nullable=False, server_default=text("'running'")),
-        Column("created_ns", BigInteger, nullable=False),
-        Column("updated_ns", BigInteger, nullable=False),
-        Column("ended_ns", BigInteger),
+        _running(),
+        *_lifetime(),
         PrimaryKeyConstraint("rollout_id", "id"),
     )
     Table(
@@ -98,14 +118,14 @@ def build_metadata(dialect: str) -> MetaData:
         Column("http_status", Integer),
         Column("error_type", Text),
         Column("error_message", Text),
-        Column("stream", Integer, nullable=False, server_default=text("0")),
+        _zero("stream"),
         Column("start_ns", BigInteger, nullable=False),
         Column("end_ns", BigInteger, nullable=False),
         Column("duration_ms", Float, nullable=False),
         Column("ttft_ms", Float),
         Column("upstream_ms", Float),
         Column("overhead_ms", Float),
-        Column("retries", Integer, nullable=False, server_default=text("0")),
+        _zero("retries"),
         Column("input_tokens", BigInteger),
         Column("output_tokens", BigInteger),
         Column("cached_tokens", BigInteger),
@@ -115,8 +135,8 @@ def build_metadata(dialect: str) -> MetaData:
         Column("tool_calls", Text),
         Column("request_body", Text),
         Column("response_body", Text),
-        Column("attributes", Text, nullable=False, server_default=text("'{}'")),
-        Column("tags", Text, nullable=False, server_default=text("'[]'")),
+        _json("attributes", "{}"),
+        _json("tags", "[]"),
         # Training: base64 of little-endian int32 / float32 arrays (store/packed.py), the
         # deployment's model version, the rollout's mode, and time held by a pause.
         *(Column(name, Text) for name in ADDED_SPAN_TEXT_COLUMNS),
@@ -136,12 +156,12 @@ def build_metadata(dialect: str) -> MetaData:
         Column("span_id", Text),
         Column("name", Text, nullable=False, server_default=text("'reward'")),
         Column("value", Float, nullable=False),
-        Column("dimensions", Text, nullable=False, server_default=text("'{}'")),
-        Column("final", Integer, nullable=False, server_default=text("0")),
+        _json("dimensions", "{}"),
+        _zero("final"),
         Column("source", Text, nullable=False, server_default=text("'user'")),
         Column("comment", Text),
-        Column("details", Text, nullable=False, server_default=text("'{}'")),
-        Column("tags", Text, nullable=False, server_default=text("'[]'")),
+        _json("details", "{}"),
+        _json("tags", "[]"),
         Column("created_ns", BigInteger, nullable=False),
         *_rowid(dialect),
         Index("rewards_rollout", "rollout_id"),
@@ -153,16 +173,14 @@ def build_metadata(dialect: str) -> MetaData:
         Column("id", Text, primary_key=True),
         Column("status", Text, nullable=False),
         Column("judge", Text, nullable=False),
-        Column("params", Text, nullable=False, server_default=text("'{}'")),
-        Column("total", Integer, nullable=False, server_default=text("0")),
-        Column("judged", Integer, nullable=False, server_default=text("0")),
-        Column("skipped", Integer, nullable=False, server_default=text("0")),
-        Column("failed", Integer, nullable=False, server_default=text("0")),
-        Column("results", Text, nullable=False, server_default=text("'[]'")),
+        _json("params", "{}"),
+        _zero("total"),
+        _zero("judged"),
+        _zero("skipped"),
+        _zero("failed"),
+        _json("results", "[]"),
         Column("error", Text),
-        Column("created_ns", BigInteger, nullable=False),
-        Column("updated_ns", BigInteger, nullable=False),
-        Column("ended_ns", BigInteger),
+        *_lifetime(),
     )
     # Versioned Markdown guidelines per agent, written by `spangate patterns guidelines`.
     Table(
@@ -171,7 +189,7 @@ def build_metadata(dialect: str) -> MetaData:
         Column("agent", Text, nullable=False),
         Column("version", Integer, nullable=False),
         Column("content", Text, nullable=False),
-        Column("findings", Text, nullable=False, server_default=text("'[]'")),
+        _json("findings", "[]"),
         Column("note", Text),
         Column("created_ns", BigInteger, nullable=False),
         PrimaryKeyConstraint("agent", "version"),
@@ -235,10 +253,10 @@ def build_metadata(dialect: str) -> MetaData:
         Column("rollout_id", Text, nullable=False),
         Column("attempt_id", Text, nullable=False),
         Column("budget", Text),
-        Column("calls", BigInteger, nullable=False, server_default=text("0")),
-        Column("tokens", Float, nullable=False, server_default=text("0")),
-        Column("cost", Float, nullable=False, server_default=text("0")),
-        Column("started", Float, nullable=False, server_default=text("0")),
+        _zero("calls", BigInteger),
+        _zero("tokens", Float),
+        _zero("cost", Float),
+        _zero("started", Float),
         PrimaryKeyConstraint("rollout_id", "attempt_id"),
     )
     return md

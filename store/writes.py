@@ -99,34 +99,60 @@ def create_rollout(
         name
         for name, given, stored in (
             ("agent", agent, existing.get("agent")),
-            ("input", input, _decoded_input(existing.get("input"))),
+            ("input", input, existing.get("input")),
         )
         if given is not None and stored is not None and given != stored
     ]
     if clashes:
         raise Conflict(f"rollout {rollout_id!r} already exists with a different {clashes[0]}")
-    db.execute(
-        """
-        update rollouts set
-          agent = coalesce(agent, :agent),
-          input = coalesce(input, :input),
-          metadata = :metadata,
-          tags = :tags,
-          budget = :budget,
-          updated_ns = :now
-        where id = :id
-        """,
-        {
-            "id": rollout_id,
-            "budget": _budget_json(existing.get("budget"), budget),
-            "agent": agent,
-            "input": None if input is None else orjson.dumps(input).decode(),
-            "metadata": _json({**(existing.get("metadata") or {}), **(metadata or {})}, "{}"),
-            "tags": _json(sorted({*(existing.get("tags") or []), *(tags or [])}), "[]"),
-            "now": now,
-        },
-    )
+    tags = sorted({*(existing.get("tags") or []), *(tags or [])})
+    _update_rollout(db, existing, now, metadata, tags, budget, agent=agent, input=input)
     return get_rollout_row(db, rollout_id), False
+
+
+# A create that finds the rollout fills only what it lacks (agent, input); an update moves
+# its status, and a terminal status sets `ended_ns` once. A null parameter changes nothing.
+UPDATE_ROLLOUT_SQL = """
+update rollouts set
+  status = coalesce(:status, status),
+  agent = coalesce(agent, :agent),
+  input = coalesce(input, :input),
+  metadata = :metadata,
+  tags = :tags,
+  budget = :budget,
+  updated_ns = :now,
+  ended_ns = coalesce(ended_ns, :ended)
+where id = :id
+"""
+
+
+def _update_rollout(
+    db: Database,
+    stored: dict[str, Any],
+    now: int,
+    metadata: dict[str, Any] | None,
+    tags: list[str] | None,
+    budget: dict[str, Any] | None,
+    *,
+    status: str | None = None,
+    ended: int | None = None,
+    agent: str | None = None,
+    input: Any = None,
+) -> None:
+    """Write a rollout's new state: `metadata` and `budget` merge into the stored ones,
+    `tags` replace them."""
+    params = {
+        "id": stored["id"],
+        "status": status,
+        "agent": agent,
+        "input": None if input is None else orjson.dumps(input).decode(),
+        "metadata": _json({**(stored.get("metadata") or {}), **(metadata or {})}, "{}"),
+        "tags": _json(tags, "[]"),
+        "budget": _budget_json(stored.get("budget"), budget),
+        "now": now,
+        "ended": ended,
+    }
+    db.execute(UPDATE_ROLLOUT_SQL, params)
 
 
 def _budget_json(stored: dict[str, Any] | None, given: dict[str, Any] | None) -> str | None:
@@ -141,15 +167,6 @@ def _budget_json(stored: dict[str, Any] | None, given: dict[str, Any] | None) ->
                 current[name] = value
     merged = {scope: limits for scope, limits in merged.items() if limits}
     return orjson.dumps(merged).decode() if merged else None
-
-
-def _decoded_input(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return value
-    return value
 
 
 def update_rollout(
@@ -173,30 +190,9 @@ def update_rollout(
         if status == "running":
             raise InvalidTransition(f"rollout {rollout_id!r} is already running")
     new_status = status or row["status"]
-    ended = row["ended_ns"]
-    if new_status in TERMINAL_STATUSES and ended is None:
-        ended = now
-    db.execute(
-        """
-        update rollouts set
-          status = :status,
-          metadata = :metadata,
-          tags = :tags,
-          budget = :budget,
-          updated_ns = :now,
-          ended_ns = :ended
-        where id = :id
-        """,
-        {
-            "id": rollout_id,
-            "budget": _budget_json(row.get("budget"), budget),
-            "status": new_status,
-            "metadata": _json({**(row.get("metadata") or {}), **(metadata or {})}, "{}"),
-            "tags": _json(tags if tags is not None else row.get("tags"), "[]"),
-            "now": now,
-            "ended": ended,
-        },
-    )
+    ended = now if new_status in TERMINAL_STATUSES else None
+    tags = tags if tags is not None else row.get("tags")
+    _update_rollout(db, row, now, metadata, tags, budget, status=new_status, ended=ended)
     if new_status in TERMINAL_STATUSES:
         # Attempts still running end with their rollout.
         db.execute(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import urlsplit
 
 import orjson
@@ -249,15 +249,17 @@ def parent_of(record: Mapping[str, Any]) -> str | None:
     return None
 
 
-def span_proto(
-    record: Mapping[str, Any],
-    *,
-    content: bool = False,
-    addresses: Mapping[str, tuple[str, int]] | None = None,
-    events: Sequence[Span.Event] = (),
-) -> Span:
+class SpanOptions(TypedDict, total=False):
+    """The options of `span_bytes`, which `span_proto` passes on as they are."""
+
+    content: bool
+    addresses: Mapping[str, tuple[str, int]] | None
+    events: Sequence[Span.Event]
+
+
+def span_proto(record: Mapping[str, Any], **options: Unpack[SpanOptions]) -> Span:
     """One span record (as published, or as stored) as an OTLP span."""
-    return Span.FromString(span_bytes(record, content=content, addresses=addresses, events=events))
+    return Span.FromString(span_bytes(record, **options))
 
 
 # Serialized one-attribute spans by (key, value), for the text and integer attributes that

@@ -14,7 +14,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import orjson
 import pybreaker
@@ -61,6 +61,22 @@ Usage = dict[str, float]
 BudgetLookup = Callable[[str], Awaitable[dict[str, Any]]]
 
 
+class ReserveAsk(TypedDict):
+    """One call's reservation in both scopes, as `BudgetState.reserve` takes it: the call
+    holds `tokens` and `cost` and needs `need_tokens` and `need_cost` left to go ahead,
+    under the budget text `expect` (`store.budget_state` declares the same keys)."""
+
+    rollout_id: str
+    attempt_id: str
+    limits: tuple[Limits, Limits]
+    tokens: float
+    cost: float
+    need_tokens: float
+    need_cost: float
+    now: float
+    expect: str
+
+
 class BudgetState(Protocol):
     """Where the counters live; every method is one atomic step on them."""
 
@@ -72,19 +88,7 @@ class BudgetState(Protocol):
 
     async def set_budget(self, rollout_id: str, budget: str) -> None: ...
 
-    async def reserve(
-        self,
-        rollout_id: str,
-        attempt_id: str,
-        limits: tuple[Limits, Limits],
-        *,
-        tokens: float,
-        cost: float,
-        need_tokens: float,
-        need_cost: float,
-        now: float,
-        expect: str,
-    ) -> dict[str, Any] | None: ...
+    async def reserve(self, ask: ReserveAsk) -> dict[str, Any] | None: ...
 
     async def settle(
         self, rollout_id: str, attempt_id: str, *, tokens: float, cost: float
@@ -338,12 +342,17 @@ class Budgets:
         given, taken = (price[0], price[1]) if price else (0.0, 0.0)
         prompt, reply = _prompt_tokens(call.payload), _reply_cap(call)
         clamp = self.settings.clamp_max_tokens and call.operation in REPLY_CAP_FIELD
-        amounts = {
+        # `limits` and `expect` are filled per try, from the budget as it then stands.
+        ask: ReserveAsk = {
+            "rollout_id": rollout_id,
+            "attempt_id": attempt_id,
+            "limits": ({}, {}),
             "tokens": prompt + reply,
             "cost": prompt * given + reply * taken,
             "need_tokens": prompt + 1 if clamp else 1,
             "need_cost": prompt * given + taken if clamp else MIN_COST,
             "now": time.time(),
+            "expect": budget,
         }
         for _ in range(RESERVE_TRIES):
             given_budget = orjson.loads(budget)
@@ -352,9 +361,7 @@ class Budgets:
             )
             # Reserved even with no limit in force: a budget set later starts from true counts.
             limits = (lowered(rollout_limits, headers), attempt_limits)
-            result = await self.state.reserve(
-                rollout_id, attempt_id, limits, **amounts, expect=budget
-            )
+            result = await self.state.reserve({**ask, "limits": limits, "expect": budget})
             if result is None:
                 # The state forgot the rollout (evicted or expired): seed it again.
                 self._known.pop(rollout_id, None)
@@ -374,9 +381,9 @@ class Budgets:
             limits,
             result["usage"],
             refused is None,
-            amounts["tokens"],
-            amounts["cost"],
-            amounts["now"],
+            ask["tokens"],
+            ask["cost"],
+            ask["now"],
         )
         if refused is not None:
             raise self._refusal(reservation, *refused)

@@ -193,6 +193,16 @@ def test_create_rollout_with_a_different_agent_or_input_conflicts(api: httpx.Cli
     assert api.get("/api/rollouts/task-c").json()["agent"] == "a1"
 
 
+def test_create_rollout_again_with_an_input_string_that_reads_as_json_is_no_conflict(
+    api: httpx.Client,
+) -> None:
+    body = {"id": "task-js", "input": '{"question": "2+2?"}'}
+    assert api.post("/api/rollouts", json=body).status_code == 201
+    again = api.post("/api/rollouts", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json()["input"] == body["input"]
+
+
 def test_create_rollout_rejects_invalid_bodies_naming_the_field(api: httpx.Client) -> None:
     assert_openai_error(api.post("/api/rollouts", json={"id": "has space"}), 422, param="id")
     assert_openai_error(api.post("/api/rollouts", json={"tags": "not-a-list"}), 422, param="tags")

@@ -45,7 +45,8 @@ async def state(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 async def reserve(state: Any, rollout: str, attempt: str, limits: Any, **amounts: Any) -> Any:
     values = {"tokens": 10, "cost": 0.01, "need_tokens": 1, "need_cost": 1e-9, "now": 1000.0}
     values["expect"] = "{}"
-    return await state.reserve(rollout, attempt, limits, **{**values, **amounts})
+    ask = {"rollout_id": rollout, "attempt_id": attempt, "limits": limits}
+    return await state.reserve({**ask, **values, **amounts})
 
 
 async def test_an_unseeded_rollout_is_reported_missing(state: Any) -> None:
