@@ -261,7 +261,11 @@ async def _exporting(app: web.Application) -> AsyncIterator[None]:
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+    # No cookie jar: one session serves every client, so a cookie an upstream sets for one
+    # (OpenAI's edge sets `__cf_bm`) must not ride along on everyone's calls.
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
+    )
     providers: dict[str, Provider] = {
         "openai": OpenAICompatible(
             session, max_body_bytes=gw.settings.limits.max_upstream_body_bytes

@@ -132,3 +132,32 @@ def test_litellm_deployments_get_the_client_headers_as_extra_headers(
     assert seen["authorization"] == "Bearer sk-upstream-secret"
     leaked = {*SPANGATE_HEADERS, *CREDENTIALS, *HOP_BY_HOP}
     assert not [name for name in leaked if name.lower() in seen]
+
+
+def test_cookies_an_upstream_sets_never_reach_another_call(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    # OpenAI's edge sets `__cf_bm`; a shared cookie jar would hand one client's cookie to all.
+    answer = {
+        "id": "chatcmpl-cookie",
+        "object": "chat.completion",
+        "created": 0,
+        "model": UPSTREAM_MODEL,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+    }
+    fake_provider.state.add_fault(
+        status=200,
+        body=json.dumps(answer),
+        headers={"Set-Cookie": "__cf_bm=client-one; Path=/; HttpOnly"},
+    )
+    # By name: aiohttp's jar keeps no cookie from a bare IP address.
+    url = fake_provider.url.replace("127.0.0.1", "localhost")
+    gateway = make_gateway(models=[_group("gpt-test", url)])
+    with openai.OpenAI(base_url=gateway.url(), api_key="sk-client") as first:
+        answer_id = first.chat.completions.create(model="gpt-test", messages=MESSAGES).id
+    assert answer_id == "chatcmpl-cookie"
+    with openai.OpenAI(base_url=gateway.url(), api_key="sk-client") as second:
+        second.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert "cookie" not in fake_provider.state.last_request.headers
