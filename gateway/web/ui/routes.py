@@ -176,16 +176,32 @@ async def overview(request: web.Request) -> web.Response:
         reward_count=len(data["rewards"]),
         # `</` cannot close the script element that holds the JSON.
         series_json=orjson.dumps(chart).decode().replace("</", "<\\/"),
-        rollouts=data["recent"],
-        columns=ROLLOUT_COLUMNS,
-        sort_link=None,
-        sort="created",
-        descending=True,
-        filtered=False,
+        **_rollout_table(data["recent"]),
     )
 
 
 # -- rollouts ---------------------------------------------------------------------------
+
+
+def _rollout_table(
+    rows: list[dict[str, Any]],
+    sort: str = "created",
+    descending: bool = True,
+    sort_link: Callable[[str], str] | None = None,
+    *,
+    filtered: bool = False,
+) -> dict[str, Any]:
+    """What `rollout_rows.html` shows: the rows, sorted as said; without `sort_link` the
+    headings are plain text (the overview's recent rollouts)."""
+    return {
+        "rollouts": rows,
+        "columns": ROLLOUT_COLUMNS,
+        "sort": sort,
+        "descending": descending,
+        "sort_link": sort_link,
+        "filtered": filtered,
+    }
+
 
 ROLLOUT_FILTERS = ("status", "agent", "tag", "model", "q", "since", "until")
 
@@ -235,20 +251,15 @@ async def rollouts(request: web.Request) -> web.Response:
         page="rollouts",
         f=f,
         statuses=ROLLOUT_STATUSES,
-        rollouts=result.data,
-        columns=ROLLOUT_COLUMNS,
-        sort=sort,
-        descending=descending,
-        sort_link=sort_link,
         cursor=cursor,
         error=error,
-        filtered=bool(base),
         next_link=(
             link(sort=sort, dir="desc" if descending else "asc", cursor=result.next_cursor)
             if result.next_cursor
             else None
         ),
         first_link=link(sort=sort, dir="desc" if descending else "asc"),
+        **_rollout_table(result.data, sort, descending, sort_link, filtered=bool(base)),
     )
 
 
