@@ -191,7 +191,7 @@ class JudgeModel:
 def _ready_judge(
     name: str, config_path: str | None, db: str, *, will_run: bool
 ) -> tuple[JudgeModel, Judge]:
-    """The judge NAME and the model it asks, as the config describes them, over an existing store."""
+    """The judge NAME and the model it asks, as configured; the store must exist."""
     settings = _settings(config_path)
     model = JudgeModel(settings)
     chosen = _make_judge(name, settings, model, will_run=will_run)
