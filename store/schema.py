@@ -15,8 +15,8 @@ from store.backend import PgDatabase, is_postgres, libpq_url
 ROLLOUT_STATUSES = ("running", "succeeded", "failed", "cancelled", "timeout")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timeout"})
 
-# Column order of a span row; the writer inserts tuples in exactly this order.
-SPAN_COLUMNS: tuple[str, ...] = (
+# Which span it is: its ids, where it sits in its trace and rollout, and what it did.
+SPAN_IDENTITY: tuple[str, ...] = (
     "span_id",
     "trace_id",
     "parent_span_id",
@@ -25,6 +25,10 @@ SPAN_COLUMNS: tuple[str, ...] = (
     "seq",
     "name",
     "operation",
+)
+# Column order of a span row; the writer inserts tuples in exactly this order.
+SPAN_COLUMNS: tuple[str, ...] = (
+    *SPAN_IDENTITY,
     "provider",
     "deployment",
     "model_group",

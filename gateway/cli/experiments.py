@@ -145,56 +145,39 @@ def _decide(db: str, name: str, action: str, variant: str | None = None) -> dict
         return decide(conn, name, action, variant)
 
 
-def _say(decision: dict[str, Any], as_json: bool, text: str) -> None:
-    """`text` has an `{at}` for the decision's time."""
-    stamp = cli_render.timestamp(decision["created_ns"])
-    click.echo(cli_render.json_line(decision) if as_json else text.format(at=stamp))
+def _decision_command(action: str, summary: str, said: str, *, variant: bool = False) -> None:
+    """Add `spangate experiments ACTION NAME [VARIANT]`: write the decision, then `said` it
+    (formatted with `name`, `variant` and `at`, the decision's time)."""
+
+    def command(name: str, as_json: bool, db: str, variant: str | None = None) -> None:
+        decision = _decide(db, name, action, variant)
+        if as_json:
+            click.echo(cli_render.json_line(decision))
+            return
+        at = cli_render.timestamp(decision["created_ns"])
+        click.echo(said.format(name=name, variant=variant, at=at))
+
+    example = f"spangate experiments {action} concise-v2" + (" guideline-v3" if variant else "")
+    command.__doc__ = f"{summary}\n\nExample:\n\n\b\n    {example}\n"
+    decorated = json_option(db_option(command))
+    if variant:
+        decorated = click.argument("variant")(decorated)
+    experiments.command(action)(click.argument("name")(decorated))
 
 
-@experiments.command()
-@click.argument("name")
-@click.argument("variant")
-@json_option
-@db_option
-def promote(name: str, variant: str, as_json: bool, db: str) -> None:
-    """Send all of NAME's traffic to VARIANT, from now on and after restarts.
-
-    Example:
-
-    \b
-        spangate experiments promote concise-v2 guideline-v3
-    """
-    decision = _decide(db, name, "promote", variant)
-    _say(decision, as_json, f"{name}: promoted {variant} at {{at}}; all traffic goes to it")
-
-
-@experiments.command()
-@click.argument("name")
-@json_option
-@db_option
-def stop(name: str, as_json: bool, db: str) -> None:
-    """Stop NAME: calls go to the plain model group, unchanged.
-
-    Example:
-
-    \b
-        spangate experiments stop concise-v2
-    """
-    decision = _decide(db, name, "stop")
-    _say(decision, as_json, f"{name}: stopped at {{at}}; calls go to the plain model group")
-
-
-@experiments.command()
-@click.argument("name")
-@json_option
-@db_option
-def resume(name: str, as_json: bool, db: str) -> None:
-    """Undo a promote or stop: NAME assigns variants again.
-
-    Example:
-
-    \b
-        spangate experiments resume concise-v2
-    """
-    decision = _decide(db, name, "resume")
-    _say(decision, as_json, f"{name}: running again at {{at}}")
+_decision_command(
+    "promote",
+    "Send all of NAME's traffic to VARIANT, from now on and after restarts.",
+    "{name}: promoted {variant} at {at}; all traffic goes to it",
+    variant=True,
+)
+_decision_command(
+    "stop",
+    "Stop NAME: calls go to the plain model group, unchanged.",
+    "{name}: stopped at {at}; calls go to the plain model group",
+)
+_decision_command(
+    "resume",
+    "Undo a promote or stop: NAME assigns variants again.",
+    "{name}: running again at {at}",
+)

@@ -80,6 +80,18 @@ def gateway_url_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def concurrency_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help=help
+    )
+
+
+def judge_context_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config, --db, --gateway-url, --json: where the judge, its model and the rollouts
+    come from, and how the result is printed (every `judge` command takes them)."""
+    return config_option(db_option(gateway_url_option(json_option(fn))))
+
+
 @click.group()
 def judge() -> None:
     """Score recorded rollouts with a judge, check a judge against human labels, compare two."""
@@ -174,6 +186,17 @@ class JudgeModel:
                 yield base
             finally:
                 self.client = None
+
+
+def _ready_judge(
+    name: str, config_path: str | None, db: str, *, will_run: bool
+) -> tuple[JudgeModel, Judge]:
+    """The judge NAME and the model it asks, as configured; the store must exist."""
+    settings = _settings(config_path)
+    model = JudgeModel(settings)
+    chosen = _make_judge(name, settings, model, will_run=will_run)
+    require_db(db)
+    return model, chosen
 
 
 def _make_judge(name: str, settings: Settings, model: JudgeModel, *, will_run: bool) -> Judge:
@@ -346,18 +369,9 @@ def _missing_rollouts(db: str, rollout_ids: Sequence[str]) -> list[str]:
     help="Judge this share of them (0-1); the same rollouts on every rerun.",
 )
 @judge_option("rules")
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="Rollouts judged at once.",
-)
+@concurrency_option("Rollouts judged at once.")
 @click.option("--force", is_flag=True, help="Judge again rollouts this judge version already did.")
-@config_option
-@db_option
-@gateway_url_option
-@json_option
+@judge_context_options
 def run_command(
     rollout_ids: tuple[str, ...],
     since_ns: int | None,
@@ -393,10 +407,7 @@ def run_command(
         raise click.BadParameter(
             f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
         )
-    settings = _settings(config_path)
-    model = JudgeModel(settings)
-    chosen = _make_judge(judge_name, settings, model, will_run=True)
-    require_db(db)
+    model, chosen = _ready_judge(judge_name, config_path, db, will_run=True)
     if rollout_ids:
         missing = _missing_rollouts(db, rollout_ids)
         if missing:
@@ -597,17 +608,8 @@ def _stored_verdicts(
 @click.option(
     "--run", "run_missing", is_flag=True, help="Judge the labelled rollouts it has not judged yet."
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="With --run: rollouts judged at once.",
-)
-@config_option
-@db_option
-@gateway_url_option
-@json_option
+@concurrency_option("With --run: rollouts judged at once.")
+@judge_context_options
 def calibrate_command(
     labels_path: str,
     judge_name: str,
@@ -637,10 +639,7 @@ def calibrate_command(
     from gateway.cli import render as cli_render
 
     labels = parse_labels(labels_path)
-    settings = _settings(config_path)
-    model = JudgeModel(settings)
-    chosen = _make_judge(judge_name, settings, model, will_run=run_missing)
-    require_db(db)
+    model, chosen = _ready_judge(judge_name, config_path, db, will_run=run_missing)
     rollout_ids = [item.rollout_id for item in labels]
     known, verdicts = _stored_verdicts(db, chosen, rollout_ids)
     if run_missing:
@@ -752,10 +751,7 @@ def calibrate_command(
     help="Compare two attempts of one rollout: ROLLOUT ATTEMPT_A ATTEMPT_B.",
 )
 @judge_option("llm", help="llm, or a rubric named in `judge.rubrics`: its criteria are weighed.")
-@config_option
-@db_option
-@gateway_url_option
-@json_option
+@judge_context_options
 def compare_command(
     ids: tuple[str, ...],
     attempts: bool,

@@ -50,27 +50,19 @@ def tail(
         spangate tail -n 100 --json | jq .cost_usd
         spangate tail --url http://gpu-box:8400 --key $SPANGATE_KEY -f
     """
+    from gateway.cli import render as cli_render
+
+    view = cli_render.TailView(rollout_id, follow, limit, as_json, bodies)
     if url is not None:
         from gateway.cli.remote import tail_remote
 
         try:
-            tail_remote(
-                url,
-                key,
-                rollout_id=rollout_id,
-                follow=follow,
-                limit=limit,
-                as_json=as_json,
-                bodies=bodies,
-            )
+            tail_remote(url, key, view)
         except KeyboardInterrupt:
             return
         return
 
-    from gateway.cli import render as cli_render
     from store.queries import list_spans, max_rowid
-
-    columns, emit = cli_render.tail_printer(as_json=as_json, bodies=bodies)
 
     try:
         with read_db(db) as conn:
@@ -85,13 +77,7 @@ def tail(
                 max_page=max(limit, 1),
             ).data[:limit]
             backlog = [s for s in reversed(backlog) if s["_rowid"] <= last]
-            cli_render.print_backlog(
-                backlog,
-                columns,
-                emit,
-                rollout_id=rollout_id,
-                say_none=not follow and bool(limit) and not as_json,
-            )
+            view.backlog(backlog)
             if not follow:
                 return
             while True:
@@ -99,7 +85,7 @@ def tail(
                     conn, rollout_id=rollout_id, after_rowid=last, limit=FOLLOW_BATCH, bodies=True
                 ).data
                 for span in fresh:
-                    emit(span)
+                    view.emit(span)
                 if fresh:
                     last = fresh[-1]["_rowid"]
                 if len(fresh) < FOLLOW_BATCH:

@@ -17,7 +17,7 @@ import click
 import httpx
 import orjson
 
-from gateway.cli.render import printable
+from gateway.cli.render import TailView, printable
 
 # The API pages at most this many spans per request.
 PAGE_LIMIT = 1000
@@ -302,44 +302,27 @@ def _spans_of(response: httpx.Response, position: Follow) -> Iterator[dict[str, 
 # -- the tail command ---------------------------------------------------------
 
 
-def tail_remote(
-    url: str,
-    key: str | None,
-    *,
-    rollout_id: str | None,
-    follow: bool,
-    limit: int,
-    as_json: bool,
-    bodies: bool,
-) -> None:
-    """`spangate tail --url`: the last `limit` calls of a running gateway, then (with
-    `follow`) every new one as it is recorded."""
-    from gateway.cli import render as cli_render
-
-    columns, show = cli_render.tail_printer(as_json=as_json, bodies=bodies)
+def tail_remote(url: str, key: str | None, view: TailView) -> None:
+    """`spangate tail --url`: the last `view.limit` calls of a running gateway, then (with
+    `view.follow`) every new one as it is recorded."""
     # Lines show the start of the reply, which only the full span has.
-    hydrate = bodies or not as_json
+    hydrate = view.bodies or not view.as_json
 
     with make_client(url, key) as client:
         # With --follow, one call is read even for `-n 0`: it anchors where the stream resumes.
-        anchor = latest_spans(client, rollout_id=rollout_id, limit=max(limit, 1 if follow else 0))
-        backlog = anchor[-limit:] if limit else []
+        wanted = max(view.limit, 1 if view.follow else 0)
+        anchor = latest_spans(client, rollout_id=view.rollout_id, limit=wanted)
+        backlog = anchor[-view.limit :] if view.limit else []
         if hydrate:
             backlog = [with_bodies(client, span) for span in backlog]
-        cli_render.print_backlog(
-            backlog,
-            columns,
-            show,
-            rollout_id=rollout_id,
-            say_none=not follow and bool(limit) and not as_json,
-        )
-        if not follow:
+        view.backlog(backlog)
+        if not view.follow:
             return
 
     def notify(message: str) -> None:
-        click.echo(f"spangate: {cli_render.printable(message)}", err=True)
+        click.echo(f"spangate: {printable(message)}", err=True)
 
     with make_client(url, key, read_timeout=STREAM_READ_TIMEOUT) as client:
-        position = Follow.after(anchor, rollout_id)
+        position = Follow.after(anchor, view.rollout_id)
         for span in follow_spans(client, position, notify=notify):
-            show(with_bodies(client, span) if hydrate else span)
+            view.emit(with_bodies(client, span) if hydrate else span)

@@ -6,7 +6,8 @@ Pure functions from stored rows to strings, so the commands stay thin and the ou
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -319,31 +320,29 @@ def span_json(span: dict[str, Any], *, bodies: bool) -> str:
     return json_line(row)
 
 
-def tail_printer(*, as_json: bool, bodies: bool) -> tuple[TailColumns, Callable[[Span], None]]:
-    """How `spangate tail` prints a call (local or `--url`): a JSON line or a column line."""
-    columns = TailColumns()
+@dataclass
+class TailView:
+    """What `spangate tail` was asked to show (from the file or `--url`), and how it prints
+    each call: a JSON line or a column line."""
 
-    def emit(span: Span) -> None:
-        click.echo(span_json(span, bodies=bodies) if as_json else columns.line(span))
+    rollout_id: str | None
+    follow: bool
+    limit: int
+    as_json: bool
+    bodies: bool
+    columns: TailColumns = field(default_factory=TailColumns)
 
-    return columns, emit
+    def emit(self, span: Span) -> None:
+        click.echo(span_json(span, bodies=self.bodies) if self.as_json else self.columns.line(span))
 
-
-def print_backlog(
-    backlog: list[Span],
-    columns: TailColumns,
-    emit: Callable[[Span], None],
-    *,
-    rollout_id: str | None,
-    say_none: bool,
-) -> None:
-    """The calls recorded before `tail` started; with `say_none`, say so when there are none."""
-    columns.fit(backlog)
-    for span in backlog:
-        emit(span)
-    if say_none and not backlog:
-        where = f" for rollout {rollout_id}" if rollout_id else " yet"
-        click.echo(f"no calls recorded{where}", err=True)
+    def backlog(self, spans: list[Span]) -> None:
+        """The calls recorded before `tail` started; a one-off listing that found none says so."""
+        self.columns.fit(spans)
+        for span in spans:
+            self.emit(span)
+        if not spans and not self.follow and self.limit and not self.as_json:
+            where = f" for rollout {self.rollout_id}" if self.rollout_id else " yet"
+            click.echo(f"no calls recorded{where}", err=True)
 
 
 # -- tables -------------------------------------------------------------------

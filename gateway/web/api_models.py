@@ -14,6 +14,7 @@ from config.models import (
     BudgetLimits,
 )
 from gateway.proxy.record import SpanRecord
+from store.schema import SPAN_IDENTITY
 
 RolloutStatus = Literal["running", "succeeded", "failed", "cancelled", "timeout"]
 ID_PATTERN = r"^[A-Za-z0-9._:@+=~-]{1,256}$"
@@ -273,14 +274,7 @@ class Attempt(_Out):
 # The span fields every listing and `GET /api/spans/{id}` document (the rest come along too:
 # `_Out` keeps extra keys), each typed as the span record types it.
 SPAN_SUMMARY = (
-    "span_id",
-    "trace_id",
-    "parent_span_id",
-    "rollout_id",
-    "attempt_id",
-    "seq",
-    "name",
-    "operation",
+    *SPAN_IDENTITY,
     "status",
     "http_status",
     "upstream_status",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -100,75 +101,51 @@ class Metrics:
         cap = gw.settings.limits.max_label_values
         self.tool_names = LabelCap(cap)
         self.fallback_models = LabelCap(cap, self.groups)
-        labels = ["model_group", "deployment", "status"]
-        self.requests = Counter(
+        counter = partial(Counter, registry=self.registry)
+        histogram = partial(Histogram, registry=self.registry, buckets=LATENCY_BUCKETS)
+        by_group, by_deployment = ["model_group"], ["model_group", "deployment"]
+        self.requests = counter(
             "spangate_requests",
             "Calls by model group, deployment and status.",
-            labels,
-            registry=self.registry,
+            [*by_deployment, "status"],
         )
-        self.latency = Histogram(
-            "spangate_request_duration_seconds",
-            "Total call latency.",
-            ["model_group"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.latency = histogram(
+            "spangate_request_duration_seconds", "Total call latency.", by_group
         )
-        self.upstream = Histogram(
+        self.upstream = histogram(
             "spangate_upstream_duration_seconds",
             "Upstream latency of the answering try.",
-            ["model_group", "deployment"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            by_deployment,
         )
-        self.overhead = Histogram(
+        self.overhead = histogram(
             "spangate_gateway_overhead_seconds",
             "Time spent in the gateway itself.",
             buckets=OVERHEAD_BUCKETS,
-            registry=self.registry,
         )
-        self.ttft = Histogram(
-            "spangate_time_to_first_token_seconds",
-            "Streams: time to the first token.",
-            ["model_group"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.ttft = histogram(
+            "spangate_time_to_first_token_seconds", "Streams: time to the first token.", by_group
         )
-        self.tokens = Counter(
+        self.tokens = counter(
             "spangate_tokens",
             "Tokens by model group and kind (input, output, cached, reasoning).",
-            ["model_group", "kind"],
-            registry=self.registry,
+            [*by_group, "kind"],
         )
-        self.cost = Counter(
-            "spangate_cost_usd",
-            "Cost in USD by model group.",
-            ["model_group"],
-            registry=self.registry,
+        self.cost = counter("spangate_cost_usd", "Cost in USD by model group.", by_group)
+        self.retries = counter(
+            "spangate_upstream_retries", "Upstream tries beyond the first.", by_group
         )
-        self.retries = Counter(
-            "spangate_upstream_retries",
-            "Upstream tries beyond the first.",
-            ["model_group"],
-            registry=self.registry,
+        self.fallbacks = counter(
+            "spangate_fallbacks", "Calls answered by a fallback group.", [*by_group, "fallback"]
         )
-        self.fallbacks = Counter(
-            "spangate_fallbacks",
-            "Calls answered by a fallback group.",
-            ["model_group", "fallback"],
-            registry=self.registry,
-        )
-        self.limiter_wait = Histogram(
+        self.limiter_wait = histogram(
             "spangate_rate_limit_wait_seconds",
             "Time calls waited for rpm/tpm budget.",
             buckets=(0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10),
-            registry=self.registry,
         )
-        self.tools = Counter(
+        self.tools = counter(
             "spangate_tool_executions",
             "Tool executions seen in conversations, by tool and status.",
             ["tool", "status"],
-            registry=self.registry,
         )
         self.registry.register(_LiveState(gw))
 

@@ -97,6 +97,25 @@ def time_param(value: str | None, name: str) -> int | None:
         raise ValidationFailed(f"{name}: {exc}", param=name) from exc
 
 
+def listing_args(q: BaseModel, *, leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A listing's query as the store's keyword arguments, `since`/`until` as nanoseconds."""
+    args = q.model_dump(exclude=set(leave_out))
+    for name in ("since", "until"):
+        if name in args:
+            args[f"{name}_ns"] = time_param(args.pop(name), name)
+    return args
+
+
+async def page_of(
+    request: web.Request, query: type[BaseModel], fn: Callable[..., Any]
+) -> web.Response:
+    """A listing route: its query validated, one page read; row ids stay inside the gateway."""
+    page = await read(request.app[GATEWAY], fn, **listing_args(query_of(request, query)))
+    for row in page.data:
+        row.pop("_rowid", None)
+    return json(page.as_dict())
+
+
 async def read(gw: Gateway, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return await gw.reader.run(lambda db: fn(db, *args, **kwargs))
@@ -155,20 +174,7 @@ async def create_rollout(request: web.Request) -> web.Response:
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    q = query_of(request, m.RolloutQuery)
-    page = await read(
-        gw,
-        listing.list_rollouts,
-        status=q.status,
-        agent=q.agent,
-        tag=q.tag,
-        since_ns=time_param(q.since, "since"),
-        until_ns=time_param(q.until, "until"),
-        cursor=q.cursor,
-        limit=q.limit,
-    )
-    return json(page.as_dict())
+    return await page_of(request, m.RolloutQuery, listing.list_rollouts)
 
 
 async def get_rollout_view(request: web.Request) -> web.Response:
@@ -258,25 +264,12 @@ async def export_rollout_view(request: web.Request) -> web.Response:
 # -- spans ----------------------------------------------------------------
 
 
-def _span_filters(q: m.SpanQuery) -> dict[str, Any]:
-    return {
-        "rollout_id": q.rollout_id,
-        "attempt_id": q.attempt_id,
-        "model": q.model,
-        "status": q.status,
-        "tag": q.tag,
-        "since_ns": time_param(q.since, "since"),
-        "until_ns": time_param(q.until, "until"),
-    }
+# Where a span query starts and how much it takes; the rest of its fields filter the spans.
+PAGING = frozenset({"cursor", "limit", "after"})
 
 
 async def list_spans(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    q = query_of(request, m.SpanQuery)
-    page = await read(gw, listing.list_spans, cursor=q.cursor, limit=q.limit, **_span_filters(q))
-    for row in page.data:
-        row.pop("_rowid", None)
-    return json(page.as_dict())
+    return await page_of(request, m.SpanQuery, listing.list_spans)
 
 
 async def get_span(request: web.Request) -> web.Response:
@@ -291,7 +284,7 @@ async def stream_spans(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     feed = request.app[FEED]
     q = query_of(request, m.SpanStreamQuery)
-    filters = _span_filters(q)
+    filters = listing_args(q, leave_out=PAGING)
     after = _event_id(request.headers.get("Last-Event-ID"))
     if after is None:
         after = q.after
@@ -407,28 +400,12 @@ async def create_reward(request: web.Request) -> web.Response:
 
 
 async def list_rewards(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    q = query_of(request, m.RewardQuery)
-    page = await read(
-        gw,
-        listing.list_rewards,
-        rollout_id=q.rollout_id,
-        attempt_id=q.attempt_id,
-        span_id=q.span_id,
-        name=q.name,
-        source=q.source,
-        cursor=q.cursor,
-        limit=q.limit,
-    )
-    for row in page.data:
-        row.pop("_rowid", None)
-    return json(page.as_dict())
+    return await page_of(request, m.RewardQuery, listing.list_rewards)
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    q = query_of(request, m.StatsQuery)
-    return json(await read(gw, listing.stats, since_ns=time_param(q.since, "since")))
+    args = listing_args(query_of(request, m.StatsQuery))
+    return json(await read(request.app[GATEWAY], listing.stats, **args))
 
 
 # -- route table ----------------------------------------------------------

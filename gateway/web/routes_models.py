@@ -43,17 +43,9 @@ def _apply(gw: Gateway, entry: dict[str, Any], api_key: str | None = None) -> No
 async def add_model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.ModelRegistration)
-    entry = await write(
-        gw,
-        lambda db: registry.put_deployment(
-            db,
-            model=body.model,
-            api_base=body.api_base,
-            version=body.version,
-            weight=body.weight,
-            upstream_model=body.upstream_model,
-        ),
-    )
+    # The key serves calls from memory only: it is never stored.
+    stored = body.model_dump(exclude={"api_key"})
+    entry = await write(gw, lambda db: registry.put_deployment(db, **stored))
     _apply(gw, entry, body.api_key)
     return json({**entry, "registered": True}, status=201)
 

@@ -30,6 +30,8 @@ from store.queries import get_rollout
 from store.schema import ROLLOUT_STATUSES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Every page, declared beside its handler; `add_ui_routes` puts them on an app.
+PAGES = web.RouteTableDef()
 
 # The pages load scripts and styles only from this origin; inline styles position the bars.
 CSP = (
@@ -142,6 +144,7 @@ def _weighted_median(pairs: list[tuple[float, int]]) -> float | None:
     return None
 
 
+@PAGES.get("/ui/")
 @page
 async def overview(request: web.Request) -> web.Response:
     window = request.query.get("window", DEFAULT_WINDOW)
@@ -173,20 +176,37 @@ async def overview(request: web.Request) -> web.Response:
         reward_count=len(data["rewards"]),
         # `</` cannot close the script element that holds the JSON.
         series_json=orjson.dumps(chart).decode().replace("</", "<\\/"),
-        rollouts=data["recent"],
-        columns=ROLLOUT_COLUMNS,
-        sort_link=None,
-        sort="created",
-        descending=True,
-        filtered=False,
+        **_rollout_table(data["recent"]),
     )
 
 
 # -- rollouts ---------------------------------------------------------------------------
 
+
+def _rollout_table(
+    rows: list[dict[str, Any]],
+    sort: str = "created",
+    descending: bool = True,
+    sort_link: Callable[[str], str] | None = None,
+    *,
+    filtered: bool = False,
+) -> dict[str, Any]:
+    """What `rollout_rows.html` shows: the rows, sorted as said; without `sort_link` the
+    headings are plain text (the overview's recent rollouts)."""
+    return {
+        "rollouts": rows,
+        "columns": ROLLOUT_COLUMNS,
+        "sort": sort,
+        "descending": descending,
+        "sort_link": sort_link,
+        "filtered": filtered,
+    }
+
+
 ROLLOUT_FILTERS = ("status", "agent", "tag", "model", "q", "since", "until")
 
 
+@PAGES.get("/ui/rollouts")
 @page
 async def rollouts(request: web.Request) -> web.Response:
     f = {name: _param(request, name) for name in ROLLOUT_FILTERS}
@@ -231,20 +251,15 @@ async def rollouts(request: web.Request) -> web.Response:
         page="rollouts",
         f=f,
         statuses=ROLLOUT_STATUSES,
-        rollouts=result.data,
-        columns=ROLLOUT_COLUMNS,
-        sort=sort,
-        descending=descending,
-        sort_link=sort_link,
         cursor=cursor,
         error=error,
-        filtered=bool(base),
         next_link=(
             link(sort=sort, dir="desc" if descending else "asc", cursor=result.next_cursor)
             if result.next_cursor
             else None
         ),
         first_link=link(sort=sort, dir="desc" if descending else "asc"),
+        **_rollout_table(result.data, sort, descending, sort_link, filtered=bool(base)),
     )
 
 
@@ -277,6 +292,7 @@ def _frame(request: web.Request) -> dict[str, Any]:
     }
 
 
+@PAGES.get("/ui/rollouts/{rollout_id}")
 @page
 async def rollout(request: web.Request) -> web.Response:
     rollout_id = request.match_info["rollout_id"]
@@ -288,6 +304,7 @@ async def rollout(request: web.Request) -> web.Response:
 # -- one span ---------------------------------------------------------------------------
 
 
+@PAGES.get("/ui/spans/{span_id}")
 @page
 async def span(request: web.Request) -> web.Response:
     s = await read(request.app[GATEWAY], queries.get_span, request.match_info["span_id"])
@@ -396,6 +413,7 @@ def _analysis(f: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@PAGES.get("/ui/leaderboard")
 @page
 async def leaderboard(request: web.Request) -> web.Response:
     f = _analysis_filters(request)
@@ -414,6 +432,7 @@ async def leaderboard(request: web.Request) -> web.Response:
     )
 
 
+@PAGES.get("/ui/patterns")
 @page
 async def patterns(request: web.Request) -> web.Response:
     f = _analysis_filters(request)
@@ -438,6 +457,7 @@ async def patterns(request: web.Request) -> web.Response:
     )
 
 
+@PAGES.get("/ui/experiments")
 @page
 async def experiments(request: web.Request) -> web.Response:
     """Every experiment: its variants side by side, the tests against control, the verdict."""
@@ -448,6 +468,7 @@ async def experiments(request: web.Request) -> web.Response:
     return render(request, "experiments.html", page="experiments", experiments=found["data"])
 
 
+@PAGES.get("/ui/live")
 @page
 async def live(request: web.Request) -> web.Response:
     f = {"rollout": _param(request, "rollout"), "agent": _param(request, "agent")}
@@ -464,12 +485,14 @@ def _next(value: str | None) -> str:
     return "/ui/"
 
 
+@PAGES.get("/ui/login")
 async def login_form(request: web.Request) -> web.Response:
     if not request.app[GATEWAY].settings.auth.keys:
         raise web.HTTPSeeOther("/ui/")
     return render(request, "login.html", next=_next(request.query.get("next")), error=None)
 
 
+@PAGES.post("/ui/login")
 async def login(request: web.Request) -> web.Response:
     keys = request.app[GATEWAY].settings.auth.keys
     if not keys:
@@ -502,6 +525,7 @@ async def login(request: web.Request) -> web.Response:
     return response
 
 
+@PAGES.post("/ui/logout")
 async def logout(request: web.Request) -> web.Response:
     response = _see_other("/ui/login" if request.app[GATEWAY].settings.auth.keys else "/ui/")
     response.del_cookie(auth.UI_COOKIE, path="/", samesite="Strict")
@@ -512,23 +536,12 @@ def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, **SECURITY_HEADERS})
 
 
+@PAGES.get("/ui")
 async def to_overview(request: web.Request) -> web.Response:
     raise web.HTTPFound("/ui/")
 
 
 def add_ui_routes(app: web.Application) -> None:
     """Register every `/ui` page and the vendored static files."""
-    router = app.router
-    router.add_get("/ui", to_overview)
-    router.add_get("/ui/", overview)
-    router.add_get("/ui/rollouts", rollouts)
-    router.add_get("/ui/rollouts/{rollout_id}", rollout)
-    router.add_get("/ui/spans/{span_id}", span)
-    router.add_get("/ui/leaderboard", leaderboard)
-    router.add_get("/ui/patterns", patterns)
-    router.add_get("/ui/live", live)
-    router.add_get("/ui/experiments", experiments)
-    router.add_get("/ui/login", login_form)
-    router.add_post("/ui/login", login)
-    router.add_post("/ui/logout", logout)
-    router.add_static("/ui/static", views.STATIC, name="ui-static", append_version=False)
+    app.router.add_routes(PAGES)
+    app.router.add_static("/ui/static", views.STATIC, name="ui-static", append_version=False)
