@@ -4,7 +4,12 @@ checked equal by tests/test_span_shape.py) and what the API's `Span` model expos
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, TypeAlias, TypedDict, Union
+
+# JSON as orjson decodes it; a stored body may also be raw bytes (audio, a form's file) or text.
+# (`Union`: a recursive alias must stay valid at runtime, where get_type_hints reads it.)
+JSONValue: TypeAlias = Union[bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"], None]  # noqa: UP007
+Body: TypeAlias = Union[JSONValue, bytes]  # noqa: UP007
 
 
 class SpanRecord(TypedDict):
@@ -39,10 +44,10 @@ class SpanRecord(TypedDict):
     cached_tokens: int | None
     reasoning_tokens: int | None
     cost_usd: float | None
-    finish_reasons: Any
-    tool_calls: Any
-    request_body: Any
-    response_body: Any
+    finish_reasons: list[str] | None
+    tool_calls: list[dict[str, Any]] | None
+    request_body: Body
+    response_body: Body
     attributes: dict[str, Any]
     tags: list[str]
     prompt_token_ids: str | None

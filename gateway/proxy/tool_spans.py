@@ -147,15 +147,19 @@ class ToolTracker:
     def note(self, span: SpanRecord, done: frozenset[str] = frozenset()) -> None:
         """Remember the tool calls a finished call asked for (but those in `done`, whose
         results the answer already has)."""
-        rollout, attempt = span.get("rollout_id"), span.get("attempt_id")
-        if not rollout or not attempt or not span.get("tool_calls"):
+        rollout, attempt, calls = (
+            span.get("rollout_id"),
+            span.get("attempt_id"),
+            span.get("tool_calls"),
+        )
+        if not rollout or not attempt or not calls:
             return
         key = (rollout, attempt)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = _Pending()
         self._pending.move_to_end(key)
-        for call in span["tool_calls"]:
+        for call in calls:
             if call.get("id") and call["id"] not in done:
                 pending.add(pending_tool(call, span))
         while len(self._pending) > self._capacity:
