@@ -170,15 +170,37 @@ def run_wrk(placement: Placement, url: str, concurrency: int, seconds: float, lu
     raise RuntimeError(f"wrk gave no result (rc={proc.returncode}):\n{proc.stderr}")
 
 
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of the process's main thread (the event loop) and of all its other threads
+    (the writer above all), from /proc/PID/task: py-spy's shares cannot tell a thread waiting
+    for the GIL from one at work, these counters can."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = others = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            if task.name == str(pid):
+                main += cpu
+            else:
+                others += cpu
+    return main, others
+
+
 def one_round(
     gw: Any, placement: Placement, args: argparse.Namespace, lua: Path, name: str
 ) -> dict:
     url = f"{gw.root}/rollout/{name}/attempt/1/v1/chat/completions"
     with BusyMeter(name, [gw.proc.pid]) as meter:
         before = process_cpu_s(gw.proc.pid)
+        threads_before = thread_cpu_s(gw.proc.pid)
         load = run_wrk(placement, url, args.concurrency, args.duration, lua)
         wait_drained(gw)
         cpu = process_cpu_s(gw.proc.pid) - before
+        loop_cpu, other_cpu = (
+            after - start
+            for after, start in zip(thread_cpu_s(gw.proc.pid), threads_before, strict=True)
+        )
     spans = read_only_count(gw.db, "select count(*) from spans where rollout_id = ?", (name,))
     assert meter.result is not None
     return {
@@ -191,6 +213,8 @@ def one_round(
         "p99_ms": load["p99_us"] / 1000,
         "gateway_cpu_s": cpu,
         "cpu_us_per_call": cpu / max(spans, 1) * 1e6,
+        "loop_thread_us_per_call": loop_cpu / max(spans, 1) * 1e6,
+        "other_threads_us_per_call": other_cpu / max(spans, 1) * 1e6,
         "foreign_share": meter.result.foreign_share,
     }
 
@@ -290,6 +314,8 @@ def report(out_dir: Path) -> str:
             f"{x['p50_ms']:.1f}",
             f"{x['p99_ms']:.1f}",
             f"{x['cpu_us_per_call']:.0f}",
+            _thread_cell(x, "loop_thread_us_per_call"),
+            _thread_cell(x, "other_threads_us_per_call"),
             f"{x['foreign_share']:.0%}",
         ]
         for r in runs
@@ -318,7 +344,10 @@ def report(out_dir: Path) -> str:
             "",
             "## Rounds",
             "",
-            "*foreign* is CPU other processes took during the round, as a share of both cores.",
+            "*foreign* is CPU other processes took during the round, as a share of both cores. "
+            "The thread columns split the same CPU by thread (/proc/PID/task): the event loop "
+            "(aiohttp in and out, the call's own work) and every other thread (the writer "
+            "inserting into SQLite, its checkpoint and guard threads).",
             "",
             markdown_table(
                 [
@@ -331,6 +360,8 @@ def report(out_dir: Path) -> str:
                     "p50 ms",
                     "p99 ms",
                     "CPU µs/call",
+                    "event-loop thread µs/call",
+                    "other threads µs/call",
                     "foreign",
                 ],
                 round_rows,
@@ -346,6 +377,11 @@ def report(out_dir: Path) -> str:
     (out_dir / "cpu_per_call.md").write_text(text)
     print_table("CPU µs per call, by stage", header, body)
     return text
+
+
+def _thread_cell(round_: dict[str, Any], key: str) -> str:
+    """Rounds measured before the per-thread split have no figure."""
+    return f"{round_[key]:.0f}" if key in round_ else "-"
 
 
 def _notes(out_dir: Path) -> list[str]:
