@@ -30,7 +30,7 @@ from gateway.proxy.experiments import Experiments  # noqa: E402
 from judge.experiments import analyse_experiment  # noqa: E402
 from store import experiments as stored  # noqa: E402
 from store.schema import connect  # noqa: E402
-from store.writer import insert_spans  # noqa: E402
+from store.span_inserts import insert_spans  # noqa: E402
 
 T0 = 1_795_334_400_000_000_000
 VARIANTS = [

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from judge import patterns  # noqa: E402
 from store.schema import connect  # noqa: E402
-from store.writer import insert_spans  # noqa: E402
+from store.span_inserts import insert_spans  # noqa: E402
 
 T = TypeVar("T")
 TARGET_SECONDS = 60.0

@@ -82,7 +82,7 @@ from store.queries import (
     list_spans,
 )
 from store.schema import connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 
 TARGET_SPANS_PER_S = 20_000
 TARGET_QUERY_MS = 20.0

@@ -35,7 +35,7 @@ from gateway.web.report import build_report
 from gateway.web.ui.routes import rollout_page
 from store import dashboard
 from store.schema import SPAN_COLUMNS, connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 from store.writes import add_reward
 
 MS = 1_000_000

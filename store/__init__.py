@@ -6,7 +6,8 @@ Reads are imported from their modules (`store.queries`, `store.dashboard`, `stor
 from store.errors import Conflict, InvalidTransition, NotFound, StoreError
 from store.journal import Journal, journal_path_for
 from store.schema import ROLLOUT_STATUSES, SPAN_COLUMNS, TERMINAL_STATUSES, connect, migrate
-from store.writer import StoreWriter, insert_spans, normalize_span
+from store.span_inserts import insert_spans, normalize_span
+from store.writer import StoreWriter
 
 __all__ = [
     "ROLLOUT_STATUSES",

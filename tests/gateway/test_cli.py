@@ -25,7 +25,7 @@ from gateway.cli import render as cli_render
 from gateway.cli.main import cli
 from gateway.cli.render import clock
 from store.schema import connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 
 T0 = 1_714_572_000_000_000_000  # 2024-05-01 14:00 UTC, in ns
 SECOND = 1_000_000_000

@@ -30,7 +30,7 @@ from gateway.cli.main import cli
 from judge.rules import RULES_VERSION
 from judge.verdict import REWARD_NAME, reward_id
 from store.schema import connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 from store.writes import add_reward, update_rollout
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns

@@ -34,7 +34,7 @@ from gateway.cli import remote as cli_remote
 from gateway.cli.main import BROKEN_PIPE_EXIT, cli
 from gateway.cli.remote import Follow, follow_spans, parse_events
 from store.schema import SPAN_COLUMNS, connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 
 # A call made while following must show within this long.
 LIVE_LATENCY = 1.0

@@ -33,7 +33,7 @@ from judge.guidelines import (
     write_guideline,
 )
 from store.schema import connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
 MS = 1_000_000

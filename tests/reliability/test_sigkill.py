@@ -18,7 +18,7 @@ from fake_provider import FakeProviderThread
 from servers import read_rows, read_spans, wait_until
 
 from store.journal import journal_path_for
-from store.writer import normalize_span
+from store.span_inserts import normalize_span
 
 from .support import CHAT_PATH, Ledger, ServeFactory, chat_body, run_load, span_record
 

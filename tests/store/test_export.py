@@ -27,8 +27,8 @@ from store.export import (
     write_jsonl,
 )
 from store.schema import SPAN_COLUMNS, connect
+from store.span_inserts import insert_spans
 from store.times import parse_since
-from store.writer import insert_spans
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
 SECOND = 1_000_000_000

@@ -10,7 +10,7 @@ from servers import read_rows
 from shapes import span_record
 
 from store.schema import connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 
 pytestmark = pytest.mark.both_backends
 

@@ -14,7 +14,7 @@ from sqlite_utils import Database
 from store import dashboard
 from store.queries import BadCursor, get_rollout
 from store.schema import SPAN_COLUMNS, connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 from store.writes import add_reward
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z

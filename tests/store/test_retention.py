@@ -13,7 +13,7 @@ from servers import GatewayThread, read_rows, wait_until
 
 from gateway.cli.main import cli
 from store.schema import connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 
 pytestmark = pytest.mark.both_backends
 

@@ -12,7 +12,7 @@ from test_retention import DAY, _ids, _span
 
 from gateway.cli.main import cli
 from store.schema import connect
-from store.writer import insert_spans
+from store.span_inserts import insert_spans
 
 
 def _bulky_old_rollouts(path: Any, count: int) -> None:
