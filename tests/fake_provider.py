@@ -152,8 +152,12 @@ class FakeProviderState:
         latency: float = 0.0,
         models: Iterable[str] = DEFAULT_MODELS,
         api_key: str | None = None,
+        keep_requests: int | None = None,
     ) -> None:
         self.latency = latency
+        # Recorded requests kept (None: all). A benchmark's upstream keeps a few: a list grown by
+        # every request made each garbage collection longer, and later runs' p99 with it.
+        self.keep_requests = keep_requests
         self.models: list[str] = list(models)
         # When set, requests must carry "Authorization: Bearer <api_key>" or get a 401.
         self.api_key = api_key
@@ -190,6 +194,9 @@ class FakeProviderState:
     def record(self, rec: RecordedRequest) -> None:
         with self._cond:
             self.requests.append(rec)
+            keep = self.keep_requests
+            if keep is not None and len(self.requests) > 2 * keep:
+                del self.requests[:-keep]
             self._cond.notify_all()
 
     def reset(self) -> None:
@@ -1572,10 +1579,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9001, help="0 picks a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
     parser.add_argument("--api-key", default=None, help="require this bearer token")
+    parser.add_argument(
+        "--keep-requests", type=int, default=1000, help="recorded requests kept (the newest)"
+    )
     args = parser.parse_args(argv)
 
     async def serve() -> None:
-        state = FakeProviderState(latency=args.latency, api_key=args.api_key)
+        state = FakeProviderState(
+            latency=args.latency, api_key=args.api_key, keep_requests=args.keep_requests
+        )
         server = await start_fake_provider(args.host, args.port, state=state)
         # The parent process reads this line (or polls the port) to know we are up.
         print(f"fake provider listening on {server.url}", flush=True)
