@@ -414,8 +414,9 @@ class StoreWriter:
             return
         with self._unsaved_lock:
             for span in spans:
-                rid = span.get("rollout_id")
-                if rid and unsaved.get(rid) == span.get("seq"):
+                rid, seq = span.get("rollout_id"), span.get("seq")
+                # A call cancelled before it was numbered has no seq: nothing to forget.
+                if rid and seq is not None and unsaved.get(rid) == seq:
                     del unsaved[rid]
 
     def _quarantine(self, record: Any, reason: str) -> None:

@@ -101,3 +101,17 @@ def test_a_live_process_journal_is_left_alone_and_a_dead_ones_is_replayed(tmp_pa
     assert count(db) == 2
     assert live.exists()
     assert not dead.exists()
+
+
+def test_a_call_cancelled_before_it_was_numbered_keeps_the_store_healthy(tmp_path: Path) -> None:
+    # A client that leaves before its call is numbered leaves a rollout span without a seq;
+    # committing it beside another rollout's numbered span once spilled the whole batch
+    # and called the store unwritable.
+    db = tmp_path / "s.db"
+    writer = writer_for(db)
+    writer.start()
+    writer.put(span("numbered", seq=1))
+    writer.put(span("cancelled", seq=None, status="cancelled", http_status=499))
+    writer.close(timeout=10)
+    assert writer.healthy and writer.spilled == 0
+    assert count(db) == 2
