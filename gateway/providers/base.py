@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypeAlias, Union
 from urllib.parse import quote
 
 from config.models import Deployment
@@ -34,6 +34,9 @@ RESPONSE_OPERATIONS = {
     "responses_input_items": ("GET", "/input_items"),
 }
 
+# JSON as orjson decodes it (`Union`: a recursive alias must stay valid at runtime).
+JSONValue: TypeAlias = Union[bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"], None]  # noqa: UP007
+
 
 @dataclass(slots=True)
 class UpstreamRequest:
@@ -41,7 +44,7 @@ class UpstreamRequest:
 
     operation: str
     body: bytes
-    payload: dict[str, Any]
+    payload: dict[str, JSONValue]
     stream: bool
     deployment: Deployment
     client_headers: Mapping[str, str] = field(default_factory=dict)

@@ -505,7 +505,7 @@ def _clamped(call: Call, allowed: int) -> tuple[bytes, dict[str, Any], dict[str,
     changed: dict[str, Any] = {}
     for name in names or [REPLY_CAP_FIELD[call.operation]]:
         before = payload.get(name)
-        payload[name] = allowed if before is None else min(before, allowed)
+        payload[name] = min(before, allowed) if isinstance(before, int | float) else allowed
         changed[name] = {"from": before, "to": payload[name]}
     return orjson.dumps(payload), payload, changed
 

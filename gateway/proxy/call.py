@@ -12,6 +12,7 @@ from typing import Any
 
 from config.models import Deployment
 from gateway.errors import scrub
+from gateway.providers.base import JSONValue
 from gateway.proxy.attribution import Attribution, new_span_id
 from gateway.proxy.budgets import Reservation
 from gateway.proxy.context import ProxyContext
@@ -37,7 +38,7 @@ class Call:
     operation: str
     attribution: Attribution
     raw_request: bytes
-    payload: dict[str, Any]
+    payload: dict[str, JSONValue]
     group_name: str
     t0: int
     start_ns: int
@@ -201,7 +202,7 @@ class Call:
             "provider": deployment.provider if deployment else None,
             "deployment": deployment.label if deployment else None,
             "model_group": self.outcome.group.name if self.outcome else self.group_name,
-            "request_model": self.payload.get("model"),
+            "request_model": model if isinstance(model := self.payload.get("model"), str) else None,
             "status": fields.get("status", "ok"),
             "http_status": fields.get("http_status"),
             "error_type": fields.get("error_type"),

@@ -286,7 +286,7 @@ def with_guideline(payload: dict[str, Any], operation: str, text: str) -> dict[s
 
 async def enter_experiment(experiments: Experiments, call: Call) -> None:
     """Apply the experiment covering the call's model, if any, to the call itself."""
-    state = experiments.covering(call.payload["model"])
+    state = experiments.covering(call.group_name)
     if state is None:
         return
     unit = call.attribution.rollout_id or call.span_id

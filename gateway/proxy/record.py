@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias, TypedDict, Union
 
-# JSON as orjson decodes it; a stored body may also be raw bytes (audio, a form's file) or text.
-# (`Union`: a recursive alias must stay valid at runtime, where get_type_hints reads it.)
-JSONValue: TypeAlias = Union[bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"], None]  # noqa: UP007
+from gateway.providers.base import JSONValue
+
+# A stored body: JSON, or raw bytes (audio, a form's file).
 Body: TypeAlias = Union[JSONValue, bytes]  # noqa: UP007
 
 
