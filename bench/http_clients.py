@@ -41,7 +41,7 @@ HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-upstr
 
 
 async def aiohttp_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
-    """aiohttp as gateway/providers/openai.py uses it (shared session, a ClientTimeout)."""
+    """aiohttp as gateway/providers/openai.py used it until issue 19 (a shared session)."""
     import aiohttp
 
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -88,7 +88,71 @@ async def aiosonic_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]
     return send, close
 
 
-CLIENTS = {"aiohttp": aiohttp_client, "httpx": httpx_client, "aiosonic": aiosonic_client}
+async def pyreqwest_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """pyreqwest: Rust's reqwest on its own tokio threads (their CPU counts too)."""
+    from pyreqwest.client import ClientBuilder
+
+    client = ClientBuilder().http1_only().tcp_nodelay(True).build()
+    body = BODY.encode()
+
+    async def send() -> bytes:
+        builder = client.post(url).body_bytes(body)
+        for name, value in HEADERS.items():
+            builder = builder.header(name, value)
+        response = await builder.build().send()
+        return bytes(await response.bytes())
+
+    return send, client.close
+
+
+async def rnet_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """rnet: another Rust client (wreq/hyper) on its own runtime."""
+    import rnet
+
+    client = rnet.Client()
+    body = BODY.encode()
+
+    async def send() -> bytes:
+        response = await client.post(url, body=body, headers=HEADERS)
+        return bytes(await response.bytes())
+
+    async def close() -> None:
+        pass
+
+    return send, close
+
+
+async def spangate_client(url: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """What the gateway forwards with: gateway/providers/http1.py (httptools' parser)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gateway.providers.http1 import ConnectionPool, parse_target
+
+    pool = ConnectionPool()
+    target = parse_target(url)
+    body = BODY.encode()
+
+    async def send() -> bytes:
+        response = await pool.request(
+            "POST", target, headers=HEADERS, body=body, total=600, connect=10
+        )
+        try:
+            return await response.read(1 << 26)
+        finally:
+            response.release()
+
+    return send, pool.close
+
+
+CLIENTS = {
+    "aiohttp": aiohttp_client,
+    "spangate": spangate_client,
+    "httpx": httpx_client,
+    "aiosonic": aiosonic_client,
+    "pyreqwest": pyreqwest_client,
+    "rnet": rnet_client,
+}
+# Imported under another name than the client's.
+MODULES = {"spangate": "httptools"}
 
 
 async def one_round(name: str, url: str, calls: int, concurrency: int) -> float:
@@ -120,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     placement = Placement.from_args("on", 0)
-    # A client that is not installed (`pip install aiosonic` for that one) is left out.
-    names = [n for n in args.clients.split(",") if importlib.util.find_spec(n) is not None]
+    # A client that is not installed (`pip install aiosonic pyreqwest rnet`) is left out.
+    names = [
+        n
+        for n in args.clients.split(",")
+        if importlib.util.find_spec(MODULES.get(n, n)) is not None
+    ]
     results: dict[str, list[float]] = {name: [] for name in names}
     with temp_dir("spangate-clients-") as tmp, contextlib.ExitStack() as stack:
         base, _ = start_provider(placement, tmp, stack, latency=args.latency)

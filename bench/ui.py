@@ -315,7 +315,8 @@ def main() -> None:
             )
         page1 = dashboard.browse_rollouts(db, sort="calls", limit=50)
         ms, _ = timed(
-            lambda: dashboard.browse_rollouts(db, sort="calls", cursor=page1.next_cursor, limit=50), 5
+            lambda: dashboard.browse_rollouts(db, sort="calls", cursor=page1.next_cursor, limit=50),
+            5,
         )
         rows.append(
             (

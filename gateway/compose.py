@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from sqlite_utils import Database
 
@@ -17,6 +16,7 @@ from gateway.exporters import ExportCollector, OtlpExporter
 from gateway.judge_routes import JUDGE, JUDGE_ROUTES, PATTERN_ROUTES, ui_analyses
 from gateway.providers import mock as mock_provider
 from gateway.providers.base import Provider
+from gateway.providers.http1 import ConnectionPool
 from gateway.providers.litellm import LiteLLMProvider, is_litellm_provider, load_litellm
 from gateway.providers.openai import OpenAICompatible
 from gateway.proxy.budgets import Budgets, BudgetState
@@ -148,7 +148,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app[JUDGE] = JudgeService(
         settings.judge, JudgeStore(reader=reader, writer=writer), lambda: gw.base_url
     )
-    # Teardown runs in reverse: the upstream session closes first, the writer drains last.
+    # Teardown runs in reverse: the upstream pool closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(counters.lifecycle)
     app.cleanup_ctx.append(_recording)
@@ -260,16 +260,11 @@ async def _exporting(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-    # No cookie jar: one session serves every client, so a cookie an upstream sets for one
-    # (OpenAI's edge sets `__cf_bm`) must not ride along on everyone's calls.
-    session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
-    )
+    # Connections are kept per origin and carry no cookies: one pool serves every client, so
+    # a cookie an upstream sets for one (OpenAI's edge sets `__cf_bm`) never rides along.
+    pool = ConnectionPool(keepalive=60)
     providers: dict[str, Provider] = {
-        "openai": OpenAICompatible(
-            session, max_body_bytes=gw.settings.limits.max_upstream_body_bytes
-        ),
+        "openai": OpenAICompatible(pool, max_body_bytes=gw.settings.limits.max_upstream_body_bytes),
         "mock": mock_provider.send,
     }
     translated = None
@@ -279,7 +274,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(load_litellm)
         unknown = sorted(name for name in wanted if not is_litellm_provider(name))
         if unknown:
-            await session.close()
+            await pool.close()
             raise ValueError(
                 f"unknown providers {unknown}: not `openai`, `mock` or a litellm provider"
             )
@@ -289,4 +284,4 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     yield
     if translated is not None:
         await translated.aclose()
-    await session.close()
+    await pool.close()

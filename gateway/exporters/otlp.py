@@ -18,7 +18,6 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import aiohttp
@@ -34,6 +33,7 @@ from tenacity import (
 )
 
 from config.models import OtlpSettings, Settings
+from config.version import package_version
 from gateway.exporters.otlp_mapping import (
     evaluation_span,
     export_request,
@@ -60,13 +60,6 @@ REWARDS_PER_ROLLOUT = 100
 ROOTS_REMEMBERED = 50_000
 # A rollout's root span is sent once it reaches one of these (store.schema's final states).
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timeout"})
-
-
-def service_version() -> str:
-    try:
-        return version("spangate")
-    except PackageNotFoundError:
-        return "0"
 
 
 class RetryableStatus(Exception):
@@ -110,7 +103,7 @@ class OtlpExporter:
         self.settings = settings
         self.endpoint = settings.endpoint
         self.addresses = dict(addresses)
-        self.version = service_version()
+        self.version = package_version()
         self.resource = resource(settings.service_name, self.version, socket.gethostname())
         self.stats = ExportStats()
         self._queue: deque[tuple[str, dict[str, Any]]] = deque()

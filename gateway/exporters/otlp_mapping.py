@@ -19,6 +19,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from config.models import DEFAULT_SERVICE_NAME, Settings
+from config.version import package_version
 from gateway.proxy.attribution import rollout_trace
 from gateway.proxy.tool_items import chat_tool_call, objects_in
 
@@ -520,9 +521,7 @@ def iter_otlp_json(
 ) -> Iterator[dict[str, Any]]:
     """Stored rollouts (as `store.export.iter_rollouts` shapes them) as OTLP/JSON trace
     exports, one per rollout, holding what the live exporter would have sent."""
-    from gateway.exporters.otlp import service_version
-
-    version = service_version()
+    version = package_version()
     resource_ = resource(service_name, version)
     for rollout in rollouts:
         calls = list(rollout.get("unattributed_calls") or [])

@@ -1,16 +1,13 @@
 """The seam to model providers: one callable `provider(request) -> UpstreamResponse` per kind.
 
 OpenAI-compatible upstreams get the client's body forwarded as-is through one shared
-aiohttp session; aiohttp's exceptions become `UpstreamError`s here and nowhere else.
+connection pool (providers/http1.py); its exceptions become `UpstreamError`s here and nowhere else.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Mapping
-
-import aiohttp
-from yarl import URL
+from collections.abc import AsyncIterator, Iterable
 
 from gateway.errors import (
     UpstreamProtocolError,
@@ -20,8 +17,16 @@ from gateway.errors import (
 )
 from gateway.providers.base import UpstreamRequest, UpstreamResponse
 from gateway.providers.headers import client_headers_for
+from gateway.providers.http1 import (
+    BodyOverLimit,
+    ConnectionPool,
+    HTTPClientError,
+    Response,
+    Target,
+    parse_target,
+)
 
-# Headers that describe one hop, or that aiohttp recomputes, never pass through.
+# Headers that describe one hop, or that the gateway recomputes, never pass through.
 _HOP_HEADERS = frozenset(
     {
         "connection",
@@ -42,8 +47,8 @@ _HOP_HEADERS = frozenset(
 )
 
 
-def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
+def forwardable_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {k: v for k, v in headers if k.lower() not in _HOP_HEADERS}
 
 
 def upstream_headers(request: UpstreamRequest) -> dict[str, str]:
@@ -62,41 +67,34 @@ def upstream_headers(request: UpstreamRequest) -> dict[str, str]:
     return headers
 
 
-async def _iter_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _iter_chunks(response: Response) -> AsyncIterator[bytes]:
     try:
-        async for chunk in response.content.iter_any():
+        async for chunk in response.iter_chunks():
             yield chunk
     except TimeoutError as exc:
         raise UpstreamTimeout("upstream stream timed out") from exc
-    except aiohttp.ClientPayloadError as exc:
+    except HTTPClientError as exc:
         raise UpstreamProtocolError(f"upstream stream broke: {exc}") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnreachable(f"upstream stream failed: {exc}") from exc
     finally:
         response.release()
 
 
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int, label: str) -> bytes:
-    """The body, refused once it passes `limit` bytes (decompressed), before it is all in memory.
+async def _read_at_most(response: Response, limit: int, label: str) -> bytes:
+    """The body, refused once it passes `limit` bytes (decoded), before it is all in memory.
 
-    `response.read()` would hold whatever the upstream sends; a declared length over the
-    limit is refused before reading a byte, an undeclared one as soon as it passes it.
+    A declared length over the limit is refused before reading a byte, an undeclared one as
+    soon as it passes it.
     """
     declared = response.content_length
-    if declared is not None and declared > limit:
+    if declared is not None and declared > limit and not response.encoded:
         response.close()
         raise _too_large(label, limit)
-    if declared is not None and response.headers.get("Content-Encoding", "") in _UNENCODED:
-        # A declared, unencoded length within the limit is all there is: one read.
-        return await response.read()
-    body = bytearray()
-    async for chunk in response.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            # close(), not release(): the rest of the body is never read off the socket.
-            response.close()
-            raise _too_large(label, limit)
-    return bytes(body)
+    try:
+        return await response.read(limit)
+    except BodyOverLimit:
+        # close(), not release(): the rest of the body is never read off the socket.
+        response.close()
+        raise _too_large(label, limit) from None
 
 
 # Built only when raised: the message passes through `scrub`, which a success should not pay.
@@ -106,48 +104,42 @@ def _too_large(label: str, limit: int) -> UpstreamTooLarge:
     )
 
 
-_UNENCODED = frozenset({"", "identity"})
-
-
 @functools.lru_cache(maxsize=1024)
-def _upstream_url(api_base: str | None, path: str) -> URL | str:
-    """Parsed once per deployment and path, not on every call; a URL that does not
-    parse stays text, so aiohttp refuses it as before (`UpstreamUnreachable`)."""
+def _upstream_target(api_base: str | None, path: str) -> Target | str:
+    """Split once per deployment and path, not on every call; a URL that does not parse
+    stays text, and the call fails as unreachable."""
     url = (api_base or "").rstrip("/") + path
     try:
-        return URL(url)
+        return parse_target(url)
     except ValueError:
         return url
 
 
-@functools.lru_cache(maxsize=256)
-def _client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=total, sock_connect=connect)
-
-
 class OpenAICompatible:
-    """Any OpenAI-compatible API (OpenAI, vLLM, Ollama, OpenRouter, ...) over a shared session."""
+    """Any OpenAI-compatible API (OpenAI, vLLM, Ollama, OpenRouter, ...) over a shared pool."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, max_body_bytes: int) -> None:
-        self.session = session
+    def __init__(self, pool: ConnectionPool, *, max_body_bytes: int) -> None:
+        self.pool = pool
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         deployment = request.deployment
-        url = _upstream_url(deployment.api_base, request.path)
-        timeout = _client_timeout(deployment.timeout.total, deployment.timeout.connect)
+        target = _upstream_target(deployment.api_base, request.path)
         try:
-            response = await self.session.request(
+            if isinstance(target, str):
+                raise HTTPClientError(f"not an http(s) URL: {target!r}")
+            response = await self.pool.request(
                 request.method,
-                url,
-                data=request.body or None,
-                params=request.query or None,
+                target,
                 headers=upstream_headers(request),
-                timeout=timeout,
+                body=request.body,
+                query=request.query,
+                total=deployment.timeout.total,
+                connect=deployment.timeout.connect,
             )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {deployment.label} did not answer in time") from exc
-        except aiohttp.ClientError as exc:
+        except HTTPClientError as exc:
             raise UpstreamUnreachable(f"upstream {deployment.label} unreachable: {exc}") from exc
         headers = forwardable_headers(response.headers)
         streaming = request.stream and response.content_type == "text/event-stream"
@@ -159,7 +151,7 @@ class OpenAICompatible:
             raise UpstreamTimeout(
                 f"upstream {deployment.label} timed out sending its body"
             ) from exc
-        except aiohttp.ClientError as exc:
+        except HTTPClientError as exc:
             raise UpstreamUnreachable(
                 f"upstream {deployment.label} failed mid-body: {exc}"
             ) from exc

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import re
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from config.version import package_version
 from gateway.web import api_models as m
 from gateway.web.routes_api import REGISTERED, ApiRoute
 
 _PATH_PARAM = re.compile(r"{([^}]+)}")
 REF_TEMPLATE = "#/components/schemas/{model}"
-
-
-def _package_version() -> str:
-    try:
-        return version("spangate")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0.0.0"
 
 
 def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +81,7 @@ def build_spec(routes: tuple[ApiRoute, ...]) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "spangate API",
-            "version": _package_version(),
+            "version": package_version(),
             "description": "Rollouts, attempts, recorded calls (spans), rewards and stats.",
         },
         "paths": paths,

@@ -4,11 +4,11 @@ from `file://`. Served at `GET /api/rollouts/{id}/report` and written by `spanga
 from __future__ import annotations
 
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from sqlite_utils import Database
 
+from config.version import package_version
 from gateway.web.ui import views
 from store.queries import get_rollout
 
@@ -19,13 +19,6 @@ document.querySelectorAll("time[datetime]").forEach(function (el) {
   if (!isNaN(d)) { el.title = el.getAttribute("datetime"); el.textContent = d.toLocaleString(); }
 });
 """
-
-
-def _version() -> str:
-    try:
-        return version("spangate")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0.0.0"
 
 
 def _items(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,7 +70,7 @@ def render_report(rollout: dict[str, Any]) -> str:
         rationale=views.rationale,
         css=(views.STATIC / "ui.css").read_text(encoding="utf-8"),
         js=REPORT_JS,
-        version=_version(),
+        version=package_version(),
         generated_ns=time.time_ns(),
     )
 

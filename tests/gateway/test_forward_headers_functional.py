@@ -108,7 +108,7 @@ def test_forward_headers_allow_and_deny_narrow_what_a_deployment_gets(
     assert seen["x-title"] == "Example Agent" and seen["openai-project"] == "proj-456"
     assert "http-referer" not in seen and "anthropic-version" not in seen
     assert seen["x-stainless-lang"] == "python"
-    assert not seen["user-agent"].startswith("OpenAI/Python")  # aiohttp's own instead
+    assert not seen["user-agent"].startswith("OpenAI/Python")  # spangate's own instead
 
     seen = _seen_after_chat(gateway, fake_provider, "no-stainless")
     assert seen["http-referer"] == "https://agents.example.com"
@@ -152,7 +152,7 @@ def test_cookies_an_upstream_sets_never_reach_another_call(
         body=json.dumps(answer),
         headers={"Set-Cookie": "__cf_bm=client-one; Path=/; HttpOnly"},
     )
-    # By name: aiohttp's jar keeps no cookie from a bare IP address.
+    # By name: a cookie jar (aiohttp's, for one) keeps no cookie from a bare IP address.
     url = fake_provider.url.replace("127.0.0.1", "localhost")
     gateway = make_gateway(models=[_group("gpt-test", url)])
     with openai.OpenAI(base_url=gateway.url(), api_key="sk-client") as first:

@@ -1,0 +1,362 @@
+"""The upstream HTTP/1.1 client (gateway/providers/http1.py) against real loopback servers that
+answer byte for byte: keep-alive, bodies of every framing, compression, TLS, and each way an
+upstream can break."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ipaddress
+import ssl
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.providers.http1 import (
+    BadResponse,
+    BodyOverLimit,
+    ConnectionBroken,
+    ConnectionPool,
+    UnsendableHeader,
+    parse_target,
+)
+
+# Every test runs on the loop the gateway serves with and on asyncio's own.
+pytestmark = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+
+
+def run_on(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    if loop == "uvloop":
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+BODY = b'{"ok":true}'
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body (by Content-Length), as the server received them."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def answer(body: bytes = BODY, *, status: str = "200 OK", extra: str = "") -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+@asynccontextmanager
+async def serving(
+    handler: Handler, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, list[asyncio.StreamWriter]]]:
+    """A server on a free loopback port; yields its base URL and every connection it took."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        try:
+            await handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    scheme = "https" if tls else "http"
+    host = "localhost" if tls else "127.0.0.1"
+    try:
+        yield f"{scheme}://{host}:{port}/v1/chat/completions", connections
+    finally:
+        server.close()
+        for writer in connections:
+            writer.close()
+
+
+async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await read_request(reader)
+        writer.write(answer())
+        await writer.drain()
+
+
+async def post(pool: ConnectionPool, url: str, *, total: float = 5.0, **kw: object) -> bytes:
+    response = await pool.request(
+        "POST",
+        parse_target(url),
+        headers={"content-type": "application/json"},
+        body=b"{}",
+        total=total,
+        connect=5.0,
+        **kw,  # type: ignore[arg-type]
+    )
+    try:
+        return await response.read(1 << 20)
+    finally:
+        response.release()
+
+
+def test_one_connection_carries_call_after_call(loop: str) -> None:
+    async def run() -> None:
+        async with serving(keep_answering) as (url, connections):
+            pool = ConnectionPool()
+            for _ in range(5):
+                assert await post(pool, url) == BODY
+            assert len(connections) == 1
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_request_line_and_headers_sent_as_given(loop: str) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(answer())
+
+    async def run() -> None:
+        async with serving(handler) as (url, _):
+            pool = ConnectionPool()
+            response = await pool.request(
+                "POST",
+                parse_target(url),
+                headers={"authorization": "Bearer k", "x-trace": "1"},
+                body=b'{"a":1}',
+                query={"api-version": "2024-10-01"},
+                total=5,
+                connect=5,
+            )
+            assert response.status == 200
+            assert await response.read(100) == BODY
+            response.release()
+            await pool.close()
+
+    run_on(loop, run())
+    head, body = seen[0]
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v1/chat/completions?api-version=2024-10-01 HTTP/1.1"
+    assert "authorization: Bearer k" in lines and "x-trace: 1" in lines
+    assert "Content-Length: 7" in lines and body == b'{"a":1}'
+    assert any(line.startswith("Host: 127.0.0.1:") for line in lines)
+
+
+def test_a_connection_the_upstream_closed_while_idle_is_not_reused(loop: str) -> None:
+    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer())
+        await writer.drain()
+
+    async def run() -> None:
+        async with serving(one_then_close) as (url, connections):
+            pool = ConnectionPool()
+            assert await post(pool, url) == BODY
+            # The server closed its side; the pool notices before the next call.
+            idle = pool._idle[("http", "127.0.0.1", parse_target(url).port)]
+            while not idle[0].lost:
+                await asyncio.sleep(0.005)  # poll: the close is seen when the loop runs
+            assert await post(pool, url) == BODY
+            assert len(connections) == 2
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_a_connection_idle_past_keepalive_is_replaced(loop: str) -> None:
+    async def run() -> None:
+        async with serving(keep_answering) as (url, connections):
+            pool = ConnectionPool(keepalive=0.0)
+            assert await post(pool, url) == BODY
+            assert await post(pool, url) == BODY
+            assert len(connections) == 2
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_bodies_framed_by_chunks_or_by_close_and_interim_answers(loop: str) -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (b'{"ok"', b":true}"):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY)
+        await writer.drain()
+
+    async def run() -> None:
+        pool = ConnectionPool()
+        for handler in (chunked, until_close):
+            async with serving(handler) as (url, _):
+                assert await post(pool, url) == BODY
+        await pool.close()
+
+    run_on(loop, run())
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_answers_are_decoded_read_whole_or_streamed(loop: str, encoding: str) -> None:
+    packed = gzip.compress(BODY) if encoding == "gzip" else zlib.compress(BODY)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            assert b"Accept-Encoding: gzip, deflate" in head
+            writer.write(answer(packed, extra=f"Content-Encoding: {encoding}\r\n"))
+
+    async def run() -> None:
+        async with serving(handler) as (url, _):
+            pool = ConnectionPool()
+            assert await post(pool, url) == BODY
+            response = await pool.request(
+                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
+            )
+            assert b"".join([c async for c in response.iter_chunks()]) == BODY
+            response.release()
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_a_body_past_the_limit_is_refused_even_when_it_is_a_small_compressed_one(loop: str) -> None:
+    bomb = gzip.compress(b" " * 5_000_000)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(bomb, extra="Content-Encoding: gzip\r\n"))
+
+    async def run() -> None:
+        async with serving(handler) as (url, _):
+            pool = ConnectionPool()
+            response = await pool.request(
+                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
+            )
+            assert len(bomb) < 100_000
+            with pytest.raises(BodyOverLimit):
+                await response.read(100_000)
+            response.close()
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_each_way_of_breaking_is_named(loop: str) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"this is not http\r\n\r\n")
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial')
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    async def brotli(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b"\x0b", extra="Content-Encoding: br\r\n"))
+
+    async def run() -> None:
+        pool = ConnectionPool()
+        async with serving(garbage) as (url, _):
+            with pytest.raises(BadResponse):
+                await post(pool, url)
+        async with serving(cut) as (url, _):
+            with pytest.raises(ConnectionBroken) as broken:
+                await post(pool, url)
+            assert broken.value.mid_body
+        async with serving(silent) as (url, _):
+            with pytest.raises(TimeoutError):
+                await post(pool, url, total=0.2)
+        async with serving(brotli) as (url, _):
+            with pytest.raises(BadResponse, match="content-encoding"):
+                await post(pool, url)
+        async with serving(keep_answering) as (url, _):
+            with pytest.raises(UnsendableHeader):
+                await pool.request(
+                    "POST", parse_target(url), headers={"x-a": "1\r\nx-b: 2"}, total=5, connect=5
+                )
+        with pytest.raises(ConnectionBroken, match="cannot connect"):
+            await post(pool, url)  # the server is gone: nothing listens there now
+        await pool.close()
+
+    run_on(loop, run())
+
+
+def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    return server, cert_file
+
+
+def test_https_upstreams_are_verified_against_the_system_trust_store(
+    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_tls, cert_file = _self_signed(tmp_path)
+
+    async def run() -> None:
+        async with serving(keep_answering, tls=server_tls) as (url, connections):
+            with pytest.raises(ConnectionBroken, match="CERTIFICATE_VERIFY_FAILED"):
+                await post(ConnectionPool(), url)
+            # Trusted the way OpenSSL is told of a private CA: SSL_CERT_FILE.
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+            pool = ConnectionPool()
+            assert await post(pool, url) == BODY
+            assert await post(pool, url) == BODY
+            assert len(connections) == 1  # the refused handshake never got this far
+            await pool.close()
+
+    run_on(loop, run())
