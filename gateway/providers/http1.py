@@ -200,6 +200,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def time_out(self) -> None:
+        self.fail(TimeoutError())  # made only when it fires: most calls never get here
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -420,7 +423,7 @@ class ConnectionPool:
         conn = self._take(key)
         if conn is None:
             conn = await self._open(target, min(connect, total))
-        deadline = loop.call_at(started + total, conn.fail, TimeoutError())
+        deadline = loop.call_at(started + total, conn.time_out)
         try:
             assert conn.transport is not None
             conn.transport.write(payload)
