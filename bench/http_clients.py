@@ -6,7 +6,7 @@ completion to tests/fake_provider.py (its own process, on the other core) at a f
 concurrency under uvloop, and this process's CPU time (time.process_time) is divided by the
 calls made. Rounds alternate between clients so drift on a shared machine hits all alike.
 
-    python bench/http_clients.py [--calls 6000] [--rounds 3] [--concurrency 64]
+    python bench/http_clients.py [--calls 6000] [--rounds 3] [--concurrency 64] [--serial 200]
 
 Results: bench/results/http_clients.md.
 """
@@ -155,10 +155,19 @@ CLIENTS = {
 MODULES = {"spangate": "httptools"}
 
 
-async def one_round(name: str, url: str, calls: int, concurrency: int) -> float:
+async def one_round(
+    name: str, url: str, calls: int, concurrency: int, serial: int
+) -> tuple[float, float]:
+    """CPU µs per call at `concurrency`, then the median ms of `serial` calls one at a time
+    (where a client's CPU turns into latency: the upstream's 20 ms are in it)."""
     send, close = await CLIENTS[name](url)
     try:
         await asyncio.gather(*(send() for _ in range(concurrency)))  # connections warm
+        walls = []
+        for _ in range(serial):
+            started = time.perf_counter()
+            await send()
+            walls.append(time.perf_counter() - started)
         left = calls
 
         async def worker() -> None:
@@ -169,7 +178,7 @@ async def one_round(name: str, url: str, calls: int, concurrency: int) -> float:
 
         before = time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return (time.process_time() - before) / calls * 1e6
+        return (time.process_time() - before) / calls * 1e6, statistics.median(walls) * 1000
     finally:
         await close()
 
@@ -179,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=6000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--serial", type=int, default=200, help="calls one at a time per round")
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--clients", default=",".join(CLIENTS))
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -191,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec(MODULES.get(n, n)) is not None
     ]
     results: dict[str, list[float]] = {name: [] for name in names}
+    serial_ms: dict[str, list[float]] = {name: [] for name in names}
     with temp_dir("spangate-clients-") as tmp, contextlib.ExitStack() as stack:
         base, _ = start_provider(placement, tmp, stack, latency=args.latency)
         if placement.pin:
@@ -198,11 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         url = base + "/chat/completions"
         for _ in range(args.rounds):
             for name in names:
-                us = uvloop.run(one_round(name, url, args.calls, args.concurrency))
+                us, ms = uvloop.run(one_round(name, url, args.calls, args.concurrency, args.serial))
                 results[name].append(us)
-                print(f"{name}: {us:.0f} µs CPU per call", flush=True)
+                serial_ms[name].append(ms)
+                print(f"{name}: {us:.0f} µs CPU per call, {ms:.2f} ms one at a time", flush=True)
     rows = [
-        [name, f"{statistics.median(v):.0f}", " ".join(f"{x:.0f}" for x in v)]
+        [
+            name,
+            f"{statistics.median(v):.0f}",
+            " ".join(f"{x:.0f}" for x in v),
+            f"{statistics.median(serial_ms[name]):.2f}",
+        ]
         for name, v in results.items()
     ]
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -212,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"{args.calls} chat completions per round at concurrency {args.concurrency} against "
             f"tests/fake_provider.py ({args.latency * 1000:g} ms, core {CLIENT_CPU}), uvloop, "
-            f"client on core {GATEWAY_CPU}; CPU time of the client process per call. "
+            f"client on core {GATEWAY_CPU}; CPU time of the client process per call, then "
+            f"{args.serial} calls one at a time (wall clock, the upstream's latency included). "
             f"Load average at the end: {load}. Command: `{' '.join(sys.argv)}`.",
             "",
-            markdown_table(["client", "median µs/call", "rounds"], rows),
+            markdown_table(
+                ["client", "median µs/call", "rounds", "one at a time, median ms"], rows
+            ),
             "",
         ]
     )
