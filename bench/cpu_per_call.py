@@ -327,12 +327,14 @@ def report(out_dir: Path) -> str:
         f"{r['duration_s']} s per round, upstream latency {r['latency_s']} s; `{r['command']}`"
         for r in runs
     ]
+    concurrency = ", ".join(sorted({str(r["concurrency"]) for r in runs}))
     text = "\n".join(
         [
-            "# CPU per proxied call",
+            "# CPU per proxied call"
+            + (f" (concurrency {concurrency})" if concurrency != "64" else ""),
             "",
             "CPU time (utime + stime from /proc) of `spangate serve` per recorded call, at "
-            "concurrency 64 with wrk against tests/fake_provider.py (20 ms), recording, metrics "
+            f"concurrency {concurrency} with wrk against tests/fake_provider.py (20 ms), recording, metrics "
             "and an API key on, OTLP export off. The gateway runs pinned to core 0, wrk and the "
             "provider to core 1. *total* is the median of the rounds; a stage's figure is its "
             "share of py-spy's samples (one extra round, 200 Hz, all threads, idle excluded) "
