@@ -354,7 +354,7 @@ class ConnectionPool:
 
     def __init__(self, *, keepalive: float = 60.0) -> None:
         self.keepalive = keepalive
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
@@ -363,9 +363,19 @@ class ConnectionPool:
             if conn.transport is not None:
                 conn.transport.close()
             return
-        conn.idle_since = time.monotonic()
+        now = conn.idle_since = time.monotonic()
         conn._reset()
-        self._idle.setdefault(key, []).append(conn)
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
+        idle.append(conn)
+        # The coldest wait at the left end, where taking never reaches while the warm ones
+        # suffice: expired or dropped ones are closed here instead of lingering after a burst.
+        oldest = now - self.keepalive
+        while idle and (idle[0].lost or idle[0].idle_since < oldest):
+            stale = idle.popleft()
+            if stale.transport is not None:
+                stale.transport.close()
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)

@@ -9,6 +9,7 @@ import datetime
 import gzip
 import ipaddress
 import ssl
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -187,6 +188,33 @@ def test_a_connection_idle_past_keepalive_is_replaced(loop: str) -> None:
             assert await post(pool, url) == BODY
             assert await post(pool, url) == BODY
             assert len(connections) == 2
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_connections_left_over_from_a_burst_are_closed_once_idle_too_long(loop: str) -> None:
+    closed: list[int] = []
+
+    async def answer_until_closed(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await keep_answering(reader, writer)
+        finally:
+            closed.append(1)
+
+    async def run() -> None:
+        async with serving(answer_until_closed) as (url, connections):
+            pool = ConnectionPool(keepalive=0.05)
+            await asyncio.gather(*(post(pool, url) for _ in range(3)))
+            assert len(connections) == 3
+            # One call at a time needs one connection; the two others expire behind it.
+            deadline = time.monotonic() + 5
+            while len(closed) < 2:
+                assert time.monotonic() < deadline, "idle connections were never closed"
+                assert await post(pool, url) == BODY
+                await asyncio.sleep(0.01)  # poll
             await pool.close()
 
     run_on(loop, run())
