@@ -14,6 +14,7 @@ import math
 import re
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -1406,19 +1407,26 @@ def create_app(state: FakeProviderState | None = None) -> web.Application:
 # Running it.
 
 
-def _root_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _root_url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 class FakeProviderServer:
     """A running fake on the current event loop."""
 
-    def __init__(self, runner: web.AppRunner, state: FakeProviderState, host: str, port: int):
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        state: FakeProviderState,
+        host: str,
+        port: int,
+        scheme: str = "http",
+    ):
         self.runner = runner
         self.state = state
         self.host = host
         self.port = port
-        self.root_url = _root_url(host, port)
+        self.root_url = _root_url(host, port, scheme)
         self.url = self.root_url + "/v1"
 
     async def close(self) -> None:
@@ -1442,6 +1450,7 @@ async def start_fake_provider(
     *,
     latency: float = 0.0,
     state: FakeProviderState | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> FakeProviderServer:
     if state is None:
         state = FakeProviderState(latency=latency)
@@ -1451,10 +1460,11 @@ async def start_fake_provider(
     # that leaves a delayed request hanging does not stall teardown for a minute.
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound_port = int(runner.addresses[0][1])
-    return FakeProviderServer(runner, state, host, bound_port)
+    scheme = "https" if ssl_context is not None else "http"
+    return FakeProviderServer(runner, state, host, bound_port, scheme)
 
 
 class FakeProviderThread:
@@ -1468,8 +1478,10 @@ class FakeProviderThread:
         latency: float = 0.0,
         state: FakeProviderState | None = None,
         startup_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self._ssl_context = ssl_context
         self.state = state if state is not None else FakeProviderState(latency=latency)
         if latency:
             self.state.latency = latency
@@ -1528,7 +1540,9 @@ class FakeProviderThread:
         asyncio.set_event_loop(loop)
         try:
             self._server = loop.run_until_complete(
-                start_fake_provider(self.host, self._requested_port, state=self.state)
+                start_fake_provider(
+                    self.host, self._requested_port, state=self.state, ssl_context=self._ssl_context
+                )
             )
         except BaseException as exc:
             self._error = exc
