@@ -283,8 +283,12 @@ def _handler(operation: str) -> Callable[[web.Request], Awaitable[web.StreamResp
 
 
 def add_routes(app: web.Application) -> None:
-    for prefix in PREFIXES:
-        for path, operation in OPERATIONS.items():
+    # An operation under every prefix before the next operation: aiohttp tries the routes
+    # under `/rollout` one by one, so a chat call with an attempt in its path is matched on
+    # the second try instead of the eighteenth (5 µs instead of 26).
+    for path, operation in OPERATIONS.items():
+        for prefix in PREFIXES:
             app.router.add_post(f"{prefix}/v1/{path}", _handler(operation))
+    for prefix in PREFIXES:
         app.router.add_get(f"{prefix}/v1/models", list_models)
         add_surface_routes(app, prefix)
