@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import socket
 import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlencode, urlsplit
@@ -26,6 +27,11 @@ from config.version import package_version
 _HIGH_WATER = 256 * 1024
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _UNENCODED = frozenset({"", "identity"})
+# A compressed body is decoded this much at a time, so a small bomb never expands in one go.
+_PIECE = 64 * 1024
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The client frames the request itself; a caller's own would contradict it.
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
 _ACCEPT_ENCODING = "gzip, deflate"
 
 
@@ -85,10 +91,13 @@ def _request_bytes(
     lines = [f"{method} {path} HTTP/1.1", f"Host: {target.host_header}"]
     names = set()
     for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
-            raise UnsendableHeader(f"header {name!r} cannot be sent: a line break or colon")
+        lowered = name.lower()
+        if lowered in _FRAMING:
+            continue
+        if not _TOKEN.fullmatch(name) or "\r" in value or "\n" in value or "\0" in value:
+            raise UnsendableHeader(f"header {name!r} cannot be sent as it is")
         lines.append(f"{name}: {value}")
-        names.add(name.lower())
+        names.add(lowered)
     if "accept-encoding" not in names:
         lines.append(f"Accept-Encoding: {_ACCEPT_ENCODING}")
     if "user-agent" not in names:
@@ -124,6 +133,9 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        self.in_flight = False
+        # A message after the answer, in the same read: no caller's, and the end of the line.
+        self.stray = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,6 +146,11 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_flight or self.complete:
+            # Nothing was asked (a 408 before an idle timeout, a second answer): whatever it
+            # is belongs to no caller, and the connection can no longer be trusted.
+            self.fail(BadResponse("the upstream sent data no request asked for"))
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -165,10 +182,18 @@ class _Connection(asyncio.Protocol):
         pass
 
     # httptools
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.stray = True
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if not self.head_done:  # trailers after a chunked body are not headers
+            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        if self.stray:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self.headers = []  # an interim answer (100 Continue, 103 Early Hints): skipped
@@ -179,6 +204,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.stray:
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -187,7 +214,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if not self.head_done:
+        if self.stray or not self.head_done:
             return  # the end of an interim answer
         self.complete = True
         self._wake()
@@ -225,8 +252,10 @@ class _Connection(asyncio.Protocol):
         return data
 
     def _until_eof(self) -> bool:
-        names = {name.lower() for name, _ in self.headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        framing = {name.lower(): value.lower() for name, value in self.headers}
+        return "content-length" not in framing and "chunked" not in framing.get(
+            "transfer-encoding", ""
+        )
 
     def reusable(self) -> bool:
         return (
@@ -237,6 +266,41 @@ class _Connection(asyncio.Protocol):
             and self.transport is not None
             and not self.transport.is_closing()
         )
+
+
+class _Inflater:
+    """A compressed body decoded in pieces: gzip members one after another, `deflate` with or
+    without the zlib header, and an error (not a short body) when the stream stops early."""
+
+    def __init__(self, wbits: int) -> None:
+        self.wbits = wbits
+        self.decoder = zlib.decompressobj(wbits)
+        self.started = False
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        while data:
+            try:
+                out = self.decoder.decompress(data, _PIECE)
+            except zlib.error as exc:
+                if self.wbits == zlib.MAX_WBITS and not self.started:
+                    # `deflate` sent raw, without the zlib header it should carry.
+                    self.wbits = -zlib.MAX_WBITS
+                    self.decoder = zlib.decompressobj(self.wbits)
+                    continue
+                raise BadResponse(f"the upstream's compressed body is corrupt: {exc}") from None
+            self.started = True
+            if out:
+                yield out
+            data = self.decoder.unconsumed_tail
+            if not data and self.decoder.eof and self.decoder.unused_data:
+                data = self.decoder.unused_data  # the next gzip member
+                self.decoder = zlib.decompressobj(self.wbits)
+
+    def end(self) -> bytes:
+        rest = self.decoder.flush()
+        if not self.decoder.eof:
+            raise BadResponse("the upstream's compressed body ended before its end marker")
+        return rest
 
 
 class Response:
@@ -255,14 +319,14 @@ class Response:
         self._conn, self._pool, self._key, self._deadline = conn, pool, key, deadline
         self.status = conn.status
         self.headers = conn.headers
-        self._decoder: zlib._Decompress | None = None
+        self._decoder: _Inflater | None = None
         encoding = self.header("content-encoding", "").strip().lower()
         if encoding not in _UNENCODED:
             wbits = _DECODERS.get(encoding)
             if wbits is None:
                 self.close()
                 raise BadResponse(f"the upstream used an unknown content-encoding {encoding!r}")
-            self._decoder = zlib.decompressobj(wbits)
+            self._decoder = _Inflater(wbits)
 
     def header(self, name: str, default: str = "") -> str:
         for key, value in self.headers:
@@ -296,35 +360,26 @@ class Response:
             await conn.wait()
         return conn.take()
 
-    def _decode(self, data: bytes, room: int = 0) -> bytes:
-        if self._decoder is None:
-            return data
-        try:
-            return self._decoder.decompress(data, room)
-        except zlib.error as exc:
-            raise BadResponse(f"the upstream's compressed body is corrupt: {exc}") from None
-
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body piece by piece as it arrives, decoded."""
+        """The body piece by piece as it arrives, decoded (at most 64 KiB a piece then)."""
+        decoder = self._decoder
         while (data := await self._next_raw()) is not None:
-            decoded = self._decode(data)
-            if decoded:
-                yield decoded
-        if self._decoder is not None and (rest := self._decoder.flush()):
+            if decoder is None:
+                yield data
+            else:
+                for piece in decoder.pieces(data):
+                    yield piece
+        if decoder is not None and (rest := decoder.end()):
             yield rest
 
     async def read(self, limit: int) -> bytes:
-        """The whole body, decoded; None past `limit` bytes (the rest is never read)."""
+        """The whole body, decoded; BodyOverLimit past `limit` bytes (the rest never read)."""
         conn = self._conn
         if conn.complete and self._decoder is None and conn.buffered <= limit:
             return conn.take() if conn.chunks else b""
         body = bytearray()
-        while (data := await self._next_raw()) is not None:
-            body += self._decode(data, limit + 1 - len(body) if self._decoder else 0)
-            if len(body) > limit:
-                raise BodyOverLimit
-        if self._decoder is not None:
-            body += self._decoder.flush()
+        async for piece in self.iter_chunks():
+            body += piece
             if len(body) > limit:
                 raise BodyOverLimit
         return bytes(body)
@@ -383,7 +438,8 @@ class ConnectionPool:
         while idle:
             conn = idle.pop()
             transport = conn.transport
-            if not conn.lost and transport is not None and not transport.is_closing():
+            usable = conn.error is None and not conn.lost
+            if usable and transport is not None and not transport.is_closing():
                 if conn.idle_since >= oldest:
                     return conn
                 transport.close()
@@ -426,6 +482,9 @@ class ConnectionPool:
         seconds pass (reading the body included: until `release()`), or `connect` to connect."""
         if self._closed:
             raise ConnectionBroken("the upstream client is closed")
+        if method == "HEAD":
+            # The parser cannot know an answer to HEAD has no body; nothing here sends one.
+            raise ValueError("HEAD is not supported")
         payload = _request_bytes(method, target, query or {}, headers, body)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -436,6 +495,7 @@ class ConnectionPool:
         deadline = loop.call_at(started + total, conn.time_out)
         try:
             assert conn.transport is not None
+            conn.in_flight = True
             conn.transport.write(payload)
             while not conn.head_done:
                 if conn.error is not None:

@@ -264,6 +264,107 @@ def test_compressed_answers_are_decoded_read_whole_or_streamed(loop: str, encodi
     run_on(loop, run())
 
 
+def test_data_on_an_idle_connection_is_nobodys_answer(loop: str) -> None:
+    unsolicited = asyncio.Event()
+
+    async def then_a_stray_408(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b"first"))
+        writer.write(answer(b"stray", status="408 Request Timeout"))
+        await writer.drain()
+        unsolicited.set()
+        await keep_answering(reader, writer)
+
+    async def run() -> None:
+        async with serving(then_a_stray_408) as (url, connections):
+            pool = ConnectionPool()
+            assert await post(pool, url) == b"first"
+            await unsolicited.wait()
+            assert await post(pool, url) == b"first"  # asked again, on a new connection
+            assert len(connections) == 2
+            await pool.close()
+
+    run_on(loop, run())
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        gzip.compress(BODY[:5]) + gzip.compress(BODY[5:]),  # two gzip members
+        zlib.compress(BODY)[2:-4],  # raw deflate, without the zlib header
+    ],
+    ids=["gzip-members", "raw-deflate"],
+)
+def test_every_form_of_a_compressed_body_is_decoded_whole(loop: str, encoded: bytes) -> None:
+    encoding = "gzip" if encoded[:2] == b"\x1f\x8b" else "deflate"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(encoded, extra=f"Content-Encoding: {encoding}\r\n"))
+
+    async def run() -> None:
+        async with serving(handler) as (url, _):
+            assert await post(ConnectionPool(), url) == BODY
+
+    run_on(loop, run())
+
+
+def test_a_compressed_body_cut_short_is_an_error_not_a_short_answer(loop: str) -> None:
+    cut = gzip.compress(b"x" * 3000)[:-12]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + cut)
+
+    async def run() -> None:
+        async with serving(handler) as (url, _):
+            with pytest.raises(BadResponse, match="ended before"):
+                await post(ConnectionPool(), url)
+
+    run_on(loop, run())
+
+
+def test_a_streamed_compressed_body_is_decoded_a_bounded_piece_at_a_time(loop: str) -> None:
+    bomb = gzip.compress(b"\0" * 20_000_000)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(bomb, extra="Content-Encoding: gzip\r\n"))
+
+    async def run() -> None:
+        async with serving(handler) as (url, _):
+            pool = ConnectionPool()
+            response = await pool.request(
+                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
+            )
+            sizes = [len(piece) async for piece in response.iter_chunks()]
+            response.release()
+            assert sum(sizes) == 20_000_000 and max(sizes) <= 64 * 1024
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_trailers_after_a_chunked_body_are_not_taken_for_headers(loop: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Late\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n0\r\nX-Late: 1\r\n\r\n" % (len(BODY), BODY))
+
+    async def run() -> None:
+        async with serving(handler) as (url, _):
+            pool = ConnectionPool()
+            response = await pool.request(
+                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
+            )
+            assert await response.read(100) == BODY
+            assert response.header("x-late") == ""
+            response.release()
+            await pool.close()
+
+    run_on(loop, run())
+
+
 def test_a_body_past_the_limit_is_refused_even_when_it_is_a_small_compressed_one(loop: str) -> None:
     bomb = gzip.compress(b" " * 5_000_000)
 
