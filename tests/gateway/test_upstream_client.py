@@ -23,6 +23,7 @@ from gateway.providers.http1 import (
     BodyOverLimit,
     ConnectionBroken,
     ConnectionPool,
+    Response,
     UnsendableHeader,
     parse_target,
 )
@@ -94,16 +95,20 @@ async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         await writer.drain()
 
 
-async def post(pool: ConnectionPool, url: str, *, total: float = 5.0, **kw: object) -> bytes:
-    response = await pool.request(
+async def send(pool: ConnectionPool, url: str, *, total: float = 5.0) -> Response:
+    """A chat-like POST; the caller reads the answer and releases it."""
+    return await pool.request(
         "POST",
         parse_target(url),
         headers={"content-type": "application/json"},
         body=b"{}",
         total=total,
         connect=5.0,
-        **kw,  # type: ignore[arg-type]
     )
+
+
+async def post(pool: ConnectionPool, url: str, *, total: float = 5.0) -> bytes:
+    response = await send(pool, url, total=total)
     try:
         return await response.read(1 << 20)
     finally:
@@ -254,9 +259,7 @@ def test_compressed_answers_are_decoded_read_whole_or_streamed(loop: str, encodi
         async with serving(handler) as (url, _):
             pool = ConnectionPool()
             assert await post(pool, url) == BODY
-            response = await pool.request(
-                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
-            )
+            response = await send(pool, url)
             assert b"".join([c async for c in response.iter_chunks()]) == BODY
             response.release()
             await pool.close()
@@ -334,9 +337,7 @@ def test_a_streamed_compressed_body_is_decoded_a_bounded_piece_at_a_time(loop: s
     async def run() -> None:
         async with serving(handler) as (url, _):
             pool = ConnectionPool()
-            response = await pool.request(
-                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
-            )
+            response = await send(pool, url)
             sizes = [len(piece) async for piece in response.iter_chunks()]
             response.release()
             assert sum(sizes) == 20_000_000 and max(sizes) <= 64 * 1024
@@ -354,9 +355,7 @@ def test_trailers_after_a_chunked_body_are_not_taken_for_headers(loop: str) -> N
     async def run() -> None:
         async with serving(handler) as (url, _):
             pool = ConnectionPool()
-            response = await pool.request(
-                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
-            )
+            response = await send(pool, url)
             assert await response.read(100) == BODY
             assert response.header("x-late") == ""
             response.release()
@@ -375,9 +374,7 @@ def test_a_body_past_the_limit_is_refused_even_when_it_is_a_small_compressed_one
     async def run() -> None:
         async with serving(handler) as (url, _):
             pool = ConnectionPool()
-            response = await pool.request(
-                "POST", parse_target(url), headers={}, body=b"{}", total=5, connect=5
-            )
+            response = await send(pool, url)
             assert len(bomb) < 100_000
             with pytest.raises(BodyOverLimit):
                 await response.read(100_000)
