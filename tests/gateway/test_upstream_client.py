@@ -417,10 +417,12 @@ def test_each_way_of_breaking_is_named(loop: str) -> None:
             with pytest.raises(BadResponse, match="content-encoding"):
                 await post(pool, url)
         async with serving(keep_answering) as (url, _):
-            with pytest.raises(UnsendableHeader):
-                await pool.request(
-                    "POST", parse_target(url), headers={"x-a": "1\r\nx-b: 2"}, total=5, connect=5
-                )
+            target = parse_target(url)
+            for unsendable in ({"x-a": "1\r\nx-b: 2"}, {"x a": "1"}, {"x-a": "1\0"}):
+                with pytest.raises(UnsendableHeader):
+                    await pool.request("POST", target, headers=unsendable, total=5, connect=5)
+            with pytest.raises(ValueError, match="HEAD"):
+                await pool.request("HEAD", target, headers={}, total=5, connect=5)
         with pytest.raises(ConnectionBroken, match="cannot connect"):
             await post(pool, url)  # the server is gone: nothing listens there now
         await pool.close()
