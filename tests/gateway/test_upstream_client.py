@@ -395,7 +395,7 @@ def test_each_way_of_breaking_is_named(loop: str) -> None:
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        await asyncio.sleep(10)
+        await asyncio.sleep(10)  # an upstream that never answers: the behaviour under test
 
     async def brotli(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
