@@ -95,6 +95,17 @@ async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         await writer.drain()
 
 
+def replying(raw: bytes) -> Handler:
+    """A server that reads one request, sends `raw` as it is and hangs up."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    return handler
+
+
 async def send(pool: ConnectionPool, url: str, *, total: float = 5.0) -> Response:
     """A chat-like POST; the caller reads the answer and releases it."""
     return await pool.request(
@@ -161,10 +172,7 @@ def test_request_line_and_headers_sent_as_given(loop: str) -> None:
 
 
 def test_a_connection_the_upstream_closed_while_idle_is_not_reused(loop: str) -> None:
-    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer())
-        await writer.drain()
+    one_then_close = replying(answer())
 
     async def run() -> None:
         async with serving(one_then_close) as (url, connections):
@@ -230,10 +238,7 @@ def test_bodies_framed_by_chunks_or_by_close_and_interim_answers(loop: str) -> N
             await writer.drain()
         writer.write(b"0\r\n\r\n")
 
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY)
-        await writer.drain()
+    until_close = replying(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY)
 
     async def run() -> None:
         pool = ConnectionPool()
@@ -301,9 +306,7 @@ def test_data_on_an_idle_connection_is_nobodys_answer(loop: str) -> None:
 def test_every_form_of_a_compressed_body_is_decoded_whole(loop: str, encoded: bytes) -> None:
     encoding = "gzip" if encoded[:2] == b"\x1f\x8b" else "deflate"
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(encoded, extra=f"Content-Encoding: {encoding}\r\n"))
+    handler = replying(answer(encoded, extra=f"Content-Encoding: {encoding}\r\n"))
 
     async def run() -> None:
         async with serving(handler) as (url, _):
@@ -315,9 +318,7 @@ def test_every_form_of_a_compressed_body_is_decoded_whole(loop: str, encoded: by
 def test_a_compressed_body_cut_short_is_an_error_not_a_short_answer(loop: str) -> None:
     cut = gzip.compress(b"x" * 3000)[:-12]
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + cut)
+    handler = replying(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + cut)
 
     async def run() -> None:
         async with serving(handler) as (url, _):
@@ -330,9 +331,7 @@ def test_a_compressed_body_cut_short_is_an_error_not_a_short_answer(loop: str) -
 def test_a_streamed_compressed_body_is_decoded_a_bounded_piece_at_a_time(loop: str) -> None:
     bomb = gzip.compress(b"\0" * 20_000_000)
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(bomb, extra="Content-Encoding: gzip\r\n"))
+    handler = replying(answer(bomb, extra="Content-Encoding: gzip\r\n"))
 
     async def run() -> None:
         async with serving(handler) as (url, _):
@@ -347,10 +346,10 @@ def test_a_streamed_compressed_body_is_decoded_a_bounded_piece_at_a_time(loop: s
 
 
 def test_trailers_after_a_chunked_body_are_not_taken_for_headers(loop: str) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Late\r\n\r\n")
-        writer.write(b"%x\r\n%s\r\n0\r\nX-Late: 1\r\n\r\n" % (len(BODY), BODY))
+    handler = replying(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Late\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\nX-Late: 1\r\n\r\n" % (len(BODY), BODY)
+    )
 
     async def run() -> None:
         async with serving(handler) as (url, _):
@@ -367,9 +366,7 @@ def test_trailers_after_a_chunked_body_are_not_taken_for_headers(loop: str) -> N
 def test_a_body_past_the_limit_is_refused_even_when_it_is_a_small_compressed_one(loop: str) -> None:
     bomb = gzip.compress(b" " * 5_000_000)
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(bomb, extra="Content-Encoding: gzip\r\n"))
+    handler = replying(answer(bomb, extra="Content-Encoding: gzip\r\n"))
 
     async def run() -> None:
         async with serving(handler) as (url, _):
@@ -385,21 +382,15 @@ def test_a_body_past_the_limit_is_refused_even_when_it_is_a_small_compressed_one
 
 
 def test_each_way_of_breaking_is_named(loop: str) -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"this is not http\r\n\r\n")
+    garbage = replying(b"this is not http\r\n\r\n")
 
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial')
+    cut = replying(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial')
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         await asyncio.sleep(10)  # an upstream that never answers: the behaviour under test
 
-    async def brotli(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(b"\x0b", extra="Content-Encoding: br\r\n"))
+    brotli = replying(answer(b"\x0b", extra="Content-Encoding: br\r\n"))
 
     async def run() -> None:
         pool = ConnectionPool()
