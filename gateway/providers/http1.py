@@ -112,6 +112,17 @@ def _request_bytes(
     return head + body if body else head
 
 
+async def _exchange(conn: _Connection, payload: bytes) -> None:
+    """Write the request and wait until the answer's status and headers are in."""
+    assert conn.transport is not None
+    conn.in_flight = True
+    conn.transport.write(payload)
+    while not conn.head_done:
+        if conn.error is not None:
+            raise conn.error
+        await conn.wait()
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the answer in flight on it; httptools calls the on_*."""
 
@@ -134,6 +145,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
         self.in_flight = False
+        self.answered = False  # a byte of the answer arrived
         # A message after the answer, in the same read: no caller's, and the end of the line.
         self.stray = False
 
@@ -151,6 +163,7 @@ class _Connection(asyncio.Protocol):
             # is belongs to no caller, and the connection can no longer be trusted.
             self.fail(BadResponse("the upstream sent data no request asked for"))
             return
+        self.answered = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -224,6 +237,9 @@ class _Connection(asyncio.Protocol):
         if self.error is None and not self.complete:
             self.error = error
             self._wake()
+        self.close()
+
+    def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
@@ -390,13 +406,19 @@ class Response:
         conn = self._conn
         if conn.reusable() and not conn.chunks:
             self._pool.put(self._key, conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+        else:
+            conn.close()
 
     def close(self) -> None:
         self._deadline.cancel()
-        if self._conn.transport is not None:
-            self._conn.transport.close()
+        self._conn.close()
+
+
+def _drop_expired(idle: deque[_Connection], oldest: float) -> None:
+    # The coldest wait at the left end, where taking never reaches while the warm ones
+    # suffice: expired or dropped ones are closed here instead of lingering after a burst.
+    while idle and (idle[0].lost or idle[0].idle_since < oldest):
+        idle.popleft().close()
 
 
 class BodyOverLimit(Exception):
@@ -412,11 +434,11 @@ class ConnectionPool:
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def put(self, key: tuple[str, str, int], conn: _Connection) -> None:
         if self._closed:
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
             return
         now = conn.idle_since = time.monotonic()
         conn.reset()
@@ -424,13 +446,22 @@ class ConnectionPool:
         if idle is None:
             idle = self._idle[key] = deque()
         idle.append(conn)
-        # The coldest wait at the left end, where taking never reaches while the warm ones
-        # suffice: expired or dropped ones are closed here instead of lingering after a burst.
-        oldest = now - self.keepalive
-        while idle and (idle[0].lost or idle[0].idle_since < oldest):
-            stale = idle.popleft()
-            if stale.transport is not None:
-                stale.transport.close()
+        _drop_expired(idle, now - self.keepalive)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close what expired while no call came to take or return a connection."""
+        self._sweeper = None
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            _drop_expired(idle, now - self.keepalive)
+            if not idle:
+                del self._idle[key]
+        if self._idle and not self._closed:
+            coldest = min(idle[0].idle_since for idle in self._idle.values())
+            wait = max(coldest + self.keepalive - now, 0.0) + 0.001  # just past its expiry
+            self._sweeper = asyncio.get_running_loop().call_later(wait, self._sweep)
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
@@ -490,28 +521,36 @@ class ConnectionPool:
         started = loop.time()
         key = (target.scheme, target.host, target.port)
         conn = self._take(key)
+        reused = conn is not None
         if conn is None:
             conn = await self._open(target, min(connect, total))
-        deadline = loop.call_at(started + total, conn.time_out)
-        try:
-            assert conn.transport is not None
-            conn.in_flight = True
-            conn.transport.write(payload)
-            while not conn.head_done:
-                if conn.error is not None:
-                    raise conn.error
-                await conn.wait()
-        except BaseException:
-            deadline.cancel()
-            if conn.transport is not None:
-                conn.transport.close()
-            raise
-        return Response(conn, self, key, deadline)
+        while True:
+            deadline = loop.call_at(started + total, conn.time_out)
+            try:
+                await _exchange(conn, payload)
+            except ConnectionBroken:
+                deadline.cancel()
+                conn.close()
+                if not reused or conn.answered:
+                    raise
+                # The upstream closed this idle connection as the request went out, and not a
+                # byte came back: the race every keep-alive client meets. One more try on a
+                # fresh connection, so it never reaches the caller's retries or breaker.
+                reused = False
+                remaining = started + total - loop.time()
+                conn = await self._open(target, min(connect, max(remaining, 0.0)))
+                continue
+            except BaseException:
+                deadline.cancel()
+                conn.close()
+                raise
+            return Response(conn, self, key, deadline)
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for idle in self._idle.values():
             for conn in idle:
-                if conn.transport is not None:
-                    conn.transport.close()
+                conn.close()
         self._idle.clear()

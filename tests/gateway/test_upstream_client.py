@@ -212,17 +212,72 @@ def test_connections_left_over_from_a_burst_are_closed_once_idle_too_long(loop: 
         finally:
             closed.append(1)
 
+    async def until_closed(count: int, pool: ConnectionPool, url: str, *, call: bool) -> None:
+        deadline = time.monotonic() + 5
+        while len(closed) < count:
+            assert time.monotonic() < deadline, "idle connections were never closed"
+            if call:
+                assert await post(pool, url) == BODY
+            await asyncio.sleep(0.01)  # poll
+
     async def run() -> None:
         async with serving(answer_until_closed) as (url, connections):
             pool = ConnectionPool(keepalive=0.05)
             await asyncio.gather(*(post(pool, url) for _ in range(3)))
             assert len(connections) == 3
             # One call at a time needs one connection; the two others expire behind it.
-            deadline = time.monotonic() + 5
-            while len(closed) < 2:
-                assert time.monotonic() < deadline, "idle connections were never closed"
-                assert await post(pool, url) == BODY
-                await asyncio.sleep(0.01)  # poll
+            await until_closed(2, pool, url, call=True)
+            # Then no call comes at all: the pool's own timer closes the last one.
+            await until_closed(3, pool, url, call=False)
+            assert not pool._idle and len(connections) == 3
+            await pool.close()
+
+    run_on(loop, run())
+
+
+def test_a_reused_connection_closed_as_the_request_goes_out_is_retried_on_a_fresh_one(
+    loop: str,
+) -> None:
+    async def one_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer())
+        await writer.drain()
+        await read_request(reader)  # the second request arrives, and is never answered
+
+    seen: list[int] = []
+
+    async def run() -> None:
+        async with serving(one_then_hang_up) as (url, connections):
+            pool = ConnectionPool()
+            assert await post(pool, url) == BODY
+            seen.append(len(connections))
+            assert await post(pool, url) == BODY  # resent on a second connection
+            seen.append(len(connections))
+            # A fresh connection that breaks the same way is the upstream's failure.
+            fresh = ConnectionPool()
+            async with serving(replying(b"")) as (silent_url, _):
+                with pytest.raises(ConnectionBroken):
+                    await post(fresh, silent_url)
+            await pool.close()
+
+    run_on(loop, run())
+    assert seen == [1, 2]
+
+
+def test_a_reused_connection_that_broke_mid_answer_is_not_retried(loop: str) -> None:
+    async def one_then_half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer())
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")  # then hangs up
+
+    async def run() -> None:
+        async with serving(one_then_half) as (url, connections):
+            pool = ConnectionPool()
+            assert await post(pool, url) == BODY
+            with pytest.raises(ConnectionBroken):
+                await post(pool, url)
+            assert len(connections) == 1
             await pool.close()
 
     run_on(loop, run())
