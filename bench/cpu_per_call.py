@@ -59,6 +59,8 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("Metrics.observe", "metrics"),
     ("prometheus_client/", "metrics"),
     ("StoreWriter", "writer"),
+    # Budget state lives under store/ but runs on the event loop, inside admission.
+    ("store/budget_state.py", "budgets"),
     ("store/", "writer"),
     ("sqlite_utils/", "writer"),
     ("TraceIndex", "other subscribers"),
@@ -85,6 +87,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("rollout_mode", "attribution"),
     ("Redactor", "attribution"),
     ("forwarded_client_headers", "attribution"),
+    ("gateway/proxy/budgets.py", "budgets"),
     ("Router.", "routing"),
     ("Guard.", "routing"),
     ("Gate.", "routing"),
@@ -106,6 +109,7 @@ STAGE_ORDER = (
     "parse",
     "attribution",
     "routing",
+    "budgets",
     "forward",
     "response",
     "span building",
@@ -288,6 +292,12 @@ def report(out_dir: Path) -> str:
     runs.sort(key=lambda r: order.get(r["label"], 1))
     if not runs:
         return ""
+    for run in runs:
+        # Stages are re-sorted from the kept samples, so a new rule applies to old runs too.
+        raw = out_dir / f"cpu_per_call-{run['label']}-profile.collapsed"
+        if raw.exists():
+            shares = stage_shares(raw.read_text())
+            run["stage_us_per_call"] = {k: v * run["cpu_us_per_call"] for k, v in shares.items()}
     labels = [r["label"] for r in runs]
     header = ["stage", *(f"{label} µs/call" for label in labels)]
     if len(runs) > 1:
