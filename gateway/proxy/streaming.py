@@ -31,17 +31,21 @@ class SSESplitter:
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
         start = 0
-        while True:
-            lf = buffer.find(b"\n\n", start)
-            crlf = buffer.find(b"\r\n\r\n", start)
-            if lf < 0 and crlf < 0:
-                break
+        # Each separator is searched for again only once passed: a chunk of many events is cut
+        # in one pass instead of a scan to its end per event (no CRLF in most streams).
+        lf = buffer.find(b"\n\n")
+        crlf = buffer.find(b"\r\n\r\n")
+        while lf >= 0 or crlf >= 0:
             if crlf >= 0 and (lf < 0 or crlf < lf):
                 end = crlf + 4
             else:
                 end = lf + 2
             events.append(buffer[start:end])
             start = end
+            if 0 <= lf < start:
+                lf = buffer.find(b"\n\n", start)
+            if 0 <= crlf < start:
+                crlf = buffer.find(b"\r\n\r\n", start)
         self._buffer = buffer[start:]
         return events
 

@@ -11,6 +11,7 @@ import contextlib
 import socket
 
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from gateway.errors import ClientTooSlow
 
@@ -26,11 +27,21 @@ async def write_within(
     """`response.write(data)`, dropping the client if it stops reading for `timeout` seconds.
 
     aiohttp's write waits for the socket to drain with no deadline, so a client that never
-    reads would hold its handler, its upstream stream and its buffers forever.
+    reads would hold its handler, its upstream stream and its buffers forever. The bytes are
+    handed to the transport at once; only a client that is behind (the transport paused) is
+    waited for, under the deadline, so the usual write of a stream event sets no timer.
     """
+    writer = request.writer
+    if isinstance(writer, StreamWriter) and response.prepared:
+        await writer.write(data, drain=False)  # never waits
+        if not request.protocol.writing_paused:
+            return
+        waiting = writer.drain()
+    else:
+        waiting = response.write(data)
     try:
         async with asyncio.timeout(timeout):
-            await response.write(data)
+            await waiting
     except TimeoutError as exc:
         if request.transport is not None:
             # Frees the kernel and transport buffers now rather than at some later close.

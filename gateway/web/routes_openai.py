@@ -105,6 +105,9 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     try:
         async for chunk in chunks:
             call.stream_bytes += len(chunk)
+            # Events that arrived together leave together: one write, not one per event.
+            outgoing: list[bytes] = []
+            token_in_batch = False
             for raw_event in splitter.feed(chunk):
                 mark = time.perf_counter_ns()
                 _, data = parse_event(raw_event)
@@ -127,12 +130,13 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                 call.processing_ns += time.perf_counter_ns() - mark
                 if not forward:
                     continue
-                await write_within(request, out, call.redact(raw_event), write_timeout)
-                if (
-                    call.first_token_ns is None
-                    and isinstance(obj, dict)
-                    and has_token(operation, obj)
-                ):
+                outgoing.append(call.redact(raw_event))
+                if not token_in_batch and call.first_token_ns is None and isinstance(obj, dict):
+                    token_in_batch = has_token(operation, obj)
+            if outgoing:
+                batch = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+                await write_within(request, out, batch, write_timeout)
+                if token_in_batch:
                     call.first_token_ns = time.perf_counter_ns()
         rest = splitter.rest()
         if rest.strip():
