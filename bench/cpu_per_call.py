@@ -33,10 +33,12 @@ from typing import Any
 from _common import (
     BODY,
     CLIENT_CPU,
+    HOST,
     MODEL,
     RESULTS_DIR,
     BusyMeter,
     Placement,
+    free_port,
     markdown_table,
     print_table,
     process_cpu_s,
@@ -45,10 +47,12 @@ from _common import (
     source_version,
     start_gateway,
     start_provider,
+    start_upstream,
     temp_dir,
     wait_drained,
 )
 from overhead import WRK_LUA
+from streaming import STAMPED_UPSTREAM, request_body
 
 KEY = "sk-bench"
 
@@ -223,6 +227,25 @@ def one_round(
     }
 
 
+def start_spaced_upstream(
+    placement: Placement, tmp: Path, stack: contextlib.ExitStack, chunks: int, delay: float
+) -> str:
+    """bench/_stamped_upstream.py, which spaces a stream's events `delay` apart as a model
+    does (the fake provider sends them all at once); its /v1 base URL."""
+    port = free_port()
+    cmd = [sys.executable, str(STAMPED_UPSTREAM), "--host", HOST, "--port", str(port)]
+    cmd += ["--chunks", str(chunks), "--delay", str(delay)]
+    base, _ = start_upstream(
+        placement.wrap(cmd, CLIENT_CPU),
+        port,
+        tmp / "stamped.log",
+        ("stamped upstream", "stamped upstream"),
+        stack,
+        **placement.popen_kwargs(),
+    )
+    return base
+
+
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One result per build: the current one (`--label`) and, with `--baseline-src`, the
     source tree given there (`--baseline-label`); their rounds alternate, so drift on a shared
@@ -239,8 +262,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     raws: dict[str, Path] = {}
     with temp_dir("spangate-cpu-") as tmp, contextlib.ExitStack() as stack:
         lua = tmp / "bench.lua"
-        lua.write_text(WRK_LUA.replace('"Bearer sk-bench"', f'"Bearer {KEY}"') % {"body": BODY})
-        base, _ = start_provider(placement, tmp, stack, latency=args.latency)
+        body = request_body(args.stream).decode() if args.stream else BODY
+        lua.write_text(WRK_LUA.replace('"Bearer sk-bench"', f'"Bearer {KEY}"') % {"body": body})
+        if args.chunk_delay:
+            base = start_spaced_upstream(placement, tmp, stack, args.stream, args.chunk_delay)
+        else:
+            base, _ = start_provider(placement, tmp, stack, latency=args.latency)
         cfg = write_config(tmp, base)
         gateways = {}
         for label, command in builds:
@@ -279,6 +306,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "concurrency": args.concurrency,
                 "duration_s": args.duration,
                 "latency_s": args.latency,
+                "stream_chunks": args.stream,
+                "chunk_delay_s": args.chunk_delay,
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
             }
         )
@@ -344,8 +373,8 @@ def report(out_dir: Path) -> str:
             + (f" (concurrency {concurrency})" if concurrency != "64" else ""),
             "",
             "CPU time (utime + stime from /proc) of `spangate serve` per recorded call, at "
-            f"concurrency {concurrency} with wrk against tests/fake_provider.py (20 ms), recording, metrics "
-            "and an API key on, OTLP export off. The gateway runs pinned to core 0, wrk and the "
+            f"concurrency {concurrency} with wrk against {_scenario(runs[0])}, recording, "
+            "metrics and an API key on, OTLP export off. The gateway runs pinned to core 0, wrk and the "
             "provider to core 1. *total* is the median of the rounds; a stage's figure is its "
             "share of py-spy's samples (one extra round, 200 Hz, all threads, idle excluded) "
             "times that total. Written by `bench/cpu_per_call.py`.",
@@ -391,6 +420,18 @@ def report(out_dir: Path) -> str:
     return text
 
 
+def _scenario(run: dict[str, Any]) -> str:
+    chunks, delay = run.get("stream_chunks", 0), run.get("chunk_delay_s", 0.0)
+    if not chunks:
+        return "tests/fake_provider.py (20 ms)"
+    if not delay:
+        return f"tests/fake_provider.py (20 ms), streams of {chunks} content chunks sent at once"
+    return (
+        f"bench/_stamped_upstream.py, streams of {chunks} content chunks with every event "
+        f"{delay * 1000:g} ms after the one before"
+    )
+
+
 def _thread_cell(round_: dict[str, Any], key: str) -> str:
     """Rounds measured before the per-thread split have no figure."""
     return f"{round_[key]:.0f}" if key in round_ else "-"
@@ -409,6 +450,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per round")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.02, help="fake provider latency (s)")
+    parser.add_argument(
+        "--stream", type=int, default=0, help="stream answers of this many content chunks"
+    )
+    parser.add_argument(
+        "--chunk-delay",
+        type=float,
+        default=0.0,
+        help="with --stream: seconds between events (bench/_stamped_upstream.py); 0 sends "
+        "them at once after --latency (tests/fake_provider.py)",
+    )
     parser.add_argument("--profile-rate", type=int, default=200)
     parser.add_argument("--pin", choices=["on", "off"], default="on")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
