@@ -185,6 +185,13 @@ class UpstreamUnreachable(UpstreamError, code="upstream_unreachable"):
     """Connecting to or talking with the upstream failed."""
 
 
+class UpstreamConnectionLost(UpstreamUnreachable):
+    """A reused keep-alive connection closed before any answer, most often the upstream closing
+    it while idle as the request went out: retried at once when the retry policy allows."""
+
+    retry_after = 0.0
+
+
 class UpstreamTimeout(UpstreamError, status=504, code="upstream_timeout"):
     """The upstream did not answer in time."""
 

@@ -46,6 +46,12 @@ class ConnectionBroken(HTTPClientError):
     """The connection closed or failed before the whole answer arrived."""
 
 
+class StaleConnection(ConnectionBroken):
+    """A reused keep-alive connection closed before a byte of the answer came back: most
+    likely the upstream closed it while idle just as the request went out. Never resent
+    here: the upstream may have read the request before it closed (a worker that died)."""
+
+
 class BadResponse(HTTPClientError):
     """What came back does not parse as an HTTP/1.1 response, or uses an unknown encoding."""
 
@@ -110,17 +116,6 @@ def _request_bytes(
     except UnicodeEncodeError as exc:
         raise UnsendableHeader(f"a header cannot be encoded: {exc}") from None
     return head + body if body else head
-
-
-async def _exchange(conn: _Connection, payload: bytes) -> None:
-    """Write the request and wait until the answer's status and headers are in."""
-    assert conn.transport is not None
-    conn.in_flight = True
-    conn.transport.write(payload)
-    while not conn.head_done:
-        if conn.error is not None:
-            raise conn.error
-        await conn.wait()
 
 
 class _Connection(asyncio.Protocol):
@@ -524,27 +519,26 @@ class ConnectionPool:
         reused = conn is not None
         if conn is None:
             conn = await self._open(target, min(connect, total))
-        while True:
-            deadline = loop.call_at(started + total, conn.time_out)
-            try:
-                await _exchange(conn, payload)
-            except ConnectionBroken:
-                deadline.cancel()
-                conn.close()
-                if not reused or conn.answered:
-                    raise
-                # The upstream closed this idle connection as the request went out, and not a
-                # byte came back: the race every keep-alive client meets. One more try on a
-                # fresh connection, so it never reaches the caller's retries or breaker.
-                reused = False
-                remaining = started + total - loop.time()
-                conn = await self._open(target, min(connect, max(remaining, 0.0)))
-                continue
-            except BaseException:
-                deadline.cancel()
-                conn.close()
-                raise
-            return Response(conn, self, key, deadline)
+        deadline = loop.call_at(started + total, conn.time_out)
+        try:
+            assert conn.transport is not None
+            conn.in_flight = True
+            conn.transport.write(payload)
+            while not conn.head_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+        except ConnectionBroken as exc:
+            deadline.cancel()
+            conn.close()
+            if reused and not conn.answered:
+                raise StaleConnection(str(exc)) from None
+            raise
+        except BaseException:
+            deadline.cancel()
+            conn.close()
+            raise
+        return Response(conn, self, key, deadline)
 
     async def close(self) -> None:
         self._closed = True

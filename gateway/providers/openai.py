@@ -10,6 +10,7 @@ import functools
 from collections.abc import AsyncIterator, Iterable
 
 from gateway.errors import (
+    UpstreamConnectionLost,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamTooLarge,
@@ -22,6 +23,7 @@ from gateway.providers.http1 import (
     ConnectionPool,
     HTTPClientError,
     Response,
+    StaleConnection,
     Target,
     parse_target,
 )
@@ -139,6 +141,11 @@ class OpenAICompatible:
             )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {deployment.label} did not answer in time") from exc
+        except StaleConnection as exc:
+            raise UpstreamConnectionLost(
+                f"upstream {deployment.label} closed a kept-alive connection before answering: "
+                f"{exc}"
+            ) from exc
         except HTTPClientError as exc:
             raise UpstreamUnreachable(f"upstream {deployment.label} unreachable: {exc}") from exc
         headers = forwardable_headers(response.headers)

@@ -187,8 +187,11 @@ def _add_tool_call_delta(target: dict[str, Any], delta: dict[str, Any]) -> None:
             continue
         body = target.setdefault(key, {})
         for field, piece in value.items():
+            joined = body.get(field, "")
             if field in _STREAMED_TEXT.get(key, ()) and isinstance(piece, str):
-                body[field] = body.get(field, "") + piece
+                # Text joins text; after a piece that was not text (a malformed upstream), the
+                # new piece starts over rather than fail the relay.
+                body[field] = joined + piece if isinstance(joined, str) else piece
             else:
                 body[field] = piece
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Awaitable
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
@@ -36,9 +37,18 @@ async def write_within(
         await writer.write(data, drain=False)  # never waits
         if not request.protocol.writing_paused:
             return
-        waiting = writer.drain()
+        await _within(request, writer.drain(), timeout)
     else:
-        waiting = response.write(data)
+        await _within(request, response.write(data), timeout)
+
+
+async def end_within(request: web.Request, response: web.StreamResponse, timeout: float) -> None:
+    """`response.write_eof()` under the same deadline: aiohttp drains after the last bytes with
+    none, and a client that stopped reading just then would hold the handler for good."""
+    await _within(request, response.write_eof(), timeout)
+
+
+async def _within(request: web.Request, waiting: Awaitable[None], timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
             await waiting

@@ -36,7 +36,7 @@ from gateway.proxy.streaming import (
 from gateway.proxy.training import rollout_mode
 from gateway.web.auth import forwarded_client_headers
 from gateway.web.bodies import read_body
-from gateway.web.limits import bound_send_buffer, write_within
+from gateway.web.limits import bound_send_buffer, end_within, write_within
 from gateway.web.responses import error_response
 from gateway.web.routes_surface import add_surface_routes
 from gateway.web.state import GATEWAY
@@ -102,11 +102,11 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     chunks = bounded_stream(
         response.chunks, max_bytes=limits.max_stream_bytes, max_seconds=limits.max_stream_seconds
     )
+    # Events that arrived together leave together: one write, not one per event.
+    outgoing: list[bytes] = []
     try:
         async for chunk in chunks:
             call.stream_bytes += len(chunk)
-            # Events that arrived together leave together: one write, not one per event.
-            outgoing: list[bytes] = []
             token_in_batch = False
             for raw_event in splitter.feed(chunk):
                 mark = time.perf_counter_ns()
@@ -135,6 +135,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                     token_in_batch = has_token(operation, obj)
             if outgoing:
                 batch = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+                outgoing.clear()
                 await write_within(request, out, batch, write_timeout)
                 if token_in_batch:
                     call.first_token_ns = time.perf_counter_ns()
@@ -150,6 +151,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         with contextlib.suppress(ConnectionError):
             error_event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
             await write_within(request, out, call.redact(error_event), write_timeout)
+            await end_within(request, out, write_timeout)
         return out
     except ConnectionError as exc:
         # Also a client that stopped reading (ClientTooSlow): it gets no more of the answer.
@@ -170,8 +172,11 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         error = GatewayError(f"the gateway could not relay this stream: {type(exc).__name__}")
         call.fail_after_answer("gateway_error", str(exc))
         call.publish(assembler.result())
+        # The events of this read that came before the failure go out first, as they came.
+        outgoing.append(b"data: " + orjson.dumps(error.body()) + b"\n\n")
         with contextlib.suppress(ConnectionError):
-            await out.write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
+            await write_within(request, out, b"".join(outgoing), write_timeout)
+            await end_within(request, out, write_timeout)
         return out
     finally:
         await chunks.aclose()
@@ -183,9 +188,11 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         call.fail_after_answer(*failed, UPSTREAM_FAILED_STATUS)
     call.publish(result)
     await call.record_executed_tools()
-    for raw_event in held:
-        await write_within(request, out, raw_event, write_timeout)
-    await out.write_eof()
+    # The call is recorded: a client that stops reading now is only dropped.
+    with contextlib.suppress(ConnectionError):
+        for raw_event in held:
+            await write_within(request, out, raw_event, write_timeout)
+        await end_within(request, out, write_timeout)
     return out
 
 

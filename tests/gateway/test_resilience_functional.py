@@ -301,6 +301,49 @@ def test_connection_reset_is_retried_and_the_call_succeeds(
     assert second["error"] is None
 
 
+SLOW_BACKOFF: dict[str, Any] = {"initial": 30, "max": 30, "jitter": 0}
+
+
+def span_of(gateway: GatewayThread, span_id: str) -> dict[str, Any]:
+    return next(span for span in gateway.spans() if span["span_id"] == span_id)
+
+
+def test_a_kept_alive_connection_dropped_before_any_answer_is_retried_at_once(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    gateway = make_gateway(retries={"attempts": 2, "backoff": SLOW_BACKOFF})
+    with openai_client(gateway) as client:
+        raw_chat(client)  # leaves a kept-alive connection to the upstream in the pool
+        fake_provider.state.add_fault(reset=True)  # read on that connection, then dropped
+        raw = raw_chat(client)
+
+    assert raw.parse().choices[0].message.content == REPLY
+    assert raw.headers["X-Upstream-Retries"] == "1"
+    span = span_of(gateway, raw.headers["X-Span-Id"])
+    first, second = tries(span)
+    assert first["error"] == "upstream_unreachable"
+    # Not the 30 s backoff: the connection, not the upstream, is what failed.
+    assert second["wait_ms"] == 0 and second["status"] == 200
+
+
+def test_a_kept_alive_connection_dropped_before_any_answer_is_not_resent_without_retries(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    gateway = make_gateway(retries=NO_RETRIES)
+    with openai_client(gateway) as client:
+        raw_chat(client)
+        fake_provider.state.add_fault(reset=True)
+        with pytest.raises(openai.InternalServerError) as failed:
+            raw_chat(client)
+
+    # The upstream read the request before it dropped the line: it may have done the work,
+    # so the gateway sends it no second time behind the retry policy's back.
+    assert upstream_count(fake_provider) == 2
+    assert failed.value.status_code == 502
+    span = span_of(gateway, failed.value.response.headers["X-Span-Id"])
+    assert span["error_type"] == "upstream_unreachable" and span["retries"] == 0
+
+
 # --- circuit breaker -----------------------------------------------------------------------
 
 

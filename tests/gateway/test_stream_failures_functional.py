@@ -7,12 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fake_provider import FakeProviderThread
 from servers import GatewayThread, wait_until
 
 from gateway.exporters.otlp_mapping import span_proto
+from gateway.web import routes_openai
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there"}]
 NO_RETRIES = {"attempts": 1}
@@ -195,3 +197,36 @@ def test_the_otlp_span_reports_the_upstream_status_and_keeps_the_clients() -> No
     assert attributes["http.response.status_code"].int_value == 502
     assert attributes["spangate.http_status"].int_value == 200
     assert attributes["error.type"].string_value == "server_error"
+
+
+def test_events_before_a_gateway_failure_reach_the_client_before_its_error_event(
+    make_gateway: Callable[..., GatewayThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = routes_openai.new_assembler
+
+    def failing_on_the_third_event(operation: str) -> Any:
+        assembler = real(operation)
+        add, seen = assembler.add, []
+
+        def add_or_fail(chunk: dict[str, Any]) -> None:
+            seen.append(chunk)
+            if len(seen) == 3:
+                raise RuntimeError("a gateway bug on the third event")
+            add(chunk)
+
+        assembler.add = add_or_fail  # type: ignore[method-assign]
+        return assembler
+
+    # The fake provider writes a stream's events back to back, so they reach the gateway in
+    # one read: the two before the failure must still go out, ahead of the error.
+    monkeypatch.setattr(routes_openai, "new_assembler", failing_on_the_third_event)
+    gateway = make_gateway(retries=NO_RETRIES)
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
+    response = httpx.post(gateway.url("r-bug") + "/chat/completions", json=body, timeout=30)
+    events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert len(events) == 3
+    assert all('"error"' not in event for event in events[:2])
+    assert "could not relay this stream: RuntimeError" in events[2]
+    span = one_span(gateway, "r-bug")
+    assert (span["status"], span["error_type"]) == ("error", "gateway_error")

@@ -67,6 +67,17 @@ def test_streamed_custom_and_function_tool_calls_are_assembled_whole() -> None:
     assert assembler.failure() is None
 
 
+def test_a_tool_call_name_sent_first_as_a_number_does_not_break_the_assembly() -> None:
+    assembler = ChatAssembler()
+    for delta in (
+        {"tool_calls": [{"index": 0, "id": "call_a", "function": {"name": 5}}]},
+        {"tool_calls": [{"index": 0, "function": {"name": "lookup", "arguments": "{}"}}]},
+    ):
+        assembler.add(chat_chunk(delta))
+    [call] = assembler.result()["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == {"name": "lookup", "arguments": "{}"}
+
+
 def test_a_chat_error_chunk_is_the_streams_failure() -> None:
     assembler = ChatAssembler()
     assembler.add(chat_chunk({"content": "half"}))
