@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pybreaker
 
@@ -21,10 +21,22 @@ SHARED_COUNTER_RETRY_SECONDS = 2.0
 log = logging.getLogger("spangate.sequencer")
 
 
+# Compared by identity: two asks of one count are still two calls.
+@dataclass(slots=True, eq=False)
+class _Ask:
+    count: int
+    first: int | None = None
+
+
 @dataclass(slots=True)
 class _RolloutCursor:
     seq: int
     attempt_id: str | None
+    # Calls of this rollout waiting for numbers from the shared counter; one holder of the
+    # lock asks for all of them at once, so this process never has two requests in flight
+    # for one rollout (a local fallback could otherwise hand out a number still coming).
+    asks: list[_Ask] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
@@ -94,27 +106,53 @@ class Sequencer:
 
     def take(self, rollout_id: str, count: int = 1) -> int:
         """The first of `count` consecutive sequence numbers (after `attempt_of`)."""
-        cursor = self._cursors[rollout_id]
-        first = cursor.seq + 1
-        cursor.seq += count
-        return first
+        return _take(self._cursors[rollout_id], count)
 
     async def reserve(self, rollout_id: str, count: int = 1) -> int:
         """Like `take`, but from the shared counter when replicas share the store, so the
         numbers have no gaps or duplicates whichever replica a call lands on."""
-        cursor = self._cursors[rollout_id]
-        if self._allocate is None or not self._counter_may_answer():
+        allocate = self._allocate
+        if allocate is None:
             return self.take(rollout_id, count)
+        cursor = self._cursors[rollout_id]
+        ask = _Ask(count)
+        cursor.asks.append(ask)
+        try:
+            async with cursor.lock:
+                if ask.first is None:
+                    # Serve every call that queued meanwhile with this one request.
+                    batch, cursor.asks = cursor.asks, []
+                    try:
+                        wanted = sum(queued.count for queued in batch)
+                        first = await self._numbers(allocate, rollout_id, cursor, wanted)
+                    except BaseException:
+                        cursor.asks[:0] = [a for a in batch if a is not ask]
+                        raise
+                    for queued in batch:
+                        queued.first = first
+                        first += queued.count
+        finally:
+            if ask.first is None and ask in cursor.asks:
+                cursor.asks.remove(ask)
+        assert ask.first is not None
+        return ask.first
+
+    async def _numbers(
+        self, allocate: SeqAllocator, rollout_id: str, cursor: _RolloutCursor, count: int
+    ) -> int:
+        """The first of `count` numbers: from the shared counter, or locally while it fails."""
+        if not self._counter_may_answer():
+            return _take(cursor, count)
         try:
             async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
-                last = await self._allocate(rollout_id, count, cursor.seq)
+                last = await allocate(rollout_id, count, cursor.seq)
         except Exception as exc:
             # Degraded, not down: numbers stay increasing on this replica meanwhile, and the
             # shared counter resumes above them (the floor) once it answers again.
             log.warning("shared sequence counter failed (%s); numbering locally for now", exc)
             with contextlib.suppress(Exception):
                 self._shared.call(_reraise, exc)
-            return self.take(rollout_id, count)
+            return _take(cursor, count)
         if self._shared.current_state != pybreaker.STATE_CLOSED:
             self._shared.close()
         cursor.seq = max(cursor.seq, last)
@@ -141,6 +179,12 @@ class Sequencer:
         cursor = self._cursors.get(rollout_id)
         if cursor is not None:
             cursor.attempt_id = attempt_id
+
+
+def _take(cursor: _RolloutCursor, count: int) -> int:
+    first = cursor.seq + 1
+    cursor.seq += count
+    return first
 
 
 def _reraise(exc: BaseException) -> None:
