@@ -443,6 +443,17 @@ def _notes(out_dir: Path) -> list[str]:
     return ["## Findings", "", notes.read_text().strip(), ""] if notes.exists() else []
 
 
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """`--pin`, `--out-dir` and `--spangate`, as every CPU-per-call script takes them."""
+    parser.add_argument("--pin", choices=["on", "off"], default="on")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--spangate",
+        default=str(Path(sys.executable).with_name("spangate")),
+        help="command that runs the spangate CLI",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="run", help="name of this run in the report")
@@ -461,13 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "them at once after --latency (tests/fake_provider.py)",
     )
     parser.add_argument("--profile-rate", type=int, default=200)
-    parser.add_argument("--pin", choices=["on", "off"], default="on")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument(
-        "--spangate",
-        default=str(Path(sys.executable).with_name("spangate")),
-        help="command that runs the spangate CLI",
-    )
+    add_placement_args(parser)
     parser.add_argument(
         "--baseline-src",
         help="a source tree of another build (say `git archive <commit>` unpacked), run in "

@@ -22,7 +22,7 @@ import pybreaker
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, BudgetSettings, ModelGroup
 from gateway.errors import BudgetExceeded, BudgetUnavailable, InvalidRequest
 from gateway.proxy.cost import Price
-from gateway.proxy.resilience import estimate_tokens
+from gateway.proxy.resilience import prompt_chars
 
 if TYPE_CHECKING:
     from gateway.proxy.call import Call
@@ -124,6 +124,8 @@ class Reservation:
         tokens = self.tokens if self.used_tokens is None else self.used_tokens
         cost = self.cost if self.used_cost is None else self.used_cost
         for limits, usage in zip(self.limits, self.usage, strict=True):
+            if not limits:
+                continue  # `merge` and `lowered` keep only limits in force
             spent = {
                 "max_calls": usage["calls"] + calls,
                 "max_tokens": usage["tokens"] + (tokens if self.admitted else 0),
@@ -164,12 +166,15 @@ def merge(*layers: Mapping[str, Any] | None) -> Limits:
 
 
 def lowered(limits: Limits, headers: Mapping[str, str]) -> Limits:
-    """`limits` with each `X-Budget-Max-*` header applied, only ever downwards."""
-    out = dict(limits)
+    """`limits` with each `X-Budget-Max-*` header applied, only ever downwards; `limits`
+    itself when no such header came (callers never change a limits dict)."""
+    out = limits
     for header, name in LOWERING_HEADERS.items():
         raw = headers.get(header)
         if raw is None:
             continue
+        if out is limits:
+            out = dict(limits)
         try:
             value = float(raw)
         except ValueError:
@@ -192,7 +197,7 @@ def run_at_once(step: Coroutine[Any, Any, None]) -> None:
 
 
 def _prompt_tokens(payload: Mapping[str, Any]) -> int:
-    return estimate_tokens({k: payload.get(k) for k in ("messages", "input", "prompt")}, 0)
+    return prompt_chars(payload) // 4 + 1
 
 
 def _reply_cap(call: Call) -> int:
@@ -251,6 +256,7 @@ class Budgets:
         self._settling: dict[str, set[asyncio.Task[None]]] = {}
         # Budget JSON per rollout as last seen; `reserve` refuses to use a stale one.
         self._known: OrderedDict[str, str] = OrderedDict()
+        self._limits_of: dict[tuple[str, str | None], tuple[Limits, Limits]] = {}
         # Config limits per agent ("" for the defaults), merged once rather than per call.
         defaults = (settings.rollout.model_dump(), settings.attempt.model_dump())
         self._configured: dict[str, tuple[Limits, Limits]] = {
@@ -266,6 +272,19 @@ class Budgets:
         """Config defaults, then the agent's, then the rollout's own (set over the API)."""
         rollout, attempt = self._configured.get(agent or "", self._configured[""])
         return merge(rollout, budget.get("rollout")), merge(attempt, budget.get("attempt"))
+
+    def _decoded(self, budget: str, agent_id: str | None) -> tuple[Limits, Limits]:
+        """`limits` for a rollout's budget text and the call's agent, worked out once per
+        pair: nearly every call of a rollout brings the same two (callers never change them)."""
+        key = (budget, agent_id)
+        found = self._limits_of.get(key)
+        if found is None:
+            given = orjson.loads(budget)
+            found = self.limits(given, agent_id or given.get("agent"))
+            if len(self._limits_of) >= KNOWN_BUDGETS:
+                self._limits_of.clear()
+            self._limits_of[key] = found
+        return found
 
     async def _budget(self, rollout_id: str) -> str:
         """The rollout's budget (JSON) as last seen here, else from the state, seeding the
@@ -355,10 +374,7 @@ class Budgets:
             "expect": budget,
         }
         for _ in range(RESERVE_TRIES):
-            given_budget = orjson.loads(budget)
-            rollout_limits, attempt_limits = self.limits(
-                given_budget, call.attribution.agent_id or given_budget.get("agent")
-            )
+            rollout_limits, attempt_limits = self._decoded(budget, call.attribution.agent_id)
             # Reserved even with no limit in force: a budget set later starts from true counts.
             limits = (lowered(rollout_limits, headers), attempt_limits)
             result = await self.state.reserve({**ask, "limits": limits, "expect": budget})

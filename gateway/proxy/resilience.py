@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,17 @@ def _reraise(exc: BaseException) -> None:
 
 def estimate_tokens(payload: dict[str, Any], default_max_tokens: int) -> int:
     """Rough tokens a call will use before it is made: prompt characters / 4 plus the reply cap."""
+    cap = (
+        payload.get("max_completion_tokens")
+        or payload.get("max_tokens")
+        or payload.get("max_output_tokens")
+    )
+    reply = cap if isinstance(cap, int) and cap > 0 else default_max_tokens
+    return prompt_chars(payload) // 4 + 1 + reply
+
+
+def prompt_chars(payload: Mapping[str, Any]) -> int:
+    """Characters of a request's prompt (`messages`, `input` or `prompt`), as text."""
     chars = 0
     for key in ("messages", "input", "prompt"):
         value = payload.get(key)
@@ -217,10 +228,4 @@ def estimate_tokens(payload: dict[str, Any], default_max_tokens: int) -> int:
                     chars += len(content) if isinstance(content, str) else len(str(content or ""))
                 else:
                     chars += len(str(item))
-    cap = (
-        payload.get("max_completion_tokens")
-        or payload.get("max_tokens")
-        or payload.get("max_output_tokens")
-    )
-    reply = cap if isinstance(cap, int) and cap > 0 else default_max_tokens
-    return chars // 4 + 1 + reply
+    return chars
