@@ -10,12 +10,13 @@ Targets, each a process pinned to the gateway's core in front of tests/fake_prov
 - *spangate without X*: the same with one part switched off (bench/_ablated_gateway.py).
 
 CPU is utime + stime from /proc over the round, after the writer has stored every span,
-divided by the calls wrk completed. A part's cost is spangate's median minus its ablated
+divided by the calls wrk completed; *direct* (wrk straight to the provider) gives the latency
+the others add. A part's cost is spangate's median minus its ablated
 median; the hops show what any Python gateway on aiohttp, or on no framework, pays first.
 
     python bench/hop_floors.py [--rounds 4] [--duration 6] [--parts budgets,metrics,writer,recording]
 
-Results: bench/results/hop_floors.{md,json}.
+Results: bench/results/hop_floors-c<concurrency>.{md,json}.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import urllib.error
@@ -62,7 +64,7 @@ PARTS = ("budgets", "metrics", "writer", "recording")
 class Target:
     name: str
     url: str
-    pid: int
+    pid: int | None  # None: the provider itself (direct), whose CPU is not the hop's
     # Waits until whatever the target still does after answering is done (the writer).
     settle: Callable[[], Any] = lambda: None
     rounds: list[dict[str, float]] = field(default_factory=list)
@@ -104,17 +106,20 @@ def _post_status(url: str) -> int | None:
 
 
 def one_round(placement: Placement, target: Target, args: argparse.Namespace, lua: Path) -> None:
-    with BusyMeter(target.name, [target.pid]) as meter:
-        before = process_cpu_s(target.pid)
+    with BusyMeter(target.name, [target.pid] if target.pid else []) as meter:
+        pid = target.pid
+        before = process_cpu_s(pid) if pid else 0.0
         load = run_wrk(placement, target.url, args.concurrency, args.duration, lua)
         target.settle()
-        cpu = process_cpu_s(target.pid) - before
+        cpu = process_cpu_s(pid) - before if pid else math.nan
     assert meter.result is not None
     done = max(load["requests"], 1)
     target.rounds.append(
         {
             "cpu_us_per_call": cpu / done * 1e6,
             "rps": load["requests"] / (load["duration_us"] / 1e6),
+            "p50_ms": load["p50_us"] / 1000,
+            "p99_ms": load["p99_us"] / 1000,
             "non_2xx": load["errors_status"],
             "foreign_share": meter.result.foreign_share,
         }
@@ -129,6 +134,7 @@ def measure(args: argparse.Namespace, placement: Placement) -> list[Target]:
         lua.write_text(WRK_LUA.replace('"Bearer sk-bench"', f'"Bearer {KEY}"') % {"body": BODY})
         base, _ = start_provider(placement, tmp, stack, latency=args.latency)
         cfg = write_config(tmp, base)
+        targets.append(Target("direct", base + "/chat/completions", None))
         python = sys.executable
         hops = [
             ("bare hop", [python, str(BENCH / "_bare_hop.py")], [base + "/chat/completions"]),
@@ -159,7 +165,10 @@ def measure(args: argparse.Namespace, placement: Placement) -> list[Target]:
             for target in targets:
                 one_round(placement, target, args, lua)
                 last = target.rounds[-1]
-                print(f"round {index}: {target.name}: {last['cpu_us_per_call']:.0f} µs/call")
+                print(
+                    f"round {index}: {target.name}: {last['cpu_us_per_call']:.0f} µs/call, "
+                    f"p50 {last['p50_ms']:.2f} ms"
+                )
     return targets
 
 
@@ -167,25 +176,47 @@ def report(targets: list[Target], args: argparse.Namespace, placement: Placement
     by_name = {t.name: t for t in targets}
     bare = by_name["bare hop"].median("cpu_us_per_call")
     full = by_name["spangate"].median("cpu_us_per_call")
-    header = ["target", "CPU µs/call", "above the bare hop", "req/s", "rounds (µs/call)"]
+    direct_p50 = by_name["direct"].median("p50_ms")
+    header = [
+        "target",
+        "CPU µs/call",
+        "above the bare hop",
+        "req/s",
+        "p50 ms",
+        "added p50 ms",
+        "p99 ms",
+        "rounds (µs/call)",
+    ]
     rows = []
     for t in targets:
         cpu = t.median("cpu_us_per_call")
+        p50 = t.median("p50_ms")
         rounds = ", ".join(f"{r['cpu_us_per_call']:.0f}" for r in t.rounds)
-        rows.append([t.name, f"{cpu:.0f}", f"{cpu - bare:+.0f}", f"{t.median('rps'):.0f}", rounds])
+        rows.append(
+            [
+                t.name,
+                "-" if t.pid is None else f"{cpu:.0f}",
+                "-" if t.pid is None else f"{cpu - bare:+.0f}",
+                f"{t.median('rps'):.0f}",
+                f"{p50:.2f}",
+                "-" if t.pid is None else f"{p50 - direct_p50:+.2f}",
+                f"{t.median('p99_ms'):.2f}",
+                "-" if t.pid is None else rounds,
+            ]
+        )
     parts_header = ["part of spangate", "CPU µs/call it adds", "share of spangate's"]
     parts_rows = []
     for part in args.parts:
         ablated = by_name[f"spangate without {part}"].median("cpu_us_per_call")
         parts_rows.append([part, f"{full - ablated:.0f}", f"{(full - ablated) / full:.0%}"])
-    print_table("CPU per call, concurrency 64", header, rows)
+    print_table(f"CPU per call, concurrency {args.concurrency}", header, rows)
     print_table(
         "What each part costs (spangate minus spangate without it)", parts_header, parts_rows
     )
     info = machine_info(placement)
     foreign = [r["foreign_share"] for t in targets for r in t.rounds]
     lines = [
-        "# Hop floors: CPU per call before and inside spangate",
+        f"# Hop floors: CPU per call before and inside spangate (concurrency {args.concurrency})",
         "",
         f"Concurrency {args.concurrency}, {args.duration:g} s a round, {args.rounds} rounds "
         "alternating over every target, tests/fake_provider.py at "
@@ -237,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     placement = Placement.from_args(args.pin, 0)  # before this process pins itself
     targets = measure(args, placement)
-    (args.out_dir / "hop_floors.md").write_text(report(targets, args, placement))
-    (args.out_dir / "hop_floors.json").write_text(
+    stem = f"hop_floors-c{args.concurrency}"
+    (args.out_dir / f"{stem}.md").write_text(report(targets, args, placement))
+    (args.out_dir / f"{stem}.json").write_text(
         json.dumps({t.name: t.rounds for t in targets}, indent=2) + "\n"
     )
     return 0
