@@ -187,6 +187,9 @@ def report(targets: list[Target], args: argparse.Namespace, placement: Placement
         "p99 ms",
         "rounds (µs/call)",
     ]
+    # Under load, direct shares its core with wrk and so is no latency floor: one call at a
+    # time is where the latency a hop adds shows.
+    show_added = args.concurrency == 1
     rows = []
     for t in targets:
         cpu = t.median("cpu_us_per_call")
@@ -199,16 +202,23 @@ def report(targets: list[Target], args: argparse.Namespace, placement: Placement
                 "-" if t.pid is None else f"{cpu - bare:+.0f}",
                 f"{t.median('rps'):.0f}",
                 f"{p50:.2f}",
-                "-" if t.pid is None else f"{p50 - direct_p50:+.2f}",
+                f"{p50 - direct_p50:+.2f}" if show_added and t.pid is not None else "-",
                 f"{t.median('p99_ms'):.2f}",
                 "-" if t.pid is None else rounds,
             ]
         )
     parts_header = ["part of spangate", "CPU µs/call it adds", "share of spangate's"]
+    if show_added:
+        parts_header.append("p50 ms it adds")
+    full_p50 = by_name["spangate"].median("p50_ms")
     parts_rows = []
     for part in args.parts:
-        ablated = by_name[f"spangate without {part}"].median("cpu_us_per_call")
-        parts_rows.append([part, f"{full - ablated:.0f}", f"{(full - ablated) / full:.0%}"])
+        without = by_name[f"spangate without {part}"]
+        ablated = without.median("cpu_us_per_call")
+        row = [part, f"{full - ablated:.0f}", f"{(full - ablated) / full:.0%}"]
+        if show_added:
+            row.append(f"{full_p50 - without.median('p50_ms'):+.2f}")
+        parts_rows.append(row)
     print_table(f"CPU per call, concurrency {args.concurrency}", header, rows)
     print_table(
         "What each part costs (spangate minus spangate without it)", parts_header, parts_rows
