@@ -22,7 +22,7 @@ import pybreaker
 from config.models import DEFAULT_MAX_TOKENS_ESTIMATE, BudgetSettings, ModelGroup
 from gateway.errors import BudgetExceeded, BudgetUnavailable, InvalidRequest
 from gateway.proxy.cost import Price
-from gateway.proxy.resilience import prompt_chars
+from gateway.proxy.resilience import prompt_tokens
 
 if TYPE_CHECKING:
     from gateway.proxy.call import Call
@@ -196,10 +196,6 @@ def run_at_once(step: Coroutine[Any, Any, None]) -> None:
     raise RuntimeError(f"{step!r} waited: only an in-process state may be run at once")
 
 
-def _prompt_tokens(payload: Mapping[str, Any]) -> int:
-    return prompt_chars(payload) // 4 + 1
-
-
 def _reply_cap(call: Call) -> int:
     for name in REPLY_CAP_FIELDS:
         value = call.payload.get(name)
@@ -359,7 +355,7 @@ class Budgets:
         budget = await self._budget(rollout_id)
         price = self._prices(group)
         given, taken = (price[0], price[1]) if price else (0.0, 0.0)
-        prompt, reply = _prompt_tokens(call.payload), _reply_cap(call)
+        prompt, reply = prompt_tokens(call.payload), _reply_cap(call)
         clamp = self.settings.clamp_max_tokens and call.operation in REPLY_CAP_FIELD
         # `limits` and `expect` are filled per try, from the budget as it then stands.
         ask: ReserveAsk = {

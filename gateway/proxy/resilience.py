@@ -211,11 +211,15 @@ def estimate_tokens(payload: dict[str, Any], default_max_tokens: int) -> int:
         or payload.get("max_output_tokens")
     )
     reply = cap if isinstance(cap, int) and cap > 0 else default_max_tokens
-    return prompt_chars(payload) // 4 + 1 + reply
+    return prompt_tokens(payload) + reply
 
 
-def prompt_chars(payload: Mapping[str, Any]) -> int:
-    """Characters of a request's prompt (`messages`, `input` or `prompt`), as text."""
+def prompt_tokens(payload: Mapping[str, Any]) -> int:
+    """Rough tokens of a request's prompt (`messages`, `input` or `prompt`): characters / 4."""
+    return _prompt_chars(payload) // 4 + 1
+
+
+def _prompt_chars(payload: Mapping[str, Any]) -> int:
     chars = 0
     for key in ("messages", "input", "prompt"):
         value = payload.get(key)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from gateway.providers.base import UpstreamResponse
-from gateway.proxy.resilience import Guard, estimate_tokens
+from gateway.proxy.resilience import Guard, prompt_tokens
 from gateway.proxy.spans import as_object, objects_in
 
 # How long a deployment that refused `stream_options` goes without it: long enough not to pay
@@ -69,6 +69,6 @@ def estimate_missing_usage(
     if fields.get("input_tokens") is not None or fields.get("output_tokens") is not None:
         return
     prompt = {key: payload.get(key) for key in ("messages", "prompt")}
-    fields["input_tokens"] = estimate_tokens(prompt, 0)
+    fields["input_tokens"] = prompt_tokens(prompt)
     fields["output_tokens"] = _answer_chars(operation, result) // 4 + 1
     attributes[ESTIMATED] = True
