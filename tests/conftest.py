@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,6 +26,8 @@ from servers import GatewayThread, ServedProcess, ServeFactory, start_served, wr
 
 from config.loader import parse_settings
 from config.models import Settings
+
+ClientT = TypeVar("ClientT")
 
 UPSTREAM_MODEL = "upstream-model"
 
@@ -65,6 +67,24 @@ def gateway_settings(provider_url: str, **overrides: Any) -> Settings:
     }
     data.update(overrides)
     return parse_settings(data, env={})
+
+
+# SDK clients a test opened, closed when it ends: one left to the garbage collector may be
+# finalized after its socket, whose ResourceWarning then fails whichever test runs next.
+_SDK_CLIENTS: list[Any] = []
+
+
+def closed_after_test(client: ClientT) -> ClientT:
+    """`client` (anything with `close()`), closed when the test that opened it ends."""
+    _SDK_CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while _SDK_CLIENTS:
+        _SDK_CLIENTS.pop().close()
 
 
 @pytest.fixture(scope="module")

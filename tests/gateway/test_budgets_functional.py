@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-from conftest import gateway_settings
+from conftest import closed_after_test, gateway_settings
 from pg import PostgresServer, start_postgres
 from redis_server import RedisServer, start_redis
 from servers import GatewayThread, wait_until
@@ -47,7 +47,9 @@ def priced_models(provider_url: str) -> list[dict[str, Any]]:
 
 def client(gateway: GatewayThread, rollout: str, **kwargs: Any) -> openai.OpenAI:
     # The SDK's default retries stay on: a refusal must not be retried.
-    return openai.OpenAI(base_url=gateway.url(rollout), api_key="sk-client", **kwargs)
+    return closed_after_test(
+        openai.OpenAI(base_url=gateway.url(rollout), api_key="sk-client", **kwargs)
+    )
 
 
 def ask(oai: openai.OpenAI, text: str = "hi", **kwargs: Any) -> Any:

@@ -136,6 +136,17 @@ def test_metrics_count_calls_latency_tokens_and_cost_per_model_group(
         sample(text, "spangate_upstream_duration_seconds_count", **group, deployment=DEPLOYMENT)
         == 5
     )
+    # Each bucket holds the calls that took at most its bound, as the spans say.
+    (latency,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "spangate_request_duration_seconds"
+    ]
+    buckets = [b for b in latency.samples if b.name.endswith("_bucket")]
+    assert len(buckets) == 15
+    for bucket in buckets:
+        bound = float(bucket.labels["le"])
+        assert bucket.value == sum(1 for s in spans if s["duration_ms"] / 1000 <= bound)
     assert sample(text, "spangate_gateway_overhead_seconds_count") == 5
     assert sample(text, "spangate_gateway_overhead_seconds_bucket", le="+Inf") == 5
     assert sample(text, "spangate_time_to_first_token_seconds_count", **group) == 1

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
+from conftest import closed_after_test
 from fake_provider import (
     FakeProviderThread,
     prompt_token_ids,
@@ -57,22 +58,12 @@ def third_provider() -> Iterator[FakeProviderThread]:
     server.stop()
 
 
-_CLIENTS: list[openai.OpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
 def _client(gateway: GatewayThread, rollout: str | None = None, **options: Any) -> openai.OpenAI:
-    client = openai.OpenAI(
-        base_url=gateway.url(rollout), api_key=options.pop("api_key", "sk-client"), **options
+    return closed_after_test(
+        openai.OpenAI(
+            base_url=gateway.url(rollout), api_key=options.pop("api_key", "sk-client"), **options
+        )
     )
-    _CLIENTS.append(client)
-    return client
 
 
 def _training_gateway(make_gateway: Any, fake_url: str, **group: Any) -> GatewayThread:
