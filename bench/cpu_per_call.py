@@ -44,6 +44,7 @@ from _common import (
     process_cpu_s,
     profile_pid,
     read_only_count,
+    rotated,
     source_version,
     start_gateway,
     start_provider,
@@ -279,7 +280,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             wait_drained(gw)
             gateways[label] = gw
         for index in range(args.rounds):
-            for label, gw in gateways.items():
+            for label, gw in rotated(list(gateways.items()), index):
                 rounds[label].append(one_round(gw, placement, args, lua, f"cpu-{index}"))
                 print(label, json.dumps(rounds[label][-1]))
         for label, gw in gateways.items():

@@ -47,6 +47,7 @@ from _common import (
     markdown_table,
     print_table,
     process_cpu_s,
+    rotated,
     start_gateway,
     start_provider,
     temp_dir,
@@ -162,7 +163,7 @@ def measure(args: argparse.Namespace, placement: Placement) -> list[Target]:
             run_wrk(placement, target.url, args.concurrency, 2, lua)
             target.settle()
         for index in range(args.rounds):
-            for target in targets:
+            for target in rotated(targets, index):
                 one_round(placement, target, args, lua)
                 last = target.rounds[-1]
                 print(

@@ -32,6 +32,7 @@ from _common import (
     RESULTS_DIR,
     Placement,
     markdown_table,
+    rotated,
     start_provider,
     temp_dir,
 )
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         if placement.pin:
             os.sched_setaffinity(0, {GATEWAY_CPU})
         url = base + "/chat/completions"
-        for _ in range(args.rounds):
-            for name in names:
+        for index in range(args.rounds):
+            for name in rotated(names, index):
                 us, ms = uvloop.run(one_round(name, url, args.calls, args.concurrency, args.serial))
                 results[name].append(us)
                 serial_ms[name].append(ms)

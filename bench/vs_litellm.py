@@ -62,6 +62,7 @@ from _common import (
     exit_on_sigterm,
     machine_info,
     percentile,
+    rotated,
     run_niced,
     settle,
     write_results,
@@ -411,7 +412,7 @@ async def ttft_rounds(urls: dict[str, str], body: bytes, rounds: int) -> dict[st
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for i in range(rounds):
-            for name in names[i % len(names) :] + names[: i % len(names)]:
+            for name in rotated(names, i):
                 sample = await stream_once(session, urls[name], body)
                 if sample.status != 200:
                     raise RuntimeError(f"{name} answered {sample.status} to a stream")
