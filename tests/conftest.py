@@ -69,8 +69,9 @@ def gateway_settings(provider_url: str, **overrides: Any) -> Settings:
     return parse_settings(data, env={})
 
 
-# SDK clients a test opened, closed when it ends: one left to the garbage collector may be
-# finalized after its socket, whose ResourceWarning then fails whichever test runs next.
+# Clients a test opened (the openai SDK's, httpx's), closed when it ends: one left to the
+# garbage collector may be finalized after its socket, whose ResourceWarning then fails
+# whichever test runs next.
 _SDK_CLIENTS: list[Any] = []
 
 

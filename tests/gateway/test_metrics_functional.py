@@ -9,12 +9,13 @@ per deployment; and the recorder's queue depth and spans written.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from conftest import closed_after_test
 from fake_provider import FakeProviderThread
 from prometheus_client.parser import text_string_to_metric_families
 from servers import GatewayThread, wait_until
@@ -63,19 +64,13 @@ def settings_for(provider_url: str, **group_extra: Any) -> Settings:
 
 
 @pytest.fixture
-def client_for() -> Iterator[Callable[[GatewayThread], openai.OpenAI]]:
-    clients: list[openai.OpenAI] = []
-
+def client_for() -> Callable[[GatewayThread], openai.OpenAI]:
     def make(gateway: GatewayThread) -> openai.OpenAI:
-        client = openai.OpenAI(
-            base_url=gateway.url(), api_key="sk-client", max_retries=0, timeout=30
+        return closed_after_test(
+            openai.OpenAI(base_url=gateway.url(), api_key="sk-client", max_retries=0, timeout=30)
         )
-        clients.append(client)
-        return client
 
-    yield make
-    for client in clients:
-        client.close()
+    return make
 
 
 def scrape(gateway: GatewayThread) -> httpx.Response:

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
-from conftest import gateway_settings
+from conftest import closed_after_test, gateway_settings
 from fake_provider import FakeProviderThread
 from judge_builders import DEFAULT_CRITERIA, completion_body, verdict_json
 from servers import GatewayThread, read_rows, wait_until
@@ -158,17 +158,11 @@ def start_gateway(
 
 
 @pytest.fixture
-def api_for() -> Iterator[Callable[[GatewayThread], httpx.Client]]:
-    clients: list[httpx.Client] = []
-
+def api_for() -> Callable[[GatewayThread], httpx.Client]:
     def make(gateway: GatewayThread) -> httpx.Client:
-        client = httpx.Client(base_url=gateway.base, timeout=10.0)
-        clients.append(client)
-        return client
+        return closed_after_test(httpx.Client(base_url=gateway.base, timeout=10.0))
 
-    yield make
-    for client in clients:
-        client.close()
+    return make
 
 
 def agent_calls(gateway: GatewayThread, rollout_id: str, *questions: str) -> None:
