@@ -56,6 +56,8 @@ from overhead import WRK_LUA
 from streaming import STAMPED_UPSTREAM, request_body
 
 KEY = "sk-bench"
+# Below this share of its core the gateway is waiting for calls, not bounding them.
+SATURATED = 0.9
 
 # (substring of a py-spy frame, stage). Each sample goes to the stage of its innermost frame
 # that matches; frames that serve several stages (aiohttp's StreamWriter, asyncio) match none,
@@ -201,11 +203,13 @@ def one_round(
 ) -> dict:
     url = f"{gw.root}/rollout/{name}/attempt/1/v1/chat/completions"
     with BusyMeter(name, [gw.proc.pid]) as meter:
+        started = time.monotonic()
         before = process_cpu_s(gw.proc.pid)
         threads_before = thread_cpu_s(gw.proc.pid)
         load = run_wrk(placement, url, args.concurrency, args.duration, lua)
         wait_drained(gw)
         cpu = process_cpu_s(gw.proc.pid) - before
+        wall = time.monotonic() - started
         loop_cpu, other_cpu = (
             after - start
             for after, start in zip(thread_cpu_s(gw.proc.pid), threads_before, strict=True)
@@ -221,6 +225,9 @@ def one_round(
         "p50_ms": load["p50_us"] / 1000,
         "p99_ms": load["p99_us"] / 1000,
         "gateway_cpu_s": cpu,
+        # Below ~90% of its core the gateway waits for work, and CPU per call then carries
+        # the idle loop's wake-ups: it is no longer what bounds throughput.
+        "gateway_busy": cpu / wall,
         "cpu_us_per_call": cpu / max(spans, 1) * 1e6,
         "loop_thread_us_per_call": loop_cpu / max(spans, 1) * 1e6,
         "other_threads_us_per_call": other_cpu / max(spans, 1) * 1e6,
@@ -354,8 +361,9 @@ def report(out_dir: Path) -> str:
             f"{x['p50_ms']:.1f}",
             f"{x['p99_ms']:.1f}",
             f"{x['cpu_us_per_call']:.0f}",
-            _thread_cell(x, "loop_thread_us_per_call"),
-            _thread_cell(x, "other_threads_us_per_call"),
+            _cell(x, "loop_thread_us_per_call", "{:.0f}"),
+            _cell(x, "other_threads_us_per_call", "{:.0f}"),
+            _cell(x, "gateway_busy", "{:.0%}"),
             f"{x['foreign_share']:.0%}",
         ]
         for r in runs
@@ -389,7 +397,8 @@ def report(out_dir: Path) -> str:
             "*foreign* is CPU other processes took during the round, as a share of both cores. "
             "The thread columns split the same CPU by thread (/proc/PID/task): the event loop "
             "(aiohttp in and out, the call's own work) and every other thread (the writer "
-            "inserting into SQLite, its checkpoint and guard threads).",
+            "inserting into SQLite, its checkpoint and guard threads). *gateway core busy* is "
+            "the gateway's CPU over the round's wall time, as a share of its one core.",
             "",
             markdown_table(
                 [
@@ -404,11 +413,13 @@ def report(out_dir: Path) -> str:
                     "CPU µs/call",
                     "event-loop thread µs/call",
                     "other threads µs/call",
+                    "gateway core busy",
                     "foreign",
                 ],
                 round_rows,
             ),
             "",
+            *_saturation(runs),
             "## Runs",
             "",
             *runs_text,
@@ -418,6 +429,8 @@ def report(out_dir: Path) -> str:
     )
     (out_dir / "cpu_per_call.md").write_text(text)
     print_table("CPU µs per call, by stage", header, body)
+    for line in _saturation(runs):
+        print(line)
     return text
 
 
@@ -433,9 +446,26 @@ def _scenario(run: dict[str, Any]) -> str:
     )
 
 
-def _thread_cell(round_: dict[str, Any], key: str) -> str:
-    """Rounds measured before the per-thread split have no figure."""
-    return f"{round_[key]:.0f}" if key in round_ else "-"
+def _cell(round_: dict[str, Any], key: str, fmt: str) -> str:
+    """Rounds measured before a column was added have no figure."""
+    return fmt.format(round_[key]) if key in round_ else "-"
+
+
+def _saturation(runs: list[dict[str, Any]]) -> list[str]:
+    """A warning for every build whose gateway was not kept busy: the issue's premise (at this
+    concurrency the gateway is CPU-bound, so CPU per call is throughput) does not hold for it."""
+    lines = []
+    for run in runs:
+        busy = [x["gateway_busy"] for x in run["rounds"] if "gateway_busy" in x]
+        if busy and statistics.median(busy) < SATURATED:
+            lines.append(
+                f"**{run['label']} was not saturated** (its gateway busy "
+                f"{statistics.median(busy):.0%} of its core, median of the rounds): its CPU per "
+                "call includes the wake-ups of an idle loop and is not what bounds throughput. "
+                "Raise `--concurrency` until every build is above "
+                f"{SATURATED:.0%}."
+            )
+    return [*lines, ""] if lines else []
 
 
 def _notes(out_dir: Path) -> list[str]:
