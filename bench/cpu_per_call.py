@@ -465,7 +465,8 @@ def _saturation(runs: list[dict[str, Any]]) -> list[str]:
                 "Raise `--concurrency` until every build is above "
                 f"{SATURATED:.0%}."
             )
-    return [*lines, ""] if lines else []
+            lines.append("")
+    return lines
 
 
 def _notes(out_dir: Path) -> list[str]:

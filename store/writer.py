@@ -137,6 +137,9 @@ class StoreWriter:
         self.dead_letters = DeadLetters(dead_letter_path_for(self.db_path, journal_dir))
         # (time queued, record or task); deque appends and pops are atomic across threads.
         self._queue: deque[tuple[float, Any]] = deque()
+        # Taken off the queue by the writer and not yet stored: `depth` counts them, so a
+        # reader that waits for depth 0 finds every span it sent in the store.
+        self._writing = 0
         # Records neither in the database nor in the journal (the journal was not writable).
         self._held: deque[dict[str, Any]] = deque()
         self._held_lock = threading.Lock()
@@ -188,6 +191,7 @@ class StoreWriter:
             self._checkpointer.start()
 
     def _start_writer(self) -> None:
+        self._writing = 0
         self._thread = threading.Thread(target=self._run, name="spangate-writer", daemon=True)
         self._thread.start()
 
@@ -233,7 +237,8 @@ class StoreWriter:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Spans (and awaited writes) not yet stored: queued, or in the batch being written."""
+        return len(self._queue) + self._writing
 
     @property
     def held(self) -> int:
@@ -331,11 +336,15 @@ class StoreWriter:
         self._urgent.wait(self.flush_interval)
         self._urgent.clear()
         stopping = False
-        while True:
-            items = self._drain()
-            if not items:
-                break
-            stopping = self._process(items) or stopping
+        try:
+            while True:
+                items = self._drain()
+                if not items:
+                    break
+                stopping = self._process(items) or stopping
+                self._writing = 0
+        finally:
+            self._writing = 0
         self._notify()
         self._retry_held()
         self._maybe_replay()
@@ -344,7 +353,9 @@ class StoreWriter:
     def _drain(self) -> list[Any]:
         items: list[Any] = []
         queue = self._queue
-        while len(items) < self.batch_size:
+        # Counted before they leave the queue, so no reader sees them in neither place.
+        self._writing = wanted = min(len(queue), self.batch_size)
+        while len(items) < wanted:
             try:
                 items.append(queue.popleft()[1])
             except IndexError:

@@ -57,7 +57,9 @@ class _LiveState(Collector):
         yield breaker
         yield in_flight
         yield GaugeMetricFamily(
-            "spangate_recorder_queue_depth", "Spans waiting for the writer.", value=gw.writer.depth
+            "spangate_recorder_queue_depth",
+            "Spans not yet stored: queued, or in the batch being written.",
+            value=gw.writer.depth,
         )
         for name, help_text, value in (
             ("spans_written", "Spans written to the store.", gw.writer.written),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+from servers import wait_until
 from shapes import span_record
 
 from gateway.compose import writer_for
@@ -115,3 +119,39 @@ def test_a_call_cancelled_before_it_was_numbered_keeps_the_store_healthy(tmp_pat
     writer.close(timeout=10)
     assert writer.healthy and writer.spilled == 0
     assert count(db) == 2
+
+
+@pytest.mark.asyncio
+async def test_depth_counts_the_batch_being_written_until_it_is_stored(tmp_path: Path) -> None:
+    # What `/health/ready` reports as queue_depth: a reader that waits for 0 must then find
+    # every span in the store, including those of a batch the writer has taken but not stored.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0)
+    writer.start()
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_db: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    def depth_mid_batch(_db: Any) -> tuple[int, int]:
+        return writer.depth, count(db)
+
+    try:
+        blocker = asyncio.ensure_future(writer.execute(hold))
+        await asyncio.to_thread(held.wait, 10)
+        # The writer is busy: the probe and the five spans behind it form its next batch.
+        probe = asyncio.ensure_future(writer.execute(depth_mid_batch))
+        await asyncio.sleep(0)
+        for seq in range(1, 6):
+            writer.put(span(seq=seq))
+        assert writer.depth == 7  # the blocking write, the probe, five spans
+        release.set()
+        await blocker
+        depth, stored = await probe
+        assert (depth, stored) == (6, 0)  # off the queue, none stored yet: still counted
+        wait_until(lambda: writer.depth == 0, what="the writer to store the batch")
+        assert count(db) == 5
+    finally:
+        release.set()
+        writer.close(timeout=10)
