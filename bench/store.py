@@ -4,9 +4,10 @@
 (a) Writer throughput. Pre-builds `--writer-spans` span records shaped like the gateway's
     (request and response bodies of 1-2 KB as bytes, attributes, tags; 64 rollouts in flight
     at once, 20 calls each), then one thread calls `StoreWriter.put()` for all of them as fast
-    as it can and the clock runs until the writer reports them written. Run twice: with a
-    queue large enough for all (the writer's own speed, the target) and with the gateway's
-    default queue bound (50,000; what overflows spills to the journal and is replayed), and
+    as it can and the clock runs until the writer reports them written. Run with a queue
+    large enough for all (the target; the guard journals what waits past 0.5 s, and the
+    writer reads it back), with the gateway's default queue bound (50,000; what overflows
+    spills to the journal and is replayed), with nothing journaled (the writer alone), and
     again into a database that already holds `--writer-prefill` spans (inserts into bigger
     indexes cost more). This process is pinned to one core, as the gateway is.
 
