@@ -376,6 +376,7 @@ def report(out_dir: Path) -> str:
         for r in runs
     ]
     concurrency = ", ".join(sorted({str(r["concurrency"]) for r in runs}))
+    saturation = _saturation(runs)
     text = "\n".join(
         [
             "# CPU per proxied call"
@@ -419,7 +420,7 @@ def report(out_dir: Path) -> str:
                 round_rows,
             ),
             "",
-            *_saturation(runs),
+            *saturation,
             "## Runs",
             "",
             *runs_text,
@@ -429,7 +430,7 @@ def report(out_dir: Path) -> str:
     )
     (out_dir / "cpu_per_call.md").write_text(text)
     print_table("CPU µs per call, by stage", header, body)
-    for line in _saturation(runs):
+    for line in saturation:
         print(line)
     return text
 

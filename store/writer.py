@@ -191,7 +191,6 @@ class StoreWriter:
             self._checkpointer.start()
 
     def _start_writer(self) -> None:
-        self._writing = 0
         self._thread = threading.Thread(target=self._run, name="spangate-writer", daemon=True)
         self._thread.start()
 
@@ -342,8 +341,8 @@ class StoreWriter:
                 if not items:
                     break
                 stopping = self._process(items) or stopping
-                self._writing = 0
         finally:
+            # The next drain recounts; this covers a batch that raised.
             self._writing = 0
         self._notify()
         self._retry_held()
