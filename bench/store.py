@@ -6,7 +6,7 @@
     at once, 20 calls each), then one thread calls `StoreWriter.put()` for all of them as fast
     as it can and the clock runs until the writer reports them written. Run with a queue
     large enough for all (the target; the guard journals what waits past 0.5 s, and the
-    writer reads it back), with the gateway's default queue bound (50,000; what overflows
+    writer stores it from memory), with the gateway's default queue bound (50,000; what overflows
     spills to the journal and is replayed), with nothing journaled (the writer alone), and
     again into a database that already holds `--writer-prefill` spans (inserts into bigger
     indexes cost more). This process is pinned to one core, as the gateway is.
@@ -390,7 +390,7 @@ def bench_writer(opts: Options, tmp: Path) -> list[WriterRun]:
         ("queue holds all", len(records) + 1, tmp / "writer-a.db", {}),
         ("gateway default queue (50,000)", 50_000, tmp / "writer-b.db", {}),
         # The guard journals whatever waited past max_unsaved_seconds: in a burst like this
-        # one, most of it, which the writer then reads back. Without it: the writer alone.
+        # one, most of it, at a cost to the writer's core. Without it: the writer alone.
         (
             "queue holds all, nothing journaled (writer alone)",
             len(records) + 1,
@@ -790,8 +790,9 @@ def report(
                 "bytes), the clock stops when `written + replayed` reaches the count. Writer "
                 "defaults: batch 500, flush interval 0.2 s. This process is pinned to one core. "
                 "Spans that wait in memory past `max_unsaved_seconds / 2` (0.5 s) are journaled "
-                "by the guard thread and read back by the writer: in a burst like this, most "
-                "of them, which costs about as much again as storing them. The *writer alone* "
+                "by the guard thread (the writer still stores them from memory): in a burst "
+                "like this, most of them, and journaling costs CPU on the same core. The "
+                "*writer alone* "
                 "run turns that off to show the writer's own speed; the target is judged on "
                 "the first run, spills included. The run with spans already stored writes "
                 "into a database that holds that many (small) spans: the bigger its indexes, "

@@ -3,6 +3,7 @@ and records it will never take (the dead-letter file, kept with the reason)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -67,8 +68,9 @@ class Journal:
         self._lock = threading.Lock()
         self._file: Any = None
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        data = b"".join(orjson.dumps(record) + b"\n" for record in records)
+    def append(self, lines: list[bytes]) -> None:
+        """Records already encoded, one line each (`store.records.journal_line`)."""
+        data = b"\n".join(lines) + b"\n"
         with self._lock:
             try:
                 if self._file is None:
@@ -90,6 +92,27 @@ class Journal:
             except OSError:
                 log.warning("journal %s: closing after a failed write failed too", self.path)
             self._file = None
+
+    def write_kept(self, lines: list[bytes]) -> Path:
+        """Records the writer still holds in memory, in a file of their own: a kill keeps them
+        (a restart claims the file as a dead process's), and the writer deletes it once it
+        has stored them, so a burst is never read back from disk. The name sorts by time."""
+        path = self.path.with_name(f"{self.path.name}.kept{time.time_ns():020d}")
+        data = b"\n".join(lines) + b"\n"
+        kept = open(path, "xb")  # noqa: SIM115 - never over another file
+        try:
+            with kept:
+                kept.write(data)
+        except OSError:
+            # A half-written file must not be replayed as if whole.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return path
+
+    def release(self, kept: Path) -> None:
+        """A kept file whose records will not be stored from memory: into the replay set."""
+        kept.rename(kept.with_name(f"{kept.name}.replay"))
 
     def has_records(self) -> bool:
         with self._lock:

@@ -241,6 +241,35 @@ _DEFAULTS = tuple(
 )
 
 
+# Types orjson would write its own way go to `_bytes_text` instead, which refuses them, so a
+# record holding one is journaled through `clean_span` like any other odd value.
+_JOURNAL_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def _bytes_text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    raise TypeError(f"{type(value).__name__} is left to clean_span")
+
+
+def journal_line(record: dict[str, Any]) -> bytes:
+    """The record as one journal line (without its newline).
+
+    A plain record (the gateway's) is written by orjson in one pass, bodies decoded as
+    `json_text` decodes them: half the CPU of `clean_span` first. Whatever orjson refuses (a
+    lone surrogate, an integer past 64 bits, a key that is not a string) or would write its
+    own way goes through `clean_span`. Replay cleans every column again on insert.
+    """
+    try:
+        return orjson.dumps(record, default=_bytes_text, option=_JOURNAL_OPTIONS)
+    except TypeError:
+        return orjson.dumps(clean_span(record))
+
+
 def clean_span(record: dict[str, Any]) -> dict[str, Any]:
     """The record with every span column storable and every other value JSON-able, for the
     journal (which must never refuse a record the database would have taken)."""

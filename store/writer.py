@@ -34,7 +34,7 @@ from store.journal import (
     journal_path_for,
     read_records,
 )
-from store.records import clean_span
+from store.records import clean_span, journal_line
 from store.schema import connect
 from store.span_inserts import insert_spans
 
@@ -140,6 +140,15 @@ class StoreWriter:
         # Taken off the queue by the writer and not yet stored: `depth` counts them, so a
         # reader that waits for depth 0 finds every span it sent in the store.
         self._writing = 0
+        # Taken off the queue by the guard and not yet kept or journaled (counted the same way);
+        # the lock is held meanwhile, so an awaited write can wait for them to be kept.
+        self._guarding = 0
+        self._guard_lock = threading.Lock()
+        # Spans the guard journaled (a file per batch) and left here for the writer, which
+        # stores them from memory and deletes the file: a burst is not read back from disk.
+        self._kept: deque[tuple[Path, list[dict[str, Any]]]] = deque()
+        self._kept_spans = 0
+        self._kept_lock = threading.Lock()
         # Records neither in the database nor in the journal (the journal was not writable).
         self._held: deque[dict[str, Any]] = deque()
         self._held_lock = threading.Lock()
@@ -226,6 +235,7 @@ class StoreWriter:
             if thread is not None:
                 thread.join(timeout)
         self._guard = self._checkpointer = None
+        self._release_kept()
         self.journal.close()
         if self._db is not None:
             with contextlib.suppress(Exception):
@@ -236,8 +246,9 @@ class StoreWriter:
 
     @property
     def depth(self) -> int:
-        """Spans (and awaited writes) not yet stored: queued, or in the batch being written."""
-        return len(self._queue) + self._writing
+        """Spans (and awaited writes) not yet stored: queued, kept after the guard journaled
+        them, or in the batch being written."""
+        return len(self._queue) + self._kept_spans + self._writing + self._guarding
 
     @property
     def held(self) -> int:
@@ -249,9 +260,10 @@ class StoreWriter:
 
     @property
     def settled(self) -> bool:
-        """Nothing waits anywhere: queue, memory buffer and journal are all empty."""
+        """Nothing waits anywhere: queue, kept spans, the batch being written, memory buffer
+        and journal are all empty."""
         return (
-            not self._queue
+            self.depth == 0
             and not self._held
             and not self.journal.has_records()
             and not self.journal.replay_files()
@@ -291,7 +303,7 @@ class StoreWriter:
                 with self._unsaved_lock:
                     if seq > self._unsaved.get(rid, 0):
                         self._unsaved[rid] = seq
-        if len(self._queue) >= self.queue_size:
+        if len(self._queue) + self._kept_spans >= self.queue_size:
             self._spill([record])
             return
         self._queue.append((time.monotonic(), record))
@@ -337,6 +349,7 @@ class StoreWriter:
         stopping = False
         try:
             while True:
+                self._save_kept()
                 items = self._drain()
                 if not items:
                     break
@@ -439,7 +452,10 @@ class StoreWriter:
             self.lost += 1
 
     def _run_task(self, task: _Task) -> None:
-        # Spans the journal holds come first, so a reward posted after its call finds it.
+        # Spans the journal holds come first, so a reward posted after its call finds it;
+        # so do spans the guard is journaling right now (queued before this write).
+        with self._guard_lock:
+            self._save_kept()
         if not self.healthy or self._held or self.journal.has_records():
             self._retry_held()
             self._replay_journal()
@@ -478,21 +494,112 @@ class StoreWriter:
 
     def _spill(self, records: list[dict[str, Any]]) -> None:
         """To the journal; if it cannot be written, into the bounded memory buffer."""
-        clean = []
+        lines, journaled = self._journal_lines(records)
+        if not lines:
+            return
+        try:
+            self.journal.append(lines)
+        except Exception as exc:
+            self._hold(journaled, exc)
+            return
+        self._journaled(len(lines))
+
+    def _journal_lines(
+        self, records: list[dict[str, Any]]
+    ) -> tuple[list[bytes], list[dict[str, Any]]]:
+        """Each record as a journal line, and the records that have one (the rest are
+        quarantined)."""
+        lines, journaled = [], []
         for record in records:
             try:
-                clean.append(clean_span(record))
+                lines.append(journal_line(record))
             except Exception as exc:
                 self._quarantine(record, f"cannot be journaled: {type(exc).__name__}: {exc}")
-        try:
-            self.journal.append(clean)
-        except Exception as exc:
-            self._hold(clean, exc)
-            return
+            else:
+                journaled.append(record)
+        return lines, journaled
+
+    def _journaled(self, count: int) -> None:
         if self.journal_error is not None:
             log.warning("journal %s writable again", self.journal.path)
         self.journal_error = None
-        self.spilled += len(clean)
+        self.spilled += count
+
+    def _keep_journaled(self, records: list[dict[str, Any]]) -> None:
+        """Journal spans that waited too long (a kill then keeps them) and leave them to the
+        writer, which stores them from memory. While the store refuses writes, or past the
+        queue's bound, they are spilled as any others and replayed later."""
+        if not self.healthy or self._stopping.is_set() or self._held:
+            self._spill(records)
+            return
+        with self._kept_lock:
+            room = self.queue_size - self._kept_spans
+        if len(records) > room:
+            self._spill(records)
+            return
+        lines, journaled = self._journal_lines(records)
+        if not lines:
+            return
+        try:
+            path = self.journal.write_kept(lines)
+        except OSError:
+            self._spill(journaled)
+            return
+        # Counted as spilled only if they are ever replayed from the file (`_release`): each
+        # span is counted once, as written or as spilled.
+        self._journaled(0)
+        with self._kept_lock:
+            self._kept.append((path, journaled))
+            self._kept_spans += len(journaled)
+
+    def _save_kept(self) -> None:
+        """Store what the guard journaled and left here, then delete its file; while the
+        store refuses writes the file joins the journal's replay instead."""
+        while True:
+            with self._kept_lock:
+                if not self._kept:
+                    return
+                path, records = self._kept.popleft()
+            try:
+                if self._store_kept(records):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                else:
+                    self._release(path, records)
+            finally:
+                with self._kept_lock:
+                    self._kept_spans -= len(records)
+
+    def _store_kept(self, records: list[dict[str, Any]]) -> bool:
+        if not self.healthy and time.monotonic() < self._next_replay:
+            return False
+        try:
+            self.written += self._insert_isolating(records)
+        except Exception as exc:
+            self._mark_unhealthy(exc)
+            return False
+        return True
+
+    def _release(self, path: Path, records: list[dict[str, Any]]) -> None:
+        try:
+            self.journal.release(path)
+        except OSError as exc:
+            log.warning("kept journal %s cannot join the replay (%s); journaling again", path, exc)
+            self._spill(records)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            self.spilled += len(records)
+
+    def _release_kept(self) -> None:
+        """At close: kept spans the writer did not store are replayed on the next start."""
+        while True:
+            with self._kept_lock:
+                if not self._kept:
+                    return
+                path, records = self._kept.popleft()
+                self._kept_spans -= len(records)
+            self._release(path, records)
 
     def _hold(self, records: list[dict[str, Any]], exc: BaseException) -> None:
         if self.journal_error is None:
@@ -655,6 +762,16 @@ class StoreWriter:
                 log.exception("writer guard fault (the guard carries on)")
 
     def _spill_old(self, before: float) -> None:
+        with self._guard_lock:
+            try:
+                old = self._take_old(before)
+                if old:
+                    self._keep_journaled(old)
+            finally:
+                self._guarding = 0
+
+    def _take_old(self, before: float) -> list[dict[str, Any]]:
+        """Spans at the head of the queue that were queued before `before`."""
         queue = self._queue
         old: list[dict[str, Any]] = []
         while queue:
@@ -664,6 +781,8 @@ class StoreWriter:
                 break
             if queued_at >= before or not isinstance(item, dict):
                 break  # awaited writes keep their place in the order
+            # Counted before it leaves the queue, so no reader sees it in neither place.
+            self._guarding = len(old) + 1
             try:
                 entry = queue.popleft()
             except IndexError:
@@ -673,5 +792,4 @@ class StoreWriter:
                 queue.appendleft(entry)
                 break
             old.append(item)
-        if old:
-            self._spill(old)
+        return old

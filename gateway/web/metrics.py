@@ -58,12 +58,16 @@ class _LiveState(Collector):
         yield in_flight
         yield GaugeMetricFamily(
             "spangate_recorder_queue_depth",
-            "Spans not yet stored: queued, or in the batch being written.",
+            "Spans not yet stored: queued, journaled in a burst and held, or being written.",
             value=gw.writer.depth,
         )
         for name, help_text, value in (
             ("spans_written", "Spans written to the store.", gw.writer.written),
-            ("spans_spilled", "Spans spilled to the journal.", gw.writer.spilled),
+            (
+                "spans_spilled",
+                "Spans spilled to the journal, to be replayed from it.",
+                gw.writer.spilled,
+            ),
             ("spans_replayed", "Spans replayed from the journal.", gw.writer.replayed),
             (
                 "spans_quarantined",

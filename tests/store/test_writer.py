@@ -14,7 +14,8 @@ from servers import wait_until
 from shapes import span_record
 
 from gateway.compose import writer_for
-from store.journal import journal_path_for
+from store.journal import Journal, journal_path_for
+from store.records import journal_line
 
 
 def span(rollout: str | None = "r1", seq: int | None = 1, **extra: Any) -> dict[str, Any]:
@@ -155,3 +156,67 @@ async def test_depth_counts_the_batch_being_written_until_it_is_stored(tmp_path:
     finally:
         release.set()
         writer.close(timeout=10)
+
+
+@pytest.mark.asyncio
+async def test_spans_the_guard_journals_are_stored_from_memory_and_their_file_removed(
+    tmp_path: Path,
+) -> None:
+    # A burst the writer cannot keep up with: what waits past half of max_unsaved_seconds is
+    # journaled (so a kill keeps it), yet stored from memory, not read back from disk.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2)
+    writer.start()
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_db: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    try:
+        blocker = asyncio.ensure_future(writer.execute(hold))
+        await asyncio.to_thread(held.wait, 10)
+        body = '{"text":"été"}'
+        sent = [span(seq=seq, request_body=body.encode()) for seq in range(1, 6)]
+        for record in sent:
+            writer.put(record)
+        wait_until(
+            lambda: list(tmp_path.glob("s.db.spill*.kept*")),
+            what="the guard to journal the waiting spans",
+        )
+        kept = list(tmp_path.glob("s.db.spill*"))
+        assert len(kept) == 1 and ".kept" in kept[0].name, kept
+        assert len(kept[0].read_bytes().splitlines()) == 5  # on disk while the writer is busy
+        assert writer.depth == 6  # the five kept spans and the blocking write
+        assert not writer.settled
+        release.set()
+        await blocker
+        wait_until(lambda: writer.depth == 0, what="the writer to store the kept spans")
+        assert count(db) == 5
+        # Stored from memory, and counted once: written, not spilled and replayed.
+        assert (writer.written, writer.spilled, writer.replayed) == (5, 0, 0)
+        assert not list(tmp_path.glob("s.db.spill*"))
+        assert writer.settled
+    finally:
+        release.set()
+        writer.close(timeout=10)
+    conn = sqlite3.connect(db)
+    try:
+        bodies = conn.execute("select request_body from spans order by seq").fetchall()
+    finally:
+        conn.close()
+    assert bodies == [('{"text":"été"}',)] * 5
+
+
+def test_a_dead_process_kept_journal_is_claimed_and_replayed(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    dead = Journal(journal_path_for(db, 2**22 + 12345))  # above pid_max: no such process
+    records = [span(seq=seq) for seq in range(1, 4)]
+    kept = dead.write_kept([journal_line(record) for record in records])
+    writer = writer_for(db)
+    writer.start()
+    writer.close(timeout=10)
+    assert count(db) == 3
+    assert writer.replayed == 3
+    assert not kept.exists()
+    assert not list(tmp_path.glob("s.db.spill*"))
