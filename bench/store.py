@@ -279,6 +279,7 @@ class WriterRun:
     spilled: int
     replayed: int
     in_db: int
+    kept: int
     busy: Busy | None = None
 
     @property
@@ -325,6 +326,7 @@ def writer_run(
         writer.spilled,
         writer.replayed,
         in_db,
+        writer.kept,
         meter.result,
     )
 
@@ -423,7 +425,8 @@ def bench_writer(opts: Options, tmp: Path) -> list[WriterRun]:
             db.unlink(missing_ok=True)
             print(
                 f"  {label}: {run.rate:,.0f} spans/s ({run.spans} in {run.total_s:.2f} s; "
-                f"put() loop {run.put_s:.2f} s; spilled {run.spilled}, in db {run.in_db})",
+                f"put() loop {run.put_s:.2f} s; kept {run.kept}, spilled {run.spilled}, "
+                f"in db {run.in_db})",
                 flush=True,
             )
     return runs
@@ -769,6 +772,7 @@ def report(
                     "spans/s",
                     "put() loop s",
                     "until written s",
+                    "journaled, stored from memory",
                     "spilled",
                     "replayed",
                     "rows added",
@@ -780,6 +784,7 @@ def report(
                         f"{r.rate:,.0f}",
                         f"{r.put_s:.2f}",
                         f"{r.total_s:.2f}",
+                        str(r.kept),
                         str(r.spilled),
                         str(r.replayed),
                         str(r.in_db),
@@ -818,6 +823,7 @@ def report(
                     "spans_per_s": round(r.rate, 1),
                     "put_s": round(r.put_s, 3),
                     "total_s": round(r.total_s, 3),
+                    "kept": r.kept,
                     "spilled": r.spilled,
                     "replayed": r.replayed,
                     "in_db": r.in_db,

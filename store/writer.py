@@ -163,6 +163,8 @@ class StoreWriter:
         self.dialect = "sqlite"
         self.written = 0
         self.spilled = 0
+        # Journaled by the guard in a burst and stored from memory (counted as written too).
+        self.kept = 0
         self.replayed = 0
         self.lost = 0
         self.faults = 0
@@ -548,6 +550,7 @@ class StoreWriter:
         # Counted as spilled only if they are ever replayed from the file (`_release`): each
         # span is counted once, as written or as spilled.
         self._journaled(0)
+        self.kept += len(lines)
         with self._kept_lock:
             self._kept.append((path, journaled))
             self._kept_spans += len(journaled)
@@ -762,19 +765,24 @@ class StoreWriter:
                 log.exception("writer guard fault (the guard carries on)")
 
     def _spill_old(self, before: float) -> None:
-        with self._guard_lock:
-            try:
-                old = self._take_old(before)
-                if old:
+        """Journal what was queued before `before`, a batch at a time: each batch is on disk
+        within milliseconds, where a backlog taken whole would be encoded for seconds first
+        and a kill meanwhile would lose all of it."""
+        while True:
+            with self._guard_lock:
+                try:
+                    old = self._take_old(before)
+                    if not old:
+                        return
                     self._keep_journaled(old)
-            finally:
-                self._guarding = 0
+                finally:
+                    self._guarding = 0
 
     def _take_old(self, before: float) -> list[dict[str, Any]]:
-        """Spans at the head of the queue that were queued before `before`."""
+        """Up to a batch of spans at the head of the queue, queued before `before`."""
         queue = self._queue
         old: list[dict[str, Any]] = []
-        while queue:
+        while queue and len(old) < self.batch_size:
             try:
                 queued_at, item = queue[0]
             except IndexError:

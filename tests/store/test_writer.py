@@ -158,6 +158,20 @@ async def test_depth_counts_the_batch_being_written_until_it_is_stored(tmp_path:
         writer.close(timeout=10)
 
 
+async def _hold_writer(writer: Any, release: threading.Event) -> asyncio.Future[None]:
+    """Keep the writer thread busy in an awaited write until `release` is set, as a writer
+    far behind a burst is; the write's future, once the thread is in it."""
+    held = threading.Event()
+
+    def hold(_db: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    blocker = asyncio.ensure_future(writer.execute(hold))
+    await asyncio.to_thread(held.wait, 10)
+    return blocker
+
+
 @pytest.mark.asyncio
 async def test_spans_the_guard_journals_are_stored_from_memory_and_their_file_removed(
     tmp_path: Path,
@@ -167,15 +181,9 @@ async def test_spans_the_guard_journals_are_stored_from_memory_and_their_file_re
     db = tmp_path / "s.db"
     writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2)
     writer.start()
-    held, release = threading.Event(), threading.Event()
-
-    def hold(_db: Any) -> None:
-        held.set()
-        release.wait(10)
-
+    release = threading.Event()
     try:
-        blocker = asyncio.ensure_future(writer.execute(hold))
-        await asyncio.to_thread(held.wait, 10)
+        blocker = await _hold_writer(writer, release)
         body = '{"text":"été"}'
         sent = [span(seq=seq, request_body=body.encode()) for seq in range(1, 6)]
         for record in sent:
@@ -195,6 +203,7 @@ async def test_spans_the_guard_journals_are_stored_from_memory_and_their_file_re
         assert count(db) == 5
         # Stored from memory, and counted once: written, not spilled and replayed.
         assert (writer.written, writer.spilled, writer.replayed) == (5, 0, 0)
+        assert writer.kept == 5
         assert not list(tmp_path.glob("s.db.spill*"))
         assert writer.settled
     finally:
@@ -220,3 +229,32 @@ def test_a_dead_process_kept_journal_is_claimed_and_replayed(tmp_path: Path) -> 
     assert writer.replayed == 3
     assert not kept.exists()
     assert not list(tmp_path.glob("s.db.spill*"))
+
+
+@pytest.mark.asyncio
+async def test_the_guard_journals_a_backlog_a_batch_at_a_time(tmp_path: Path) -> None:
+    # Taken whole, a backlog of 100,000 spans was encoded for seconds before any of it reached
+    # the disk, and a kill meanwhile lost it all; a batch at a time, each is on disk at once.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2, batch_size=10)
+    writer.start()
+    release = threading.Event()
+    try:
+        blocker = await _hold_writer(writer, release)
+        for seq in range(1, 46):
+            writer.put(span(seq=seq))
+        wait_until(
+            lambda: len(list(tmp_path.glob("s.db.spill*.kept*"))) == 5,
+            what="the guard to journal the backlog",
+        )
+        files = sorted(tmp_path.glob("s.db.spill*.kept*"))
+        assert [len(f.read_bytes().splitlines()) for f in files] == [10, 10, 10, 10, 5]
+        release.set()
+        await blocker
+        wait_until(lambda: writer.depth == 0, what="the writer to store the backlog")
+        assert count(db) == 45
+        assert count(db, "select max(seq) from spans") == 45
+        assert not list(tmp_path.glob("s.db.spill*"))
+    finally:
+        release.set()
+        writer.close(timeout=10)
