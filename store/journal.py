@@ -53,6 +53,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _joined(lines: list[bytes]) -> bytes:
+    return b"\n".join(lines) + b"\n"
+
+
 _OWNER = re.compile(r"\.spill\.(\d+)\.jsonl")
 
 
@@ -70,7 +74,7 @@ class Journal:
 
     def append(self, lines: list[bytes]) -> None:
         """Records already encoded, one line each (`store.records.journal_line`)."""
-        data = b"\n".join(lines) + b"\n"
+        data = _joined(lines)
         with self._lock:
             try:
                 if self._file is None:
@@ -98,7 +102,7 @@ class Journal:
         (a restart claims the file as a dead process's), and the writer deletes it once it
         has stored them, so a burst is never read back from disk. The name sorts by time."""
         path = self.path.with_name(f"{self.path.name}.kept{time.time_ns():020d}")
-        data = b"\n".join(lines) + b"\n"
+        data = _joined(lines)
         kept = open(path, "xb")  # noqa: SIM115 - never over another file
         try:
             with kept:

@@ -403,15 +403,7 @@ class StoreWriter:
 
     def _save(self, spans: list[dict[str, Any]]) -> None:
         """Into the database if it takes writes, else into the journal; never raises."""
-        if not spans:
-            return
-        if not self.healthy and time.monotonic() < self._next_replay:
-            self._spill(spans)
-            return
-        try:
-            self.written += self._insert_isolating(spans)
-        except Exception as exc:
-            self._mark_unhealthy(exc)
+        if spans and not self._stored(spans):
             self._spill(spans)
 
     def _insert_isolating(self, spans: list[dict[str, Any]]) -> int:
@@ -531,12 +523,8 @@ class StoreWriter:
         """Journal spans that waited too long (a kill then keeps them) and leave them to the
         writer, which stores them from memory. While the store refuses writes, or past the
         queue's bound, they are spilled as any others and replayed later."""
-        if not self.healthy or self._stopping.is_set() or self._held:
-            self._spill(records)
-            return
-        with self._kept_lock:
-            room = self.queue_size - self._kept_spans
-        if len(records) > room:
+        crowded = self._kept_spans + len(records) > self.queue_size
+        if crowded or not self.healthy or self._stopping.is_set() or self._held:
             self._spill(records)
             return
         lines, journaled = self._journal_lines(records)
@@ -564,7 +552,7 @@ class StoreWriter:
                     return
                 path, records = self._kept.popleft()
             try:
-                if self._store_kept(records):
+                if self._stored(records):
                     with contextlib.suppress(OSError):
                         path.unlink()
                 else:
@@ -573,7 +561,9 @@ class StoreWriter:
                 with self._kept_lock:
                     self._kept_spans -= len(records)
 
-    def _store_kept(self, records: list[dict[str, Any]]) -> bool:
+    def _stored(self, records: list[dict[str, Any]]) -> bool:
+        """Into the database, unless it refuses writes (now, or still within the pause
+        after a failure); False when the records are not in."""
         if not self.healthy and time.monotonic() < self._next_replay:
             return False
         try:
