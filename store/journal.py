@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -58,6 +59,10 @@ def _joined(lines: list[bytes]) -> bytes:
 
 
 _OWNER = re.compile(r"\.spill\.(\d+)\.jsonl")
+# Marks the kept files of this process: after a kill, a restart may get the same pid (PID 1 in
+# a container), and its files are then told from the dead process's by this mark alone.
+_INCARNATION = secrets.token_hex(4)
+_KEPT = re.compile(r"\.kept\d+(?:-([0-9a-f]+))?$")
 
 
 class Journal:
@@ -101,7 +106,7 @@ class Journal:
         """Records the writer still holds in memory, in a file of their own: a kill keeps them
         (a restart claims the file as a dead process's), and the writer deletes it once it
         has stored them, so a burst is never read back from disk. The name sorts by time."""
-        path = self.path.with_name(f"{self.path.name}.kept{time.time_ns():020d}")
+        path = self.path.with_name(f"{self.path.name}.kept{time.time_ns():020d}-{_INCARNATION}")
         data = _joined(lines)
         kept = open(path, "xb")  # noqa: SIM115 - never over another file
         try:
@@ -163,18 +168,12 @@ class Journal:
         A rename is atomic, so when two processes start together only one gets each file.
         """
         db_path = Path(db_path)
-        counter = itertools.count()
         folders = {db_path.parent.resolve(), self.path.parent.resolve()}
         for folder in sorted(folders):
             for path in sorted(folder.glob(f"{db_path.name}.spill*")):
-                if path == self.path or path.name.startswith(f"{self.path.name}."):
+                if path == self.path or not self._orphaned(path):
                     continue
-                owner = _OWNER.search(path.name)
-                if owner and _alive(int(owner.group(1))):
-                    continue
-                target = self.path.with_name(
-                    f"{self.path.name}.orphan{next(counter)}.{os.getpid()}.replay"
-                )
+                target = self._free_orphan_name()
                 try:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                     path.rename(target)
@@ -183,8 +182,29 @@ class Journal:
                 except OSError as exc:
                     # Another volume: rename cannot cross it, so copy then remove.
                     log.info("moving orphan journal %s across volumes (%s)", path, exc)
-                    target.write_bytes(path.read_bytes())
+                    with open(target, "xb") as out:
+                        out.write(path.read_bytes())
                     path.unlink(missing_ok=True)
+
+    def _free_orphan_name(self) -> Path:
+        """A replay name no file has: an earlier process with this pid may have left an
+        orphan replay unfinished, and a rename would replace it."""
+        for n in itertools.count():
+            name = f"{self.path.name}.orphan{time.time_ns():020d}-{n}.{os.getpid()}.replay"
+            target = self.path.with_name(name)
+            if not target.exists():
+                return target
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _orphaned(self, path: Path) -> bool:
+        """Whether a spill file belongs to no live process: another pid that is gone, or a
+        kept file of an earlier process that had this pid (this one holds none of its own
+        at start)."""
+        if path.name.startswith(f"{self.path.name}."):
+            kept = _KEPT.search(path.name)
+            return kept is not None and kept.group(1) != _INCARNATION
+        owner = _OWNER.search(path.name)
+        return not (owner and _alive(int(owner.group(1))))
 
     def close(self) -> None:
         with self._lock:

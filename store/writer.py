@@ -136,7 +136,10 @@ class StoreWriter:
         self.journal = Journal(journal_path_for(self.db_path, os.getpid(), journal_dir))
         self.dead_letters = DeadLetters(dead_letter_path_for(self.db_path, journal_dir))
         # (time queued, record or task); deque appends and pops are atomic across threads.
+        # Takers (the writer, the guard, close) hold the lock, so the guard can look at the
+        # head and take it in one step; `put` appends without it.
         self._queue: deque[tuple[float, Any]] = deque()
+        self._take_lock = threading.Lock()
         # Taken off the queue by the writer and not yet stored: `depth` counts them, so a
         # reader that waits for depth 0 finds every span it sent in the store.
         self._writing = 0
@@ -149,9 +152,13 @@ class StoreWriter:
         self._kept: deque[tuple[Path, list[dict[str, Any]]]] = deque()
         self._kept_spans = 0
         self._kept_lock = threading.Lock()
-        # Records neither in the database nor in the journal (the journal was not writable).
+        # Records neither in the database nor in the journal (the journal was not writable),
+        # and how many of them the writer has taken out to try again (`held` counts both).
         self._held: deque[dict[str, Any]] = deque()
         self._held_lock = threading.Lock()
+        self._retrying = 0
+        # Journal files whose rollouts' numbers are in `_unsaved` already.
+        self._remembered: set[Path] = set()
         # Highest seq per rollout not yet committed: a sequencer that forgot a rollout
         # must not hand out a number the store does not show yet.
         self._unsaved: dict[str, int] = {}
@@ -227,22 +234,36 @@ class StoreWriter:
         self._queue.append((time.monotonic(), _STOP))
         self._urgent.set()
         self._thread.join(timeout)
-        if self._thread.is_alive():
+        stuck = self._thread.is_alive()
+        if stuck:
             log.error("writer did not drain within %ss; the rest goes to the journal", timeout)
         self._spill_queue()
         self._spill_held()
         self._thread = None
         self._stopped.set()
-        for thread in (self._guard, self._checkpointer):
-            if thread is not None:
-                thread.join(timeout)
+        if self._guard is not None:
+            self._guard.join(timeout)
+        if not stuck:
+            self._last_pass()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout)
         self._guard = self._checkpointer = None
         self._release_kept()
         self.journal.close()
-        if self._db is not None:
+        if self._db is not None and not stuck:
+            # A writer still in a long write keeps its connection: closed under it, every
+            # record it then tried would look refused and go to the dead-letter file.
             with contextlib.suppress(Exception):
                 self._db.close()
             self._db = None
+
+    def _last_pass(self) -> None:
+        """After the writer and the guard have stopped: what the guard kept or journaled
+        after the writer's last look goes into the store now, not at the next start."""
+        self._save_kept()
+        if self.healthy and (self.journal.has_records() or self._held):
+            self._retry_held()
+            self._replay_journal()
 
     # -- what readiness and metrics report ----------------------------------
 
@@ -250,11 +271,13 @@ class StoreWriter:
     def depth(self) -> int:
         """Spans (and awaited writes) not yet stored: queued, kept after the guard journaled
         them, or in the batch being written."""
-        return len(self._queue) + self._kept_spans + self._writing + self._guarding
+        # Read in the order spans move (queue, then the writer's or the guard's hands, then
+        # kept): one moving between two reads is counted twice, never missed.
+        return len(self._queue) + self._writing + self._guarding + self._kept_spans
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return len(self._held) + self._retrying
 
     @property
     def quarantined(self) -> int:
@@ -266,7 +289,7 @@ class StoreWriter:
         and journal are all empty."""
         return (
             self.depth == 0
-            and not self._held
+            and not self.held
             and not self.journal.has_records()
             and not self.journal.replay_files()
         )
@@ -367,13 +390,11 @@ class StoreWriter:
     def _drain(self) -> list[Any]:
         items: list[Any] = []
         queue = self._queue
-        # Counted before they leave the queue, so no reader sees them in neither place.
-        self._writing = wanted = min(len(queue), self.batch_size)
-        while len(items) < wanted:
-            try:
+        with self._take_lock:
+            # Counted before they leave the queue, so no reader sees them in neither place.
+            self._writing = wanted = min(len(queue), self.batch_size)
+            for _ in range(wanted):
                 items.append(queue.popleft()[1])
-            except IndexError:
-                break
         return items
 
     def _process(self, items: list[Any]) -> bool:
@@ -486,17 +507,19 @@ class StoreWriter:
 
     # -- the journal and the memory buffer ------------------------------------
 
-    def _spill(self, records: list[dict[str, Any]]) -> None:
-        """To the journal; if it cannot be written, into the bounded memory buffer."""
+    def _spill(self, records: list[dict[str, Any]]) -> bool:
+        """To the journal; if it cannot be written, into the bounded memory buffer. False
+        when they are only in memory now."""
         lines, journaled = self._journal_lines(records)
         if not lines:
-            return
+            return True
         try:
             self.journal.append(lines)
         except Exception as exc:
             self._hold(journaled, exc)
-            return
+            return False
         self._journaled(len(lines))
+        return True
 
     def _journal_lines(
         self, records: list[dict[str, Any]]
@@ -578,9 +601,11 @@ class StoreWriter:
             self.journal.release(path)
         except OSError as exc:
             log.warning("kept journal %s cannot join the replay (%s); journaling again", path, exc)
-            self._spill(records)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            if self._spill(records):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            # Else the file stays, the one copy a kill keeps; a restart claims it, and the
+            # spans stored from memory meanwhile are skipped then by their ids.
         else:
             self.spilled += len(records)
 
@@ -611,26 +636,40 @@ class StoreWriter:
             log.error("memory buffer full: %d spans lost", len(records) - max(room, 0))
 
     def _take_held(self) -> list[dict[str, Any]]:
+        """Held records taken out, and counted in `held` until `_done_with_held`."""
         with self._held_lock:
             records = list(self._held)
+            # Counted before they leave `_held`, so `held` never misses them.
+            self._retrying += len(records)
             self._held.clear()
         return records
+
+    def _done_with_held(self, records: list[dict[str, Any]]) -> None:
+        with self._held_lock:
+            self._retrying -= len(records)
 
     def _retry_held(self) -> None:
         if not self._held:
             return
         records = self._take_held()
-        if self.healthy:
-            try:
-                self.written += self._insert_isolating(records)
-                return
-            except Exception as exc:
-                self._mark_unhealthy(exc)
-        self._spill(records)
+        try:
+            if self.healthy:
+                try:
+                    self.written += self._insert_isolating(records)
+                    return
+                except Exception as exc:
+                    self._mark_unhealthy(exc)
+            self._spill(records)
+        finally:
+            self._done_with_held(records)
 
     def _spill_held(self) -> None:
         if self._held:
-            self._spill(self._take_held())
+            records = self._take_held()
+            try:
+                self._spill(records)
+            finally:
+                self._done_with_held(records)
 
     def _maybe_replay(self) -> None:
         if time.monotonic() < self._next_replay:
@@ -646,10 +685,14 @@ class StoreWriter:
         except OSError as exc:
             log.error("journal files cannot be listed or moved: %s", exc)
             return
-        for path in paths:
+        for index, path in enumerate(paths):
             if not self._replay_file(path):
+                # The files after it hold rollouts' numbers too (a backlog spans many files).
+                for waiting in paths[index:]:
+                    self._remember_unsaved(waiting)
                 return
             path.unlink(missing_ok=True)
+            self._remembered.discard(path)
         if paths:
             log.info("replayed journal: %d spans so far", self.replayed)
         elif not self.healthy and not self._takes_writes():
@@ -660,6 +703,8 @@ class StoreWriter:
     def _connected(self) -> None:
         """A PostgreSQL connection lost (server restarted) is opened again here; failing
         that raises `StoreUnavailable`, a store failure (records spill meanwhile)."""
+        if self._db is None:
+            raise StoreUnavailable("the store writer's connection is closed")
         if self.dialect == "postgresql" and self._db.broken:
             self._db.reconnect()
 
@@ -706,11 +751,16 @@ class StoreWriter:
             # The whole file is kept and replayed again later (inserts ignore span ids
             # already in); its rollouts' numbers stay known meanwhile.
             self._mark_unhealthy(exc)
-            self._remember_unsaved(path)
             return False
         return True
 
     def _remember_unsaved(self, path: Path) -> None:
+        """Note the numbers a journal file's spans hold, once per file: while the store
+        refuses writes the replay is tried every second. Spans this process put are noted
+        already (`put`); a file appended to later only gets such spans."""
+        if path in self._remembered:
+            return
+        self._remembered.add(path)
         with contextlib.suppress(OSError):
             for item in read_records(path):
                 if isinstance(item, dict):
@@ -722,11 +772,18 @@ class StoreWriter:
 
     def _spill_queue(self) -> None:
         rest: list[dict[str, Any]] = []
-        while True:
-            try:
-                item = self._queue.popleft()[1]
-            except IndexError:
-                break
+        items: list[Any] = []
+        with self._take_lock:
+            # Popped one by one: `put` may append meanwhile, and nothing it adds is dropped.
+            while True:
+                try:
+                    items.append(self._queue.popleft()[1])
+                except IndexError:
+                    break
+            if any(item is _STOP for item in items):
+                # A writer that outlived `close`'s wait still stops when it next looks.
+                self._queue.append((time.monotonic(), _STOP))
+        for item in items:
             if isinstance(item, dict):
                 rest.append(item)
             elif isinstance(item, _Task):
@@ -772,22 +829,13 @@ class StoreWriter:
         """Up to a batch of spans at the head of the queue, queued before `before`."""
         queue = self._queue
         old: list[dict[str, Any]] = []
-        while queue and len(old) < self.batch_size:
-            try:
+        with self._take_lock:
+            while queue and len(old) < self.batch_size:
                 queued_at, item = queue[0]
-            except IndexError:
-                break
-            if queued_at >= before or not isinstance(item, dict):
-                break  # awaited writes keep their place in the order
-            # Counted before it leaves the queue, so no reader sees it in neither place.
-            self._guarding = len(old) + 1
-            try:
-                entry = queue.popleft()
-            except IndexError:
-                break
-            if entry[1] is not item:
-                # The writer took that one first; this is a newer entry, keep its place.
-                queue.appendleft(entry)
-                break
-            old.append(item)
+                if queued_at >= before or not isinstance(item, dict):
+                    break  # awaited writes keep their place in the order
+                # Counted before it leaves the queue, so no reader sees it in neither place.
+                self._guarding = len(old) + 1
+                queue.popleft()
+                old.append(item)
         return old

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from servers import wait_until
 from shapes import span_record
+from writers import count
 
 from gateway.compose import writer_for
 from store.journal import Journal, journal_path_for
@@ -20,14 +21,6 @@ from store.records import journal_line
 
 def span(rollout: str | None = "r1", seq: int | None = 1, **extra: Any) -> dict[str, Any]:
     return span_record(rollout, seq, **extra)
-
-
-def count(db: Path, sql: str = "select count(*) from spans") -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchone()[0]
-    finally:
-        conn.close()
 
 
 def test_spans_are_written_with_their_rollout_and_attempt(tmp_path: Path) -> None:

@@ -1,0 +1,171 @@
+"""Spans handed between the recorder's threads (the event loop, the writer, the guard, and
+`close`) are never in no place at once: each test drives one interleaving to its end."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+from shapes import span_record
+from writers import count, opened
+
+from gateway.compose import writer_for
+from store.writer import _STOP, _Task
+
+
+def test_held_spans_count_as_unsettled_while_they_are_stored(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    writer = opened(db)
+    writer._held.append(span_record("r1", 1))
+    seen: list[tuple[bool, int]] = []
+    insert = writer._insert_isolating
+
+    def watched(records: list[dict[str, Any]]) -> int:
+        seen.append((writer.settled, writer.held))
+        return insert(records)
+
+    writer._insert_isolating = watched  # type: ignore[method-assign]
+    writer._retry_held()
+    assert count(db) == 1
+    assert seen == [(False, 1)]
+    assert writer.settled
+
+
+class Watched(deque):  # type: ignore[type-arg]
+    """A queue that notes which thread looked at or took each entry, and can hold the
+    guard between looking at the head and taking it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.ops: list[tuple[str, str]] = []
+        self.guard_looked = threading.Event()
+        self.writer_ready = threading.Event()
+
+    def __getitem__(self, i: Any) -> Any:
+        who = threading.current_thread().name
+        self.ops.append((who, "look"))
+        if who == "guard" and not self.guard_looked.is_set():
+            self.guard_looked.set()
+            assert self.writer_ready.wait(10)
+        return super().__getitem__(i)
+
+    def popleft(self) -> Any:
+        self.ops.append((threading.current_thread().name, "take"))
+        return super().popleft()
+
+
+def test_the_writer_takes_nothing_while_the_guard_is_taking(tmp_path: Path) -> None:
+    # X waited too long (the guard's), Y did not, and T is a reward for Y. While the guard
+    # looks at X and takes it, the writer waits; then it takes Y and T, and T finds Y.
+    db = tmp_path / "s.db"
+    writer = opened(db)
+    x, y = span_record("r1", 1), span_record("r1", 2)
+    now = time.monotonic()
+    loop = asyncio.new_event_loop()
+    found: list[int] = []
+
+    def reward(db_: Any) -> None:
+        row = db_.conn.execute("select count(*) from spans where span_id = ?", (y["span_id"],))
+        found.append(row.fetchone()[0])
+
+    queue = Watched([(now - 10, x), (now, y), (now, _Task(reward, loop, loop.create_future()))])
+    writer._queue = queue
+
+    def writing() -> None:
+        assert queue.guard_looked.wait(10)
+        queue.writer_ready.set()
+        writer._process(writer._drain())
+
+    threads = [
+        threading.Thread(target=writer._spill_old, args=(now - 5,), name="guard"),
+        threading.Thread(target=writing, name="writer"),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    loop.close()
+    takers = [who for who, op in queue.ops if op == "take"]
+    assert takers == ["guard", "writer", "writer"]
+    assert found == [1]
+    assert count(db) == 2 and not queue
+
+
+@pytest.mark.asyncio
+async def test_a_writer_that_outlives_a_timed_out_close_keeps_every_span(
+    tmp_path: Path,
+) -> None:
+    # close(timeout) gives up while the writer is in a long awaited write. The writer, once
+    # free, must neither lose the spans close journaled nor take them for refused ones.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=0.05)
+    writer.start()
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_db: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    blocker = asyncio.ensure_future(writer.execute(hold))
+    await asyncio.to_thread(held.wait, 10)
+    for seq in range(1, 4):
+        writer.put(span_record("r1", seq))
+    thread = writer._thread
+    assert thread is not None
+    await asyncio.to_thread(writer.close, 0.2)
+    assert writer.spilled == 3
+    release.set()
+    await blocker
+    # The stop marker stays queued: the writer ends once it is free.
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive()
+    assert writer.quarantined == 0
+    journaled = writer.journal.has_records() or writer.journal.replay_files()
+    assert count(db) + (3 if journaled else 0) == 3
+
+
+def test_close_stores_a_batch_the_guard_kept_after_the_writer_last_looked(
+    tmp_path: Path,
+) -> None:
+    # The guard is writing a kept file when close() starts; the writer drains and exits
+    # before the guard hands the batch over. close() stores it, not the next start.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2)
+    in_write, go = threading.Event(), threading.Event()
+    write_kept = writer.journal.write_kept
+
+    def slow_write_kept(lines: list[bytes]) -> Path:
+        in_write.set()
+        assert go.wait(10)
+        return write_kept(lines)
+
+    writer.journal.write_kept = slow_write_kept  # type: ignore[method-assign]
+    writer.start()
+    thread = writer._thread
+    assert thread is not None
+    writer.put(span_record("r1", 1))
+    assert in_write.wait(10)
+    closing = threading.Thread(target=writer.close, args=(10,))
+    closing.start()
+    thread.join(10)  # the writer has made its last pass
+    go.set()
+    closing.join(10)
+    assert count(db) == 1
+    assert list(tmp_path.glob("s.db.spill*")) == []
+
+
+def test_close_keeps_the_stop_for_a_writer_still_running(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    writer = opened(db)
+    writer.put(span_record("r1", 1))
+    writer._queue.append((time.monotonic(), _STOP))
+    writer._spill_queue()
+    writer.journal.close()
+    writer._db.close()
+    assert [item for _, item in writer._queue] == [_STOP]
+    assert writer.spilled == 1

@@ -1,0 +1,107 @@
+"""A restart after a kill finds every span the dead process had journaled: its kept files
+(even with the same pid, PID 1 in a container), orphan replays it left unfinished, and the
+rollout numbers those spans hold while the store still refuses writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from shapes import span_record
+from writers import count, opened
+
+from gateway.compose import writer_for
+from store import journal
+from store.journal import journal_path_for
+from store.records import journal_line
+
+
+def lines(*records: dict[str, Any]) -> bytes:
+    return b"".join(journal_line(record) + b"\n" for record in records)
+
+
+def test_kept_files_of_an_earlier_process_with_this_pid_are_replayed(tmp_path: Path) -> None:
+    # The dead process had this pid: its kept files carry its own mark (or none, from a
+    # build before the mark), never this process's.
+    db = tmp_path / "s.db"
+    own = journal_path_for(db, os.getpid())
+    marked = own.with_name(f"{own.name}.kept{1:020d}-{'0' * 9}")
+    marked.write_bytes(lines(*(span_record("r1", seq) for seq in (1, 2, 3))))
+    unmarked = own.with_name(f"{own.name}.kept{2:020d}")
+    unmarked.write_bytes(lines(span_record("r1", 4)))
+    writer = writer_for(db)
+    writer.start()
+    writer.close(timeout=10)
+    assert count(db) == 4
+    assert sorted(p.name for p in tmp_path.glob("s.db.spill*")) == []
+
+
+def test_claiming_an_orphan_never_replaces_an_unfinished_orphan_replay(tmp_path: Path) -> None:
+    # An earlier process with this pid claimed a dead journal and was killed before replaying
+    # it; the journal of another dead process claimed now must not take its name.
+    db = tmp_path / "s.db"
+    own = journal_path_for(db, os.getpid())
+    earlier = own.with_name(f"{own.name}.orphan0.{os.getpid()}.replay")
+    earlier.write_bytes(lines(*(span_record("r1", seq) for seq in (1, 2, 3))))
+    dead = journal_path_for(db, 2**22 + 12345)  # above pid_max: no such process
+    dead.write_bytes(lines(span_record("r1", 4), span_record("r1", 5)))
+    writer = writer_for(db)
+    writer.start()
+    writer.close(timeout=10)
+    assert count(db) == 5
+
+
+def test_every_waiting_file_keeps_its_rollout_numbers_while_the_store_refuses_writes(
+    tmp_path: Path,
+) -> None:
+    # A backlog spans many files. The replay stops at the first one the store refuses, yet a
+    # rollout journaled in a later file must not be numbered again from what the store shows.
+    db = tmp_path / "s.db"
+    writer = opened(db)
+    own = writer.journal.path
+    own.with_name(f"{own.name}.kept{1:020d}.replay").write_bytes(lines(span_record("a", 4)))
+    own.with_name(f"{own.name}.kept{2:020d}.replay").write_bytes(lines(span_record("b", 7)))
+
+    def locked(_records: list[dict[str, Any]]) -> int:
+        raise sqlite3.OperationalError("database is locked")
+
+    writer._insert_isolating = locked  # type: ignore[method-assign]
+    writer._replay_journal()
+    assert not writer.healthy
+    assert (writer.unsaved_seq("a"), writer.unsaved_seq("b")) == (4, 7)
+
+
+def test_a_kept_file_stays_while_its_spans_are_only_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk: the kept file cannot join the replay, the journal cannot take its spans
+    # either, so they are held in memory, and the file is the one copy a kill would keep.
+    db = tmp_path / "s.db"
+    writer = opened(db)
+    records = [span_record("r1", seq) for seq in (1, 2, 3)]
+    path = writer.journal.write_kept([journal_line(r) for r in records])
+
+    def full(*_: Any, **__: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer.journal.release = full  # type: ignore[method-assign]
+    writer.journal.append = full  # type: ignore[method-assign]
+    writer._release(path, records)
+    assert writer.held == 3
+    assert path.exists()
+    # Back to normal: the held spans are stored, and a restart's replay of the file adds none.
+    del writer.journal.append
+    writer._retry_held()
+    assert count(db) == 3
+    writer._db.close()
+    # The next process (a new incarnation) replays the file, and adds nothing twice.
+    monkeypatch.setattr(journal, "_INCARNATION", "1" * 9)
+    later = writer_for(db)
+    later.start()
+    later.close(timeout=10)
+    assert count(db) == 3
+    assert list(tmp_path.glob("s.db.spill*")) == []
