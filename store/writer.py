@@ -561,7 +561,6 @@ class StoreWriter:
         # Counted as spilled only if they are ever replayed from the file (`_release`): each
         # span is counted once, as written or as spilled.
         self._journaled(0)
-        self.kept += len(lines)
         with self._kept_lock:
             self._kept.append((path, journaled))
             self._kept_spans += len(journaled)
@@ -576,6 +575,7 @@ class StoreWriter:
                 path, records = self._kept.popleft()
             try:
                 if self._stored(records):
+                    self.kept += len(records)
                     with contextlib.suppress(OSError):
                         path.unlink()
                 else:
