@@ -3,6 +3,7 @@ and records it will never take (the dead-letter file, kept with the reason)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -63,6 +64,14 @@ _OWNER = re.compile(r"\.spill\.(\d+)\.jsonl")
 # a container), and its files are then told from the dead process's by this mark alone.
 _INCARNATION = secrets.token_hex(4)
 _KEPT = re.compile(r"\.kept\d+(?:-([0-9a-f]+))?$")
+# Journals this process's writers hold, by path: a file with this pid's journal name in
+# another folder belongs to an earlier process with this pid unless one of them is there.
+_HELD: collections.Counter[Path] = collections.Counter()
+_HELD_LOCK = threading.Lock()
+
+
+def _where(path: Path) -> Path:
+    return path.parent.resolve() / path.name
 
 
 class Journal:
@@ -76,6 +85,9 @@ class Journal:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._file: Any = None
+        self._held = True
+        with _HELD_LOCK:
+            _HELD[_where(self.path)] += 1
 
     def append(self, lines: list[bytes]) -> None:
         """Records already encoded, one line each (`store.records.journal_line`)."""
@@ -182,9 +194,20 @@ class Journal:
                 except OSError as exc:
                     # Another volume: rename cannot cross it, so copy then remove.
                     log.info("moving orphan journal %s across volumes (%s)", path, exc)
-                    with open(target, "xb") as out:
-                        out.write(path.read_bytes())
-                    path.unlink(missing_ok=True)
+                    self._copy_orphan(path, target)
+
+    @staticmethod
+    def _copy_orphan(path: Path, target: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return  # another process copied it first
+        # Under a name no replay reads until it is whole: a kill mid-copy leaves no torn file.
+        partial = target.with_name(f"{target.name}.part")
+        with open(partial, "xb") as out:
+            out.write(data)
+        partial.rename(target)
+        path.unlink(missing_ok=True)
 
     def _free_orphan_name(self) -> Path:
         """A replay name no file has: an earlier process with this pid may have left an
@@ -197,10 +220,15 @@ class Journal:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _orphaned(self, path: Path) -> bool:
-        """Whether a spill file belongs to no live process: another pid that is gone, or a
-        kept file of an earlier process that had this pid (this one holds none of its own
-        at start)."""
-        if path.name.startswith(f"{self.path.name}."):
+        """Whether a spill file belongs to no live process: another pid that is gone, or an
+        earlier process that had this pid (a kept file not marked by this one, which holds
+        none at start, or a file where no journal of this process is)."""
+        own = self.path.name
+        if path.name == own or path.name.startswith(f"{own}."):
+            if path.parent.resolve() != self.path.parent.resolve():
+                # `recorder.journal_dir` moved since that process ran.
+                with _HELD_LOCK:
+                    return not _HELD[path.parent.resolve() / own]
             kept = _KEPT.search(path.name)
             return kept is not None and kept.group(1) != _INCARNATION
         owner = _OWNER.search(path.name)
@@ -209,6 +237,10 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._discard_file()
+            if self._held:
+                self._held = False
+                with _HELD_LOCK:
+                    _HELD[_where(self.path)] -= 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,6 +152,9 @@ class StoreWriter:
         self._kept: deque[tuple[Path, list[dict[str, Any]]]] = deque()
         self._kept_spans = 0
         self._kept_lock = threading.Lock()
+        # Set once `close` has released what was kept: a batch the guard hands over later
+        # (it outlived close's wait) joins the replay itself.
+        self._kept_closed = False
         # Records neither in the database nor in the journal (the journal was not writable),
         # and how many of them the writer has taken out to try again (`held` counts both).
         self._held: deque[dict[str, Any]] = deque()
@@ -259,11 +262,21 @@ class StoreWriter:
 
     def _last_pass(self) -> None:
         """After the writer and the guard have stopped: what the guard kept or journaled
-        after the writer's last look goes into the store now, not at the next start."""
-        self._save_kept()
-        if self.healthy and (self.journal.has_records() or self._held):
-            self._retry_held()
-            self._replay_journal()
+        after the writer's last look goes into the store now, not at the next start. What
+        neither the store nor the journal took dies with the process: counted, said."""
+        try:
+            self._save_kept()
+            if self.healthy and (self.journal.has_records() or self._held):
+                self._retry_held()
+                self._replay_journal()
+        except Exception:
+            log.exception("the writer's last pass at close failed; the journal keeps the rest")
+        with self._held_lock:
+            gone = len(self._held)
+            self._held.clear()
+        if gone:
+            self.lost += gone
+            log.error("%d spans neither the store nor the journal took are lost at close", gone)
 
     # -- what readiness and metrics report ----------------------------------
 
@@ -277,7 +290,10 @@ class StoreWriter:
 
     @property
     def held(self) -> int:
-        return len(self._held) + self._retrying
+        # Under the lock: a retry that fails puts its spans back, and the two counts read
+        # apart could then miss them both ways.
+        with self._held_lock:
+            return len(self._held) + self._retrying
 
     @property
     def quarantined(self) -> int:
@@ -424,7 +440,7 @@ class StoreWriter:
 
     def _save(self, spans: list[dict[str, Any]]) -> None:
         """Into the database if it takes writes, else into the journal; never raises."""
-        if spans and not self._stored(spans):
+        if spans and self._stored(spans) is None:
             self._spill(spans)
 
     def _insert_isolating(self, spans: list[dict[str, Any]]) -> int:
@@ -562,8 +578,11 @@ class StoreWriter:
         # span is counted once, as written or as spilled.
         self._journaled(0)
         with self._kept_lock:
-            self._kept.append((path, journaled))
-            self._kept_spans += len(journaled)
+            if not self._kept_closed:
+                self._kept.append((path, journaled))
+                self._kept_spans += len(journaled)
+                return
+        self._release(path, journaled)
 
     def _save_kept(self) -> None:
         """Store what the guard journaled and left here, then delete its file; while the
@@ -574,27 +593,30 @@ class StoreWriter:
                     return
                 path, records = self._kept.popleft()
             try:
-                if self._stored(records):
-                    self.kept += len(records)
+                stored = self._stored(records)
+                if stored is None:
+                    self._release(path, records)
+                else:
+                    self.kept += stored
                     with contextlib.suppress(OSError):
                         path.unlink()
-                else:
-                    self._release(path, records)
             finally:
                 with self._kept_lock:
                     self._kept_spans -= len(records)
 
-    def _stored(self, records: list[dict[str, Any]]) -> bool:
+    def _stored(self, records: list[dict[str, Any]]) -> int | None:
         """Into the database, unless it refuses writes (now, or still within the pause
-        after a failure); False when the records are not in."""
+        after a failure): how many went in (the rest were quarantined), None when the
+        records are not in."""
         if not self.healthy and time.monotonic() < self._next_replay:
-            return False
+            return None
         try:
-            self.written += self._insert_isolating(records)
+            stored = self._insert_isolating(records)
         except Exception as exc:
             self._mark_unhealthy(exc)
-            return False
-        return True
+            return None
+        self.written += stored
+        return stored
 
     def _release(self, path: Path, records: list[dict[str, Any]]) -> None:
         try:
@@ -611,12 +633,12 @@ class StoreWriter:
 
     def _release_kept(self) -> None:
         """At close: kept spans the writer did not store are replayed on the next start."""
-        while True:
-            with self._kept_lock:
-                if not self._kept:
-                    return
-                path, records = self._kept.popleft()
-                self._kept_spans -= len(records)
+        with self._kept_lock:
+            self._kept_closed = True
+            batches = list(self._kept)
+            self._kept.clear()
+            self._kept_spans = 0
+        for path, records in batches:
             self._release(path, records)
 
     def _hold(self, records: list[dict[str, Any]], exc: BaseException) -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -15,6 +17,8 @@ from shapes import span_record
 from writers import count, opened
 
 from gateway.compose import writer_for
+from store import writer as writer_module
+from store.records import journal_line
 from store.writer import _STOP, _Task
 
 
@@ -169,3 +173,78 @@ def test_close_keeps_the_stop_for_a_writer_still_running(tmp_path: Path) -> None
     writer._db.close()
     assert [item for _, item in writer._queue] == [_STOP]
     assert writer.spilled == 1
+
+
+def test_a_batch_kept_after_close_gave_up_on_the_guard_is_not_left_behind(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2)
+    in_write, go = threading.Event(), threading.Event()
+    write_kept = writer.journal.write_kept
+
+    def slow_write_kept(lines: list[bytes]) -> Path:
+        in_write.set()
+        assert go.wait(10)
+        return write_kept(lines)
+
+    writer.journal.write_kept = slow_write_kept  # type: ignore[method-assign]
+    writer.start()
+    guard = writer._guard
+    assert guard is not None
+    writer.put(span_record("r1", 1))
+    assert in_write.wait(10)
+    writer.close(timeout=0.3)  # the writer stops at once; the guard join times out
+    go.set()
+    guard.join(10)
+    assert not guard.is_alive()
+    # Another writer of this process on the same store (the CLI opens one per command).
+    later = writer_for(db)
+    later.start()
+    later.close(timeout=10)
+    assert (count(db), writer.depth) == (1, 0)
+    assert sorted(p.name for p in tmp_path.glob("s.db.spill*")) == []
+
+
+def test_kept_counts_only_spans_stored_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "s.db"
+    writer = opened(db)
+    good, bad = span_record("r1", 1), span_record("r1", 2, name="refused")
+    insert = writer_module.insert_spans
+
+    def refusing(db_: Any, spans: list[dict[str, Any]]) -> None:
+        if any(s["name"] == "refused" for s in spans):
+            raise sqlite3.IntegrityError("refused")  # this batch's contents, not the store
+        insert(db_, spans)
+
+    monkeypatch.setattr(writer_module, "insert_spans", refusing)
+    records = [good, bad]
+    path = writer.journal.write_kept([journal_line(r) for r in records])
+    writer._kept.append((path, records))
+    writer._kept_spans += len(records)
+    writer._save_kept()
+    assert (count(db), writer.quarantined, writer.written) == (1, 1, 1)
+    assert writer.kept == 1
+
+
+def test_spans_neither_the_store_nor_the_journal_took_are_counted_lost_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk under both: the spans were held in memory, and the process is stopping.
+    def failing(*_: Any, **__: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(writer_module, "insert_spans", failing)
+    writer = writer_for(tmp_path / "s.db")
+    writer.start()
+
+    def full(_lines: list[bytes]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer.journal.append = full  # type: ignore[method-assign]
+    writer.put(span_record("r1", 1))
+    writer.put(span_record("r1", 2))
+    writer.close(timeout=10)
+    assert (writer.lost, writer.held) == (2, 0)

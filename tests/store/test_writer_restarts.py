@@ -1,6 +1,7 @@
 """A restart after a kill finds every span the dead process had journaled: its kept files
-(even with the same pid, PID 1 in a container), orphan replays it left unfinished, and the
-rollout numbers those spans hold while the store still refuses writes."""
+(even with the same pid, PID 1 in a container, and after `recorder.journal_dir` moved), orphan
+replays it left unfinished, and the rollout numbers those spans hold while the store still
+refuses writes."""
 
 from __future__ import annotations
 
@@ -105,3 +106,52 @@ def test_a_kept_file_stays_while_its_spans_are_only_in_memory(
     later.close(timeout=10)
     assert count(db) == 3
     assert list(tmp_path.glob("s.db.spill*")) == []
+
+
+def test_the_same_pid_journal_beside_the_database_is_replayed_after_journal_dir_moves(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "s.db"
+    # The dead process (this pid) journaled beside the database, and left a replay too.
+    dead = journal_path_for(db, os.getpid())
+    dead.write_bytes(lines(span_record("r1", 1), span_record("r1", 2)))
+    dead.with_name(f"{dead.name}.{os.getpid()}.replay").write_bytes(lines(span_record("r1", 3)))
+    elsewhere = tmp_path / "journals"
+    elsewhere.mkdir()
+    writer = writer_for(db, journal_dir=str(elsewhere))
+    writer.start()
+    writer.close(timeout=10)
+    assert count(db) == 3
+    assert list(tmp_path.glob("s.db.spill*")) == []
+
+
+def test_an_orphan_another_process_copied_first_across_volumes_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # journal_dir on another volume: rename fails (EXDEV) for both processes starting
+    # together; the other one copies and removes the orphan before this one reads it.
+    db = tmp_path / "s.db"
+    dead = journal_path_for(db, 2**22 + 12345)  # above pid_max: no such process
+    dead.write_bytes(lines(span_record("r1", 1)))
+    elsewhere = tmp_path / "journals"
+    elsewhere.mkdir()
+    rename = Path.rename
+
+    def cross(self: Path, target: Any) -> Any:
+        if self == dead:
+            self.unlink()  # the other process finished its copy meanwhile
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", cross)
+    writer = writer_for(db, journal_dir=str(elsewhere))
+    raised: Exception | None = None
+    try:
+        writer.start()
+    except FileNotFoundError as exc:  # out of claim_orphans: the gateway does not start
+        raised = exc
+    writer.close(timeout=10)
+    if writer._db is not None:
+        writer._db.close()
+    leftovers = sorted(p.name for p in elsewhere.iterdir())
+    assert (raised, leftovers) == (None, [])
