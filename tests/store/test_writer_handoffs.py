@@ -19,7 +19,7 @@ from writers import count, opened
 from gateway.compose import writer_for
 from store import writer as writer_module
 from store.records import journal_line
-from store.writer import _STOP, _Task
+from store.writer import _STOP, StoreWriter, _Task
 
 
 def test_held_spans_count_as_unsettled_while_they_are_stored(tmp_path: Path) -> None:
@@ -133,12 +133,9 @@ async def test_a_writer_that_outlives_a_timed_out_close_keeps_every_span(
     assert count(db) + (3 if journaled else 0) == 3
 
 
-def test_close_stores_a_batch_the_guard_kept_after_the_writer_last_looked(
-    tmp_path: Path,
-) -> None:
-    # The guard is writing a kept file when close() starts; the writer drains and exits
-    # before the guard hands the batch over. close() stores it, not the next start.
-    db = tmp_path / "s.db"
+def guard_held_in_a_kept_write(db: Path) -> tuple[StoreWriter, threading.Event, threading.Event]:
+    """A started writer whose guard, once a span has waited, stops inside its kept-file write
+    (`in_write` set) until `go` is set."""
     writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2)
     in_write, go = threading.Event(), threading.Event()
     write_kept = writer.journal.write_kept
@@ -150,6 +147,16 @@ def test_close_stores_a_batch_the_guard_kept_after_the_writer_last_looked(
 
     writer.journal.write_kept = slow_write_kept  # type: ignore[method-assign]
     writer.start()
+    return writer, in_write, go
+
+
+def test_close_stores_a_batch_the_guard_kept_after_the_writer_last_looked(
+    tmp_path: Path,
+) -> None:
+    # The guard is writing a kept file when close() starts; the writer drains and exits
+    # before the guard hands the batch over. close() stores it, not the next start.
+    db = tmp_path / "s.db"
+    writer, in_write, go = guard_held_in_a_kept_write(db)
     thread = writer._thread
     assert thread is not None
     writer.put(span_record("r1", 1))
@@ -179,17 +186,7 @@ def test_a_batch_kept_after_close_gave_up_on_the_guard_is_not_left_behind(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "s.db"
-    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2)
-    in_write, go = threading.Event(), threading.Event()
-    write_kept = writer.journal.write_kept
-
-    def slow_write_kept(lines: list[bytes]) -> Path:
-        in_write.set()
-        assert go.wait(10)
-        return write_kept(lines)
-
-    writer.journal.write_kept = slow_write_kept  # type: ignore[method-assign]
-    writer.start()
+    writer, in_write, go = guard_held_in_a_kept_write(db)
     guard = writer._guard
     assert guard is not None
     writer.put(span_record("r1", 1))
