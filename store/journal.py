@@ -74,6 +74,17 @@ def _where(path: Path) -> Path:
     return path.parent.resolve() / path.name
 
 
+def _sweep_partial(path: Path) -> None:
+    """Remove a cross-volume copy a kill cut short: its source is removed only once the copy
+    is whole, so the data is still there. One a live process is making is left alone."""
+    if path.name.endswith(f".{_INCARNATION}.part"):
+        return
+    owner = _OWNER.search(path.name)
+    if owner and int(owner.group(1)) != os.getpid() and _alive(int(owner.group(1))):
+        return
+    path.unlink(missing_ok=True)
+
+
 class Journal:
     """Spilled records, one JSON object a line; safe to append from any thread.
 
@@ -85,9 +96,10 @@ class Journal:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._file: Any = None
-        self._held = True
+        # Computed once: a relative path would resolve elsewhere after a change of directory.
+        self._where: Path | None = _where(self.path)
         with _HELD_LOCK:
-            _HELD[_where(self.path)] += 1
+            _HELD[self._where] += 1
 
     def append(self, lines: list[bytes]) -> None:
         """Records already encoded, one line each (`store.records.journal_line`)."""
@@ -183,6 +195,9 @@ class Journal:
         folders = {db_path.parent.resolve(), self.path.parent.resolve()}
         for folder in sorted(folders):
             for path in sorted(folder.glob(f"{db_path.name}.spill*")):
+                if path.name.endswith(".part"):
+                    _sweep_partial(path)
+                    continue
                 if path == self.path or not self._orphaned(path):
                     continue
                 target = self._free_orphan_name()
@@ -194,7 +209,11 @@ class Journal:
                 except OSError as exc:
                     # Another volume: rename cannot cross it, so copy then remove.
                     log.info("moving orphan journal %s across volumes (%s)", path, exc)
-                    self._copy_orphan(path, target)
+                    try:
+                        self._copy_orphan(path, target)
+                    except OSError as failed:
+                        # It stays where it is, whole, for a later start.
+                        log.warning("orphan journal %s not moved: %s", path, failed)
 
     @staticmethod
     def _copy_orphan(path: Path, target: Path) -> None:
@@ -202,11 +221,15 @@ class Journal:
             data = path.read_bytes()
         except FileNotFoundError:
             return  # another process copied it first
-        # Under a name no replay reads until it is whole: a kill mid-copy leaves no torn file.
-        partial = target.with_name(f"{target.name}.part")
-        with open(partial, "xb") as out:
-            out.write(data)
-        partial.rename(target)
+        # Under a name no replay reads until it is whole; one a kill left is swept at start.
+        partial = target.with_name(f"{target.name}.{_INCARNATION}.part")
+        try:
+            with open(partial, "xb") as out:
+                out.write(data)
+            partial.rename(target)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
         path.unlink(missing_ok=True)
 
     def _free_orphan_name(self) -> Path:
@@ -237,10 +260,10 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._discard_file()
-            if self._held:
-                self._held = False
+            if self._where is not None:
                 with _HELD_LOCK:
-                    _HELD[_where(self.path)] -= 1
+                    _HELD[self._where] -= 1
+                self._where = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,6 +160,9 @@ class StoreWriter:
         self._held: deque[dict[str, Any]] = deque()
         self._held_lock = threading.Lock()
         self._retrying = 0
+        # Held spans whose kept file could not join the replay: the file stays, and the next
+        # start replays it, so they are not lost if this process ends holding them.
+        self._in_kept_file: set[int] = set()
         # Journal files whose rollouts' numbers are in `_unsaved` already.
         self._remembered: set[Path] = set()
         # Highest seq per rollout not yet committed: a sequencer that forgot a rollout
@@ -232,6 +235,7 @@ class StoreWriter:
     def close(self, timeout: float | None = None) -> None:
         """Write everything queued, then stop. Whatever cannot be written stays journaled."""
         if self._thread is None:
+            self.journal.close()
             return
         self._stopping.set()
         self._queue.append((time.monotonic(), _STOP))
@@ -246,13 +250,16 @@ class StoreWriter:
         self._stopped.set()
         if self._guard is not None:
             self._guard.join(timeout)
+            stuck = stuck or self._guard.is_alive()
         if not stuck:
             self._last_pass()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout)
         self._guard = self._checkpointer = None
         self._release_kept()
-        self.journal.close()
+        if not stuck:
+            # Still open for a thread that outlived the wait: it may yet append.
+            self.journal.close()
         if self._db is not None and not stuck:
             # A writer still in a long write keeps its connection: closed under it, every
             # record it then tried would look refused and go to the dead-letter file.
@@ -272,7 +279,7 @@ class StoreWriter:
         except Exception:
             log.exception("the writer's last pass at close failed; the journal keeps the rest")
         with self._held_lock:
-            gone = len(self._held)
+            gone = sum(1 for record in self._held if id(record) not in self._in_kept_file)
             self._held.clear()
         if gone:
             self.lost += gone
@@ -626,6 +633,8 @@ class StoreWriter:
             if self._spill(records):
                 with contextlib.suppress(OSError):
                     path.unlink()
+            else:
+                self._in_kept_file.update(map(id, records))
             # Else the file stays, the one copy a kill keeps; a restart claims it, and the
             # spans stored from memory meanwhile are skipped then by their ids.
         else:
@@ -637,7 +646,8 @@ class StoreWriter:
             self._kept_closed = True
             batches = list(self._kept)
             self._kept.clear()
-            self._kept_spans = 0
+            # Only these: a batch the writer is storing still counts until it is done.
+            self._kept_spans -= sum(len(records) for _, records in batches)
         for path, records in batches:
             self._release(path, records)
 

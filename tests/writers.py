@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.compose import writer_for
+from store.records import journal_line
 from store.schema import connect
 from store.writer import StoreWriter
 
@@ -24,3 +25,8 @@ def opened(db: Path, **tuning: Any) -> StoreWriter:
     writer = writer_for(db, **tuning)
     writer._db = connect(writer.target)
     return writer
+
+
+def lines(*records: dict[str, Any]) -> bytes:
+    """Records as a journal file holds them, one line each."""
+    return b"".join(journal_line(record) + b"\n" for record in records)

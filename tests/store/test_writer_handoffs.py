@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from shapes import span_record
-from writers import count, opened
+from writers import count, lines, opened
 
 from gateway.compose import writer_for
 from store import writer as writer_module
@@ -245,3 +245,69 @@ def test_spans_neither_the_store_nor_the_journal_took_are_counted_lost_at_close(
     writer.put(span_record("r1", 2))
     writer.close(timeout=10)
     assert (writer.lost, writer.held) == (2, 0)
+
+
+def test_release_kept_does_not_drive_depth_negative_under_a_stuck_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer has popped a kept batch and is inside its insert when close() gives up
+    # on it; _release_kept now sets _kept_spans = 0, and the writer's own decrement
+    # afterwards takes it below zero.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=60.0)
+    writer.start()
+    in_insert, go = threading.Event(), threading.Event()
+    insert = writer_module.insert_spans
+
+    def slow(db_: Any, spans: list[dict[str, Any]]) -> None:
+        if any(s["name"] == "slow" for s in spans):
+            in_insert.set()
+            assert go.wait(10)
+        insert(db_, spans)
+
+    monkeypatch.setattr(writer_module, "insert_spans", slow)
+    record = span_record("r1", 1, name="slow")
+    path = writer.journal.write_kept([journal_line(record)])
+    with writer._kept_lock:
+        writer._kept.append((path, [record]))
+        writer._kept_spans += 1
+    writer._urgent.set()
+    assert in_insert.wait(10)
+    thread = writer._thread
+    assert thread is not None
+    writer.close(timeout=0.2)  # stuck: the writer keeps its batch
+    go.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    writer._db.close()
+    assert count(db) == 1
+    assert writer.depth == 0
+
+
+def test_spans_still_in_a_kept_file_are_not_counted_lost_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Store down and the folder read-only (EROFS): the kept file can neither be renamed
+    # into the replay nor copied into the journal, so it stays on disk (a restart claims
+    # it) and its spans are also held in memory; _last_pass counts them lost.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=60.0)
+    writer.start()
+
+    def down(*_: Any, **__: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def read_only(*_: Any, **__: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    record = span_record("r1", 1)
+    path = writer.journal.write_kept([journal_line(record)])
+    monkeypatch.setattr(writer_module, "insert_spans", down)
+    writer.journal.release = read_only  # type: ignore[method-assign]
+    writer.journal.append = read_only  # type: ignore[method-assign]
+    with writer._kept_lock:
+        writer._kept.append((path, [record]))
+        writer._kept_spans += 1
+    writer.close(timeout=10)
+    assert path.read_bytes() == lines(record)  # the span is safe on disk
+    assert writer.lost == 0

@@ -8,21 +8,21 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from shapes import span_record
-from writers import count, opened
+from writers import count, lines, opened
 
 from gateway.compose import writer_for
 from store import journal
-from store.journal import journal_path_for
+from store.journal import Journal, journal_path_for
 from store.records import journal_line
 
-
-def lines(*records: dict[str, Any]) -> bytes:
-    return b"".join(journal_line(record) + b"\n" for record in records)
+DEAD = 2**22 + 4321  # above pid_max: no such process
+DEAD2 = 2**22 + 4322
 
 
 def test_kept_files_of_an_earlier_process_with_this_pid_are_replayed(tmp_path: Path) -> None:
@@ -155,3 +155,45 @@ def test_an_orphan_another_process_copied_first_across_volumes_is_skipped(
         writer._db.close()
     leftovers = sorted(p.name for p in elsewhere.iterdir())
     assert (raised, leftovers) == (None, [])
+
+
+@pytest.mark.parametrize("copier", ["this pid", "another dead pid"])
+def test_a_copy_a_kill_cut_short_is_swept_not_replayed(tmp_path: Path, copier: str) -> None:
+    # The killed process was copying a dead process's journal across volumes into
+    # journal_dir: its torn `.part` file is neither left behind nor replayed (a half line
+    # would go to the dead-letter file); the whole source is replayed instead.
+    db = tmp_path / "s.db"
+    elsewhere = tmp_path / "journals"
+    elsewhere.mkdir()
+    source = journal_path_for(db, DEAD)
+    source.write_bytes(lines(span_record("r1", 1), span_record("r1", 2)))
+    pid = os.getpid() if copier == "this pid" else DEAD2
+    killed = journal_path_for(db, pid, elsewhere)
+    part = killed.with_name(f"{killed.name}.orphan{time.time_ns():020d}-0.{pid}.replay.part")
+    part.write_bytes(source.read_bytes()[:-20])
+    writer = writer_for(db, journal_dir=str(elsewhere))
+    writer.start()
+    writer.close(timeout=10)
+    assert (count(db), writer.quarantined) == (2, 0)
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_held_count_follows_the_journal_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative journal path (a PostgreSQL label, or a relative --db) resolved against
+    # one cwd at __init__ and another at close: the count under the first stays forever.
+    here, there, elsewhere = tmp_path / "here", tmp_path / "there", tmp_path / "journals"
+    for folder in (here, there, elsewhere):
+        folder.mkdir()
+    monkeypatch.chdir(here)
+    relative = Journal(journal_path_for("s.db", os.getpid()))
+    monkeypatch.chdir(there)
+    relative.close()
+    # An earlier process with this pid journaled beside the database in `here`.
+    db = here / "s.db"
+    journal_path_for(db, os.getpid()).write_bytes(lines(span_record("r1", 1)))
+    writer = writer_for(db, journal_dir=str(elsewhere))
+    writer.start()
+    writer.close(timeout=10)
+    assert count(db) == 1
