@@ -162,7 +162,9 @@ class StoreWriter:
         self._retrying = 0
         # Held spans whose kept file could not join the replay: the file stays, and the next
         # start replays it, so they are not lost if this process ends holding them.
-        self._in_kept_file: set[int] = set()
+        # Keyed by id, holding the record itself so the id cannot be reused meanwhile; a
+        # mark goes when its record leaves `_held`.
+        self._in_kept_file: dict[int, dict[str, Any]] = {}
         # Journal files whose rollouts' numbers are in `_unsaved` already.
         self._remembered: set[Path] = set()
         # Highest seq per rollout not yet committed: a sequencer that forgot a rollout
@@ -244,20 +246,21 @@ class StoreWriter:
         stuck = self._thread.is_alive()
         if stuck:
             log.error("writer did not drain within %ss; the rest goes to the journal", timeout)
+        guard_stuck = False
         self._spill_queue()
         self._spill_held()
         self._thread = None
         self._stopped.set()
         if self._guard is not None:
             self._guard.join(timeout)
-            stuck = stuck or self._guard.is_alive()
+            guard_stuck = self._guard.is_alive()
         if not stuck:
             self._last_pass()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout)
         self._guard = self._checkpointer = None
         self._release_kept()
-        if not stuck:
+        if not (stuck or guard_stuck):
             # Still open for a thread that outlived the wait: it may yet append.
             self.journal.close()
         if self._db is not None and not stuck:
@@ -281,6 +284,7 @@ class StoreWriter:
         with self._held_lock:
             gone = sum(1 for record in self._held if id(record) not in self._in_kept_file)
             self._held.clear()
+            self._in_kept_file.clear()
         if gone:
             self.lost += gone
             log.error("%d spans neither the store nor the journal took are lost at close", gone)
@@ -530,16 +534,16 @@ class StoreWriter:
 
     # -- the journal and the memory buffer ------------------------------------
 
-    def _spill(self, records: list[dict[str, Any]]) -> bool:
+    def _spill(self, records: list[dict[str, Any]], *, on_disk: bool = False) -> bool:
         """To the journal; if it cannot be written, into the bounded memory buffer. False
-        when they are only in memory now."""
+        when they are only in memory now (`on_disk`: and in a kept file that stays)."""
         lines, journaled = self._journal_lines(records)
         if not lines:
             return True
         try:
             self.journal.append(lines)
         except Exception as exc:
-            self._hold(journaled, exc)
+            self._hold(journaled, exc, on_disk=on_disk)
             return False
         self._journaled(len(lines))
         return True
@@ -630,11 +634,9 @@ class StoreWriter:
             self.journal.release(path)
         except OSError as exc:
             log.warning("kept journal %s cannot join the replay (%s); journaling again", path, exc)
-            if self._spill(records):
+            if self._spill(records, on_disk=True):
                 with contextlib.suppress(OSError):
                     path.unlink()
-            else:
-                self._in_kept_file.update(map(id, records))
             # Else the file stays, the one copy a kill keeps; a restart claims it, and the
             # spans stored from memory meanwhile are skipped then by their ids.
         else:
@@ -651,7 +653,9 @@ class StoreWriter:
         for path, records in batches:
             self._release(path, records)
 
-    def _hold(self, records: list[dict[str, Any]], exc: BaseException) -> None:
+    def _hold(
+        self, records: list[dict[str, Any]], exc: BaseException, *, on_disk: bool = False
+    ) -> None:
         if self.journal_error is None:
             log.error(
                 "journal %s not writable (%s): holding up to %d spans in memory",
@@ -661,11 +665,19 @@ class StoreWriter:
             )
         self.journal_error = f"{type(exc).__name__}: {exc}"
         with self._held_lock:
-            room = self.memory_buffer - len(self._held)
-            self._held.extend(records[: max(room, 0)])
-        if len(records) > room:
-            self.lost += len(records) - max(room, 0)
-            log.error("memory buffer full: %d spans lost", len(records) - max(room, 0))
+            taken = records[: max(self.memory_buffer - len(self._held), 0)]
+            self._held.extend(taken)
+            if on_disk:
+                self._in_kept_file.update((id(record), record) for record in taken)
+        dropped = len(records) - len(taken)
+        if not dropped:
+            return
+        if on_disk:
+            # Still in their kept file, which the next start replays.
+            log.warning("memory buffer full: %d spans are only in their kept file", dropped)
+        else:
+            self.lost += dropped
+            log.error("memory buffer full: %d spans lost", dropped)
 
     def _take_held(self) -> list[dict[str, Any]]:
         """Held records taken out, and counted in `held` until `_done_with_held`."""
@@ -679,6 +691,12 @@ class StoreWriter:
     def _done_with_held(self, records: list[dict[str, Any]]) -> None:
         with self._held_lock:
             self._retrying -= len(records)
+            if self._in_kept_file:
+                # Stored or journaled now, unless held again.
+                still = {id(record) for record in self._held}
+                for record in records:
+                    if id(record) not in still:
+                        self._in_kept_file.pop(id(record), None)
 
     def _retry_held(self) -> None:
         if not self._held:

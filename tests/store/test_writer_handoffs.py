@@ -311,3 +311,85 @@ def test_spans_still_in_a_kept_file_are_not_counted_lost_at_close(
     writer.close(timeout=10)
     assert path.read_bytes() == lines(record)  # the span is safe on disk
     assert writer.lost == 0
+
+
+def read_only(*_: Any, **__: Any) -> None:
+    raise OSError(errno.EROFS, "Read-only file system")
+
+
+def test_held_spans_of_a_kept_file_lose_their_mark_once_stored(tmp_path: Path) -> None:
+    # The mark (their kept file stays on disk) must not outlive them: a new record could
+    # take a freed one's id, and a real loss at close would go uncounted.
+    db = tmp_path / "s.db"
+    writer = opened(db)
+    writer.journal.release = read_only  # type: ignore[method-assign]
+    real_append = writer.journal.append
+    for batch in range(3):
+        records = [span_record("r1", batch * 10 + n) for n in range(1, 11)]
+        path = tmp_path / f"kept{batch}"
+        path.write_bytes(b"")
+        writer.journal.append = read_only  # type: ignore[method-assign]
+        writer._release(path, records)
+        writer.journal.append = real_append  # type: ignore[method-assign]
+        writer._retry_held()  # stored
+    writer._db.close()
+    assert (writer.held, count(db)) == (0, 30)
+    assert len(writer._in_kept_file) == 0, f"{len(writer._in_kept_file)} ids of stored spans"
+
+
+def test_a_kept_batch_past_the_memory_buffer_is_not_counted_lost(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    writer = opened(db, memory_buffer=1)
+    records = [span_record("r1", 1), span_record("r1", 2)]
+    path = writer.journal.write_kept([journal_line(r) for r in records])
+    writer.journal.release = read_only  # type: ignore[method-assign]
+    writer.journal.append = read_only  # type: ignore[method-assign]
+    writer._release(path, records)
+    writer._db.close()
+    assert path.exists()  # both spans are on disk; a restart replays them
+    assert writer.lost == 0
+
+
+def test_a_guard_close_gave_up_on_does_not_stop_it_storing_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer stops normally and the store is healthy; the guard is stuck in a kept-file
+    # write on a slow journal volume whose appends fail. A span spilled at close is held in
+    # memory, and close stores it.
+    db = tmp_path / "s.db"
+    writer = writer_for(db, flush_interval=60.0, max_unsaved_seconds=0.2)
+    writer.start()
+    in_keep, go = threading.Event(), threading.Event()
+    write_kept = writer.journal.write_kept
+
+    def slow_keep(lines: list[bytes]) -> Path:
+        in_keep.set()
+        assert go.wait(30)
+        return write_kept(lines)
+
+    writer.journal.write_kept = slow_keep  # type: ignore[method-assign]
+    late = span_record("r1", 2)
+    put_late = threading.Event()
+
+    def hook() -> None:
+        # After the writer's last drain: left in the queue for close's _spill_queue.
+        if writer._stopping.is_set() and not put_late.is_set():
+            put_late.set()
+            writer.put(late)
+
+    writer.on_commit(hook)
+    writer.put(span_record("r1", 1))
+    assert in_keep.wait(10)  # the guard took the span and is stuck writing it
+    writer.journal.append = read_only  # type: ignore[method-assign]
+    guard = writer._guard
+    assert guard is not None
+    try:
+        writer.close(timeout=0.5)
+    finally:
+        go.set()
+        guard.join(10)
+        if writer._db is not None:
+            writer._db.close()
+    assert put_late.is_set()
+    stored = count(db, f"select count(*) from spans where span_id = '{late['span_id']}'")
+    assert (stored, writer.lost) == (1, 0)
