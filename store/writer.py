@@ -165,6 +165,10 @@ class StoreWriter:
         # Keyed by id, holding the record itself so the id cannot be reused meanwhile; a
         # mark goes when its record leaves `_held`.
         self._in_kept_file: dict[int, dict[str, Any]] = {}
+        self._held_closed = False
+        # Kept files that could not join the replay (a full disk): tried again once the
+        # journal takes writes, and `settled` is false until then.
+        self._stayed: list[tuple[Path, int]] = []
         # Journal files whose rollouts' numbers are in `_unsaved` already.
         self._remembered: set[Path] = set()
         # Highest seq per rollout not yet committed: a sequencer that forgot a rollout
@@ -285,6 +289,7 @@ class StoreWriter:
             gone = sum(1 for record in self._held if id(record) not in self._in_kept_file)
             self._held.clear()
             self._in_kept_file.clear()
+            self._held_closed = True
         if gone:
             self.lost += gone
             log.error("%d spans neither the store nor the journal took are lost at close", gone)
@@ -317,6 +322,7 @@ class StoreWriter:
         return (
             self.depth == 0
             and not self.held
+            and not self._stayed
             and not self.journal.has_records()
             and not self.journal.replay_files()
         )
@@ -637,10 +643,34 @@ class StoreWriter:
             if self._spill(records, on_disk=True):
                 with contextlib.suppress(OSError):
                     path.unlink()
+            else:
+                with self._kept_lock:
+                    self._stayed.append((path, len(records)))
             # Else the file stays, the one copy a kill keeps; a restart claims it, and the
             # spans stored from memory meanwhile are skipped then by their ids.
         else:
             self.spilled += len(records)
+
+    def _release_stayed(self) -> bool:
+        """Kept files a full disk kept out of the replay: in now, if the disk takes it.
+        True when any joined."""
+        if not self._stayed:
+            return False
+        with self._kept_lock:
+            stayed, self._stayed = self._stayed, []
+        joined = False
+        for index, (path, count) in enumerate(stayed):
+            try:
+                self.journal.release(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                with self._kept_lock:
+                    self._stayed[:0] = stayed[index:]
+                break
+            self.spilled += count
+            joined = True
+        return joined
 
     def _release_kept(self) -> None:
         """At close: kept spans the writer did not store are replayed on the next start."""
@@ -664,20 +694,21 @@ class StoreWriter:
                 self.memory_buffer,
             )
         self.journal_error = f"{type(exc).__name__}: {exc}"
+        marks = self._in_kept_file
         with self._held_lock:
-            taken = records[: max(self.memory_buffer - len(self._held), 0)]
+            # After close's last pass nothing takes held spans out again.
+            room = 0 if self._held_closed else max(self.memory_buffer - len(self._held), 0)
+            taken, dropped = records[:room], records[room:]
             self._held.extend(taken)
             if on_disk:
-                self._in_kept_file.update((id(record), record) for record in taken)
-        dropped = len(records) - len(taken)
-        if not dropped:
-            return
-        if on_disk:
-            # Still in their kept file, which the next start replays.
-            log.warning("memory buffer full: %d spans are only in their kept file", dropped)
-        else:
-            self.lost += dropped
-            log.error("memory buffer full: %d spans lost", dropped)
+                marks.update((id(record), record) for record in taken)
+            # Spans still in a kept file that stays are replayed by the next start.
+            safe = sum(1 for r in dropped if on_disk or marks.pop(id(r), None) is r)
+        if safe:
+            log.warning("memory buffer full: %d spans are only in their kept file", safe)
+        if len(dropped) > safe:
+            self.lost += len(dropped) - safe
+            log.error("memory buffer full: %d spans lost", len(dropped) - safe)
 
     def _take_held(self) -> list[dict[str, Any]]:
         """Held records taken out, and counted in `held` until `_done_with_held`."""
@@ -724,7 +755,7 @@ class StoreWriter:
     def _maybe_replay(self) -> None:
         if time.monotonic() < self._next_replay:
             return
-        if not self.healthy or self.journal.has_records():
+        if self._release_stayed() or not self.healthy or self.journal.has_records():
             self._replay_journal()
 
     def _replay_journal(self) -> None:
