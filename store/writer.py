@@ -168,7 +168,7 @@ class StoreWriter:
         self._held_closed = False
         # Kept files that could not join the replay (a full disk): tried again once the
         # journal takes writes, and `settled` is false until then.
-        self._stayed: list[tuple[Path, int]] = []
+        self._stayed: list[Path] = []
         # Journal files whose rollouts' numbers are in `_unsaved` already.
         self._remembered: set[Path] = set()
         # Highest seq per rollout not yet committed: a sequencer that forgot a rollout
@@ -645,7 +645,7 @@ class StoreWriter:
                     path.unlink()
             else:
                 with self._kept_lock:
-                    self._stayed.append((path, len(records)))
+                    self._stayed.append(path)
             # Else the file stays, the one copy a kill keeps; a restart claims it, and the
             # spans stored from memory meanwhile are skipped then by their ids.
         else:
@@ -657,19 +657,20 @@ class StoreWriter:
         if not self._stayed:
             return False
         with self._kept_lock:
-            stayed, self._stayed = self._stayed, []
+            stayed = list(self._stayed)
         joined = False
-        for index, (path, count) in enumerate(stayed):
+        for path in stayed:
             try:
                 self.journal.release(path)
             except FileNotFoundError:
-                continue
+                pass
             except OSError:
-                with self._kept_lock:
-                    self._stayed[:0] = stayed[index:]
                 break
-            self.spilled += count
-            joined = True
+            else:
+                joined = True
+            # Listed until its file is in the replay set, so `settled` never misses it.
+            with self._kept_lock:
+                self._stayed.remove(path)
         return joined
 
     def _release_kept(self) -> None:
@@ -702,9 +703,11 @@ class StoreWriter:
             self._held.extend(taken)
             if on_disk:
                 marks.update((id(record), record) for record in taken)
-            # Spans still in a kept file that stays are replayed by the next start.
+            # Spans still in a kept file that stays are replayed by the next start: counted
+            # as spilled now, as any span whose one copy is a journal file.
             safe = sum(1 for r in dropped if on_disk or marks.pop(id(r), None) is r)
         if safe:
+            self.spilled += safe
             log.warning("memory buffer full: %d spans are only in their kept file", safe)
         if len(dropped) > safe:
             self.lost += len(dropped) - safe

@@ -137,3 +137,71 @@ def test_spans_only_in_a_kept_file_that_stayed_do_not_read_as_settled(
     writer._maybe_replay()
     writer._db.close()
     assert (count(db), writer.settled, path.exists()) == (2, True, False)
+
+
+def test_a_stayed_files_spans_stored_from_memory_are_not_counted_again_when_it_joins(
+    tmp_path: Path,
+) -> None:
+    # A kept batch of two cannot join the replay nor be journaled again: both are held in
+    # memory (marked), the file stays. The volume recovers: the writer's cycle stores the
+    # held spans from memory (written=2), then `_maybe_replay` releases the stayed file and
+    # adds its whole batch to `spilled`. Each span must be counted once, as written or as
+    # spilled (the rule `_keep_journaled` states): 2, not 4.
+    db = tmp_path / "s.db"
+    writer = opened(db, memory_buffer=100)
+    records = [span_record("r1", 1), span_record("r1", 2)]
+    path = writer.journal.write_kept([journal_line(r) for r in records])
+    release, append = writer.journal.release, writer.journal.append
+    writer.journal.release = read_only  # type: ignore[method-assign]
+    writer.journal.append = read_only  # type: ignore[method-assign]
+    writer._release(path, records)
+    assert (writer.held, writer.lost, len(writer._stayed)) == (2, 0, 1)
+    writer.journal.release = release  # type: ignore[method-assign]
+    writer.journal.append = append  # type: ignore[method-assign]
+    # One writer cycle's tail, as `_cycle` runs it.
+    writer._retry_held()
+    writer._maybe_replay()
+    stored = count(db)
+    writer._db.close()
+    assert stored == 2 and writer.settled
+    assert writer.written + writer.spilled == 2, (
+        f"written={writer.written} spilled={writer.spilled} for 2 spans: counted twice"
+    )
+
+
+def test_a_stayed_file_being_released_does_not_read_as_settled(tmp_path: Path) -> None:
+    # memory_buffer=1: one span of the kept batch is held (and stored once the volume
+    # recovers), the other is only in the kept file that stayed. While the writer thread
+    # is in `_release_stayed` (it swapped `_stayed` for [] and is renaming the file), the
+    # span is in no count and the file not yet in the replay set: `settled` must stay false.
+    db = tmp_path / "s.db"
+    writer = opened(db, memory_buffer=1)
+    records = [span_record("r1", 1), span_record("r1", 2)]
+    path = writer.journal.write_kept([journal_line(r) for r in records])
+    release, append = writer.journal.release, writer.journal.append
+    writer.journal.release = read_only  # type: ignore[method-assign]
+    writer.journal.append = read_only  # type: ignore[method-assign]
+    writer._release(path, records)
+    writer.journal.append = append  # type: ignore[method-assign]
+    writer._retry_held()
+    assert (count(db), writer.held, writer.depth, writer.settled) == (1, 0, 0, False)
+
+    in_release, go = threading.Event(), threading.Event()
+
+    def slow_release(kept: Path) -> None:
+        in_release.set()
+        assert go.wait(10)
+        release(kept)
+
+    writer.journal.release = slow_release  # type: ignore[method-assign]
+    thread = threading.Thread(target=writer._release_stayed)
+    thread.start()
+    try:
+        assert in_release.wait(10)
+        seen = writer.settled
+    finally:
+        go.set()
+        thread.join(10)
+    writer._db.close()
+    assert not thread.is_alive()
+    assert not seen, "settled read true while a span was only in a stayed kept file"
