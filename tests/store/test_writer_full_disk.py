@@ -15,6 +15,7 @@ from writers import count, opened
 from gateway.compose import writer_for
 from store.records import journal_line
 from store.schema import connect
+from store.writer import StoreWriter
 
 
 def read_only(*_: Any, **__: Any) -> None:
@@ -23,6 +24,20 @@ def read_only(*_: Any, **__: Any) -> None:
 
 def full(*_: Any, **__: Any) -> Any:
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def kept_file_that_stayed(db: Path, *, memory_buffer: int) -> tuple[StoreWriter, Path]:
+    """A writer (no thread) whose kept batch of two could neither join the replay nor be
+    journaled again (a read-only volume, since recovered): its file stays, and as many of
+    its spans as fit are held in memory."""
+    writer = opened(db, memory_buffer=memory_buffer)
+    records = [span_record("r1", 1), span_record("r1", 2)]
+    path = writer.journal.write_kept([journal_line(r) for r in records])
+    writer.journal.release = read_only  # type: ignore[method-assign]
+    writer.journal.append = read_only  # type: ignore[method-assign]
+    writer._release(path, records)
+    del writer.journal.release, writer.journal.append
+    return writer, path
 
 
 def test_a_kept_files_spans_dropped_when_a_failed_retry_holds_them_again_are_not_lost(
@@ -114,15 +129,7 @@ def test_spans_only_in_a_kept_file_that_stayed_do_not_read_as_settled(
     # in no count (`lost`, `held`, `depth`) and not in the store until a restart, yet the
     # recorder reads as settled.
     db = tmp_path / "s.db"
-    writer = opened(db, memory_buffer=1)
-    records = [span_record("r1", 1), span_record("r1", 2)]
-    path = writer.journal.write_kept([journal_line(r) for r in records])
-    release, append = writer.journal.release, writer.journal.append
-    writer.journal.release = read_only  # type: ignore[method-assign]
-    writer.journal.append = read_only  # type: ignore[method-assign]
-    writer._release(path, records)
-    writer.journal.release = release  # type: ignore[method-assign]
-    writer.journal.append = append  # type: ignore[method-assign]
+    writer, path = kept_file_that_stayed(db, memory_buffer=1)
     writer._retry_held()
     writer._replay_journal()
     stored = count(db)
@@ -148,16 +155,8 @@ def test_a_stayed_files_spans_stored_from_memory_are_not_counted_again_when_it_j
     # adds its whole batch to `spilled`. Each span must be counted once, as written or as
     # spilled (the rule `_keep_journaled` states): 2, not 4.
     db = tmp_path / "s.db"
-    writer = opened(db, memory_buffer=100)
-    records = [span_record("r1", 1), span_record("r1", 2)]
-    path = writer.journal.write_kept([journal_line(r) for r in records])
-    release, append = writer.journal.release, writer.journal.append
-    writer.journal.release = read_only  # type: ignore[method-assign]
-    writer.journal.append = read_only  # type: ignore[method-assign]
-    writer._release(path, records)
+    writer, _ = kept_file_that_stayed(db, memory_buffer=100)
     assert (writer.held, writer.lost, len(writer._stayed)) == (2, 0, 1)
-    writer.journal.release = release  # type: ignore[method-assign]
-    writer.journal.append = append  # type: ignore[method-assign]
     # One writer cycle's tail, as `_cycle` runs it.
     writer._retry_held()
     writer._maybe_replay()
@@ -175,14 +174,8 @@ def test_a_stayed_file_being_released_does_not_read_as_settled(tmp_path: Path) -
     # is in `_release_stayed` (it swapped `_stayed` for [] and is renaming the file), the
     # span is in no count and the file not yet in the replay set: `settled` must stay false.
     db = tmp_path / "s.db"
-    writer = opened(db, memory_buffer=1)
-    records = [span_record("r1", 1), span_record("r1", 2)]
-    path = writer.journal.write_kept([journal_line(r) for r in records])
-    release, append = writer.journal.release, writer.journal.append
-    writer.journal.release = read_only  # type: ignore[method-assign]
-    writer.journal.append = read_only  # type: ignore[method-assign]
-    writer._release(path, records)
-    writer.journal.append = append  # type: ignore[method-assign]
+    writer, _ = kept_file_that_stayed(db, memory_buffer=1)
+    release = writer.journal.release
     writer._retry_held()
     assert (count(db), writer.held, writer.depth, writer.settled) == (1, 0, 0, False)
 
