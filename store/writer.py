@@ -250,11 +250,11 @@ class StoreWriter:
         stuck = self._thread.is_alive()
         if stuck:
             log.error("writer did not drain within %ss; the rest goes to the journal", timeout)
-        guard_stuck = False
         self._spill_queue()
         self._spill_held()
         self._thread = None
         self._stopped.set()
+        guard_stuck = False
         if self._guard is not None:
             self._guard.join(timeout)
             guard_stuck = self._guard.is_alive()
@@ -275,9 +275,10 @@ class StoreWriter:
             self._db = None
 
     def _last_pass(self) -> None:
-        """After the writer and the guard have stopped: what the guard kept or journaled
-        after the writer's last look goes into the store now, not at the next start. What
-        neither the store nor the journal took dies with the process: counted, said."""
+        """Once the writer has stopped (and the guard, unless close gave up on it): what the
+        guard kept or journaled after the writer's last look goes into the store now, not at
+        the next start. What neither the store nor the journal took dies with the process:
+        counted, said."""
         try:
             self._save_kept()
             if self.healthy and (self.journal.has_records() or self._held):
