@@ -59,6 +59,20 @@ def _joined(lines: list[bytes]) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """A file that did not exist, whole or not at all: a half-written one must not be
+    replayed as if whole, and an existing one is never written over."""
+    try:
+        with open(path, "xb") as out:
+            out.write(data)
+    except FileExistsError:
+        raise
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+
+
 _OWNER = re.compile(r"\.spill\.(\d+)\.jsonl")
 # Marks the kept files of this process: after a kill, a restart may get the same pid (PID 1 in
 # a container), and its files are then told from the dead process's by this mark alone.
@@ -131,16 +145,7 @@ class Journal:
         (a restart claims the file as a dead process's), and the writer deletes it once it
         has stored them, so a burst is never read back from disk. The name sorts by time."""
         path = self.path.with_name(f"{self.path.name}.kept{time.time_ns():020d}-{_INCARNATION}")
-        data = _joined(lines)
-        kept = open(path, "xb")  # noqa: SIM115 - never over another file
-        try:
-            with kept:
-                kept.write(data)
-        except OSError:
-            # A half-written file must not be replayed as if whole.
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        _write_new(path, _joined(lines))
         return path
 
     def release(self, kept: Path) -> None:
@@ -223,9 +228,8 @@ class Journal:
             return  # another process copied it first
         # Under a name no replay reads until it is whole; one a kill left is swept at start.
         partial = target.with_name(f"{target.name}.{_INCARNATION}.part")
+        _write_new(partial, data)
         try:
-            with open(partial, "xb") as out:
-                out.write(data)
             partial.rename(target)
         except OSError:
             partial.unlink(missing_ok=True)

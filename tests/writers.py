@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,27 @@ def opened(db: Path, **tuning: Any) -> StoreWriter:
 def lines(*records: dict[str, Any]) -> bytes:
     """Records as a journal file holds them, one line each."""
     return b"".join(journal_line(record) + b"\n" for record in records)
+
+
+def read_only(*_: Any, **__: Any) -> None:
+    """Stands for a journal operation on a read-only volume."""
+    raise OSError(errno.EROFS, "Read-only file system")
+
+
+def full(*_: Any, **__: Any) -> Any:
+    """Stands for a journal operation on a full disk."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def close_past_a_stuck_guard(writer: StoreWriter, go: threading.Event, timeout: float) -> None:
+    """`close` while the guard is held until `go`; then the guard is let go and ends."""
+    guard = writer._guard
+    assert guard is not None
+    try:
+        writer.close(timeout=timeout)
+    finally:
+        go.set()
+        guard.join(10)
+        if writer._db is not None:
+            writer._db.close()
+    assert not guard.is_alive()

@@ -7,23 +7,14 @@ from __future__ import annotations
 import errno
 import threading
 from pathlib import Path
-from typing import Any
 
 from shapes import span_record
-from writers import count, opened
+from writers import close_past_a_stuck_guard, count, full, opened, read_only
 
 from gateway.compose import writer_for
 from store.records import journal_line
 from store.schema import connect
 from store.writer import StoreWriter
-
-
-def read_only(*_: Any, **__: Any) -> None:
-    raise OSError(errno.EROFS, "Read-only file system")
-
-
-def full(*_: Any, **__: Any) -> Any:
-    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def kept_file_that_stayed(db: Path, *, memory_buffer: int) -> tuple[StoreWriter, Path]:
@@ -104,16 +95,7 @@ def test_spans_a_stuck_guard_holds_after_close_are_counted_lost(
     writer.put(span_record("r1", 1))
     assert in_keep.wait(10)  # the guard took the span and is stuck keeping it
     writer.journal.append = full  # type: ignore[method-assign]
-    guard = writer._guard
-    assert guard is not None
-    try:
-        writer.close(timeout=0.3)
-    finally:
-        go.set()
-        guard.join(10)
-        if writer._db is not None:
-            writer._db.close()
-    assert not guard.is_alive()
+    close_past_a_stuck_guard(writer, go, 0.3)
     assert count(db) == 0 and not list(tmp_path.glob("s.db.spill*"))  # nowhere on disk
     assert (writer.lost, writer.held) == (1, 0), (
         f"lost={writer.lost} held={writer.held}: a span only in a stopped recorder's memory"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import sqlite3
 import threading
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 from shapes import span_record
-from writers import count, lines, opened
+from writers import close_past_a_stuck_guard, count, full, lines, opened, read_only
 
 from gateway.compose import writer_for
 from store import writer as writer_module
@@ -237,9 +236,6 @@ def test_spans_neither_the_store_nor_the_journal_took_are_counted_lost_at_close(
     writer = writer_for(tmp_path / "s.db")
     writer.start()
 
-    def full(_lines: list[bytes]) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     writer.journal.append = full  # type: ignore[method-assign]
     writer.put(span_record("r1", 1))
     writer.put(span_record("r1", 2))
@@ -297,9 +293,6 @@ def test_spans_still_in_a_kept_file_are_not_counted_lost_at_close(
     def down(*_: Any, **__: Any) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    def read_only(*_: Any, **__: Any) -> None:
-        raise OSError(errno.EROFS, "Read-only file system")
-
     record = span_record("r1", 1)
     path = writer.journal.write_kept([journal_line(record)])
     monkeypatch.setattr(writer_module, "insert_spans", down)
@@ -311,10 +304,6 @@ def test_spans_still_in_a_kept_file_are_not_counted_lost_at_close(
     writer.close(timeout=10)
     assert path.read_bytes() == lines(record)  # the span is safe on disk
     assert writer.lost == 0
-
-
-def read_only(*_: Any, **__: Any) -> None:
-    raise OSError(errno.EROFS, "Read-only file system")
 
 
 def test_held_spans_of_a_kept_file_lose_their_mark_once_stored(tmp_path: Path) -> None:
@@ -381,15 +370,7 @@ def test_a_guard_close_gave_up_on_does_not_stop_it_storing_what_it_holds(
     writer.put(span_record("r1", 1))
     assert in_keep.wait(10)  # the guard took the span and is stuck writing it
     writer.journal.append = read_only  # type: ignore[method-assign]
-    guard = writer._guard
-    assert guard is not None
-    try:
-        writer.close(timeout=0.5)
-    finally:
-        go.set()
-        guard.join(10)
-        if writer._db is not None:
-            writer._db.close()
+    close_past_a_stuck_guard(writer, go, 0.5)
     assert put_late.is_set()
     stored = count(db, f"select count(*) from spans where span_id = '{late['span_id']}'")
     assert (stored, writer.lost) == (1, 0)
