@@ -27,6 +27,8 @@ DEFAULT_BACKOFF_INITIAL = 0.5
 DEFAULT_BACKOFF_MAX = 8.0
 DEFAULT_BACKOFF_JITTER = 0.5
 DEFAULT_RETRY_AFTER_CAP = 30.0
+# A deployment's share: the group's weights must sum to a finite number to be drawn from.
+MAX_WEIGHT = 1_000_000.0
 # 529 is Anthropic's "overloaded".
 DEFAULT_RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504, 529)
 DEFAULT_FAIL_MAX = 5
@@ -186,7 +188,9 @@ class Deployment(_Strict):
         description="Key sent upstream as a Bearer token. Unset: the client's own "
         "`Authorization` header is forwarded (and never stored).",
     )
-    weight: float = Field(1.0, gt=0, description="Relative share of traffic in the group.")
+    weight: float = Field(
+        1.0, gt=0, le=MAX_WEIGHT, description="Relative share of traffic in the group."
+    )
     rpm: int | None = Field(None, gt=0, description="Requests per minute allowed.")
     tpm: int | None = Field(None, gt=0, description="Tokens per minute allowed.")
     timeout: Timeouts = Field(

@@ -135,9 +135,17 @@ def decode_cursor(cursor: str, size: int) -> list[Any]:
         key = orjson.loads(base64.urlsafe_b64decode(padded))
     except (ValueError, orjson.JSONDecodeError) as exc:
         raise BadCursor(f"invalid cursor {cursor!r}") from exc
-    if not isinstance(key, list) or len(key) != size:
+    if not isinstance(key, list) or len(key) != size or not all(map(_cursor_value, key)):
         raise BadCursor(f"invalid cursor {cursor!r}")
     return key
+
+
+def _cursor_value(value: Any) -> bool:
+    """What `encode_cursor` puts in a cursor and the store can bind: a crafted cursor holding
+    anything else is refused as a cursor, not failed on as a query."""
+    if value is None or isinstance(value, str | float):
+        return True
+    return type(value) is int and -(2**63) <= value < 2**63
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_NS = 2**63  # the store's integers are signed 64-bit
@@ -31,7 +31,7 @@ def parse_since(text: str, *, now_ns: int | None = None) -> int:
 
 def _parse(text: str, now_ns: int | None) -> int:
     value = text.strip()
-    match = _DURATION.match(value.lower())
+    match = _DURATION.fullmatch(value.lower())
     if match:
         amount, unit = float(match.group(1)), match.group(2)
         now = now_ns if now_ns is not None else _ns(datetime.now(UTC))

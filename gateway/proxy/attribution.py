@@ -18,7 +18,8 @@ from gateway.errors import InvalidRequest
 MAX_ID_LENGTH = 256
 MAX_TAGS = 64
 MAX_META_HEADERS = 64
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@+=~-]+$")
+# fullmatch, not `$`: `$` also matches before a final newline, which no header may carry.
+_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+=~-]+")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 META_PREFIX = "x-meta-"
 
@@ -35,7 +36,7 @@ class Attribution:
 
 
 def _check_id(value: str, what: str) -> str:
-    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.match(value):
+    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.fullmatch(value):
         raise InvalidRequest(
             f"{what} must be 1-{MAX_ID_LENGTH} characters of letters, digits and ._:@+=~-",
             param=what,
@@ -46,7 +47,7 @@ def _check_id(value: str, what: str) -> str:
 
 def valid_id(value: str) -> bool:
     """An id as `_check_id` accepts it, for callers that reject rather than raise."""
-    return len(value) <= MAX_ID_LENGTH and bool(_ID_PATTERN.match(value))
+    return len(value) <= MAX_ID_LENGTH and bool(_ID_PATTERN.fullmatch(value))
 
 
 def clean_text(value: str) -> str:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    create_model,
+    model_validator,
+)
 
 from config.models import (
     DEFAULT_ALPHA,
     DEFAULT_MIN_SUPPORT,
     DEFAULT_REWARD_NAME,
     DEFAULT_SUCCESS_THRESHOLD,
+    MAX_WEIGHT,
     BudgetLimits,
 )
 from gateway.proxy.record import SpanRecord
@@ -93,7 +101,7 @@ class RewardCreate(_Body):
         DEFAULT_REWARD_NAME, min_length=1, max_length=128, description="Which reward."
     )
     value: float = Field(..., allow_inf_nan=False, description="The reward value.")
-    dimensions: dict[str, float] = Field(
+    dimensions: dict[str, FiniteFloat] = Field(
         default_factory=dict, description='Per-dimension scores, e.g. {"accuracy": 0.9}.'
     )
     final: bool = Field(False, description="The outcome of the rollout or attempt, not a step.")
@@ -182,7 +190,9 @@ class ModelRegistration(_Body):
     api_key: str | None = Field(
         None, description="Key sent upstream; kept in memory only, never stored."
     )
-    weight: float = Field(1.0, gt=0, description="Relative share of the group's traffic.")
+    weight: float = Field(
+        1.0, gt=0, le=MAX_WEIGHT, description="Relative share of the group's traffic."
+    )
     upstream_model: str | None = Field(
         None, max_length=256, description="Model name the upstream serves (default: `model`)."
     )

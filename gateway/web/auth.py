@@ -77,7 +77,11 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
     """Compare against every key, each in constant time, so timing reveals nothing."""
     found = None
-    given = presented.encode()
+    try:
+        given = presented.encode()
+    except UnicodeEncodeError:
+        # Bytes that were not UTF-8 (aiohttp keeps them as lone surrogates): no key is.
+        return None
     for key in keys:
         if hmac.compare_digest(key.key.encode(), given):
             found = key
