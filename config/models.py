@@ -348,7 +348,8 @@ class RecorderSettings(_Strict):
     busy_timeout: float = Field(
         DEFAULT_STORE_BUSY_TIMEOUT,
         gt=0,
-        description="Seconds the writer waits on a locked database before spilling to the journal.",
+        description="Seconds the writer waits on a locked database before spilling to the journal "
+        "(on PostgreSQL at least 2, where replicas take turns at one lock).",
     )
     journal_dir: str | None = Field(
         None,

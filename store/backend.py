@@ -1,7 +1,8 @@
 """Which store `--db` names (a SQLite path or a `postgresql://` URL) and one connection type
 over PostgreSQL that takes the same `:named` SQL as SQLite, so every query is written once.
 
-Where the two dialects differ (a JSON array as a table) the query asks `json_table()`.
+Where the two dialects differ (a JSON array as a table, a JSON field, a substring test) the
+query asks `json_table()`, `json_field()` or `contains()`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ def json_table(dialect: str, expr: str, alias: str) -> str:
     return f"json_each({expr}) as {alias}"
 
 
+def json_field(dialect: str, column: str, key: str) -> str:
+    """The text at `key` of the JSON object in `column`."""
+    if dialect == "postgresql":
+        return f"(cast({column} as jsonb) ->> '{key}')"
+    return f"json_extract({column}, '$.{key}')"
+
+
+def contains(dialect: str, haystack: str, needle: str) -> str:
+    """True where the text `haystack` holds the text `needle` (both SQL expressions)."""
+    function = "strpos" if dialect == "postgresql" else "instr"
+    return f"{function}({haystack}, {needle}) > 0"
+
+
 # -- PostgreSQL ---------------------------------------------------------------------
 
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|::|:([A-Za-z_]\w*)|\?|%")
@@ -145,6 +159,17 @@ class PgDatabase:
         self.url = url
         self.read_only = read_only
         self.conn = connect_postgres(url, read_only=read_only)
+        # Session settings `set_session` made, made again on each new connection.
+        self.session: dict[str, str] = {}
+
+    def set_session(self, **settings: str) -> None:
+        """Set these for this session (`lock_timeout="2s"`), and again after a reconnect."""
+        self.session.update(settings)
+        self._apply_session()
+
+    def _apply_session(self) -> None:
+        for name, value in self.session.items():
+            self.conn.execute("select set_config(%s, %s, false)", [name, value])
 
     def execute(self, sql: str, params: dict[str, Any] | Sequence[Any] | None = None) -> Any:
         return self.conn.execute(to_pyformat(sql), params if params is not None else {})
@@ -162,6 +187,7 @@ class PgDatabase:
         with contextlib.suppress(Exception):
             self.conn.close()
         self.conn = connect_postgres(self.url, read_only=self.read_only)
+        self._apply_session()
 
     def close(self) -> None:
         self.conn.close()

@@ -7,6 +7,7 @@ from typing import Any, Unpack
 
 from sqlite_utils import Database
 
+from store.backend import dialect_of
 from store.queries import (
     ROLLOUT_FILTERS,
     ROLLOUT_SUMMARY_COLUMNS,
@@ -18,6 +19,7 @@ from store.queries import (
     _where,
     decode_cursor,
     encode_cursor,
+    for_dialect,
     given,
 )
 
@@ -49,7 +51,7 @@ BROWSE_FILTERS = {
     **{k: v for k, v in ROLLOUT_FILTERS.items() if k != "cursor_ns"},
     "model": """exists (select 1 from spans s where s.rollout_id = r.id
      and (s.model_group = :model or s.request_model = :model or s.response_model = :model))""",
-    "text": "instr(r.id, :text) > 0",
+    "text": "{id_has_text}",
 }
 
 # Only the sort key is computed for every matching rollout; the page's summaries come after.
@@ -58,7 +60,7 @@ select id, sort_key from (
   select r.id as id, {sort} as sort_key
   from rollouts r
   where {where}
-)
+) as keyed
 where {keyset}
 order by sort_key {direction}, id {direction}
 limit :limit
@@ -119,7 +121,7 @@ def browse_rollouts(
     """
     if sort not in BROWSE_SORTS:
         raise ValueError(f"cannot sort by {sort!r}; one of {', '.join(BROWSE_SORTS)}")
-    keyset = "1"
+    keyset = "1 = 1"
     after: dict[str, Any] = {}
     if cursor:
         cursor_sort, cursor_key, cursor_id = decode_cursor(cursor, 3)
@@ -131,11 +133,14 @@ def browse_rollouts(
     limit = _limit(limit)
     params = given(filters, BrowseFilters.__optional_keys__)
     params.update(text=params["text"] or None, reward_name=reward_name, limit=limit + 1, **after)
-    sql = BROWSE_KEYS_SQL.format(
-        sort=BROWSE_SORTS[sort],
-        where=_where(BROWSE_FILTERS, params),
-        keyset=keyset,
-        direction="desc" if descending else "asc",
+    sql = for_dialect(
+        BROWSE_KEYS_SQL.format(
+            sort=BROWSE_SORTS[sort],
+            where=_where(BROWSE_FILTERS, params),
+            keyset=keyset,
+            direction="desc" if descending else "asc",
+        ),
+        dialect_of(db),
     )
     keys = db.execute(sql, {k: v for k, v in params.items() if f":{k}" in sql}).fetchall()
     more = len(keys) > limit

@@ -4,24 +4,26 @@ reads that rebuild assignments and rewards from recorded spans."""
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from typing import Any
 
 import orjson
 from sqlite_utils import Database
 
+from store.backend import contains, dialect_of, json_field, json_table
 from store.errors import NotFound
 
 ACTIONS = ("promote", "stop", "resume")
 
-# A span's experiment and variant live in its attributes; `instr` skips the JSON parse on the
-# (many) spans no experiment touched.
+# A span's experiment and variant live in its attributes; the text filter skips the JSON parse
+# on the (many) spans no experiment touched. Holes are filled per dialect by `_sql`.
 ASSIGNMENTS_SQL = """
 select coalesce(rollout_id, span_id) as unit,
-       json_extract(attributes, '$.experiment') as experiment,
-       json_extract(attributes, '$.variant') as variant
+       {experiment} as experiment,
+       {variant} as variant
 from spans
-where instr(attributes, '"experiment"') > 0
-  and json_extract(attributes, '$.experiment') is not null
+where {tagged}
+  and {experiment} is not null
 order by unit, seq
 """
 
@@ -29,13 +31,13 @@ EXPERIMENT_SPANS_SQL = """
 select span_id,
        rollout_id,
        seq,
-       json_extract(attributes, '$.variant') as variant,
+       {variant} as variant,
        status,
        duration_ms,
        cost_usd
 from spans
-where instr(attributes, '"experiment"') > 0
-  and json_extract(attributes, '$.experiment') = :name
+where {tagged}
+  and {experiment} = :name
 """
 
 # The reward that decides a unit (rollout, or call without one): the newest final one, else
@@ -51,13 +53,23 @@ REWARDS_AFTER_SQL = """
 select rowid, rollout_id, span_id, name, value, final
 from rewards
 where rowid > :after
-  and name in (select value from json_each(:names))
+  and name in (select n.value from {names})
 order by rowid
 """
 
 
+@lru_cache(maxsize=16)
+def _sql(sql: str, dialect: str) -> str:
+    return sql.format(
+        experiment=json_field(dialect, "attributes", "experiment"),
+        variant=json_field(dialect, "attributes", "variant"),
+        tagged=contains(dialect, "attributes", "'\"experiment\"'"),
+        names=json_table(dialect, ":names", "n"),
+    )
+
+
 def _rows(db: Database, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    cursor = db.execute(sql, params or {})
+    cursor = db.execute(_sql(sql, dialect_of(db)), params or {})
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
@@ -96,15 +108,17 @@ def decide(
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
     now = time.time_ns()
-    cursor = db.execute(
+    # `returning`, not `lastrowid`: PostgreSQL's cursor has none.
+    row = db.execute(
         """
         insert into experiment_decisions (experiment, action, variant, created_ns)
         values (:experiment, :action, :variant, :now)
+        returning id
         """,
         {"experiment": experiment, "action": action, "variant": variant, "now": now},
-    )
+    ).fetchall()[0]
     return {
-        "id": cursor.lastrowid,
+        "id": row[0],
         "experiment": experiment,
         "action": action,
         "variant": variant,

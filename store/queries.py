@@ -18,7 +18,7 @@ from typing import Any, TypedDict, Unpack
 import orjson
 from sqlite_utils import Database
 
-from store.backend import dialect_of, json_table
+from store.backend import contains, dialect_of, json_table
 from store.errors import NotFound
 from store.schema import SPAN_COLUMNS
 
@@ -159,9 +159,12 @@ class Page:
 
 @lru_cache(maxsize=256)
 def for_dialect(sql: str, dialect: str) -> str:
-    """The SQL with `{tags_of_r}`-style holes filled for this dialect (JSON arrays as tables)."""
-    return sql.replace("{r_tags}", json_table(dialect, "r.tags", "t")).replace(
-        "{span_tags}", json_table(dialect, "spans.tags", "t")
+    """The SQL with `{r_tags}`-style holes filled for this dialect (JSON arrays as tables, a
+    substring test)."""
+    return (
+        sql.replace("{r_tags}", json_table(dialect, "r.tags", "t"))
+        .replace("{span_tags}", json_table(dialect, "spans.tags", "t"))
+        .replace("{id_has_text}", contains(dialect, "r.id", ":text"))
     )
 
 

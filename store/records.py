@@ -14,6 +14,9 @@ import orjson
 from store.schema import SPAN_COLUMNS
 
 INT64_MAX = 2**63 - 1
+# An upstream's answer id longer than this is not kept as `response_id`: PostgreSQL cannot
+# index a text past ~2.7 kB, and no provider's id comes near (OpenAI's are ~40 characters).
+MAX_RESPONSE_ID = 512
 
 JSON_SPAN_COLUMNS = frozenset(
     {"finish_reasons", "tool_calls", "request_body", "response_body", "attributes", "tags"}
@@ -225,6 +228,8 @@ def span_row(record: dict[str, Any]) -> list[Any]:
             row[i] = json_text(v)
     row[0] = _span_id(row[0])
     row[_STREAM_AT] = 1 if row[_STREAM_AT] else 0
+    if row[_RESPONSE_ID_AT] is not None and len(row[_RESPONSE_ID_AT]) > MAX_RESPONSE_ID:
+        row[_RESPONSE_ID_AT] = None
     for i, default in _DEFAULTS:
         if row[i] is None:
             row[i] = default
@@ -232,6 +237,7 @@ def span_row(record: dict[str, Any]) -> list[Any]:
 
 
 _STREAM_AT = SPAN_COLUMNS.index("stream")
+_RESPONSE_ID_AT = SPAN_COLUMNS.index("response_id")
 _DEFAULTS = tuple(
     (SPAN_COLUMNS.index(column), default)
     for column, default in (

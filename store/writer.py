@@ -43,8 +43,20 @@ log = logging.getLogger("spangate.writer")
 T = TypeVar("T")
 
 REPLAY_RETRY_SECONDS = 1.0
+# On PostgreSQL, replicas' writers take turns at one batch lock, so waits of a few hundred ms
+# are normal there: a lock wait is bounded by `busy_timeout` but never below this.
+PG_MIN_LOCK_WAIT_SECONDS = 2.0
+# A transaction of this writer's that stalls (a paused VM, a lost network) is ended by the
+# server after this long, so its locks do not stop every other replica's writer for good.
+PG_IDLE_IN_TRANSACTION = "30s"
 CHECKPOINT_SECONDS = 1.0
 FAULT_PAUSE_SECONDS = 0.1
+
+
+# PostgreSQL error classes that refuse what was written, not the store: data exceptions (22),
+# integrity violations (23) and program limits (54: a value too big for an index entry, say,
+# which psycopg raises as an OperationalError).
+RECORD_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
 
 
 def _store_failure(exc: BaseException) -> bool:
@@ -54,6 +66,8 @@ def _store_failure(exc: BaseException) -> bool:
         return True
     psycopg = sys.modules.get("psycopg")
     if psycopg is not None and isinstance(exc, psycopg.Error):
+        if (exc.sqlstate or "")[:2] in RECORD_SQLSTATE_CLASSES:
+            return False
         return not isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
     return isinstance(exc, sqlite3.OperationalError) or (
         isinstance(exc, sqlite3.DatabaseError)
@@ -209,6 +223,12 @@ class StoreWriter:
             # Checkpoints (copying the WAL into the database file, with an fsync) run on
             # their own thread and connection, so the writer never stops to do one.
             self._db.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        else:
+            wait = max(self.busy_timeout, PG_MIN_LOCK_WAIT_SECONDS)
+            self._db.set_session(
+                lock_timeout=f"{int(wait * 1000)}ms",
+                idle_in_transaction_session_timeout=PG_IDLE_IN_TRANSACTION,
+            )
         self.journal.claim_orphans(self.db_path)
         self._replay_journal()
         self._start_writer()

@@ -163,20 +163,22 @@ def _stored_verdicts(
 
     from gateway.cli.options import read_db
     from judge.verdict import reward_id
+    from store.backend import dialect_of, json_table
 
     ids = list(dict.fromkeys(rollout_ids))
     by_reward = {reward_id(judge_obj.name, judge_obj.version, rid): rid for rid in ids}
     with read_db(db) as conn:
+        listed = json_table(dialect_of(conn), "?", "listed")
         known = {
             row[0]
             for row in conn.execute(
-                "select id from rollouts where id in (select value from json_each(?))",
+                f"select id from rollouts where id in (select listed.value from {listed})",
                 [orjson.dumps(ids).decode()],
             ).fetchall()
         }
         rows = conn.execute(
             "select id, value, dimensions from rewards "
-            "where id in (select value from json_each(?))",
+            f"where id in (select listed.value from {listed})",
             [orjson.dumps(list(by_reward)).decode()],
         ).fetchall()
     verdicts = {}

@@ -20,6 +20,8 @@ from gateway.cli.main import cli
 from judge.guidelines import write_guideline
 from store.schema import connect
 
+pytestmark = pytest.mark.both_backends
+
 GUIDELINE = "# Guideline for `researcher` (version 1)\n\nCite a source for every claim.\n"
 REFRESH = 0.05
 

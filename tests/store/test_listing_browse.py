@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +15,8 @@ from store.queries import BadCursor, get_rollout
 from store.schema import SPAN_COLUMNS, connect
 from store.span_inserts import insert_spans
 from store.writes import add_reward
+
+pytestmark = pytest.mark.both_backends
 
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z
 MS = 1_000_000
@@ -56,8 +57,8 @@ def span(rollout: str, seq: int, **fields: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    conn = connect(tmp_path / "ui.db")
+def db(db_path: Any) -> Iterator[Database]:
+    conn = connect(db_path)
     # 23 rollouts with 1..23 calls, created in order; every third one errors, some rewarded.
     records = []
     for i in range(1, 24):
@@ -72,7 +73,7 @@ def db(tmp_path: Path) -> Iterator[Database]:
                     model_group="big" if i % 2 else "small",
                 )
             )
-    insert_spans(conn.conn, records)
+    insert_spans(conn, records)
     for i in range(1, 24, 2):
         add_reward(conn, {"rollout_id": f"r{i:02d}", "value": i / 10, "final": True})
     yield conn
