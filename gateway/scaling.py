@@ -10,19 +10,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from config.models import Settings
 from gateway.web.routes_api import FEED
+from gateway.web.state import GATEWAY
 from store.backend import is_postgres
 from store.shared_state import (
+    SPANS_CHANNEL,
     PostgresCounter,
     RedisCounter,
     RedisRateLimits,
-    listen_for_spans,
+    listen,
     redis_breaker_storage,
     redis_client,
 )
+from store.writes import ATTEMPTS_CHANNEL
 
 
 class SharedCounters:
@@ -60,9 +64,8 @@ class SharedCounters:
         if self.postgres is not None:
             await self.postgres.open()
         listener = None
-        if is_postgres(self.db) and FEED in app:
-            # Other replicas' spans wake this replica's live streams within a commit.
-            listener = asyncio.create_task(listen_for_spans(str(self.db), app[FEED].notify))
+        if is_postgres(self.db):
+            listener = asyncio.create_task(listen(str(self.db), _handlers(app)))
         yield
         if listener is not None:
             listener.cancel()
@@ -72,3 +75,18 @@ class SharedCounters:
             await self.postgres.close()
         if self.redis is not None:
             await self.redis.aclose()
+
+
+def _handlers(app: web.Application) -> dict[str, Callable[[str], None]]:
+    """What other replicas' commits tell this one: new spans wake its live streams within a
+    commit, and a new attempt moves its calls that name none."""
+    sequencer = app[GATEWAY].sequencer
+
+    def attempt(payload: str) -> None:
+        sequencer.attempt_opened(*orjson.loads(payload))
+
+    handlers = {ATTEMPTS_CHANNEL: attempt}
+    if FEED in app:
+        feed = app[FEED]
+        handlers[SPANS_CHANNEL] = lambda payload: feed.notify()
+    return handlers

@@ -112,9 +112,10 @@ SPANS_CHANNEL = "spangate_spans"
 LISTEN_RETRY_SECONDS = 1.0
 
 
-async def listen_for_spans(url: str, on_spans: Callable[[], None]) -> None:
-    """Call `on_spans()` whenever any replica commits spans (PostgreSQL LISTEN/NOTIFY); runs
-    until cancelled, opening the connection again after a failure."""
+async def listen(url: str, handlers: dict[str, Callable[[str], None]]) -> None:
+    """Call `handlers[channel](payload)` for each notification on those channels (PostgreSQL
+    LISTEN/NOTIFY: any replica's commits); runs until cancelled, opening the connection again
+    after a failure."""
     import asyncio
 
     import psycopg
@@ -125,11 +126,12 @@ async def listen_for_spans(url: str, on_spans: Callable[[], None]) -> None:
                 libpq_url(url), autocommit=True, application_name="spangate-listen"
             )
             async with conn:
-                await conn.execute(f"LISTEN {SPANS_CHANNEL}")
-                async for _ in conn.notifies():
-                    on_spans()
+                for channel in handlers:
+                    await conn.execute(f"LISTEN {channel}")
+                async for note in conn.notifies():
+                    handlers[note.channel](note.payload)
         except psycopg.Error as exc:
-            log.warning("span notifications from %s lost (%s); listening again", mask_url(url), exc)
+            log.warning("notifications from %s lost (%s); listening again", mask_url(url), exc)
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
 
 

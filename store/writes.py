@@ -13,9 +13,13 @@ from typing import Any
 import orjson
 from sqlite_utils import Database
 
+from store.backend import dialect_of
 from store.errors import Conflict, InvalidTransition, NotFound
 from store.queries import decode_row
 from store.schema import TERMINAL_STATUSES
+
+# Where `announce_attempt` tells other replicas of a new attempt (PostgreSQL NOTIFY).
+ATTEMPTS_CHANNEL = "spangate_attempts"
 
 REWARD_FIELDS = (
     "rollout_id",
@@ -232,6 +236,17 @@ def create_attempt(
         {"rollout_id": rollout_id, "id": attempt_id, "number": number, "now": now},
     )
     return get_attempt_row(db, rollout_id, attempt_id)
+
+
+def announce_attempt(db: Database, origin: str, rollout_id: str, attempt_id: str) -> None:
+    """Tell every replica sharing a PostgreSQL store (at commit) that calls of the rollout
+    naming no attempt now join this one; `origin` says which replica opened it."""
+    if dialect_of(db) == "postgresql":
+        payload = orjson.dumps([origin, rollout_id, attempt_id]).decode()
+        db.execute(
+            "select pg_notify(:channel, :payload)",
+            {"channel": ATTEMPTS_CHANNEL, "payload": payload},
+        )
 
 
 def update_attempt(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class Sequencer:
         self._capacity = capacity
         self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()
         self._loading: dict[str, asyncio.Future[_RolloutCursor]] = {}
+        # Names this gateway in what it tells other replicas, so it ignores its own news.
+        self.origin = secrets.token_hex(8)
 
     async def _cursor(self, rollout_id: str) -> _RolloutCursor:
         cursor = self._cursors.get(rollout_id)
@@ -179,6 +182,17 @@ class Sequencer:
         cursor = self._cursors.get(rollout_id)
         if cursor is not None:
             cursor.attempt_id = attempt_id
+
+    def current_attempt(self, rollout_id: str) -> str | None:
+        """The attempt a call naming none joins now, as far as this process knows (None: it
+        has not seen the rollout lately; the store will say)."""
+        cursor = self._cursors.get(rollout_id)
+        return cursor.attempt_id if cursor is not None else None
+
+    def attempt_opened(self, origin: str, rollout_id: str, attempt_id: str) -> None:
+        """Another replica opened an attempt (`store.writes.announce_attempt`)."""
+        if origin != self.origin:
+            self.set_attempt(rollout_id, attempt_id)
 
 
 def _take(cursor: _RolloutCursor, count: int) -> int:

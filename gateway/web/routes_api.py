@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from gateway.errors import (
     BodyTooLarge,
@@ -31,6 +32,7 @@ from gateway.web.responses import error_response
 from gateway.web.state import GATEWAY, Gateway
 from store import export, writes
 from store import queries as listing
+from store.errors import NotFound
 from store.queries import BadCursor, get_rollout
 from store.times import MAX_NS
 
@@ -40,6 +42,8 @@ MAX_API_BODY = 1024 * 1024
 SSE_KEEPALIVE_SECONDS = 15.0
 SSE_RETRY_AFTER_SECONDS = 5
 SSE_BATCH = 200
+# How often a write naming a call another replica may still hold looks for it again.
+PEER_WAIT_SECONDS = 0.1
 
 
 def dumps(value: Any) -> str:
@@ -138,6 +142,25 @@ async def write(gw: Gateway, fn: Callable[[Any], T]) -> T:
         raise _busy("the store is locked by another connection", timeout) from exc
 
 
+async def write_after_peers(gw: Gateway, fn: Callable[[Any], T]) -> T:
+    """`write`; on a store replicas share, tried again for a moment while what it names is not
+    found: behind a load balancer the call may still be in the queue of the replica that
+    served it, which stores it within `recorder.max_unsaved_seconds`."""
+    if gw.writer.dialect != "postgresql":
+        return await write(gw, fn)
+    recorder = gw.settings.recorder
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(NotFound),
+        stop=stop_after_delay(recorder.max_unsaved_seconds + recorder.flush_interval),
+        wait=wait_fixed(PEER_WAIT_SECONDS),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await write(gw, fn)
+    raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+
 def _busy(reason: str, retry_after: float) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"{reason}; try again later (it may still be applied: "
@@ -217,8 +240,15 @@ async def create_attempt(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.AttemptCreate)
     rollout_id = request.match_info["rollout_id"]
-    row = await write(gw, lambda db: writes.create_attempt(db, rollout_id, attempt_id=body.id))
-    # Later calls to /rollout/{id}/v1 (no attempt named) join the new attempt.
+
+    def opened(db: Any) -> dict[str, Any]:
+        row = writes.create_attempt(db, rollout_id, attempt_id=body.id)
+        writes.announce_attempt(db, gw.sequencer.origin, rollout_id, row["id"])
+        return row
+
+    row = await write(gw, opened)
+    # Later calls to /rollout/{id}/v1 (no attempt named) join the new attempt, here and, told
+    # at commit, on every replica sharing the store.
     gw.sequencer.set_attempt(rollout_id, row["id"])
     return json(row, status=201)
 
@@ -393,7 +423,7 @@ async def create_reward(request: web.Request) -> web.Response:
             )
         data["rollout_id"] = rollout_id
     body = validate(m.RewardCreate, data)
-    row, created = await write(gw, lambda db: writes.add_reward(db, body.model_dump()))
+    row, created = await write_after_peers(gw, lambda db: writes.add_reward(db, body.model_dump()))
     if created:
         gw.recorder.publish_reward(row)
     return json(row, status=201 if created else 200)

@@ -1,0 +1,93 @@
+"""Two replicas on one PostgreSQL store, as behind a load balancer: an attempt opened on one
+is joined by calls on the other, and a reward that reaches the other replica before the
+call's span is stored still finds the call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import gateway_settings
+from fake_provider import FakeProviderThread
+from pg import PostgresServer
+from servers import GatewayThread, read_rows, wait_until
+
+
+@pytest.fixture
+def two_replicas(
+    postgres: PostgresServer, fake_provider: FakeProviderThread, tmp_path: Path
+) -> Iterator[tuple[str, GatewayThread, GatewayThread]]:
+    """Replicas A and B on one fresh database. B commits once a second (0.2 s by default), so
+    a span B served stays in its queue for the whole of a test step."""
+    url = postgres.new_database()
+    started = []
+    for index, flush in enumerate((0.2, 1.0)):
+        recorder = {"journal_dir": str(tmp_path / f"journal-{index}"), "flush_interval": flush}
+        settings = gateway_settings(fake_provider.url, recorder=recorder)
+        started.append(GatewayThread(settings, url).start())
+    yield url, started[0], started[1]
+    for gateway in started:
+        gateway.stop()
+
+
+def _chat(gateway: GatewayThread, rollout: str) -> httpx.Response:
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+    return httpx.post(f"{gateway.url(rollout)}/chat/completions", json=body, timeout=10)
+
+
+def test_a_call_after_an_attempt_opened_on_another_replica_joins_that_attempt(
+    two_replicas: tuple[str, GatewayThread, GatewayThread],
+) -> None:
+    """README: a call to `/rollout/{id}/v1/...` joins the attempt last opened with `POST
+    /api/rollouts/{id}/attempts`. Each replica kept its own idea of that, so B went on
+    putting such calls on attempt 1 for as long as it remembered the rollout."""
+    url, a, b = two_replicas
+    first = _chat(b, "r-att")
+    assert first.status_code == 200 and first.headers["x-attempt-id"] == "1"
+    b.flush()
+    opened = httpx.post(f"{a.base}/api/rollouts/r-att/attempts", json={}, timeout=10)
+    assert opened.status_code == 201, opened.text
+    assert opened.json()["id"] == "2"
+    # B hears of it at A's commit (PostgreSQL NOTIFY), a moment after A answered.
+    wait_until(lambda: b.gw.sequencer.current_attempt("r-att") == "2", timeout=5)
+    on_a, on_b = _chat(a, "r-att"), _chat(b, "r-att")
+    assert on_a.headers["x-attempt-id"] == on_b.headers["x-attempt-id"] == "2"
+    a.flush()
+    b.flush()
+    query = "select seq, attempt_id from spans where rollout_id = 'r-att' order by seq"
+    rows: list[dict[str, Any]] = wait_until(
+        lambda: (found := read_rows(url, query)) and len(found) == 3 and found, timeout=10
+    )
+    assert [r["attempt_id"] for r in rows] == ["1", "2", "2"]
+
+
+def test_a_reward_posted_to_another_replica_right_after_its_call_is_taken(
+    two_replicas: tuple[str, GatewayThread, GatewayThread],
+) -> None:
+    """README: a reward posted right after a call always finds that call. Behind a load
+    balancer the reward may reach a replica before the one that served the call has stored
+    its span; it got a 404, which a client takes as final, and the reward was dropped."""
+    _url, a, b = two_replicas
+    called = _chat(b, "r-rw")
+    assert called.status_code == 200
+    posted = httpx.post(
+        f"{a.base}/api/rewards",
+        json={"response_id": called.json()["id"], "value": 1.0, "id": "rw-right-after"},
+        timeout=10,
+    )
+    assert posted.status_code == 201, posted.text
+    assert posted.json()["span_id"] == called.headers["x-span-id"]
+
+
+def test_a_reward_for_a_call_no_replica_made_is_still_404(
+    two_replicas: tuple[str, GatewayThread, GatewayThread],
+) -> None:
+    _url, a, _b = two_replicas
+    posted = httpx.post(
+        f"{a.base}/api/rewards", json={"response_id": "chatcmpl-nobody", "value": 1.0}, timeout=10
+    )
+    assert posted.status_code == 404, posted.text
+    assert posted.json()["error"]["type"] == "not_found_error"
