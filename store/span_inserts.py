@@ -139,6 +139,10 @@ def _insert_postgres(
     from psycopg.errors import UniqueViolation
 
     rows = [_no_nul(row) for row in rows]
+    # Rows locked in one order by every replica: two batches touching the same rollouts in
+    # opposite orders would otherwise deadlock, and one of them spill.
+    rollout_rows = sorted(rollout_rows)
+    attempt_rows = sorted(attempt_rows, key=lambda row: (row["rollout_id"], row["id"]))
     with atomic(db):
         # One round trip for all the rollouts and attempts, not one per row.
         with db.conn.pipeline():

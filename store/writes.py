@@ -213,6 +213,10 @@ def create_attempt(
     db: Database, rollout_id: str, *, attempt_id: str | None = None
 ) -> dict[str, Any]:
     """The next attempt of a rollout; its id defaults to its number."""
+    if dialect_of(db) == "postgresql":
+        # The rollout's row, locked as a replica's span batch locks it before numbering the
+        # attempts it creates: two new attempts never take one number.
+        db.execute("select id from rollouts where id = :id for update", {"id": rollout_id})
     rollout = get_rollout_row(db, rollout_id)
     if rollout["status"] in TERMINAL_STATUSES:
         raise InvalidTransition(f"rollout {rollout_id!r} is {rollout['status']}; no new attempts")

@@ -136,3 +136,37 @@ def test_a_writer_waiting_on_a_lock_held_elsewhere_says_so(
     wait_until(lambda: _settled(writer), timeout=10, what=f"settled: {writer.problems()}")
     writer.close(timeout=10)
     assert [r["seq"] for r in read_rows(url, "select seq from spans")] == [1]
+
+
+def test_batches_touching_the_same_rollouts_in_opposite_orders_never_deadlock(
+    pg_writer: tuple[str, StoreWriter],
+) -> None:
+    """Another replica's batch holds rollout r1 and will want r2. This writer's batch came in
+    as r2, r1: it locked r2, waited for r1, and PostgreSQL ended one of the two as a deadlock
+    (here the writer spilled and went unready). Now every batch locks its rollouts in order."""
+    url, writer = pg_writer
+    writer.put(span_record("r1", 1))
+    writer.put(span_record("r2", 1))
+    wait_until(lambda: writer.written == 2 and _settled(writer), timeout=10)
+    other = psycopg.connect(libpq_url(url))
+    try:
+        other.execute("set lock_timeout = '20s'")
+        other.execute("update rollouts set updated_ns = updated_ns where id = 'r1'")
+        writer.put(span_record("r2", 2))
+        writer.put(span_record("r1", 2))
+
+        def writer_waits() -> bool:
+            found = other.execute(
+                "select count(*) from pg_stat_activity "
+                "where application_name = 'spangate' and wait_event_type = 'Lock'"
+            ).fetchone()
+            return bool(found and found[0])
+
+        wait_until(writer_waits, timeout=10, what="the writer to wait for r1")
+        # The other replica now wants r2: free, unless this writer took it first.
+        other.execute("update rollouts set updated_ns = updated_ns where id = 'r2'")
+        other.commit()
+    finally:
+        other.close()
+    wait_until(lambda: writer.written == 4 and _settled(writer), timeout=10)
+    assert writer.problems() == []
