@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ from gateway.proxy.redact import Redactor
 from gateway.proxy.spans import request_attributes
 from gateway.proxy.tool_items import ToolResult, executed_in
 from gateway.proxy.tool_spans import pending_tool, tool_span
+
+log = logging.getLogger("spangate.call")
 
 # A span's status when the client got no answer: it went away (http_status 499) or the
 # gateway shut down under it (http_status null).
@@ -259,14 +262,22 @@ class Call:
         if self.budget is not None and self.gw.budgets is not None:
             self.gw.budgets.settle(self.budget, record)
         self.gw.recorder.publish(record)
-        if record["tool_calls"]:
-            answer = response_body if isinstance(response_body, dict) else None
-            if answer is None and self.outcome is not None:
-                answer = self.outcome.parsed
-            if self.operation == "responses" and isinstance(answer, dict):
-                self.executed = executed_in(answer.get("output"))
-            self.gw.tools.note(record, frozenset(call["id"] for call, _ in self.executed))
         self.record = record
+        if record["tool_calls"]:
+            try:
+                self._note_tools(record, response_body)
+            except Exception:
+                # The call is recorded and its answer is the client's: tool bookkeeping
+                # that trips on an odd answer costs only that bookkeeping.
+                log.exception("tool calls of span %s not followed", record["span_id"])
+
+    def _note_tools(self, record: SpanRecord, response_body: Any) -> None:
+        answer = response_body if isinstance(response_body, dict) else None
+        if answer is None and self.outcome is not None:
+            answer = self.outcome.parsed
+        if self.operation == "responses" and isinstance(answer, dict):
+            self.executed = executed_in(answer.get("output"))
+        self.gw.tools.note(record, frozenset(call["id"] for call, _ in self.executed))
 
     async def record_executed_tools(self) -> None:
         """`execute_tool` spans for the tools the provider ran within this answer, numbered

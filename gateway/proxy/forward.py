@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import math
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -54,21 +55,32 @@ def counts_against_breaker(status: int) -> bool:
 
 
 def parse_retry_after(headers: dict[str, str]) -> float | None:
-    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date); None when
+    neither says a finite number of seconds (`soon`, `nan`, a date that is no date)."""
     lowered = {k.lower(): v for k, v in headers.items()}
     if "retry-after-ms" in lowered:
-        try:
-            return max(float(lowered["retry-after-ms"]) / 1000.0, 0.0)
-        except ValueError:
-            pass
+        millis = _finite(lowered["retry-after-ms"])
+        if millis is not None:
+            return max(millis / 1000.0, 0.0)
     value = lowered.get("retry-after")
-    if value is None:
+    if not value:
         return None
+    seconds = _finite(value)
+    if seconds is not None:
+        return max(seconds, 0.0)
     try:
-        return max(float(value), 0.0)
+        when = email.utils.parsedate_to_datetime(value)
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _finite(text: str) -> float | None:
+    try:
+        number = float(text)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(when.timestamp() - time.time(), 0.0) if when else None
+        return None
+    return number if math.isfinite(number) else None
 
 
 def upstream_body(

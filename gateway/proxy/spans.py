@@ -28,8 +28,15 @@ def request_attributes(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# What the store keeps of a count (`store.records.clean_int`): outside it a count is dropped
+# there, so it is dropped here too, before cost, budgets and metrics count it.
+MAX_COUNT = 2**63 - 1
+
+
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
+        return value
+    return None
 
 
 def _detail(usage: dict[str, Any], group: str, key: str) -> Any:

@@ -25,10 +25,22 @@ class SSESplitter:
     """Cuts a byte stream into whole events (each ending in a blank line), bytes untouched."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        # An unfinished event's bytes, in the pieces they came in, and the last three of them.
+        self._parts: list[bytes] = []
+        self._edge = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer + chunk if self._buffer else chunk
+        if self._parts:
+            # An event's end can only be in what just came, or straddle it and the three
+            # bytes before: a long event is joined once, not copied and searched per read.
+            edge = self._edge + chunk
+            if b"\n\n" not in edge and b"\r\n\r\n" not in edge:
+                self._parts.append(chunk)
+                self._edge = edge[-3:]
+                return []
+            buffer = b"".join((*self._parts, chunk))
+        else:
+            buffer = chunk
         events: list[bytes] = []
         start = 0
         # Each separator is searched for again only once passed: a chunk of many events is cut
@@ -46,12 +58,15 @@ class SSESplitter:
                 lf = buffer.find(b"\n\n", start)
             if 0 <= crlf < start:
                 crlf = buffer.find(b"\r\n\r\n", start)
-        self._buffer = buffer[start:]
+        rest = buffer[start:]
+        self._parts = [rest] if rest else []
+        self._edge = rest[-3:]
         return events
 
     def rest(self) -> bytes:
         """Bytes after the last whole event (a stream that ended without a blank line)."""
-        rest, self._buffer = self._buffer, b""
+        rest = b"".join(self._parts)
+        self._parts, self._edge = [], b""
         return rest
 
 

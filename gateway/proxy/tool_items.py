@@ -132,7 +132,7 @@ def chat_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     else:
         arguments = body.get("arguments", body.get("input", body or None))
     return {
-        "id": call.get("id"),
+        "id": _text_or_none(call.get("id")),
         "type": kind,
         "name": body.get("name") if isinstance(body.get("name"), str) else kind,
         "arguments": arguments if isinstance(arguments, str) else _input_text(arguments),
@@ -149,12 +149,17 @@ def is_call_item(item: dict[str, Any]) -> bool:
     return kind.endswith("_call") and isinstance(item.get("call_id") or item.get("id"), str)
 
 
-def call_id_of(item: dict[str, Any]) -> Any:
+def call_id_of(item: dict[str, Any]) -> str | None:
     """The id results use to refer to the call: `call_id`, or the item's `id` for tools the
     provider runs (web search, MCP, ...) which have no other."""
     if item.get("type") in HOSTED_CALLS:
-        return item.get("id") or item.get("call_id")
-    return item.get("call_id") or item.get("id")
+        return _text_or_none(item.get("id") or item.get("call_id"))
+    return _text_or_none(item.get("call_id") or item.get("id"))
+
+
+def _text_or_none(value: Any) -> str | None:
+    """An id as the upstream gave it, when it is text: anything else names nothing."""
+    return value if isinstance(value, str) else None
 
 
 def response_tool_call(item: dict[str, Any]) -> dict[str, Any]:

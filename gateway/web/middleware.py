@@ -67,6 +67,10 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         return error_response(error, headers=allow)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        if request.writer.output_size:
+            # An answer is under way (a stream): a second one written into it would read as
+            # garbage; aiohttp closes the connection instead.
+            raise
         return error_response(GatewayError("internal gateway error; see the gateway log"))
     finally:
         gw.in_flight -= 1
