@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from config.models import Settings
+from gateway.proxy.sequencer import SeqAllocator
 from gateway.web.routes_api import FEED
 from gateway.web.state import GATEWAY
 from store.backend import is_postgres
@@ -56,7 +57,7 @@ class SharedCounters:
         return {"shared_rate": self.rate_limits.acquire, "breaker_storage": self.breaker_storage}
 
     @property
-    def allocate(self) -> Callable[[str, int], Awaitable[int]] | None:
+    def allocate(self) -> SeqAllocator | None:
         return self.counter.allocate if self.counter is not None else None
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
@@ -85,7 +86,7 @@ def _handlers(app: web.Application) -> dict[str, Callable[[str], None]]:
     def attempt(payload: str) -> None:
         sequencer.attempt_opened(*orjson.loads(payload))
 
-    handlers = {ATTEMPTS_CHANNEL: attempt}
+    handlers: dict[str, Callable[[str], None]] = {ATTEMPTS_CHANNEL: attempt}
     if FEED in app:
         feed = app[FEED]
         handlers[SPANS_CHANNEL] = lambda payload: feed.notify()

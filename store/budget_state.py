@@ -197,6 +197,14 @@ for i = 1, 2 do
   redis.call('EXPIRE', KEYS[i], ttl)
 end
 redis.call('HSET', KEYS[1], 'attempt:' .. ARGV[15], '1')
+-- Every attempt of the rollout lives as long as the rollout does: an attempt's counters
+-- expiring while its rollout goes on would read as an attempt that never spent anything.
+local prefix = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[15])
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 8) == 'attempt:' then
+    redis.call('EXPIRE', prefix .. string.sub(field, 9), ttl)
+  end
+end
 return out
 """
 
@@ -270,11 +278,15 @@ class RedisBudgetState:
     def __init__(self, url: str, *, ttl: float) -> None:
         import redis.asyncio as aioredis
 
+        from store.shared_state import reconnecting
+
+        # Half the bound each: a command sent again on a new connection still fits in it.
         self._redis = aioredis.from_url(
             url,
             decode_responses=True,
-            socket_timeout=DEFAULT_REDIS_TIMEOUT,
-            socket_connect_timeout=DEFAULT_REDIS_TIMEOUT,
+            socket_timeout=DEFAULT_REDIS_TIMEOUT / 2,
+            socket_connect_timeout=DEFAULT_REDIS_TIMEOUT / 2,
+            **reconnecting(),
         )
         self._ttl = max(math.ceil(ttl), 1)
         self._reserve = self._redis.register_script(_RESERVE)

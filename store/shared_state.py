@@ -7,11 +7,12 @@ redis-py, `limits`, pybreaker); nothing is kept in this process that another rep
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import pybreaker
 
@@ -36,8 +37,12 @@ RETURNING seq
 COUNTER_CONNECT_TIMEOUT = 1.0
 
 # INCRBY that never lands at or below the floor; the key expires long after its last use.
+# A key that is gone (Redis restarted empty, flushed) is made again only when asked to
+# (ARGV[4]): otherwise -1, and the caller finds a floor in the store first.
 REDIS_NEXT_SEQ_LUA = """
-local value = tonumber(redis.call('GET', KEYS[1]) or '0')
+local found = redis.call('GET', KEYS[1])
+if not found and ARGV[4] ~= '1' then return -1 end
+local value = tonumber(found or '0')
 local floor = tonumber(ARGV[2])
 if value < floor then value = floor end
 value = value + tonumber(ARGV[1])
@@ -76,7 +81,10 @@ class PostgresCounter:
                 f"cannot open {mask_url(self.url)} for sequence numbers: {exc}"
             ) from None
 
-    async def allocate(self, rollout_id: str, count: int, floor: int = 0) -> int:
+    async def allocate(
+        self, rollout_id: str, count: int, floor: int = 0, *, create: bool = True
+    ) -> int | None:
+        # A counter row is never lost as a Redis key can be: `create` changes nothing here.
         async with self.pool.connection(timeout=COUNTER_CONNECT_TIMEOUT) as conn:
             cursor = await conn.execute(
                 PG_NEXT_SEQ_SQL, {"rid": rollout_id, "n": count, "floor": floor}
@@ -96,16 +104,35 @@ class RedisCounter:
         self.redis = redis
         self.script = redis.register_script(REDIS_NEXT_SEQ_LUA)
 
-    async def allocate(self, rollout_id: str, count: int, floor: int = 0) -> int:
+    async def allocate(
+        self, rollout_id: str, count: int, floor: int = 0, *, create: bool = True
+    ) -> int | None:
+        """The last of `count` numbers; None when the rollout's key is gone and `create` is
+        false (the numbers it held are lost: the caller must find a floor elsewhere)."""
         key = REDIS_SEQ_PREFIX + rollout_id
-        return int(await self.script(keys=[key], args=[count, floor, REDIS_SEQ_TTL_SECONDS]))
+        args = [count, floor, REDIS_SEQ_TTL_SECONDS, "1" if create else "0"]
+        last = int(await self.script(keys=[key], args=args))
+        return None if last < 0 else last
 
 
 def redis_client(url: str) -> Any:
     """An asyncio redis-py client (connections are made on first use)."""
     import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    return redis.asyncio.Redis.from_url(
+        url, socket_connect_timeout=5, socket_timeout=5, **reconnecting()
+    )
+
+
+def reconnecting() -> dict[str, Any]:
+    """asyncio redis-py options that send a command again, at once, on a new connection when
+    its pooled one turns out dead (Redis restarted): `from_url` retries nothing by default,
+    so the first command after a restart failed. A command may then take two timeouts."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError
+
+    return {"retry": Retry(NoBackoff(), 1), "retry_on_error": [ConnectionError]}
 
 
 SPANS_CHANNEL = "spangate_spans"
@@ -138,6 +165,34 @@ async def listen(url: str, handlers: dict[str, Callable[[str], None]]) -> None:
 # -- rate limits and breakers across replicas (Redis) ---------------------------------
 
 RATE_WAIT_MAX_SECONDS = 1.0
+# After Redis failed or was slow, how long a replica keeps to its own rate buckets and breaker
+# state before asking Redis again: a Redis that is away costs nothing on every call.
+REDIS_AWAY_SECONDS = 2.0
+# The most one Redis command of the rate limiter or the breakers may take. Breaker reads block
+# the event loop (pybreaker's storage is synchronous), so this bounds that block too.
+REDIS_COMMAND_SECONDS = 0.25
+
+
+class _Away:
+    """When Redis last failed, for the clients that fall back to this replica's own state."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.until = 0.0
+
+    @property
+    def now(self) -> bool:
+        return time.monotonic() < self.until
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.now:
+            log.warning(
+                "Redis failed for %s (%s); this replica's own for %gs",
+                self.what,
+                " ".join(str(exc).split()) or type(exc).__name__,
+                REDIS_AWAY_SECONDS,
+            )
+        self.until = time.monotonic() + REDIS_AWAY_SECONDS
 
 
 class RedisRateLimits:
@@ -148,14 +203,35 @@ class RedisRateLimits:
         from limits.aio.storage import RedisStorage
         from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-        self.storage = RedisStorage(f"async+{url}", implementation="redispy")
+        self.storage = RedisStorage(
+            f"async+{url}",
+            implementation="redispy",
+            socket_connect_timeout=REDIS_COMMAND_SECONDS,
+            socket_timeout=REDIS_COMMAND_SECONDS,
+            **reconnecting(),
+        )
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
+        self.away = _Away("rate limits")
+        from redis.exceptions import RedisError
 
-    async def acquire(self, key: str, per_minute: int, amount: int, max_wait: float) -> float:
+        self._failures = (TimeoutError, OSError, RedisError)
+
+    async def acquire(
+        self, key: str, per_minute: int, amount: int, max_wait: float
+    ) -> float | None:
         """Take `amount` of the `per_minute` budget under `key`, trying again (with backoff)
-        for up to `max_wait` s; 0.0 once taken, else seconds until it could be."""
-        import time
+        for up to `max_wait` s; 0.0 once taken, else seconds until it could be, None when
+        Redis cannot say (down, slow, refusing): the caller limits on its own meanwhile."""
+        if self.away.now:
+            return None
+        try:
+            async with asyncio.timeout(max_wait + REDIS_COMMAND_SECONDS):
+                return await self._acquire(key, per_minute, amount, max_wait)
+        except self._failures as exc:
+            self.away.failed(exc)
+            return None
 
+    async def _acquire(self, key: str, per_minute: int, amount: int, max_wait: float) -> float:
         from limits import RateLimitItemPerMinute
         from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_exponential
 
@@ -179,77 +255,171 @@ class RedisRateLimits:
 BREAKER_READ_SECONDS = 0.2
 
 
+class _BreakerRedis:
+    """The breakers' Redis client: a command that fails marks Redis away, and while it is away
+    commands fail at once, off the network (pybreaker's storage then falls back)."""
+
+    def __init__(self, client: Any, away: _Away) -> None:
+        from redis.exceptions import ConnectionError, RedisError
+
+        self._client = client
+        self.away = away
+        self.errors, self._refused = RedisError, ConnectionError
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def command(*args: Any, **kwargs: Any) -> Any:
+            if self.away.now:
+                raise self._refused("Redis is away; breakers are this replica's own")
+            try:
+                return method(*args, **kwargs)
+            except self.errors as exc:
+                self.away.failed(exc)
+                raise
+
+        return command
+
+
+# pybreaker logs a traceback for every Redis command that fails; `_Away` says it once.
+_QUIET = logging.getLogger("spangate.breaker-redis")
+_QUIET.disabled = True
+
+
 def redis_breaker_storage(
     url: str, *, read_seconds: float = BREAKER_READ_SECONDS
 ) -> Callable[[str], Any]:
     """pybreaker's own Redis storage, one namespace per deployment, read through a short
-    cache; the state a replica opens is what every replica reads within `read_seconds`."""
+    cache; the state a replica opens is what every replica reads within `read_seconds`.
+    While Redis is away, each replica keeps its breakers on its own."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    # No second try on a dead connection here: this client blocks the event loop, and a
+    # failure only means this replica's own breakers for a moment.
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=REDIS_COMMAND_SECONDS, socket_timeout=REDIS_COMMAND_SECONDS
+    )
+    shared_client = _BreakerRedis(client, _Away("breakers"))
 
     def storage(label: str) -> Any:
-        shared = pybreaker.CircuitRedisStorage(
-            pybreaker.STATE_CLOSED, client, namespace=f"spangate:{label}"
-        )
-        return ReadThroughStorage(shared, read_seconds)
+        def shared() -> pybreaker.CircuitBreakerStorage:
+            made = pybreaker.CircuitRedisStorage(
+                # Used as a Redis client: pybreaker only calls its commands.
+                pybreaker.STATE_CLOSED,
+                cast(Any, shared_client),
+                namespace=f"spangate:{label}",
+            )
+            made.logger = _QUIET
+            return made
+
+        return ReadThroughStorage(shared, shared_client, read_seconds)
 
     return storage
 
 
 class ReadThroughStorage(pybreaker.CircuitBreakerStorage):
     """A pybreaker storage that answers state and failure-count reads from what it read or
-    wrote within `read_seconds`; every write goes to the shared storage at once."""
+    wrote within `read_seconds`; every write goes to the shared storage at once. Every write
+    also goes to a storage of this replica's own, which answers while Redis is away."""
 
-    def __init__(self, shared: pybreaker.CircuitBreakerStorage, read_seconds: float) -> None:
-        super().__init__(shared.name)
-        self._shared = shared
+    def __init__(
+        self,
+        make_shared: Callable[[], pybreaker.CircuitBreakerStorage],
+        client: _BreakerRedis,
+        read_seconds: float,
+    ) -> None:
+        super().__init__("redis")
+        self._make_shared = make_shared
+        self._shared_storage: pybreaker.CircuitBreakerStorage | None = None
+        self._client = client
+        self._away = client.away
+        self._own = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
         self._read_seconds = read_seconds
         self._state: tuple[float, str] | None = None
         self._counter: tuple[float, int] | None = None
 
+    @property
+    def _shared(self) -> pybreaker.CircuitBreakerStorage | None:
+        """The Redis storage, made once Redis answers (its constructor writes); None while
+        Redis is away."""
+        if self._away.now:
+            return None
+        if self._shared_storage is None:
+            try:
+                self._shared_storage = self._make_shared()
+            except self._client.errors:
+                return None
+        return self._shared_storage
+
     def _stale(self, cached: tuple[float, Any] | None) -> bool:
         return cached is None or time.monotonic() - cached[0] >= self._read_seconds
 
+    def _read(self, name: str) -> Any:
+        """A value from Redis, or this replica's own when Redis is away (or went away in
+        the read: pybreaker answers a default then)."""
+        shared = self._shared
+        value = getattr(shared, name) if shared is not None else None
+        if shared is None or self._away.now:
+            return getattr(self._own, name)
+        return value
+
     @property
     def state(self) -> str:
-        if self._state is None or self._stale(self._state):
-            self._state = (time.monotonic(), self._shared.state)
+        if self._stale(self._state):
+            # Stamped once read: a slow read must not come back stale already.
+            value = str(self._read("state"))
+            self._state = (time.monotonic(), value)
+        assert self._state is not None
         return self._state[1]
 
     @state.setter
     def state(self, state: str) -> None:
-        self._shared.state = state
+        self._own.state = state
+        if (shared := self._shared) is not None:
+            shared.state = state
         self._state = (time.monotonic(), str(state))
 
     @property
     def counter(self) -> int:
-        if self._counter is None or self._stale(self._counter):
-            self._counter = (time.monotonic(), self._shared.counter)
+        if self._stale(self._counter):
+            value = int(self._read("counter"))
+            self._counter = (time.monotonic(), value)
+        assert self._counter is not None
         return self._counter[1]
 
     def increment_counter(self) -> None:
-        self._shared.increment_counter()
+        self._own.increment_counter()
+        if (shared := self._shared) is not None:
+            shared.increment_counter()
         self._counter = None
 
     def reset_counter(self) -> None:
-        self._shared.reset_counter()
+        self._own.reset_counter()
+        if (shared := self._shared) is not None:
+            shared.reset_counter()
         self._counter = (time.monotonic(), 0)
 
     def increment_success_counter(self) -> None:
-        self._shared.increment_success_counter()
+        self._own.increment_success_counter()
+        if (shared := self._shared) is not None:
+            shared.increment_success_counter()
 
     def reset_success_counter(self) -> None:
-        self._shared.reset_success_counter()
+        self._own.reset_success_counter()
+        if (shared := self._shared) is not None:
+            shared.reset_success_counter()
 
     @property
     def success_counter(self) -> int:
-        return self._shared.success_counter
+        return int(self._read("success_counter"))
 
     @property
     def opened_at(self) -> datetime | None:
-        return self._shared.opened_at
+        value: datetime | None = self._read("opened_at")
+        return value
 
     @opened_at.setter
     def opened_at(self, when: datetime) -> None:
-        self._shared.opened_at = when
+        self._own.opened_at = when
+        if (shared := self._shared) is not None:
+            shared.opened_at = when

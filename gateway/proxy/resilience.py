@@ -24,8 +24,9 @@ from gateway.proxy.bucket import adjust_bucket, bucket_level
 MINUTE = 60.0
 
 # `shared_rate(key, per_minute, amount, max_wait)`: take `amount` from a budget every replica
-# shares, waiting at most `max_wait` s; 0.0 once taken, else the seconds until it could be.
-SharedRate = Callable[[str, int, int, float], Awaitable[float]]
+# shares, waiting at most `max_wait` s; 0.0 once taken, else the seconds until it could be, or
+# None when the shared store cannot say (this replica's own buckets limit the call meanwhile).
+SharedRate = Callable[[str, int, int, float], Awaitable[float | None]]
 
 
 class _OpenedAt(pybreaker.CircuitBreakerListener):
@@ -66,8 +67,7 @@ class Guard:
             name=self.deployment.label,
             state_storage=self.breaker_storage,
         )
-        if self.shared_rate is not None:
-            return  # the shared budget replaces the local buckets
+        # With a shared budget these are only what limits calls while it cannot answer.
         if self.deployment.rpm:
             self.rpm = AsyncLimiter(self.deployment.rpm, MINUTE)
         if self.deployment.tpm:
@@ -128,8 +128,7 @@ class Guard:
     async def acquire(self, tokens: int, max_wait: float) -> float:
         """Wait for rpm/tpm budget, at most `max_wait` seconds in all; the seconds waited."""
         started = time.perf_counter()
-        if self.shared_rate is not None:
-            await self._acquire_shared(tokens, max_wait)
+        if self.shared_rate is not None and await self._acquire_shared(tokens, max_wait):
             return time.perf_counter() - started
         wanted: tuple[tuple[AsyncLimiter | None, float, str], ...] = (
             (self.rpm, 1, "requests"),
@@ -156,7 +155,8 @@ class Guard:
                 ) from None
         return time.perf_counter() - started
 
-    async def _acquire_shared(self, tokens: int, max_wait: float) -> None:
+    async def _acquire_shared(self, tokens: int, max_wait: float) -> bool:
+        """Take from the budget every replica shares; False when it cannot say."""
         assert self.shared_rate is not None
         started = time.perf_counter()
         for per_minute, amount, kind in (
@@ -170,6 +170,8 @@ class Guard:
             retry_after = await self.shared_rate(
                 key, per_minute, min(amount, per_minute), remaining
             )
+            if retry_after is None:
+                return False
             if retry_after > 0:
                 raise RateLimited(
                     f"rate limit of {self.deployment.label} reached ({per_minute} {kind} per "
@@ -177,6 +179,7 @@ class Guard:
                     retry_after=max(1.0, math.ceil(retry_after)),
                     kind=kind,
                 )
+        return True
 
     def correct_tokens(self, estimated: int, actual: int) -> None:
         """Settle the token bucket with what the call really used instead of the estimate."""
@@ -186,6 +189,8 @@ class Guard:
 
     def ratelimit_headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
+        if self.shared_rate is not None:
+            return headers  # the shared budget's level is in Redis, not in these buckets
         for limiter, kind in ((self.rpm, "requests"), (self.tpm, "tokens")):
             if limiter is None:
                 continue

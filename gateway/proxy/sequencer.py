@@ -10,6 +10,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pybreaker
 
@@ -38,13 +39,24 @@ class _RolloutCursor:
     # for one rollout (a local fallback could otherwise hand out a number still coming).
     asks: list[_Ask] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Whether the shared counter has numbered this rollout for this process: if it has, a
+    # counter that no longer knows the rollout lost it, and must not restart at `seq`.
+    shared: bool = False
 
 
 CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
-# `allocate(rollout_id, count, floor)`: the last of `count` numbers reserved for the rollout
-# in a counter every replica shares (Redis, or a PostgreSQL counter row), never at or below
-# `floor` (what this process has already handed out).
-SeqAllocator = Callable[[str, int, int], Awaitable[int]]
+
+
+class SeqAllocator(Protocol):
+    """`allocate(rollout_id, count, floor)`: the last of `count` numbers reserved for the
+    rollout in a counter every replica shares (Redis, or a PostgreSQL counter row), never at
+    or below `floor` (what this process has already handed out). With `create=False`, None
+    when the counter has lost the rollout (Redis restarted empty) instead of starting it
+    again at `floor`, which another replica's numbers may be above."""
+
+    def __call__(
+        self, rollout_id: str, count: int, floor: int, *, create: bool = True
+    ) -> Awaitable[int | None]: ...
 
 
 class Sequencer:
@@ -148,7 +160,14 @@ class Sequencer:
             return _take(cursor, count)
         try:
             async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
-                last = await allocate(rollout_id, count, cursor.seq)
+                last = await allocate(rollout_id, count, cursor.seq, create=not cursor.shared)
+                if last is None:
+                    # The counter lost the rollout: resume above what the store holds (other
+                    # replicas' numbers included), not above what this process handed out.
+                    stored, _ = await self._lookup(rollout_id)
+                    cursor.seq = max(cursor.seq, stored)
+                    last = await allocate(rollout_id, count, cursor.seq, create=True)
+                assert last is not None
         except Exception as exc:
             # Degraded, not down: numbers stay increasing on this replica meanwhile, and the
             # shared counter resumes above them (the floor) once it answers again.
@@ -158,6 +177,7 @@ class Sequencer:
             return _take(cursor, count)
         if self._shared.current_state != pybreaker.STATE_CLOSED:
             self._shared.close()
+        cursor.shared = True
         cursor.seq = max(cursor.seq, last)
         return last - count + 1
 

@@ -21,7 +21,7 @@ def test_after_a_failure_the_shared_counter_is_tried_again(
     monkeypatch.setattr(sequencer_module, "SHARED_COUNTER_RETRY_SECONDS", 0.05)
     shared = {"next": 100, "up": False, "asked": 0}
 
-    async def allocate(rollout_id: str, count: int, floor: int) -> int:
+    async def allocate(rollout_id: str, count: int, floor: int, *, create: bool = True) -> int:
         shared["asked"] += 1
         if not shared["up"]:
             raise ConnectionError("counter away")
@@ -59,7 +59,9 @@ class HeldCounter:
         self.release = asyncio.Event()
         self.failing = False
 
-    async def allocate(self, rollout_id: str, count: int, floor: int) -> int:
+    async def allocate(
+        self, rollout_id: str, count: int, floor: int, *, create: bool = True
+    ) -> int:
         self.requests.append(count)
         if len(self.requests) == 1:
             await self.release.wait()
