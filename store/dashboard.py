@@ -124,7 +124,7 @@ def browse_rollouts(
     keyset = "1 = 1"
     after: dict[str, Any] = {}
     if cursor:
-        cursor_sort, cursor_key, cursor_id = decode_cursor(cursor, 3)
+        cursor_sort, cursor_key, cursor_id = decode_cursor(cursor, "tnt")
         if cursor_sort != sort:
             raise BadCursor(f"cursor {cursor!r} belongs to another sort order")
         op = "<" if descending else ">"

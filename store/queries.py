@@ -129,23 +129,26 @@ def encode_cursor(*key: Any) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, size: int) -> list[Any]:
+def decode_cursor(cursor: str, kinds: str) -> list[Any]:
+    """The key `encode_cursor` wrote, each value of the kind its position holds (`kinds`: `i`
+    an integer, `n` a number, `t` text): a crafted cursor holding anything else is refused
+    as a cursor, not failed on (PostgreSQL) or misread (SQLite) as a query."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         key = orjson.loads(base64.urlsafe_b64decode(padded))
     except (ValueError, orjson.JSONDecodeError) as exc:
         raise BadCursor(f"invalid cursor {cursor!r}") from exc
-    if not isinstance(key, list) or len(key) != size or not all(map(_cursor_value, key)):
+    if not isinstance(key, list) or len(key) != len(kinds) or not all(map(_fits, key, kinds)):
         raise BadCursor(f"invalid cursor {cursor!r}")
     return key
 
 
-def _cursor_value(value: Any) -> bool:
-    """What `encode_cursor` puts in a cursor and the store can bind: a crafted cursor holding
-    anything else is refused as a cursor, not failed on as a query."""
-    if value is None or isinstance(value, str | float):
-        return True
-    return type(value) is int and -(2**63) <= value < 2**63
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "t":
+        return isinstance(value, str)
+    if type(value) is int:
+        return -(2**63) <= value < 2**63
+    return kind == "n" and type(value) is float
 
 
 @dataclass
@@ -234,7 +237,7 @@ def list_rollouts(
     **filters: Unpack[RolloutListFilters],
 ) -> Page:
     """Newest first. The API pages at most `MAX_PAGE` rows; the CLI asks for what it prints."""
-    cursor_ns, cursor_id = decode_cursor(cursor, 2) if cursor else (None, None)
+    cursor_ns, cursor_id = decode_cursor(cursor, "it") if cursor else (None, None)
     params = given(filters, RolloutListFilters.__optional_keys__)
     params.update(cursor_ns=cursor_ns, cursor_id=cursor_id)
     page = _page(
@@ -277,7 +280,7 @@ def list_spans(
     """In the order they were written (bodies only when asked: `get_span` has them);
     `after_rowid` lets a follower ask only for what is new."""
     if after_rowid is None:
-        after_rowid = decode_cursor(cursor, 1)[0] if cursor else 0
+        after_rowid = decode_cursor(cursor, "i")[0] if cursor else 0
     params = given(filters, SpanFilters.__optional_keys__)
     params["after_rowid"] = after_rowid
     return _page(
@@ -318,7 +321,7 @@ def list_rewards(
     db: Database, *, cursor: str | None = None, limit: int = 100, **filters: Unpack[RewardFilters]
 ) -> Page:
     params = given(filters, RewardFilters.__optional_keys__)
-    params["after_rowid"] = decode_cursor(cursor, 1)[0] if cursor else 0
+    params["after_rowid"] = decode_cursor(cursor, "i")[0] if cursor else 0
     page = _page(db, LIST_REWARDS_SQL, REWARD_FILTERS, params, _limit(limit), _rowid_key)
     for row in page.data:
         row["final"] = bool(row["final"])

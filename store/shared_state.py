@@ -8,6 +8,7 @@ redis-py, `limits`, pybreaker); nothing is kept in this process that another rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -127,12 +128,14 @@ def redis_client(url: str) -> Any:
 def reconnecting() -> dict[str, Any]:
     """asyncio redis-py options that send a command again, at once, on a new connection when
     its pooled one turns out dead (Redis restarted): `from_url` retries nothing by default,
-    so the first command after a restart failed. A command may then take two timeouts."""
+    so the first command after a restart failed. Only a connection error is tried again, never
+    a timeout: a slow Redis may still run the first copy, and an INCRBY run twice leaves a gap
+    in a rollout's numbers. A command may then take two connect timeouts."""
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError
 
-    return {"retry": Retry(NoBackoff(), 1), "retry_on_error": [ConnectionError]}
+    return {"retry": Retry(NoBackoff(), 1, supported_errors=(ConnectionError,))}
 
 
 SPANS_CHANNEL = "spangate_spans"
@@ -156,7 +159,12 @@ async def listen(url: str, handlers: dict[str, Callable[[str], None]]) -> None:
                 for channel in handlers:
                     await conn.execute(f"LISTEN {channel}")
                 async for note in conn.notifies():
-                    handlers[note.channel](note.payload)
+                    try:
+                        handlers[note.channel](note.payload)
+                    except Exception:
+                        # Anyone with the database can NOTIFY: one odd payload must not
+                        # end this replica's listening.
+                        log.exception("notification on %s not understood", note.channel)
         except psycopg.Error as exc:
             log.warning("notifications from %s lost (%s); listening again", mask_url(url), exc)
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
@@ -356,12 +364,23 @@ class ReadThroughStorage(pybreaker.CircuitBreakerStorage):
 
     def _read(self, name: str) -> Any:
         """A value from Redis, or this replica's own when Redis is away (or went away in
-        the read: pybreaker answers a default then)."""
+        the read: pybreaker answers a default then, or raises from a re-initialisation)."""
         shared = self._shared
-        value = getattr(shared, name) if shared is not None else None
+        try:
+            value = getattr(shared, name) if shared is not None else None
+        except self._client.errors:
+            shared = None
         if shared is None or self._away.now:
             return getattr(self._own, name)
         return value
+
+    def _write(self, write: Callable[[pybreaker.CircuitBreakerStorage], None]) -> None:
+        """`write` to this replica's own storage, and to Redis unless it is away."""
+        write(self._own)
+        shared = self._shared
+        if shared is not None:
+            with contextlib.suppress(self._client.errors):
+                write(shared)
 
     @property
     def state(self) -> str:
@@ -374,9 +393,7 @@ class ReadThroughStorage(pybreaker.CircuitBreakerStorage):
 
     @state.setter
     def state(self, state: str) -> None:
-        self._own.state = state
-        if (shared := self._shared) is not None:
-            shared.state = state
+        self._write(lambda storage: setattr(storage, "state", state))
         self._state = (time.monotonic(), str(state))
 
     @property
@@ -388,26 +405,18 @@ class ReadThroughStorage(pybreaker.CircuitBreakerStorage):
         return self._counter[1]
 
     def increment_counter(self) -> None:
-        self._own.increment_counter()
-        if (shared := self._shared) is not None:
-            shared.increment_counter()
+        self._write(lambda storage: storage.increment_counter())
         self._counter = None
 
     def reset_counter(self) -> None:
-        self._own.reset_counter()
-        if (shared := self._shared) is not None:
-            shared.reset_counter()
+        self._write(lambda storage: storage.reset_counter())
         self._counter = (time.monotonic(), 0)
 
     def increment_success_counter(self) -> None:
-        self._own.increment_success_counter()
-        if (shared := self._shared) is not None:
-            shared.increment_success_counter()
+        self._write(lambda storage: storage.increment_success_counter())
 
     def reset_success_counter(self) -> None:
-        self._own.reset_success_counter()
-        if (shared := self._shared) is not None:
-            shared.reset_success_counter()
+        self._write(lambda storage: storage.reset_success_counter())
 
     @property
     def success_counter(self) -> int:
@@ -420,6 +429,4 @@ class ReadThroughStorage(pybreaker.CircuitBreakerStorage):
 
     @opened_at.setter
     def opened_at(self, when: datetime) -> None:
-        self._own.opened_at = when
-        if (shared := self._shared) is not None:
-            shared.opened_at = when
+        self._write(lambda storage: setattr(storage, "opened_at", when))

@@ -242,11 +242,13 @@ def create_attempt(
     return get_attempt_row(db, rollout_id, attempt_id)
 
 
-def announce_attempt(db: Database, origin: str, rollout_id: str, attempt_id: str) -> None:
+def announce_attempt(db: Database, origin: str, attempt: dict[str, Any]) -> None:
     """Tell every replica sharing a PostgreSQL store (at commit) that calls of the rollout
-    naming no attempt now join this one; `origin` says which replica opened it."""
+    naming no attempt now join this one; `origin` says which replica opened it, the number
+    which of two news is the later."""
     if dialect_of(db) == "postgresql":
-        payload = orjson.dumps([origin, rollout_id, attempt_id]).decode()
+        news = [origin, attempt["rollout_id"], attempt["id"], attempt["number"]]
+        payload = orjson.dumps(news).decode()
         db.execute(
             "select pg_notify(:channel, :payload)",
             {"channel": ATTEMPTS_CHANNEL, "payload": payload},

@@ -183,7 +183,9 @@ class Guard:
 
     def correct_tokens(self, estimated: int, actual: int) -> None:
         """Settle the token bucket with what the call really used instead of the estimate."""
-        if self.tpm is None or actual == estimated:
+        if self.tpm is None or actual == estimated or self.shared_rate is not None:
+            # A shared budget is settled by its window, not here: the local bucket holds
+            # only what was taken from it while the shared one could not answer.
             return
         adjust_bucket(self.tpm, actual - estimated)
 

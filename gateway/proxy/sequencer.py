@@ -42,6 +42,9 @@ class _RolloutCursor:
     # Whether the shared counter has numbered this rollout for this process: if it has, a
     # counter that no longer knows the rollout lost it, and must not restart at `seq`.
     shared: bool = False
+    # The number of the attempt last opened through the API, as far as this process heard:
+    # news of an older one arriving late changes nothing.
+    opened: int = 0
 
 
 CursorLookup = Callable[[str], Awaitable[tuple[int, str | None]]]
@@ -161,11 +164,14 @@ class Sequencer:
         try:
             async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
                 last = await allocate(rollout_id, count, cursor.seq, create=not cursor.shared)
-                if last is None:
-                    # The counter lost the rollout: resume above what the store holds (other
-                    # replicas' numbers included), not above what this process handed out.
-                    stored, _ = await self._lookup(rollout_id)
-                    cursor.seq = max(cursor.seq, stored)
+            if last is None:
+                # The counter lost the rollout: resume above what the store holds (the numbers
+                # every replica's stored spans have), not above what this process handed out.
+                # The store read is outside the counter's bound: after Redis came back empty
+                # every active rollout asks at once.
+                stored, _ = await self._lookup(rollout_id)
+                cursor.seq = max(cursor.seq, stored)
+                async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
                     last = await allocate(rollout_id, count, cursor.seq, create=True)
                 assert last is not None
         except Exception as exc:
@@ -197,11 +203,13 @@ class Sequencer:
         attempt = await self.attempt_of(rollout_id, attempt_id)
         return await self.reserve(rollout_id), attempt
 
-    def set_attempt(self, rollout_id: str, attempt_id: str) -> None:
-        """A new attempt was opened through the API: later unnamed calls join it."""
+    def set_attempt(self, rollout_id: str, attempt_id: str, number: int = 0) -> None:
+        """A new attempt (the rollout's `number`th) was opened through the API: later unnamed
+        calls join it, unless a later one was opened meanwhile."""
         cursor = self._cursors.get(rollout_id)
-        if cursor is not None:
+        if cursor is not None and (not number or number > cursor.opened):
             cursor.attempt_id = attempt_id
+            cursor.opened = max(cursor.opened, number)
 
     def current_attempt(self, rollout_id: str) -> str | None:
         """The attempt a call naming none joins now, as far as this process knows (None: it
@@ -209,10 +217,10 @@ class Sequencer:
         cursor = self._cursors.get(rollout_id)
         return cursor.attempt_id if cursor is not None else None
 
-    def attempt_opened(self, origin: str, rollout_id: str, attempt_id: str) -> None:
+    def attempt_opened(self, origin: str, rollout_id: str, attempt_id: str, number: int) -> None:
         """Another replica opened an attempt (`store.writes.announce_attempt`)."""
         if origin != self.origin:
-            self.set_attempt(rollout_id, attempt_id)
+            self.set_attempt(rollout_id, attempt_id, number)
 
 
 def _take(cursor: _RolloutCursor, count: int) -> int:

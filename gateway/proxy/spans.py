@@ -28,8 +28,8 @@ def request_attributes(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# What the store keeps of a count (`store.records.clean_int`): outside it a count is dropped
-# there, so it is dropped here too, before cost, budgets and metrics count it.
+# The range of counts the store keeps (`store.records.clean_int`): outside it a count is
+# dropped there, so it is dropped here too, before cost, budgets and metrics count it.
 MAX_COUNT = 2**63 - 1
 
 

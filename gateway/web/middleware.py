@@ -46,6 +46,22 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> GatewayError:
     return error
 
 
+def _error_answer(exc: Exception, request: web.Request) -> web.StreamResponse:
+    """The failure in OpenAI's shape (called while `exc` is being handled)."""
+    if isinstance(exc, GatewayError):
+        return error_response(exc)
+    if isinstance(exc, StoreError):
+        return error_response(from_store_error(exc))
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        error = _from_http(exc, request)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(error, headers=allow)
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(GatewayError("internal gateway error; see the gateway log"))
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Render every failure in OpenAI's shape, and count requests being handled (so a
@@ -55,23 +71,13 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     gw.idle.clear()
     try:
         return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc)
-    except StoreError as exc:
-        return error_response(from_store_error(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error = _from_http(exc, request)
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(error, headers=allow)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    except Exception as exc:
         if request.writer.output_size:
             # An answer is under way (a stream): a second one written into it would read as
             # garbage; aiohttp closes the connection instead.
+            log.exception("failed after its answer began: %s %s", request.method, request.path)
             raise
-        return error_response(GatewayError("internal gateway error; see the gateway log"))
+        return _error_answer(exc, request)
     finally:
         gw.in_flight -= 1
         if not gw.in_flight:

@@ -43,7 +43,7 @@ SSE_KEEPALIVE_SECONDS = 15.0
 SSE_RETRY_AFTER_SECONDS = 5
 SSE_BATCH = 200
 # How often a write naming a call another replica may still hold looks for it again.
-PEER_WAIT_SECONDS = 0.1
+PEER_WAIT_SECONDS = 0.2
 
 
 def dumps(value: Any) -> str:
@@ -144,8 +144,9 @@ async def write(gw: Gateway, fn: Callable[[Any], T]) -> T:
 
 async def write_after_peers(gw: Gateway, fn: Callable[[Any], T]) -> T:
     """`write`; on a store replicas share, tried again for a moment while what it names is not
-    found: behind a load balancer the call may still be in the queue of the replica that
-    served it, which stores it within `recorder.max_unsaved_seconds`."""
+    found: behind a load balancer the call that made it (a rollout, an attempt, a span) may
+    still be in the queue of the replica that served it, which stores it within
+    `recorder.max_unsaved_seconds`."""
     if gw.writer.dialect != "postgresql":
         return await write(gw, fn)
     recorder = gw.settings.recorder
@@ -219,7 +220,7 @@ async def update_rollout(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.RolloutUpdate)
     rollout_id = request.match_info["rollout_id"]
-    row = await write(
+    row = await write_after_peers(
         gw,
         lambda db: writes.update_rollout(
             db,
@@ -243,13 +244,13 @@ async def create_attempt(request: web.Request) -> web.Response:
 
     def opened(db: Any) -> dict[str, Any]:
         row = writes.create_attempt(db, rollout_id, attempt_id=body.id)
-        writes.announce_attempt(db, gw.sequencer.origin, rollout_id, row["id"])
+        writes.announce_attempt(db, gw.sequencer.origin, row)
         return row
 
-    row = await write(gw, opened)
+    row = await write_after_peers(gw, opened)
     # Later calls to /rollout/{id}/v1 (no attempt named) join the new attempt, here and, told
     # at commit, on every replica sharing the store.
-    gw.sequencer.set_attempt(rollout_id, row["id"])
+    gw.sequencer.set_attempt(rollout_id, row["id"], row["number"])
     return json(row, status=201)
 
 
@@ -257,7 +258,7 @@ async def update_attempt(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.AttemptUpdate)
     rollout_id, attempt_id = request.match_info["rollout_id"], request.match_info["attempt_id"]
-    row = await write(
+    row = await write_after_peers(
         gw, lambda db: writes.update_attempt(db, rollout_id, attempt_id, status=body.status)
     )
     return json(row)

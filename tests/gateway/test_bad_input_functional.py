@@ -164,6 +164,9 @@ def _cursor(*key: Any) -> str:
         ("/api/spans", (2**63,)),
         ("/api/rewards", ([1],)),
         ("/api/rewards", (2**63,)),
+        ("/api/spans", ("abc",)),
+        ("/api/rollouts", ("x", "y")),
+        ("/api/rollouts", (1.5, "y")),
     ],
     ids=[
         "rollouts-object",
@@ -172,6 +175,9 @@ def _cursor(*key: Any) -> str:
         "spans-2**63",
         "rewards-array",
         "rewards-2**63",
+        "spans-text-for-a-number",
+        "rollouts-text-for-a-time",
+        "rollouts-float-for-a-time",
     ],
 )
 def test_cursor_with_the_right_length_but_wrong_types_is_422(
@@ -180,7 +186,8 @@ def test_cursor_with_the_right_length_but_wrong_types_is_422(
     """`GET /api/spans?cursor=<base64 of [{"a": 1}]>` (or `[9223372036854775808]`):
     `store.queries.decode_cursor` checked only that the cursor was a JSON array of the right
     length, so SQLite got a dict/list to bind (ProgrammingError) or an int past 64 bits
-    (OverflowError): 500, where `cursor=garbage` gets 422 `invalid cursor`."""
+    (OverflowError): 500, where `cursor=garbage` gets 422 `invalid cursor`. Text where a number
+    belongs failed PostgreSQL's query the same way, and SQLite read it as another page."""
     with _client(gateway) as client:
         response = client.get(path, params={"cursor": _cursor(*key)})
     assert_openai_error(response, 422, param="cursor")

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from conftest import gateway_settings
 from fake_provider import FakeProviderThread
 from pg import PostgresServer
 from servers import GatewayThread, read_rows, wait_until
+
+from store.backend import libpq_url
 
 
 @pytest.fixture
@@ -48,6 +51,9 @@ def test_a_call_after_an_attempt_opened_on_another_replica_joins_that_attempt(
     first = _chat(b, "r-att")
     assert first.status_code == 200 and first.headers["x-attempt-id"] == "1"
     b.flush()
+    # News no replica sent (anyone with the database can NOTIFY) must not stop B listening.
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("select pg_notify('spangate_attempts', 'not news')")
     opened = httpx.post(f"{a.base}/api/rollouts/r-att/attempts", json={}, timeout=10)
     assert opened.status_code == 201, opened.text
     assert opened.json()["id"] == "2"
