@@ -150,12 +150,15 @@ def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 def make_gateway(
     fake_provider: FakeProviderThread, db_path: Path
 ) -> Iterator[Callable[..., GatewayThread]]:
-    """Start a gateway with settings overrides (or a whole `settings=`); stopped at teardown."""
+    """Start a gateway with settings overrides (or a whole `settings=`) on the test's store
+    (or `db=`, another one, say a database replicas share); stopped at teardown."""
     started: list[GatewayThread] = []
 
-    def make(*, settings: Settings | None = None, **overrides: Any) -> GatewayThread:
+    def make(
+        *, settings: Settings | None = None, db: Any = None, **overrides: Any
+    ) -> GatewayThread:
         chosen = settings or gateway_settings(fake_provider.url, **overrides)
-        gateway = GatewayThread(chosen, db_path).start()
+        gateway = GatewayThread(chosen, db if db is not None else db_path).start()
         started.append(gateway)
         return gateway
 

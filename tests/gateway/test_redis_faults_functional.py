@@ -108,20 +108,6 @@ def own_redis() -> Iterator[OwnRedis]:
     server.close()
 
 
-@pytest.fixture
-def gateways() -> Iterator[Callable[..., GatewayThread]]:
-    started: list[GatewayThread] = []
-
-    def start(settings: Any, db: Any) -> GatewayThread:
-        gateway = GatewayThread(settings, db).start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in reversed(started):
-        gateway.stop()
-
-
 def settings_for(provider: FakeProviderThread, redis_url: str, **overrides: Any) -> Any:
     return gateway_settings(provider.url, shared={"redis_url": redis_url}, **overrides)
 
@@ -169,12 +155,12 @@ def test_a_gateway_starts_while_redis_is_down_and_serves_calls(
     fake_provider: FakeProviderThread,
     db_path: Path,
     own_redis: OwnRedis,
-    gateways: Callable[..., GatewayThread],
+    make_gateway: Callable[..., GatewayThread],
 ) -> None:
     """Every other Redis user connects on first use and degrades (budgets: uncounted or 503;
     sequence numbers: local); a replica (re)started while Redis is away should serve too."""
     own_redis.stop()
-    gateway = gateways(settings_for(fake_provider, own_redis.url), db_path)
+    gateway = make_gateway(settings=settings_for(fake_provider, own_redis.url))
     response = chat(gateway, "r-start")
     assert response.status_code == 200, response.text
     assert [s["seq"] for s in gateway.spans(rollout_id="r-start")] == [1]
@@ -188,7 +174,7 @@ def test_an_rpm_limited_deployment_answers_while_redis_is_away_or_just_back(
     fake_provider: FakeProviderThread,
     db_path: Path,
     own_redis: OwnRedis,
-    gateways: Callable[..., GatewayThread],
+    make_gateway: Callable[..., GatewayThread],
     redis_is: str,
 ) -> None:
     """Every call got a 500 while Redis was down (the limiter's error went up unhandled), and
@@ -196,7 +182,7 @@ def test_an_rpm_limited_deployment_answers_while_redis_is_away_or_just_back(
     settings = settings_for(
         fake_provider, own_redis.url, models=limited_models(fake_provider, rpm=100)
     )
-    gateway = gateways(settings, db_path)
+    gateway = make_gateway(settings=settings)
     assert chat(gateway, "r-rpm").status_code == 200
     own_redis.stop()
     if redis_is == "back empty":
@@ -213,7 +199,7 @@ def test_a_slow_redis_neither_freezes_the_replica_nor_holds_a_call_past_its_boun
     fake_provider: FakeProviderThread,
     db_path: Path,
     own_redis: OwnRedis,
-    gateways: Callable[..., GatewayThread],
+    make_gateway: Callable[..., GatewayThread],
     rpm: int | None,
 ) -> None:
     """Documented bounds: a budget state slower than 2 s is given up (README, Budgets across
@@ -226,7 +212,7 @@ def test_a_slow_redis_neither_freezes_the_replica_nor_holds_a_call_past_its_boun
         rate_limit_wait=0,
         models=limited_models(fake_provider, **deployment),
     )
-    gateway = gateways(settings, db_path)
+    gateway = make_gateway(settings=settings)
     assert chat(gateway, "r-warm").status_code == 200
     own_redis.sleep(12)
     # Redis no longer answers (a PING on a fresh connection waits behind the sleep).
@@ -268,7 +254,7 @@ def test_sequence_numbers_do_not_repeat_when_redis_comes_back_empty(
     fake_provider: FakeProviderThread,
     postgres: PostgresServer,
     own_redis: OwnRedis,
-    gateways: Callable[..., GatewayThread],
+    make_gateway: Callable[..., GatewayThread],
     how: str,
 ) -> None:
     """README: numbers may repeat across replicas only while the counter is away. A Redis
@@ -276,7 +262,8 @@ def test_sequence_numbers_do_not_repeat_when_redis_comes_back_empty(
     and started the rollout again at the asking replica's own highest number."""
     db = postgres.new_database()
     settings = settings_for(fake_provider, own_redis.url)
-    first, second = gateways(settings, db), gateways(settings, db)
+    first = make_gateway(settings=settings, db=db)
+    second = make_gateway(settings=settings, db=db)
     for i in range(4):
         assert chat((first, second)[i % 2], "r-seq", text=str(i)).status_code == 200
     # Stored, as spans older than `recorder.flush_interval` are (README: a span still in
@@ -304,7 +291,7 @@ def test_an_attempt_budget_holds_after_its_counter_expires_while_the_rollout_goe
     fake_provider: FakeProviderThread,
     db_path: Path,
     own_redis: OwnRedis,
-    gateways: Callable[..., GatewayThread],
+    make_gateway: Callable[..., GatewayThread],
 ) -> None:
     """README: counters expire `state_ttl` after a rollout's last call and are then seeded
     again from the store. An attempt's hash expired after its own last call, and while the
@@ -314,7 +301,7 @@ def test_an_attempt_budget_holds_after_its_counter_expires_while_the_rollout_goe
         own_redis.url,
         budgets={"attempt": {"max_calls": 2}, "state_ttl": 1},
     )
-    gateway = gateways(settings, db_path)
+    gateway = make_gateway(settings=settings)
     assert chat(gateway, "r-ttl", "a1").status_code == 200
     assert chat(gateway, "r-ttl", "a1").status_code == 200
     assert chat(gateway, "r-ttl", "a1").status_code == 402
@@ -343,7 +330,7 @@ def test_a_breaker_still_opens_while_redis_is_away(
     fake_provider: FakeProviderThread,
     db_path: Path,
     own_redis: OwnRedis,
-    gateways: Callable[..., GatewayThread],
+    make_gateway: Callable[..., GatewayThread],
 ) -> None:
     settings = settings_for(
         fake_provider,
@@ -351,7 +338,7 @@ def test_a_breaker_still_opens_while_redis_is_away(
         retries={"attempts": 1},
         circuit_breaker={"fail_max": 2, "reset_timeout": 30},
     )
-    gateway = gateways(settings, db_path)
+    gateway = make_gateway(settings=settings)
     assert chat(gateway).status_code == 200
     own_redis.stop()
     fake_provider.state.reset()

@@ -4,15 +4,13 @@ call's span is stored still finds the call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from conftest import gateway_settings
-from fake_provider import FakeProviderThread
 from pg import PostgresServer
 from servers import GatewayThread, read_rows, wait_until
 
@@ -21,19 +19,19 @@ from store.backend import libpq_url
 
 @pytest.fixture
 def two_replicas(
-    postgres: PostgresServer, fake_provider: FakeProviderThread, tmp_path: Path
-) -> Iterator[tuple[str, GatewayThread, GatewayThread]]:
+    postgres: PostgresServer, make_gateway: Callable[..., GatewayThread], tmp_path: Path
+) -> tuple[str, GatewayThread, GatewayThread]:
     """Replicas A and B on one fresh database. B commits once a second (0.2 s by default), so
     a span B served stays in its queue for the whole of a test step."""
     url = postgres.new_database()
-    started = []
-    for index, flush in enumerate((0.2, 1.0)):
-        recorder = {"journal_dir": str(tmp_path / f"journal-{index}"), "flush_interval": flush}
-        settings = gateway_settings(fake_provider.url, recorder=recorder)
-        started.append(GatewayThread(settings, url).start())
-    yield url, started[0], started[1]
-    for gateway in started:
-        gateway.stop()
+    a, b = (
+        make_gateway(
+            db=url,
+            recorder={"journal_dir": str(tmp_path / f"journal-{index}"), "flush_interval": flush},
+        )
+        for index, flush in enumerate((0.2, 1.0))
+    )
+    return url, a, b
 
 
 def _chat(gateway: GatewayThread, rollout: str) -> httpx.Response:
