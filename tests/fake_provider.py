@@ -125,6 +125,8 @@ class RecordedRequest:
     at: float
     # Set when a write to the client failed, i.e. the caller hung up mid-response.
     disconnected: bool = False
+    # The caller's (host, port): one per connection, so tests can see a connection reused.
+    peer: Any = None
 
     def header(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name.lower(), default)
@@ -670,6 +672,7 @@ def _provider_route(handler: Handler) -> Callable[[web.Request], Awaitable[web.S
             body=parsed,
             raw_body=raw,
             at=time.time(),
+            peer=request.transport.get_extra_info("peername") if request.transport else None,
         )
         state.record(rec)
         fault = state.next_fault()

@@ -274,21 +274,53 @@ async def _peek(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, No
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
-        first = b""
+        # Nothing reached the client yet: an empty stream is a failure that may be retried.
+        raise UpstreamProtocolError("the upstream's stream ended before its first event") from None
     except BaseException:
         await chunks.aclose()
         raise
 
     async def replay() -> AsyncGenerator[bytes, None]:
         try:
-            if first:
-                yield first
+            yield first
             async for chunk in chunks:
                 yield chunk
         finally:
             await chunks.aclose()
 
     return replay()
+
+
+class _Relayed(AsyncGenerator[bytes, None]):
+    """A stream's chunks that keep their deployment's call in flight until they end or are
+    closed (least-busy routing and the in-flight gauge count streams being relayed)."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], guard: Guard) -> None:
+        self._chunks = chunks
+        self._guard: Guard | None = guard
+
+    def _done(self) -> None:
+        if self._guard is not None:
+            self._guard.in_flight -= 1
+            self._guard = None
+
+    async def asend(self, value: None) -> bytes:
+        try:
+            return await self._chunks.asend(value)
+        except BaseException:
+            self._done()
+            raise
+
+    async def athrow(self, *args: Any) -> bytes:
+        try:
+            return await self._chunks.athrow(*args)
+        except BaseException:
+            self._done()
+            raise
+
+    async def aclose(self) -> None:
+        self._done()
+        await self._chunks.aclose()
 
 
 async def _first_answer(
@@ -373,6 +405,7 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
                 request.body = job.form.body_for(payload)
         provider = gw.providers[deployment.provider]
         guard.in_flight += 1
+        relayed = False
         started = time.perf_counter()
         job.sent_ns = time.perf_counter_ns()
         try:
@@ -404,8 +437,12 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
             raise
         else:
             guard.succeeded()
+            if response.chunks is not None:
+                response.chunks = _Relayed(response.chunks, guard)
+                relayed = True
         finally:
-            guard.in_flight -= 1
+            if not relayed:
+                guard.in_flight -= 1
     except _Failed as failed:
         response = failed.response
         record["status"] = response.status

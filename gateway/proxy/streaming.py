@@ -17,6 +17,8 @@ from gateway.proxy.tool_items import as_object, objects_in
 # What a failure the upstream reports after its 200 (an error event, `response.failed`, a
 # stream cut short) counts as in `upstream_status`: a bad gateway, as if it had answered so.
 UPSTREAM_FAILED_STATUS = 502
+# The failure of a stream that stopped before it said it was done.
+INCOMPLETE = "upstream_stream_incomplete"
 RESPONSES_TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
 
@@ -106,10 +108,25 @@ class _ChoiceChunks:
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
         self.failed: tuple[str, str | None] | None = None
+        # Set by the relay when `data: [DONE]` arrives: the upstream meant to end here.
+        self.done = False
 
     def failure(self) -> tuple[str, str | None] | None:
-        """(type, message) when the stream carried an error chunk."""
-        return self.failed
+        """(type, message) when the stream carried an error chunk, or ended with neither
+        `[DONE]` nor a finish reason on every choice (the upstream stopped short)."""
+        if self.failed is not None or self.done:
+            return self.failed
+        finishes = self.finishes()
+        if not finishes or None in finishes:
+            return (
+                INCOMPLETE,
+                "the upstream's stream ended before [DONE] and before every choice finished",
+            )
+        return None
+
+    def finishes(self) -> list[Any]:
+        """Each choice's finish reason so far (None while it goes on)."""
+        raise NotImplementedError
 
     def _choices(self, chunk: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         """Take the chunk's shared parts; its choices with their indexes."""
@@ -137,20 +154,18 @@ class ChatAssembler(_ChoiceChunks):
 
     def add(self, chunk: dict[str, Any]) -> None:
         for index, choice in self._choices(chunk):
-            slot = self.choices.setdefault(
-                index,
-                {"role": None, "content": [], "refusal": [], "tool_calls": {}, "finish": None},
-            )
+            slot = self.choices.setdefault(index, {"role": None, "tool_calls": {}, "finish": None})
             delta = as_object(choice.get("delta"))
             if isinstance(delta.get("role"), str):
                 slot["role"] = delta["role"]
-            if isinstance(delta.get("content"), str):
-                slot["content"].append(delta["content"])
-            if isinstance(delta.get("refusal"), str):
-                slot["refusal"].append(delta["refusal"])
+            for field in _JOINED_DELTA_TEXT:
+                piece = delta.get(field)
+                if isinstance(piece, str):
+                    slot.setdefault(field, []).append(piece)
             for call in objects_in(delta.get("tool_calls")):
-                position = call.get("index", 0) if isinstance(call.get("index", 0), int) else 0
-                _add_tool_call_delta(slot["tool_calls"].setdefault(position, {"id": None}), call)
+                calls = slot["tool_calls"]
+                position = _tool_call_position(calls, call)
+                _add_tool_call_delta(calls.setdefault(position, {"id": None}), call)
             if choice.get("finish_reason"):
                 slot["finish"] = choice["finish_reason"]
             if choice.get("logprobs") is not None:
@@ -162,10 +177,11 @@ class ChatAssembler(_ChoiceChunks):
             slot = self.choices[index]
             message: dict[str, Any] = {
                 "role": slot["role"] or "assistant",
-                "content": "".join(slot["content"]) if slot["content"] else None,
+                "content": "".join(slot["content"]) if "content" in slot else None,
             }
-            if slot["refusal"]:
-                message["refusal"] = "".join(slot["refusal"])
+            for field in _JOINED_DELTA_TEXT[1:]:
+                if field in slot:
+                    message[field] = "".join(slot[field])
             if slot["tool_calls"]:
                 message["tool_calls"] = [
                     _whole_tool_call(slot["tool_calls"][i]) for i in sorted(slot["tool_calls"])
@@ -184,6 +200,29 @@ class ChatAssembler(_ChoiceChunks):
             "choices": choices,
             "usage": self.usage,
         }
+
+    def finishes(self) -> list[Any]:
+        return [slot["finish"] for slot in self.choices.values()]
+
+
+# A chat delta's text fields joined across chunks: the answer, a refusal, and the reasoning
+# that vLLM, SGLang and DeepSeek stream beside it (kept as the plain answer keeps it).
+_JOINED_DELTA_TEXT = ("content", "refusal", "reasoning_content", "reasoning")
+
+
+def _tool_call_position(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> int:
+    """Where a streamed tool-call delta belongs: its `index`; with none (as Gemini streams
+    parallel calls, each whole), the last call, unless the delta names a new id."""
+    index = delta.get("index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    if not calls:
+        return 0
+    last = max(calls)
+    known = calls[last].get("id")
+    if delta.get("id") and known and delta["id"] != known:
+        return last + 1
+    return last
 
 
 # The text fields of a chat tool call's body that arrive in pieces, per call type.
@@ -240,6 +279,9 @@ class CompletionAssembler(_ChoiceChunks):
                 self.finish[index] = choice["finish_reason"]
             else:
                 self.finish.setdefault(index, None)
+
+    def finishes(self) -> list[Any]:
+        return list(self.finish.values())
 
     def result(self) -> dict[str, Any]:
         return {
@@ -304,10 +346,7 @@ class ResponsesAssembler:
         if self.failed is not None:
             return self.failed
         if not self.ended:
-            return (
-                "upstream_stream_incomplete",
-                "the upstream's Responses stream ended before its terminal event",
-            )
+            return (INCOMPLETE, "the upstream's Responses stream ended before its terminal event")
         return None
 
     def result(self) -> dict[str, Any]:

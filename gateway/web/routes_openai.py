@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -15,6 +16,7 @@ from gateway.errors import (
     GatewayError,
     RolloutRequired,
     UpstreamError,
+    UpstreamProtocolError,
 )
 from gateway.proxy.attribution import new_trace_id, read_attribution, rollout_trace
 from gateway.proxy.call import Call, number_call
@@ -25,7 +27,11 @@ from gateway.proxy.operations import binary_answer, parse_request
 from gateway.proxy.spans import error_fields, failure_of, reply_fields
 from gateway.proxy.stream_usage import estimate_missing_usage
 from gateway.proxy.streaming import (
+    INCOMPLETE,
     UPSTREAM_FAILED_STATUS,
+    Assembler,
+    ChatAssembler,
+    CompletionAssembler,
     SSESplitter,
     has_token,
     loads_or_none,
@@ -61,6 +67,11 @@ OPERATIONS = {
 STREAMABLE = frozenset({"chat", "text_completion", "responses"})
 PREFIXES = ("", "/rollout/{rollout_id}", "/rollout/{rollout_id}/attempt/{attempt_id}")
 _DONE = b"[DONE]"
+# How long the rest of an upstream body may take after its `[DONE]` (most often the chunked
+# body's last five bytes) before its connection is hung up on rather than kept.
+FINISH_SECONDS = 5.0
+# Upstream bodies being read to their end after `[DONE]` (the loop holds tasks weakly).
+_finishing: set[asyncio.Task[None]] = set()
 
 
 async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
@@ -91,7 +102,12 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     out = web.StreamResponse(status=response.status, headers={**response.headers, **call.headers()})
     call.fields["http_status"] = call.fields["upstream_status"] = response.status
     bound_send_buffer(request)
-    await out.prepare(request)
+    try:
+        await out.prepare(request)
+    except BaseException:
+        # No byte of it will be relayed: the upstream's connection goes, its call ends.
+        await response.chunks.aclose()
+        raise
     splitter = SSESplitter()
     assembler = new_assembler(call.operation)
     held: list[bytes] = []
@@ -104,6 +120,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     )
     # Events that arrived together leave together: one write, not one per event.
     outgoing: list[bytes] = []
+    at_done = False
     try:
         async for chunk in chunks:
             call.stream_bytes += len(chunk)
@@ -115,6 +132,11 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                     # Held back until the span is published, so a client that acts on
                     # [DONE] (say, posts a reward) always finds the span.
                     held.append(raw_event)
+                    if isinstance(assembler, ChatAssembler | CompletionAssembler):
+                        # A chat or completion stream ends here: what an upstream sends
+                        # after it reaches no SDK, and a connection kept open holds nothing.
+                        assembler.done = at_done = True
+                        break
                     continue
                 obj = loads_or_none(data)
                 forward = True
@@ -139,15 +161,24 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                 await write_within(request, out, batch, write_timeout)
                 if token_in_batch:
                     call.first_token_ns = time.perf_counter_ns()
-        rest = splitter.rest()
-        if rest.strip():
-            await write_within(request, out, rest, write_timeout)
+            if at_done:
+                break
+        else:
+            rest = splitter.rest()
+            if parse_event(rest)[1] == _DONE and isinstance(
+                assembler, ChatAssembler | CompletionAssembler
+            ):
+                # A last `[DONE]` without its blank line still says the answer is whole.
+                assembler.done = True
+                held.append(rest)
+            elif rest.strip():
+                await write_within(request, out, rest, write_timeout)
         call.upstream_done_ns = time.perf_counter_ns()
     except UpstreamError as exc:
         call.upstream_done_ns = time.perf_counter_ns()
         # The client got its 200 already; the status is the upstream's failure (502, 504).
         call.fail_after_answer(exc.code or exc.type, exc.message, exc.status)
-        call.publish(assembler.result())
+        call.publish(_assembled(call, assembler))
         with contextlib.suppress(ConnectionError):
             error_event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
             await write_within(request, out, call.redact(error_event), write_timeout)
@@ -156,11 +187,11 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
     except ConnectionError as exc:
         # Also a client that stopped reading (ClientTooSlow): it gets no more of the answer.
         call.client_closed(f"the client went away mid-stream: {exc}")
-        call.publish(assembler.result())
+        call.publish(_assembled(call, assembler))
         return out
     except asyncio.CancelledError:
         call.cancel(client_gone=request.transport is None or request.transport.is_closing())
-        call.publish(assembler.result())
+        call.publish(_assembled(call, assembler))
         raise
     except Exception as exc:
         # Headers are gone already: a 500 now would corrupt the stream, so end it with an
@@ -171,7 +202,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         )
         error = GatewayError(f"the gateway could not relay this stream: {type(exc).__name__}")
         call.fail_after_answer("gateway_error", str(exc))
-        call.publish(assembler.result())
+        call.publish(_assembled(call, assembler))
         # The events of this read that came before the failure go out first, as they came.
         outgoing.append(b"data: " + orjson.dumps(error.body()) + b"\n\n")
         with contextlib.suppress(ConnectionError):
@@ -180,20 +211,50 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         return out
     finally:
         await chunks.aclose()
-        await response.chunks.aclose()
-    result = assembler.result()
-    call.fields.update({k: v for k, v in reply_fields(operation, result).items() if v is not None})
-    estimate_missing_usage(operation, call.payload, result, call.fields, call.extra_attributes)
-    if failed := assembler.failure():
-        call.fail_after_answer(*failed, UPSTREAM_FAILED_STATUS)
-    call.publish(result)
-    await call.record_executed_tools()
-    # The call is recorded: a client that stops reading now is only dropped.
-    with contextlib.suppress(ConnectionError):
-        for raw_event in held:
-            await write_within(request, out, raw_event, write_timeout)
-        await end_within(request, out, write_timeout)
+        if not at_done:
+            await response.chunks.aclose()
+    try:
+        result = _assembled(call, assembler)
+        if failed := assembler.failure():
+            call.fail_after_answer(*failed, UPSTREAM_FAILED_STATUS)
+            if failed[0] == INCOMPLETE:
+                # The SDK raises on this event, as it would on the upstream's own error.
+                error = UpstreamProtocolError(failed[1] or "the upstream's stream ended early")
+                error.code = INCOMPLETE
+                held.append(b"data: " + orjson.dumps(error.body()) + b"\n\n")
+        call.publish(result)
+        await call.record_executed_tools()
+        # The call is recorded: a client that stops reading now is only dropped.
+        with contextlib.suppress(ConnectionError):
+            for raw_event in held:
+                await write_within(request, out, raw_event, write_timeout)
+            await end_within(request, out, write_timeout)
+    finally:
+        if at_done:
+            finishing = asyncio.ensure_future(_finish_upstream(response.chunks))
+            _finishing.add(finishing)
+            finishing.add_done_callback(_finishing.discard)
     return out
+
+
+def _assembled(call: Call, assembler: Assembler) -> dict[str, Any]:
+    """The answer assembled so far, its span fields taken (tokens estimated when the stream
+    reported none), whether the stream ended well or not."""
+    result = assembler.result()
+    fields = reply_fields(call.operation, result)
+    call.fields.update({k: v for k, v in fields.items() if v is not None})
+    estimate_missing_usage(call.operation, call.payload, result, call.fields, call.extra_attributes)
+    return result
+
+
+async def _finish_upstream(chunks: AsyncGenerator[bytes, None]) -> None:
+    """Read an upstream body to its end after its `[DONE]`, so its connection is kept; one
+    that lingers past FINISH_SECONDS, or fails, is hung up on."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(FINISH_SECONDS):
+            async for _ in chunks:
+                pass
+    await chunks.aclose()
 
 
 async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
