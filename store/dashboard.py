@@ -36,11 +36,10 @@ ROLLOUT_DURATION = """(select (max(s.end_ns) - min(s.start_ns)) / 1e6 from spans
 NO_VALUE = -1e308
 BROWSE_SORTS = {
     "created": "r.created_ns",
-    "calls": """(select count(*) from spans s
-     where s.rollout_id = r.id and s.operation != 'execute_tool')""",
+    "calls": "(select count(*) from spans s where s.rollout_id = r.id and {s_model_call})",
     "errors": "(select count(*) from spans s where s.rollout_id = r.id and s.status = 'error')",
     "tokens": """(select coalesce(sum(s.input_tokens), 0) + coalesce(sum(s.output_tokens), 0)
-     from spans s where s.rollout_id = r.id)""",
+     from spans s where s.rollout_id = r.id and {s_model_call})""",
     "cost": f"""coalesce((select sum(s.cost_usd) from spans s where s.rollout_id = r.id),
      {NO_VALUE})""",
     "duration": f"coalesce({ROLLOUT_DURATION}, {NO_VALUE})",
@@ -66,8 +65,10 @@ order by sort_key {direction}, id {direction}
 limit :limit
 """
 
+# The summary goes in as a `.format` value, so its `{s_model_call}` holes stay for
+# `for_dialect`.
 BROWSE_ROWS_SQL = f"""
-select r.*, {ROLLOUT_SUMMARY_COLUMNS},
+select r.*, {{summary}},
   {ROLLOUT_REWARD} as reward,
   {ROLLOUT_DURATION} as duration_ms
 from rollouts r
@@ -84,7 +85,7 @@ select
 from spans
 where start_ns >= :since_ns
   and start_ns < :until_ns
-  and operation != 'execute_tool'
+  and {model_call}
 """
 
 REWARD_VALUES_SQL = """
@@ -148,7 +149,9 @@ def browse_rollouts(
     if not keys:
         return Page([], None)
     ids = {f"id{i}": key[0] for i, key in enumerate(keys)}
-    rows_sql = BROWSE_ROWS_SQL.format(ids=", ".join(f":{name}" for name in ids))
+    rows_sql = BROWSE_ROWS_SQL.format(
+        summary=ROLLOUT_SUMMARY_COLUMNS, ids=", ".join(f":{name}" for name in ids)
+    )
     found = {row["id"]: row for row in _rows(db, rows_sql, {**ids, "reward_name": reward_name})}
     rows = [found[rollout_id] for rollout_id, _ in keys if rollout_id in found]
     last_id, last_key = keys[-1]
@@ -181,7 +184,8 @@ def timeseries(
     ]
     durations: list[list[float]] = [[] for _ in range(buckets)]
     params = {"since_ns": since_ns, "until_ns": until_ns, "bucket_ns": bucket_ns}
-    for bucket, failed, duration_ms, tokens, cost in db.execute(TIMESERIES_SQL, params):
+    sql = for_dialect(TIMESERIES_SQL, dialect_of(db))
+    for bucket, failed, duration_ms, tokens, cost in db.execute(sql, params):
         slot = out[min(bucket, buckets - 1)]
         slot["calls"] += 1
         slot["errors"] += failed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypedDict, Unpack
@@ -24,15 +24,22 @@ from store.schema import SPAN_COLUMNS
 
 MAX_PAGE = 1000
 
+# A model call the gateway proxied, as a `{model_call}` hole (`{s_model_call}` for spans
+# aliased `s`) that `for_dialect` fills: not a tool execution, and not an agent's own span
+# taken on POST /v1/traces. Those carry `spangate.source: otlp`; the gateway's call of the
+# same model request is already counted, calls and tokens, so counting them would double it.
+MODEL_CALL_SOURCE = "otlp"
+
 ROLLOUT_SUMMARY_COLUMNS = """
   (select count(*) from attempts a where a.rollout_id = r.id) as attempts,
-  (select count(*) from spans s
-     where s.rollout_id = r.id and s.operation != 'execute_tool') as calls,
+  (select count(*) from spans s where s.rollout_id = r.id and {s_model_call}) as calls,
   (select count(*) from spans s where s.rollout_id = r.id and s.status = 'error') as errors,
   (select count(*) from spans s
      where s.rollout_id = r.id and s.operation = 'execute_tool') as tool_executions,
-  (select coalesce(sum(s.input_tokens), 0) from spans s where s.rollout_id = r.id) as input_tokens,
-  (select coalesce(sum(s.output_tokens), 0) from spans s where s.rollout_id = r.id) as output_tokens,
+  (select coalesce(sum(s.input_tokens), 0) from spans s
+     where s.rollout_id = r.id and {s_model_call}) as input_tokens,
+  (select coalesce(sum(s.output_tokens), 0) from spans s
+     where s.rollout_id = r.id and {s_model_call}) as output_tokens,
   (select sum(s.cost_usd) from spans s where s.rollout_id = r.id) as cost_usd
 """
 
@@ -46,10 +53,12 @@ ROLLOUT_FILTERS = {
     "cursor_ns": "(r.created_ns < :cursor_ns or (r.created_ns = :cursor_ns and r.id < :cursor_id))",
 }
 
-LIST_ROLLOUTS_SQL = f"""
-select r.*, {ROLLOUT_SUMMARY_COLUMNS}
+# The summary goes in as a `.format` value, so its `{s_model_call}` holes stay for
+# `for_dialect`.
+LIST_ROLLOUTS_SQL = """
+select r.*, {summary}
 from rollouts r
-where {{where}}
+where {where}
 order by r.created_ns desc, r.id desc
 limit :limit
 """
@@ -115,7 +124,7 @@ select
   avg(overhead_ms) as mean_overhead_ms
 from spans
 where start_ns >= :since_ns
-  and operation != 'execute_tool'
+  and {model_call}
 group by 1
 order by calls desc
 """
@@ -163,12 +172,36 @@ class Page:
 @lru_cache(maxsize=256)
 def for_dialect(sql: str, dialect: str) -> str:
     """The SQL with `{r_tags}`-style holes filled for this dialect (JSON arrays as tables, a
-    substring test)."""
+    substring test, a model call)."""
     return (
         sql.replace("{r_tags}", json_table(dialect, "r.tags", "t"))
         .replace("{span_tags}", json_table(dialect, "spans.tags", "t"))
         .replace("{id_has_text}", contains(dialect, "r.id", ":text"))
+        .replace("{model_call}", model_call(dialect))
+        .replace("{s_model_call}", model_call(dialect, "s."))
     )
+
+
+def model_call(dialect: str, alias: str = "") -> str:
+    """SQL true where the span (`alias` its table's prefix, e.g. `s.`) is a model call the
+    gateway proxied; `is_model_call` says the same of a decoded span."""
+    attributes = f"{alias}attributes"
+    if dialect == "postgresql":
+        source = f"(cast({attributes} as jsonb) ->> 'spangate.source')"
+    else:
+        source = f"""json_extract({attributes}, '$."spangate.source"')"""
+    # Ingested spans never have an http_status: the gateway's calls skip parsing the JSON.
+    return (
+        f"({alias}operation != 'execute_tool' and ({alias}http_status is not null"
+        f" or coalesce({source}, '') != '{MODEL_CALL_SOURCE}'))"
+    )
+
+
+def is_model_call(span: Mapping[str, Any]) -> bool:
+    """A decoded span is a model call the gateway proxied (see `model_call`)."""
+    attributes = span.get("attributes")
+    source = attributes.get("spangate.source") if isinstance(attributes, dict) else None
+    return span["operation"] != "execute_tool" and source != MODEL_CALL_SOURCE
 
 
 def _rows(db: Database, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -247,6 +280,7 @@ def list_rollouts(
         params,
         _limit(limit, max_page),
         lambda last: (last["created_ns"], last["id"]),
+        summary=ROLLOUT_SUMMARY_COLUMNS,
     )
     for row in page.data:
         row["tokens"] = (row["input_tokens"] or 0) + (row["output_tokens"] or 0)
@@ -341,6 +375,21 @@ def stats(db: Database, *, since_ns: int | None = None) -> dict[str, Any]:
     return {"totals": totals, "by_model": by_model, "rollouts_by_status": counts}
 
 
+# Ids asked for in one statement: far under SQLite's and PostgreSQL's limits on parameters.
+SPAN_ID_BATCH = 500
+
+
+def recorded_span_ids(db: Database, span_ids: Sequence[str]) -> set[str]:
+    """Which of `span_ids` the store holds."""
+    found: set[str] = set()
+    for start in range(0, len(span_ids), SPAN_ID_BATCH):
+        batch = list(span_ids[start : start + SPAN_ID_BATCH])
+        marks = ", ".join("?" * len(batch))
+        sql = f"select span_id from spans where span_id in ({marks})"
+        found.update(row[0] for row in db.execute(sql, batch).fetchall())
+    return found
+
+
 def max_rowid(db: Database) -> int:
     """The newest span's rowid: where a live subscriber starts."""
     return db.execute("select coalesce(max(rowid), 0) from spans").fetchone()[0]
@@ -382,14 +431,13 @@ order by created_ns
 ROLLOUT_BUDGET_USAGE_SQL = """
 select
   attempt_id,
-  sum(case when operation != 'execute_tool'
-        and coalesce(error_type, '') != 'budget_exceeded' then 1 else 0 end) as calls,
+  sum(case when coalesce(error_type, '') != 'budget_exceeded' then 1 else 0 end) as calls,
   coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0) as tokens,
   coalesce(sum(cost_usd), 0.0) as cost,
-  min(case when operation != 'execute_tool'
-        and coalesce(error_type, '') != 'budget_exceeded' then start_ns end) as first_ns
+  min(case when coalesce(error_type, '') != 'budget_exceeded' then start_ns end) as first_ns
 from spans
 where rollout_id = :rollout_id
+  and {model_call}
 group by attempt_id
 """
 
@@ -478,13 +526,14 @@ def get_rollout(db: Database, rollout_id: str, *, bodies: bool = True) -> dict[s
     rollout["attempts"] = attempts
     rollout["unattempted_spans"] = [s for group in by_attempt.values() for s in group]
     rollout["rewards"] = rewards
+    calls = [s for s in spans if is_model_call(s)]
     rollout["summary"] = {
-        "calls": sum(1 for s in spans if s["operation"] != "execute_tool"),
+        "calls": len(calls),
         "tool_executions": sum(1 for s in spans if s["operation"] == "execute_tool"),
         "errors": sum(1 for s in spans if s["status"] == "error"),
         "budget_refusals": sum(1 for s in spans if s["error_type"] == "budget_exceeded"),
-        "input_tokens": sum(s["input_tokens"] or 0 for s in spans),
-        "output_tokens": sum(s["output_tokens"] or 0 for s in spans),
+        "input_tokens": sum(s["input_tokens"] or 0 for s in calls),
+        "output_tokens": sum(s["output_tokens"] or 0 for s in calls),
         "cost_usd": sum(s["cost_usd"] or 0.0 for s in spans),
         "duration_ms": (
             (max(s["end_ns"] for s in spans) - min(s["start_ns"] for s in spans)) / 1e6

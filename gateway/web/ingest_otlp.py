@@ -7,7 +7,9 @@ stored through the recorder like any call, so it takes the writer's safe path.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,17 +30,31 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
+from gateway.errors import BodyTooLarge, InvalidRequest, UnreadableBody, UnsupportedMediaType
 from gateway.proxy.attribution import valid_id
 from gateway.web.state import GATEWAY, Gateway
+from store.queries import recorded_span_ids
+
+log = logging.getLogger("spangate.ingest")
 
 ROLLOUT_KEYS = ("rollout.id", "agentlightning.rollout_id")
 ATTEMPT_KEYS = ("rollout.attempt.id", "agentlightning.attempt_id")
 # Trace id -> (rollout, attempt) of recent gateway calls, for spans that name no rollout.
 TRACES_REMEMBERED = 100_000
+# Span ids recently taken, so an exporter re-sending an export whose answer it missed gets no
+# second copy (nor new seq numbers) while the first may still be on its way to the store.
+SPANS_REMEMBERED = 100_000
+# Spans published between two turns the event loop gets, so a large export does not hold up
+# every other request.
+PUBLISH_BATCH = 500
 MAX_NAME_CHARS = 1_000
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
+# The gateway's own attributes: an agent's span may not set them (the dashboard, the metrics
+# and the call counts read them), so its own are kept under this prefix instead.
+OWN_PREFIX = "spangate."
+AGENT_PREFIX = "agent."
+ZERO_TRACE_ID, ZERO_SPAN_ID = bytes(16), bytes(8)
 _KIND_NAMES = {
     value: name.removeprefix("SPAN_KIND_").lower() for name, value in Span.SpanKind.items()
 }
@@ -64,9 +80,13 @@ class IngestStats:
 class TraceIndex:
     """Recorder subscriber: which rollout each recent trace belongs to (bounded)."""
 
-    def __init__(self, capacity: int = TRACES_REMEMBERED) -> None:
+    def __init__(
+        self, capacity: int = TRACES_REMEMBERED, spans_capacity: int = SPANS_REMEMBERED
+    ) -> None:
         self._capacity = capacity
         self._traces: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self._spans_capacity = spans_capacity
+        self._spans: OrderedDict[str, None] = OrderedDict()
         self.stats = IngestStats()
 
     def on_span(self, record: Mapping[str, Any]) -> None:
@@ -81,7 +101,17 @@ class TraceIndex:
             self._traces.popitem(last=False)
 
     def get(self, trace_id: str) -> tuple[str, str | None] | None:
+        # Also called from the parsing thread: a single dict lookup, atomic under the GIL.
         return self._traces.get(trace_id)
+
+    def first_time(self, span_id: str) -> bool:
+        """Whether the span id is new to this process's recent ingests (and notes it)."""
+        if span_id in self._spans:
+            return False
+        self._spans[span_id] = None
+        if len(self._spans) > self._spans_capacity:
+            self._spans.popitem(last=False)
+        return True
 
 
 TRACE_INDEX = web.AppKey("trace_index", TraceIndex)
@@ -120,12 +150,19 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
             if size > limit:
                 raise BodyTooLarge(f"the trace export is over {limit} bytes")
             chunks.append(chunk)
-    except ContentEncodingError as exc:
-        raise InvalidRequest(f"the body cannot be decompressed: {exc}") from exc
+    except (ContentEncodingError, web.RequestPayloadError) as exc:
+        # aiohttp reports a corrupt or cut gzip/deflate stream as a payload error.
+        encoding = request.headers.get("Content-Encoding", "")
+        raise UnreadableBody(
+            f"the body could not be read as Content-Encoding {encoding!r}: {exc}"
+        ) from exc
     return b"".join(chunks)
 
 
 _ID_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+# What an id that is not hex becomes: one byte, a length no id has, so the span it belongs to
+# is rejected on its own (as a protobuf id of the wrong length is), not the whole export.
+_MALFORMED_ID = base64.b64encode(b"\0").decode()
 
 
 def _b64_ids(value: Any) -> Any:
@@ -136,8 +173,8 @@ def _b64_ids(value: Any) -> Any:
             if key in _ID_KEYS and isinstance(item, str):
                 try:
                     item = base64.b64encode(bytes.fromhex(item)).decode()
-                except ValueError as exc:
-                    raise InvalidRequest(f"{key} {item[:40]!r} is not hex") from exc
+                except ValueError:
+                    item = _MALFORMED_ID
             out[key] = _b64_ids(item)
         return out
     if isinstance(value, list):
@@ -150,6 +187,8 @@ def decode_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
     if content_type == JSON:
         try:
             data = orjson.loads(body)
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__} where an object belongs")
             json_format.ParseDict(_b64_ids(data), message, ignore_unknown_fields=True)
         except (orjson.JSONDecodeError, json_format.ParseError, TypeError) as exc:
             raise InvalidRequest(f"the body is not an OTLP/JSON trace export: {exc}") from exc
@@ -190,6 +229,18 @@ def _valid_id(value: str | None) -> bool:
     return value is None or valid_id(value)
 
 
+def _malformed_ids(span: Span) -> bool:
+    """W3C and OTLP: 16-byte trace ids and 8-byte span ids, never all zeros; the parent is
+    empty (a root) or a span id."""
+    return (
+        len(span.trace_id) != 16
+        or len(span.span_id) != 8
+        or span.trace_id == ZERO_TRACE_ID
+        or span.span_id == ZERO_SPAN_ID
+        or len(span.parent_span_id) not in (0, 8)
+    )
+
+
 @dataclass
 class Parsed:
     records: list[dict[str, Any]]
@@ -211,15 +262,15 @@ def to_records(message: ExportTraceServiceRequest, index: TraceIndex) -> Parsed:
     for resource_attributes, attributes, span, _ in candidates:
         merged = {**resource_attributes, **attributes}
         rollout = _first(merged, ROLLOUT_KEYS)
-        if rollout and len(span.trace_id) == 16:
+        if rollout and not _malformed_ids(span):
             named.setdefault(span.trace_id.hex(), (rollout, _first(merged, ATTEMPT_KEYS)))
     records: list[dict[str, Any]] = []
     reasons: list[str] = []
     rejected = 0
     for resource_attributes, attributes, span, scope in candidates:
         problem = None
-        if len(span.trace_id) != 16 or len(span.span_id) != 8:
-            problem = "trace ids must be 16 bytes and span ids 8"
+        if _malformed_ids(span):
+            problem = "trace ids must be 16 bytes and span ids 8, in hex in JSON, not all zeros"
         else:
             merged = {**resource_attributes, **attributes}
             trace_id = span.trace_id.hex()
@@ -256,7 +307,7 @@ def _record(
     start = span.start_time_unix_nano
     end = max(span.end_time_unix_nano, start)
     kept = {
-        **attributes,
+        **{AGENT_PREFIX + k if k.startswith(OWN_PREFIX) else k: v for k, v in attributes.items()},
         "spangate.source": "otlp",
         "spangate.span.kind": _KIND_NAMES.get(span.kind, "internal"),
     }
@@ -268,7 +319,12 @@ def _record(
     record: dict[str, Any] = {
         "span_id": span.span_id.hex(),
         "trace_id": span.trace_id.hex(),
-        "parent_span_id": span.parent_span_id.hex() if len(span.parent_span_id) == 8 else None,
+        # An all-zero parent is no parent: some exporters write one for a root span.
+        "parent_span_id": (
+            span.parent_span_id.hex()
+            if span.parent_span_id and span.parent_span_id != ZERO_SPAN_ID
+            else None
+        ),
         "rollout_id": rollout_id,
         "attempt_id": attempt_id,
         "seq": None,
@@ -301,14 +357,48 @@ def _record(
 # -- the route --------------------------------------------------------------------------
 
 
-async def _publish(gw: Gateway, records: list[dict[str, Any]]) -> None:
-    """Number each rollout's spans in start order, after what the rollout already has."""
-    records.sort(key=lambda r: (r["rollout_id"], r["start_ns"]))
-    for record in records:
-        rollout_id = record["rollout_id"]
-        record["attempt_id"] = await gw.sequencer.attempt_of(rollout_id, record["attempt_id"])
-        record["seq"] = await gw.sequencer.reserve(rollout_id)
-        gw.recorder.publish(record)
+def _parse(body: bytes, content_type: str, index: TraceIndex) -> Parsed:
+    """The export as span records: CPU work, run off the event loop."""
+    return to_records(decode_request(body, content_type), index)
+
+
+async def _unrecorded(gw: Gateway, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records whose span the store does not hold yet (an exporter's retry of an export
+    already taken holds nothing new)."""
+    if not records:
+        return records
+    try:
+        stored = await gw.reader.run(recorded_span_ids, [r["span_id"] for r in records])
+    except Exception as exc:
+        # The writer keeps spans safe while the store is away; only the recent ids dedupe then.
+        log.warning("could not look up ingested span ids in the store: %s", exc)
+        return records
+    return [r for r in records if r["span_id"] not in stored]
+
+
+async def _publish(gw: Gateway, index: TraceIndex, records: list[dict[str, Any]]) -> int:
+    """Number each rollout's spans in start order, after what the rollout already has; spans
+    this process took lately are skipped before they get a number. Returns how many went."""
+    # Checked and noted with no await between, so a retry arriving meanwhile skips them too.
+    fresh = [r for r in records if index.first_time(r["span_id"])]
+    fresh.sort(key=lambda r: (r["rollout_id"], r["start_ns"]))
+    by_rollout: dict[str, list[dict[str, Any]]] = {}
+    for record in fresh:
+        by_rollout.setdefault(record["rollout_id"], []).append(record)
+    published = 0
+    for rollout_id, group in by_rollout.items():
+        for record in group:
+            record["attempt_id"] = await gw.sequencer.attempt_of(rollout_id, record["attempt_id"])
+        first = await gw.sequencer.reserve(rollout_id, len(group))
+        for seq, record in enumerate(group, start=first):
+            record["seq"] = seq
+            index.note(record["trace_id"], rollout_id, record["attempt_id"])
+            gw.recorder.publish(record)
+            published += 1
+            if published % PUBLISH_BATCH == 0:
+                # Awaits that find their answer ready never suspend: give other requests a turn.
+                await asyncio.sleep(0)
+    return published
 
 
 async def ingest_traces(request: web.Request) -> web.Response:
@@ -321,13 +411,14 @@ async def ingest_traces(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"use {PROTOBUF} or {JSON}, not {content_type}")
     # aiohttp undoes gzip as the body streams in, so the limit bounds the inflated size too.
     body = await _read_limited(request, settings.ingest_max_bytes)
-    message = decode_request(body, content_type)
     index = request.app[TRACE_INDEX]
-    parsed = to_records(message, index)
-    for record in parsed.records:
-        index.note(record["trace_id"], record["rollout_id"], record["attempt_id"])
-    await _publish(gw, parsed.records)
-    index.stats.accepted += len(parsed.records)
+    # Decoding and mapping a large export takes seconds of CPU. On a thread the event loop
+    # still gets its turns (the GIL changes hands every few milliseconds), so health probes
+    # and proxied calls keep being answered meanwhile.
+    loop = asyncio.get_running_loop()
+    parsed = await loop.run_in_executor(None, _parse, body, content_type, index)
+    published = await _publish(gw, index, await _unrecorded(gw, parsed.records))
+    index.stats.accepted += published
     index.stats.rejected += parsed.rejected
     answer = ExportTraceServiceResponse()
     if parsed.rejected:

@@ -3,7 +3,12 @@ the gateway, and they join their rollout; the endpoint answers as the OTLP spec 
 
 from __future__ import annotations
 
+import base64
 import gzip
+import os
+import socket
+import threading
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -240,3 +245,308 @@ def test_ingest_needs_the_proxy_scope(make_gateway: Callable[..., GatewayThread]
         url, content=body, headers={**headers, "Authorization": "Bearer agent-key-1"}
     )
     assert allowed.status_code == 200
+
+
+TRACE = "5b8efff798038103d269b633813fc60c"
+
+
+def _span(span_id: str, *, trace_id: str = TRACE, name: str = "step", **extra: Any) -> dict:
+    return {
+        "traceId": trace_id,
+        "spanId": span_id,
+        "name": name,
+        "kind": 1,
+        "startTimeUnixNano": "1700000000000000000",
+        "endTimeUnixNano": "1700000001000000000",
+        **extra,
+    }
+
+
+def _export(rollout_id: str, spans: list[dict[str, Any]]) -> dict[str, Any]:
+    attributes = [{"key": "rollout.id", "value": {"stringValue": rollout_id}}]
+    return {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": attributes},
+                "scopeSpans": [{"scope": {"name": "agent"}, "spans": spans}],
+            }
+        ]
+    }
+
+
+def _agent_spans(rollout_id: str, count: int) -> dict[str, Any]:
+    """What an instrumented agent sends: its own internal spans (plan, turn...)."""
+    return _export(
+        rollout_id,
+        [_span(f"{i + 1:016x}", trace_id=f"{i + 1:032x}", name=f"plan {i}") for i in range(count)],
+    )
+
+
+def _post_json(gateway: GatewayThread, body: Any, **headers: str) -> httpx.Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.post(
+        f"{gateway.base}/v1/traces",
+        content=content,
+        headers={"Content-Type": "application/json", **headers},
+    )
+
+
+def _protobuf(data: dict[str, Any]) -> bytes:
+    """An OTLP/JSON export as protobuf (whose JSON mapping has the ids in base64)."""
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    for span in data["resourceSpans"][0]["scopeSpans"][0]["spans"]:
+        for key in ("traceId", "spanId"):
+            span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
+    return json_format.ParseDict(data, ExportTraceServiceRequest()).SerializeToString()
+
+
+def _chat(gateway: GatewayThread, rollout_id: str, attempt_id: str | None = "1") -> None:
+    with openai.OpenAI(
+        base_url=gateway.url(rollout_id, attempt_id), api_key="k", max_retries=0
+    ) as client:
+        client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+
+
+def test_a_malformed_json_id_rejects_that_span_only(gateway: GatewayThread) -> None:
+    body = _export("ag-6", [_span("aaa91f3b8ff4e0b1"), _span("not-hex-at-all!!")])
+    response = _post_json(gateway, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["partialSuccess"]["rejectedSpans"] == "1"
+    assert [s["span_id"] for s in gateway.spans(rollout_id="ag-6")] == ["aaa91f3b8ff4e0b1"]
+
+
+def test_a_malformed_protobuf_id_rejects_that_span_only(gateway: GatewayThread) -> None:
+    body = _protobuf(_export("ag-7", [_span("eee91f3b8ff4e0b1"), _span("abcdef")]))
+    response = httpx.post(
+        f"{gateway.base}/v1/traces",
+        content=body,
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    assert response.status_code == 200
+    assert (
+        ExportTraceServiceResponse.FromString(response.content).partial_success.rejected_spans == 1
+    )
+    assert len(gateway.spans(rollout_id="ag-7")) == 1
+
+
+def test_all_zero_ids_are_malformed(gateway: GatewayThread) -> None:
+    body = _export(
+        "ag-8",
+        [
+            _span("0000000000000000"),
+            _span("aaa91f3b8ff4e0b2", trace_id="0" * 32),
+            _span("aaa91f3b8ff4e0b3", parentSpanId="0000000000000000"),
+        ],
+    )
+    response = _post_json(gateway, body)
+    assert response.status_code == 200
+    assert response.json()["partialSuccess"]["rejectedSpans"] == "2"
+    # An all-zero parent is taken for none, as some exporters write it for a root.
+    (root,) = gateway.spans(rollout_id="ag-8")
+    assert root["span_id"] == "aaa91f3b8ff4e0b3" and root["parent_span_id"] is None
+
+
+@pytest.mark.parametrize("body", [b'"x"', b"[]", b'"resourceSpans"'])
+def test_json_that_is_not_an_object_is_a_400(gateway: GatewayThread, body: bytes) -> None:
+    response = _post_json(gateway, body)
+    assert response.status_code == 400, response.text
+
+
+def test_a_body_not_encoded_as_declared_is_a_400(gateway: GatewayThread) -> None:
+    corrupt = _post_json(
+        gateway,
+        b"\x1f\x8b\x08\x00 definitely not deflate data" * 10,
+        **{"Content-Encoding": "gzip"},
+    )
+    assert corrupt.status_code == 400
+    assert corrupt.json()["error"]["type"] == "invalid_request_error"
+    whole = gzip.compress(orjson.dumps(_export("ag-9", [_span("ccc91f3b8ff4e0b1")])) * 50)
+    truncated = _post_json(gateway, whole[: len(whole) // 2], **{"Content-Encoding": "gzip"})
+    assert truncated.status_code == 400
+    assert gateway.spans(rollout_id="ag-9") == []
+
+
+def test_a_deflate_body_is_taken(gateway: GatewayThread) -> None:
+    raw = zlib.compress(orjson.dumps(_export("ag-10", [_span("ddd91f3b8ff4e0b1")])))
+    response = _post_json(gateway, raw, **{"Content-Encoding": "deflate"})
+    assert response.status_code == 200
+    assert len(gateway.spans(rollout_id="ag-10")) == 1
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(
+    make_gateway: Callable[..., GatewayThread],
+) -> None:
+    gateway = make_gateway(otlp={"ingest_max_bytes": 10_000})
+    response = httpx.post(
+        f"{gateway.base}/v1/traces",
+        content=(b"x" * 1000 for _ in range(50)),
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    assert response.status_code == 413
+
+
+def test_odd_requests_are_never_a_500(gateway: GatewayThread) -> None:
+    head = b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for raw in [
+        head + b"Content-Encoding: br\r\nContent-Length: 5\r\n\r\nhello",
+        head + b"Content-Encoding: zstd\r\nContent-Length: 5\r\n\r\nhello",
+        head + b"Content-Length: 2\r\n\r\n\xff\xfe",
+    ]:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(raw)
+            status_line = sock.recv(65536).split(b"\r\n", 1)[0]
+        assert not status_line.startswith(b"HTTP/1.1 5"), (raw[-40:], status_line)
+
+
+def test_end_before_start_and_odd_attribute_values_are_stored(gateway: GatewayThread) -> None:
+    odd = _span(
+        "fff91f3b8ff4e0b1",
+        endTimeUnixNano="1600000000000000000",
+        attributes=[
+            {
+                "key": "nested",
+                "value": {
+                    "kvlistValue": {
+                        "values": [{"key": "a", "value": {"intValue": "9223372036854775807"}}]
+                    }
+                },
+            },
+            {"key": "blob", "value": {"bytesValue": "AAEC"}},
+            {
+                "key": "list",
+                "value": {"arrayValue": {"values": [{"stringValue": "x"}, {"doubleValue": 1.5}]}},
+            },
+            {"key": "empty", "value": {}},
+        ],
+    )
+    response = _post_json(gateway, _export("ag-11", [odd]))
+    assert response.status_code == 200, response.text
+    (row,) = gateway.spans(rollout_id="ag-11")
+    assert row["end_ns"] >= row["start_ns"]
+    assert row["attributes"]["nested"] == {"a": 9223372036854775807}
+
+
+def test_an_agent_span_cannot_set_the_gateways_own_attributes(gateway: GatewayThread) -> None:
+    """They are kept under `agent.`: the dashboard, the metrics and the call counts read the
+    gateway's `spangate.*` attributes."""
+    own = _span(
+        "aaa91f3b8ff4e0b4",
+        attributes=[
+            {"key": "spangate.tries", "value": {"stringValue": "many"}},
+            {"key": "spangate.source", "value": {"stringValue": "gateway"}},
+        ],
+    )
+    assert _post_json(gateway, _export("ag-12", [own])).status_code == 200
+    (row,) = gateway.spans(rollout_id="ag-12")
+    attributes = row["attributes"]
+    assert attributes["spangate.source"] == "otlp"
+    assert "spangate.tries" not in attributes
+    assert attributes["agent.spangate.tries"] == "many"
+    assert attributes["agent.spangate.source"] == "gateway"
+
+
+def test_an_export_sent_again_is_stored_once_with_no_gap_in_seq(gateway: GatewayThread) -> None:
+    """An OTLP exporter re-sends an export whose answer it did not get."""
+    body = _export("ag-13", [_span("bbb91f3b8ff4e0b1")])
+    assert _post_json(gateway, body).status_code == 200
+    assert _post_json(gateway, body).status_code == 200
+    _chat(gateway, "ag-13", None)
+    assert [s["seq"] for s in gateway.spans(rollout_id="ag-13")] == [1, 2]
+    metrics = httpx.get(f"{gateway.base}/metrics").text
+    assert "spangate_otlp_spans_ingested 1.0" in metrics
+
+
+def test_an_export_sent_again_after_a_restart_is_stored_once(
+    make_gateway: Callable[..., GatewayThread],
+) -> None:
+    """The gateway that took it no longer remembers it: the store says it has the spans."""
+    body = _export("ag-14", [_span("bbb91f3b8ff4e0b2"), _span("bbb91f3b8ff4e0b3")])
+    first = make_gateway()
+    assert _post_json(first, body).status_code == 200
+    first.flush()
+    first.stop()
+    second = make_gateway()
+    assert _post_json(second, body).status_code == 200
+    _chat(second, "ag-14", None)
+    assert [s["seq"] for s in second.spans(rollout_id="ag-14")] == [1, 2, 3]
+
+
+@pytest.mark.both_backends
+def test_agent_spans_are_not_counted_as_model_calls(gateway: GatewayThread) -> None:
+    """One call through the gateway and three of the agent's own spans: one call, in the
+    rollout's summary and in the stats."""
+    _chat(gateway, "ag-15")
+    assert _post_json(gateway, _agent_spans("ag-15", 3)).status_code == 200
+    detail = rollout(gateway, "ag-15")
+    assert len(all_spans(detail)) == 4
+    assert detail["summary"]["calls"] == 1, detail["summary"]
+    stats = httpx.get(f"{gateway.base}/api/stats").json()
+    assert stats["totals"]["calls"] == 1, stats
+
+
+@pytest.mark.both_backends
+def test_agent_spans_do_not_use_up_a_max_calls_budget_after_a_restart(
+    make_gateway: Callable[..., GatewayThread],
+) -> None:
+    """Budget counters start from what the store recorded: the agent's spans are no calls."""
+    budgets = {"budgets": {"rollout": {"max_calls": 3}}}
+    first = make_gateway(**budgets)
+    _chat(first, "ag-16")
+    assert _post_json(first, _agent_spans("ag-16", 3)).status_code == 200
+    first.flush()
+    first.stop()
+    second = make_gateway(**budgets)
+    _chat(second, "ag-16")
+    _chat(second, "ag-16")
+    with pytest.raises(openai.APIStatusError) as refused:
+        _chat(second, "ag-16")
+    assert refused.value.status_code == 402
+
+
+def test_a_large_ingest_does_not_stall_other_requests(gateway: GatewayThread) -> None:
+    """A 5 MB export (100,000 small spans, under the default limit) takes seconds to decode,
+    map and publish; health probes sent one after another meanwhile keep being answered
+    (counted, not timed: a stalled gateway answers a handful)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    message = ExportTraceServiceRequest()
+    resource_spans = message.resource_spans.add()
+    resource_spans.resource.attributes.append(
+        KeyValue(key="rollout.id", value=AnyValue(string_value="ag-17"))
+    )
+    spans = resource_spans.scope_spans.add().spans
+    for _ in range(100_000):
+        span = spans.add()
+        span.trace_id, span.span_id, span.name = os.urandom(16), os.urandom(8), "x"
+        span.start_time_unix_nano, span.end_time_unix_nano = 1, 2
+    body = message.SerializeToString()
+    done = threading.Event()
+    status: list[int] = []
+
+    def ingest() -> None:
+        response = httpx.post(
+            f"{gateway.base}/v1/traces",
+            content=body,
+            headers={"Content-Type": "application/x-protobuf"},
+            timeout=120,
+        )
+        status.append(response.status_code)
+        done.set()
+
+    worker = threading.Thread(target=ingest)
+    worker.start()
+    answered = 0
+    with httpx.Client(timeout=120) as client:
+        while not done.is_set():
+            client.get(f"{gateway.base}/health/live").raise_for_status()
+            answered += 1
+    worker.join()
+    assert status == [200]
+    assert answered >= 100, f"only {answered} health probes answered during the ingest"
