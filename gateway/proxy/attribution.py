@@ -19,7 +19,8 @@ MAX_ID_LENGTH = 256
 MAX_TAGS = 64
 MAX_META_HEADERS = 64
 # fullmatch, not `$`: `$` also matches before a final newline, which no header may carry.
-_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+=~-]+")
+# Never only dots: `.` and `..` are path segments a browser resolves away in a page's link.
+_ID_PATTERN = re.compile(r"(?!\.+$)[A-Za-z0-9._:@+=~-]+")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 META_PREFIX = "x-meta-"
 
@@ -38,7 +39,8 @@ class Attribution:
 def _check_id(value: str, what: str) -> str:
     if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.fullmatch(value):
         raise InvalidRequest(
-            f"{what} must be 1-{MAX_ID_LENGTH} characters of letters, digits and ._:@+=~-",
+            f"{what} must be 1-{MAX_ID_LENGTH} characters of letters, digits and ._:@+=~-,"
+            " not only dots",
             param=what,
             code="invalid_id",
         )

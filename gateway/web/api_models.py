@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, get_type_hints
 
 from pydantic import (
@@ -25,7 +26,10 @@ from gateway.proxy.record import SpanRecord
 from store.schema import SPAN_IDENTITY
 
 RolloutStatus = Literal["running", "succeeded", "failed", "cancelled", "timeout"]
-ID_PATTERN = r"^[A-Za-z0-9._:@+=~-]{1,256}$"
+# Never only dots: `.` and `..` are path segments a browser resolves away (/ui/rollouts/..
+# opens /ui/). Compiled, so pydantic matches it with `re` (its own engine has no lookahead);
+# `(?!\n)` because `re`'s `$` also matches before a final newline.
+ID_PATTERN = re.compile(r"^(?!\.+$)[A-Za-z0-9._:@+=~-]{1,256}$(?!\n)")
 
 
 class _Body(BaseModel):
@@ -240,7 +244,9 @@ class ModelList(_Out):
 
 class JudgeRunCreate(_Body):
     judge: str = Field("rules", description="`rules`, `llm`, or a rubric named in the config.")
-    rollout_ids: list[str] | None = Field(None, max_length=10_000, description="Exactly these.")
+    rollout_ids: list[str] | None = Field(
+        None, min_length=1, max_length=10_000, description="Exactly these (at least one)."
+    )
     since: str | None = Field(None, description="Rollouts created since (ISO 8601 or `1h`).")
     status: RolloutStatus | None = Field(None, description="Only rollouts with this status.")
     agent: str | None = Field(None, description="Only this agent's rollouts.")

@@ -24,6 +24,8 @@ async def report_view(request: web.Request) -> web.Response:
             "Content-Disposition": f'inline; filename="rollout-{filename}.html"',
             "Content-Security-Policy": REPORT_CSP,
             "X-Content-Type-Options": "nosniff",
+            # Every message of the rollout: no shared or browser cache keeps a copy.
+            "Cache-Control": "no-store",
         },
     )
 

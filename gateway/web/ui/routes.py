@@ -315,7 +315,6 @@ async def span(request: web.Request) -> web.Response:
         for k, v in sorted(attributes.items())
         if k != "spangate.tries"
     ]
-    tries = attributes.get("spangate.tries")
     return render(
         request,
         "span.html",
@@ -323,7 +322,7 @@ async def span(request: web.Request) -> web.Response:
         s=s,
         messages=views.conversation(s),
         answer=views.reply(s),
-        tries=tries if isinstance(tries, list) else [],
+        tries=views.tries(s),
         attributes=shown,
     )
 
@@ -479,10 +478,50 @@ async def live(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    """Only a path of ours: a sign-in link must not send anyone to another site."""
-    if value and value.startswith("/ui") and not value.startswith("//"):
+    """Only a plain path of ours: a sign-in link must not send anyone to another site, nor
+    put a control character into `Location` (aiohttp then drops the whole answer)."""
+    if (
+        value
+        and value.startswith("/ui")
+        and not value.startswith("//")
+        and not any(c < " " or c == "\x7f" for c in value)
+    ):
         return value
     return "/ui/"
+
+
+def _first(value: str | None) -> str:
+    """The first of a header's comma-separated values: the proxy nearest the browser."""
+    return (value or "").split(",", 1)[0].strip().lower()
+
+
+def _forwarded(request: web.Request, name: str) -> str | None:
+    """What the proxy in front says of the browser's request (`Forwarded`, then `X-Forwarded-*`).
+
+    Safe to trust here: another site cannot make a browser send these headers, so they give
+    it nothing; and the gateway has no TLS listener of its own, so HTTPS means a proxy.
+    """
+    given = request.forwarded[0].get(name) if request.forwarded else None
+    return (given or _first(request.headers.get(f"X-Forwarded-{name}"))).lower() or None
+
+
+def _over_https(request: web.Request) -> bool:
+    return request.secure or _forwarded(request, "proto") == "https"
+
+
+def _from_another_site(request: web.Request) -> bool:
+    """Login CSRF: another site's form must neither sign the browser in (to the other site's
+    key) nor out. Browsers say where a request comes from in `Sec-Fetch-Site`, and older ones
+    at least send `Origin` on every form POST; of it only the host is compared, as a proxy in
+    front may change the scheme (and the host, which it then names in `X-Forwarded-Host`)."""
+    fetched_from = request.headers.get("Sec-Fetch-Site", "").lower()
+    if fetched_from in ("cross-site", "same-origin"):
+        return fetched_from == "cross-site"
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    ours = {request.host.lower(), _forwarded(request, "host")}
+    return urllib.parse.urlsplit(origin.strip()).netloc.lower() not in ours
 
 
 @PAGES.get("/ui/login")
@@ -497,7 +536,14 @@ async def login(request: web.Request) -> web.Response:
     keys = request.app[GATEWAY].settings.auth.keys
     if not keys:
         raise web.HTTPSeeOther("/ui/")
-    form = await request.post()
+    if _from_another_site(request):
+        return _refused(request)
+    try:
+        form = await request.post()
+    except (ValueError, LookupError, RuntimeError, web.RequestPayloadError):
+        # Not UTF-8, an unknown charset or transfer encoding, a broken multipart body: aiohttp
+        # raises each its own way, and none is a form a person's browser sent.
+        return render(request, "login.html", 400, next="/ui/", error="That form could not be read.")
     presented = str(form.get("key", "")).strip()
     target = _next(str(form.get("next", "")))
     key = auth.find_key(keys, presented) if presented else None
@@ -520,13 +566,15 @@ async def login(request: web.Request) -> web.Response:
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=_over_https(request),
     )
     return response
 
 
 @PAGES.post("/ui/logout")
 async def logout(request: web.Request) -> web.Response:
+    if _from_another_site(request):
+        return _refused(request)
     response = _see_other("/ui/login" if request.app[GATEWAY].settings.auth.keys else "/ui/")
     response.del_cookie(auth.UI_COOKIE, path="/", samesite="Strict")
     return response
@@ -534,6 +582,11 @@ async def logout(request: web.Request) -> web.Response:
 
 def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, **SECURITY_HEADERS})
+
+
+def _refused(request: web.Request) -> web.Response:
+    message = "Sign in and out from this gateway's own pages, not from another site."
+    return render(request, "error.html", 403, status=403, message=message)
 
 
 @PAGES.get("/ui")
@@ -544,4 +597,18 @@ async def to_overview(request: web.Request) -> web.Response:
 def add_ui_routes(app: web.Application) -> None:
     """Register every `/ui` page and the vendored static files."""
     app.router.add_routes(PAGES)
-    app.router.add_static("/ui/static", views.STATIC, name="ui-static", append_version=False)
+    # The files are known at start: a name is looked up, never joined to a path.
+    files = {
+        path.relative_to(views.STATIC).as_posix(): path
+        for path in views.STATIC.rglob("*")
+        if path.is_file()
+    }
+
+    async def static_file(request: web.Request) -> web.FileResponse:
+        found = files.get(request.match_info["name"])
+        if found is None:
+            raise web.HTTPNotFound()
+        # A script is only ever run as a script, whatever a proxy or browser would guess.
+        return web.FileResponse(found, headers={"X-Content-Type-Options": "nosniff"})
+
+    app.router.add_get("/ui/static/{name:.+}", static_file, name="ui-static")

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import jinja2
 import orjson
@@ -61,14 +61,23 @@ def _usd(value: float | None) -> str:
     return f"${value:.4f}" if value < 1 else f"${value:,.2f}"
 
 
-def _num(value: float | None, digits: int = 3) -> str:
-    if value is None:
+def _num(value: Any, digits: int = 3) -> str:
+    """A number for reading; text as it is (a judge may score "high"); anything else a dash."""
+    if isinstance(value, str):
+        return value
+    if not _is_number(value):
         return MISSING
     if isinstance(value, int):
         return f"{value:,}"
-    if isinstance(value, float) and not math.isfinite(value):
+    if not math.isfinite(value):
         return "∞" if value > 0 else MISSING
-    return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    # Past a trillion the digits say nothing more than the exponent does.
+    return f"{value:,.0f}" if 1000 <= abs(value) < 1e12 else f"{value:.{digits}g}"
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    """An int or a float, as JSON gave it; not a bool, which Python counts as an int."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _pct(value: float | None) -> str:
@@ -112,10 +121,35 @@ def render(template: str, **context: Any) -> str:
 # -- a rollout's timeline ---------------------------------------------------------------
 
 
-def _tries(span: dict[str, Any]) -> list[dict[str, Any]]:
-    attributes = span.get("attributes") or {}
-    tries = attributes.get("spangate.tries") if isinstance(attributes, dict) else None
-    return tries if isinstance(tries, list) else []
+def tries(span: dict[str, Any]) -> list[dict[str, Any]]:
+    """The upstream tries the gateway recorded on a span, each with every field shown.
+
+    An agent's OTLP span may carry a `spangate.tries` of its own, of any shape (spans
+    ingested before ingest set agents' `spangate.*` attributes apart do): only dicts count,
+    and each field is read as the pages can show it.
+    """
+    attributes = span.get("attributes")
+    found = attributes.get("spangate.tries") if isinstance(attributes, dict) else None
+    if not isinstance(found, list):
+        return []
+    return [_try(t) for t in found if isinstance(t, dict)]
+
+
+def _try(raw: dict[str, Any]) -> dict[str, Any]:
+    duration = raw.get("duration_ms")
+    return {
+        "group": _label(raw.get("group")),
+        "deployment": _label(raw.get("deployment")),
+        "status": _label(raw.get("status")),
+        "error": _label(raw.get("error")),
+        "duration_ms": duration if _is_number(duration) else None,
+    }
+
+
+def _label(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else pretty_json(value)
 
 
 def timeline(spans: list[dict[str, Any]]) -> dict[str, Any]:
@@ -132,8 +166,8 @@ def timeline(spans: list[dict[str, Any]]) -> dict[str, Any]:
         width = min(max(width, MIN_BAR_PERCENT), 100 - left) if left < 100 else MIN_BAR_PERCENT
         duration = span.get("duration_ms") or 0.0
         ttft = span.get("ttft_ms")
-        tries = _tries(span)
-        groups = [t.get("group") for t in tries if t.get("group")]
+        found = tries(span)
+        groups = [t["group"] for t in found if t["group"]]
         rows.append(
             {
                 "span": span,
@@ -146,7 +180,7 @@ def timeline(spans: list[dict[str, Any]]) -> dict[str, Any]:
                     if span.get("stream") and ttft is not None and duration > 0
                     else None
                 ),
-                "tries": tries,
+                "tries": found,
                 "fallback": groups[-1] if groups and groups[-1] != groups[0] else None,
                 "offset_ms": (span["start_ns"] - start) / 1e6,
             }
@@ -199,7 +233,8 @@ def rollout_spans(rollout: dict[str, Any]) -> list[dict[str, Any]]:
 
 def split_rewards(rewards: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
     """(rewards from users and agents, judge verdicts)."""
-    plain, verdicts = [], []
+    plain: list[dict[str, Any]] = []
+    verdicts: list[Any] = []
     for reward in rewards:
         (verdicts if str(reward.get("source", "")).startswith("judge:") else plain).append(reward)
     return plain, verdicts
@@ -225,9 +260,12 @@ def criteria(reward: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _criterion(name: str, item: dict[str, Any]) -> dict[str, Any]:
     evidence = item.get("evidence")
+    score = item.get("score", item.get("value"))
     return {
         "name": name,
-        "score": item.get("score", item.get("value")),
+        # A judge's own scale may be words ("high"); anything but a number or text: a dash.
+        "score": score if _is_number(score) or isinstance(score, str) else None,
+        "low": _is_number(score) and score < 1,
         "rationale": str(
             item.get("explanation") or item.get("rationale") or item.get("reason") or ""
         ),
@@ -435,20 +473,33 @@ def histogram(values: list[float], bins: int = HISTOGRAM_BINS) -> list[dict[str,
     low, high = min(finite), max(finite)
     if low == high:
         return [{"low": low, "high": high, "count": len(finite), "height": 100.0}]
-    width = (high - low) / bins
     counts = [0] * bins
     for value in finite:
-        counts[min(int((value - low) / width), bins - 1)] += 1
+        counts[min(int(_share(value, low, high) * bins), bins - 1)] += 1
     tallest = max(counts)
     return [
         {
-            "low": low + i * width,
-            "high": low + (i + 1) * width,
+            "low": _between(low, high, i / bins),
+            "high": _between(low, high, (i + 1) / bins),
             "count": count,
             "height": round(count / tallest * 100, 1),
         }
         for i, count in enumerate(counts)
     ]
+
+
+def _share(value: float, low: float, high: float) -> float:
+    """Where `value` lies from `low` (0) to `high` (1); `high - low` alone overflows to inf
+    for finite values far apart (±1.7e308), and inf / inf is NaN."""
+    span = high - low
+    if math.isfinite(span):
+        return (value - low) / span
+    return (value / 2 - low / 2) / (high / 2 - low / 2)
+
+
+def _between(low: float, high: float, share: float) -> float:
+    # Weighted, rather than low + share * (high - low), which can overflow the same way.
+    return low * (1 - share) + high * share
 
 
 def whisker_scale(rows: list[dict[str, Any]]) -> tuple[float, float]:
