@@ -26,6 +26,7 @@ from gateway.proxy.recorder import Recorder
 from gateway.proxy.redact import Redactor
 from gateway.proxy.router import Router
 from gateway.proxy.sequencer import Sequencer
+from gateway.proxy.training import RolloutModes, stored_mode
 from gateway.retention import retention
 from gateway.scaling import SharedCounters
 from gateway.web.auth import auth_middleware
@@ -33,6 +34,7 @@ from gateway.web.budget_metrics import BudgetCollector
 from gateway.web.experiment_sync import attach_experiments
 from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
 from gateway.web.ingest_otlp import add_routes as add_ingest_routes
+from gateway.web.judge_metrics import JudgeCollector
 from gateway.web.metrics import METRICS, Metrics
 from gateway.web.middleware import error_middleware
 from gateway.web.openapi import openapi_view
@@ -56,9 +58,11 @@ from judge.service import JudgeService
 from store.backend import is_postgres
 from store.budget_state import MemoryBudgetState, RedisBudgetState
 from store.budget_state_pg import PostgresBudgetState
+from store.errors import NotFound
 from store.queries import rollout_budget_usage, rollout_cursor
 from store.reader import Reader
 from store.writer import StoreWriter
+from store.writes import get_rollout_row
 
 log = logging.getLogger("spangate")
 
@@ -114,6 +118,14 @@ def budgets_for(settings: Settings, reader: Reader, gw: Gateway, db_path: str | 
     return Budgets(settings.budgets, state, lookup, gw.group_prices, shared=shared)
 
 
+def _stored_mode(db: Any, rollout_id: str) -> str | None:
+    """The mode a rollout was created with, from the store; None for an unknown rollout."""
+    try:
+        return stored_mode(get_rollout_row(db, rollout_id)["metadata"])
+    except NotFound:
+        return None
+
+
 def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     """The whole gateway as an aiohttp app; nothing starts until the app does."""
     check_providers(settings)
@@ -142,12 +154,14 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         gate=Gate(settings.pause.max_hold_seconds, settings.pause.retry_after_seconds),
     )
     gw.budgets = budgets_for(settings, reader, gw, db_path)
+    gw.modes = RolloutModes(lookup=lambda rollout_id: reader.run(_stored_mode, rollout_id))
     app[GATEWAY] = gw
     app[METRICS] = Metrics(gw)
     app[METRICS].registry.register(BudgetCollector(gw.budgets))
     app[JUDGE] = JudgeService(
         settings.judge, JudgeStore(reader=reader, writer=writer), lambda: gw.base_url
     )
+    app[METRICS].registry.register(JudgeCollector(app[JUDGE]))
     # Teardown runs in reverse: the upstream pool closes first, the writer drains last.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(counters.lifecycle)
@@ -157,7 +171,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     app.cleanup_ctx.append(_budgeting)
     app.cleanup_ctx.append(retention)
     app.cleanup_ctx.append(pause_sync)
-    exporter = OtlpExporter.from_settings(settings)
+    exporter = OtlpExporter.from_settings(settings, read=reader.run)
     if exporter is not None:
         app[OTLP_EXPORTER] = exporter
         app.cleanup_ctx.append(_exporting)

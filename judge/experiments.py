@@ -128,7 +128,9 @@ def probability_best(
     for values in rewards.values():
         n = len(values)
         if bounded:
-            successes = float(values.sum())
+            # As the proxy's draw: a reward outside [0, 1] (legal with `posterior: beta`) counts
+            # as a whole success or failure, never as a shape numpy refuses.
+            successes = min(max(float(values.sum()), 0.0), float(n))
             columns.append(rng.beta(1 + successes, 1 + n - successes, BEST_DRAWS))
         elif n == 0:
             columns.append(rng.normal(0.0, (pooled_sd or 1.0) * 10, BEST_DRAWS))
@@ -204,6 +206,14 @@ def analyse(
             result["p_adjusted"] = min(p * comparisons, 1.0) if p is not None else None
             row["vs_control"] = result
         variants.append(row)
+    if stored.REMOVED in config:
+        # Taken out of the config, it runs nowhere: whatever was decided no longer applies.
+        status = "removed"
+        evidence = verdict(variants, control, alpha, None)
+        said = f"removed from the config: no call takes part any more ({evidence})"
+    else:
+        status = STATUS[decision["action"]] if decision else "running"
+        said = verdict(variants, control, alpha, decision)
     return {
         "name": config["name"],
         "model": config.get("model"),
@@ -211,10 +221,10 @@ def analyse(
         "policy": config.get("policy", "fixed"),
         "control": control,
         "alpha": alpha,
-        "status": STATUS[decision["action"]] if decision else "running",
+        "status": status,
         "decision": decision,
         "variants": variants,
-        "verdict": verdict(variants, control, alpha, decision),
+        "verdict": said,
     }
 
 

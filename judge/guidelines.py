@@ -7,13 +7,21 @@ writes the old text again as the newest version, so history is never rewritten.
 from __future__ import annotations
 
 import difflib
+import sqlite3
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from sqlite_utils import Database
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
+from store.backend import atomic, dialect_of
 from store.errors import NotFound
+
+# Versions lost to other writers before giving up (each loss means another version landed).
+VERSION_RACE_ATTEMPTS = 5
 
 
 def _pct(value: float) -> str:
@@ -65,22 +73,57 @@ def _bullet(finding: dict[str, Any]) -> str:
 def write_guideline(
     db: Database, agent: str, content: str, findings: list[dict[str, Any]], note: str | None = None
 ) -> dict[str, Any]:
-    version = latest_version(db, agent) + 1
-    db.execute(
-        """
-        insert into guidelines (agent, version, content, findings, note, created_ns)
-        values (:agent, :version, :content, :findings, :note, :now)
-        """,
-        {
-            "agent": agent,
-            "version": version,
-            "content": content,
-            "findings": orjson.dumps(findings).decode(),
-            "note": note,
-            "now": time.time_ns(),
-        },
+    """`content` as the agent's next version."""
+    return write_next_guideline(db, agent, lambda _version: content, findings, note)
+
+
+def write_next_guideline(
+    db: Database,
+    agent: str,
+    compose: Callable[[int], str],
+    findings: list[dict[str, Any]],
+    note: str | None = None,
+) -> dict[str, Any]:
+    """The agent's next version, its text `compose(version)` (the text names its version).
+
+    The version is read and written in one transaction. Writers on one PostgreSQL store take
+    the agent's advisory lock first, so they go one at a time (SQLite's write lock does the
+    same); one that still loses the version to another writer (one that took no lock) reads
+    again and writes the version after it.
+    """
+    retrying = Retrying(
+        retry=retry_if_exception(_version_taken),
+        stop=stop_after_attempt(VERSION_RACE_ATTEMPTS),
+        reraise=True,
     )
+    for attempt in retrying:
+        with attempt, atomic(db):
+            if dialect_of(db) == "postgresql":
+                db.execute("select pg_advisory_xact_lock(hashtext(:agent))", {"agent": agent})
+            version = latest_version(db, agent) + 1
+            db.execute(
+                """
+                insert into guidelines (agent, version, content, findings, note, created_ns)
+                values (:agent, :version, :content, :findings, :note, :now)
+                """,
+                {
+                    "agent": agent,
+                    "version": version,
+                    "content": compose(version),
+                    "findings": orjson.dumps(findings).decode(),
+                    "note": note,
+                    "now": time.time_ns(),
+                },
+            )
     return get_guideline(db, agent, version)
+
+
+def _version_taken(exc: BaseException) -> bool:
+    """The (agent, version) key was written by another writer first."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.errors.UniqueViolation)
 
 
 def latest_version(db: Database, agent: str) -> int:
@@ -128,6 +171,6 @@ def diff_guidelines(db: Database, agent: str, old: int, new: int) -> str:
 def rollback_guideline(db: Database, agent: str, version: int) -> dict[str, Any]:
     """Make an old version current again, as a new version that says where it came from."""
     old = get_guideline(db, agent, version)
-    return write_guideline(
-        db, agent, old["content"], old["findings"], note=f"rollback to v{version}"
+    return write_next_guideline(
+        db, agent, lambda _new: str(old["content"]), old["findings"], note=f"rollback to v{version}"
     )

@@ -7,8 +7,10 @@ rubric version and rollout, so an interrupted job resumes where it stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,15 +20,15 @@ from typing import Any
 import httpx
 
 from config.models import JudgeSettings, RecorderSettings
-from judge.llm import JudgeClient, JudgeModelError, judge_llm
+from judge.llm import JudgeClient, JudgeModelError, judge_llm, judge_rollout_id
 from judge.rubric import DEFAULT_RUBRIC, Rubric, load_rubric
 from judge.rules import RULES_VERSION, Peers, judge_rules
 from judge.trajectory import Trajectory, load_trajectory
 from judge.verdict import Verdict, as_reward, reward_id
-from store.errors import Conflict, NotFound
+from store.errors import Conflict, InvalidTransition, NotFound, StoreError
 from store.reader import Reader
 from store.writer import StoreWriter
-from store.writes import add_reward, replace_reward
+from store.writes import add_reward, create_rollout, replace_reward, update_rollout
 
 log = logging.getLogger("spangate.judge")
 
@@ -109,7 +111,8 @@ class JudgeStore:
         return await self.writer.execute(lambda db: fn(db, *args))
 
     async def select(self, selection: Selection) -> list[str]:
-        if selection.rollout_ids:
+        if selection.rollout_ids is not None:
+            # A list names exactly these: an empty one is none, never every rollout.
             ids = list(dict.fromkeys(selection.rollout_ids))
         else:
 
@@ -153,6 +156,31 @@ class JudgeStore:
             self.on_saved(stored)
         return stored
 
+    async def end_judge_rollout(
+        self, rollout_id: str, status: str, *, agent: str, judged: str
+    ) -> None:
+        """End the rollout the judge's calls were recorded under (made here when its calls
+        are not stored yet: they then join it, and it stays ended)."""
+
+        def end(db: Any) -> None:
+            # As the judge's calls label it (judge.llm.JudgeClient's headers).
+            create_rollout(
+                db,
+                rollout_id=rollout_id,
+                agent=agent,
+                tags=["judge"],
+                metadata={"judged": judged[:200]},
+            )
+            with contextlib.suppress(InvalidTransition):
+                # Ended by an earlier judgement of the same rollout (a forced rerun).
+                update_rollout(db, rollout_id, status=status)
+
+        try:
+            await self.write(end)
+        except (StoreError, sqlite3.OperationalError) as exc:
+            # Only housekeeping: the judgement itself stands.
+            log.warning("judge rollout %s not ended: %s", rollout_id, exc)
+
     def close(self) -> None:
         """Close the reader and writer it opened itself (a gateway closes its own)."""
         if self._owned:
@@ -189,13 +217,22 @@ def make_judge(
         raise ValueError(f"judge {name!r} needs a judge model: set `judge.model` in the config")
 
     async def llm(t: Trajectory, store: JudgeStore) -> Verdict:
-        return await judge_llm(
-            t,
-            rubric,
-            client_factory(),
-            budget_tokens=settings.budget_tokens,
-            max_invalid_retries=settings.max_invalid_retries,
-        )
+        # The judge's own calls are recorded under a rollout of their own, which ends with
+        # the judgement so retention ages it out like any other.
+        own, agent = judge_rollout_id(rubric.name, t.rollout_id), f"judge-{rubric.name}"
+        try:
+            verdict = await judge_llm(
+                t,
+                rubric,
+                client_factory(),
+                budget_tokens=settings.budget_tokens,
+                max_invalid_retries=settings.max_invalid_retries,
+            )
+        except Exception:
+            await store.end_judge_rollout(own, "failed", agent=agent, judged=t.rollout_id)
+            raise
+        await store.end_judge_rollout(own, "succeeded", agent=agent, judged=t.rollout_id)
+        return verdict
 
     return Judge(rubric.name, rubric.fingerprint(), True, llm)
 

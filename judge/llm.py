@@ -18,10 +18,15 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from judge.render import render
 from judge.rubric import Rubric
 from judge.trajectory import AttemptTrace, Trajectory
-from judge.verdict import CriterionScore, Verdict, weighted_score
+from judge.verdict import CriterionScore, Verdict, derived_id, weighted_score
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
 JUDGE_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+
+
+def judge_rollout_id(judge: str, about: str) -> str:
+    """The rollout the judge's own calls about `about` are recorded under."""
+    return derived_id(f"judge-{judge}-{about}")
 
 
 class JudgeModelError(Exception):
@@ -42,7 +47,7 @@ class JudgeClient:
     api_key: str | None = None
 
     async def complete(self, messages: list[dict[str, str]], *, judge: str, about: str) -> str:
-        rollout = re.sub(r"[^A-Za-z0-9._:@+=~-]", "_", f"judge-{judge}-{about}")[:256]
+        rollout = judge_rollout_id(judge, about)
         headers = {"X-Agent-Id": f"judge-{judge}", "X-Tags": "judge", "X-Meta-Judged": about[:200]}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

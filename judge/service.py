@@ -2,13 +2,17 @@
 
 Both run as background tasks owned by the service; nothing here is on the request path.
 Every run ends `succeeded`, `failed` or `cancelled`: its final state is written again until
-the store takes it, and runs a gone process left `running` are marked failed at start.
+the store takes it. Each run names its owner (host, pid, start) and the owner beats for it;
+a run whose owner has exited or gone quiet is marked failed by the next gateway to start or
+to beat, and a run another live replica is judging is left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sqlite3
 import time
 import uuid
@@ -32,9 +36,14 @@ from judge.jobs import (
     run_job,
     sampled,
 )
-from store.errors import InvalidTransition, StoreBusy
+from store.errors import InvalidTransition, StoreBusy, StoreError
 from store.schema import TERMINAL_STATUSES
-from store.writes import fail_abandoned_judge_runs, get_judge_run, save_judge_run
+from store.writes import (
+    beat_judge_runs,
+    fail_abandoned_judge_runs,
+    get_judge_run,
+    save_judge_run,
+)
 
 log = logging.getLogger("spangate.judge")
 PROGRESS_EVERY_SECONDS = 0.5
@@ -51,6 +60,37 @@ CLOSE_GRACE_SECONDS = 5.0
 CANCELLED = "cancelled over the API"
 SHUT_DOWN = "the gateway shut down before the run ended"
 RESTARTED = "gateway restarted: the process running it ended before the run did"
+ABANDONED = "abandoned: the gateway running it stopped saying it still does"
+# Each process says this often that its running runs still run (each save says so too); a
+# run not heard of for STALE_AFTER_BEATS beats has no process left, and any gateway sharing
+# the store marks it failed.
+HEARTBEAT_SECONDS = 15.0
+STALE_AFTER_BEATS = 4
+HOST = socket.gethostname()
+# Owners of the judge services open in this process (a test runs several at once).
+_LIVE_OWNERS: set[str] = set()
+
+
+def owner_gone(owner: str) -> bool:
+    """True when `owner` (`host:pid:started_ns`) was a process on this host that has exited,
+    or a service of this very process that is closed; another host's cannot be known."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3:
+        return False
+    host, pid_text, _started = parts
+    if host != HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return owner not in _LIVE_OWNERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, run by another user
+        return False
+    # Alive, or its pid taken by another process since: the heartbeat tells.
+    return False
 
 
 class RunLimitReached(RuntimeError):
@@ -109,17 +149,24 @@ class JudgeService:
         self.http: httpx.AsyncClient | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.active: dict[str, ActiveRun] = {}
-        # Runs created before this moment and still `running` belong to no living process.
         self.started_ns = time.time_ns()
+        self.owner = ""
+        self._beating: asyncio.Task[None] | None = None
         online = settings.online
         self.queue: asyncio.Queue[str] = asyncio.Queue(online.queue_size if online else 1)
+        # Rollouts queued or being judged online.
+        self.pending: set[str] = set()
         self.dropped = 0
         self.online_judged = 0
 
     def open(self) -> None:
         self.http = httpx.AsyncClient()
         self.started_ns = time.time_ns()
+        self.owner = f"{HOST}:{os.getpid()}:{self.started_ns}"
+        _LIVE_OWNERS.add(self.owner)
         self._spawn(self._end_abandoned_runs())
+        # Not among `tasks`: it lasts as long as the service, not as one piece of work.
+        self._beating = asyncio.get_running_loop().create_task(self._heartbeat())
 
     def judge(self, name: str) -> Judge:
         assert self.http is not None, "JudgeService.open() first"
@@ -163,6 +210,7 @@ class JudgeService:
             "error": None,
             "created_ns": time.time_ns(),
             "ended_ns": None,
+            "owner": self.owner,
         }
         run_id = run["id"]
         # The slot is taken before the first await, so concurrent starts cannot all pass
@@ -261,16 +309,37 @@ class JudgeService:
             )
 
     async def _end_abandoned_runs(self) -> None:
-        """Runs left `running` by a process that is gone (killed, crashed) are marked failed."""
+        """At start: runs no process runs any more (killed, crashed; their heartbeat went
+        quiet) are marked failed; a run another live replica is judging is left alone."""
         retrying = _until_stored("marking abandoned judge runs failed")
-        ended = await retrying(
-            self.store.write,
-            lambda db: fail_abandoned_judge_runs(
-                db, started_before_ns=self.started_ns, reason=RESTARTED
-            ),
-        )
+        ended: int = await retrying(self._fail_abandoned, RESTARTED)
         if ended:
-            log.warning("%d judge run(s) left running by an earlier process marked failed", ended)
+            log.warning("%d judge run(s) left running by a gone process marked failed", ended)
+
+    async def _fail_abandoned(self, reason: str) -> int:
+        stale_ns = int(HEARTBEAT_SECONDS * STALE_AFTER_BEATS * 1e9)
+        ended: int = await self.store.write(
+            lambda db: fail_abandoned_judge_runs(
+                db, stale_before_ns=time.time_ns() - stale_ns, gone=owner_gone, reason=reason
+            )
+        )
+        return ended
+
+    async def _heartbeat(self) -> None:
+        """Say every HEARTBEAT_SECONDS that this process's runs still run, and end the runs
+        whose process stopped saying so (no replica needs to restart for that)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                if self.active:
+                    await self.store.write(beat_judge_runs, self.owner)
+                ended = await self._fail_abandoned(ABANDONED)
+            except (sqlite3.OperationalError, StoreError) as exc:
+                # The next beat tries again, well within the time a run is deemed gone.
+                log.info("judge runs' heartbeat not saved (%s)", exc)
+                continue
+            if ended:
+                log.warning("%d judge run(s) whose gateway went quiet marked failed", ended)
 
     # -- online judging ---------------------------------------------------
 
@@ -283,11 +352,19 @@ class JudgeService:
             rollout["id"], online.sample
         ):
             return
+        rollout_id = rollout["id"]
+        # Any later update of a finished rollout (its metadata, tags) is published too: one
+        # already waiting or being judged is not queued again (once judged, its verdict
+        # makes a later queueing a skip).
+        if rollout_id in self.pending:
+            return
         try:
-            self.queue.put_nowait(rollout["id"])
+            self.queue.put_nowait(rollout_id)
         except asyncio.QueueFull:
             self.dropped += 1
-            log.warning("online judge queue full; rollout %s not judged", rollout["id"])
+            log.warning("online judge queue full; rollout %s not judged", rollout_id)
+            return
+        self.pending.add(rollout_id)
 
     def start_online(self) -> None:
         online = self.settings.online
@@ -309,9 +386,13 @@ class JudgeService:
             except Exception:
                 log.exception("online judge crashed on %s", rollout_id)
             finally:
+                self.pending.discard(rollout_id)
                 self.queue.task_done()
 
     async def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            await asyncio.gather(self._beating, return_exceptions=True)
         for active in list(self.active.values()):
             active.stop(SHUT_DOWN)
         runs = [active.task for active in self.active.values() if active.task is not None]
@@ -324,4 +405,7 @@ class JudgeService:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.http is not None:
             await self.http.aclose()
+        # Only now: a run that could not write its final state is this closed owner's,
+        # which a later start in this process may mark failed.
+        _LIVE_OWNERS.discard(self.owner)
         await asyncio.to_thread(self.store.close)

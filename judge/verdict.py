@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -26,10 +27,28 @@ class Verdict(BaseModel):
     summary: str = ""
 
 
+MAX_ID_CHARS = 256
+_NOT_ID = re.compile(r"[^A-Za-z0-9._:@+=~-]")
+_HASH_CHARS = 16
+
+
+def derived_id(raw: str) -> str:
+    """`raw` as a store id: at most 256 characters, all of them id characters.
+
+    An id that already fits is kept as it is (stored verdicts keep their ids); one that is
+    too long or holds other characters keeps a prefix and ends with a hash of all of `raw`,
+    so two ids that differ only past the cut, or only in a replaced character, stay apart.
+    """
+    clean = _NOT_ID.sub("_", raw)
+    if clean == raw and len(raw) <= MAX_ID_CHARS:
+        return raw
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:_HASH_CHARS]
+    return f"{clean[: MAX_ID_CHARS - _HASH_CHARS - 1]}~{digest}"
+
+
 def reward_id(judge: str, rubric_version: str, rollout_id: str) -> str:
     """The same judge and rubric version always write the same reward id, so reruns skip."""
-    raw = f"judge-{judge}-{rubric_version}-{rollout_id}"
-    return re.sub(r"[^A-Za-z0-9._:@+=~-]", "_", raw)[:256]
+    return derived_id(f"judge-{judge}-{rubric_version}-{rollout_id}")
 
 
 def weighted_score(criteria: dict[str, CriterionScore], weights: dict[str, float]) -> float:

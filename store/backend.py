@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from store.errors import StoreUnavailable
+from store.errors import InvalidValue, StoreUnavailable
 
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 CONNECT_TIMEOUT_SECONDS = 5
@@ -149,6 +149,20 @@ def connect_postgres(url: str, *, read_only: bool = False, autocommit: bool = Tr
     return conn
 
 
+@contextlib.contextmanager
+def _invalid_values() -> Iterator[None]:
+    """psycopg's data exceptions (SQLSTATE class 22: a NUL in text, a number out of range)
+    as `InvalidValue`: the value given was refused, the store is fine. SQLite takes such
+    values, so callers see the same on both backends: a refused value, not a broken store."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.DataError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidValue(f"a value the store cannot hold: {reason}") from exc
+
+
 class PgDatabase:
     """A PostgreSQL connection that runs the store's `:named` SQL like sqlite-utils'
     `Database.execute` does (client-side binding, so untyped `:x is null` works)."""
@@ -172,11 +186,13 @@ class PgDatabase:
             self.conn.execute("select set_config(%s, %s, false)", [name, value])
 
     def execute(self, sql: str, params: dict[str, Any] | Sequence[Any] | None = None) -> Any:
-        return self.conn.execute(to_pyformat(sql), params if params is not None else {})
+        with _invalid_values():
+            return self.conn.execute(to_pyformat(sql), params if params is not None else {})
 
     def executemany(self, sql: str, rows: Sequence[Any]) -> Any:
         cur = self.conn.cursor()
-        cur.executemany(to_pyformat(sql), rows)
+        with _invalid_values():
+            cur.executemany(to_pyformat(sql), rows)
         return cur
 
     @property

@@ -6,6 +6,8 @@
   - Conflict: a write clashes with what is already stored.
   - StoreBusy: the store cannot take this write now (locked, full, stopping); try again.
   - StoreUnavailable: the store named cannot be opened at all (URL, password, server).
+  - InvalidValue: a value the store cannot hold (PostgreSQL: a NUL in text, a number out
+    of range); the request was at fault, not the store.
 """
 
 from __future__ import annotations
@@ -34,3 +36,8 @@ class StoreBusy(StoreError):
 class StoreUnavailable(StoreError):
     """The store named by `--db` / `store.url` cannot be opened (bad URL, refused, wrong
     password); the message names it with the password masked."""
+
+
+class InvalidValue(StoreError):
+    """A value given to a query that the store cannot hold (PostgreSQL refuses a NUL
+    character in text, for one); what was asked is refused, the store is fine."""

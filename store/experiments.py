@@ -14,6 +14,8 @@ from store.backend import contains, dialect_of, json_field, json_table
 from store.errors import NotFound
 
 ACTIONS = ("promote", "stop", "resume")
+# Kept in a stored configuration once a gateway starts without it: when it went.
+REMOVED = "removed_ns"
 
 # A span's experiment and variant live in its attributes; the text filter skips the JSON parse
 # on the (many) spans no experiment touched. Holes are filled per dialect by `_sql`.
@@ -25,6 +27,30 @@ from spans
 where {tagged}
   and {experiment} is not null
 order by unit, seq
+"""
+
+# The same, for some units only: rollouts (by their index) and lone calls (by span id).
+UNIT_ASSIGNMENTS_SQL = """
+select coalesce(rollout_id, span_id) as unit,
+       {experiment} as experiment,
+       {variant} as variant
+from spans
+where (rollout_id in (select u.value from {units})
+       or (rollout_id is null and span_id in (select u.value from {units})))
+  and {tagged}
+  and {experiment} is not null
+order by unit, seq
+"""
+
+# The variant of a rollout's first call under the experiment, as the analysis counts it.
+ROLLOUT_VARIANT_SQL = """
+select {variant} as variant
+from spans
+where rollout_id = :rollout_id
+  and {tagged}
+  and {experiment} = :name
+order by seq
+limit 1
 """
 
 EXPERIMENT_SPANS_SQL = """
@@ -65,6 +91,7 @@ def _sql(sql: str, dialect: str) -> str:
         variant=json_field(dialect, "attributes", "variant"),
         tagged=contains(dialect, "attributes", "'\"experiment\"'"),
         names=json_table(dialect, ":names", "n"),
+        units=json_table(dialect, ":units", "u"),
     )
 
 
@@ -75,7 +102,8 @@ def _rows(db: Database, sql: str, params: dict[str, Any] | None = None) -> list[
 
 
 def save_configs(db: Database, configs: list[dict[str, Any]]) -> None:
-    """Record each experiment as the gateway runs it (the newest configuration wins)."""
+    """Record each experiment as the gateway runs it (the newest configuration wins), and
+    mark every other stored one removed: no call of this gateway touches it any more."""
     now = time.time_ns()
     for config in configs:
         db.execute(
@@ -87,9 +115,22 @@ def save_configs(db: Database, configs: list[dict[str, Any]]) -> None:
             """,
             {"name": config["name"], "config": orjson.dumps(config).decode(), "now": now},
         )
+    running = {config["name"] for config in configs}
+    for name, config in list_configs(db).items():
+        if name not in running and REMOVED not in config:
+            db.execute(
+                "update experiments set config = :config, updated_ns = :now where name = :name",
+                {
+                    "name": name,
+                    "config": orjson.dumps({**config, REMOVED: now}).decode(),
+                    "now": now,
+                },
+            )
 
 
 def list_configs(db: Database) -> dict[str, dict[str, Any]]:
+    """Every experiment a gateway ran, by name; one since taken out of the configuration
+    carries `removed_ns` (a gateway that runs it again saves it afresh)."""
     rows = _rows(db, "select name, config from experiments order by name")
     return {row["name"]: orjson.loads(row["config"]) for row in rows}
 
@@ -142,9 +183,28 @@ def decisions(db: Database) -> dict[str, dict[str, Any]]:
 
 def assignments(db: Database) -> list[dict[str, Any]]:
     """Each unit's (rollout's, or lone call's) first experiment and variant, from its spans."""
+    return _first_of_each(_rows(db, ASSIGNMENTS_SQL))
+
+
+def unit_assignments(db: Database, units: list[str]) -> list[dict[str, Any]]:
+    """`assignments` of these units only."""
+    if not units:
+        return []
+    params = {"units": orjson.dumps(units).decode()}
+    return _first_of_each(_rows(db, UNIT_ASSIGNMENTS_SQL, params))
+
+
+def rollout_variant(db: Database, name: str, rollout_id: str) -> str | None:
+    """The variant the rollout ran under experiment `name`; None if it has no call there."""
+    rows = _rows(db, ROLLOUT_VARIANT_SQL, {"name": name, "rollout_id": rollout_id})
+    return str(rows[0]["variant"]) if rows and rows[0]["variant"] is not None else None
+
+
+def _first_of_each(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first row of each (unit, experiment), from rows ordered by unit and seq."""
     seen: set[tuple[str, str]] = set()
     found = []
-    for row in _rows(db, ASSIGNMENTS_SQL):
+    for row in rows:
         key = (row["unit"], row["experiment"])
         if key not in seen:
             seen.add(key)

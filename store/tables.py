@@ -34,6 +34,12 @@ ADDED_COLUMNS = {
 }
 # Added by migration 0005: the upstream's status beside the client's (`http_status`).
 UPSTREAM_STATUS_COLUMN = "upstream_status"
+# Added by migration 0007: which process runs a judge run, and when it last said it still
+# does (replicas on one store tell a live run from an abandoned one by them).
+JUDGE_RUN_OWNER_COLUMNS: dict[str, type[Text] | type[BigInteger]] = {
+    "owner": Text,
+    "heartbeat_ns": BigInteger,
+}
 
 # Tables read in write order (live tail, cursor paging, export).
 ROWID_TABLES = frozenset({"spans", "rewards", "rollouts"})
@@ -181,6 +187,7 @@ def build_metadata(dialect: str) -> MetaData:
         _json("results", "[]"),
         Column("error", Text),
         *_lifetime(),
+        *(Column(name, type_) for name, type_ in JUDGE_RUN_OWNER_COLUMNS.items()),
     )
     # Versioned Markdown guidelines per agent, written by `spangate patterns guidelines`.
     Table(

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from sqlite_utils import Database
 
-from store.backend import dialect_of
+from store.backend import dialect_of, json_table
 from store.errors import Conflict, InvalidTransition, NotFound
 from store.queries import decode_row
 from store.schema import TERMINAL_STATUSES
@@ -354,14 +355,22 @@ def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bo
 
 
 def replace_reward(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
-    """Store a reward under its id whatever was there before (a forced re-judgement)."""
+    """Store a reward under its id whatever was there before (a forced re-judgement).
+
+    Only a reward of the same rollout is replaced: one of another rollout under this id is
+    not this reward's to remove, and adding then raises `Conflict`.
+    """
     if reward.get("id"):
-        db.execute("delete from rewards where id = :id", {"id": reward["id"]})
+        db.execute(
+            "delete from rewards where id = :id and rollout_id is not distinct from :rollout_id",
+            {"id": reward["id"], "rollout_id": reward.get("rollout_id")},
+        )
     return add_reward(db, reward)[0]
 
 
 def save_judge_run(db: Database, run: dict[str, Any]) -> None:
-    """Insert or update a judge run's row (progress is saved as it goes).
+    """Insert or update a judge run's row (progress is saved as it goes); each save is also
+    a heartbeat of the run's `owner`.
 
     A run that has ended is final: a progress save landing after the final one (both wait
     on a locked store in their own threads) leaves it as it is.
@@ -370,13 +379,15 @@ def save_judge_run(db: Database, run: dict[str, Any]) -> None:
     db.execute(
         """
         insert into judge_runs (id, status, judge, params, total, judged, skipped, failed,
-                                results, error, created_ns, updated_ns, ended_ns)
+                                results, error, created_ns, updated_ns, ended_ns, owner,
+                                heartbeat_ns)
         values (:id, :status, :judge, :params, :total, :judged, :skipped, :failed,
-                :results, :error, :now, :now, :ended_ns)
+                :results, :error, :now, :now, :ended_ns, :owner, :now)
         on conflict (id) do update set
           status = excluded.status, total = excluded.total, judged = excluded.judged,
           skipped = excluded.skipped, failed = excluded.failed, results = excluded.results,
-          error = excluded.error, updated_ns = excluded.updated_ns, ended_ns = excluded.ended_ns
+          error = excluded.error, updated_ns = excluded.updated_ns, ended_ns = excluded.ended_ns,
+          heartbeat_ns = excluded.heartbeat_ns
         where judge_runs.status = 'running'
         """,
         {
@@ -392,24 +403,47 @@ def save_judge_run(db: Database, run: dict[str, Any]) -> None:
             "error": run.get("error"),
             "now": now,
             "ended_ns": run.get("ended_ns"),
+            "owner": run.get("owner"),
         },
     )
 
 
-def fail_abandoned_judge_runs(db: Database, *, started_before_ns: int, reason: str) -> int:
-    """Mark failed, with `reason`, the runs still `running` that started before `started_before_ns`:
-    no process is left to end them. Returns how many."""
-    now = time.time_ns()
+def beat_judge_runs(db: Database, owner: str) -> int:
+    """Say that `owner` still runs its running judge runs. Returns how many."""
     cursor = db.execute(
-        """
+        "update judge_runs set heartbeat_ns = :now where owner = :owner and status = 'running'",
+        {"owner": owner, "now": time.time_ns()},
+    )
+    return int(cursor.rowcount)
+
+
+def fail_abandoned_judge_runs(
+    db: Database, *, stale_before_ns: int, gone: Callable[[str], bool], reason: str
+) -> int:
+    """Mark failed, with `reason`, the runs still `running` that no process is left to end:
+    their owner's last heartbeat is older than `stale_before_ns` (a run saved before owners
+    were recorded counts its last save), or `gone(owner)` says the owner has exited.
+    Returns how many."""
+    owners = db.execute(
+        "select distinct owner from judge_runs where status = 'running' and owner is not null"
+    ).fetchall()
+    exited = [row[0] for row in owners if gone(row[0])]
+    cursor = db.execute(
+        f"""
         update judge_runs
         set status = 'failed', error = :reason, updated_ns = :now, ended_ns = :now
         where status = 'running'
-          and created_ns < :before
+          and (coalesce(heartbeat_ns, updated_ns) < :stale_before
+               or owner in (select value from {json_table(dialect_of(db), ":exited", "o")}))
         """,
-        {"reason": reason, "now": now, "before": started_before_ns},
+        {
+            "reason": reason,
+            "now": time.time_ns(),
+            "stale_before": stale_before_ns,
+            "exited": orjson.dumps(exited).decode(),
+        },
     )
-    return cursor.rowcount
+    return int(cursor.rowcount)
 
 
 def get_judge_run(db: Database, run_id: str) -> dict[str, Any]:

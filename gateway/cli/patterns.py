@@ -383,16 +383,15 @@ def _write_guideline(db: str, as_json: bool, *, agent: str, **params: Any) -> No
         raise click.ClickException(f"no attempts recorded for agent {agent}; nothing to write")
     import asyncio
 
-    from store.backend import atomic
-
     def write(conn: Any) -> dict[str, Any]:
-        # One transaction: the version named in the text is the version stored, even when
-        # another process writes one meanwhile (SQLite: it waits for the lock).
-        with atomic(conn):
-            version = store_guidelines.latest_version(conn, agent) + 1
-            content = store_guidelines.render_guideline(agent, result, version)
-            findings = result["success_patterns"] + result["failure_patterns"]
-            return store_guidelines.write_guideline(conn, agent, content, findings)
+        # The version named in the text is the version stored, even when another process
+        # writes one meanwhile.
+        return store_guidelines.write_next_guideline(
+            conn,
+            agent,
+            lambda version: store_guidelines.render_guideline(agent, result, version),
+            result["success_patterns"] + result["failure_patterns"],
+        )
 
     writer = store_writer(db)
     try:

@@ -117,9 +117,10 @@ def _text_of(content: Any) -> str | None:
         return content
     if isinstance(content, list):
         texts = [
-            part.get("text") or part.get("content")
+            text
             for part in content
-            if isinstance(part, dict) and isinstance(part.get("text") or part.get("content"), str)
+            if isinstance(part, dict)
+            and isinstance(text := part.get("text") or part.get("content"), str)
         ]
         return "".join(texts) if texts else None
     return None
@@ -212,6 +213,69 @@ def _output_messages(operation: str, body: Any) -> Any:
     return None
 
 
+# Where a shortened text part ends: the reader sees the text was cut, not that it ended.
+CUT_MARK = "…"
+# Part fields holding free text (or a tool's JSON arguments as text), shortened first.
+TEXT_FIELDS = ("content", "arguments", "response")
+
+
+def _texts(messages: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], str]]:
+    """(part, field) of every text inside `messages` (the GenAI `role` + `parts` shape)."""
+    for message in messages:
+        for part in message.get("parts") or ():
+            for field in TEXT_FIELDS:
+                if isinstance(part.get(field), str):
+                    yield part, field
+
+
+def _cap_for(lengths: list[int], excess: int) -> int:
+    """The largest per-text length whose cut removes at least `excess` characters."""
+    removed = 0
+    ordered = sorted(lengths, reverse=True)
+    for index, length in enumerate(ordered):
+        following = ordered[index + 1] if index + 1 < len(ordered) else 0
+        # The `index + 1` longest texts are at `length` now; lowering them to `following`
+        # removes this many more characters.
+        step = (length - following) * (index + 1)
+        if removed + step >= excess:
+            return max(length - -(-(excess - removed) // (index + 1)), 0)
+        removed += step
+    return 0
+
+
+def messages_json(messages: Any, limit: int = MAX_ATTRIBUTE_CHARS) -> str | None:
+    """`gen_ai.input.messages` / `gen_ai.output.messages` as JSON text of at most `limit`
+    characters that still parses: backends (Phoenix's GenAI parser) read it as JSON, so a
+    long conversation is cut inside its texts, then its trailing messages are left out,
+    never in the middle of the JSON."""
+    if messages is None:
+        return None
+    text = orjson.dumps(messages, default=str).decode()
+    if len(text) <= limit or not isinstance(messages, list):
+        return text if len(text) <= limit else None
+    # Copies, so the record the exporter was handed is never changed.
+    kept: list[dict[str, Any]] = [
+        {**m, "parts": [dict(p) for p in m.get("parts") or ()]} for m in messages
+    ]
+    while len(text) > limit:
+        found = [(part, field) for part, field in _texts(kept) if len(part[field]) > 1]
+        if not found:
+            break
+        # Lengths as written in JSON (escapes count), so quotes or newlines are not over-cut;
+        # the marks and rounding are measured again on the next round.
+        written = [len(orjson.dumps(part[field])) - 2 for part, field in found]
+        cap = _cap_for(written, len(text) - limit)
+        for (part, field), size in zip(found, written, strict=True):
+            if size > cap:
+                keep = len(part[field]) * cap // size - len(CUT_MARK)
+                part[field] = part[field][: max(keep, 0)] + CUT_MARK
+        text = orjson.dumps(kept, default=str).decode()
+    while len(text) > limit and kept:
+        kept.pop()
+        text = orjson.dumps(kept, default=str).decode()
+    return text
+
+
 def upstream_addresses(settings: Settings) -> dict[str, tuple[str, int]]:
     """`server.address`/`server.port` of each deployment label, from its `api_base`."""
     found: dict[str, tuple[str, int]] = {}
@@ -263,23 +327,26 @@ def span_proto(record: Mapping[str, Any], **options: Unpack[SpanOptions]) -> Spa
     return Span.FromString(span_bytes(record, **options))
 
 
-# Serialized one-attribute spans by (key, value), for the text and integer attributes that
-# repeat from span to span (model, provider, rollout, host, status, token counts): building a protobuf message
-# costs about a microsecond per field in Python, copying cached bytes almost nothing.
-_FRAGMENTS: dict[tuple[str, Any], bytes] = {}
+# Serialized one-attribute spans by (key, type, value), for the text and integer attributes
+# that repeat from span to span (model, provider, rollout, host, status, token counts):
+# building a protobuf message costs about a microsecond per field in Python, copying cached
+# bytes almost nothing. The type is in the key because True == 1: a bool must never answer
+# for an int, nor an int for a bool.
+_FRAGMENTS: dict[tuple[str, type, Any], bytes] = {}
 MAX_FRAGMENTS = 20_000
 # Different on every span: caching them would only churn the cache.
 UNCACHED = frozenset({"gen_ai.response.id", "rollout.seq"})
 
 
 def _fragment(key: str, value: str | int) -> bytes:
-    cached = _FRAGMENTS.get((key, value))
+    cache_key = (key, type(value), value)
+    cached = _FRAGMENTS.get(cache_key)
     if cached is None:
         kv = KeyValue(key=key, value=any_value(value))
         cached = Span(attributes=[kv]).SerializeToString()
         if len(_FRAGMENTS) >= MAX_FRAGMENTS:
             _FRAGMENTS.clear()
-        _FRAGMENTS[(key, value)] = cached
+        _FRAGMENTS[cache_key] = cached
     return cached
 
 
@@ -343,11 +410,11 @@ def span_bytes(
     else:
         kind = CLIENT
         if content:
-            attributes["gen_ai.input.messages"] = _input_messages(
-                operation, _json_value(record.get("request_body"))
+            attributes["gen_ai.input.messages"] = messages_json(
+                _input_messages(operation, _json_value(record.get("request_body")))
             )
-            attributes["gen_ai.output.messages"] = _output_messages(
-                operation, _json_value(record.get("response_body"))
+            attributes["gen_ai.output.messages"] = messages_json(
+                _output_messages(operation, _json_value(record.get("response_body")))
             )
     varying: dict[str, Any] = {}
     fragments: list[bytes] = []

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from config.models import Experiment, ExperimentVariant
-from gateway.errors import GuidelineMissing
+from gateway.errors import GuidelineMissing, InvalidRequest
 
 if TYPE_CHECKING:
     # call.py needs the context, which holds the experiments: only a type here.
@@ -35,6 +35,9 @@ UNIT_CAPACITY = 100_000
 NORMAL_PRIOR_SD = 1.0
 
 GuidelineLoader = Callable[[str, int], Awaitable[str | None]]
+# The variant a rollout already ran under an experiment (experiment name, rollout id), as
+# the store's spans say: another replica may have drawn it.
+AssignmentLookup = Callable[[str, str], Awaitable[str | None]]
 
 
 @dataclass(slots=True)
@@ -88,6 +91,12 @@ class ExperimentState:
             return self.config.posterior
         return "normal" if self.unbounded else "beta"
 
+    @property
+    def draws(self) -> bool:
+        """Whether a new unit's variant is a random draw, which another replica's may not
+        match (a `fixed` split hashes to the same variant everywhere)."""
+        return self.decision is None and self.config.policy == "thompson"
+
     def variant(self, name: str) -> ExperimentVariant | None:
         return next((v for v in self.config.variants if v.name == name), None)
 
@@ -115,6 +124,20 @@ class ExperimentState:
         if not 0.0 <= value <= 1.0:
             self.unbounded = True
         return True
+
+
+async def recall(state: ExperimentState, rollout_id: str, assigned: AssignmentLookup) -> None:
+    """Take the variant the rollout already ran, if any: one store read, on a rollout's
+    first call on this replica only (it is remembered after)."""
+    try:
+        variant = await assigned(state.config.name, rollout_id)
+    except Exception:
+        # A busy store costs the rollout its stickiness, never the call.
+        log.warning("could not read the assignment of rollout %s", rollout_id, exc_info=True)
+        return
+    # A call of the rollout may have drawn meanwhile; its variant stands.
+    if variant in state.arms and rollout_id not in state.units:
+        state.remember(rollout_id, variant)
 
 
 def unit_fraction(experiment: str, unit: str) -> float:
@@ -175,11 +198,13 @@ class Experiments:
         experiments: list[Experiment],
         *,
         guideline: GuidelineLoader | None = None,
+        assigned: AssignmentLookup | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.by_model = {e.model: ExperimentState(e) for e in experiments}
         self.by_name = {state.config.name: state for state in self.by_model.values()}
         self.guideline = guideline
+        self.assigned = assigned
         self.rng = rng or random.Random()
         self._guidelines: dict[tuple[str, int], str] = {}
 
@@ -204,10 +229,19 @@ class Experiments:
         return chosen
 
     async def apply(
-        self, state: ExperimentState, unit: str, payload: dict[str, Any], operation: str
+        self,
+        state: ExperimentState,
+        unit: str,
+        payload: dict[str, Any],
+        operation: str,
+        *,
+        rollout: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The payload as the unit's variant sends it, and the span attributes saying so;
-        None when the experiment is stopped."""
+        None when the experiment is stopped. A `rollout` unit may have run on another
+        replica already."""
+        if rollout and self.assigned is not None and unit not in state.units and state.draws:
+            await recall(state, unit, self.assigned)
         name = self.choose(state, unit)
         variant = state.variant(name) if name else None
         if variant is None:
@@ -221,9 +255,12 @@ class Experiments:
         if variant.guideline is not None:
             ref = variant.guideline
             text = await self._guideline_text(ref.agent, ref.version)
-            changed = with_guideline(changed, operation, text)
-            attributes["guideline.agent"] = ref.agent
-            attributes["guideline.version"] = ref.version
+            guided = with_guideline(changed, operation, text)
+            if guided is not None:
+                # Said on the span only when it went upstream: the analysis trusts it.
+                changed = guided
+                attributes["guideline.agent"] = ref.agent
+                attributes["guideline.version"] = ref.version
         return changed, attributes
 
     async def _guideline_text(self, agent: str, version: int) -> str:
@@ -249,12 +286,35 @@ class Experiments:
             if reward.get("name") == state.config.reward:
                 state.reward(unit, float(reward["value"]), bool(reward.get("final")))
 
-    def rebuild(self, assigned: list[dict[str, Any]], rewards: list[dict[str, Any]]) -> None:
-        """The units and rewards the store holds, so a restart keeps stickiness and posteriors."""
+    def unknown_units(self, rewards: list[dict[str, Any]]) -> list[str]:
+        """Units of these rewards that a Thompson experiment deciding by them has not seen:
+        rollouts another replica assigned, whose rewards count for the posterior here too."""
+        units: dict[str, None] = {}
+        for reward in rewards:
+            unit = reward.get("rollout_id") or reward.get("span_id")
+            if unit and any(
+                state.config.policy == "thompson"
+                and reward.get("name") == state.config.reward
+                and unit not in state.units
+                for state in self.by_name.values()
+            ):
+                units[unit] = None
+        return list(units)
+
+    def learn(self, assigned: list[dict[str, Any]]) -> None:
+        """Units the store says ran a variant (first call's), unless known here already."""
         for row in assigned:
             state = self.by_name.get(row["experiment"])
-            if state is not None and row["variant"] in state.arms:
+            if (
+                state is not None
+                and row["variant"] in state.arms
+                and row["unit"] not in state.units
+            ):
                 state.remember(row["unit"], row["variant"])
+
+    def rebuild(self, assigned: list[dict[str, Any]], rewards: list[dict[str, Any]]) -> None:
+        """The units and rewards the store holds, so a restart keeps stickiness and posteriors."""
+        self.learn(assigned)
         for reward in rewards:
             self.on_reward(reward)
 
@@ -270,8 +330,9 @@ class Experiments:
             state.decision = decision
 
 
-def with_guideline(payload: dict[str, Any], operation: str, text: str) -> dict[str, Any]:
-    """The payload with the guideline put before everything the client sent."""
+def with_guideline(payload: dict[str, Any], operation: str, text: str) -> dict[str, Any] | None:
+    """The payload with the guideline put before everything the client sent; None for an
+    operation without a prompt (embeddings, images), which goes as it came."""
     if operation == "chat":
         system = {"role": "system", "content": text}
         return {**payload, "messages": [system, *payload["messages"]]}
@@ -279,9 +340,21 @@ def with_guideline(payload: dict[str, Any], operation: str, text: str) -> dict[s
         instructions = payload.get("instructions")
         joined = f"{text}\n\n{instructions}" if isinstance(instructions, str) else text
         return {**payload, "instructions": joined}
-    if operation == "text_completion" and isinstance(payload.get("prompt"), str):
-        return {**payload, "prompt": f"{text}\n\n{payload['prompt']}"}
-    return payload
+    if operation == "text_completion":
+        prompt = payload.get("prompt")
+        if isinstance(prompt, str):
+            return {**payload, "prompt": f"{text}\n\n{prompt}"}
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            # A batch: each prompt is its own completion, so each gets the guideline.
+            return {**payload, "prompt": [f"{text}\n\n{p}" for p in prompt]}
+        # Token ids: the guideline's tokens depend on the upstream's tokenizer, unknown here,
+        # and sending the plain prompt would make the variant a silent copy of control.
+        raise InvalidRequest(
+            "this call falls under an experiment variant that prepends a guideline, which "
+            "needs a text `prompt` (a string or a list of strings), not token ids",
+            param="prompt",
+        )
+    return None
 
 
 async def enter_experiment(experiments: Experiments, call: Call) -> None:
@@ -289,8 +362,11 @@ async def enter_experiment(experiments: Experiments, call: Call) -> None:
     state = experiments.covering(call.group_name)
     if state is None:
         return
-    unit = call.attribution.rollout_id or call.span_id
-    applied = await experiments.apply(state, unit, call.payload, call.operation)
+    rollout_id = call.attribution.rollout_id
+    unit = rollout_id or call.span_id
+    applied = await experiments.apply(
+        state, unit, call.payload, call.operation, rollout=rollout_id is not None
+    )
     if applied is None:
         return
     payload, attributes = applied

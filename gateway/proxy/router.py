@@ -52,13 +52,19 @@ class Router:
         return found
 
     def chain(self, group: ModelGroup) -> list[ModelGroup]:
-        """The group, then its fallbacks in order (each once)."""
+        """The group, then its fallbacks in order (each once).
+
+        A fallback that is gone (its last deployment removed through `/api/models`) is
+        skipped: the group it backed up still serves.
+        """
+        groups = self.groups
         seen = {group.name}
         chain = [group]
         for name in group.fallbacks:
-            if name not in seen:
+            fallback = groups.get(name)
+            if fallback is not None and name not in seen:
                 seen.add(name)
-                chain.append(self.groups[name])
+                chain.append(fallback)
         return chain
 
     def pick(self, group: ModelGroup, rollout_id: str | None = None) -> Guard | None:
@@ -112,7 +118,7 @@ class Router:
     def remove_deployment(self, group_name: str, api_base: str) -> bool:
         """Take the deployment at `api_base` out of the group; False if there was none.
 
-        The group keeps its last deployment: a group with none would answer every call 503.
+        The group goes with its last deployment: a group with none would answer every call 503.
         """
         group = self.groups.get(group_name)
         if group is None:
@@ -121,7 +127,9 @@ class Router:
         if len(kept) == len(self.guards[group_name]):
             return False
         if not kept:
-            del self.groups[group_name], self.guards[group_name]
+            # New dicts, as in _swap: a reader iterating the old ones never sees a change.
+            self.groups = {name: g for name, g in self.groups.items() if name != group_name}
+            self.guards = {name: g for name, g in self.guards.items() if name != group_name}
             return True
         group = group.model_copy(update={"deployments": [g.deployment for g in kept]})
         self._swap(group, kept)

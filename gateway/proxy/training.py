@@ -7,7 +7,7 @@ import base64
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,14 +144,31 @@ def upstream_changes(
     return changes, capture
 
 
+def stored_mode(metadata: Any) -> str | None:
+    """The mode a rollout's stored metadata gives it, if a known one."""
+    mode = metadata.get("mode") if isinstance(metadata, dict) else None
+    return mode if mode in MODES else None
+
+
+# The mode a rollout was created with, as the store keeps it (its `metadata.mode`); None if
+# it has none or does not exist.
+ModeLookup = Callable[[str], Awaitable[str | None]]
+
+
 class RolloutModes:
-    """The mode each rollout was created with (`POST /api/rollouts {mode}`), newest kept."""
+    """The mode each rollout was created with (`POST /api/rollouts {mode}`), newest kept.
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    With a `lookup`, a rollout this process has not seen (created before a restart, or on
+    another replica) is read from the store once by `resolve`; the answer is kept, "no mode"
+    too, so later calls of the rollout read nothing.
+    """
+
+    def __init__(self, capacity: int = 100_000, lookup: ModeLookup | None = None) -> None:
         self._capacity = capacity
-        self._modes: OrderedDict[str, str] = OrderedDict()
+        self._lookup = lookup
+        self._modes: OrderedDict[str, str | None] = OrderedDict()
 
-    def set(self, rollout_id: str, mode: str) -> None:
+    def set(self, rollout_id: str, mode: str | None) -> None:
         self._modes[rollout_id] = mode
         self._modes.move_to_end(rollout_id)
         if len(self._modes) > self._capacity:
@@ -159,6 +176,15 @@ class RolloutModes:
 
     def get(self, rollout_id: str | None) -> str | None:
         return self._modes.get(rollout_id) if rollout_id is not None else None
+
+    async def resolve(self, rollout_id: str | None) -> None:
+        """Make `get` know the rollout's stored mode (a store read on a miss only)."""
+        if rollout_id is None or self._lookup is None or rollout_id in self._modes:
+            return
+        mode = await self._lookup(rollout_id)
+        # A mode set meanwhile (`POST /api/rollouts`) is newer than this read.
+        if rollout_id not in self._modes:
+            self.set(rollout_id, mode)
 
 
 def rollout_mode(

@@ -367,6 +367,8 @@ class JudgeRun(_Out):
     created_ns: int
     updated_ns: int
     ended_ns: int | None
+    owner: str | None = Field(None, description="The gateway process running it.")
+    heartbeat_ns: int | None = Field(None, description="When that process last said so.")
 
 
 class ErrorDetail(_Out):

@@ -34,9 +34,12 @@ def attach_experiments(app: web.Application, read_guideline: GuidelineReader) ->
             return None
         return str(row["content"])
 
-    gw.experiments = Experiments(gw.settings.experiments, guideline=guideline)
-    if gw.settings.experiments:
-        app.cleanup_ctx.append(_syncing)
+    async def assigned(experiment: str, rollout_id: str) -> str | None:
+        return await gw.reader.run(stored.rollout_variant, experiment, rollout_id)
+
+    gw.experiments = Experiments(gw.settings.experiments, guideline=guideline, assigned=assigned)
+    # Also with none configured: the stored ones are then marked removed.
+    app.cleanup_ctx.append(_syncing)
 
 
 def _reward_names(gw: Gateway) -> list[str]:
@@ -47,6 +50,9 @@ async def _syncing(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     configs = [e.model_dump(mode="json") for e in gw.settings.experiments]
     await gw.writer.execute(lambda db: stored.save_configs(db, configs))
+    if not configs:
+        yield
+        return
     names = _reward_names(gw)
     # Taken first: a reward stored while the rest is read is counted by the loop, not lost.
     last = await gw.reader.run(stored.last_reward_rowid)
@@ -70,7 +76,12 @@ async def _refresh(gw: Gateway, last: int, names: list[str]) -> None:
             gw.experiments.set_decisions(await gw.reader.run(stored.decisions))
             # Rewards the bus already brought count once: a unit's newest reward replaces
             # its earlier one.
-            for reward in await gw.reader.run(stored.rewards_after, last, names):
+            rewards = await gw.reader.run(stored.rewards_after, last, names)
+            unknown = gw.experiments.unknown_units(rewards)
+            if unknown:
+                # Rollouts another replica assigned: their rewards count here too.
+                gw.experiments.learn(await gw.reader.run(stored.unit_assignments, unknown))
+            for reward in rewards:
                 gw.experiments.on_reward(reward)
                 last = max(last, reward["rowid"])
         except Exception:

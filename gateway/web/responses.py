@@ -13,12 +13,21 @@ from gateway.errors import (
     GatewayError,
     NotFoundError,
     ServiceUnavailable,
+    ValidationFailed,
 )
-from store.errors import Conflict, InvalidTransition, NotFound, StoreBusy, StoreError
+from store.errors import (
+    Conflict,
+    InvalidTransition,
+    InvalidValue,
+    NotFound,
+    StoreBusy,
+    StoreError,
+)
 
 # Store errors know nothing of HTTP; this table gives each its answer.
 STORE_ERRORS: dict[type[StoreError], type[GatewayError]] = {
     NotFound: NotFoundError,
+    InvalidValue: ValidationFailed,
     InvalidTransition: ConflictError,
     Conflict: ConflictError,
     StoreBusy: ServiceUnavailable,

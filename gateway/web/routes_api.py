@@ -25,6 +25,7 @@ from gateway.errors import (
     ValidationFailed,
 )
 from gateway.proxy import payload
+from gateway.proxy.training import stored_mode
 from gateway.web import api_models as m
 from gateway.web.bodies import read_body
 from gateway.web.limits import write_within
@@ -188,9 +189,9 @@ async def create_rollout(request: web.Request) -> web.Response:
             budget=body.budget.stored() if body.budget else None,
         ),
     )
-    if body.mode:
-        # Calls of the rollout get the model group's parameters for this mode.
-        gw.modes.set(row["id"], body.mode)
+    # Calls of the rollout get the model group's parameters for the mode it is stored with
+    # (an existing rollout keeps its own); "none" is worth knowing too, to not look it up.
+    gw.modes.set(row["id"], stored_mode(row["metadata"]))
     # The agent counts too: its limits apply to the rollout's calls.
     if (body.budget is not None or body.agent is not None) and gw.budgets is not None:
         await gw.budgets.set_budget(row["id"], row["budget"], row["agent"])

@@ -69,7 +69,9 @@ class ExperimentResult(BaseModel):
     policy: str
     control: str
     alpha: float
-    status: str = Field(description="running, promoted or stopped.")
+    status: str = Field(
+        description="running, promoted, stopped, or removed (no longer in the config)."
+    )
     decision: Decision | None
     variants: list[VariantResult]
     verdict: str

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from config.models import Deployment
 from gateway.errors import NotFoundError
+from gateway.proxy.cost import deployment_prices
 from gateway.web import api_models as m
 from gateway.web.routes_api import ApiRoute, body_of, json, query_of, read, write
 from gateway.web.state import GATEWAY, Gateway
@@ -21,23 +23,63 @@ from store import registry
 log = logging.getLogger("spangate.registry")
 
 
-def _deployment(entry: dict[str, Any], api_key: str | None = None) -> Deployment:
-    return Deployment(
-        provider=entry["provider"],
-        model=entry["upstream_model"],
-        api_base=entry["api_base"],
-        api_key=api_key,
-        weight=entry["weight"],
-        version=entry["version"],
+@dataclass
+class Followed:
+    """What this replica took from the stored registry, and how often it changed its own
+    router: a read of the store begun before a local change may predate it, so is not applied."""
+
+    known: set[tuple[str, str]] = field(default_factory=set)
+    changes: int = 0
+
+
+FOLLOWED = web.AppKey("model_registry_followed", Followed)
+
+
+def _deployment(
+    entry: dict[str, Any], api_key: str | None, replaced: Deployment | None
+) -> Deployment:
+    """The deployment a registry entry asks for. A new checkpoint at a configured address
+    keeps what the registration cannot say (`training`, timeouts, limits, headers, prices),
+    and the key it had when the registration gives none."""
+    registered: dict[str, Any] = {
+        "provider": entry["provider"],
+        "model": entry["upstream_model"],
+        "api_base": entry["api_base"],
+        "version": entry["version"],
+        "weight": entry["weight"],
         # Two servers of one model differ only by where they are: the name says which.
-        name=f"{entry['provider']}/{entry['upstream_model']}@{entry['api_base']}",
-    )
+        "name": f"{entry['provider']}/{entry['upstream_model']}@{entry['api_base']}",
+    }
+    if api_key:
+        registered["api_key"] = api_key
+    if replaced is None:
+        return Deployment.model_validate(registered)
+    return Deployment.model_validate({**replaced.model_dump(), **registered})
+
+
+def _replaced(gw: Gateway, model: str, api_base: str) -> Deployment | None:
+    """The deployment served at `api_base` in the group, else the configured one there (a
+    replica restarting, or re-adding one that was removed, keeps the config's settings)."""
+    for guard in gw.router.guards.get(model, ()):
+        if guard.deployment.api_base == api_base:
+            return guard.deployment
+    for group in gw.settings.models:
+        if group.name == model:
+            return next((d for d in group.deployments if d.api_base == api_base), None)
+    return None
 
 
 def _apply(gw: Gateway, entry: dict[str, Any], api_key: str | None = None) -> None:
-    if api_key:
-        gw.redactor = gw.redactor.adding(api_key)
-    gw.router.put_deployment(entry["model"], _deployment(entry, api_key))
+    replaced = _replaced(gw, entry["model"], entry["api_base"])
+    deployment = _deployment(entry, api_key, replaced)
+    if deployment.api_key:
+        gw.redactor = gw.redactor.adding(deployment.api_key)
+    price = deployment_prices(deployment, {})
+    if price is None and replaced is not None and replaced.model == deployment.model:
+        # The cost map is not kept after start: the same upstream model costs what it did.
+        price = gw.prices_for(replaced)
+    gw.prices[id(deployment)] = price
+    gw.router.put_deployment(entry["model"], deployment)
 
 
 async def add_model(request: web.Request) -> web.Response:
@@ -47,6 +89,9 @@ async def add_model(request: web.Request) -> web.Response:
     stored = body.model_dump(exclude={"api_key"})
     entry = await write(gw, lambda db: registry.put_deployment(db, **stored))
     _apply(gw, entry, body.api_key)
+    followed = request.app[FOLLOWED]
+    followed.changes += 1
+    followed.known.add((entry["model"], entry["api_base"]))
     return json({**entry, "registered": True}, status=201)
 
 
@@ -57,6 +102,9 @@ async def remove_model(request: web.Request) -> web.Response:
         gw, lambda db: registry.delete_deployment(db, model=q.model, api_base=q.api_base)
     )
     removed = gw.router.remove_deployment(q.model, q.api_base)
+    followed = request.app[FOLLOWED]
+    followed.changes += 1
+    followed.known.discard((q.model, q.api_base))
     if not (stored or removed):
         raise NotFoundError(f"model {q.model!r} has no deployment at {q.api_base!r}")
     return json({"model": q.model, "api_base": q.api_base, "deleted": True})
@@ -112,19 +160,28 @@ def sync_registry(gw: Gateway, entries: list[dict[str, Any]], known: set[tuple[s
     known.update(current)
 
 
+async def follow_registry(gw: Gateway, followed: Followed) -> None:
+    """One read of the stored registry, applied unless this replica changed its own router
+    while it ran: the read may predate that change, and the next one will not."""
+    before = followed.changes
+    entries = await gw.reader.run(registry.list_deployments)
+    if followed.changes == before:
+        sync_registry(gw, entries, followed.known)
+
+
 async def restore_registry(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: serve what was registered before this process started (keys are not
     kept), then follow the store every `shared.sync_seconds`, so a registration sent to any
     replica reaches every one."""
     gw = app[GATEWAY]
-    known: set[tuple[str, str]] = set()
-    sync_registry(gw, await gw.reader.run(registry.list_deployments), known)
+    app[FOLLOWED] = followed = Followed()
+    await follow_registry(gw, followed)
 
     async def follow() -> None:
         while True:
             await asyncio.sleep(gw.settings.shared.sync_seconds)
             try:
-                sync_registry(gw, await gw.reader.run(registry.list_deployments), known)
+                await follow_registry(gw, followed)
             except Exception:
                 log.exception("reading the model registry failed; trying again")
 

@@ -297,6 +297,8 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         call.job = Job(operation, raw, payload, stream, group, client_headers)
         call.job.rollout_id = attribution.rollout_id
         call.job.form = form
+        # A rollout created before a restart (or on another replica) is read once.
+        await gw.modes.resolve(attribution.rollout_id)
         call.job.mode = call.fields["mode"] = rollout_mode(
             gw.modes, request.headers, attribution.rollout_id
         )

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,18 @@ from store.proxy_state import load_pause, save_pause
 log = logging.getLogger("spangate.pause")
 
 
+@dataclass
+class LocalChanges:
+    """Pauses and resumes this replica took itself: a read of the store begun before one may
+    predate it, so applying it would undo the change (a trainer told `paused: true` while
+    calls still go upstream)."""
+
+    count: int = 0
+
+
+LOCAL_CHANGES = web.AppKey("pause_local_changes", LocalChanges)
+
+
 async def pause(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.PauseRequest)
@@ -30,6 +43,7 @@ async def pause(request: web.Request) -> web.Response:
     # Stored first, so every replica (each reads it every `shared.sync_seconds`) follows.
     await write(gw, lambda db: save_pause(db, state))
     gw.gate.pause(reason=body.reason, mode=body.mode, retry_after=retry_after)
+    request.app[LOCAL_CHANGES].count += 1
     return json(gw.gate.state())
 
 
@@ -37,6 +51,7 @@ async def resume(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     await write(gw, lambda db: save_pause(db, {"paused": False}))
     gw.gate.resume()
+    request.app[LOCAL_CHANGES].count += 1
     return json(gw.gate.state())
 
 
@@ -58,11 +73,15 @@ async def pause_sync(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: follow the stored pause state, so a pause sent to any replica holds on
     every one (and a restarted replica comes back paused if the trainer left it so)."""
     gw = app[GATEWAY]
+    app[LOCAL_CHANGES] = changes = LocalChanges()
 
     async def follow() -> None:
         while True:
             try:
-                apply_pause(gw.gate, await gw.reader.run(load_pause))
+                before = changes.count
+                stored = await gw.reader.run(load_pause)
+                if changes.count == before:
+                    apply_pause(gw.gate, stored)
             except Exception:
                 log.exception("reading the pause state failed; trying again")
             await asyncio.sleep(gw.settings.shared.sync_seconds)

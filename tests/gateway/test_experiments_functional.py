@@ -285,3 +285,156 @@ def test_experiments_name_known_model_groups() -> None:
             },
             env={},
         )
+
+
+def test_a_guideline_variant_prepends_the_guideline_to_each_prompt_of_a_completion(
+    make_gateway: Callable[..., GatewayThread],
+    fake_provider: FakeProviderThread,
+    with_guideline: Path,
+) -> None:
+    gateway = start(
+        make_gateway,
+        variants=[
+            {"name": "control", "weight": 0},
+            {"name": "guideline-v1", "guideline": {"agent": "researcher", "version": 1}},
+        ],
+    )
+    prompts = ["Summarise paper one.", "Summarise paper two."]
+    answer = httpx.post(
+        f"{gateway.url('r-batch')}/completions",
+        json={"model": "gpt-test", "prompt": prompts, "max_tokens": 5},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    sent = fake_provider.state.last_request.body["prompt"]
+    assert sent == [f"{GUIDELINE}\n\n{prompt}" for prompt in prompts]
+    [span] = gateway.spans(rollout_id="r-batch")
+    assert span["attributes"]["guideline.version"] == 1
+
+
+def test_a_guideline_variant_refuses_a_prompt_of_token_ids(
+    make_gateway: Callable[..., GatewayThread],
+    fake_provider: FakeProviderThread,
+    with_guideline: Path,
+) -> None:
+    """The guideline's tokens depend on the upstream's tokenizer: rather than send the plain
+    prompt under the guideline variant's name, the call is refused."""
+    gateway = start(
+        make_gateway,
+        variants=[
+            {"name": "control", "weight": 0},
+            {"name": "guideline-v1", "guideline": {"agent": "researcher", "version": 1}},
+        ],
+    )
+    refused = httpx.post(
+        f"{gateway.url('r-ids')}/completions",
+        json={"model": "gpt-test", "prompt": [101, 2023, 102], "max_tokens": 5},
+        timeout=10,
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "prompt"
+    assert fake_provider.state.snapshot() == []
+    [span] = gateway.spans(rollout_id="r-ids")
+    assert "guideline.version" not in span["attributes"]
+
+
+def test_a_thompson_rollout_keeps_its_variant_on_every_replica(
+    make_gateway: Callable[..., GatewayThread],
+) -> None:
+    """Each rollout's first call goes to one replica, its second to another: the second
+    replica takes the variant the first drew (from the store), not a draw of its own."""
+    config = experiment(
+        policy="thompson", variants=[{"name": "control"}, {"name": "bigger-model", "model": "mock"}]
+    )
+    first = make_gateway(experiments=[config], experiment_refresh=REFRESH)
+    second = make_gateway(experiments=[config], experiment_refresh=REFRESH)
+    for n in range(16):
+        rollout = f"r-two-{n}"
+        assert ask(first, rollout).status_code == 200
+        first.flush()
+        assert ask(second, rollout).status_code == 200
+        second.flush()
+        variants = {s["attributes"]["variant"] for s in first.spans(rollout_id=rollout)}
+        assert len(variants) == 1, (rollout, variants)
+
+
+def test_a_reward_posted_to_another_replica_reaches_every_replicas_posterior(
+    make_gateway: Callable[..., GatewayThread],
+) -> None:
+    config = experiment(
+        policy="thompson", variants=[{"name": "control"}, {"name": "bigger-model", "model": "mock"}]
+    )
+    first = make_gateway(experiments=[config], experiment_refresh=REFRESH)
+    second = make_gateway(experiments=[config], experiment_refresh=REFRESH)
+    for n in range(4):
+        assert ask(first, f"r-far-{n}").status_code == 200
+    first.flush()
+    for n in range(4):
+        posted = httpx.post(
+            f"{second.base}/api/rollouts/r-far-{n}/rewards", json={"value": 1.0, "final": True}
+        )
+        assert posted.status_code == 201
+    for gateway in (first, second):
+        arms = gateway.gw.experiments.by_name["concise-v2"].arms
+        wait_until(
+            lambda arms=arms: sum(arm.n for arm in arms.values()) == 4,
+            timeout=10,
+            what="both replicas to count the four rewards",
+        )
+
+
+def test_analysis_of_a_beta_posterior_takes_rewards_outside_0_1(
+    make_gateway: Callable[..., GatewayThread], db_path: Path
+) -> None:
+    """`posterior: beta` with a reward of 2 (a legal reward): the analysis counts it as a
+    whole success, as the assignment's draw does, instead of answering 500."""
+    gateway = start(
+        make_gateway,
+        posterior="beta",
+        variants=[{"name": "control"}, {"name": "bigger-model", "model": "mock"}],
+    )
+    for rollout in ("r-beta-1", "r-beta-2"):
+        assert ask(gateway, rollout).status_code == 200
+        gateway.flush()
+        posted = httpx.post(
+            f"{gateway.base}/api/rollouts/{rollout}/rewards", json={"value": 2.0, "final": True}
+        )
+        assert posted.status_code == 201, posted.text
+    one = httpx.get(f"{gateway.base}/api/experiments/concise-v2", timeout=30)
+    assert one.status_code == 200, one.text
+    assert sum(v["prob_best"] for v in one.json()["variants"]) == pytest.approx(1.0)
+    assert httpx.get(f"{gateway.base}/api/experiments", timeout=30).status_code == 200
+    shown = CliRunner().invoke(cli, ["experiments", "--db", str(db_path)])
+    assert shown.exit_code == 0, shown.output
+
+
+def test_an_experiment_taken_out_of_the_config_is_reported_removed(
+    make_gateway: Callable[..., GatewayThread], db_path: Path
+) -> None:
+    first = start(make_gateway)
+    assert ask(first, "r-gone-1").status_code == 200
+    first.stop()
+    second = make_gateway()
+    span = span_of(second, ask(second, "r-gone-2"))
+    assert "experiment" not in span["attributes"]
+    [listed] = httpx.get(f"{second.base}/api/experiments", timeout=30).json()["data"]
+    assert listed["status"] == "removed"
+    assert listed["verdict"].startswith("removed from the config")
+    shown = CliRunner().invoke(cli, ["experiments", "--db", str(db_path)])
+    assert "removed" in shown.output, shown.output
+    # Put back, it runs again.
+    again = start(make_gateway)
+    one = httpx.get(f"{again.base}/api/experiments/concise-v2", timeout=30).json()
+    assert one["status"] == "running"
+
+
+def test_experiments_cli_on_an_empty_store(tmp_path: Path) -> None:
+    db = tmp_path / "empty.db"
+    connect(db).close()
+    shown = CliRunner().invoke(cli, ["experiments", "--db", str(db)])
+    assert shown.exit_code == 0 and "no experiments yet" in shown.output, shown.output
+    as_json = CliRunner().invoke(cli, ["experiments", "--json", "--db", str(db)])
+    assert as_json.exit_code == 0 and as_json.output == "", as_json.output
+    promote = CliRunner().invoke(cli, ["experiments", "promote", "nope", "v", "--db", str(db)])
+    assert promote.exit_code == 1 and "Traceback" not in promote.output, promote.output
+    assert "no experiment named 'nope'" in promote.output

@@ -23,10 +23,12 @@ from fake_provider import (
     token_id,
     token_logprob,
 )
+from raw_upstream import RawUpstream, response, stream_head
 from servers import GatewayThread, read_rows, wait_until
 
 from gateway.cli import cli
 from store.packed import unpack_floats, unpack_ints
+from store.schema import connect
 
 MESSAGES = [{"role": "user", "content": "say a few words for training"}]
 REPLY = "echo: say a few words for training"
@@ -131,6 +133,128 @@ def test_a_client_that_asks_for_logprobs_and_token_ids_gets_them_untouched(
     assert unpack_ints(span["completion_token_ids"]) == ids
 
 
+@pytest.fixture
+def raw() -> Iterator[RawUpstream]:
+    """An upstream answering exactly the bytes a test scripts (vLLM's less common shapes)."""
+    upstream = RawUpstream(pause=0.005)
+    yield upstream
+    upstream.close()
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _chat_choice(index: int, ids: list[int], logprobs: list[float]) -> dict[str, Any]:
+    content = [{"token": "t", "logprob": lp, "bytes": None, "top_logprobs": []} for lp in logprobs]
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": "x"},
+        "logprobs": {"content": content},
+        "finish_reason": "stop",
+        "token_ids": ids,
+    }
+
+
+def test_with_n_2_the_span_records_choice_zero_even_when_it_comes_second(
+    make_gateway: Any, raw: RawUpstream
+) -> None:
+    body = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "up",
+        "prompt_token_ids": [1, 2, 3],
+        "choices": [
+            _chat_choice(1, [9, 9], [-9.0, -9.0]),
+            _chat_choice(0, [5, 6, 7], [-0.5, -0.25, -1.0]),
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+    }
+    raw.add(response(200, json.dumps(body).encode()))
+    gateway = _training_gateway(make_gateway, raw.url)
+    answer = httpx.post(
+        f"{gateway.url('n2')}/chat/completions",
+        json={"model": "policy", "messages": MESSAGES, "n": 2},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    assert "prompt_token_ids" not in got
+    assert all(c["logprobs"] is None and "token_ids" not in c for c in got["choices"])
+    [span] = gateway.spans(rollout_id="n2")
+    assert unpack_ints(span["prompt_token_ids"]) == [1, 2, 3]
+    assert unpack_ints(span["completion_token_ids"]) == [5, 6, 7]
+    assert unpack_floats(span["logprobs"]) == [-0.5, -0.25, -1.0]
+
+
+def test_streamed_completions_with_n_2_record_choice_zero_and_export_it(
+    make_gateway: Any, raw: RawUpstream, db_path: Path
+) -> None:
+    def chunk(index: int, text: str, ids: list[int], lps: list[float], **extra: Any) -> bytes:
+        logprobs = {"tokens": [text], "token_logprobs": lps, "top_logprobs": None}
+        choice = {"index": index, "text": text, "finish_reason": None, "token_ids": ids}
+        choice.update(logprobs={**logprobs, "text_offset": [0]}, **extra)
+        return _sse(
+            {"id": "cmpl-1", "object": "text_completion", "model": "up", "choices": [choice]}
+        )
+
+    usage = {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+    raw.add(
+        stream_head(),
+        chunk(0, "a", [11], [-0.5], prompt_token_ids=[1, 2]),
+        chunk(1, "z", [99], [-9.0], prompt_token_ids=[1, 2]),
+        chunk(0, "b", [12], [-0.25]),
+        chunk(1, "y", [98], [-8.0]),
+        _sse({"id": "cmpl-1", "object": "text_completion", "choices": [], "usage": usage}),
+        b"data: [DONE]\n\n",
+    )
+    gateway = _training_gateway(make_gateway, raw.url)
+    with httpx.stream(
+        "POST",
+        f"{gateway.url('cmp2')}/completions",
+        json={"model": "policy", "prompt": "hi", "n": 2, "stream": True},
+        timeout=10,
+    ) as streamed:
+        text = b"".join(streamed.iter_bytes()).decode()
+    assert "token_ids" not in text and "token_logprobs" not in text
+    sent = json.loads(raw.requests[-1].split(b"\r\n\r\n", 1)[1])
+    assert sent["return_token_ids"] is True and sent["logprobs"] == 0
+    [span] = gateway.spans(rollout_id="cmp2")
+    assert unpack_ints(span["prompt_token_ids"]) == [1, 2]
+    assert unpack_ints(span["completion_token_ids"]) == [11, 12]
+    assert unpack_floats(span["logprobs"]) == [-0.5, -0.25]
+    gateway.flush()
+    out = CliRunner().invoke(cli, [*EXPORT, str(db_path), "--format", "triplets"])
+    assert out.exit_code == 0, out.output
+    [triplet] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert triplet["response_token_ids"] == [11, 12] and triplet["completion"] == "ab"
+
+
+def test_an_upstream_without_logprobs_or_ids_leaves_the_columns_null(
+    make_gateway: Any, raw: RawUpstream
+) -> None:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "x"},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    body = {"id": "c2", "object": "chat.completion", "model": "up", "choices": [choice]}
+    raw.add(response(200, json.dumps({**body, "usage": usage}).encode()))
+    gateway = _training_gateway(make_gateway, raw.url)
+    answer = httpx.post(
+        f"{gateway.url('nolp')}/chat/completions",
+        json={"model": "policy", "messages": MESSAGES},
+        timeout=10,
+    )
+    assert answer.status_code == 200
+    [span] = gateway.spans(rollout_id="nolp")
+    columns = (span["prompt_token_ids"], span["completion_token_ids"], span["logprobs"])
+    assert columns == (None, None, None)
+
+
 # -- export ----------------------------------------------------------------------------
 
 
@@ -185,6 +309,13 @@ def test_triplet_export_carries_token_ids_and_spreads_the_reward_by_rule(
     table = pq.read_table(out).to_pylist()
     assert [row["response_token_ids"] for row in table] == [ids] * 3
     assert table[0]["reward"] == 1.0
+
+
+def test_triplet_export_of_an_empty_store_prints_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "empty.db"
+    connect(db).close()
+    result = CliRunner().invoke(cli, [*EXPORT, str(db), "--format", "triplets"])
+    assert result.exit_code == 0 and result.stdout == "", result.output
 
 
 # -- live model registry ---------------------------------------------------------------
@@ -259,6 +390,89 @@ def test_registered_deployments_survive_a_restart(
     second = make_gateway()
     _client(second, "reg-2").chat.completions.create(model="policy", messages=MESSAGES)
     assert [s["model_version"] for s in second.spans(rollout_id="reg-2")] == ["v7"]
+
+
+def test_a_new_checkpoint_at_a_configured_address_keeps_the_deployments_settings(
+    make_gateway: Any, vllm: FakeProviderThread
+) -> None:
+    """Only the version changes: the deployment's `training` (and key, timeouts, limits)
+    stay, so the trainer's token ids keep coming."""
+    deployment = {
+        "provider": "openai",
+        "model": "upstream-model",
+        "api_base": vllm.url,
+        "version": "step-0",
+        "api_key": "sk-configured",
+        "training": TRAINING,
+    }
+    gateway = make_gateway(models=[{"name": "policy", "deployments": [deployment]}])
+    client = _client(gateway, "ckpt-1")
+    client.chat.completions.create(model="policy", messages=MESSAGES)
+    registration = {
+        "model": "policy",
+        "api_base": vllm.url,
+        "version": "step-100",
+        "upstream_model": "upstream-model",
+    }
+    assert httpx.post(f"{gateway.base}/api/models", json=registration).status_code == 201
+    client.chat.completions.create(model="policy", messages=MESSAGES)
+    spans = gateway.spans(rollout_id="ckpt-1")
+    assert [s["model_version"] for s in spans] == ["step-0", "step-100"]
+    ids = [unpack_ints(s["prompt_token_ids"]) for s in spans]
+    assert ids == [prompt_token_ids(MESSAGES)] * 2
+    assert vllm.state.last_request.body.get("return_token_ids") is True
+    assert vllm.state.last_request.header("authorization") == "Bearer sk-configured"
+
+
+def test_removing_a_fallback_group_leaves_the_group_it_backed_up_serving(
+    make_gateway: Any, fake_provider: FakeProviderThread
+) -> None:
+    upstream = {"provider": "openai", "model": "upstream-model", "api_base": fake_provider.url}
+    backup_base = fake_provider.url.replace("127.0.0.1", "localhost")
+    gateway = make_gateway(
+        models=[
+            {"name": "primary", "deployments": [upstream], "fallbacks": ["backup"]},
+            {"name": "backup", "deployments": [{**upstream, "api_base": backup_base}]},
+        ]
+    )
+    client = _client(gateway, "fb-1")
+    client.chat.completions.create(model="primary", messages=MESSAGES)
+    removed = httpx.delete(
+        f"{gateway.base}/api/models", params={"model": "backup", "api_base": backup_base}
+    )
+    assert removed.status_code == 200, removed.text
+    answer = client.chat.completions.create(model="primary", messages=MESSAGES)
+    assert answer.choices[0].message.content == REPLY
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("GET", "/api/rollouts/ex-1/export", {"params": {"format": "triplets", "gamma": "abc"}}, 422),
+        ("GET", "/api/rollouts/ex-1/export", {"params": {"format": "triplets", "gamma": "2"}}, 422),
+        ("GET", "/api/rollouts/ex-1/export", {"params": {"reward_rule": "sometimes"}}, 422),
+        ("GET", "/api/rollouts/ex-1/export", {"params": {"format": "parquet"}}, 422),
+        ("GET", "/api/rollouts/nope/export", {"params": {"format": "triplets"}}, 404),
+        ("POST", "/api/models", {"json": []}, 400),
+        ("POST", "/api/models", {"content": b"{not json"}, 400),
+        ("POST", "/api/models", {"json": {"model": "p", "api_base": "file:///etc", "version": "v"}}, 422),
+        ("POST", "/api/models", {"json": {"model": "p", "api_base": "http://x/v1", "version": "v", "weight": 0}}, 422),
+        ("DELETE", "/api/models", {}, 422),
+        ("DELETE", "/api/models", {"params": {"model": "nope", "api_base": "http://x/v1"}}, 404),
+        ("POST", "/api/proxy/pause", {"json": {"mode": "sometimes"}}, 422),
+        ("POST", "/api/proxy/pause", {"json": {"retry_after_seconds": -1}}, 422),
+        ("POST", "/api/proxy/pause", {"json": ["hold"]}, 400),
+        ("GET", "/api/experiments/nope", {}, 404),
+    ],
+)  # fmt: skip
+def test_training_routes_answer_bad_input_with_a_clear_error(
+    gateway: GatewayThread, method: str, path: str, kwargs: dict[str, Any], status: int
+) -> None:
+    httpx.post(f"{gateway.base}/api/rollouts", json={"id": "ex-1"})
+    answer = httpx.request(method, f"{gateway.base}{path}", timeout=10, **kwargs)
+    assert answer.status_code == status, answer.text
+    assert set(answer.json()["error"]) >= {"message", "type", "code"}
+    assert httpx.get(f"{gateway.base}/api/proxy/state").json()["paused"] is False
 
 
 # -- pause and drain -------------------------------------------------------------------
@@ -429,3 +643,59 @@ def test_a_rollouts_mode_overrides_sampling_parameters_upstream(
     )
     assert fake_provider.state.last_request.body["temperature"] == 0.7
     assert [s["mode"] for s in gateway.spans(rollout_id=rid)] == ["train", "val"]
+
+
+def test_posting_an_existing_rollout_again_keeps_its_calls_in_the_stored_mode(
+    make_gateway: Any, fake_provider: FakeProviderThread
+) -> None:
+    deployment = {"provider": "openai", "model": "upstream-model", "api_base": fake_provider.url}
+    gateway = make_gateway(
+        models=[
+            {
+                "name": "policy",
+                "deployments": [deployment],
+                "modes": {"train": {"temperature": 1.0}, "val": {"temperature": 0.7}},
+            }
+        ]
+    )
+    first = httpx.post(f"{gateway.base}/api/rollouts", json={"id": "mm", "mode": "train"})
+    assert first.status_code == 201
+    again = httpx.post(f"{gateway.base}/api/rollouts", json={"id": "mm", "mode": "val"})
+    assert again.status_code == 200, again.text
+    stored = again.json()["metadata"]["mode"]
+    _client(gateway, "mm").chat.completions.create(model="policy", messages=MESSAGES)
+    [span] = gateway.spans(rollout_id="mm")
+    assert span["mode"] == stored
+
+
+def _mode_chat(gateway: GatewayThread, rollout: str, model: str, **extra: Any) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url(rollout)}/chat/completions",
+        json={"model": model, "messages": MESSAGES, **extra},
+        timeout=10,
+    )
+
+
+def test_a_rollouts_mode_survives_a_gateway_restart(
+    make_gateway: Any, fake_provider: FakeProviderThread
+) -> None:
+    # The mode is kept in the rollout's metadata.mode: a gateway that did not see the rollout
+    # created reads it from the store on the rollout's first call.
+    deployment = {"provider": "openai", "model": "upstream-model", "api_base": fake_provider.url}
+    models = [
+        {
+            "name": "policy",
+            "deployments": [deployment],
+            "modes": {"train": {"temperature": 1.0}, "val": {"temperature": 0.7}},
+        }
+    ]
+    first = make_gateway(models=models)
+    created = httpx.post(f"{first.base}/api/rollouts", json={"id": "mode-r", "mode": "val"})
+    assert created.status_code == 201, created.text
+    assert _mode_chat(first, "mode-r", "policy", temperature=0.2).status_code == 200
+    assert fake_provider.state.last_request.body["temperature"] == 0.7
+    first.stop()
+    second = make_gateway(models=models)
+    assert _mode_chat(second, "mode-r", "policy", temperature=0.2).status_code == 200
+    assert fake_provider.state.last_request.body["temperature"] == 0.7
+    assert [s["mode"] for s in second.spans(rollout_id="mode-r")] == ["val", "val"]

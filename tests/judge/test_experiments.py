@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 
 from config.models import Experiment
-from gateway.proxy.experiments import Experiments
-from judge.experiments import UnitResult, analyse, rollouts_needed
+from gateway.errors import InvalidRequest
+from gateway.proxy.experiments import Experiments, with_guideline
+from judge.experiments import UnitResult, analyse, probability_best, rollouts_needed
 
 ROLLOUTS = 2000
+PAYLOAD = {"model": "gpt-test", "messages": [{"role": "user", "content": "hello"}]}
 
 
 def experiment(policy: str = "fixed", **fields: object) -> Experiment:
@@ -124,6 +127,57 @@ def test_promote_and_stop_override_assignment() -> None:
     assert experiments.choose(state, "r1") in {"control", "guideline-v3"}
 
 
+def test_a_thompson_rollout_takes_the_variant_another_replica_drew() -> None:
+    looked_up: list[tuple[str, str]] = []
+
+    async def stored(experiment_name: str, rollout_id: str) -> str | None:
+        looked_up.append((experiment_name, rollout_id))
+        return "guideline-v3" if rollout_id == "elsewhere" else None
+
+    experiments = Experiments([experiment("thompson")], assigned=stored, rng=random.Random(0))
+    state = experiments.by_name["concise-v2"]
+
+    async def variant_of(unit: str, *, rollout: bool = True) -> str:
+        applied = await experiments.apply(state, unit, PAYLOAD, "chat", rollout=rollout)
+        assert applied is not None
+        return str(applied[1]["variant"])
+
+    async def calls() -> None:
+        assert {await variant_of("elsewhere") for _ in range(20)} == {"guideline-v3"}
+        first = await variant_of("new-here")
+        assert {await variant_of("new-here") for _ in range(20)} == {first}
+        await variant_of("lone-call", rollout=False)
+
+    asyncio.run(calls())
+    # One read per rollout, on its first call here; none for a call without a rollout.
+    assert looked_up == [("concise-v2", "elsewhere"), ("concise-v2", "new-here")]
+
+
+def test_a_reward_for_a_rollout_assigned_elsewhere_counts_once_its_variant_is_learnt() -> None:
+    experiments = Experiments([experiment("thompson")])
+    state = experiments.by_name["concise-v2"]
+    reward = {"rollout_id": "far", "name": "reward", "value": 1.0, "final": True}
+    other = {"rollout_id": "far", "name": "other", "value": 1.0}
+    assert experiments.unknown_units([reward, other, reward]) == ["far"]
+    experiments.learn([{"unit": "far", "experiment": "concise-v2", "variant": "control"}])
+    experiments.on_reward(reward)
+    assert (state.arms["control"].n, state.arms["control"].total) == (1, 1.0)
+    assert experiments.unknown_units([reward]) == []
+    # What is known here is not replaced by what the store says.
+    experiments.learn([{"unit": "far", "experiment": "concise-v2", "variant": "guideline-v3"}])
+    assert state.units["far"].variant == "control"
+
+
+def test_a_guideline_goes_before_each_text_prompt_and_refuses_token_ids() -> None:
+    guided = with_guideline({"prompt": ["a", "b"]}, "text_completion", "G")
+    assert guided == {"prompt": ["G\n\na", "G\n\nb"]}
+    assert with_guideline({"prompt": "a"}, "text_completion", "G") == {"prompt": "G\n\na"}
+    for ids in ([1, 2, 3], [[1, 2], [3]]):
+        with pytest.raises(InvalidRequest):
+            with_guideline({"prompt": ids}, "text_completion", "G")
+    assert with_guideline({"input": "a"}, "embeddings", "G") is None
+
+
 # -- analysis -------------------------------------------------------------------------
 
 CONFIG = experiment().model_dump(mode="json")
@@ -195,3 +249,21 @@ def test_verdict_before_any_reward_and_after_decisions() -> None:
     result = analyse(CONFIG, [], promoted)
     assert result["status"] == "promoted"
     assert "guideline-v3" in result["verdict"]
+
+
+def test_a_beta_posterior_counts_rewards_outside_0_1_as_whole_successes_or_failures() -> None:
+    """`posterior: beta` allows any reward: 2 counts as 1, -1 as 0, as the proxy's draw."""
+    best = probability_best({"a": np.array([2.0, 2.0]), "b": np.array([-1.0, 0.0])}, bounded=True)
+    assert best["a"] > 0.9
+    config = {**CONFIG, "posterior": "beta"}
+    result = analyse(config, [UnitResult("control", 2.0), UnitResult("guideline-v3", -1.0)])
+    assert result["variants"][0]["prob_best"] > 0.5
+
+
+def test_an_experiment_taken_out_of_the_config_is_removed_whatever_was_decided() -> None:
+    removed = {**CONFIG, "removed_ns": 1}
+    stopped = {"id": 1, "experiment": "concise-v2", "action": "stop", "variant": None,
+               "created_ns": 1}  # fmt: skip
+    result = analyse(removed, [UnitResult("control", 0.5)], stopped)
+    assert result["status"] == "removed"
+    assert result["verdict"].startswith("removed from the config: no call takes part any more")

@@ -12,6 +12,8 @@ import hashlib
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,13 +44,14 @@ from judge.jobs import (
     run_job,
     sampled,
 )
+from judge.llm import judge_rollout_id
 from judge.rules import RULES_VERSION
-from judge.service import JudgeService, RunLimitReached
+from judge.service import HOST, JudgeService, RunLimitReached
 from judge.trajectory import Trajectory
 from judge.verdict import reward_id
-from store.errors import InvalidTransition, NotFound
+from store.errors import Conflict, InvalidTransition, NotFound
 from store.schema import connect
-from store.writes import add_reward, get_judge_run, save_judge_run
+from store.writes import add_reward, get_judge_run, replace_reward, save_judge_run
 
 IDS = [f"r{n}" for n in range(1, 6)]
 T = TypeVar("T")
@@ -126,6 +129,38 @@ async def test_force_judges_again_and_replaces_the_stored_verdict(
     assert forced.count("judged") == 1
     (after,) = judge_rewards(db_path)
     assert after["value"] < before
+
+
+def test_verdict_ids_keep_short_ids_as_they_were_and_keep_long_ones_apart() -> None:
+    # Stored verdicts of ordinary rollouts keep their ids, so reruns still skip them.
+    assert reward_id("rules", "rules-1", "task-42") == "judge-rules-rules-1-task-42"
+    long_a, long_b = "x" * 250 + "-aaaa", "x" * 250 + "-bbbb"
+
+    ids = {reward_id("rules", "rules-1", rid) for rid in (long_a, long_b)}
+    own = {judge_rollout_id("llm", rid) for rid in (long_a, long_b)}
+
+    assert len(ids) == 2 and len(own) == 2
+    assert all(len(i) <= 256 and i.startswith("judge-rules-rules-1-xxx") for i in ids)
+    assert all(len(i) <= 256 and i.startswith("judge-llm-xxx") for i in own)
+    # A replaced character does not make two ids one either.
+    assert reward_id("my rubric", "1", "r1") != reward_id("my_rubric", "1", "r1")
+
+
+@pytest.mark.asyncio
+async def test_replacing_a_verdict_never_removes_another_rollouts_reward(
+    db_path: Path, store: JudgeStore
+) -> None:
+    five_rollouts(db_path)
+    await store.write(
+        lambda db: add_reward(db, {"id": "shared-id", "rollout_id": "r1", "value": 1.0})
+    )
+
+    with pytest.raises(Conflict):
+        await store.write(
+            lambda db: replace_reward(db, {"id": "shared-id", "rollout_id": "r2", "value": 0.0})
+        )
+
+    assert [(r["rollout_id"], r["value"]) for r in judge_rewards(db_path, "user")] == [("r1", 1.0)]
 
 
 @pytest.mark.asyncio
@@ -627,6 +662,13 @@ async def test_a_final_write_that_meets_a_locked_store_lands_once_it_is_free(
     assert result["status"] == "failed" and "locked" in result["error"]
 
 
+def exited_process_owner() -> str:
+    """The owner a judge run of a gateway process on this host that has exited would have."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return f"{HOST}:{process.pid}:1"
+
+
 @pytest.mark.asyncio
 async def test_runs_left_running_by_a_gone_process_are_marked_failed_at_start(
     db_path: Path,
@@ -634,22 +676,34 @@ async def test_runs_left_running_by_a_gone_process_are_marked_failed_at_start(
     five_rollouts(db_path)
     db = connect(db_path)
     try:
-        save_judge_run(db, {"id": "jr-orphan", "status": "running", "judge": "rules"})
+        exited = {"status": "running", "judge": "rules", "owner": exited_process_owner()}
+        save_judge_run(db, {"id": "jr-orphan", **exited})
+        # Another host's run, not heard of for many heartbeats.
+        quiet = {"status": "running", "judge": "rules", "owner": "elsewhere:7:1"}
+        save_judge_run(db, {"id": "jr-quiet", **quiet})
+        db.execute("update judge_runs set heartbeat_ns = 1 where id = 'jr-quiet'")
+        # Another replica's run, which it is still judging.
+        live = {"status": "running", "judge": "rules", "owner": "elsewhere:8:1"}
+        save_judge_run(db, {"id": "jr-live", **live})
     finally:
         db.close()
     service = JudgeService(JudgeSettings(), db_path, lambda: "http://gw.test")
     service.open()
     try:
         orphan = await ended(service, "jr-orphan")
+        quiet_run = await ended(service, "jr-quiet")
         fresh = await service.start_run("rules", Selection(["r1"]), concurrency=1, force=False)
         fresh = await ended(service, fresh["id"])
+        live_run = await service.get_run("jr-live")
     finally:
         await service.close()
 
     assert orphan["status"] == "failed"
     assert orphan["error"].startswith("gateway restarted")
     assert orphan["ended_ns"] is not None
+    assert quiet_run["status"] == "failed"
     assert fresh["status"] == "succeeded"
+    assert live_run["status"] == "running"
 
 
 @pytest.mark.asyncio

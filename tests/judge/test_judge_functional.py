@@ -21,11 +21,14 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 from conftest import closed_after_test, gateway_settings
 from fake_provider import FakeProviderThread
 from judge_builders import DEFAULT_CRITERIA, completion_body, verdict_json
 from servers import GatewayThread, read_rows, wait_until
 
+from gateway.cli.main import cli
+from gateway.judge_routes import JUDGE
 from judge.rules import WEIGHTS
 
 pytestmark = pytest.mark.both_backends
@@ -327,6 +330,60 @@ def test_a_run_selects_rollouts_by_status_and_by_id(
     assert by_status["params"]["status"] == "succeeded"
 
 
+def test_an_empty_list_of_rollout_ids_is_refused_not_read_as_every_rollout(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+) -> None:
+    gateway = start_gateway()
+    api = api_for(gateway)
+    seed_rollouts(gateway, "empty-1", "empty-2")
+
+    response = api.post("/api/judge/runs", json={"judge": "rules", "rollout_ids": []})
+
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "rollout_ids"
+    assert rewards(api, source="judge:rules") == []
+
+
+# Two valid rollout ids (255 of the 256 characters an id may have) that differ only at the end.
+LONG_A = "x" * 250 + "-aaaa"
+LONG_B = "x" * 250 + "-bbbb"
+
+
+def test_two_long_rollout_ids_that_differ_only_at_the_end_get_a_verdict_each(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+) -> None:
+    gateway = start_gateway()
+    api = api_for(gateway)
+    seed_rollouts(gateway, LONG_A, LONG_B)
+
+    run = finished_run(api, start_run(api, judge="rules")["id"])
+
+    assert {r["rollout_id"]: r["status"] for r in run["results"]} == {
+        LONG_A: "judged",
+        LONG_B: "judged",
+    }
+    assert sorted(r["rollout_id"] for r in rewards(api, source="judge:rules")) == [LONG_A, LONG_B]
+
+
+def test_judging_a_long_rollout_id_again_keeps_the_verdict_of_its_near_twin(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+) -> None:
+    gateway = start_gateway()
+    api = api_for(gateway)
+    seed_rollouts(gateway, LONG_A, LONG_B)
+    first = finished_run(api, start_run(api, judge="rules", rollout_ids=[LONG_A])["id"])
+    assert first["judged"] == 1, first
+
+    forced = start_run(api, judge="rules", rollout_ids=[LONG_B], force=True)
+    assert finished_run(api, forced["id"])["judged"] == 1
+
+    assert len(rewards(api, rollout_id=LONG_A, source="judge:rules")) == 1
+    assert len(rewards(api, rollout_id=LONG_B, source="judge:rules")) == 1
+
+
 def test_a_judge_model_that_never_answers_a_verdict_fails_the_rollouts_not_the_run(
     start_gateway: Callable[..., GatewayThread],
     api_for: Callable[[GatewayThread], httpx.Client],
@@ -417,6 +474,68 @@ def test_runs_past_judge_max_runs_are_refused_with_429(
     assert finished_run(api, start_run(api, judge="rules")["id"])["judged"] == 1
 
 
+def test_the_judges_own_rollouts_end_with_the_judgement_and_age_out(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+    db_path: Path,
+) -> None:
+    judge_model.reply = lambda body: (
+        "no verdict here" if "Task bad" in str(body) else (cite_first_step(body))
+    )
+    gateway = start_gateway(max_invalid_retries=0)
+    api = api_for(gateway)
+    seed_rollouts(gateway, "good", "bad")
+    for rid in ("good", "bad"):
+        assert api.patch(f"/api/rollouts/{rid}", json={"status": "succeeded"}).status_code == 200
+
+    run = finished_run(api, start_run(api, judge="llm")["id"])
+    gateway.flush()
+
+    assert (run["judged"], run["failed"]) == (1, 1), run
+    ended = read_rows(
+        db_path, "select id, status from rollouts where id like 'judge-%' order by id"
+    )
+    assert ended == [
+        {"id": "judge-llm-bad", "status": "failed"},
+        {"id": "judge-llm-good", "status": "succeeded"},
+    ]
+    pruned = CliRunner().invoke(cli, ["prune", "--older-than", "0s", "--db", str(db_path)])
+    assert pruned.exit_code == 0, pruned.output
+    assert read_rows(db_path, "select id from rollouts") == []
+    assert read_rows(db_path, "select span_id from spans") == []
+
+
+def test_a_replica_starting_leaves_another_replicas_running_run_alone(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+) -> None:
+    """Replicas share judge runs through the store (README, Scaling out): one starting (or
+    restarting) marks failed only runs no process runs any more."""
+    a = start_gateway()
+    api_a = api_for(a)
+    seed_rollouts(a, "rep-1")
+    judge_model.gate.clear()
+    run = start_run(api_a, judge="llm", rollout_ids=["rep-1"])
+    wait_until(lambda: judge_model.requests, timeout=ASK_TIMEOUT, what="the judge model call")
+
+    b = start_gateway()  # on the same store
+    api_b = api_for(b)
+    wait_until(
+        lambda: not b.app[JUDGE].tasks,  # type: ignore[index]
+        timeout=RUN_TIMEOUT,
+        what="replica B's start-up check of abandoned runs",
+    )
+    after_b_started = api_b.get(f"/api/judge/runs/{run['id']}").json()
+    judge_model.gate.set()
+    ended = finished_run(api_b, run["id"])
+
+    assert after_b_started["status"] == "running"
+    assert (ended["status"], ended["error"], ended["judged"]) == ("succeeded", None, 1)
+    assert len(rewards(api_b, source="judge:llm")) == 1
+
+
 def test_unknown_judges_and_runs_are_refused(
     start_gateway: Callable[..., GatewayThread],
     gateway: GatewayThread,
@@ -499,3 +618,70 @@ def test_a_status_change_does_not_wait_for_the_online_judge(
         lambda: rewards(api, source="judge:llm"), timeout=RUN_TIMEOUT, what="the verdict"
     )
     assert verdict["rollout_id"] == "quick"
+
+
+def test_the_online_judge_asks_once_for_a_rollout_updated_after_it_finished(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+) -> None:
+    """A status change, then a metadata update of the finished rollout (a common pair)."""
+    gateway = start_gateway(online={"judge": "llm", "on": ["succeeded"], "concurrency": 2})
+    api = api_for(gateway)
+    seed_rollouts(gateway, "twice")
+    service = gateway.app[JUDGE]  # type: ignore[index]
+    judge_model.gate.clear()
+
+    assert api.patch("/api/rollouts/twice", json={"status": "succeeded"}).status_code == 200
+    wait_until(lambda: judge_model.requests, timeout=ASK_TIMEOUT, what="the judge model call")
+    assert api.patch("/api/rollouts/twice", json={"metadata": {"k": "v"}}).status_code == 200
+    # Queued again, the second worker would ask the model while the first answer is held.
+    wait_until(
+        lambda: len(judge_model.requests) >= 2 or service.queue._unfinished_tasks <= 1,
+        timeout=RUN_TIMEOUT,
+        what="a second queueing to reach the model, if there was one",
+    )
+    judge_model.gate.set()
+    wait_until(lambda: service.queue._unfinished_tasks == 0, timeout=RUN_TIMEOUT, what="a drain")
+
+    assert len(rewards(api, source="judge:llm")) == 1
+    assert len(judge_model.requests) == 1
+
+
+def test_online_rollouts_skipped_on_a_full_queue_are_counted_in_metrics(
+    start_gateway: Callable[..., GatewayThread],
+    api_for: Callable[[GatewayThread], httpx.Client],
+    judge_model: JudgeModel,
+) -> None:
+    gateway = start_gateway(
+        online={"judge": "llm", "on": ["succeeded"], "queue_size": 1, "concurrency": 1}
+    )
+    api = api_for(gateway)
+    seed_rollouts(gateway, "q-1", "q-2", "q-3")
+    judge_model.gate.clear()
+    assert api.patch("/api/rollouts/q-1", json={"status": "succeeded"}).status_code == 200
+    wait_until(lambda: judge_model.requests, timeout=ASK_TIMEOUT, what="the held judge call")
+    for rid in ("q-2", "q-3"):  # q-2 waits in the queue, q-3 finds it full
+        assert api.patch(f"/api/rollouts/{rid}", json={"status": "succeeded"}).status_code == 200
+
+    waiting = metric_samples(api)
+    judge_model.gate.set()
+    wait_until(
+        lambda: metric_samples(api)["spangate_judge_online_judged_total"] == 2,
+        timeout=RUN_TIMEOUT,
+        what="the two queued rollouts to be judged",
+    )
+
+    assert waiting["spangate_judge_online_skipped_total"] == 1
+    assert waiting["spangate_judge_online_queue_depth"] == 1
+    assert metric_samples(api)["spangate_judge_online_queue_depth"] == 0
+
+
+def metric_samples(api: httpx.Client) -> dict[str, float]:
+    """The online judge's samples on /metrics, by name."""
+    text = api.get("/metrics").text
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if name.startswith("spangate_judge_online_")
+    }

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from click.testing import CliRunner
+from pg import PostgresServer
 from scipy.stats import fisher_exact
+from servers import read_rows, wait_until
+from shapes import CLI_ARGV, span_record
 from sqlite_utils import Database
 
 import gateway.cli.main  # noqa: F401  (load it before cli_patterns, which imports from it)
@@ -35,6 +40,7 @@ from judge.guidelines import (
 from store.schema import connect
 from store.span_inserts import insert_spans
 
+REPO = Path(__file__).resolve().parents[2]
 T0 = 1_795_334_400_000_000_000  # 2026-11-22T08:00:00Z, in ns
 MS = 1_000_000
 OK_RESULT = '{"temperature": 21}'
@@ -577,6 +583,65 @@ def test_guidelines_command_round_trip(planted: str) -> None:
     assert "v3: the text of v1" in rolled.stderr and "Nothing is applied" in rolled.stderr
     same = invoke("guidelines", "--agent", "agent-a", "--diff", "1", "3", "--db", planted)
     assert same.stdout == "" and "same text" in same.stderr
+
+
+def _hold_version(url: str, agent: str, version: int) -> psycopg.Connection:
+    """Another writer's guideline version, inserted but not committed yet."""
+    conn = psycopg.connect(url)
+    conn.execute(
+        "insert into guidelines (agent, version, content, findings, note, created_ns) "
+        "values (%s, %s, 'other writer', '[]', null, 1)",
+        [agent, version],
+    )
+    return conn
+
+
+def _waiting_on_a_lock(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("select count(*) from pg_locks where not granted").fetchone()
+    return bool(row and row[0])
+
+
+def _guidelines_command(url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*CLI_ARGV, "patterns", "guidelines", "--agent", "writer-bot", *args, "--db", url],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("how", [["--min-support", "1"], ["--rollback", "1"]], ids=str)
+def test_a_guideline_written_while_another_writer_writes_one_gets_the_next_version(
+    postgres: PostgresServer, how: list[str]
+) -> None:
+    """Two writers at once on one PostgreSQL store: the one that loses the race writes the
+    version after the other's, instead of failing on the key."""
+    url = postgres.new_database()
+    db = connect(url)
+    try:
+        insert_spans(db, [span_record(f"g-{n}", 1, agent="writer-bot") for n in range(3)])
+        write_guideline(db, "writer-bot", "version one", [])
+    finally:
+        db.close()
+    other = _hold_version(url, "writer-bot", 2)
+    try:
+        command = _guidelines_command(url, *how)
+        wait_until(lambda: _waiting_on_a_lock(url), timeout=60, what="the command to wait")
+        other.commit()
+        _out, err = command.communicate(timeout=60)
+    finally:
+        other.close()
+
+    assert command.returncode == 0, err[-800:]
+    versions = read_rows(url, "select version, content from guidelines order by version")
+    assert [v["version"] for v in versions] == [1, 2, 3]
+    assert versions[1]["content"] == "other writer"
+    if how[0] == "--rollback":
+        assert versions[2]["content"] == "version one"
+    else:
+        assert versions[2]["content"].startswith("# Guideline for `writer-bot` (version 3)")
 
 
 def test_guidelines_command_errors_are_messages(planted: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +170,31 @@ def test_batches_touching_the_same_rollouts_in_opposite_orders_never_deadlock(
         other.close()
     wait_until(lambda: writer.written == 4 and _settled(writer), timeout=10)
     assert writer.problems() == []
+
+
+NUL_QUERIES = [
+    "/api/patterns?agent=a%00b",
+    "/api/patterns?reward_name=a%00b",
+    "/api/leaderboard?agent=a%00b",
+    "/api/guidelines/a%00b",
+    "/api/rollouts?agent=a%00b",
+    "/api/rollouts/a%00b",
+    "/api/rewards?source=a%00b",
+    "/api/spans?rollout_id=a%00b",
+]
+
+
+def test_a_nul_in_a_filter_or_an_id_is_a_422_not_a_500(
+    make_gateway: Callable[..., GatewayThread], postgres: PostgresServer
+) -> None:
+    """PostgreSQL text cannot hold a NUL (SQLite answers these with nothing found)."""
+    gateway = make_gateway(db=postgres.new_database())
+
+    with httpx.Client(base_url=gateway.base, timeout=10) as client:
+        answers = {path: client.get(path) for path in NUL_QUERIES}
+
+    for path, response in answers.items():
+        assert response.status_code == 422, (path, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error", (path, error)
+        assert "NUL" in error["message"], (path, error)

@@ -3,10 +3,13 @@ running ones and recent ones stay. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import httpx
+import openai
+import orjson
 import pytest
 from click.testing import CliRunner
 from servers import GatewayThread, read_rows, wait_until
@@ -96,3 +99,63 @@ def test_retention_days_prunes_in_the_background(db_path: Any, make_gateway: Any
     wait_until(lambda: _ids(db_path, "rollouts") == ["r-new", "r-running"], timeout=10)
     assert _ids(db_path, "spans", "span_id") == ["s-new", "s-running"]
     assert httpx.get(f"{gateway.base}/health/ready").status_code == 200
+
+
+def _calls(gateway: GatewayThread, rollout_id: str) -> None:
+    with openai.OpenAI(base_url=gateway.url(rollout_id), api_key="x", max_retries=0) as client:
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}]
+        )
+
+
+def _count(target: Any, sql: str) -> int:
+    return int(next(iter(read_rows(target, sql)[0].values())))
+
+
+def test_prune_while_the_gateway_writes_loses_no_span_of_a_running_rollout(
+    db_path: Any, make_gateway: Any
+) -> None:
+    gateway: GatewayThread = make_gateway()
+    ended = [f"old-{n}" for n in range(30)]
+    for rid in ended:
+        _calls(gateway, rid)
+    gateway.flush()
+    for rid in ended:
+        response = httpx.patch(f"{gateway.base}/api/rollouts/{rid}", json={"status": "succeeded"})
+        assert response.status_code == 200, response.text
+    calls = 0
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            _calls(gateway, "busy")
+            calls += 1
+
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    try:
+        wait_until(lambda: calls >= 3, timeout=30, what="calls to flow")
+        args = ["prune", "--older-than", "0s", "--batch", "1", "--db", str(db_path)]
+        result = CliRunner().invoke(cli, args)
+    finally:
+        stop.set()
+        caller.join(timeout=60)
+    gateway.flush(timeout=30)
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("removed: 30 spans"), result.output
+    assert _count(db_path, "select count(*) from spans where rollout_id = 'busy'") == calls
+    assert _count(db_path, "select count(*) from rollouts where id like 'old-%'") == 0
+
+
+def test_prune_dry_run_counts_exactly_what_prune_then_removes(db_path: Any) -> None:
+    _build(db_path)
+    runner = CliRunner()
+    args = ["prune", "--older-than", "30d", "--json", "--db", str(db_path)]
+
+    dry = runner.invoke(cli, [*args, "--dry-run"])
+    done = runner.invoke(cli, args)
+
+    assert dry.exit_code == 0 and done.exit_code == 0, (dry.output, done.output)
+    assert {**orjson.loads(dry.stdout), "dry_run": False} == orjson.loads(done.stdout)
