@@ -22,6 +22,7 @@
     - UpstreamUnreachable (502, code upstream_unreachable)
     - UpstreamTimeout (504, code upstream_timeout)
     - UpstreamProtocolError (502, code upstream_bad_response)
+      - UpstreamAnswerUnreadable (502; a 2xx whose body does not parse: never sent again)
     - UpstreamTooLarge (502, code upstream_too_large)
   - ServiceUnavailable (503 service_unavailable, code store_busy; answered with Retry-After)
     - BudgetUnavailable (503, code budget_unavailable; the budget state cannot be reached)
@@ -198,6 +199,11 @@ class UpstreamTimeout(UpstreamError, status=504, code="upstream_timeout"):
 
 class UpstreamProtocolError(UpstreamError, code="upstream_bad_response"):
     """The upstream answered something that is not the API it claims to speak."""
+
+
+class UpstreamAnswerUnreadable(UpstreamProtocolError):
+    """The upstream answered 2xx (so generated, and billed, the answer) with a body that does
+    not parse: sending the call again would pay for it twice."""
 
 
 class UpstreamTooLarge(UpstreamError, code="upstream_too_large"):

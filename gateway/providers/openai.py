@@ -7,7 +7,8 @@ connection pool (providers/http1.py); its exceptions become `UpstreamError`s her
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 from gateway.errors import (
     UpstreamConnectionLost,
@@ -69,7 +70,7 @@ def upstream_headers(request: UpstreamRequest) -> dict[str, str]:
     return headers
 
 
-async def _iter_chunks(response: Response) -> AsyncIterator[bytes]:
+async def _iter_chunks(response: Response) -> AsyncGenerator[bytes, None]:
     try:
         async for chunk in response.iter_chunks():
             yield chunk
@@ -109,9 +110,12 @@ def _too_large(label: str, limit: int) -> UpstreamTooLarge:
 @functools.lru_cache(maxsize=1024)
 def _upstream_target(api_base: str | None, path: str) -> Target | str:
     """Split once per deployment and path, not on every call; a URL that does not parse
-    stays text, and the call fails as unreachable."""
+    stays text, and the call fails as unreachable. The operation's path goes before any query
+    of the base (Azure's `?api-version=`)."""
     url = (api_base or "").rstrip("/") + path
     try:
+        parts = urlsplit(api_base or "")
+        url = urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
         return parse_target(url)
     except ValueError:
         return url

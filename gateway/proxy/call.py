@@ -253,9 +253,15 @@ class Call:
                 record["output_tokens"],
                 record["cached_tokens"],
             )
-            guard = self.outcome.guard if self.outcome is not None else None
-            if guard is not None and guard.tpm is not None and job is not None:
-                guard.correct_tokens(
+            outcome = self.outcome
+            # An error answer gave its estimate back when its try ended (forward.py).
+            if (
+                outcome is not None
+                and outcome.guard.tpm is not None
+                and outcome.response.ok
+                and job is not None
+            ):
+                outcome.guard.correct_tokens(
                     job.estimated_tokens(),
                     (record["input_tokens"] or 0) + (record["output_tokens"] or 0),
                 )

@@ -30,6 +30,7 @@ from gateway.errors import (
     GatewayError,
     RateLimited,
     Unavailable,
+    UpstreamAnswerUnreadable,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -180,6 +181,7 @@ async def _with_fallbacks(gw: ProxyContext, job: Job) -> Outcome:
     chain = gw.router.chain(job.group)
     answered: UpstreamStatus | None = None
     failure: GatewayError | None = None
+    limited: RateLimited | None = None
     for index, group in enumerate(chain):
         if index:
             job.fallback = group.name
@@ -187,11 +189,19 @@ async def _with_fallbacks(gw: ProxyContext, job: Job) -> Outcome:
             return await _with_retries(gw, job, group)
         except UpstreamStatus as exc:
             answered = exc
-        except (Unavailable, RateLimited, UpstreamError) as exc:
+        except RateLimited as exc:
+            failure = exc
+            if limited is None or exc.retry_after < limited.retry_after:
+                limited = exc
+        except (Unavailable, UpstreamError) as exc:
             failure = exc
     if answered is not None:
         # An upstream's own answer tells the client more than our summary of it.
         return answered.outcome
+    if isinstance(failure, Unavailable) and limited is not None:
+        # Not every breaker is open: a group is out of budget, and its Retry-After says when
+        # it has some again (a retry in a second would only meet the limit).
+        raise limited
     if isinstance(failure, Unavailable):
         raise Unavailable(
             f"every deployment of {job.group.name!r} and its fallbacks is failing; "
@@ -203,8 +213,9 @@ async def _with_fallbacks(gw: ProxyContext, job: Job) -> Outcome:
 
 
 def _retryable(exc: BaseException) -> bool:
-    # An oversized answer would be oversized again, and each try costs the read up to the limit.
-    if isinstance(exc, ContextWindowExceeded | UpstreamTooLarge):
+    # An oversized answer would be oversized again, and each try costs the read up to the limit;
+    # an unreadable 2xx was generated (and billed) already.
+    if isinstance(exc, ContextWindowExceeded | UpstreamTooLarge | UpstreamAnswerUnreadable):
         return False
     return isinstance(exc, UpstreamStatus | UpstreamError)
 
@@ -251,6 +262,7 @@ async def _with_retries(gw: ProxyContext, job: Job, group: ModelGroup) -> Outcom
         if policy.attempts <= 1 or not _retryable(exc):
             raise
         first_failure: BaseException | None = exc
+        answered: UpstreamStatus | None = exc if isinstance(exc, UpstreamStatus) else None
     retrying = AsyncRetrying(
         stop=_stops(policy),
         wait=_waits(policy),
@@ -258,14 +270,25 @@ async def _with_retries(gw: ProxyContext, job: Job, group: ModelGroup) -> Outcom
         before_sleep=note_wait,
         reraise=True,
     )
-    async for attempt in retrying:
-        with attempt:
-            if first_failure is not None:
-                # Tenacity's first attempt is the failure already seen, so its stop and wait
-                # rules (Retry-After, backoff) decide the pause before the real second try.
-                failure, first_failure = first_failure, None
-                raise failure
-            return await _send_once(gw, job, group, policy)
+    try:
+        async for attempt in retrying:
+            with attempt:
+                if first_failure is not None:
+                    # Tenacity's first attempt is the failure already seen, so its stop and
+                    # wait rules (Retry-After, backoff) decide the pause before the real second.
+                    failure, first_failure = first_failure, None
+                    raise failure
+                try:
+                    return await _send_once(gw, job, group, policy)
+                except UpstreamStatus as exc:
+                    answered = exc
+                    raise
+    except (Unavailable, RateLimited):
+        if answered is None:
+            raise
+        # The breaker opened (or the budget ran out) on the upstream's own failures: its last
+        # answer tells the client more than our refusal to try again.
+        raise answered from None
     raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
 
 
@@ -386,9 +409,13 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
     job.next_wait = 0.0
     job.tries.append(record)
     started = time.perf_counter()
+    # The tpm estimate this try holds: given back when it ends without a good answer, which
+    # used no tokens (a good one is settled with its usage when the call is recorded).
+    taken = 0
     try:
         tokens = job.estimated_tokens() if guard.tpm is not None else 0
         waited = await guard.acquire(tokens, gw.settings.rate_limit_wait)
+        taken = tokens
         job.limiter_wait += waited
         record["limiter_wait_ms"] = round(waited * 1000, 3)
         extra, capture = upstream_changes(job.payload, job.operation, group, deployment, job.mode)
@@ -444,6 +471,7 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
             if not relayed:
                 guard.in_flight -= 1
     except _Failed as failed:
+        guard.correct_tokens(taken, 0)
         response = failed.response
         record["status"] = response.status
         outcome = Outcome(response, guard, group, _loads(response.body))
@@ -451,6 +479,9 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
             raise UpstreamStatus(outcome, parse_retry_after(response.headers)) from None
         return outcome
     except GatewayError as exc:
+        if not isinstance(exc, UpstreamAnswerUnreadable):
+            # An unreadable 2xx did use tokens, about as many as the estimate says.
+            guard.correct_tokens(taken, 0)
         record["status"] = exc.status
         record["error"] = exc.code or exc.type
         raise
@@ -461,9 +492,14 @@ async def _send_once(gw: ProxyContext, job: Job, group: ModelGroup, policy: Retr
     record["status"] = response.status
     outcome = Outcome(response, guard, group, parsed, injected, capture)
     if not response.ok and response.chunks is None:
+        guard.correct_tokens(taken, 0)
         outcome.parsed = _loads(response.body)
         if _context_window_exceeded(response.status, outcome.parsed):
             raise ContextWindowExceeded(outcome)
+        if response.status in policy.on_status:
+            # A listed status the breaker does not count (409, or a 404 of a server still
+            # loading its model): worth another try all the same.
+            raise UpstreamStatus(outcome, parse_retry_after(response.headers))
     return outcome
 
 
@@ -477,5 +513,5 @@ def _loads(body: bytes | None) -> Any:
 def _json_object(body: bytes, label: str) -> dict[str, Any]:
     parsed = _loads(body)
     if not isinstance(parsed, dict):
-        raise UpstreamProtocolError(f"upstream {label} answered with a body that is not JSON")
+        raise UpstreamAnswerUnreadable(f"upstream {label} answered with a body that is not JSON")
     return parsed

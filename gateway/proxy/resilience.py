@@ -103,8 +103,15 @@ class Guard:
     def succeeded(self) -> None:
         """Tell the breaker a call went well; a no-op for a closed breaker with no failures."""
         breaker = self.breaker
-        if breaker.current_state != pybreaker.STATE_CLOSED or breaker.fail_counter:
-            breaker.call(_nothing)
+        state = breaker.current_state
+        if state == pybreaker.STATE_OPEN:
+            # Another call (or replica) opened it while this one was out: the answer is still
+            # good, and whether the deployment is back is the next probe's to say.
+            return
+        if state != pybreaker.STATE_CLOSED or breaker.fail_counter:
+            # A shared breaker may open between the read above and this call.
+            with contextlib.suppress(pybreaker.CircuitBreakerError):
+                breaker.call(_nothing)
 
     def failed(self, exc: BaseException) -> None:
         """Count a failure on the breaker (which may open it)."""

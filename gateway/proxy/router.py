@@ -27,19 +27,23 @@ class Router:
         breaker_storage: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None,
     ) -> None:
         self.settings = settings
+        # Kept for deployments added later, so they share limits and breakers as configured ones.
+        self.shared_rate = shared_rate
+        self.breaker_storage = breaker_storage
         self.groups: dict[str, ModelGroup] = {group.name: group for group in settings.models}
         self.guards: dict[str, list[Guard]] = {
-            group.name: [
-                Guard(
-                    deployment,
-                    settings.breaker_policy(group),
-                    shared_rate=shared_rate,
-                    breaker_storage=breaker_storage(deployment.label) if breaker_storage else None,
-                )
-                for deployment in group.deployments
-            ]
+            group.name: [self._guard(deployment, group) for deployment in group.deployments]
             for group in settings.models
         }
+
+    def _guard(self, deployment: Deployment, group: ModelGroup) -> Guard:
+        storage = self.breaker_storage
+        return Guard(
+            deployment,
+            self.settings.breaker_policy(group),
+            shared_rate=self.shared_rate,
+            breaker_storage=storage(deployment.label) if storage else None,
+        )
 
     def group(self, model: str) -> ModelGroup:
         found = self.groups.get(model)
@@ -105,14 +109,14 @@ class Router:
         group = self.groups.get(group_name)
         if group is None:
             group = ModelGroup(name=group_name, deployments=[deployment])
-            guards = [Guard(deployment, self.settings.breaker_policy(group))]
+            guards = [self._guard(deployment, group)]
         else:
             kept = [
                 g for g in self.guards[group_name] if g.deployment.api_base != deployment.api_base
             ]
             deployments = [g.deployment for g in kept] + [deployment]
             group = group.model_copy(update={"deployments": deployments})
-            guards = [*kept, Guard(deployment, self.settings.breaker_policy(group))]
+            guards = [*kept, self._guard(deployment, group)]
         self._swap(group, guards)
 
     def remove_deployment(self, group_name: str, api_base: str) -> bool:
@@ -143,8 +147,10 @@ class Router:
 
 def affinity_score(rollout_id: str, deployment: Deployment) -> float:
     """Weighted rendezvous hashing: the highest score wins, so adding a deployment moves
-    only the rollouts it now wins (about weight / total weight of them)."""
-    key = f"{rollout_id}\0{deployment.api_base}\0{deployment.label}".encode()
+    only the rollouts it now wins (about weight / total weight of them). Hashed on where the
+    server is (a group's one deployment per `api_base`), which a new checkpoint there
+    (`/api/models`) does not change, whatever it is named or serves."""
+    key = f"{rollout_id}\0{deployment.api_base or deployment.label}".encode()
     digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
     unit = (digest + 1) / (2**64 + 1)  # in (0, 1)
     return -deployment.weight / math.log(unit)

@@ -40,21 +40,41 @@ def _deployment(
 ) -> Deployment:
     """The deployment a registry entry asks for. A new checkpoint at a configured address
     keeps what the registration cannot say (`training`, timeouts, limits, headers, prices),
-    and the key it had when the registration gives none."""
+    its name (spans, metrics and shared limits go on under it), and the key it had when the
+    registration gives none."""
     registered: dict[str, Any] = {
         "provider": entry["provider"],
         "model": entry["upstream_model"],
         "api_base": entry["api_base"],
         "version": entry["version"],
         "weight": entry["weight"],
-        # Two servers of one model differ only by where they are: the name says which.
-        "name": f"{entry['provider']}/{entry['upstream_model']}@{entry['api_base']}",
     }
+    if replaced is None or replaced.name == _registered_name(replaced):
+        # Two servers of one model differ only by where they are: the name says which.
+        registered["name"] = _registered_name(registered)
     if api_key:
         registered["api_key"] = api_key
     if replaced is None:
         return Deployment.model_validate(registered)
     return Deployment.model_validate({**replaced.model_dump(), **registered})
+
+
+def _registered_name(d: Deployment | dict[str, Any]) -> str:
+    """The name a registration gives a deployment that had none of its own."""
+    fields = d if isinstance(d, dict) else d.model_dump()
+    return f"{fields['provider']}/{fields['model']}@{fields['api_base']}"
+
+
+def _kept(replaced: Deployment | None) -> dict[str, Any]:
+    """What a registration leaves out keeps the replaced deployment's value (its upstream
+    model above all: the group's name is rarely what the server calls it)."""
+    if replaced is None:
+        return {}
+    return {
+        "provider": replaced.provider,
+        "upstream_model": replaced.model,
+        "weight": replaced.weight,
+    }
 
 
 def _replaced(gw: Gateway, model: str, api_base: str) -> Deployment | None:
@@ -86,7 +106,9 @@ async def add_model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = await body_of(request, m.ModelRegistration)
     # The key serves calls from memory only: it is never stored.
-    stored = body.model_dump(exclude={"api_key"})
+    given = body.model_dump(exclude={"api_key"}, exclude_unset=True, exclude_none=True)
+    # Stored resolved, so every replica (and a restart) serves what this one does.
+    stored = {**_kept(_replaced(gw, body.model, body.api_base)), **given}
     entry = await write(gw, lambda db: registry.put_deployment(db, **stored))
     _apply(gw, entry, body.api_key)
     followed = request.app[FOLLOWED]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -344,6 +345,52 @@ def test_a_kept_alive_connection_dropped_before_any_answer_is_not_resent_without
     assert span["error_type"] == "upstream_unreachable" and span["retries"] == 0
 
 
+def test_a_409_is_retried_like_every_status_in_the_default_on_status(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """A 409 (a conflict the upstream expects to clear) is in the default `on_status`, though
+    it says nothing against the deployment's health."""
+    gateway = make_gateway(retries=FAST_RETRIES)
+    fake_provider.state.add_fault(status=409, message="conflict, try again")
+
+    with openai_client(gateway) as client:
+        reply = chat(client)
+
+    assert reply.choices[0].message.content == REPLY
+    assert upstream_count(fake_provider) == 2
+    assert statuses(only_span(gateway)) == [409, 200]
+
+
+def test_a_404_added_to_on_status_is_retried(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """`on_status` is the user's list: a 404 listed there (vLLM still loading the model)."""
+    gateway = make_gateway(retries={**FAST_RETRIES, "on_status": [404, 500]})
+    fake_provider.state.add_fault(status=404, message="model is loading")
+
+    with openai_client(gateway) as client:
+        reply = chat(client)
+
+    assert reply.choices[0].message.content == REPLY
+    assert upstream_count(fake_provider) == 2
+
+
+def test_a_200_with_an_unreadable_body_is_not_sent_again(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """The upstream answered 200 (it generated, and billed, the completion) with cut JSON:
+    sending the prompt again would bill it twice."""
+    gateway = make_gateway(retries=FAST_RETRIES)
+    fake_provider.state.add_fault(malformed=True)
+
+    with openai_client(gateway) as client:
+        error = call_error(lambda: chat(client))
+
+    assert error.status_code == 502
+    assert upstream_count(fake_provider) == 1
+    assert statuses(only_span(gateway)) == [502]
+
+
 # --- circuit breaker -----------------------------------------------------------------------
 
 
@@ -475,6 +522,93 @@ def test_half_open_breaker_lets_only_one_concurrent_call_through(
     assert [(r.status_code, r.code) for r in refused] == [(503, "no_healthy_deployment")] * 3
     assert upstream_count(fake_provider) == 6
     # The probe succeeded: the breaker is closed again.
+    assert ready_status(gateway) == 200
+
+
+def test_a_200_that_arrives_after_another_call_opened_the_breaker_reaches_its_client(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """A slow call is in flight when another call's 500 opens the breaker (fail_max 1). The
+    slow call's 200 still reaches its client: the upstream answered (and billed) it."""
+    gateway = make_gateway(retries=NO_RETRIES, circuit_breaker={"fail_max": 1, "reset_timeout": 30})
+    fake_provider.state.add_fault(delay=3)  # the first request: slow, then a normal 200
+    fake_provider.state.add_fault(status=500)  # the second: a failure that opens the breaker
+    result: dict[str, Any] = {}
+
+    def slow_call() -> None:
+        with openai_client(gateway) as client:
+            try:
+                result["reply"] = chat(client)
+            except openai.APIStatusError as exc:
+                result["error"] = exc
+
+    thread = threading.Thread(target=slow_call)
+    thread.start()
+    wait_until(lambda: upstream_count(fake_provider) == 1, timeout=5, what="the slow call sent")
+    with openai_client(gateway) as client, pytest.raises(openai.InternalServerError):
+        chat(client)
+    assert ready_status(gateway) == 503  # the breaker is open now
+    thread.join(timeout=15)
+
+    assert "error" not in result, f"the client got {result['error'].status_code}"
+    assert result["reply"].choices[0].message.content == REPLY
+    assert sorted(s["http_status"] for s in gateway.spans()) == [200, 500]
+
+
+def test_a_breaker_that_opens_during_retries_passes_on_the_upstreams_last_answer(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """Two 500s open the breaker (fail_max 2) before the third of three tries: the client gets
+    the upstream's 500, not a 503 saying no upstream was healthy."""
+    gateway = make_gateway(
+        retries=FAST_RETRIES, circuit_breaker={"fail_max": 2, "reset_timeout": 30}
+    )
+    fake_provider.state.add_fault(status=500, message="upstream exploded", times=3)
+
+    with openai_client(gateway) as client:
+        error = call_error(lambda: chat(client))
+
+    assert upstream_count(fake_provider) == 2
+    assert error.status_code == 500
+    assert "upstream exploded" in error.message
+
+
+def test_a_probe_whose_client_hangs_up_does_not_keep_the_breaker_open(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    gateway = make_gateway(retries=NO_RETRIES, circuit_breaker={"fail_max": 1, "reset_timeout": 1})
+    fake_provider.state.add_fault(status=500)
+    with openai_client(gateway) as client, pytest.raises(openai.InternalServerError):
+        chat(client)
+    wait_until(lambda: ready_status(gateway) == 200, timeout=5, what="the reset timeout")
+    fake_provider.state.add_fault(delay=5)  # the probe hangs; its client gives up
+    impatient = openai.OpenAI(
+        base_url=gateway.url(), api_key=CLIENT_KEY, max_retries=0, timeout=0.5
+    )
+    with impatient, pytest.raises(openai.APITimeoutError):
+        chat(impatient)
+
+    def next_call_succeeds() -> bool:
+        with openai_client(gateway) as client:
+            try:
+                return bool(chat(client).choices[0].message.content == REPLY)
+            except openai.APIStatusError:
+                return False
+
+    wait_until(next_call_succeeds, timeout=10, what="a call through the breaker after the probe")
+    assert ready_status(gateway) == 200
+
+
+def test_client_errors_do_not_open_the_breaker(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    gateway = make_gateway(retries=NO_RETRIES, circuit_breaker={"fail_max": 1, "reset_timeout": 30})
+    fake_provider.state.add_fault(status=400, times=3)
+    with openai_client(gateway) as client:
+        for _ in range(3):
+            with pytest.raises(openai.BadRequestError):
+                chat(client)
+        assert chat(client).choices[0].message.content == REPLY
     assert ready_status(gateway) == 200
 
 
@@ -635,6 +769,30 @@ def test_every_breaker_open_answers_503_with_retry_after_without_upstream_calls(
     assert span["http_status"] == 503
 
 
+def test_a_rate_limited_group_with_an_open_fallback_answers_429_with_its_retry_after(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """`primary` is out of rpm, `backup`'s breaker is open: not "every breaker is open, retry
+    after 1 s" (primary's is closed, and a retry in a second meets the limit again)."""
+    settings = settings_with(
+        group("primary", deployment(fake_provider.url, rpm=1), fallbacks=["backup"]),
+        group("backup", deployment(fake_provider.url, model="other")),
+        retries=NO_RETRIES,
+        rate_limit_wait=0,
+        circuit_breaker={"fail_max": 1, "reset_timeout": 60},
+    )
+    gateway = make_gateway(settings=settings)
+    fake_provider.state.add_fault(status=500)
+    with openai_client(gateway) as client:
+        with pytest.raises(openai.InternalServerError):
+            chat(client, model="backup")  # opens backup's breaker
+        assert chat(client, model="primary").choices[0].message.content == REPLY  # spends rpm
+        error = call_error(lambda: chat(client, model="primary"))
+
+    assert error.status_code == 429
+    assert int(error.response.headers["retry-after"]) >= 30
+
+
 # --- rate limits ---------------------------------------------------------------------------
 
 
@@ -738,6 +896,54 @@ def test_limiter_holds_a_burst_to_the_configured_rate(
     assert waits[-1] >= 1500
     assert all(w > 0 for w in waits[-burst:])
     assert all(w < 50 for w in waits[:-burst]), "the first 60 calls should not have waited"
+
+
+def test_a_retried_500_gives_its_token_estimate_back_to_the_tpm_budget(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """A try answered 500 used no tokens: after a 500 then a 200 the budget holds only the
+    200's usage, as after one clean call, so a second call of the same size fits."""
+    settings = settings_with(
+        group("gpt-test", deployment(fake_provider.url, tpm=600)),
+        retries=FAST_RETRIES,
+        rate_limit_wait=0,
+    )
+    gateway = make_gateway(settings=settings)
+    long_prompt = [{"role": "user", "content": "word " * 60}]  # estimate ~76 + 256 tokens
+    fake_provider.state.add_fault(status=500)
+
+    with openai_client(gateway) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=long_prompt
+        )
+        used = raw.parse().usage.total_tokens
+        remaining = int(raw.headers["x-ratelimit-remaining-tokens"])
+        assert statuses(only_span(gateway)) == [500, 200]
+        assert remaining >= 600 - used - 5  # a few tokens of leak either way
+        second = client.chat.completions.create(model="gpt-test", messages=long_prompt)
+        assert second.usage.total_tokens == used
+
+
+def test_rpm_is_shared_by_replicas_with_redis(
+    make_gateway: Callable[..., GatewayThread],
+    fake_provider: FakeProviderThread,
+    redis_server: Any,
+) -> None:
+    settings = settings_with(
+        group("gpt-test", deployment(fake_provider.url, rpm=1, name=f"d-{uuid.uuid4().hex}")),
+        retries=NO_RETRIES,
+        rate_limit_wait=0,
+        shared={"redis_url": redis_server.url, "sync_seconds": 0.1},
+    )
+    codes = []
+    for gateway in (make_gateway(settings=settings), make_gateway(settings=settings)):
+        with openai_client(gateway) as client:
+            try:
+                chat(client)
+                codes.append(200)
+            except openai.APIStatusError as exc:
+                codes.append(exc.status_code)
+    assert codes == [200, 429]
 
 
 # --- timeouts ------------------------------------------------------------------------------
@@ -906,3 +1112,23 @@ def test_least_busy_routing_sends_calls_to_the_idle_deployment(
     assert [r.model for r in quick] == ["model-b"] * 5
     assert upstream_count(fake_provider) == 1
     assert upstream_count(backup_provider) == 5
+
+
+# --- upstream URLs -------------------------------------------------------------------------
+
+
+def test_an_api_base_with_a_query_string_keeps_it_after_the_operation_path(
+    make_gateway: Callable[..., GatewayThread], fake_provider: FakeProviderThread
+) -> None:
+    """An Azure-style `api_base` (`...?api-version=...`): the operation path goes before the
+    query."""
+    settings = single_group(fake_provider.url + "?api-version=2024-02-01")
+    gateway = make_gateway(settings=settings)
+
+    with openai_client(gateway) as client:
+        reply = chat(client)
+
+    assert reply.choices[0].message.content == REPLY
+    request = fake_provider.state.last_request
+    assert request.path == "/v1/chat/completions"
+    assert request.query == {"api-version": "2024-02-01"}

@@ -424,6 +424,63 @@ def test_a_new_checkpoint_at_a_configured_address_keeps_the_deployments_settings
     assert vllm.state.last_request.header("authorization") == "Bearer sk-configured"
 
 
+def test_a_new_checkpoint_keeps_the_configured_upstream_model(
+    make_gateway: Any, fake_provider: FakeProviderThread
+) -> None:
+    """A registration with only `version` keeps sending the configured upstream model, not
+    the group's name (which a vLLM server would answer 404)."""
+    deployment = {"provider": "openai", "model": "upstream-model", "api_base": fake_provider.url}
+    gateway = make_gateway(models=[{"name": "policy", "deployments": [deployment]}])
+    registration = {"model": "policy", "api_base": fake_provider.url, "version": "v2"}
+    added = httpx.post(f"{gateway.base}/api/models", json=registration)
+    assert added.status_code == 201, added.text
+    assert added.json()["upstream_model"] == "upstream-model"
+
+    _client(gateway, "keep-1").chat.completions.create(model="policy", messages=MESSAGES)
+
+    [span] = gateway.spans(rollout_id="keep-1")
+    assert span["model_version"] == "v2"
+    assert fake_provider.state.last_request.body["model"] == "upstream-model"
+
+
+def test_a_new_checkpoint_keeps_the_rpm_every_replica_shares(
+    make_gateway: Any, fake_provider: FakeProviderThread, redis_server: Any
+) -> None:
+    """With `shared.redis_url` the configured `rpm` of 1 holds across replicas, also after a
+    new checkpoint is registered at the deployment's address: one call a minute in all."""
+    deployment = {
+        "provider": "openai",
+        "model": "upstream-model",
+        "api_base": fake_provider.url,
+        "name": f"d-{uuid.uuid4().hex}",
+        "rpm": 1,
+    }
+    settings: dict[str, Any] = {
+        "models": [{"name": "policy", "deployments": [deployment]}],
+        "retries": {"attempts": 1},
+        "rate_limit_wait": 0,
+        "shared": {"redis_url": redis_server.url, "sync_seconds": 0.1},
+    }
+    first, second = make_gateway(**settings), make_gateway(**settings)
+    registration = {"model": "policy", "api_base": fake_provider.url, "version": "v2"}
+    assert httpx.post(f"{first.base}/api/models", json=registration).status_code == 201
+
+    def serves_v2() -> bool:
+        data = httpx.get(f"{second.base}/api/models").json()["data"]
+        return any(d["version"] == "v2" for d in data)
+
+    wait_until(serves_v2, timeout=10, what="the second replica following the registry")
+    codes = []
+    for gateway in (first, second):
+        answer = httpx.post(
+            f"{gateway.url()}/chat/completions",
+            json={"model": "policy", "messages": MESSAGES},
+            headers={"Authorization": "Bearer sk-client"},
+        )
+        codes.append(answer.status_code)
+    assert codes == [200, 429]
+
+
 def test_removing_a_fallback_group_leaves_the_group_it_backed_up_serving(
     make_gateway: Any, fake_provider: FakeProviderThread
 ) -> None:
@@ -587,6 +644,35 @@ def test_rollout_affinity_keeps_a_rollout_on_one_deployment_and_survives_adding_
     moved = [rid for rid in rollouts if after[rid] not in before[rid]]
     assert all(after[rid].endswith(f"@{third_provider.url}") for rid in moved)
     assert len(moved) < len(rollouts)
+
+
+def test_a_new_checkpoint_at_a_configured_server_moves_no_rollout(
+    make_gateway: Any, fake_provider: FakeProviderThread, second_provider: FakeProviderThread
+) -> None:
+    """A new checkpoint at `a`'s address adds and removes no server: no rollout changes
+    server, and `a` is still named `a` on spans."""
+    gateway = make_gateway(
+        models=[
+            {
+                "name": "policy",
+                "routing": "rollout-affinity",
+                "deployments": [_named("a", fake_provider.url), _named("b", second_provider.url)],
+            }
+        ]
+    )
+    rollouts = [f"ckpt-aff-{i}" for i in range(16)]
+
+    def home(rid: str) -> str:
+        _client(gateway, rid).chat.completions.create(model="policy", messages=MESSAGES)
+        return str(gateway.spans(rollout_id=rid)[-1]["deployment"])
+
+    before = {rid: home(rid) for rid in rollouts}
+    assert set(before.values()) == {"a", "b"}
+    registration = {"model": "policy", "api_base": fake_provider.url, "version": "v2"}
+    assert httpx.post(f"{gateway.base}/api/models", json=registration).status_code == 201
+
+    after = {rid: home(rid) for rid in rollouts}
+    assert after == before
 
 
 def test_rollout_affinity_falls_back_when_the_breaker_is_open(
