@@ -20,6 +20,28 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the problem."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last one, so a block pasted below another silently replaces it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            # `<<` merges are meant to be overridden by the keys written beside them.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} a second time",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _key_path(loc: tuple[str | int, ...]) -> str:
     path = ""
     for part in loc:
@@ -51,7 +73,10 @@ def interpolate(value: Any, env: dict[str, str], where: str = "") -> Any:
 
 def _otel_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """`otlp` keys the file leaves unset, from the standard OpenTelemetry variables."""
-    otlp = dict(data.get("otlp") or {})
+    given = data.get("otlp")
+    if given is not None and not isinstance(given, dict):
+        return data  # not a mapping: validation names `otlp` and says what it expects
+    otlp = dict(given or {})
     if "endpoint" not in otlp:
         if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
             otlp["endpoint"] = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
@@ -114,8 +139,13 @@ def load_settings(path: str | Path | None = None) -> Settings:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: not UTF-8 (byte {exc.object[exc.start]:#x} "
+            f"at offset {exc.start}); save it as UTF-8"
+        ) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -592,6 +593,20 @@ class AuthSettings(_Strict):
         description="Serve on a non-loopback address without keys (otherwise refused at start).",
     )
 
+    @field_validator("keys")
+    @classmethod
+    def _keys_are_unique(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        # A repeated key would get the scopes of whichever entry is found first, silently.
+        first: dict[str, int] = {}
+        for index, entry in enumerate(keys):
+            if entry.key in first:
+                raise ValueError(
+                    f"entries [{first[entry.key]}] and [{index}] have the same key; "
+                    "each key may be listed once"
+                )
+            first[entry.key] = index
+        return keys
+
 
 class OnlineJudging(_Strict):
     """Judge rollouts as they finish, in the background."""
@@ -828,6 +843,23 @@ class Settings(_Strict):
         "rewards written elsewhere (the CLI, other replicas).",
     )
 
+    def check_api_bases(self) -> None:
+        """ValueError naming the first `openai` deployment whose `api_base` is not an
+        http(s) URL (`localhost:8000/v1`): every call to it would fail as unreachable.
+
+        litellm's providers read `api_base` in their own ways and `mock` ignores it, so
+        only `openai` is checked. Checked before serving, not on load: a config is also
+        validated with placeholder values for its `${VAR}`s (the example configs' test).
+        """
+        for i, group in enumerate(self.models):
+            for j, deployment in enumerate(group.deployments):
+                base = deployment.api_base
+                if deployment.provider == "openai" and base and not _is_http_url(base):
+                    raise ValueError(
+                        f"models[{i}].deployments[{j}].api_base: expected an http:// or "
+                        f"https:// URL, got {base!r}"
+                    )
+
     def retry_policy(self, group: ModelGroup) -> RetryPolicy:
         return group.retries or self.retries
 
@@ -846,7 +878,21 @@ class Settings(_Strict):
             if unknown:
                 raise ValueError(f"group {group.name!r} falls back to unknown groups {unknown}")
         _check_experiments(self.experiments, known)
+        judge_model = self.judge.model
+        # With a judge.gateway_url the model is that gateway's group, not one of ours.
+        if judge_model and not self.judge.gateway_url and judge_model not in known:
+            raise ValueError(
+                f"judge.model {judge_model!r} names no model group (known: {sorted(known)})"
+            )
         return self
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed IPv6 bracket, a port that is not a number
+        return False
 
 
 def _check_experiments(experiments: list[Experiment], groups: set[str]) -> None:

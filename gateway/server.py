@@ -76,7 +76,7 @@ async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool 
         if ready_message:
             names = ", ".join(group.name for group in settings.models)
             print(
-                f"spangate listening on http://{host}:{port}  "
+                f"spangate listening on http://{_url_host(host)}:{port}  "
                 f"(db: {mask_url(str(db_path))}; models: {names})",
                 file=sys.stderr,
                 flush=True,
@@ -114,6 +114,11 @@ def _connectable(host: str) -> str:
         return "127.0.0.1"
     if host == "::":
         return "[::1]"
+    return _url_host(host)
+
+
+def _url_host(host: str) -> str:
+    """The host as a URL writes it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
 
 

@@ -108,14 +108,22 @@ def connect(path: str | Path, *, read_only: bool = False) -> Any:
         if not read_only:
             _migrate_reporting(path)
         return PgDatabase(str(path), read_only=read_only)
+    from store.errors import StoreUnavailable
+
+    try:
+        if read_only:
+            uri = f"file:{Path(path).resolve()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        # No such folder, no permission: one line naming the file. Errors past this point
+        # (a locked file) stay sqlite3's, which callers retry.
+        raise StoreUnavailable(f"cannot open {path}: {exc}") from None
+    conn.execute("PRAGMA busy_timeout = 5000")
     if read_only:
-        uri = f"file:{Path(path).resolve()}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
         # Plugins are never used here, and scanning entry points costs ~50 ms per start.
         return Database(conn, execute_plugins=False)
-    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 5000")
     # Before the first table exists, so pruned pages can be handed back to the file system
     # a few at a time (store.retention.reclaim); on an older file it waits for a VACUUM.
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")

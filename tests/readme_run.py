@@ -95,6 +95,8 @@ _VOLATILE = [
     (re.compile(r"\b\d{19}\b"), "<ns>"),
     (re.compile(r'"(created|created_at)":\d{10}'), r'"\1":<epoch>'),
     (re.compile(r'"paused_at":[\d.]+'), '"paused_at":<epoch>'),
+    # A judge run's process: host, pid and start.
+    (re.compile(r'"owner":"[^"]*"'), '"owner":<owner>'),
     (re.compile(r'"([\w.]+_ms)":( ?)[-\d.e]+'), r'"\1":\2<ms>'),
     (re.compile(r"\b\d+(\.\d+)?ms\b"), "<n>ms"),
     (re.compile(r"\+\d+\.\d{3}s\b"), "+<s>s"),

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import click
 
 from gateway.cli.options import (
     db_option,
+    output_file,
     output_option,
     read_db,
+    replaces_file,
     rollout_filter_options,
     time_option,
 )
@@ -154,8 +157,7 @@ def export_command(
         if fmt == "parquet":
             count = _write_parquet(items, output)
         else:
-            # atomic: a failed export leaves an existing file as it was, not half-written.
-            with click.open_file(output, "wb", atomic=output != "-") as fp:
+            with output_file(output, "wb") as fp:
                 count = write_jsonl(items, fp)
     if count == 0:
         click.echo(f"no {unit} match; nothing exported", err=True)
@@ -164,21 +166,30 @@ def export_command(
 
 
 def _write_parquet(items: Any, output: str) -> int:
-    """Triplets to a Parquet file, written beside `output` and moved over it when complete."""
-    import os
-
+    """Triplets to a Parquet file, written beside `output` and moved over it when complete
+    (a pipe is written into: see `output_file`)."""
     from store.export import write_parquet
 
-    partial = f"{output}.partial"
+    atomic = replaces_file(output)
+    target = f"{output}.partial" if atomic else output
     try:
-        count = write_parquet(items, partial)
+        count = write_parquet(items, target)
+        if atomic:
+            os.replace(target, output)
     except ImportError as exc:
         raise click.ClickException(
             "--format parquet needs pyarrow: pip install 'spangate[parquet]'"
         ) from exc
+    except OSError as exc:
+        _remove(target, atomic)
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
     except BaseException:
+        _remove(target, atomic)
+        raise
+    return count
+
+
+def _remove(partial: str, atomic: bool) -> None:
+    if atomic:
         with contextlib.suppress(OSError):
             os.unlink(partial)
-        raise
-    os.replace(partial, output)
-    return count

@@ -81,6 +81,11 @@ def parse_labels(path: str) -> list[Labelled]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise click.ClickException(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(
+            f"cannot read {path}: not UTF-8 (byte {exc.object[exc.start]:#x} at offset "
+            f"{exc.start}); JSON lines are UTF-8"
+        ) from exc
     found: list[Labelled] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -240,7 +245,7 @@ def calibrate_command(
     from gateway.cli import render as cli_render
 
     labels = parse_labels(labels_path)
-    model, chosen = judge_setup.ready_judge(judge_name, config_path, db, will_run=run_missing)
+    model, chosen, db = judge_setup.ready_judge(judge_name, config_path, db, will_run=run_missing)
     rollout_ids = [item.rollout_id for item in labels]
     known, verdicts = _stored_verdicts(db, chosen, rollout_ids)
     if run_missing:

@@ -14,7 +14,7 @@ from gateway.cli.judge_setup import (
     judge_settings,
     run_async,
 )
-from gateway.cli.options import require_db
+from gateway.cli.options import configured_db, require_db
 
 if TYPE_CHECKING:
     from judge.llm import PairwiseResult
@@ -76,6 +76,7 @@ def compare_command(
         raise click.ClickException(f"unknown judge {judge_name!r}; known: {known}")
     if not settings.judge.model:
         raise click.ClickException("comparing needs a judge model: set `judge.model` in the config")
+    db = configured_db(db, settings.store.url)
     require_db(db)
 
     def load(conn: Any, rollout_id: str) -> Trajectory:

@@ -100,7 +100,7 @@ def run_command(
         raise click.BadParameter(
             f"{status!r} is not one of {', '.join(ROLLOUT_STATUSES)}", param_hint="--status"
         )
-    model, chosen = ready_judge(judge_name, config_path, db, will_run=True)
+    model, chosen, db = ready_judge(judge_name, config_path, db, will_run=True)
     if rollout_ids:
         missing = _missing_rollouts(db, rollout_ids)
         if missing:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from gateway.cli.options import db_option, json_option, require_db
+from gateway.cli.options import configured_db, db_option, json_option, require_db
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -111,6 +111,7 @@ async def judge_gateway(
     own = settings.model_copy(deep=True)
     own.judge.online = None  # this gateway only carries the judge's calls
     try:
+        own.check_api_bases()
         app = create_app(own, db)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -167,13 +168,15 @@ class JudgeModel:
 
 def ready_judge(
     name: str, config_path: str | None, db: str, *, will_run: bool
-) -> tuple[JudgeModel, Judge]:
-    """The judge NAME and the model it asks, as configured; the store must exist."""
+) -> tuple[JudgeModel, Judge, str]:
+    """The judge NAME, the model it asks and the store (`--db`, else the config's
+    `store.url`), as configured; the store must exist."""
     settings = judge_settings(config_path)
     model = JudgeModel(settings)
     chosen = _make_judge(name, settings, model, will_run=will_run)
+    db = configured_db(db, settings.store.url)
     require_db(db)
-    return model, chosen
+    return model, chosen, db
 
 
 def _make_judge(name: str, settings: Settings, model: JudgeModel, *, will_run: bool) -> Judge:
@@ -210,8 +213,12 @@ class JobRun:
         )
 
         from judge.jobs import JudgeStore
+        from store.errors import StoreError
 
-        store = JudgeStore(self.db)
+        try:
+            store = JudgeStore(self.db)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from exc
         progress = Progress(
             TextColumn("judging ({task.fields[judge]})"),
             BarColumn(),

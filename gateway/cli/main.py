@@ -19,11 +19,23 @@ from gateway.cli.serve import serve
 
 
 class SpangateGroup(click.Group):
-    """The command group, plus a quiet exit when the reader of our output goes away.
+    """The command group, plus a quiet exit when the reader of our output goes away, and
+    arguments that are not UTF-8 refused as a usage error.
 
     `spangate tail --json | head -1`: head exits, the next write raises BrokenPipeError,
     and the command ends with the status a SIGPIPE would give (141), not a traceback.
     """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # An argument that is not UTF-8 (a rollout id pasted from a Latin-1 terminal) reaches
+        # Python with lone surrogates, which no store, URL or output can take.
+        for arg in args:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise click.UsageError(f"argument '{shown}' is not UTF-8 text", ctx) from None
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -33,6 +33,37 @@ def json_option(fn: F) -> F:
     return click.option(
         "--json", "as_json", is_flag=True, help="One JSON object per line, for scripts."
     )(fn)
+
+
+@contextlib.contextmanager
+def output_file(path: str, mode: str, **options: Any) -> Iterator[IO[Any]]:
+    """`-o PATH` opened for writing; an error is one line naming the path.
+
+    A regular file (or a new one) is written beside and moved over the old one once
+    complete, so a failed write leaves it as it was. Anything else (`-`, a named pipe,
+    `>(gzip > out.gz)`, /dev/stdout) is written into as it goes: moving a file over it
+    would replace it, and its reader would get nothing.
+    """
+    try:
+        with click.open_file(path, mode, atomic=replaces_file(path), **options) as fp:
+            yield fp
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def replaces_file(path: str) -> bool:
+    """Whether `-o PATH` is written beside and moved over: a regular file, or none yet."""
+    import os
+    import stat
+
+    if path == "-":
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # missing (or unreachable: opening it will say why)
 
 
 def output_option(what: str) -> Callable[[F], F]:
@@ -74,6 +105,15 @@ def rollout_filter_options(fn: F) -> F:
     )(fn)
 
 
+# Far more rows than any store holds, and small enough for SQLite's 64-bit LIMIT: a count
+# past it means "all" (a callback, not IntRange's max, keeps `--help` as it was).
+MAX_LIMIT = 1_000_000_000
+
+
+def at_most_max(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    return min(value, MAX_LIMIT)
+
+
 def limit_option(default: int, *, minimum: int, help: str) -> Callable[[F], F]:
     """`-n/--limit N`: how many rows a listing prints."""
     return click.option(
@@ -82,8 +122,18 @@ def limit_option(default: int, *, minimum: int, help: str) -> Callable[[F], F]:
         default=default,
         show_default=True,
         type=click.IntRange(min=minimum),
+        callback=at_most_max,
         help=help,
     )
+
+
+def configured_db(db: str, store_url: str | None) -> str:
+    """The store a command that reads the config uses: `--db` or `$SPANGATE_DB` when given,
+    else the config's `store.url`, else the default file."""
+    source = click.get_current_context().get_parameter_source("db")
+    if store_url and source is click.core.ParameterSource.DEFAULT:
+        return store_url
+    return db
 
 
 def key_option(fn: F) -> F:
@@ -122,10 +172,34 @@ BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what the shell reports for `yes | head 
 
 def require_db(path: str) -> None:
     """A command that reads a store needs one: say how to get it rather than create it."""
-    from store.backend import store_exists
+    from store.backend import is_postgres, store_exists
 
     if not store_exists(path):
         raise click.ClickException(f"no database at {path}; run `spangate serve` first")
+    if not is_postgres(path) and not _has_spangate_schema(path):
+        # Opening it for a write would migrate spangate's tables into it.
+        raise click.ClickException(
+            f"{path} is not a spangate database (it has no spangate schema); check --db"
+        )
+
+
+def _has_spangate_schema(path: str) -> bool:
+    """The SQLite file has been migrated (Alembic's version table is there); a file that
+    is not SQLite at all passes, and opening it reports that."""
+    import sqlite3
+    from pathlib import Path
+
+    try:
+        conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True
+    return found is not None
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import db_option, json_option, store_writer
+from gateway.cli.options import at_most_max, db_option, json_option, store_writer
 
 
 @click.command()
@@ -21,6 +21,7 @@ from gateway.cli.options import db_option, json_option, store_writer
     default=500,
     show_default=True,
     type=click.IntRange(min=1),
+    callback=at_most_max,
     help="Rollouts a transaction.",
 )
 @click.option(

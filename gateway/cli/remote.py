@@ -58,9 +58,31 @@ def normalize_url(url: str) -> str:
 def make_client(
     url: str, key: str | None, *, read_timeout: float = REQUEST_TIMEOUT
 ) -> httpx.Client:
+    base = normalize_url(url)
+    try:
+        parsed = httpx.URL(base)
+    except httpx.InvalidURL as exc:
+        raise RemoteError(f"--url {printable(url)} is not a URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise RemoteError(f"--url {printable(url)} is not an http(s) URL")
+    # Sent as a header: only printable ASCII can be. The key itself is never echoed.
+    if key and not (key.isascii() and key.isprintable()):
+        raise RemoteError("--key (or $SPANGATE_KEY) must be printable ASCII, as API keys are")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT, read=read_timeout)
-    return httpx.Client(base_url=normalize_url(url), headers=headers, timeout=timeout)
+    return httpx.Client(base_url=base, headers=headers, timeout=timeout)
+
+
+def _json_of(client: httpx.Client, response: httpx.Response) -> Any:
+    """The body as JSON; anything else means something other than spangate answered."""
+    try:
+        return response.json()
+    except ValueError:
+        raise RemoteError(
+            f"{client.base_url} did not answer as a spangate gateway "
+            f"({response.request.url.path}: {response.status_code}, "
+            f"{printable(response.headers.get('content-type', 'no content type'))})"
+        ) from None
 
 
 def error_message(response: httpx.Response) -> str:
@@ -96,7 +118,7 @@ def get_json(client: httpx.Client, path: str, params: dict[str, Any] | None = No
     except httpx.HTTPError as exc:
         raise _unreachable(client, exc) from exc
     _check(response)
-    return response.json()
+    return _json_of(client, response)
 
 
 # -- rewards ------------------------------------------------------------------
@@ -111,7 +133,7 @@ def post_reward(url: str, key: str | None, body: dict[str, Any]) -> tuple[dict[s
             raise _unreachable(client, exc) from exc
         if response.status_code >= 400:
             raise RemoteError(error_message(response))
-        return response.json(), response.status_code == 201
+        return _json_of(client, response), response.status_code == 201
 
 
 # -- spans --------------------------------------------------------------------
@@ -157,7 +179,10 @@ def with_bodies(client: httpx.Client, span: dict[str, Any]) -> dict[str, Any]:
         return span
     if response.status_code != 200:
         return span
-    full: dict[str, Any] = response.json()
+    try:
+        full: dict[str, Any] = response.json()
+    except ValueError:
+        return span
     # In the stored column order, as the local `tail --bodies` prints it.
     return {**full, **{key: value for key, value in span.items() if key not in full}}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import db_option, output_option, read_db
+from gateway.cli.options import db_option, output_file, output_option, read_db
 
 
 @click.command("report")
@@ -32,8 +32,7 @@ def report(rollout_id: str, output: str, db: str) -> None:
             html = build_report(conn, rollout_id)
         except NotFound as exc:
             raise click.ClickException(f"rollout {rollout_id} not found") from exc
-    # atomic: a failed write leaves an existing report as it was.
-    with click.open_file(output, "w", encoding="utf-8", atomic=output != "-") as fp:
+    with output_file(output, "w", encoding="utf-8") as fp:
         fp.write(html)
     if output != "-":
         click.echo(f"wrote {output} ({len(html.encode()) / 1024:.0f} KiB)", err=True)

@@ -6,7 +6,27 @@ import logging
 
 import click
 
-from gateway.cli.options import db_option, is_loopback
+from gateway.cli.options import configured_db, db_option, is_loopback
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+# Checked in callbacks, not with IntRange/Choice, to keep `--help` (and so the README that
+# quotes it) as it was.
+def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    # The OS takes a port modulo 65536: 70000 would bind 4464, and 65536 a random port.
+    if value is not None and not 0 <= value <= 65535:
+        raise click.BadParameter(f"{value} is not a port (0 to 65535)", ctx=ctx, param=param)
+    return value
+
+
+def _log_level(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise click.BadParameter(
+            f"{value!r} is not one of {', '.join(LOG_LEVELS)}", ctx=ctx, param=param
+        )
+    return level
 
 
 @click.command()
@@ -19,8 +39,14 @@ from gateway.cli.options import db_option, is_loopback
 )
 @db_option
 @click.option("--host", default=None, help="Interface to bind (default 127.0.0.1).")
-@click.option("--port", default=None, type=int, help="Port to bind (default 8400).")
-@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@click.option("--port", default=None, type=int, callback=_port, help="Port to bind (default 8400).")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    callback=_log_level,
+    help="Python logging level.",
+)
 def serve(
     config_path: str | None, db: str, host: str | None, port: int | None, log_level: str
 ) -> None:
@@ -33,9 +59,7 @@ def serve(
     """
     from config.loader import ConfigError, load_settings
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
@@ -63,13 +87,12 @@ def serve(
 
     try:
         check_providers(settings)
+        settings.check_api_bases()
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     from store.errors import StoreError
 
-    source = click.get_current_context().get_parameter_source("db")
-    if settings.store.url and source is click.core.ParameterSource.DEFAULT:
-        db = settings.store.url
+    db = configured_db(db, settings.store.url)
     try:
         run(settings, db)
     except StoreError as exc:
