@@ -14,7 +14,7 @@ from sqlite_utils import Database
 from store.backend import dialect_of, json_table
 from store.errors import NotFound
 from store.packed import unpack_floats, unpack_ints
-from store.queries import RolloutFilters, decode_row, given
+from store.queries import RolloutFilters, decode_row, given, is_model_call
 
 ROLLOUT_BATCH = 200
 DEFAULT_REWARD_NAME = "reward"
@@ -376,7 +376,12 @@ def iter_triplets(
         if reward_rule not in REWARD_RULES:
             raise ValueError(f"reward_rule must be one of {', '.join(REWARD_RULES)}")
         rewards = _RewardIndex(part.rewards, reward_name)
-        turns = [call for call in part.calls if call["operation"] in TRIPLET_OPERATIONS]
+        # An agent's own spans (OTLP ingest) may name a chat operation, but hold no turn.
+        turns = [
+            call
+            for call in part.calls
+            if call["operation"] in TRIPLET_OPERATIONS and is_model_call(call)
+        ]
         remaining: dict[Any, int] = {}
         for call in turns:
             remaining[call["attempt_id"]] = remaining.get(call["attempt_id"], 0) + 1

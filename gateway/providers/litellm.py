@@ -21,6 +21,7 @@ import orjson
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
+    UpstreamAnswerUnreadable,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -446,7 +447,8 @@ def _no_answer(exc: BaseException, label: str, api_key: str | None) -> UpstreamE
         # litellm's catch-all: also what it raises when it cannot parse the provider's answer.
         message = _redact(_clean(str(exc)), api_key)
         if any(isinstance(e, _UNREADABLE) for e in chain):
-            return UpstreamProtocolError(f"upstream {label} answered unreadably: {message}")
+            # An answer came (and was billed): a retry would pay for it twice.
+            return UpstreamAnswerUnreadable(f"upstream {label} answered unreadably: {message}")
         return UpstreamUnreachable(f"upstream {label} unreachable: {message}")
     return None
 
@@ -564,7 +566,7 @@ class LiteLLMProvider:
                 raise unreachable from exc
             if _is_litellm_error(exc):
                 return upstream_error_response(exc, api_key)
-            raise UpstreamProtocolError(
+            raise UpstreamAnswerUnreadable(
                 f"upstream {deployment.label} answered something litellm could not translate: "
                 f"{type(exc).__name__}: {_redact(str(exc), api_key)}"
             ) from exc

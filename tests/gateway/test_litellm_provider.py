@@ -20,7 +20,7 @@ import respx
 from config.models import Deployment
 from gateway.errors import (
     InvalidRequest,
-    UpstreamProtocolError,
+    UpstreamAnswerUnreadable,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -600,7 +600,7 @@ async def test_an_error_event_midstream_raises_from_the_chunks(
 
 
 @pytest.mark.asyncio
-async def test_an_unreadable_answer_is_a_protocol_error(
+async def test_an_unreadable_answer_is_a_protocol_error_never_sent_again(
     provider: LiteLLMProvider, upstream: respx.MockRouter
 ) -> None:
     upstream.post(MESSAGES_URL).mock(
@@ -608,7 +608,8 @@ async def test_an_unreadable_answer_is_a_protocol_error(
             200, text="<html>oops</html>", headers={"content-type": "text/html"}
         )
     )
-    with pytest.raises(UpstreamProtocolError):
+    # The upstream answered (and billed): the retry policy takes this error as final.
+    with pytest.raises(UpstreamAnswerUnreadable):
         await provider(make_request(chat()))
 
 

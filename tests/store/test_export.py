@@ -468,6 +468,21 @@ def test_triplet_chat_prompt_and_completion(db: Database) -> None:
     assert t["status"] == "ok"
 
 
+def test_an_agents_own_chat_span_is_no_triplet(tmp_path: Path) -> None:
+    # An OTLP-ingested span may name a chat operation, but the gateway's call holds the turn.
+    agent_span = _span("s-agent", rollout="ra", attempt="a1", seq=2, at=T0 + 2 * SECOND)
+    agent_span.update(
+        {"http_status": None, "attributes": {"spangate.source": "otlp"}, "request_body": None}
+    )
+    call = _span("s-call", rollout="ra", attempt="a1", seq=1, at=T0 + SECOND)
+    db = connect(tmp_path / "agent.db")
+    try:
+        insert_spans(db, [call, agent_span])
+        assert [t["span_id"] for t in iter_triplets(db, rollout_ids=["ra"])] == ["s-call"]
+    finally:
+        db.close()
+
+
 def test_triplet_of_a_tool_call(db: Database) -> None:
     t = _by_id(iter_triplets(db, rollout_ids=["r1"]))["s-r1-3"]
     assert t["tools"] == [WEATHER_TOOL]
