@@ -18,7 +18,9 @@ ACTIONS = ("promote", "stop", "resume")
 REMOVED = "removed_ns"
 
 # A span's experiment and variant live in its attributes; the text filter skips the JSON parse
-# on the (many) spans no experiment touched. Holes are filled per dialect by `_sql`.
+# on the (many) spans no experiment touched. Only the gateway's calls (they have an
+# `http_status`) count: an agent's span taken over OTLP may carry any attribute. Holes are
+# filled per dialect by `_sql`.
 ASSIGNMENTS_SQL = """
 select coalesce(rollout_id, span_id) as unit,
        {experiment} as experiment,
@@ -89,7 +91,7 @@ def _sql(sql: str, dialect: str) -> str:
     return sql.format(
         experiment=json_field(dialect, "attributes", "experiment"),
         variant=json_field(dialect, "attributes", "variant"),
-        tagged=contains(dialect, "attributes", "'\"experiment\"'"),
+        tagged="http_status is not null and " + contains(dialect, "attributes", "'\"experiment\"'"),
         names=json_table(dialect, ":names", "n"),
         units=json_table(dialect, ":units", "u"),
     )
