@@ -177,11 +177,17 @@ class RolloutModes:
     def get(self, rollout_id: str | None) -> str | None:
         return self._modes.get(rollout_id) if rollout_id is not None else None
 
+    def unknown(self, rollout_id: str | None) -> bool:
+        """Whether `resolve` would read the store for this rollout (checked first, so the
+        calls of a known rollout pay no await)."""
+        return rollout_id is not None and self._lookup is not None and rollout_id not in self._modes
+
     async def resolve(self, rollout_id: str | None) -> None:
         """Make `get` know the rollout's stored mode (a store read on a miss only)."""
-        if rollout_id is None or self._lookup is None or rollout_id in self._modes:
+        lookup = self._lookup
+        if rollout_id is None or lookup is None or rollout_id in self._modes:
             return
-        mode = await self._lookup(rollout_id)
+        mode = await lookup(rollout_id)
         # A mode set meanwhile (`POST /api/rollouts`) is newer than this read.
         if rollout_id not in self._modes:
             self.set(rollout_id, mode)

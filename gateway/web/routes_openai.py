@@ -298,7 +298,8 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         call.job.rollout_id = attribution.rollout_id
         call.job.form = form
         # A rollout created before a restart (or on another replica) is read once.
-        await gw.modes.resolve(attribution.rollout_id)
+        if gw.modes.unknown(attribution.rollout_id):
+            await gw.modes.resolve(attribution.rollout_id)
         call.job.mode = call.fields["mode"] = rollout_mode(
             gw.modes, request.headers, attribution.rollout_id
         )
