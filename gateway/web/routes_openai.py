@@ -99,10 +99,12 @@ async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
 async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> web.StreamResponse:
     response, injected = outcome.response, outcome.injected_usage
     assert response.chunks is not None
-    out = web.StreamResponse(status=response.status, headers={**response.headers, **call.headers()})
     call.fields["http_status"] = call.fields["upstream_status"] = response.status
-    bound_send_buffer(request)
     try:
+        out = web.StreamResponse(
+            status=response.status, headers={**response.headers, **call.headers()}
+        )
+        bound_send_buffer(request)
         await out.prepare(request)
     except BaseException:
         # No byte of it will be relayed: the upstream's connection goes, its call ends.
