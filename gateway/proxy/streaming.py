@@ -99,7 +99,7 @@ def strip_usage_null(raw: bytes) -> bytes:
 
 class _ChoiceChunks:
     """What chat and legacy completion streams share: the first id/model/... seen, the
-    usage chunk, an error chunk, and each choice's index."""
+    usage chunk, an error chunk, and each choice's index and finish reason."""
 
     META_KEYS: tuple[str, ...] = ()
 
@@ -110,23 +110,20 @@ class _ChoiceChunks:
         self.failed: tuple[str, str | None] | None = None
         # Set by the relay when `data: [DONE]` arrives: the upstream meant to end here.
         self.done = False
+        # Each choice's finish reason so far (None while it goes on).
+        self.finish: dict[int, Any] = {}
 
     def failure(self) -> tuple[str, str | None] | None:
         """(type, message) when the stream carried an error chunk, or ended with neither
         `[DONE]` nor a finish reason on every choice (the upstream stopped short)."""
         if self.failed is not None or self.done:
             return self.failed
-        finishes = self.finishes()
-        if not finishes or None in finishes:
+        if not self.finish or None in self.finish.values():
             return (
                 INCOMPLETE,
                 "the upstream's stream ended before [DONE] and before every choice finished",
             )
         return None
-
-    def finishes(self) -> list[Any]:
-        """Each choice's finish reason so far (None while it goes on)."""
-        raise NotImplementedError
 
     def _choices(self, chunk: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         """Take the chunk's shared parts; its choices with their indexes."""
@@ -137,10 +134,16 @@ class _ChoiceChunks:
                 self.meta[key] = chunk[key]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        return [
+        choices = [
             (choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0, choice)
             for choice in objects_in(chunk.get("choices"))
         ]
+        for index, choice in choices:
+            if choice.get("finish_reason"):
+                self.finish[index] = choice["finish_reason"]
+            else:
+                self.finish.setdefault(index, None)
+        return choices
 
 
 class ChatAssembler(_ChoiceChunks):
@@ -154,7 +157,7 @@ class ChatAssembler(_ChoiceChunks):
 
     def add(self, chunk: dict[str, Any]) -> None:
         for index, choice in self._choices(chunk):
-            slot = self.choices.setdefault(index, {"role": None, "tool_calls": {}, "finish": None})
+            slot = self.choices.setdefault(index, {"role": None, "tool_calls": {}})
             delta = as_object(choice.get("delta"))
             if isinstance(delta.get("role"), str):
                 slot["role"] = delta["role"]
@@ -166,8 +169,6 @@ class ChatAssembler(_ChoiceChunks):
                 calls = slot["tool_calls"]
                 position = _tool_call_position(calls, call)
                 _add_tool_call_delta(calls.setdefault(position, {"id": None}), call)
-            if choice.get("finish_reason"):
-                slot["finish"] = choice["finish_reason"]
             if choice.get("logprobs") is not None:
                 slot.setdefault("logprobs", []).append(choice["logprobs"])
 
@@ -186,7 +187,9 @@ class ChatAssembler(_ChoiceChunks):
                 message["tool_calls"] = [
                     _whole_tool_call(slot["tool_calls"][i]) for i in sorted(slot["tool_calls"])
                 ]
-            choices.append({"index": index, "message": message, "finish_reason": slot["finish"]})
+            choices.append(
+                {"index": index, "message": message, "finish_reason": self.finish.get(index)}
+            )
         return {
             "id": self.meta.get("id"),
             "object": "chat.completion",
@@ -200,9 +203,6 @@ class ChatAssembler(_ChoiceChunks):
             "choices": choices,
             "usage": self.usage,
         }
-
-    def finishes(self) -> list[Any]:
-        return [slot["finish"] for slot in self.choices.values()]
 
 
 # A chat delta's text fields joined across chunks: the answer, a refusal, and the reasoning
@@ -269,19 +269,11 @@ class CompletionAssembler(_ChoiceChunks):
     def __init__(self) -> None:
         super().__init__()
         self.texts: dict[int, list[str]] = {}
-        self.finish: dict[int, str | None] = {}
 
     def add(self, chunk: dict[str, Any]) -> None:
         for index, choice in self._choices(chunk):
             text = choice.get("text")
             self.texts.setdefault(index, []).append(text if isinstance(text, str) else "")
-            if choice.get("finish_reason"):
-                self.finish[index] = choice["finish_reason"]
-            else:
-                self.finish.setdefault(index, None)
-
-    def finishes(self) -> list[Any]:
-        return list(self.finish.values())
 
     def result(self) -> dict[str, Any]:
         return {
