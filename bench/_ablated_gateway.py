@@ -5,7 +5,8 @@ part does (budgets unchecked, spans unrecorded, metrics unkept).
     python bench/_ablated_gateway.py PART serve --db ... --config ...
 
 PART: budgets (no reservation or settle), metrics (no Prometheus observations), writer (spans
-built and published but never stored), recording (no span built or published at all).
+built and published but never stored), recording (no span built or published at all), front
+(aiohttp's server on the OpenAI routes too, as `server.front: aiohttp`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,19 @@ def switch_off(part: str) -> None:
         from gateway.proxy.call import Call
 
         Call.publish = lambda self, response_body=None: None  # type: ignore[method-assign]
+    elif part == "front":
+        from aiohttp import web
+
+        import gateway.server
+
+        async def aiohttp_only(runner: Any, settings: Any, host: str, port: int, grace: Any = 0):
+            site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+            await site.start()
+            return site
+
+        gateway.server.listen = aiohttp_only  # type: ignore[assignment]
     else:
-        raise SystemExit(f"unknown part {part!r}: budgets, metrics, writer or recording")
+        raise SystemExit(f"unknown part {part!r}: budgets, metrics, writer, recording or front")
 
 
 def main() -> None:

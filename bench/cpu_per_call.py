@@ -55,6 +55,8 @@ from _common import (
 from overhead import WRK_LUA
 from streaming import STAMPED_UPSTREAM, request_body
 
+LEAN_UPSTREAM = Path(__file__).resolve().parent / "_lean_upstream.py"
+
 KEY = "sk-bench"
 # Below this share of its core the gateway is waiting for calls, not bounding them.
 SATURATED = 0.9
@@ -82,6 +84,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("_answer_stream", "response"),
     ("error_response", "response"),
     ("read_body", "parse"),
+    ("FrontExchange.body", "parse"),
     ("parse_payload", "parse"),
     ("gateway/proxy/payload.py", "parse"),
     ("read_attribution", "attribution"),
@@ -108,9 +111,12 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("proxy (gateway/web/routes_openai.py", "proxy() itself"),
     ("gateway/web/auth.py", "middleware + auth"),
     ("gateway/web/middleware.py", "middleware + auth"),
-    ("aiohttp/web_", "server (aiohttp in/out)"),
-    ("aiohttp/_http_parser", "server (aiohttp in/out)"),
-    ("aiohttp/http_parser", "server (aiohttp in/out)"),
+    ("aiohttp/web_", "server (HTTP in/out)"),
+    ("aiohttp/_http_parser", "server (HTTP in/out)"),
+    ("aiohttp/http_parser", "server (HTTP in/out)"),
+    # The front (httptools) that takes the OpenAI routes instead of aiohttp since 2026-12-01.
+    ("gateway/web/front.py", "server (HTTP in/out)"),
+    ("gateway/web/exchange.py", "server (HTTP in/out)"),
 )
 STAGE_ORDER = (
     "parse",
@@ -125,7 +131,7 @@ STAGE_ORDER = (
     "other subscribers",
     "proxy() itself",
     "middleware + auth",
-    "server (aiohttp in/out)",
+    "server (HTTP in/out)",
     "event loop and other",
 )
 
@@ -274,6 +280,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         lua.write_text(WRK_LUA.replace('"Bearer sk-bench"', f'"Bearer {KEY}"') % {"body": body})
         if args.chunk_delay:
             base = start_spaced_upstream(placement, tmp, stack, args.stream, args.chunk_delay)
+        elif args.upstream == "lean":
+            if args.stream:
+                raise SystemExit("--upstream lean answers plain completions only")
+            base, _ = start_provider(
+                placement, tmp, stack, latency=args.latency, provider_script=LEAN_UPSTREAM
+            )
         else:
             base, _ = start_provider(placement, tmp, stack, latency=args.latency)
         cfg = write_config(tmp, base)
@@ -314,6 +326,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "concurrency": args.concurrency,
                 "duration_s": args.duration,
                 "latency_s": args.latency,
+                "upstream": args.upstream,
                 "stream_chunks": args.stream,
                 "chunk_delay_s": args.chunk_delay,
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -437,6 +450,8 @@ def report(out_dir: Path) -> str:
 
 def _scenario(run: dict[str, Any]) -> str:
     chunks, delay = run.get("stream_chunks", 0), run.get("chunk_delay_s", 0.0)
+    if run.get("upstream") == "lean":
+        return "bench/_lean_upstream.py (20 ms)"
     if not chunks:
         return "tests/fake_provider.py (20 ms)"
     if not delay:
@@ -503,6 +518,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="with --stream: seconds between events (bench/_stamped_upstream.py); 0 sends "
         "them at once after --latency (tests/fake_provider.py)",
+    )
+    parser.add_argument(
+        "--upstream",
+        choices=("fake", "lean"),
+        default="fake",
+        help="fake: tests/fake_provider.py; lean: bench/_lean_upstream.py, which takes so little "
+        "CPU that a fast gateway is saturated even on a slow day",
     )
     parser.add_argument("--profile-rate", type=int, default=200)
     add_placement_args(parser)

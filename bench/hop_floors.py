@@ -58,7 +58,7 @@ from cpu_per_call import KEY, add_placement_args, run_wrk, write_config
 from overhead import WRK_LUA
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("budgets", "metrics", "writer", "recording")
+PARTS = ("budgets", "metrics", "writer", "recording", "front")
 
 
 @dataclass

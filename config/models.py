@@ -318,6 +318,11 @@ class ServerSettings(_Strict):
         gt=0,
         description="Live event streams (`/api/spans/stream`) open at once; past it, 503.",
     )
+    front: Literal["httptools", "aiohttp"] = Field(
+        "httptools",
+        description="The HTTP server of the OpenAI routes: `httptools`, a lean one that hands "
+        "every other request to aiohttp, or `aiohttp` for all of them (a way back).",
+    )
 
 
 class RecorderSettings(_Strict):

@@ -32,6 +32,7 @@ from gateway.scaling import SharedCounters
 from gateway.web.auth import auth_middleware
 from gateway.web.budget_metrics import BudgetCollector
 from gateway.web.experiment_sync import attach_experiments
+from gateway.web.front import attach_fronts
 from gateway.web.ingest_otlp import TRACE_INDEX, IngestCollector
 from gateway.web.ingest_otlp import add_routes as add_ingest_routes
 from gateway.web.judge_metrics import JudgeCollector
@@ -177,6 +178,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
         app.cleanup_ctx.append(_exporting)
     app[METRICS].registry.register(ExportCollector(exporter))
     add_openai_routes(app)
+    attach_fronts(app)
     add_ingest_routes(app)
     app[METRICS].registry.register(IngestCollector(app[TRACE_INDEX]))
     add_ops_routes(app)

@@ -76,6 +76,8 @@ class SharedCounters:
             await self.postgres.close()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.rate_limits is not None:
+            await self.rate_limits.close()
 
 
 def _handlers(app: web.Application) -> dict[str, Callable[[str], None]]:

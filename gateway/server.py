@@ -15,6 +15,7 @@ from aiohttp import web
 
 from config.models import Settings
 from gateway.compose import create_app
+from gateway.web.front import start_front
 from gateway.web.routes_api import close_streams
 from gateway.web.state import GATEWAY
 from store.backend import mask_url
@@ -62,15 +63,12 @@ async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool 
     runner = web.AppRunner(app, handle_signals=False, access_log=None, **runner_options(settings))
     await runner.setup()
     settle_heap()
-    site = web.TCPSite(
-        runner, settings.server.host, settings.server.port, backlog=1024, reuse_address=True
-    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await site.start()
+        site = await listen(runner, settings, settings.server.host, settings.server.port)
         host, port = settings.server.host, runner.addresses[0][1]
         app[GATEWAY].base_url = f"http://{_connectable(host)}:{port}"
         if ready_message:
@@ -91,6 +89,19 @@ async def serve(settings: Settings, db_path: str | Path, *, ready_message: bool 
     finally:
         # Closes the listener, waits for in-flight handlers, then runs cleanup (writer drains last).
         await runner.cleanup()
+
+
+async def listen(
+    runner: web.AppRunner, settings: Settings, host: str, port: int, grace: float = CANCEL_GRACE
+) -> web.TCPSite:
+    """Start listening: on the front (`gateway/web/front.py`) unless `server.front` asks for
+    aiohttp alone. `grace` is what calls still running at shutdown get before they are
+    cancelled (the runner's `shutdown_timeout` for aiohttp's own)."""
+    if settings.server.front == "httptools":
+        return await start_front(runner, host, port, grace=grace, backlog=1024, reuse_address=True)
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    return site
 
 
 async def _finish_in_flight(app: web.Application, site: web.TCPSite, timeout: float) -> None:

@@ -24,7 +24,7 @@ from shapes import CLI_ARGV
 
 from config.models import Settings
 from gateway.compose import create_app
-from gateway.server import runner_options
+from gateway.server import listen, runner_options
 from gateway.web.state import GATEWAY, Gateway
 from store.backend import is_postgres
 from store.queries import decode_row
@@ -92,9 +92,8 @@ class GatewayThread:
         options = {**runner_options(self.settings), "shutdown_timeout": 10}
         self._runner = web.AppRunner(self.app, access_log=None, **options)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        site = await listen(self._runner, self.settings, "127.0.0.1", 0, grace=10)
+        self.port = site.port
         self.app[GATEWAY].base_url = self.base
 
     def stop(self) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Collection, Mapping
 from urllib.parse import urlencode
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from config.models import ApiKey
 from gateway.errors import AuthenticationFailed, PermissionDenied
@@ -88,6 +89,20 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
     return found
 
 
+def admit_key(keys: list[ApiKey], presented: str | None, scope: str) -> None:
+    """Raise unless `presented` is one of `keys` and holds `scope` (or is an admin's)."""
+    if presented is None:
+        raise AuthenticationFailed(
+            "missing API key: send `Authorization: Bearer <key>`, `X-Api-Key: <key>` "
+            "or `api-key: <key>`"
+        )
+    key = find_key(keys, presented)
+    if key is None:
+        raise AuthenticationFailed("invalid API key")
+    if scope not in key.scopes and "admin" not in key.scopes:
+        raise PermissionDenied(f"this key lacks the {scope!r} scope")
+
+
 def auth_middleware(keys: list[ApiKey]) -> web.Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
@@ -97,26 +112,17 @@ def auth_middleware(keys: list[ApiKey]) -> web.Middleware:
         presented = presented_key(request.headers) or _cookie_key(request)
         # A person at a page is sent to the sign-in form rather than shown a JSON error.
         page = _is_ui(request.path) and request.method in SAFE_METHODS
-        if presented is None:
-            if page:
-                return _to_sign_in(request)
-            raise AuthenticationFailed(
-                "missing API key: send `Authorization: Bearer <key>`, `X-Api-Key: <key>` "
-                "or `api-key: <key>`"
-            )
-        key = find_key(keys, presented)
-        if key is None:
-            if page:
-                return _to_sign_in(request)
-            raise AuthenticationFailed("invalid API key")
-        if scope not in key.scopes and "admin" not in key.scopes:
-            raise PermissionDenied(f"this key lacks the {scope!r} scope")
+        if page and (presented is None or find_key(keys, presented) is None):
+            return _to_sign_in(request)
+        admit_key(keys, presented, scope)
         return await handler(request)
 
     return middleware
 
 
-def forwarded_client_headers(request: web.Request, gateway_keys: Collection[str]) -> dict[str, str]:
+def forwarded_client_headers(
+    sent: MultiMapping[str], gateway_keys: Collection[str]
+) -> dict[str, str]:
     """Client headers an upstream may see: lower-cased, and none that carries a gateway key.
 
     Every header but the ones never forwarded (`gateway.providers.headers`): the deployment's
@@ -125,8 +131,6 @@ def forwarded_client_headers(request: web.Request, gateway_keys: Collection[str]
     from. A provider key the client brings comes in `Authorization` (when the gateway key came
     elsewhere) or in `X-Provider-Authorization`, which wins.
     """
-
-    sent = request.headers
 
     def first_clean(name: str) -> str | None:
         for value in sent.getall(name, ()):

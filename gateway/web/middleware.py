@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.web.responses import error_response, from_store_error
+from gateway.web.responses import Plain, error_plain, error_response, from_store_error, web_response
 from gateway.web.routes_surface import unsupported_route
 from gateway.web.state import GATEWAY
 from store.errors import StoreError
@@ -46,20 +46,26 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> GatewayError:
     return error
 
 
+def failure_answer(exc: Exception, method: str, path: str) -> Plain:
+    """A failure that is no HTTP exception, in OpenAI's shape (called while `exc` is being
+    handled); either HTTP server answers with it."""
+    if isinstance(exc, GatewayError):
+        return error_plain(exc)
+    if isinstance(exc, StoreError):
+        return error_plain(from_store_error(exc))
+    log.exception("unhandled error on %s %s", method, path)
+    return error_plain(GatewayError("internal gateway error; see the gateway log"))
+
+
 def _error_answer(exc: Exception, request: web.Request) -> web.StreamResponse:
     """The failure in OpenAI's shape (called while `exc` is being handled)."""
-    if isinstance(exc, GatewayError):
-        return error_response(exc)
-    if isinstance(exc, StoreError):
-        return error_response(from_store_error(exc))
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
         error = _from_http(exc, request)
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(error, headers=allow)
-    log.exception("unhandled error on %s %s", request.method, request.path)
-    return error_response(GatewayError("internal gateway error; see the gateway log"))
+    return web_response(failure_answer(exc, request.method, request.path))
 
 
 @web.middleware
@@ -67,8 +73,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     """Render every failure in OpenAI's shape, and count requests being handled (so a
     graceful stop knows when they are all done); one middleware, as each costs a layer."""
     gw = request.app[GATEWAY]
-    gw.in_flight += 1
-    gw.idle.clear()
+    gw.request_began()
     try:
         return await handler(request)
     except Exception as exc:
@@ -79,6 +84,4 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
             raise
         return _error_answer(exc, request)
     finally:
-        gw.in_flight -= 1
-        if not gw.in_flight:
-            gw.idle.set()
+        gw.request_ended()

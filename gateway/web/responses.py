@@ -4,6 +4,7 @@ table) is answered here in OpenAI's error shape, with `Retry-After` when the err
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
@@ -41,16 +42,31 @@ def from_store_error(exc: StoreError) -> GatewayError:
     return GatewayError(str(exc))
 
 
-def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
-    response = web.Response(
-        status=exc.status,
-        body=orjson.dumps(exc.body()),
-        content_type="application/json",
-        headers=headers,
-    )
-    if exc.close_connection:
+@dataclass(slots=True)
+class Plain:
+    """A whole answer, ready for either HTTP server: aiohttp's (`web_response`) or the front's."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    close: bool = False
+
+
+def web_response(plain: Plain) -> web.Response:
+    response = web.Response(status=plain.status, body=plain.body, headers=plain.headers)
+    if plain.close:
         response.force_close()
     return response
+
+
+def error_plain(exc: GatewayError, *, headers: dict[str, str] | None = None) -> Plain:
+    retry_after = getattr(exc, "retry_after", None)
+    answer = {**headers} if headers else {}
+    if retry_after is not None:
+        answer["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    answer["Content-Type"] = "application/json"
+    return Plain(exc.status, answer, orjson.dumps(exc.body()), exc.close_connection)
+
+
+def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
+    return web_response(error_plain(exc, headers=headers))

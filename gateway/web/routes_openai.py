@@ -41,9 +41,8 @@ from gateway.proxy.streaming import (
 )
 from gateway.proxy.training import rollout_mode
 from gateway.web.auth import forwarded_client_headers
-from gateway.web.bodies import read_body
-from gateway.web.limits import bound_send_buffer, end_within, write_within
-from gateway.web.responses import error_response
+from gateway.web.exchange import AiohttpExchange, Exchange
+from gateway.web.responses import Plain, error_plain, web_response
 from gateway.web.routes_surface import add_surface_routes
 from gateway.web.state import GATEWAY
 
@@ -74,7 +73,7 @@ FINISH_SECONDS = 5.0
 _finishing: set[asyncio.Task[None]] = set()
 
 
-async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
+async def _answer_plain(call: Call, outcome: Outcome) -> Plain:
     response = outcome.response
     # Audio is recorded as its type and size, and is no place for a secret to be redacted.
     binary = binary_answer(response.headers, response.body) if response.ok else None
@@ -91,21 +90,15 @@ async def _answer_plain(call: Call, outcome: Outcome) -> web.Response:
         call.fail(response.status, kind or f"http_{response.status}", message)
     call.publish(binary or body)
     await call.record_executed_tools()
-    return web.Response(
-        status=response.status, body=body, headers={**response.headers, **call.headers()}
-    )
+    return Plain(response.status, {**response.headers, **call.headers()}, body)
 
 
-async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> web.StreamResponse:
+async def _answer_stream(ex: Exchange, call: Call, outcome: Outcome) -> None:
     response, injected = outcome.response, outcome.injected_usage
     assert response.chunks is not None
     call.fields["http_status"] = call.fields["upstream_status"] = response.status
     try:
-        out = web.StreamResponse(
-            status=response.status, headers={**response.headers, **call.headers()}
-        )
-        bound_send_buffer(request)
-        await out.prepare(request)
+        await ex.begin_stream(response.status, {**response.headers, **call.headers()})
     except BaseException:
         # No byte of it will be relayed: the upstream's connection goes, its call ends.
         await response.chunks.aclose()
@@ -160,7 +153,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
             if outgoing:
                 batch = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
                 outgoing.clear()
-                await write_within(request, out, batch, write_timeout)
+                await ex.send(batch, write_timeout)
                 if token_in_batch:
                     call.first_token_ns = time.perf_counter_ns()
             if at_done:
@@ -174,7 +167,7 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
                 assembler.done = True
                 held.append(rest)
             elif rest.strip():
-                await write_within(request, out, rest, write_timeout)
+                await ex.send(rest, write_timeout)
         call.upstream_done_ns = time.perf_counter_ns()
     except UpstreamError as exc:
         call.upstream_done_ns = time.perf_counter_ns()
@@ -183,16 +176,16 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         call.publish(_assembled(call, assembler))
         with contextlib.suppress(ConnectionError):
             error_event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
-            await write_within(request, out, call.redact(error_event), write_timeout)
-            await end_within(request, out, write_timeout)
-        return out
+            await ex.send(call.redact(error_event), write_timeout)
+            await ex.end(write_timeout)
+        return
     except ConnectionError as exc:
         # Also a client that stopped reading (ClientTooSlow): it gets no more of the answer.
         call.client_closed(f"the client went away mid-stream: {exc}")
         call.publish(_assembled(call, assembler))
-        return out
+        return
     except asyncio.CancelledError:
-        call.cancel(client_gone=request.transport is None or request.transport.is_closing())
+        call.cancel(client_gone=ex.client_gone())
         call.publish(_assembled(call, assembler))
         raise
     except Exception as exc:
@@ -208,9 +201,9 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         # The events of this read that came before the failure go out first, as they came.
         outgoing.append(b"data: " + orjson.dumps(error.body()) + b"\n\n")
         with contextlib.suppress(ConnectionError):
-            await write_within(request, out, b"".join(outgoing), write_timeout)
-            await end_within(request, out, write_timeout)
-        return out
+            await ex.send(b"".join(outgoing), write_timeout)
+            await ex.end(write_timeout)
+        return
     finally:
         await chunks.aclose()
         if not at_done:
@@ -229,14 +222,13 @@ async def _answer_stream(request: web.Request, call: Call, outcome: Outcome) -> 
         # The call is recorded: a client that stops reading now is only dropped.
         with contextlib.suppress(ConnectionError):
             for raw_event in held:
-                await write_within(request, out, raw_event, write_timeout)
-            await end_within(request, out, write_timeout)
+                await ex.send(raw_event, write_timeout)
+            await ex.end(write_timeout)
     finally:
         if at_done:
             finishing = asyncio.ensure_future(_finish_upstream(response.chunks))
             _finishing.add(finishing)
             finishing.add_done_callback(_finishing.discard)
-    return out
 
 
 def _assembled(call: Call, assembler: Assembler) -> dict[str, Any]:
@@ -259,16 +251,18 @@ async def _finish_upstream(chunks: AsyncGenerator[bytes, None]) -> None:
     await chunks.aclose()
 
 
-async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
+async def proxy(ex: Exchange, operation: str) -> Plain | None:
+    """The call, forwarded and recorded: its whole answer, or None once a stream went out
+    through `ex`."""
+    gw = ex.gw
     t0, start_ns = time.perf_counter_ns(), time.time_ns()
-    attribution = read_attribution(request.match_info, request.headers)
+    attribution = read_attribution(ex.match_info, ex.headers)
     if gw.settings.require_rollout and attribution.rollout_id is None:
         raise RolloutRequired(
             "this gateway requires a rollout: call /rollout/{id}/v1/... or send X-Rollout-Id"
         )
-    raw = await read_body(request, gw.settings.server.body_timeout)
-    raw, payload, form = parse_request(raw, operation, request.headers.get("Content-Type"))
+    raw = await ex.body(gw.settings.server.body_timeout)
+    raw, payload, form = parse_request(raw, operation, ex.headers.get("Content-Type"))
     stream = operation in STREAMABLE and payload.get("stream") is True
     call = Call(gw, operation, attribution, raw, payload, payload["model"], t0, start_ns, stream)
     if form is not None:
@@ -292,9 +286,9 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         group = gw.router.group(payload["model"])
         if gw.budgets is not None:
             # Refused here (402) before anything goes upstream; the body may come back clamped.
-            raw, payload = await gw.budgets.admit(call, group, request.headers)
+            raw, payload = await gw.budgets.admit(call, group, ex.headers)
         gateway_keys = [key.key for key in gw.settings.auth.keys]
-        client_headers = forwarded_client_headers(request, gateway_keys)
+        client_headers = forwarded_client_headers(ex.headers, gateway_keys)
         call.redactor = gw.redactor.adding(_bearer_token(client_headers.get("authorization")))
         call.job = Job(operation, raw, payload, stream, group, client_headers)
         call.job.rollout_id = attribution.rollout_id
@@ -303,13 +297,14 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
         if gw.modes.unknown(attribution.rollout_id):
             await gw.modes.resolve(attribution.rollout_id)
         call.job.mode = call.fields["mode"] = rollout_mode(
-            gw.modes, request.headers, attribution.rollout_id
+            gw.modes, ex.headers, attribution.rollout_id
         )
         call.outcome = outcome = await forward(gw, call.job)
         if outcome.response.chunks is None:
             call.upstream_done_ns = time.perf_counter_ns()
             return await _answer_plain(call, outcome)
-        return await _answer_stream(request, call, outcome)
+        await _answer_stream(ex, call, outcome)
+        return None
     except GatewayError as exc:
         if call.upstream_done_ns is None:
             call.upstream_done_ns = time.perf_counter_ns()
@@ -318,9 +313,9 @@ async def proxy(request: web.Request, operation: str) -> web.StreamResponse:
             # No upstream answer: the status is the gateway's judgement of its failure.
             call.fields["upstream_status"] = exc.status
         call.publish(exc.body())
-        return error_response(exc, headers=call.headers())
+        return error_plain(exc, headers=call.headers())
     except asyncio.CancelledError:
-        call.cancel(client_gone=request.transport is None or request.transport.is_closing())
+        call.cancel(client_gone=ex.client_gone())
         raise
     except Exception as exc:
         # The middleware answers 500; the span says so instead of the `ok` it started as.
@@ -353,7 +348,12 @@ async def list_models(request: web.Request) -> web.Response:
 
 def _handler(operation: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await proxy(request, operation)
+        ex = AiohttpExchange(request)
+        plain = await proxy(ex, operation)
+        if plain is not None:
+            return web_response(plain)
+        assert ex.response is not None
+        return ex.response
 
     handler.__name__ = f"proxy_{operation}"
     return handler

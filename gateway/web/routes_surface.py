@@ -88,7 +88,9 @@ async def _on_response(request: web.Request, operation: str) -> web.Response:
     body = await read_body(request, gw.settings.server.body_timeout)
     guard = await _origin(request, response_id)
     deployment = guard.deployment
-    client_headers = forwarded_client_headers(request, [key.key for key in gw.settings.auth.keys])
+    client_headers = forwarded_client_headers(
+        request.headers, [key.key for key in gw.settings.auth.keys]
+    )
     upstream = UpstreamRequest(
         operation,
         body,

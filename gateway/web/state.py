@@ -26,5 +26,14 @@ class Gateway(ProxyContext):
     def __post_init__(self) -> None:
         self.idle.set()
 
+    def request_began(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
+
 
 GATEWAY = web.AppKey("gateway", Gateway)
