@@ -610,9 +610,11 @@ class FrontConnection(asyncio.Protocol):
         """The next request's turn, or the connection's end."""
         self.exchanges.popleft()
         self.task = None
-        if self.lost:
+        if self.lost or self.transport.is_closing():
             return
-        if not self.keeps(ex) or (ex.streaming and not ex.ended):
+        # An answer that told the client the connection closes (`keeps`, when written) sets
+        # `keep_alive` off; one that was cut short leaves nothing to go on from.
+        if not (ex.keep_alive and ex.complete) or (ex.streaming and not ex.ended):
             self.close()
             return
         if self.exchanges:

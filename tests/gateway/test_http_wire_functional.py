@@ -345,6 +345,28 @@ def test_a_health_check_behind_a_chunked_chat_post_in_one_read_ends_the_connecti
     assert (called.header("Connection") or "").lower() == "close"
 
 
+def test_two_chat_posts_and_a_health_check_behind_a_chunked_one_get_both_chats_answered(
+    gateway: GatewayThread,
+) -> None:
+    """The connection ends only after the last answer it can give."""
+    body = chat_body("second, chunked")
+    sent = (
+        chat(CHAT, "first")
+        + request("POST", CHAT, body, framing="chunked")
+        + b"".join(chunks(body, 64))
+        + request("GET", "/health/live")
+    )
+    with Wire(gateway.port) as wire:
+        wire.send(sent)
+        first, second = wire.answer(), wire.answer()
+        wire.assert_closed(within=5.0)
+
+    assert reply_text(first) == "echo: first"
+    assert (first.header("Connection") or "keep-alive").lower() != "close"
+    assert reply_text(second) == "echo: second, chunked"
+    assert (second.header("Connection") or "").lower() == "close"
+
+
 # -- how a request body may arrive -------------------------------------------------------------
 
 
