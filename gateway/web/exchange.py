@@ -60,7 +60,7 @@ class AiohttpExchange:
 
     async def begin_stream(self, status: int, headers: dict[str, str]) -> None:
         out = web.StreamResponse(status=status, headers=headers)
-        bound_send_buffer(self.request)
+        bound_send_buffer(self.request.transport)
         await out.prepare(self.request)
         self.response = out
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import socket
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -24,9 +23,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from config.models import Settings
-from gateway.errors import BodyTooLarge, ClientTooSlow, InvalidRequest, RequestTimeout
+from gateway.errors import BodyTooLarge, InvalidRequest, RequestTimeout
 from gateway.web.auth import admit_key, presented_key
-from gateway.web.limits import STREAM_SEND_BUFFER
+from gateway.web.limits import bound_send_buffer, within
 from gateway.web.middleware import failure_answer
 from gateway.web.responses import Plain
 from gateway.web.routes_openai import OPERATIONS, proxy
@@ -259,9 +258,7 @@ class FrontExchange:
         conn = self.conn
         if self.client_gone():
             raise ConnectionResetError("the client went away")
-        sock = conn.transport.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+        bound_send_buffer(conn.transport)
         self.streaming = True
         if self.http11 and conn.keeps(self):
             framing = "Transfer-Encoding: chunked"
@@ -598,11 +595,7 @@ class FrontConnection(asyncio.Protocol):
             return
         self.drain = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(timeout):
-                await self.drain
-        except TimeoutError as exc:
-            transport.abort()
-            raise ClientTooSlow(f"the client read nothing for {timeout:g}s") from exc
+            await within(transport, self.drain, timeout)
         finally:
             self.drain = None
 

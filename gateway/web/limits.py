@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
@@ -37,31 +38,33 @@ async def write_within(
         await writer.write(data, drain=False)  # never waits
         if not request.protocol.writing_paused:
             return
-        await _within(request, writer.drain(), timeout)
+        await within(request.transport, writer.drain(), timeout)
     else:
-        await _within(request, response.write(data), timeout)
+        await within(request.transport, response.write(data), timeout)
 
 
 async def end_within(request: web.Request, response: web.StreamResponse, timeout: float) -> None:
     """`response.write_eof()` under the same deadline: aiohttp drains after the last bytes with
     none, and a client that stopped reading just then would hold the handler for good."""
-    await _within(request, response.write_eof(), timeout)
+    await within(request.transport, response.write_eof(), timeout)
 
 
-async def _within(request: web.Request, waiting: Awaitable[None], timeout: float) -> None:
+async def within(transport: Any, waiting: Awaitable[None], timeout: float) -> None:
+    """Wait for a client to take what was written, dropping it after `timeout` seconds
+    (`ClientTooSlow`)."""
     try:
         async with asyncio.timeout(timeout):
             await waiting
     except TimeoutError as exc:
-        if request.transport is not None:
+        if transport is not None:
             # Frees the kernel and transport buffers now rather than at some later close.
-            request.transport.abort()
+            transport.abort()
         raise ClientTooSlow(f"the client read nothing for {timeout:g}s") from exc
 
 
-def bound_send_buffer(request: web.Request) -> None:
+def bound_send_buffer(transport: Any) -> None:
     """Cap the kernel memory a client that stops reading can pin, before a stream starts."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
+    sock = transport.get_extra_info("socket") if transport else None
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
 

@@ -34,7 +34,7 @@ async def never_reading_client(body: Body) -> str:
 
     async def handler(request: web.Request) -> web.StreamResponse:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        bound_send_buffer(request)
+        bound_send_buffer(request.transport)
         await out.prepare(request)
         started = time.monotonic()
         try:
