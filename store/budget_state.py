@@ -126,8 +126,26 @@ class MemoryBudgetState:
             usage["started"] = usage["started"] or ask["now"]
         return {"refused": None, "usage": before}
 
+    def count_now(self, rollout_id: str, attempt_id: str, expect: str, now: float) -> bool:
+        """Count a call no limit holds (nothing reserved: `settle_now` adds what it used);
+        False, counting nothing, when the rollout is not seeded or its budget is not `expect`."""
+        entry = self._get(rollout_id)
+        if entry is None or entry.budget != expect:
+            return False
+        attempt = entry.attempts.get(attempt_id)
+        if attempt is None:
+            attempt = entry.attempts[attempt_id] = empty_usage()
+        for usage in (entry.usage, attempt):
+            usage["calls"] += 1
+            if not usage["started"]:
+                usage["started"] = now
+        return True
+
     async def settle(self, rollout_id: str, attempt_id: str, *, tokens: float, cost: float) -> None:
         """Replace a call's reserved tokens and cost by what it really used (the difference)."""
+        self.settle_now(rollout_id, attempt_id, tokens=tokens, cost=cost)
+
+    def settle_now(self, rollout_id: str, attempt_id: str, *, tokens: float, cost: float) -> None:
         entry = self._rollouts.get(rollout_id)
         if entry is None:
             return

@@ -12,9 +12,9 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import orjson
 import pybreaker
@@ -99,6 +99,16 @@ class BudgetState(Protocol):
     async def close(self) -> None: ...
 
 
+class LocalBudgetState(BudgetState, Protocol):
+    """A state in this process's memory: it never waits, so these are called plainly."""
+
+    def count_now(self, rollout_id: str, attempt_id: str, expect: str, now: float) -> bool: ...
+
+    def settle_now(
+        self, rollout_id: str, attempt_id: str, *, tokens: float, cost: float
+    ) -> None: ...
+
+
 @dataclass(slots=True)
 class Reservation:
     """What one call reserved (or was refused), and what it really used once known."""
@@ -120,6 +130,8 @@ class Reservation:
     def remaining(self) -> dict[str, float]:
         """Per limit in force, the least left over both scopes after this call."""
         left: dict[str, float] = {}
+        if not self.limits[0] and not self.limits[1]:
+            return left
         calls = 1 if self.admitted else 0
         tokens = self.tokens if self.used_tokens is None else self.used_tokens
         cost = self.cost if self.used_cost is None else self.used_cost
@@ -186,16 +198,6 @@ def lowered(limits: Limits, headers: Mapping[str, str]) -> Limits:
     return out
 
 
-def run_at_once(step: Coroutine[Any, Any, None]) -> None:
-    """Run a coroutine that never waits (an in-process state's method) to its end, here."""
-    try:
-        step.send(None)
-    except StopIteration:
-        return
-    step.close()
-    raise RuntimeError(f"{step!r} waited: only an in-process state may be run at once")
-
-
 def _reply_cap(call: Call) -> int:
     for name in REPLY_CAP_FIELDS:
         value = call.payload.get(name)
@@ -248,6 +250,7 @@ class Budgets:
         self._prices = prices
         # False: the state is this process's own memory, whose methods never wait.
         self.shared = shared
+        self._local = None if shared else cast(LocalBudgetState, state)
         self.refusals: Counter[tuple[str, str]] = Counter()
         self._settling: dict[str, set[asyncio.Task[None]]] = {}
         # Budget JSON per rollout as last seen; `reserve` refuses to use a stale one.
@@ -313,6 +316,8 @@ class Budgets:
         rollout_id, attempt_id = call.attribution.rollout_id, call.attempt_id
         if rollout_id is None or attempt_id is None:
             return call.raw_request, call.payload
+        if self._counted(call, rollout_id, attempt_id, headers):
+            return call.raw_request, call.payload
         try:
             return await self._admit(call, rollout_id, attempt_id, group, headers)
         except (BudgetExceeded, InvalidRequest):
@@ -330,6 +335,26 @@ class Budgets:
                 f"the budget of rollout {rollout_id!r} cannot be checked right now",
                 retry_after=1.0,
             ) from exc
+
+    def _counted(
+        self, call: Call, rollout_id: str, attempt_id: str, headers: Mapping[str, str]
+    ) -> bool:
+        """Count a call no limit holds in this process's state, without a reservation: what it
+        used is added when it settles. False when the state is shared, a limit holds, or the
+        state must be asked first (the rollout not seeded here, or its budget changed)."""
+        budget = self._known.get(rollout_id)
+        if self._local is None or budget is None:
+            return False
+        rollout_limits, attempt_limits = self._decoded(budget, call.attribution.agent_id)
+        limits = (lowered(rollout_limits, headers), attempt_limits)
+        if limits[0] or limits[1]:
+            return False
+        now = time.time()
+        if not self._local.count_now(rollout_id, attempt_id, budget, now):
+            return False
+        # Nothing held while the call is in flight: with no limit, nothing would read it.
+        call.budget = Reservation(rollout_id, attempt_id, limits, [{}, {}], True, now=now)
+        return True
 
     def _may_limit(self, call: Call, rollout_id: str, headers: Mapping[str, str]) -> bool:
         """Whether a limit may hold for the call: from config, its headers, or the rollout's
@@ -451,18 +476,19 @@ class Budgets:
             record.get("output_tokens") or 0
         )
         reservation.used_cost = record.get("cost_usd") or 0.0
-        settling = self.state.settle(
-            reservation.rollout_id,
-            reservation.attempt_id,
-            tokens=reservation.used_tokens - reservation.tokens,
-            cost=reservation.used_cost - reservation.cost,
-        )
-        if not self.shared:
+        tokens = reservation.used_tokens - reservation.tokens
+        cost = reservation.used_cost - reservation.cost
+        if self._local is not None:
             # The in-process state never waits: settled here, so no later call has a task
             # to wait for (one each, gathered by every call of the rollout, cost ~8% of a
             # call's CPU at concurrency 64).
-            run_at_once(settling)
+            self._local.settle_now(
+                reservation.rollout_id, reservation.attempt_id, tokens=tokens, cost=cost
+            )
             return
+        settling = self.state.settle(
+            reservation.rollout_id, reservation.attempt_id, tokens=tokens, cost=cost
+        )
         task = asyncio.ensure_future(settling)
         pending = self._settling.setdefault(reservation.rollout_id, set())
         pending.add(task)

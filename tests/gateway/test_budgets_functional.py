@@ -277,6 +277,32 @@ def test_agent_limits_and_api_patch_reach_the_budget(
     assert invalid.status_code == 422
 
 
+def test_calls_before_any_limit_count_at_their_true_use_when_a_budget_is_set(
+    make_gateway: Callable[..., GatewayThread], fake_provider: Any
+) -> None:
+    # No limit anywhere: calls are counted without a reservation, then settled at their use.
+    gateway = make_gateway(models=priced_models(fake_provider.url))
+    oai = client(gateway, "nb-1")
+    for text in ("hi", LONG_TEXT, "again"):
+        ask(oai, text)
+    spans = gateway.spans(rollout_id="nb-1")
+    tokens = sum(s["input_tokens"] + s["output_tokens"] for s in spans)
+    patched = httpx.patch(
+        f"{gateway.base}/api/rollouts/nb-1",
+        json={"budget": {"max_calls": 4, "max_tokens": tokens + 10**4}},
+    )
+    assert patched.status_code == 200, patched.text
+    detail = httpx.get(f"{gateway.base}/api/rollouts/nb-1").json()["budget_usage"]
+    assert detail["used"]["calls"] == 3
+    assert detail["used"]["tokens"] == tokens
+    assert detail["used"]["cost_usd"] == pytest.approx(spent(gateway, "nb-1"))
+    assert detail["attempts"]["1"]["used"]["calls"] == 3
+    assert ask(oai).headers["x-budget-remaining-calls"] == "0"
+    with pytest.raises(openai.APIStatusError) as refused:
+        ask(oai)
+    assert refused.value.status_code == 402
+
+
 @pytest.mark.both_backends
 def test_budget_survives_a_restart_and_spangate_show_prints_it(
     make_gateway: Callable[..., GatewayThread], fake_provider: Any, db_path: Path
