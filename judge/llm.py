@@ -45,9 +45,14 @@ class JudgeClient:
     model: str
     http: httpx.AsyncClient
     api_key: str | None = None
+    # When set, each judge rollout asked under: `rollout id -> (judge, about)`, so a caller
+    # that makes several calls (a pairwise comparison) can end the rollouts it opened.
+    asked: dict[str, tuple[str, str]] | None = None
 
     async def complete(self, messages: list[dict[str, str]], *, judge: str, about: str) -> str:
         rollout = judge_rollout_id(judge, about)
+        if self.asked is not None:
+            self.asked[rollout] = (judge, about)
         headers = {"X-Agent-Id": f"judge-{judge}", "X-Tags": "judge", "X-Meta-Judged": about[:200]}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

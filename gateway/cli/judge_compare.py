@@ -137,12 +137,31 @@ async def _compare(
     b: Trajectory,
     rubric: Rubric,
 ) -> PairwiseResult:
+    from judge.jobs import JudgeStore
     from judge.llm import JudgeModelError, compare
+    from store.errors import StoreError
 
-    async with model.connected(db, gateway_url):
-        try:
-            return await compare(
-                a, b, rubric, model.get(), budget_tokens=model.settings.judge.budget_tokens
-            )
-        except JudgeModelError as exc:
-            raise click.ClickException(f"the judge model failed: {exc}") from exc
+    try:
+        store = JudgeStore(db)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    asked: dict[str, tuple[str, str]] = {}
+    status = "failed"
+    try:
+        async with model.connected(db, gateway_url):
+            client = model.get()
+            client.asked = asked
+            try:
+                result = await compare(
+                    a, b, rubric, client, budget_tokens=model.settings.judge.budget_tokens
+                )
+            except JudgeModelError as exc:
+                raise click.ClickException(f"the judge model failed: {exc}") from exc
+            status = "succeeded"
+            return result
+    finally:
+        # The rollouts the pairwise calls were recorded under end with the comparison (failed
+        # if it did not finish), so retention ages them out like a judgement's.
+        for rollout_id, (judge, about) in asked.items():
+            await store.end_judge_rollout(rollout_id, status, agent=f"judge-{judge}", judged=about)
+        store.close()

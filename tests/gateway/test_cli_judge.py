@@ -619,6 +619,40 @@ def test_compare_asks_both_orders_and_reports_a_consistent_preference(
     assert shown[1].index("r-error") < shown[1].index("r-clean")
 
 
+def pairwise_rollouts(path: Path) -> list[tuple[str, str]]:
+    rows = read_rows(
+        path,
+        "select status, metadata from rollouts where agent = 'judge-llm-pairwise' order by id",
+    )
+    return sorted((row["status"], json.loads(row["metadata"])["judged"]) for row in rows)
+
+
+def test_compare_ends_the_rollouts_its_calls_were_recorded_under(
+    db_path: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    with respx.mock(base_url="http://gw.test") as mock:
+        mock.post(path__regex=r"/v1/chat/completions$").mock(
+            side_effect=[preference("A", "cleaner"), preference("B", "cleaner")]
+        )
+        assert compare(db_path, config, "r-clean", "r-error").exit_code == 0
+    assert pairwise_rollouts(db_path) == [
+        ("succeeded", "r-clean-vs-r-error"),
+        ("succeeded", "r-error-vs-r-clean"),
+    ]
+
+
+def test_a_failed_compare_ends_only_the_rollout_it_asked_under_as_failed(
+    db_path: Path, tmp_path: Path
+) -> None:
+    with respx.mock(base_url="http://gw.test") as mock:
+        mock.post(path__regex=r"/v1/chat/completions$").mock(
+            return_value=httpx.Response(503, json={"error": {"message": "overloaded"}})
+        )
+        assert compare(db_path, write_config(tmp_path), "r-clean", "r-error").exit_code == 1
+    assert pairwise_rollouts(db_path) == [("failed", "r-clean-vs-r-error")]
+
+
 def test_compare_that_flips_with_the_order_is_a_tie(db_path: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     with respx.mock(base_url="http://gw.test") as mock:
