@@ -39,13 +39,19 @@ def _log_level(ctx: click.Context, param: click.Parameter, value: str) -> str:
 )
 @db_option
 @click.option("--host", default=None, help="Interface to bind (default 127.0.0.1).")
-@click.option("--port", default=None, type=int, callback=_port, help="Port to bind (default 8400).")
+@click.option(
+    "--port",
+    default=None,
+    type=int,
+    callback=_port,
+    help="Port to bind, 0 to 65535 (default 8400; 0 picks a free one).",
+)
 @click.option(
     "--log-level",
     default="INFO",
     show_default=True,
     callback=_log_level,
-    help="Python logging level.",
+    help=f"Python logging level: {', '.join(LOG_LEVELS)}.",
 )
 def serve(
     config_path: str | None, db: str, host: str | None, port: int | None, log_level: str
