@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from store.backend import atomic, dialect_of
 from store.records import clean_span, json_text, span_row
@@ -15,7 +16,8 @@ from store.schema import SPAN_COLUMNS
 # Python 3.11's sqlite3 looks for an adapter for every None it binds, the slow way (a third
 # of a span row's are None): a registered one is found at once. `{}.get` hands None back
 # from C, and None binds as NULL as before (bench/results/none_binding.md).
-sqlite3.register_adapter(type(None), {}.get)
+_NONE_TO_NONE = cast(Callable[[None], None], {}.get)
+sqlite3.register_adapter(type(None), _NONE_TO_NONE)
 
 # Only a span id already stored is skipped (replay is idempotent); any other constraint
 # failure raises, so the record is quarantined with its reason instead of vanishing.
