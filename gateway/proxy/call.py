@@ -86,12 +86,14 @@ class Call:
         if job is None or job.sent_ns is None:
             return (now - self.t0) / 1e6
         # Before the last send: rate-limit waits, every backoff pause, and earlier tries.
-        waited_ms = (
-            (self.fields.get("held_ms") or 0.0)
-            + job.limiter_wait * 1000
-            + sum(t.get("wait_ms", 0.0) for t in job.tries)
-            + sum(t.get("duration_ms", 0.0) for t in job.tries[:-1])
-        )
+        tries = job.tries
+        waited_ms = (self.fields.get("held_ms") or 0.0) + job.limiter_wait * 1000
+        if len(tries) == 1:
+            waited_ms += tries[0].get("wait_ms", 0.0)  # nearly every call: one try, no pause
+        else:
+            waited_ms += sum(t.get("wait_ms", 0.0) for t in tries) + sum(
+                t.get("duration_ms", 0.0) for t in tries[:-1]
+            )
         before = (job.sent_ns - self.t0) / 1e6 - waited_ms
         after = (now - self.upstream_done_ns) / 1e6 if self.upstream_done_ns else 0.0
         return max(before, 0.0) + after + self.processing_ns / 1e6
@@ -113,8 +115,9 @@ class Call:
             if ours:
                 sent = {name.lower() for name in self.outcome.response.headers}
                 headers.update((k, v) for k, v in ours.items() if k not in sent)
-        if self.budget is not None:
-            headers.update(self.budget.headers())
+        budget = self.budget
+        if budget is not None and (budget.limits[0] or budget.limits[1]):
+            headers.update(budget.headers())
         return headers
 
     def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:
