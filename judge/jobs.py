@@ -228,8 +228,7 @@ def make_judge(
                 budget_tokens=settings.budget_tokens,
                 max_invalid_retries=settings.max_invalid_retries,
             )
-        except BaseException:
-            # Failed, or cancelled (Ctrl-C, a gateway stopping): the rollout ends either way.
+        except Exception:
             await store.end_judge_rollout(own, "failed", agent=agent, judged=t.rollout_id)
             raise
         await store.end_judge_rollout(own, "succeeded", agent=agent, judged=t.rollout_id)

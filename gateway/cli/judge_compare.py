@@ -137,14 +137,8 @@ async def _compare(
     b: Trajectory,
     rubric: Rubric,
 ) -> PairwiseResult:
-    from judge.jobs import JudgeStore
     from judge.llm import JudgeModelError, compare
-    from store.errors import StoreError
 
-    try:
-        store = JudgeStore(db)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
     asked: dict[str, tuple[str, str]] = {}
     status = "failed"
     try:
@@ -160,8 +154,24 @@ async def _compare(
             status = "succeeded"
             return result
     finally:
-        # The rollouts the pairwise calls were recorded under end with the comparison (failed
-        # if it did not finish), so retention ages them out like a judgement's.
+        if asked:
+            await _end_judge_rollouts(db, asked, status)
+
+
+async def _end_judge_rollouts(db: str, asked: dict[str, tuple[str, str]], status: str) -> None:
+    """End the rollouts the pairwise calls were recorded under, as a judgement ends its own
+    (failed if the comparison did not finish), so retention ages them out. Only housekeeping:
+    a store that takes no writes (a read-only file or role) costs a warning, not the answer."""
+    from judge.jobs import JudgeStore
+    from store.errors import StoreError
+
+    try:
+        store = JudgeStore(db)
+    except StoreError as exc:
+        click.echo(f"warning: judge rollouts not ended: {exc}", err=True)
+        return
+    try:
         for rollout_id, (judge, about) in asked.items():
             await store.end_judge_rollout(rollout_id, status, agent=f"judge-{judge}", judged=about)
+    finally:
         store.close()

@@ -11,8 +11,8 @@ from gateway.cli.options import configured_db, db_option, is_loopback
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-# Checked in callbacks, not with IntRange/Choice, to keep `--help` (and so the README that
-# quotes it) as it was.
+# Checked in callbacks, not with IntRange/Choice, so the errors name the value in our words;
+# the help text says the range and the levels.
 def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     # The OS takes a port modulo 65536: 70000 would bind 4464, and 65536 a random port.
     if value is not None and not 0 <= value <= 65535:

@@ -352,7 +352,8 @@ class Budgets:
         now = time.time()
         if not self._local.count_now(rollout_id, attempt_id, budget, now):
             return False
-        # Nothing held while the call is in flight: with no limit, nothing would read it.
+        # Nothing held while the call is in flight: with no limit, nothing reads it. A budget
+        # set meanwhile sees the call counted at once, its tokens and cost when it settles.
         call.budget = Reservation(rollout_id, attempt_id, limits, [{}, {}], True, now=now)
         return True
 
@@ -396,7 +397,8 @@ class Budgets:
         }
         for _ in range(RESERVE_TRIES):
             rollout_limits, attempt_limits = self._decoded(budget, call.attribution.agent_id)
-            # Reserved even with no limit in force: a budget set later starts from true counts.
+            # Reserved even with no limit in force (a rollout's first call here, or a shared
+            # state): a budget set later starts from true counts.
             limits = (lowered(rollout_limits, headers), attempt_limits)
             result = await self.state.reserve({**ask, "limits": limits, "expect": budget})
             if result is None:
