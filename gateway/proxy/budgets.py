@@ -127,10 +127,15 @@ class Reservation:
     refused: tuple[str, str] | None = None
     clamp: dict[str, Any] | None = None
 
+    @property
+    def limited(self) -> bool:
+        """Whether any limit holds for the call (`merge` and `lowered` keep only those)."""
+        return bool(self.limits[0] or self.limits[1])
+
     def remaining(self) -> dict[str, float]:
         """Per limit in force, the least left over both scopes after this call."""
         left: dict[str, float] = {}
-        if not self.limits[0] and not self.limits[1]:
+        if not self.limited:
             return left
         calls = 1 if self.admitted else 0
         tokens = self.tokens if self.used_tokens is None else self.used_tokens
@@ -248,8 +253,8 @@ class Budgets:
         self.state = state
         self._lookup = lookup
         self._prices = prices
-        # False: the state is this process's own memory, whose methods never wait.
-        self.shared = shared
+        # None: the state is shared (Redis, PostgreSQL); else this process's own memory,
+        # whose methods never wait.
         self._local = None if shared else cast(LocalBudgetState, state)
         self.refusals: Counter[tuple[str, str]] = Counter()
         self._settling: dict[str, set[asyncio.Task[None]]] = {}
@@ -266,6 +271,10 @@ class Budgets:
                 merge(defaults[0], own.rollout.model_dump()),
                 merge(defaults[1], own.attempt.model_dump()),
             )
+
+    @property
+    def shared(self) -> bool:
+        return self._local is None
 
     def limits(self, budget: Mapping[str, Any], agent: str | None) -> tuple[Limits, Limits]:
         """Config defaults, then the agent's, then the rollout's own (set over the API)."""

@@ -115,9 +115,8 @@ class Call:
             if ours:
                 sent = {name.lower() for name in self.outcome.response.headers}
                 headers.update((k, v) for k, v in ours.items() if k not in sent)
-        budget = self.budget
-        if budget is not None and (budget.limits[0] or budget.limits[1]):
-            headers.update(budget.headers())
+        if self.budget is not None and self.budget.limited:
+            headers.update(self.budget.headers())
         return headers
 
     def fail(self, http_status: int, error_type: str | None, message: str | None) -> None:
