@@ -182,7 +182,7 @@ def create_app(settings: Settings, db_path: str | Path) -> web.Application:
     add_ingest_routes(app)
     app[METRICS].registry.register(IngestCollector(app[TRACE_INDEX]))
     add_ops_routes(app)
-    attach_experiments(app, get_guideline)
+    attach_experiments(app, get_guideline, counters.claim_variant)
     app[EXPERIMENT_ANALYSIS] = Analysis(every=_analyse_experiments, one=_analyse_experiment)
     add_api_routes(
         app,

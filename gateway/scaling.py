@@ -1,5 +1,6 @@
 """What changes when replicas share one store: sequence numbers come from a counter they all
-see (Redis when `shared.redis_url` is set, else the PostgreSQL counter row), and with Redis
+see (Redis when `shared.redis_url` is set, else the PostgreSQL counter row), a rollout's
+drawn experiment variant from a claim they all see (the same choice), and with Redis
 rate limits and breaker state are shared too; one SQLite process keeps all that in memory."""
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import orjson
 from aiohttp import web
 
 from config.models import Settings
+from gateway.proxy.experiments import VariantClaim
 from gateway.proxy.sequencer import SeqAllocator
 from gateway.web.routes_api import FEED
 from gateway.web.state import GATEWAY
 from store.backend import is_postgres
 from store.shared_state import (
     SPANS_CHANNEL,
+    PostgresClaims,
     PostgresCounter,
+    RedisClaims,
     RedisCounter,
     RedisRateLimits,
     listen,
@@ -38,17 +42,20 @@ class SharedCounters:
         self.redis: Any = None
         self.postgres: PostgresCounter | None = None
         self.counter: RedisCounter | PostgresCounter | None = None
+        self.claims: RedisClaims | PostgresClaims | None = None
         self.rate_limits: RedisRateLimits | None = None
         self.breaker_storage: Callable[[str], Any] | None = None
         if settings.shared.redis_url:
             url = settings.shared.redis_url
             self.redis = redis_client(url)
             self.counter = RedisCounter(self.redis)
+            self.claims = RedisClaims(self.redis)
             self.rate_limits = RedisRateLimits(url)
             self.breaker_storage = redis_breaker_storage(url)
         elif is_postgres(db):
             self.postgres = PostgresCounter(str(db))
             self.counter = self.postgres
+            self.claims = PostgresClaims(self.postgres)
 
     def router_options(self) -> dict[str, Any]:
         """What the Router's guards share: rpm/tpm budgets and breaker state (Redis only)."""
@@ -59,6 +66,10 @@ class SharedCounters:
     @property
     def allocate(self) -> SeqAllocator | None:
         return self.counter.allocate if self.counter is not None else None
+
+    @property
+    def claim_variant(self) -> VariantClaim | None:
+        return self.claims.claim_variant if self.claims is not None else None
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """A `cleanup_ctx`: connections open at start, close at stop."""

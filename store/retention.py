@@ -61,6 +61,7 @@ def prune_batch(db: Any, *, cutoff_ns: int, batch: int, dry_run: bool = False) -
             if not dry_run:
                 _delete(db, "rollout_counters", "rollout_id", rollouts, dry_run=False)
                 _delete(db, "budget_usage", "rollout_id", rollouts, dry_run=False)
+                _delete(db, "experiment_assignments", "rollout_id", rollouts, dry_run=False)
             counts["rollouts"] += _delete(db, "rollouts", "id", rollouts, dry_run=dry_run)
         spans = [row[0] for row in db.execute(STRAY_SPANS_SQL, params).fetchall()]
         if spans:

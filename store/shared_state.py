@@ -1,5 +1,5 @@
-"""State that replicas of one gateway share: rollout sequence counters (PostgreSQL or Redis),
-and the Redis adapters for rate limits, breaker state and the live span feed.
+"""State that replicas of one gateway share: rollout sequence counters and experiment variant
+claims (PostgreSQL or Redis), and the Redis adapters for rate limits, breaker state and the live span feed.
 
 Everything here talks to an existing engine through its well-kept client (psycopg_pool,
 redis-py, `limits`, pybreaker); nothing is kept in this process that another replica needs.
@@ -49,6 +49,22 @@ if value < floor then value = floor end
 value = value + tonumber(ARGV[1])
 redis.call('SET', KEYS[1], value, 'EX', ARGV[3])
 return value
+"""
+
+REDIS_VARIANT_PREFIX = "spangate:variant:"
+# The first claim of a key stands; every later one reads it back.
+REDIS_CLAIM_LUA = """
+local found = redis.call('GET', KEYS[1])
+if found then return found end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
+# The same in one statement: a second claim updates nothing and returns the first's variant.
+PG_CLAIM_VARIANT_SQL = """
+INSERT INTO experiment_assignments (rollout_id, experiment, variant, created_ns)
+VALUES (%(rid)s, %(experiment)s, %(variant)s, %(now)s)
+ON CONFLICT (rollout_id, experiment) DO UPDATE SET variant = experiment_assignments.variant
+RETURNING variant
 """
 
 
@@ -114,6 +130,39 @@ class RedisCounter:
         args = [count, floor, REDIS_SEQ_TTL_SECONDS, "1" if create else "0"]
         last = int(await self.script(keys=[key], args=args))
         return None if last < 0 else last
+
+
+class PostgresClaims:
+    """First-come variant claims in `experiment_assignments`, over the counter's pool."""
+
+    def __init__(self, counter: PostgresCounter) -> None:
+        self.pool = counter.pool
+
+    async def claim_variant(self, experiment: str, rollout_id: str, variant: str) -> str:
+        params = {
+            "rid": rollout_id,
+            "experiment": experiment,
+            "variant": variant,
+            "now": time.time_ns(),
+        }
+        async with self.pool.connection(timeout=COUNTER_CONNECT_TIMEOUT) as conn:
+            cursor = await conn.execute(PG_CLAIM_VARIANT_SQL, params)
+            row = await cursor.fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+class RedisClaims:
+    """First-come variant claims, one Redis key per experiment and rollout."""
+
+    def __init__(self, redis: Any) -> None:
+        self.script = redis.register_script(REDIS_CLAIM_LUA)
+
+    async def claim_variant(self, experiment: str, rollout_id: str, variant: str) -> str:
+        # The name's length first: no experiment name and rollout id run into another pair.
+        key = f"{REDIS_VARIANT_PREFIX}{len(experiment)}:{experiment}:{rollout_id}"
+        found = await self.script(keys=[key], args=[variant, REDIS_SEQ_TTL_SECONDS])
+        return found.decode() if isinstance(found, bytes) else str(found)
 
 
 def redis_client(url: str) -> Any:

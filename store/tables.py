@@ -251,6 +251,17 @@ def build_metadata(dialect: str) -> MetaData:
         Column("rollout_id", Text, primary_key=True),
         Column("seq", BigInteger, nullable=False),
     )
+    # The variant each rollout runs under an experiment that draws (Thompson), claimed by
+    # the first replica to draw it, when replicas share one PostgreSQL without Redis.
+    Table(
+        "experiment_assignments",
+        md,
+        Column("rollout_id", Text, nullable=False),
+        Column("experiment", Text, nullable=False),
+        Column("variant", Text, nullable=False),
+        Column("created_ns", BigInteger, nullable=False),
+        PrimaryKeyConstraint("rollout_id", "experiment"),
+    )
     # Budget counters replicas share on PostgreSQL without Redis: one row per rollout
     # (`attempt_id` '') holding its own budget, one per attempt; tokens and cost include
     # what calls in flight hold.

@@ -130,6 +130,20 @@ def read_spans(db_path: str | Path, **where: Any) -> list[dict[str, Any]]:
     return [decode_row(r) for r in read_rows(db_path, sql, *where.values())]
 
 
+def head_revision() -> str:
+    """The newest migration's revision: what `migrate` brings every store to."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from store.schema import MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
 def read_rows(db_path: str | Path, sql: str, *params: Any) -> list[dict[str, Any]]:
     if is_postgres(db_path):
         db = connect(db_path, read_only=True)

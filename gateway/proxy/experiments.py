@@ -3,11 +3,13 @@ the parsed body before it is forwarded, so the stored request is what went upstr
 
 `fixed` hashes experiment and rollout into the weights; `thompson` draws each new rollout's
 variant from the posterior of each variant's reward (Beta for rewards in [0, 1], Normal
-otherwise), fed by rewards as they arrive and rebuilt from the store at start.
+otherwise), fed by rewards as they arrive and rebuilt from the store at start; replicas
+agree on a rollout's draw through a first-come claim in the state they share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -21,6 +23,7 @@ import orjson
 
 from config.models import Experiment, ExperimentVariant
 from gateway.errors import GuidelineMissing, InvalidRequest
+from gateway.proxy.shared_guard import SHARED_TIMEOUT, SharedGuard
 
 if TYPE_CHECKING:
     # call.py needs the context, which holds the experiments: only a type here.
@@ -38,6 +41,9 @@ GuidelineLoader = Callable[[str, int], Awaitable[str | None]]
 # The variant a rollout already ran under an experiment (experiment name, rollout id), as
 # the store's spans say: another replica may have drawn it.
 AssignmentLookup = Callable[[str, str], Awaitable[str | None]]
+# Claims a drawn variant for (experiment name, rollout id, this replica's draw) in state every
+# replica shares; returns the variant that stands (the first claim's).
+VariantClaim = Callable[[str, str, str], Awaitable[str]]
 
 
 @dataclass(slots=True)
@@ -140,6 +146,34 @@ async def recall(state: ExperimentState, rollout_id: str, assigned: AssignmentLo
         state.remember(rollout_id, variant)
 
 
+async def claim(
+    state: ExperimentState,
+    rollout_id: str,
+    drawn: str,
+    claim_variant: VariantClaim,
+    guard: SharedGuard,
+) -> None:
+    """Remember the variant that stands for the rollout: the first replica's claim, or this
+    draw (the first claim, or the shared state did not answer)."""
+    chosen = drawn
+    if guard.may_answer():
+        try:
+            async with asyncio.timeout(SHARED_TIMEOUT):
+                claimed = await claim_variant(state.config.name, rollout_id, drawn)
+        except Exception as exc:
+            # Unclaimed, the rollout may run two variants if its calls reach two replicas
+            # at once; it is never refused for it.
+            log.warning("could not claim the variant of rollout %s (%s)", rollout_id, exc)
+            guard.failed(exc)
+        else:
+            guard.answered()
+            if claimed in state.arms:
+                chosen = claimed
+    # A call of the rollout may have drawn meanwhile; its variant stands.
+    if rollout_id not in state.units:
+        state.remember(rollout_id, chosen)
+
+
 def unit_fraction(experiment: str, unit: str) -> float:
     """A stable number in [0, 1) for this experiment and unit (the same on every replica)."""
     digest = hashlib.sha256(f"{experiment}\x00{unit}".encode()).digest()
@@ -199,12 +233,15 @@ class Experiments:
         *,
         guideline: GuidelineLoader | None = None,
         assigned: AssignmentLookup | None = None,
+        claim_variant: VariantClaim | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.by_model = {e.model: ExperimentState(e) for e in experiments}
         self.by_name = {state.config.name: state for state in self.by_model.values()}
         self.guideline = guideline
         self.assigned = assigned
+        self.claim_variant = claim_variant
+        self._claims = SharedGuard("shared-variants")
         self.rng = rng or random.Random()
         self._guidelines: dict[tuple[str, int], str] = {}
 
@@ -240,8 +277,13 @@ class Experiments:
         """The payload as the unit's variant sends it, and the span attributes saying so;
         None when the experiment is stopped. A `rollout` unit may have run on another
         replica already."""
-        if rollout and self.assigned is not None and unit not in state.units and state.draws:
-            await recall(state, unit, self.assigned)
+        if rollout and unit not in state.units and state.draws:
+            if self.assigned is not None:
+                await recall(state, unit, self.assigned)
+            if self.claim_variant is not None and unit not in state.units:
+                drawn = self.choose(state, unit)
+                if drawn is not None:
+                    await claim(state, unit, drawn, self.claim_variant, self._claims)
         name = self.choose(state, unit)
         variant = state.variant(name) if name else None
         if variant is None:

@@ -4,7 +4,6 @@ clocks; numbers keep rising across restarts and evictions (the lookup says where
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections import OrderedDict
@@ -12,13 +11,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import pybreaker
+from gateway.proxy.shared_guard import SHARED_RETRY_SECONDS, SHARED_TIMEOUT, SharedGuard
 
 DEFAULT_ATTEMPT_ID = "1"
-# A shared counter slower than this, or failing, makes calls number locally for a while, so
-# an unreachable PostgreSQL or Redis never holds a call up.
-SHARED_COUNTER_TIMEOUT = 1.0
-SHARED_COUNTER_RETRY_SECONDS = 2.0
+# A shared counter slower than this, or failing, makes calls number locally for a while.
+SHARED_COUNTER_TIMEOUT = SHARED_TIMEOUT
+SHARED_COUNTER_RETRY_SECONDS = SHARED_RETRY_SECONDS
 
 log = logging.getLogger("spangate.sequencer")
 
@@ -78,9 +76,7 @@ class Sequencer:
     ) -> None:
         self._lookup = lookup
         self._allocate = allocate
-        self._shared = pybreaker.CircuitBreaker(
-            fail_max=1, reset_timeout=SHARED_COUNTER_RETRY_SECONDS, name="shared-seq"
-        )
+        self._shared = SharedGuard("shared-seq", SHARED_COUNTER_RETRY_SECONDS)
         self._capacity = capacity
         self._cursors: OrderedDict[str, _RolloutCursor] = OrderedDict()
         self._loading: dict[str, asyncio.Future[_RolloutCursor]] = {}
@@ -159,7 +155,7 @@ class Sequencer:
         self, allocate: SeqAllocator, rollout_id: str, cursor: _RolloutCursor, count: int
     ) -> int:
         """The first of `count` numbers: from the shared counter, or locally while it fails."""
-        if not self._counter_may_answer():
+        if not self._shared.may_answer():
             return _take(cursor, count)
         try:
             async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
@@ -178,25 +174,12 @@ class Sequencer:
             # Degraded, not down: numbers stay increasing on this replica meanwhile, and the
             # shared counter resumes above them (the floor) once it answers again.
             log.warning("shared sequence counter failed (%s); numbering locally for now", exc)
-            with contextlib.suppress(Exception):
-                self._shared.call(_reraise, exc)
+            self._shared.failed(exc)
             return _take(cursor, count)
-        if self._shared.current_state != pybreaker.STATE_CLOSED:
-            self._shared.close()
+        self._shared.answered()
         cursor.shared = True
         cursor.seq = max(cursor.seq, last)
         return last - count + 1
-
-    def _counter_may_answer(self) -> bool:
-        """False while the breaker is open; once its timeout has run, the next call tries the
-        shared counter again (the breaker only leaves `open` when it is asked)."""
-        if self._shared.current_state == pybreaker.STATE_CLOSED:
-            return True
-        try:
-            self._shared.call(_nothing)
-        except pybreaker.CircuitBreakerError:
-            return False
-        return True
 
     async def next(self, rollout_id: str, attempt_id: str | None) -> tuple[int, str]:
         """The call's sequence number and attempt."""
@@ -227,11 +210,3 @@ def _take(cursor: _RolloutCursor, count: int) -> int:
     first = cursor.seq + 1
     cursor.seq += count
     return first
-
-
-def _reraise(exc: BaseException) -> None:
-    raise exc
-
-
-def _nothing() -> None:
-    return None

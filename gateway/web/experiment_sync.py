@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from sqlite_utils import Database
 
-from gateway.proxy.experiments import Experiments
+from gateway.proxy.experiments import Experiments, VariantClaim
 from gateway.web.state import GATEWAY, Gateway
 from store import experiments as stored
 from store.errors import NotFound
@@ -23,8 +23,13 @@ log = logging.getLogger("spangate.experiments")
 GuidelineReader = Callable[[Database, str, int], dict[str, Any]]
 
 
-def attach_experiments(app: web.Application, read_guideline: GuidelineReader) -> None:
-    """Give the gateway its experiments, and keep them in step while the app runs."""
+def attach_experiments(
+    app: web.Application,
+    read_guideline: GuidelineReader,
+    claim_variant: VariantClaim | None = None,
+) -> None:
+    """Give the gateway its experiments, and keep them in step while the app runs;
+    `claim_variant` is where replicas agree on each rollout's drawn variant."""
     gw = app[GATEWAY]
 
     async def guideline(agent: str, version: int) -> str | None:
@@ -37,7 +42,12 @@ def attach_experiments(app: web.Application, read_guideline: GuidelineReader) ->
     async def assigned(experiment: str, rollout_id: str) -> str | None:
         return await gw.reader.run(stored.rollout_variant, experiment, rollout_id)
 
-    gw.experiments = Experiments(gw.settings.experiments, guideline=guideline, assigned=assigned)
+    gw.experiments = Experiments(
+        gw.settings.experiments,
+        guideline=guideline,
+        assigned=assigned,
+        claim_variant=claim_variant,
+    )
     # Also with none configured: the stored ones are then marked removed.
     app.cleanup_ctx.append(_syncing)
 

@@ -1,14 +1,17 @@
 """Two replicas on one PostgreSQL store, as behind a load balancer: an attempt opened on one
 is joined by calls on the other, and a reward that reaches the other replica before the
-call's span is stored still finds the call."""
+call's span is stored still finds the call, and a Thompson experiment's rollout runs one
+variant on both."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 from pg import PostgresServer
@@ -95,3 +98,45 @@ def test_a_reward_for_a_call_no_replica_made_is_still_404(
     )
     assert posted.status_code == 404, posted.text
     assert posted.json()["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("shared_state", ["postgresql", "redis"])
+def test_a_thompson_rollout_whose_first_calls_reach_two_replicas_at_once_runs_one_variant(
+    postgres: PostgresServer,
+    make_gateway: Callable[..., GatewayThread],
+    request: pytest.FixtureRequest,
+    shared_state: str,
+) -> None:
+    """Both replicas take a rollout's first call at the same moment, before either is stored:
+    each draws its own variant, and the first claim (in PostgreSQL, or Redis) stands for both."""
+    config = {
+        "name": "split",
+        "model": "gpt-test",
+        "policy": "thompson",
+        "variants": [{"name": "control"}, {"name": "bigger-model", "model": "mock"}],
+    }
+    url = postgres.new_database()
+    overrides: dict[str, Any] = {}
+    if shared_state == "redis":
+        redis = request.getfixturevalue("redis_server")
+        redis.flush()
+        overrides["shared"] = {"redis_url": redis.url}
+    replicas = [make_gateway(db=url, experiments=[config], **overrides) for _ in range(2)]
+    rollouts = [f"r-both-{n}" for n in range(16)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for rollout in rollouts:
+            answers = list(pool.map(lambda gateway, r=rollout: _chat(gateway, r), replicas))
+            assert [answer.status_code for answer in answers] == [200, 200]
+    for gateway in replicas:
+        gateway.flush()
+    variants = {}
+    for rollout in rollouts:
+        spans = read_rows(
+            url, "select span_id, attributes from spans where rollout_id = ?", rollout
+        )
+        assert len(spans) == 2
+        ran = {orjson.loads(span["attributes"])["variant"] for span in spans}
+        assert len(ran) == 1, (rollout, ran)
+        variants[rollout] = ran.pop()
+    # Both variants were drawn: the replicas agree because of the claim, not by chance.
+    assert set(variants.values()) == {"control", "bigger-model"}

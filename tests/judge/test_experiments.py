@@ -153,6 +153,49 @@ def test_a_thompson_rollout_takes_the_variant_another_replica_drew() -> None:
     assert looked_up == [("concise-v2", "elsewhere"), ("concise-v2", "new-here")]
 
 
+def test_a_claimed_variant_stands_and_a_failing_claim_costs_only_the_agreement() -> None:
+    """The first replica's claim wins over this one's draw; while the shared state fails,
+    a rollout keeps its own draw, and the state is left alone for a while (no call waits
+    on it again)."""
+    claims: list[tuple[str, str, str]] = []
+    failing = False
+
+    async def claim_variant(experiment_name: str, rollout_id: str, drawn: str) -> str:
+        claims.append((experiment_name, rollout_id, drawn))
+        if failing:
+            raise ConnectionError("redis is away")
+        return "guideline-v3" if rollout_id == "claimed-elsewhere" else drawn
+
+    experiments = Experiments(
+        [experiment("thompson")], claim_variant=claim_variant, rng=random.Random(1)
+    )
+    state = experiments.by_name["concise-v2"]
+
+    async def variant_of(unit: str) -> str:
+        applied = await experiments.apply(state, unit, PAYLOAD, "chat", rollout=True)
+        assert applied is not None
+        return str(applied[1]["variant"])
+
+    async def calls() -> None:
+        nonlocal failing
+        assert {await variant_of("claimed-elsewhere") for _ in range(10)} == {"guideline-v3"}
+        first = await variant_of("first-here")
+        assert claims[-1] == ("concise-v2", "first-here", first)
+        failing = True
+        own = await variant_of("while-away")
+        assert {await variant_of("while-away") for _ in range(5)} == {own}
+        await variant_of("also-while-away")
+
+    asyncio.run(calls())
+    # One claim per rollout on its first call; the failed one opened the breaker, so the
+    # next new rollout did not ask.
+    assert [rollout for _, rollout, _ in claims] == [
+        "claimed-elsewhere",
+        "first-here",
+        "while-away",
+    ]
+
+
 def test_a_reward_for_a_rollout_assigned_elsewhere_counts_once_its_variant_is_learnt() -> None:
     experiments = Experiments([experiment("thompson")])
     state = experiments.by_name["concise-v2"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import read_rows
+from servers import head_revision, read_rows
 
 from store.backend import is_postgres, libpq_url
 from store.schema import MIGRATIONS_DIR, migrate
@@ -58,4 +58,4 @@ def test_migration_0007_adds_the_owner_and_heartbeat_of_judge_runs(db_path: Any)
     [run] = read_rows(db_path, "select id, status, owner, heartbeat_ns from judge_runs")
     assert run == {"id": "jr-old", "status": "running", "owner": None, "heartbeat_ns": None}
     [version] = read_rows(db_path, "select version_num from alembic_version")
-    assert version["version_num"] == "0007_judge_run_owner"
+    assert version["version_num"] == head_revision()

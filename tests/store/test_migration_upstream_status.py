@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import read_rows
+from servers import head_revision, read_rows
 
 from store.backend import is_postgres, libpq_url
 from store.schema import MIGRATIONS_DIR, migrate
@@ -51,23 +51,12 @@ def _store_before_0005(target: Any) -> None:
         engine.dispose()
 
 
-def _head() -> str:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    head = ScriptDirectory.from_config(config).get_current_head()
-    assert head is not None
-    return head
-
-
 def test_migration_0005_adds_upstream_status_to_an_older_store(db_path: Any) -> None:
     _store_before_0005(db_path)
     migrate(db_path)
     [span] = read_rows(db_path, "select span_id, http_status, upstream_status from spans")
     assert span == {"span_id": "s1", "http_status": 200, "upstream_status": None}
     [version] = read_rows(db_path, "select version_num from alembic_version")
-    assert version["version_num"] == _head()
+    assert version["version_num"] == head_revision()
     # Running it again changes nothing.
     migrate(db_path)
