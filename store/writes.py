@@ -56,6 +56,19 @@ def get_rollout_row(db: Database, rollout_id: str) -> dict[str, Any]:
     return row
 
 
+def _locked_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
+    """The rollout's row, locked on PostgreSQL until the transaction ends. Its end and the
+    rewards given around it lock it first, so whichever replica writes them, each is stamped
+    after what committed before it: a reward is at or before the end (`created_ns <=
+    ended_ns`) exactly when it committed before the end, and the OTLP root span, read once
+    the end is stored, carries exactly those."""
+    lock = " for update" if dialect_of(db) == "postgresql" else ""
+    row = _one(db, f"select * from rollouts where id = :id{lock}", {"id": rollout_id})
+    if row is None:
+        raise NotFound(f"rollout {rollout_id!r} not found")
+    return row
+
+
 def get_attempt_row(db: Database, rollout_id: str, attempt_id: str) -> dict[str, Any]:
     row = _one(
         db,
@@ -184,7 +197,7 @@ def update_rollout(
     budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Change status (running → a terminal state, which is final), metadata, tags or budget."""
-    row = get_rollout_row(db, rollout_id)
+    row = _locked_rollout(db, rollout_id)
     now = time.time_ns()
     if status is not None and status != row["status"]:
         if row["status"] in TERMINAL_STATUSES:
@@ -195,6 +208,9 @@ def update_rollout(
         if status == "running":
             raise InvalidTransition(f"rollout {rollout_id!r} is already running")
     new_status = status or row["status"]
+    if new_status in TERMINAL_STATUSES and row["ended_ns"] is None:
+        # Not before a reward already given, whichever replica's clock stamped it.
+        now = max(now, _last_rollout_reward_ns(db, rollout_id))
     ended = now if new_status in TERMINAL_STATUSES else None
     tags = tags if tags is not None else row.get("tags")
     _update_rollout(db, row, now, metadata, tags, budget, status=new_status, ended=ended)
@@ -210,15 +226,22 @@ def update_rollout(
     return get_rollout_row(db, rollout_id)
 
 
+def _last_rollout_reward_ns(db: Database, rollout_id: str) -> int:
+    """When the rollout's newest reward of its own or an attempt's was given (0: none)."""
+    found = db.execute(
+        "select max(created_ns) from rewards where rollout_id = :id and span_id is null",
+        {"id": rollout_id},
+    ).fetchone()[0]
+    return int(found or 0)
+
+
 def create_attempt(
     db: Database, rollout_id: str, *, attempt_id: str | None = None
 ) -> dict[str, Any]:
     """The next attempt of a rollout; its id defaults to its number."""
-    if dialect_of(db) == "postgresql":
-        # The rollout's row, locked as a replica's span batch locks it before numbering the
-        # attempts it creates: two new attempts never take one number.
-        db.execute("select id from rollouts where id = :id for update", {"id": rollout_id})
-    rollout = get_rollout_row(db, rollout_id)
+    # Locked as a replica's span batch locks it before numbering the attempts it creates:
+    # two new attempts never take one number.
+    rollout = _locked_rollout(db, rollout_id)
     if rollout["status"] in TERMINAL_STATUSES:
         raise InvalidTransition(f"rollout {rollout_id!r} is {rollout['status']}; no new attempts")
     number = db.execute(
@@ -331,6 +354,12 @@ def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bo
                 raise Conflict(f"reward {reward_id!r} already exists with a different body")
             return stored, False
     reward_id = reward_id or f"rw-{uuid.uuid4().hex[:16]}"
+    created_ns = time.time_ns()
+    if row["rollout_id"] and not row["span_id"]:
+        rollout = _locked_rollout(db, row["rollout_id"])
+        if rollout["ended_ns"] is not None:
+            # Given after the end, whichever replica's clock stamps it.
+            created_ns = max(created_ns, int(rollout["ended_ns"]) + 1)
     db.execute(
         """
         insert into rewards (id, rollout_id, attempt_id, span_id, name, value, dimensions,
@@ -345,7 +374,7 @@ def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bo
             "details": _json(row["details"], "{}"),
             "tags": _json(row["tags"], "[]"),
             "final": int(row["final"]),
-            "created_ns": time.time_ns(),
+            "created_ns": created_ns,
         },
     )
     stored = _one(db, "select * from rewards where id = :id", {"id": reward_id})

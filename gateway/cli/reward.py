@@ -157,7 +157,8 @@ def reward(
 
 def _write_reward(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The reward written straight into the store, beside a running gateway."""
+    from store.backend import atomic
     from store.writes import add_reward
 
-    with write_db(path) as conn:
+    with write_db(path) as conn, atomic(conn):
         return add_reward(conn, body)
