@@ -719,6 +719,48 @@ def write_results(
     print(f"wrote {out_dir / (name + '.csv')}, {name}.md and {name}.json")
 
 
+# Two processes pinned to cores `a` and `b` bounce a byte over a socket pair, both idle for
+# `gap` seconds between bounces (as a gateway's core idles while the upstream thinks).
+_WAKE_PROBE = """
+import os, socket, statistics, sys, time
+a, b, rounds, gap = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+left, right = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    os.sched_setaffinity(0, {b})
+    left.close()
+    while data := right.recv(1):
+        right.send(data)
+    os._exit(0)
+os.sched_setaffinity(0, {a})
+right.close()
+times = []
+for _ in range(rounds):
+    time.sleep(gap)
+    start = time.perf_counter_ns()
+    left.send(b"x")
+    left.recv(1)
+    times.append(time.perf_counter_ns() - start)
+left.close()
+os.waitpid(pid, 0)
+print(statistics.median(times) / 1000)
+"""
+
+
+def wake_round_trip_us(a: int, b: int, gap: float, rounds: int = 150) -> float | None:
+    """Median µs of a round trip between processes on cores `a` and `b` that idle `gap` s
+    between trips: across cores it wakes an idle core each way, which on a VM can cost far
+    more than the work of a hop (None where affinity cannot be set)."""
+    if not hasattr(os, "sched_setaffinity") or max(a, b) >= (os.cpu_count() or 1):
+        return None
+    probe = [sys.executable, "-c", _WAKE_PROBE, str(a), str(b), str(rounds), str(gap)]
+    done = subprocess.run(probe, capture_output=True, text=True, timeout=60, check=False)
+    try:
+        return float(done.stdout.strip())
+    except ValueError:
+        return None
+
+
 def settle(busy_threshold: float, max_wait: float) -> float:
     """Wait (bounded) for a quiet machine; the busy share last seen (0..1)."""
     if max_wait <= 0:

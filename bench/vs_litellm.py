@@ -65,6 +65,7 @@ from _common import (
     rotated,
     run_niced,
     settle,
+    wake_round_trip_us,
     write_results,
 )
 from overhead import (
@@ -85,6 +86,7 @@ from overhead import (
     preflight,
     process_cpu_s,
     run_load,
+    span_overhead_p50,
     spawn_options,
     start_gateway,
     start_provider,
@@ -326,6 +328,7 @@ class Run:
     others_cpu_s: float = 0.0  # the other gateway, idle on the same core, meanwhile
     spans_after_flush: int | None = None  # spangate only
     spans_after_stop: int | None = None
+    own_p50_ms: float | None = None  # spangate only: its spans' overhead_ms, median
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -431,10 +434,17 @@ class Outcome:
     litellm: LiteLLM
     spangate_start_s: float
     load_before: str
+    # Median µs of a round trip between idle processes: on one core, and across the two.
+    wake_us: tuple[float | None, float | None] = (None, None)
 
 
 def run(opts: Options) -> Outcome:
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    # Idle as long as the gateway's core is while the fake provider thinks.
+    wake_us = (
+        wake_round_trip_us(int(GATEWAY_CPU), int(GATEWAY_CPU), opts.load.latency),
+        wake_round_trip_us(int(GATEWAY_CPU), int(LOADGEN_CPU), opts.load.latency),
+    )
     runs: list[Run] = []
     with (
         tempfile.TemporaryDirectory(prefix="spangate-vs-litellm-") as tmp_name,
@@ -475,6 +485,7 @@ def run(opts: Options) -> Outcome:
                         # not run during it.
                         rollout = f"bench-{concurrency}"
                         result.spans_after_flush = wait_flushed(gw, rollout, result.load.sent)
+                        result.own_p50_ms = span_overhead_p50(gw.db, rollout)
                     runs.append(result)
             ours = [provider.pid, *(p for t in targets for p in t.pids())]
             ttft, ttft_busy = measure_ttft(opts, targets, ours)
@@ -495,6 +506,7 @@ def run(opts: Options) -> Outcome:
             litellm,
             spangate_start_s,
             load_before,
+            wake_us,
         )
 
 
@@ -659,6 +671,50 @@ def floor_rows(summaries: list[Summary]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+SPLIT_HEADER = [
+    "target",
+    "added p50 at c1, ms",
+    "its own time, p50 ms",
+    "the rest: hops between processes, ms",
+]
+
+
+def split_rows(outcome: Outcome, summaries: list[Summary]) -> list[list[str]]:
+    """spangate's added latency at concurrency 1, split into what it spends on a call (its
+    spans say) and what the two extra loopback hops cost."""
+    by = {s.target: s for s in summaries}
+    own = next(
+        (r.own_p50_ms for r in outcome.runs if r.target == SPANGATE and r.concurrency == 1), None
+    )
+    added = by[SPANGATE].added_p50_ms
+    rest = None if added is None or own is None else added - own
+    rows = [[SPANGATE, fmt(added, "+.2f"), fmt(own, ".2f"), fmt(rest, "+.2f")]]
+    floor = by.get(FLOOR)
+    if floor is not None:
+        rows.append([FLOOR, fmt(floor.added_p50_ms, "+.2f"), "-", "-"])
+    return rows
+
+
+def split_note(outcome: Outcome, latency: float) -> str:
+    same, cross = outcome.wake_us
+    probe = (
+        "not measured here"
+        if same is None or cross is None
+        else f"{same:.0f} µs between two processes on one core, {cross:.0f} µs across the two "
+        f"cores (median of 150, each after {latency * 1000:g} ms idle, as long as the "
+        "provider's latency; bench/_common.py `wake_round_trip_us`)"
+    )
+    return (
+        "*Its own time* is the median `overhead_ms` of spangate's spans in the c1 run: parsing "
+        "to forwarding, and the upstream's answer to the client's, without the upstream. The "
+        "rest is what a proxy's two extra connections cost: the client's request and answer "
+        "cross from the load generator's core to the gateway's and back, and so does the "
+        "upstream call. At concurrency 1 the gateway's core sleeps while the provider thinks, "
+        "and its answer must wake it: on a VM that wake is the larger part of the rest. A "
+        f"round trip that wakes an idle core took {probe} at the start of this run."
+    )
 
 
 def checks(s: Summary) -> list[TargetCheck]:
@@ -828,6 +884,9 @@ def report(opts: Options, outcome: Outcome, busy_before: float) -> None:
             "spangate start-up": f"{outcome.spangate_start_s:.1f} s to /health/ready",
             "spangate": "`spangate serve` recording into SQLite (bench/overhead.py's config)",
             "spangate exit code": str(outcome.gateway_rc),
+            "idle-core round trip at the start (one core / across cores)": " / ".join(
+                "-" if us is None else f"{us:.0f} µs" for us in outcome.wake_us
+            ),
         },
     )
     run_notes = [f"{r.target} c={r.concurrency}: {r.note}" for r in outcome.runs if r.note]
@@ -847,6 +906,7 @@ def report(opts: Options, outcome: Outcome, busy_before: float) -> None:
                 "foreign_share": round(r.busy.foreign_share, 4),
                 "spans_after_flush": r.spans_after_flush,
                 "spans_after_stop": r.spans_after_stop,
+                "own_p50_ms": r.own_p50_ms,
                 "note": r.note,
             }
         )
@@ -888,6 +948,12 @@ def report(opts: Options, outcome: Outcome, busy_before: float) -> None:
                 "ClientSession, no parsing, no recording. Its own added latency is what an "
                 "aiohttp server in front of an aiohttp client costs on this machine; these "
                 "columns are what each gateway adds beyond it.",
+            ),
+            Section(
+                "Where the added latency goes at concurrency 1",
+                SPLIT_HEADER,
+                split_rows(outcome, summaries),
+                split_note(outcome, opts.load.latency),
             ),
             Section(
                 "Every wrk run",
