@@ -677,7 +677,7 @@ SPLIT_HEADER = [
     "target",
     "added p50 at c1, ms",
     "its own time, p50 ms",
-    "the rest: hops between processes, ms",
+    "the rest: hops between processes and what overhead_ms does not time, ms",
 ]
 
 
@@ -708,8 +708,9 @@ def split_note(outcome: Outcome, latency: float) -> str:
     )
     return (
         "*Its own time* is the median `overhead_ms` of spangate's spans in the c1 run: parsing "
-        "to forwarding, and the upstream's answer to the client's, without the upstream. The "
-        "rest is what a proxy's two extra connections cost: the client's request and answer "
+        "to forwarding, and the upstream's answer to the client's, without the upstream (the "
+        "HTTP read before its clock starts, and the loop's turns, are in the rest). The "
+        "rest is mostly what a proxy's two extra connections cost: the client's request and answer "
         "cross from the load generator's core to the gateway's and back, and so does the "
         "upstream call. At concurrency 1 the gateway's core sleeps while the provider thinks, "
         "and its answer must wake it: on a VM that wake is the larger part of the rest. A "

@@ -55,7 +55,7 @@ class SharedCounters:
         elif is_postgres(db):
             self.postgres = PostgresCounter(str(db))
             self.counter = self.postgres
-            self.claims = PostgresClaims(self.postgres)
+            self.claims = PostgresClaims(str(db))
 
     def router_options(self) -> dict[str, Any]:
         """What the Router's guards share: rpm/tpm budgets and breaker state (Redis only)."""
@@ -75,6 +75,8 @@ class SharedCounters:
         """A `cleanup_ctx`: connections open at start, close at stop."""
         if self.postgres is not None:
             await self.postgres.open()
+        if isinstance(self.claims, PostgresClaims):
+            await self.claims.open()
         listener = None
         if is_postgres(self.db):
             listener = asyncio.create_task(listen(str(self.db), _handlers(app)))
@@ -85,6 +87,8 @@ class SharedCounters:
                 await listener
         if self.postgres is not None:
             await self.postgres.close()
+        if isinstance(self.claims, PostgresClaims):
+            await self.claims.close()
         if self.redis is not None:
             await self.redis.aclose()
         if self.rate_limits is not None:

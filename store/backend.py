@@ -211,12 +211,17 @@ class PgDatabase:
 
 @contextlib.contextmanager
 def atomic(db: Any) -> Iterator[None]:
-    """One transaction on either backend (SQLite takes the write lock at once)."""
+    """One transaction on either backend (SQLite takes the write lock at once); inside one
+    already open, a savepoint, so a failure undoes only this block's work."""
     if dialect_of(db) == "postgresql":
         with db.conn.transaction():
             yield
         return
     conn = db.conn
+    if conn.in_transaction:
+        with _savepoint(conn):
+            yield
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -225,3 +230,15 @@ def atomic(db: Any) -> Iterator[None]:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _savepoint(conn: Any) -> Iterator[None]:
+    conn.execute("SAVEPOINT spangate_atomic")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK TO spangate_atomic")
+        conn.execute("RELEASE spangate_atomic")
+        raise
+    conn.execute("RELEASE spangate_atomic")

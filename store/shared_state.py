@@ -82,21 +82,33 @@ def autocommit_pool(url: str, size: int, name: str) -> Any:
     )
 
 
-class PostgresCounter:
-    """Sequence numbers from the `rollout_counters` row of each rollout (UPDATE ... RETURNING
-    through an upsert), over a small pool of connections of their own."""
+class _OwnPool:
+    """A small pool of autocommit connections kept for one purpose, opened and closed with
+    the app."""
 
-    def __init__(self, url: str, *, size: int = COUNTER_POOL_SIZE) -> None:
+    def __init__(self, url: str, size: int, name: str, purpose: str) -> None:
         self.url = url
-        self.pool = autocommit_pool(url, size, "spangate-seq")
+        self.purpose = purpose
+        self.pool = autocommit_pool(url, size, name)
 
     async def open(self) -> None:
         try:
             await self.pool.open(wait=True, timeout=10)
         except Exception as exc:
             raise StoreUnavailable(
-                f"cannot open {mask_url(self.url)} for sequence numbers: {exc}"
+                f"cannot open {mask_url(self.url)} for {self.purpose}: {exc}"
             ) from None
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class PostgresCounter(_OwnPool):
+    """Sequence numbers from the `rollout_counters` row of each rollout (UPDATE ... RETURNING
+    through an upsert), over a small pool of connections of their own."""
+
+    def __init__(self, url: str, *, size: int = COUNTER_POOL_SIZE) -> None:
+        super().__init__(url, size, "spangate-seq", "sequence numbers")
 
     async def allocate(
         self, rollout_id: str, count: int, floor: int = 0, *, create: bool = True
@@ -109,9 +121,6 @@ class PostgresCounter:
             row = await cursor.fetchone()
         assert row is not None
         return int(row[0])
-
-    async def close(self) -> None:
-        await self.pool.close()
 
 
 class RedisCounter:
@@ -132,11 +141,15 @@ class RedisCounter:
         return None if last < 0 else last
 
 
-class PostgresClaims:
-    """First-come variant claims in `experiment_assignments`, over the counter's pool."""
+CLAIM_POOL_SIZE = 2
 
-    def __init__(self, counter: PostgresCounter) -> None:
-        self.pool = counter.pool
+
+class PostgresClaims(_OwnPool):
+    """First-come variant claims in `experiment_assignments`, over a small pool of their own
+    (a burst of new rollouts never takes connections sequence numbers wait for)."""
+
+    def __init__(self, url: str, *, size: int = CLAIM_POOL_SIZE) -> None:
+        super().__init__(url, size, "spangate-claims", "experiment claims")
 
     async def claim_variant(self, experiment: str, rollout_id: str, variant: str) -> str:
         params = {

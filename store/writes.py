@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from sqlite_utils import Database
 
-from store.backend import dialect_of, json_table
+from store.backend import atomic, dialect_of, json_table
 from store.errors import Conflict, InvalidTransition, NotFound
 from store.queries import decode_row
 from store.schema import TERMINAL_STATUSES
@@ -56,13 +56,17 @@ def get_rollout_row(db: Database, rollout_id: str) -> dict[str, Any]:
     return row
 
 
-def _locked_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
+def _locked_rollout(db: Database, rollout_id: str, *, shared: bool = False) -> dict[str, Any]:
     """The rollout's row, locked on PostgreSQL until the transaction ends. Its end and the
     rewards given around it lock it first, so whichever replica writes them, each is stamped
     after what committed before it: a reward is at or before the end (`created_ns <=
     ended_ns`) exactly when it committed before the end, and the OTLP root span, read once
-    the end is stored, carries exactly those."""
-    lock = " for update" if dialect_of(db) == "postgresql" else ""
+    the end is stored, carries exactly those. A `shared` lock (a reward's) waits only for an
+    end: not for other rewards, nor for a span batch of the rollout (which takes the row
+    for a no-key update)."""
+    lock = ""
+    if dialect_of(db) == "postgresql":
+        lock = " for key share" if shared else " for update"
     row = _one(db, f"select * from rollouts where id = :id{lock}", {"id": rollout_id})
     if row is None:
         raise NotFound(f"rollout {rollout_id!r} not found")
@@ -197,33 +201,35 @@ def update_rollout(
     budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Change status (running → a terminal state, which is final), metadata, tags or budget."""
-    row = _locked_rollout(db, rollout_id)
-    now = time.time_ns()
-    if status is not None and status != row["status"]:
-        if row["status"] in TERMINAL_STATUSES:
-            raise InvalidTransition(
-                f"rollout {rollout_id!r} is {row['status']}, a final status; "
-                f"it cannot become {status}"
+    # One transaction: the newest reward is read, and the end stamped, with nothing between.
+    with atomic(db):
+        row = _locked_rollout(db, rollout_id)
+        now = time.time_ns()
+        if status is not None and status != row["status"]:
+            if row["status"] in TERMINAL_STATUSES:
+                raise InvalidTransition(
+                    f"rollout {rollout_id!r} is {row['status']}, a final status; "
+                    f"it cannot become {status}"
+                )
+            if status == "running":
+                raise InvalidTransition(f"rollout {rollout_id!r} is already running")
+        new_status = status or row["status"]
+        if new_status in TERMINAL_STATUSES and row["ended_ns"] is None:
+            # Not before a reward already given, whichever replica's clock stamped it.
+            now = max(now, _last_rollout_reward_ns(db, rollout_id))
+        ended = now if new_status in TERMINAL_STATUSES else None
+        tags = tags if tags is not None else row.get("tags")
+        _update_rollout(db, row, now, metadata, tags, budget, status=new_status, ended=ended)
+        if new_status in TERMINAL_STATUSES:
+            # Attempts still running end with their rollout.
+            db.execute(
+                """
+                update attempts set status = :status, ended_ns = :now, updated_ns = :now
+                where rollout_id = :id and status = 'running'
+                """,
+                {"id": rollout_id, "status": new_status, "now": now},
             )
-        if status == "running":
-            raise InvalidTransition(f"rollout {rollout_id!r} is already running")
-    new_status = status or row["status"]
-    if new_status in TERMINAL_STATUSES and row["ended_ns"] is None:
-        # Not before a reward already given, whichever replica's clock stamped it.
-        now = max(now, _last_rollout_reward_ns(db, rollout_id))
-    ended = now if new_status in TERMINAL_STATUSES else None
-    tags = tags if tags is not None else row.get("tags")
-    _update_rollout(db, row, now, metadata, tags, budget, status=new_status, ended=ended)
-    if new_status in TERMINAL_STATUSES:
-        # Attempts still running end with their rollout.
-        db.execute(
-            """
-            update attempts set status = :status, ended_ns = :now, updated_ns = :now
-            where rollout_id = :id and status = 'running'
-            """,
-            {"id": rollout_id, "status": new_status, "now": now},
-        )
-    return get_rollout_row(db, rollout_id)
+        return get_rollout_row(db, rollout_id)
 
 
 def _last_rollout_reward_ns(db: Database, rollout_id: str) -> int:
@@ -334,6 +340,12 @@ def _resolve_target(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
 
 def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Store a reward; a client-given id makes it idempotent. `(row, created)`."""
+    # One transaction: the rollout's end is read, and the reward stamped, with nothing between.
+    with atomic(db):
+        return _add_reward(db, reward)
+
+
+def _add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     row: dict[str, Any] = {**_resolve_target(db, reward)}
     row.update(
         name=reward.get("name") or "reward",
@@ -347,25 +359,25 @@ def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bo
     )
     reward_id = reward.get("id")
     if reward_id:
-        stored = _one(db, "select * from rewards where id = :id", {"id": reward_id})
-        if stored is not None:
-            stored["final"] = bool(stored["final"])
-            if any(stored.get(k) != row.get(k) for k in REWARD_FIELDS):
-                raise Conflict(f"reward {reward_id!r} already exists with a different body")
-            return stored, False
+        repeated = _repeated_reward(db, reward_id, row)
+        if repeated is not None:
+            return repeated, False
     reward_id = reward_id or f"rw-{uuid.uuid4().hex[:16]}"
     created_ns = time.time_ns()
     if row["rollout_id"] and not row["span_id"]:
-        rollout = _locked_rollout(db, row["rollout_id"])
+        rollout = _locked_rollout(db, row["rollout_id"], shared=True)
         if rollout["ended_ns"] is not None:
             # Given after the end, whichever replica's clock stamps it.
             created_ns = max(created_ns, int(rollout["ended_ns"]) + 1)
-    db.execute(
+    # Two replicas taking one client-given id at once: the second inserts nothing, and
+    # answers as a repeat (or a conflict) of the first.
+    inserted = db.execute(
         """
         insert into rewards (id, rollout_id, attempt_id, span_id, name, value, dimensions,
                              final, source, comment, details, tags, created_ns)
         values (:id, :rollout_id, :attempt_id, :span_id, :name, :value, :dimensions,
                 :final, :source, :comment, :details, :tags, :created_ns)
+        on conflict (id) do nothing
         """,
         {
             **row,
@@ -376,11 +388,26 @@ def add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], bo
             "final": int(row["final"]),
             "created_ns": created_ns,
         },
-    )
+    ).rowcount
+    if not inserted:
+        repeated = _repeated_reward(db, reward_id, row)
+        assert repeated is not None
+        return repeated, False
     stored = _one(db, "select * from rewards where id = :id", {"id": reward_id})
     assert stored is not None
     stored["final"] = bool(stored["final"])
     return stored, True
+
+
+def _repeated_reward(db: Database, reward_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored reward under `reward_id` if `row` repeats it; Conflict if it differs."""
+    stored = _one(db, "select * from rewards where id = :id", {"id": reward_id})
+    if stored is None:
+        return None
+    stored["final"] = bool(stored["final"])
+    if any(stored.get(k) != row.get(k) for k in REWARD_FIELDS):
+        raise Conflict(f"reward {reward_id!r} already exists with a different body")
+    return stored
 
 
 def replace_reward(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
@@ -389,12 +416,14 @@ def replace_reward(db: Database, reward: dict[str, Any]) -> dict[str, Any]:
     Only a reward of the same rollout is replaced: one of another rollout under this id is
     not this reward's to remove, and adding then raises `Conflict`.
     """
-    if reward.get("id"):
-        db.execute(
-            "delete from rewards where id = :id and rollout_id is not distinct from :rollout_id",
-            {"id": reward["id"], "rollout_id": reward.get("rollout_id")},
-        )
-    return add_reward(db, reward)[0]
+    with atomic(db):
+        if reward.get("id"):
+            db.execute(
+                "delete from rewards where id = :id"
+                " and rollout_id is not distinct from :rollout_id",
+                {"id": reward["id"], "rollout_id": reward.get("rollout_id")},
+            )
+        return _add_reward(db, reward)[0]
 
 
 def save_judge_run(db: Database, run: dict[str, Any]) -> None:

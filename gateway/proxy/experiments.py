@@ -169,6 +169,15 @@ async def claim(
             guard.answered()
             if claimed in state.arms:
                 chosen = claimed
+            else:
+                # Another replica runs another config of the experiment (a rollout of the
+                # config in progress): this replica's draw stands here.
+                log.warning(
+                    "rollout %s was claimed for variant %r, which experiment %s here lacks",
+                    rollout_id,
+                    claimed,
+                    state.config.name,
+                )
     # A call of the rollout may have drawn meanwhile; its variant stands.
     if rollout_id not in state.units:
         state.remember(rollout_id, chosen)

@@ -68,6 +68,12 @@ def _build(target: Any) -> None:
                 "insert into budget_usage (rollout_id, attempt_id) values (:r, ''), (:r, '1')",
                 {"r": rollout},
             )
+            # A Thompson experiment's claimed variant (replicas on PostgreSQL): the same.
+            db.execute(
+                "insert into experiment_assignments (rollout_id, experiment, variant, created_ns)"
+                " values (:r, 'split', 'control', :at)",
+                {"r": rollout, "at": old},
+            )
     finally:
         db.close()
 
@@ -91,6 +97,7 @@ def test_prune_dry_run_counts_and_prune_removes_only_old_ended_rollouts(db_path:
     assert _ids(db_path, "rollouts") == ["r-new", "r-running"]
     assert _ids(db_path, "rewards") == []
     assert _ids(db_path, "budget_usage", "rollout_id") == ["r-running", "r-running"]
+    assert _ids(db_path, "experiment_assignments", "rollout_id") == ["r-running"]
 
 
 def test_retention_days_prunes_in_the_background(db_path: Any, make_gateway: Any) -> None:

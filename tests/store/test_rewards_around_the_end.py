@@ -17,6 +17,7 @@ from pg import PostgresServer
 from gateway.exporters.otlp import rollout_ends, rollout_rewards
 from store import writes
 from store.backend import atomic, libpq_url
+from store.errors import Conflict
 from store.schema import connect
 
 pytestmark = pytest.mark.both_backends
@@ -94,6 +95,36 @@ def test_a_reward_and_an_end_written_at_once_on_two_connections_keep_their_commi
     assert ended["ended_ns"] >= given["created_ns"]
     assert [r["id"] for r in rollout_rewards(db, "r1", ended["ended_ns"])] == ["rw-at-once"]
     assert rollout_ends(db, ["r1"]) == {"r1": ended["ended_ns"]}
+    db.close()
+    other.close()
+
+
+def test_one_reward_id_posted_to_two_replicas_at_once_is_stored_once(
+    postgres: PostgresServer,
+) -> None:
+    """A client retrying a reward with its id, the two tries reaching two replicas at once:
+    the second waits for the first and answers as its repeat (not a unique-key error)."""
+    url = postgres.new_database()
+    db, other = connect(url), connect(url)
+    with atomic(db):
+        writes.create_rollout(db, rollout_id="r1")
+    body = {"rollout_id": "r1", "value": 1.0, "id": "rw-retried"}
+    second: list[tuple[dict[str, Any], bool]] = []
+    with atomic(db):
+        first, created = writes.add_reward(db, body)
+        assert created
+        retry = threading.Thread(target=lambda: second.append(writes.add_reward(other, body)))
+        retry.start()
+        _wait_for_lock_wait(url)
+    retry.join(timeout=10)
+    [(again, created_again)] = second
+    assert (again["id"], again["created_ns"], created_again) == (
+        "rw-retried",
+        first["created_ns"],
+        False,
+    )
+    with pytest.raises(Conflict):
+        writes.add_reward(other, {**body, "value": 0.5})
     db.close()
     other.close()
 
