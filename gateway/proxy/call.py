@@ -161,7 +161,9 @@ class Call:
             status=CANCELLED, http_status=499, error_type="client_closed", error_message=message
         )
 
-    def publish(self, response_body: Any = None) -> None:
+    def publish(self, response_body: Any = None, *, redacted: bool = False) -> None:
+        """Build the call's span and hand it on; `redacted`: the body was redacted already
+        (the answer the client got)."""
         if self.published:
             return
         self.published = True
@@ -188,7 +190,7 @@ class Call:
             request_body = self._stored("request_body", self.redact(sent), limit, attributes)
             response_body = self._stored(
                 "response_body",
-                self.redact(response_body),
+                response_body if redacted else self.redact(response_body),
                 limit,
                 attributes,
                 self.stream_bytes or None,

@@ -88,7 +88,8 @@ async def _answer_plain(call: Call, outcome: Outcome) -> Plain:
     else:
         kind, message = error_fields(outcome.parsed)
         call.fail(response.status, kind or f"http_{response.status}", message)
-    call.publish(binary or body)
+    # The body the client gets is redacted already; a binary one is described, not kept.
+    call.publish(binary or body, redacted=True)
     await call.record_executed_tools()
     return Plain(response.status, {**response.headers, **call.headers()}, body)
 
