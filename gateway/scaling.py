@@ -45,17 +45,19 @@ class SharedCounters:
         self.claims: RedisClaims | PostgresClaims | None = None
         self.rate_limits: RedisRateLimits | None = None
         self.breaker_storage: Callable[[str], Any] | None = None
+        # Only an experiment that draws needs replicas to agree on a draw.
+        draws = any(e.policy == "thompson" for e in settings.experiments)
         if settings.shared.redis_url:
             url = settings.shared.redis_url
             self.redis = redis_client(url)
             self.counter = RedisCounter(self.redis)
-            self.claims = RedisClaims(self.redis)
+            self.claims = RedisClaims(self.redis) if draws else None
             self.rate_limits = RedisRateLimits(url)
             self.breaker_storage = redis_breaker_storage(url)
         elif is_postgres(db):
             self.postgres = PostgresCounter(str(db))
             self.counter = self.postgres
-            self.claims = PostgresClaims(str(db))
+            self.claims = PostgresClaims(str(db)) if draws else None
 
     def router_options(self) -> dict[str, Any]:
         """What the Router's guards share: rpm/tpm budgets and breaker state (Redis only)."""

@@ -1,5 +1,6 @@
 """State that replicas of one gateway share: rollout sequence counters and experiment variant
-claims (PostgreSQL or Redis), and the Redis adapters for rate limits, breaker state and the live span feed.
+claims (PostgreSQL or Redis), and the Redis adapters for rate limits, breaker state and the
+live span feed.
 
 Everything here talks to an existing engine through its well-kept client (psycopg_pool,
 redis-py, `limits`, pybreaker); nothing is kept in this process that another replica needs.
