@@ -40,7 +40,8 @@ class SharedCounters:
     def __init__(self, settings: Settings, db: str | Path) -> None:
         self.db = db
         self.redis: Any = None
-        self.postgres: PostgresCounter | None = None
+        # PostgreSQL pools of this replica's own (sequence numbers, claims).
+        self.pools: list[PostgresCounter | PostgresClaims] = []
         self.counter: RedisCounter | PostgresCounter | None = None
         self.claims: RedisClaims | PostgresClaims | None = None
         self.rate_limits: RedisRateLimits | None = None
@@ -55,9 +56,9 @@ class SharedCounters:
             self.rate_limits = RedisRateLimits(url)
             self.breaker_storage = redis_breaker_storage(url)
         elif is_postgres(db):
-            self.postgres = PostgresCounter(str(db))
-            self.counter = self.postgres
+            self.counter = PostgresCounter(str(db))
             self.claims = PostgresClaims(str(db)) if draws else None
+            self.pools = [pool for pool in (self.counter, self.claims) if pool is not None]
 
     def router_options(self) -> dict[str, Any]:
         """What the Router's guards share: rpm/tpm budgets and breaker state (Redis only)."""
@@ -75,10 +76,8 @@ class SharedCounters:
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """A `cleanup_ctx`: connections open at start, close at stop."""
-        if self.postgres is not None:
-            await self.postgres.open()
-        if isinstance(self.claims, PostgresClaims):
-            await self.claims.open()
+        for pool in self.pools:
+            await pool.open()
         listener = None
         if is_postgres(self.db):
             listener = asyncio.create_task(listen(str(self.db), _handlers(app)))
@@ -87,10 +86,8 @@ class SharedCounters:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-        if self.postgres is not None:
-            await self.postgres.close()
-        if isinstance(self.claims, PostgresClaims):
-            await self.claims.close()
+        for pool in self.pools:
+            await pool.close()
         if self.redis is not None:
             await self.redis.aclose()
         if self.rate_limits is not None:

@@ -357,20 +357,15 @@ def _add_reward(db: Database, reward: dict[str, Any]) -> tuple[dict[str, Any], b
         details=reward.get("details") or {},
         tags=reward.get("tags") or [],
     )
-    reward_id = reward.get("id")
-    if reward_id:
-        repeated = _repeated_reward(db, reward_id, row)
-        if repeated is not None:
-            return repeated, False
-    reward_id = reward_id or f"rw-{uuid.uuid4().hex[:16]}"
+    reward_id = reward.get("id") or f"rw-{uuid.uuid4().hex[:16]}"
     created_ns = time.time_ns()
     if row["rollout_id"] and not row["span_id"]:
         rollout = _locked_rollout(db, row["rollout_id"], shared=True)
         if rollout["ended_ns"] is not None:
             # Given after the end, whichever replica's clock stamps it.
             created_ns = max(created_ns, int(rollout["ended_ns"]) + 1)
-    # Two replicas taking one client-given id at once: the second inserts nothing, and
-    # answers as a repeat (or a conflict) of the first.
+    # A client-given id stored already (a retry, on this replica or another at the same
+    # moment) inserts nothing, and answers as a repeat of it, or a conflict.
     inserted = db.execute(
         """
         insert into rewards (id, rollout_id, attempt_id, span_id, name, value, dimensions,

@@ -14,8 +14,8 @@ from typing import Protocol
 from gateway.proxy.shared_guard import SHARED_RETRY_SECONDS, SHARED_TIMEOUT, SharedGuard
 
 DEFAULT_ATTEMPT_ID = "1"
-# A shared counter slower than this, or failing, makes calls number locally for a while.
-SHARED_COUNTER_TIMEOUT = SHARED_TIMEOUT
+# A shared counter slower than SHARED_TIMEOUT, or failing, makes calls number locally for
+# this long.
 SHARED_COUNTER_RETRY_SECONDS = SHARED_RETRY_SECONDS
 
 log = logging.getLogger("spangate.sequencer")
@@ -158,7 +158,7 @@ class Sequencer:
         if not self._shared.may_answer():
             return _take(cursor, count)
         try:
-            async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
+            async with asyncio.timeout(SHARED_TIMEOUT):
                 last = await allocate(rollout_id, count, cursor.seq, create=not cursor.shared)
             if last is None:
                 # The counter lost the rollout: resume above what the store holds (the numbers
@@ -167,7 +167,7 @@ class Sequencer:
                 # every active rollout asks at once.
                 stored, _ = await self._lookup(rollout_id)
                 cursor.seq = max(cursor.seq, stored)
-                async with asyncio.timeout(SHARED_COUNTER_TIMEOUT):
+                async with asyncio.timeout(SHARED_TIMEOUT):
                     last = await allocate(rollout_id, count, cursor.seq, create=True)
                 assert last is not None
         except Exception as exc:
