@@ -156,6 +156,21 @@ class JudgeStore:
             self.on_saved(stored)
         return stored
 
+    async def judge_run(self, judge: str, about: str) -> int:
+        """The first run of `judge` about `about` whose rollout has not ended: an ended one
+        keeps the status its judgement gave it, and a new judgement's calls get their own."""
+
+        def first_open(db: Any) -> int:
+            run = 1
+            while db.execute(
+                "select 1 from rollouts where id = :id and ended_ns is not null",
+                {"id": judge_rollout_id(judge, about, run)},
+            ).fetchone():
+                run += 1
+            return run
+
+        return int(await self.read(first_open))
+
     async def end_judge_rollout(
         self, rollout_id: str, status: str, *, agent: str, judged: str
     ) -> None:
@@ -172,7 +187,7 @@ class JudgeStore:
                 metadata={"judged": judged[:200]},
             )
             with contextlib.suppress(InvalidTransition):
-                # Ended by an earlier judgement of the same rollout (a forced rerun).
+                # Ended already: two judgements raced for one run; the first one's status stands.
                 update_rollout(db, rollout_id, status=status)
 
         try:
@@ -219,7 +234,12 @@ def make_judge(
     async def llm(t: Trajectory, store: JudgeStore) -> Verdict:
         # The judge's own calls are recorded under a rollout of their own, which ends with
         # the judgement so retention ages it out like any other.
-        own, agent = judge_rollout_id(rubric.name, t.rollout_id), f"judge-{rubric.name}"
+        run = await store.judge_run(rubric.name, t.rollout_id)
+        own, agent = judge_rollout_id(rubric.name, t.rollout_id, run), f"judge-{rubric.name}"
+
+        async def end(status: str) -> None:
+            await store.end_judge_rollout(own, status, agent=agent, judged=t.rollout_id)
+
         try:
             verdict = await judge_llm(
                 t,
@@ -227,11 +247,17 @@ def make_judge(
                 client_factory(),
                 budget_tokens=settings.budget_tokens,
                 max_invalid_retries=settings.max_invalid_retries,
+                run=run,
             )
-        except Exception:
-            await store.end_judge_rollout(own, "failed", agent=agent, judged=t.rollout_id)
+        except asyncio.CancelledError:
+            # A cancelled judgement leaves no judge rollout running for ever; shielded, as
+            # the task that ends it is being cancelled.
+            await asyncio.shield(end("cancelled"))
             raise
-        await store.end_judge_rollout(own, "succeeded", agent=agent, judged=t.rollout_id)
+        except Exception:
+            await end("failed")
+            raise
+        await end("succeeded")
         return verdict
 
     return Judge(rubric.name, rubric.fingerprint(), True, llm)

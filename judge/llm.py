@@ -24,9 +24,10 @@ _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
 JUDGE_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
 
 
-def judge_rollout_id(judge: str, about: str) -> str:
-    """The rollout the judge's own calls about `about` are recorded under."""
-    return derived_id(f"judge-{judge}-{about}")
+def judge_rollout_id(judge: str, about: str, run: int = 1) -> str:
+    """The rollout the judge's own calls about `about` are recorded under; a judgement
+    after the first ended (a forced rerun, a retry of a failed one) is a run of its own."""
+    return derived_id(f"judge-{judge}-{about}" if run == 1 else f"judge-{judge}-{about} run {run}")
 
 
 class JudgeModelError(Exception):
@@ -49,8 +50,10 @@ class JudgeClient:
     # that makes several calls (a pairwise comparison) can end the rollouts it opened.
     asked: dict[str, tuple[str, str]] | None = None
 
-    async def complete(self, messages: list[dict[str, str]], *, judge: str, about: str) -> str:
-        rollout = judge_rollout_id(judge, about)
+    async def complete(
+        self, messages: list[dict[str, str]], *, judge: str, about: str, run: int = 1
+    ) -> str:
+        rollout = judge_rollout_id(judge, about, run)
         if self.asked is not None:
             self.asked[rollout] = (judge, about)
         headers = {"X-Agent-Id": f"judge-{judge}", "X-Tags": "judge", "X-Meta-Judged": about[:200]}
@@ -140,6 +143,7 @@ async def judge_llm(
     *,
     budget_tokens: int = 6000,
     max_invalid_retries: int = 2,
+    run: int = 1,
 ) -> Verdict:
     messages = [
         {"role": "system", "content": system_prompt(rubric)},
@@ -152,7 +156,9 @@ async def judge_llm(
     )
     async for attempt in retrying:
         with attempt:
-            content = await client.complete(messages, judge=rubric.name, about=t.rollout_id)
+            content = await client.complete(
+                messages, judge=rubric.name, about=t.rollout_id, run=run
+            )
             try:
                 return parse_verdict(content, rubric, t)
             except InvalidVerdict as exc:

@@ -337,7 +337,10 @@ def test_an_unknown_judge_or_an_llm_judge_without_model_is_refused() -> None:
 
 # -- the llm judge in jobs ------------------------------------------------------------------
 
-JUDGE_ROUTE = re.compile(r"^/rollout/judge-(?P<judge>[^/]+?)-(?P<rollout>r\d)/v1/chat/completions$")
+JUDGE_ROUTE = re.compile(
+    r"^/rollout/judge-(?P<judge>[^/]+?)-(?P<rollout>r\d)(?P<run>_run_\d+~[0-9a-f]+)?"
+    r"/v1/chat/completions$"
+)
 
 
 def judge_model(request: httpx.Request) -> httpx.Response:
@@ -390,6 +393,38 @@ async def test_an_llm_job_stores_valid_verdicts_and_reports_invalid_ones(
     rerun = await run_job(llm, store, ids)
 
     assert (rerun.count("skipped"), rerun.count("failed")) == (4, 1)
+
+
+def judge_rollouts(db_path: Path) -> dict[str, str]:
+    rows = read_rows(db_path, "select id, status from rollouts where id like 'judge-%'")
+    return {r["id"]: r["status"] for r in rows}
+
+
+@pytest.mark.asyncio
+async def test_each_judgement_keeps_its_own_judge_rollout_and_the_status_it_ended_with(
+    db_path: Path, store: JudgeStore, gateway: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    # r3's first judgement fails; once the model answers, the retry and a forced rerun are
+    # each judgements of their own: the failed one's trace does not turn `succeeded`.
+    route = gateway.post(url__startswith="http://gw.test/rollout/judge-llm-").mock(
+        side_effect=judge_model
+    )
+    five_rollouts(db_path)
+    settings = JudgeSettings(model="judge-model", max_invalid_retries=0)
+    llm = make_judge("llm", settings, client_factory(settings, "http://gw.test", http))
+    first, second, third = (judge_rollout_id("llm", "r3", run) for run in (1, 2, 3))
+
+    assert (await run_job(llm, store, ["r3"])).count("failed") == 1
+    route.side_effect = lambda request: httpx.Response(
+        200, json=completion_body(verdict_json(dict.fromkeys(DEFAULT_CRITERIA, 0.7)))
+    )
+    assert (await run_job(llm, store, ["r3"])).count("judged") == 1
+    assert (await run_job(llm, store, ["r3"], force=True)).count("judged") == 1
+
+    assert judge_rollouts(db_path) == {first: "failed", second: "succeeded", third: "succeeded"}
+    asked = [call.request.url.path.split("/")[2] for call in route.calls]
+    assert asked == [first, second, third]
+    assert second.startswith("judge-llm-r3") and len({first, second, third}) == 3
 
 
 @pytest.mark.asyncio
@@ -616,6 +651,11 @@ async def test_a_cancelled_run_ends_cancelled_and_keeps_what_it_judged(
     assert (cancelled["judged"], cancelled["total"]) == (1, 5)
     assert [r["rollout_id"] for r in cancelled["results"]] == ["r1"]
     assert [r["rollout_id"] for r in judge_rewards(db_path, "judge:llm")] == ["r1"]
+    # The judgement cut short ends its judge rollout too: none is left running.
+    assert judge_rollouts(db_path) == {
+        judge_rollout_id("llm", "r1"): "succeeded",
+        judge_rollout_id("llm", "r2"): "cancelled",
+    }
     assert await service.get_run(run["id"]) == cancelled
     with pytest.raises(InvalidTransition, match="already ended"):
         await service.cancel_run(run["id"])

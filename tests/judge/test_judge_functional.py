@@ -29,6 +29,7 @@ from servers import GatewayThread, read_rows, wait_until
 
 from gateway.cli.main import cli
 from gateway.judge_routes import JUDGE
+from judge.llm import judge_rollout_id
 from judge.rules import WEIGHTS
 
 pytestmark = pytest.mark.both_backends
@@ -272,6 +273,7 @@ def test_a_second_run_skips_judged_rollouts_and_force_judges_them_again(
     start_gateway: Callable[..., GatewayThread],
     api_for: Callable[[GatewayThread], httpx.Client],
     judge_model: JudgeModel,
+    db_path: Path,
 ) -> None:
     gateway = start_gateway()
     api = api_for(gateway)
@@ -291,6 +293,17 @@ def test_a_second_run_skips_judged_rollouts_and_force_judges_them_again(
     stored = rewards(api, source="judge:llm")
     assert sorted(r["rollout_id"] for r in stored) == ids
     assert {r["value"] for r in stored} == {0.25}
+    # Each judgement's calls are a trace of their own: the forced ones did not join the
+    # first judgements' ended rollouts.
+    gateway.flush()
+    for rid in ids:
+        runs = [judge_rollout_id("llm", rid, run) for run in (1, 2)]
+        traced = read_rows(
+            db_path, "select rollout_id from spans where rollout_id in (?, ?)", *runs
+        )
+        assert sorted(s["rollout_id"] for s in traced) == sorted(runs)
+        ended = api.get(f"/api/rollouts/{runs[1]}").json()
+        assert (ended["status"], ended["agent"]) == ("succeeded", "judge-llm")
 
 
 def test_a_rules_run_judges_agent_rollouts_but_never_the_judges_own(
