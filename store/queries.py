@@ -20,7 +20,7 @@ from sqlite_utils import Database
 
 from store.backend import contains, dialect_of, json_table
 from store.errors import NotFound
-from store.schema import SPAN_COLUMNS
+from store.schema import SPAN_COLUMNS, TRACED_SPANS
 
 MAX_PAGE = 1000
 
@@ -387,6 +387,22 @@ def recorded_span_ids(db: Database, span_ids: Sequence[str]) -> set[str]:
         marks = ", ".join("?" * len(batch))
         sql = f"select span_id from spans where span_id in ({marks})"
         found.update(row[0] for row in db.execute(sql, batch).fetchall())
+    return found
+
+
+def rollouts_of_traces(db: Database, trace_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """The rollout and attempt of a stored call in each of `trace_ids` that has one: a call
+    the agent sent `traceparent` with, so one with a parent (the `spans_trace` index). One
+    look-up a trace: a rollout's own trace may hold thousands of calls."""
+    found: dict[str, tuple[str, str | None]] = {}
+    sql = (
+        "select rollout_id, attempt_id from spans where trace_id = ? "
+        f"and {TRACED_SPANS} and rollout_id is not null limit 1"
+    )
+    for trace_id in dict.fromkeys(trace_ids):
+        row = db.execute(sql, [trace_id]).fetchone()
+        if row is not None:
+            found[trace_id] = (row[0], row[1])
     return found
 
 

@@ -13,6 +13,8 @@ from sqlite_utils import Database
 from store.backend import PgDatabase, is_postgres, libpq_url
 
 ROLLOUT_STATUSES = ("running", "succeeded", "failed", "cancelled", "timeout")
+# The spans the `spans_trace` index holds (a partial index): those with a parent.
+TRACED_SPANS = "parent_span_id is not null"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timeout"})
 
 # Which span it is: its ids, where it sits in its trace and rollout, and what it did.

@@ -20,6 +20,8 @@ from sqlalchemy import (
     text,
 )
 
+from store.schema import TRACED_SPANS
+
 ADDED_SPAN_TEXT_COLUMNS = (
     "prompt_token_ids",
     "completion_token_ids",
@@ -152,6 +154,14 @@ def build_metadata(dialect: str) -> MetaData:
         Index("spans_rollout_seq", "rollout_id", "seq"),
         Index("spans_start", "start_ns"),
         Index("spans_response_id", "response_id"),
+        # Only spans with a parent: a call the agent sent `traceparent` with, and the agent's
+        # own OTLP spans. The calls of a rollout's own trace (the most) cost the writer nothing.
+        Index(
+            "spans_trace",
+            "trace_id",
+            sqlite_where=text(TRACED_SPANS),
+            postgresql_where=text(TRACED_SPANS),
+        ),
     )
     Table(
         "rewards",

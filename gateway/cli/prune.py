@@ -27,8 +27,8 @@ from gateway.cli.options import at_most_max, db_option, json_option, store_write
 @click.option(
     "--vacuum",
     is_flag=True,
-    help="Then give the freed space back to the file system at once (rewrites an older "
-    "SQLite file; VACUUM on PostgreSQL).",
+    help="Then give the freed space back to the file system at once (SQLite; rewrites an "
+    "older file). On PostgreSQL autovacuum reuses the space: nothing to do.",
 )
 @json_option
 @db_option

@@ -12,7 +12,7 @@ import base64
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from gateway.errors import BodyTooLarge, InvalidRequest, UnreadableBody, UnsupportedMediaType
 from gateway.proxy.attribution import valid_id
 from gateway.web.state import GATEWAY, Gateway
-from store.queries import recorded_span_ids
+from store.queries import recorded_span_ids, rollouts_of_traces
 
 log = logging.getLogger("spangate.ingest")
 
@@ -241,15 +241,42 @@ def _malformed_ids(span: Span) -> bool:
     )
 
 
+NO_ROLLOUT = "no rollout: set rollout.id or share a trace with a gateway call"
+# A span that names no rollout, waiting for its trace to be looked up in the store.
+Unplaced = tuple[Span, dict[str, Any], dict[str, Any], str]
+
+
 @dataclass
 class Parsed:
     records: list[dict[str, Any]]
     rejected: int
     reasons: list[str]
+    # Trace id -> its spans that name no rollout, share no trace with one that does in the
+    # export, and whose trace this process has not seen a call of.
+    unplaced: dict[str, list[Unplaced]] = field(default_factory=dict)
+
+    def reject(self, count: int, reason: str) -> None:
+        self.rejected += count
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+    def place(self, found: Mapping[str, tuple[str, str | None]]) -> None:
+        """Unplaced spans join the rollout of a stored call of their trace, or are rejected."""
+        for trace_id, spans in self.unplaced.items():
+            if trace_id not in found:
+                self.reject(len(spans), NO_ROLLOUT)
+                continue
+            rollout, attempt = found[trace_id]
+            for span, attributes, resource_attributes, scope in spans:
+                self.records.append(
+                    _record(span, attributes, resource_attributes, scope, rollout, attempt)
+                )
+        self.unplaced = {}
 
 
 def to_records(message: ExportTraceServiceRequest, index: TraceIndex) -> Parsed:
-    """Span records (without seq) for every span that finds its rollout; the rest rejected."""
+    """Span records (without seq) for every span that finds its rollout in the export or in
+    `index`; the malformed rejected; those of other traces left to look up (`unplaced`)."""
     candidates: list[tuple[dict[str, Any], dict[str, Any], Span, str]] = []
     for resource_spans in message.resource_spans:
         resource_attributes = _attributes(resource_spans.resource.attributes)
@@ -264,32 +291,31 @@ def to_records(message: ExportTraceServiceRequest, index: TraceIndex) -> Parsed:
         rollout = _first(merged, ROLLOUT_KEYS)
         if rollout and not _malformed_ids(span):
             named.setdefault(span.trace_id.hex(), (rollout, _first(merged, ATTEMPT_KEYS)))
-    records: list[dict[str, Any]] = []
-    reasons: list[str] = []
-    rejected = 0
+    parsed = Parsed([], 0, [])
     for resource_attributes, attributes, span, scope in candidates:
-        problem = None
         if _malformed_ids(span):
-            problem = "trace ids must be 16 bytes and span ids 8, in hex in JSON, not all zeros"
-        else:
-            merged = {**resource_attributes, **attributes}
-            trace_id = span.trace_id.hex()
-            rollout = _first(merged, ROLLOUT_KEYS)
-            attempt = _first(merged, ATTEMPT_KEYS)
-            if rollout is None:
-                rollout, attempt = named.get(trace_id) or index.get(trace_id) or (None, None)
-            if rollout is None:
-                problem = "no rollout: set rollout.id or share a trace with a gateway call"
-            elif not (_valid_id(rollout) and _valid_id(attempt)):
-                problem = "rollout.id and rollout.attempt.id must be letters, digits and ._:@+=~-"
-        if problem is not None:
-            rejected += 1
-            if problem not in reasons:
-                reasons.append(problem)
+            parsed.reject(
+                1, "trace ids must be 16 bytes and span ids 8, in hex in JSON, not all zeros"
+            )
             continue
-        assert rollout is not None
-        records.append(_record(span, attributes, resource_attributes, scope, rollout, attempt))
-    return Parsed(records, rejected, reasons)
+        merged = {**resource_attributes, **attributes}
+        trace_id = span.trace_id.hex()
+        rollout = _first(merged, ROLLOUT_KEYS)
+        attempt = _first(merged, ATTEMPT_KEYS)
+        if rollout is None:
+            rollout, attempt = named.get(trace_id) or index.get(trace_id) or (None, None)
+        if rollout is None:
+            unplaced = (span, attributes, resource_attributes, scope)
+            parsed.unplaced.setdefault(trace_id, []).append(unplaced)
+        elif not (_valid_id(rollout) and _valid_id(attempt)):
+            parsed.reject(
+                1, "rollout.id and rollout.attempt.id must be letters, digits and ._:@+=~-"
+            )
+        else:
+            parsed.records.append(
+                _record(span, attributes, resource_attributes, scope, rollout, attempt)
+            )
+    return parsed
 
 
 def _record(
@@ -376,6 +402,19 @@ async def _unrecorded(gw: Gateway, records: list[dict[str, Any]]) -> list[dict[s
     return [r for r in records if r["span_id"] not in stored]
 
 
+async def _placed_by_the_store(gw: Gateway, parsed: Parsed) -> None:
+    """Spans of traces this process has seen no call of find their rollout in the store:
+    the call may have gone through another replica, or this process before a restart."""
+    if not parsed.unplaced:
+        return
+    try:
+        found = await gw.reader.run(rollouts_of_traces, list(parsed.unplaced))
+    except Exception as exc:
+        log.warning("could not look up ingested spans' traces in the store: %s", exc)
+        found = {}
+    parsed.place(found)
+
+
 async def _publish(gw: Gateway, index: TraceIndex, records: list[dict[str, Any]]) -> int:
     """Number each rollout's spans in start order, after what the rollout already has; spans
     this process took lately are skipped before they get a number. Returns how many went."""
@@ -417,6 +456,7 @@ async def ingest_traces(request: web.Request) -> web.Response:
     # and proxied calls keep being answered meanwhile.
     loop = asyncio.get_running_loop()
     parsed = await loop.run_in_executor(None, _parse, body, content_type, index)
+    await _placed_by_the_store(gw, parsed)
     published = await _publish(gw, index, await _unrecorded(gw, parsed.records))
     index.stats.accepted += published
     index.stats.rejected += parsed.rejected

@@ -277,10 +277,11 @@ async def proxy(ex: Exchange, operation: str) -> Plain | None:
     else:
         call.trace_id = new_trace_id()
     try:
+        if attribution.rollout_id is not None:
+            # Numbered on arrival: a call a pause refuses is still the rollout's, in order.
+            await number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
         call.fields["held_ms"] = await gw.gate.enter() * 1000 or None
         gated = True
-        if attribution.rollout_id is not None:
-            await number_call(gw, call, attribution.rollout_id, attribution.attempt_id)
         if form is None:
             await enter_experiment(gw.experiments, call)
         raw, payload = call.raw_request, call.payload

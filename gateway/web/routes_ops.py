@@ -16,9 +16,11 @@ async def ready(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     writer = gw.writer
     problems = writer.problems()
-    if not gw.settings.models:
+    # The groups served now: the config's, with those added or removed over /api/models.
+    groups = list(gw.router.groups.values())
+    if not groups:
         problems.append("no model groups configured")
-    for group in gw.settings.models:
+    for group in groups:
         if not gw.router.usable(group):
             problems.append(f"model group {group.name!r} has no usable deployment (breakers open)")
     body = {

@@ -118,7 +118,35 @@ def test_a_span_without_rollout_joins_through_a_gateway_call_in_its_trace(
     assert call["parent_span_id"] == plan_row["span_id"]
 
 
-def _otlp_json(rollout_id: str | None, span_ids: list[str]) -> dict[str, Any]:
+def test_a_span_without_rollout_finds_a_call_of_its_trace_that_another_process_took(
+    make_gateway: Callable[..., GatewayThread],
+) -> None:
+    # The call went through a gateway since restarted (or another replica on the store);
+    # the agent's exporter sends its spans seconds later, to the one serving now.
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    first = make_gateway()
+    with openai.OpenAI(base_url=first.url("ag-r", "x"), api_key="k", max_retries=0) as c:
+        c.chat.completions.create(
+            model="gpt-test",
+            messages=MESSAGES,
+            extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+        )
+    first.stop()
+    second = make_gateway()
+
+    joined = httpx.post(f"{second.base}/v1/traces", json=_otlp_json(None, [parent], trace_id))
+    stranger = httpx.post(f"{second.base}/v1/traces", json=_otlp_json(None, ["aaa91f3b8ff4e0b1"]))
+
+    assert (joined.status_code, joined.json()) == (200, {})
+    assert stranger.json()["partialSuccess"]["rejectedSpans"] == "1"
+    call, step = all_spans(rollout(second, "ag-r"))
+    assert (step["span_id"], step["attempt_id"], step["seq"]) == (parent, "x", 2)
+    assert call["parent_span_id"] == step["span_id"]
+
+
+def _otlp_json(
+    rollout_id: str | None, span_ids: list[str], trace_id: str = "5b8efff798038103d269b633813fc60c"
+) -> dict[str, Any]:
     attributes = [{"key": "rollout.id", "value": {"stringValue": rollout_id}}] if rollout_id else []
     return {
         "resourceSpans": [
@@ -129,7 +157,7 @@ def _otlp_json(rollout_id: str | None, span_ids: list[str]) -> dict[str, Any]:
                         "scope": {"name": "hand"},
                         "spans": [
                             {
-                                "traceId": "5b8efff798038103d269b633813fc60c",
+                                "traceId": trace_id,
                                 "spanId": span_id,
                                 "name": "step",
                                 "kind": 1,

@@ -500,6 +500,9 @@ def test_removing_a_fallback_group_leaves_the_group_it_backed_up_serving(
     assert removed.status_code == 200, removed.text
     answer = client.chat.completions.create(model="primary", messages=MESSAGES)
     assert answer.choices[0].message.content == REPLY
+    # Readiness is about the groups served now: the removed one is no problem of it.
+    ready = httpx.get(f"{gateway.base}/health/ready")
+    assert (ready.status_code, ready.json()["problems"]) == (200, [])
 
 
 @pytest.mark.parametrize(
@@ -568,8 +571,12 @@ def test_pause_in_reject_mode_answers_429_with_retry_after(gateway: GatewayThrea
         client.chat.completions.create(model="gpt-test", messages=MESSAGES)
     assert caught.value.response.headers["Retry-After"] == "7"
     assert caught.value.code == "proxy_paused"
-    [span] = gateway.spans(rollout_id="rej-1")
-    assert span["http_status"] == 429 and span["error_type"] == "proxy_paused"
+    httpx.post(f"{gateway.base}/api/proxy/resume")
+    client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    # The refused call is the rollout's first, in its attempt like the one after it.
+    refused, answered = gateway.spans(rollout_id="rej-1")
+    assert refused["http_status"] == 429 and refused["error_type"] == "proxy_paused"
+    assert [(s["attempt_id"], s["seq"]) for s in (refused, answered)] == [("1", 1), ("1", 2)]
 
 
 def test_in_flight_calls_drain_to_zero(
