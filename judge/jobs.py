@@ -69,6 +69,18 @@ def sampled(rollout_id: str, share: float | None) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
+def first_open_run(db: Any, judge: str, about: str) -> int:
+    """The first run of `judge` about `about` whose rollout has not ended: an ended one keeps
+    the status its judgement gave it, and a new judgement's calls get a rollout of their own."""
+    run = 1
+    while db.execute(
+        "select 1 from rollouts where id = :id and ended_ns is not null",
+        {"id": judge_rollout_id(judge, about, run)},
+    ).fetchone():
+        run += 1
+    return run
+
+
 def open_writer(db: str | Path) -> StoreWriter:
     """A store writer of its own, for a judge job run outside a gateway (the CLI)."""
     writer = StoreWriter.tuned(db, RecorderSettings())
@@ -157,19 +169,7 @@ class JudgeStore:
         return stored
 
     async def judge_run(self, judge: str, about: str) -> int:
-        """The first run of `judge` about `about` whose rollout has not ended: an ended one
-        keeps the status its judgement gave it, and a new judgement's calls get their own."""
-
-        def first_open(db: Any) -> int:
-            run = 1
-            while db.execute(
-                "select 1 from rollouts where id = :id and ended_ns is not null",
-                {"id": judge_rollout_id(judge, about, run)},
-            ).fetchone():
-                run += 1
-            return run
-
-        return int(await self.read(first_open))
+        return int(await self.read(first_open_run, judge, about))
 
     async def end_judge_rollout(
         self, rollout_id: str, status: str, *, agent: str, judged: str

@@ -7,6 +7,7 @@ rollout; an answer that is not a valid verdict is asked for again, then reported
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,10 +50,14 @@ class JudgeClient:
     # When set, each judge rollout asked under: `rollout id -> (judge, about)`, so a caller
     # that makes several calls (a pairwise comparison) can end the rollouts it opened.
     asked: dict[str, tuple[str, str]] | None = None
+    # When set, which run a call of `(judge, about)` is (a caller that does not pass `run`).
+    run_of: Callable[[str, str], Awaitable[int]] | None = None
 
     async def complete(
         self, messages: list[dict[str, str]], *, judge: str, about: str, run: int = 1
     ) -> str:
+        if self.run_of is not None:
+            run = await self.run_of(judge, about)
         rollout = judge_rollout_id(judge, about, run)
         if self.asked is not None:
             self.asked[rollout] = (judge, about)

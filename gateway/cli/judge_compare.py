@@ -137,14 +137,23 @@ async def _compare(
     b: Trajectory,
     rubric: Rubric,
 ) -> PairwiseResult:
+    from judge.jobs import first_open_run
     from judge.llm import JudgeModelError, compare
+    from store.reader import Reader
 
     asked: dict[str, tuple[str, str]] = {}
     status = "failed"
+    reader = Reader(db, workers=1)
     try:
         async with model.connected(db, gateway_url):
             client = model.get()
             client.asked = asked
+
+            async def run_of(judge: str, about: str) -> int:
+                # Comparing the pair again records under a judge rollout of its own.
+                return int(await reader.run(first_open_run, judge, about))
+
+            client.run_of = run_of
             try:
                 result = await compare(
                     a, b, rubric, client, budget_tokens=model.settings.judge.budget_tokens
@@ -154,6 +163,7 @@ async def _compare(
             status = "succeeded"
             return result
     finally:
+        reader.close()
         if asked:
             await _end_judge_rollouts(db, asked, status)
 

@@ -27,6 +27,7 @@ from servers import read_rows, wait_until
 from shapes import CLI_ARGV, span_record
 
 from gateway.cli.main import cli
+from judge.llm import judge_rollout_id
 from judge.rules import RULES_VERSION
 from judge.verdict import REWARD_NAME, reward_id
 from store.schema import connect
@@ -651,6 +652,32 @@ def test_a_failed_compare_ends_only_the_rollout_it_asked_under_as_failed(
         )
         assert compare(db_path, write_config(tmp_path), "r-clean", "r-error").exit_code == 1
     assert pairwise_rollouts(db_path) == [("failed", "r-clean-vs-r-error")]
+
+
+def test_comparing_a_pair_again_records_under_judge_rollouts_of_its_own(
+    db_path: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    with respx.mock(base_url="http://gw.test") as mock:
+        mock.post(path__regex=r"/v1/chat/completions$").mock(
+            return_value=httpx.Response(503, json={"error": {"message": "overloaded"}})
+        )
+        assert compare(db_path, config, "r-clean", "r-error").exit_code == 1
+    with respx.mock(base_url="http://gw.test") as mock:
+        route = mock.post(path__regex=r"/v1/chat/completions$").mock(
+            side_effect=[preference("A", "cleaner"), preference("B", "cleaner")]
+        )
+        assert compare(db_path, config, "r-clean", "r-error").exit_code == 0
+
+    # The failed comparison keeps its status; the second one's calls went elsewhere.
+    asked = [call.request.url.path.split("/")[2] for call in route.calls]
+    assert asked[0] != judge_rollout_id("llm-pairwise", "r-clean-vs-r-error")
+    assert asked[1] == judge_rollout_id("llm-pairwise", "r-error-vs-r-clean")
+    assert pairwise_rollouts(db_path) == [
+        ("failed", "r-clean-vs-r-error"),
+        ("succeeded", "r-clean-vs-r-error"),
+        ("succeeded", "r-error-vs-r-clean"),
+    ]
 
 
 def test_compare_that_flips_with_the_order_is_a_tie(db_path: Path, tmp_path: Path) -> None:
