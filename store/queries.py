@@ -391,13 +391,13 @@ def recorded_span_ids(db: Database, span_ids: Sequence[str]) -> set[str]:
 
 
 def rollouts_of_traces(db: Database, trace_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-    """The rollout and attempt of a stored call in each of `trace_ids` that has one: a call
-    the agent sent `traceparent` with, so one with a parent (the `spans_trace` index). One
-    look-up a trace: a rollout's own trace may hold thousands of calls."""
+    """The rollout and attempt of the newest stored call in each of `trace_ids` that has
+    one (as the gateway's in-memory index would say): a call the agent sent `traceparent`
+    with, so one with a parent (the `spans_trace` index), one look-up a trace."""
     found: dict[str, tuple[str, str | None]] = {}
     sql = (
         "select rollout_id, attempt_id from spans where trace_id = ? "
-        f"and {TRACED_SPANS} and rollout_id is not null limit 1"
+        f"and {TRACED_SPANS} and rollout_id is not null order by start_ns desc limit 1"
     )
     for trace_id in dict.fromkeys(trace_ids):
         row = db.execute(sql, [trace_id]).fetchone()

@@ -14,7 +14,10 @@ from store.backend import PgDatabase, is_postgres, libpq_url
 
 ROLLOUT_STATUSES = ("running", "succeeded", "failed", "cancelled", "timeout")
 # The spans the `spans_trace` index holds (a partial index): those with a parent.
+TRACE_INDEX = "spans_trace"
 TRACED_SPANS = "parent_span_id is not null"
+# Held for the session while PostgreSQL builds that index, so replicas build it once.
+TRACE_INDEX_LOCK = 5723018
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timeout"})
 
 # Which span it is: its ids, where it sits in its trace and rollout, and what it did.
@@ -97,8 +100,36 @@ def migrate(target: str | Path) -> None:
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
             conn.commit()
+            if is_postgres(target):
+                _build_trace_index(conn.execution_options(isolation_level="AUTOCOMMIT"))
     finally:
         engine.dispose()
+
+
+def _build_trace_index(conn: Any) -> None:
+    """Migration 0009's index on PostgreSQL, built concurrently (outside any transaction):
+    the first index to scan `spans`, which may hold millions of rows while replicas of the
+    version before keep inserting into it. A store made at 0009 or later has it already."""
+    from sqlalchemy import text
+
+    conn.execute(text(f"select pg_advisory_lock({TRACE_INDEX_LOCK})"))
+    try:
+        valid = conn.execute(
+            text(f"select indisvalid from pg_index where indexrelid = to_regclass('{TRACE_INDEX}')")
+        ).scalar()
+        if valid:
+            return
+        if valid is False:
+            # An interrupted build leaves an invalid index, which no query uses.
+            conn.execute(text(f"drop index concurrently if exists {TRACE_INDEX}"))
+        conn.execute(
+            text(
+                f"create index concurrently {TRACE_INDEX} on spans (trace_id, start_ns) "
+                f"where {TRACED_SPANS}"
+            )
+        )
+    finally:
+        conn.execute(text(f"select pg_advisory_unlock({TRACE_INDEX_LOCK})"))
 
 
 def connect(path: str | Path, *, read_only: bool = False) -> Any:

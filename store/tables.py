@@ -20,7 +20,7 @@ from sqlalchemy import (
     text,
 )
 
-from store.schema import TRACED_SPANS
+from store.schema import TRACE_INDEX, TRACED_SPANS
 
 ADDED_SPAN_TEXT_COLUMNS = (
     "prompt_token_ids",
@@ -157,8 +157,9 @@ def build_metadata(dialect: str) -> MetaData:
         # Only spans with a parent: a call the agent sent `traceparent` with, and the agent's
         # own OTLP spans. The calls of a rollout's own trace (the most) cost the writer nothing.
         Index(
-            "spans_trace",
+            TRACE_INDEX,
             "trace_id",
+            "start_ns",
             sqlite_where=text(TRACED_SPANS),
             postgresql_where=text(TRACED_SPANS),
         ),

@@ -30,7 +30,13 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.errors import BodyTooLarge, InvalidRequest, UnreadableBody, UnsupportedMediaType
+from gateway.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    ServiceUnavailable,
+    UnreadableBody,
+    UnsupportedMediaType,
+)
 from gateway.proxy.attribution import valid_id
 from gateway.web.state import GATEWAY, Gateway
 from store.queries import recorded_span_ids, rollouts_of_traces
@@ -410,8 +416,12 @@ async def _placed_by_the_store(gw: Gateway, parsed: Parsed) -> None:
     try:
         found = await gw.reader.run(rollouts_of_traces, list(parsed.unplaced))
     except Exception as exc:
+        # Nothing of the export is taken yet: an OTLP exporter sends it again after a 503.
         log.warning("could not look up ingested spans' traces in the store: %s", exc)
-        found = {}
+        raise ServiceUnavailable(
+            "the store could not be read to find the rollout of spans that name none; "
+            "send the export again"
+        ) from exc
     parsed.place(found)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from store.schema import TRACED_SPANS
+from store.schema import TRACE_INDEX, TRACED_SPANS
 
 revision = "0009_spans_trace"
 down_revision = "0008_experiment_assignments"
@@ -15,14 +15,16 @@ depends_on = None
 
 
 def upgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        # Built by store.schema.migrate once the migrations are done, concurrently: inside
+        # this transaction the build would stop every replica's span inserts until it ends.
+        return
     # A store created from 0001 on this version already has it (0001 builds today's tables).
-    present = {i["name"] for i in sa.inspect(op.get_bind()).get_indexes("spans")}
-    if "spans_trace" not in present:
+    if TRACE_INDEX not in {i["name"] for i in sa.inspect(bind).get_indexes("spans")}:
         where = sa.text(TRACED_SPANS)
-        op.create_index(
-            "spans_trace", "spans", ["trace_id"], sqlite_where=where, postgresql_where=where
-        )
+        op.create_index(TRACE_INDEX, "spans", ["trace_id", "start_ns"], sqlite_where=where)
 
 
 def downgrade() -> None:
-    op.drop_index("spans_trace", table_name="spans")
+    op.drop_index(TRACE_INDEX, table_name="spans")
