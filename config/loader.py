@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,8 @@ import yaml
 from pydantic import ValidationError
 
 from config.models import OtlpSettings, Settings, default_settings
+
+log = logging.getLogger("spangate.config")
 
 DEFAULT_CONFIG_FILE = "spangate.yaml"
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -88,6 +91,15 @@ def _otel_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     )
     if "protocol" not in otlp and protocol in ("http/protobuf", "http/json"):
         otlp["protocol"] = protocol
+    elif "protocol" not in otlp and protocol:
+        # Said once at start: an endpoint that speaks only gRPC fails every export otherwise,
+        # with nothing but the export's warnings to say why.
+        log.warning(
+            "OTEL_EXPORTER_OTLP_PROTOCOL=%s is not spoken: spangate exports OTLP over HTTP "
+            "(http/protobuf, the default, or http/json); point the endpoint at an HTTP "
+            "receiver (port 4318, not gRPC's 4317)",
+            protocol,
+        )
     headers = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS")
     if "headers" not in otlp and headers:
         otlp["headers"] = parse_otel_headers(headers)

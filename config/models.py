@@ -406,8 +406,9 @@ class Limits(_Strict):
 class OtlpSettings(_Strict):
     """OpenTelemetry: every span sent to a tracing backend over OTLP/HTTP, and `/v1/traces`.
 
-    Unset keys fall back to the standard `OTEL_EXPORTER_OTLP_*` and `OTEL_SERVICE_NAME`
-    environment variables, as every OpenTelemetry tool does.
+    Unset keys fall back to the standard OpenTelemetry environment variables: the traces or
+    generic `OTEL_EXPORTER_OTLP_*` `ENDPOINT`, `PROTOCOL` (`http/protobuf` or `http/json`;
+    `grpc` is not spoken, and is ignored with a warning) and `HEADERS`, and `OTEL_SERVICE_NAME`.
     """
 
     endpoint: str | None = Field(

@@ -294,7 +294,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
             raise ValueError(
                 f"unknown providers {unknown}: not `openai`, `mock` or a litellm provider"
             )
-        translated = LiteLLMProvider()
+        translated = LiteLLMProvider(max_body_bytes=gw.settings.limits.max_upstream_body_bytes)
         providers.update(dict.fromkeys(wanted, translated))
     gw.providers.update(providers)
     yield

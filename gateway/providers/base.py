@@ -11,6 +11,7 @@ from typing import Protocol, TypeAlias, Union
 from urllib.parse import quote
 
 from config.models import Deployment
+from gateway.errors import UpstreamTooLarge
 
 OPERATION_PATHS = {
     "chat": "/chat/completions",
@@ -85,3 +86,10 @@ class Provider(Protocol):
     """A way to reach a model; the mock is just another one."""
 
     def __call__(self, request: UpstreamRequest) -> Awaitable[UpstreamResponse]: ...
+
+
+# Built only when raised: the message passes through `scrub`, which a success should not pay.
+def too_large(label: str, limit: int) -> UpstreamTooLarge:
+    return UpstreamTooLarge(
+        f"upstream {label} answered with a body over {limit} bytes (limits.max_upstream_body_bytes)"
+    )

@@ -28,7 +28,7 @@ from gateway.errors import (
     UpstreamUnreachable,
     error_body,
 )
-from gateway.providers.base import UpstreamRequest, UpstreamResponse
+from gateway.providers.base import UpstreamRequest, UpstreamResponse, too_large
 from gateway.providers.headers import client_headers_for
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -527,10 +527,13 @@ def upstream_error_response(exc: Exception, api_key: str | None = None) -> Upstr
 class LiteLLMProvider:
     """The seam's provider for every deployment whose `provider` is a litellm provider name."""
 
-    def __init__(self, *, drop_params: bool = True) -> None:
+    def __init__(self, *, drop_params: bool = True, max_body_bytes: int | None = None) -> None:
         # drop_params: an OpenAI parameter the provider lacks (say `seed` for Anthropic) is
         # left out instead of failing the call, so agents written for OpenAI keep working.
         self.drop_params = drop_params
+        # limits.max_upstream_body_bytes, as for OpenAI-compatible upstreams: litellm reads
+        # the answer itself, so a larger one is refused once translated, not while it streams.
+        self.max_body_bytes = max_body_bytes
         # Calls given up on (timeout, client gone) that litellm is still finishing; see _start.
         self._orphans: set[asyncio.Future[Any]] = set()
 
@@ -573,7 +576,7 @@ class LiteLLMProvider:
         if request.operation == "embeddings":
             encoding = request.payload.get("encoding_format")
             body = embeddings(_dump(result), encoding if isinstance(encoding, str) else None)
-            return UpstreamResponse(200, dict(_JSON_HEADERS), body=orjson.dumps(body))
+            return self._answer(orjson.dumps(body), deployment.label)
         if request.stream:
             options = request.payload.get("stream_options") or {}
             return UpstreamResponse(
@@ -589,7 +592,12 @@ class LiteLLMProvider:
                 ),
             )
         shape = chat_completion if request.operation == "chat" else text_completion
-        return UpstreamResponse(200, dict(_JSON_HEADERS), body=orjson.dumps(shape(_dump(result))))
+        return self._answer(orjson.dumps(shape(_dump(result))), deployment.label)
+
+    def _answer(self, body: bytes, label: str) -> UpstreamResponse:
+        if self.max_body_bytes is not None and len(body) > self.max_body_bytes:
+            raise too_large(label, self.max_body_bytes)
+        return UpstreamResponse(200, dict(_JSON_HEADERS), body=body)
 
     async def _start(self, call: Awaitable[Any], deadline: float) -> Any:
         """Await litellm's call within the deadline, without ever cancelling it half-way.

@@ -14,10 +14,9 @@ from gateway.errors import (
     UpstreamConnectionLost,
     UpstreamProtocolError,
     UpstreamTimeout,
-    UpstreamTooLarge,
     UpstreamUnreachable,
 )
-from gateway.providers.base import UpstreamRequest, UpstreamResponse
+from gateway.providers.base import UpstreamRequest, UpstreamResponse, too_large
 from gateway.providers.headers import client_headers_for
 from gateway.providers.http1 import (
     BodyOverLimit,
@@ -91,20 +90,13 @@ async def _read_at_most(response: Response, limit: int, label: str) -> bytes:
     declared = response.content_length
     if declared is not None and declared > limit and not response.encoded:
         response.close()
-        raise _too_large(label, limit)
+        raise too_large(label, limit)
     try:
         return await response.read(limit)
     except BodyOverLimit:
         # close(), not release(): the rest of the body is never read off the socket.
         response.close()
-        raise _too_large(label, limit) from None
-
-
-# Built only when raised: the message passes through `scrub`, which a success should not pay.
-def _too_large(label: str, limit: int) -> UpstreamTooLarge:
-    return UpstreamTooLarge(
-        f"upstream {label} answered with a body over {limit} bytes (limits.max_upstream_body_bytes)"
-    )
+        raise too_large(label, limit) from None
 
 
 @functools.lru_cache(maxsize=1024)

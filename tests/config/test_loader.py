@@ -219,3 +219,33 @@ def test_a_missing_file_is_named_and_an_empty_one_serves_no_models(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml"):
         load_settings(tmp_path / "nope.yaml")
     assert load_text(tmp_path, "").models == []
+
+
+def test_unset_otlp_keys_come_from_the_standard_opentelemetry_variables() -> None:
+    settings = parse_settings(
+        {},
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-key=a%20b",
+            "OTEL_SERVICE_NAME": "agents",
+        },
+    )
+    assert settings.otlp.endpoint == "http://collector:4318/v1/traces"
+    assert settings.otlp.protocol == "http/json"
+    assert settings.otlp.headers == {"x-key": "a b"}
+    assert settings.otlp.service_name == "agents"
+
+
+def test_a_grpc_protocol_from_the_environment_is_ignored_aloud(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An exporter pointed at a gRPC receiver would otherwise fail every export, saying why
+    # nowhere but in each failure.
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+    }
+    settings = parse_settings({}, env=env)
+    assert settings.otlp.protocol == "http/protobuf"
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL=grpc is not spoken" in caplog.text
