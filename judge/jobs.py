@@ -240,14 +240,16 @@ def make_judge(
         async def end(status: str) -> None:
             await store.end_judge_rollout(own, status, agent=agent, judged=t.rollout_id)
 
+        client = client_factory()
+        # The client's calls resolve the same run: nothing ends it before `end` below.
+        client.run_of = store.judge_run
         try:
             verdict = await judge_llm(
                 t,
                 rubric,
-                client_factory(),
+                client,
                 budget_tokens=settings.budget_tokens,
                 max_invalid_retries=settings.max_invalid_retries,
-                run=run,
             )
         except asyncio.CancelledError:
             # A cancelled judgement leaves no judge rollout running for ever; shielded, as

@@ -50,14 +50,12 @@ class JudgeClient:
     # When set, each judge rollout asked under: `rollout id -> (judge, about)`, so a caller
     # that makes several calls (a pairwise comparison) can end the rollouts it opened.
     asked: dict[str, tuple[str, str]] | None = None
-    # When set, which run a call of `(judge, about)` is (a caller that does not pass `run`).
+    # When set, which run of `(judge, about)` a call is (`judge.jobs.first_open_run`), so a
+    # judgement after an ended one records under a judge rollout of its own; else run 1.
     run_of: Callable[[str, str], Awaitable[int]] | None = None
 
-    async def complete(
-        self, messages: list[dict[str, str]], *, judge: str, about: str, run: int = 1
-    ) -> str:
-        if self.run_of is not None:
-            run = await self.run_of(judge, about)
+    async def complete(self, messages: list[dict[str, str]], *, judge: str, about: str) -> str:
+        run = 1 if self.run_of is None else await self.run_of(judge, about)
         rollout = judge_rollout_id(judge, about, run)
         if self.asked is not None:
             self.asked[rollout] = (judge, about)
@@ -148,7 +146,6 @@ async def judge_llm(
     *,
     budget_tokens: int = 6000,
     max_invalid_retries: int = 2,
-    run: int = 1,
 ) -> Verdict:
     messages = [
         {"role": "system", "content": system_prompt(rubric)},
@@ -161,9 +158,7 @@ async def judge_llm(
     )
     async for attempt in retrying:
         with attempt:
-            content = await client.complete(
-                messages, judge=rubric.name, about=t.rollout_id, run=run
-            )
+            content = await client.complete(messages, judge=rubric.name, about=t.rollout_id)
             try:
                 return parse_verdict(content, rubric, t)
             except InvalidVerdict as exc:
